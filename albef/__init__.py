@@ -1,0 +1,7 @@
+"""ALBEF: Align before Fuse (Li et al., 2021), faithful and fast, in PyTorch."""
+
+from albef.config import ALBEFConfig, TextConfig, VisionConfig, get_preset
+from albef.models import ALBEF
+
+__version__ = "0.1.0"
+__all__ = ["ALBEF", "ALBEFConfig", "TextConfig", "VisionConfig", "get_preset", "__version__"]

@@ -1,0 +1,103 @@
+"""The ALBEF model: image encoder, text/fusion encoder, projections and heads.
+
+This is the inference model; the momentum teacher, the feature queues and the losses live in
+:mod:`albef.training`. Parameter names match the authors' downstream checkpoints
+(``visual_encoder.*``, ``text_encoder.*``, ``vision_proj``, ``text_proj``, ``itm_head``) so
+conversion is a thin renaming (:mod:`albef.convert`); the MLM head is ``mlm_head.*`` (the
+authors' ``text_encoder.cls.predictions.*``).
+
+Example:
+    >>> from albef.config import get_preset
+    >>> model = ALBEF(get_preset("albef-tiny")).eval()
+    >>> image_embeds = model.encode_image(torch.randn(2, 3, 32, 32))       # [2, 17, 32]
+    >>> ids = torch.tensor([[101, 1037, 3899], [101, 1037, 4937]]); mask = torch.ones_like(ids)
+    >>> text_embeds = model.encode_text(ids, mask)                         # [2, 3, 32]
+    >>> sim = model.image_feat(image_embeds) @ model.text_feat(text_embeds).T
+    >>> fused = model.fuse(text_embeds, mask, image_embeds)                # [2, 3, 32]
+    >>> model.itm_logits(fused).shape
+    torch.Size([2, 2])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from albef.config import ALBEFConfig
+from albef.models.bert import ImageContext, ImageInput, MLMHead, TextEncoder
+from albef.models.vit import VisionTransformer
+
+
+class ALBEF(nn.Module):
+    def __init__(self, config: ALBEFConfig, mlm_head: bool = True):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = TextEncoder(config.text)
+        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(config.text.hidden_size, 2)
+        self.mlm_head = MLMHead(config.text) if mlm_head else None
+        self.temp = nn.Parameter(torch.tensor(config.temp))
+        for lin in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    # -- unimodal -------------------------------------------------------------------------
+    def encode_image(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] -> image sequence [B, 1 + N, D_v] ([CLS] first)."""
+        return self.visual_encoder(images)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, L] -> text sequence [B, L, H] from the text-only layers."""
+        return self.text_encoder.encode_text(input_ids, attention_mask)
+
+    def image_feat(self, image_embeds: Tensor) -> Tensor:
+        """L2-normalised ITC embedding of the image [CLS]: [B, embed_dim]."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_feat(self, text_embeds: Tensor) -> Tensor:
+        """L2-normalised ITC embedding of the text [CLS]: [B, embed_dim]."""
+        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+
+    # -- multimodal -----------------------------------------------------------------------
+    def image_context(self, image_embeds: ImageInput, image_mask: Tensor | None = None) -> ImageContext:
+        """Cross-attention keys/values of the images, to reuse across several fusion passes."""
+        return self.text_encoder.image_context(image_embeds, image_mask)
+
+    def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
+             image_mask: Tensor | None = None) -> Tensor:
+        """Fusion layers over a text sequence from :meth:`encode_text`: [B, L, H]."""
+        return self.text_encoder.fuse(text_embeds, attention_mask, image, image_mask)
+
+    def encode_multimodal(self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
+                          image_mask: Tensor | None = None) -> Tensor:
+        """All text layers with the image: equal to ``fuse(encode_text(...))``."""
+        return self.text_encoder(input_ids, attention_mask, image, image_mask)
+
+    def itm_logits(self, fused: Tensor) -> Tensor:
+        """ITM logits [B, 2] (index 1 = match) from the fused [CLS]."""
+        return self.itm_head(fused[:, 0])
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """MLM logits [..., vocab] for hidden states [..., H] (pass only the positions needed)."""
+        if self.mlm_head is None:
+            raise RuntimeError("this model was built without an MLM head")
+        return self.mlm_head(hidden, self.text_encoder.embeddings.word_embeddings.weight)
+
+    # -- conveniences ---------------------------------------------------------------------
+    def similarity(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Cosine similarity of every image with every text: [B_img, B_txt]."""
+        image_feat = self.image_feat(self.encode_image(images))
+        text_feat = self.text_feat(self.encode_text(input_ids, attention_mask))
+        return image_feat @ text_feat.T
+
+    def match(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """ITM match probability of each (image b, text b) pair: [B]."""
+        fused = self.encode_multimodal(input_ids, attention_mask, self.encode_image(images))
+        return self.itm_logits(fused).softmax(-1)[:, 1]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual_encoder.grad_checkpointing = enable
+        self.text_encoder.grad_checkpointing = enable

@@ -1,0 +1,135 @@
+"""The ViT image encoder, with timm's parameter names so DeiT/timm and ALBEF weights load as-is."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from albef.config import VisionConfig
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, N, D]
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        # Grad-CAM (ITC mode) reads the attention map of a chosen block; the fast path never
+        # materialises it.
+        self.save_attention = False
+        self.attention_map: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.save_attention:
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # [B, h, N, N]
+            if attn.requires_grad:
+                attn.retain_grad()
+            self.attention_map = attn
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.width, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT returning the final-norm sequence ``[CLS] + patches``: [B, 1 + N, D].
+
+    Example:
+        >>> vit = VisionTransformer(VisionConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2))
+        >>> vit(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 17, 32])
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.grad_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # timm's initialisation: truncated normal 0.02 for tokens and linears.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch_embed(images)  # [B, N, D]
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed[:, : x.shape[1] + 1]
+        for blk in self.blocks:
+            if self.grad_checkpointing and x.requires_grad:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)
+
+
+def resize_pos_embed(pos_embed: Tensor, num_patches: int, num_extra_tokens: int = 1) -> Tensor:
+    """Bicubically resize a ViT position table to a new square patch grid.
+
+    The extra tokens (``[CLS]``) are kept as they are; the grid part is interpolated like the
+    authors' ``interpolate_pos_embed`` (bicubic, ``align_corners=False``).
+
+    Example:
+        >>> resize_pos_embed(torch.zeros(1, 17, 8), num_patches=36).shape
+        torch.Size([1, 37, 8])
+    """
+    old = pos_embed.shape[-2] - num_extra_tokens
+    old_size, new_size = round(old**0.5), round(num_patches**0.5)
+    if old_size**2 != old or new_size**2 != num_patches:
+        raise ValueError(f"pos_embed grid is not square: {old} -> {num_patches} patches")
+    if old_size == new_size:
+        return pos_embed
+    extra, grid = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    dim = pos_embed.shape[-1]
+    grid = grid.reshape(-1, old_size, old_size, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_size, new_size), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).flatten(1, 2)
+    return torch.cat([extra, grid], dim=1)

@@ -1,0 +1,266 @@
+"""``albef parity DIR``: recompute reference test vectors and compare.
+
+A parity folder (format of ``shared/parity``, see its README) holds a ``config.json``, state
+dicts in the authors' key names and ``<task>_io.pt`` files with inputs, replayed random draws
+and the outputs the reference computed in float64. Every recorded output is recomputed here and
+compared; one line is printed per output. Errors are reported as the largest absolute
+difference and the normwise relative error ``max|ours − ref| / max|ref|``.
+
+Example:
+    >>> from albef.parity import run_parity
+    >>> checks = run_parity("../shared/parity", dtypes=("float64",))   # doctest: +SKIP
+    >>> all(c.ok for c in checks)                                        # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from albef.config import ALBEFConfig, TextConfig, VisionConfig
+from albef.convert import adapt_pos_embed, from_authors, to_authors
+from albef.models.albef import ALBEF
+from albef.training.objectives import soft_cross_entropy
+from albef.training.pretrain import ALBEFPretrainer, PretrainDraws
+
+TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class Check:
+    name: str
+    dtype: str
+    max_abs: float
+    rel: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel <= self.tol
+
+    def line(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        return f"{status} {self.dtype:7s} {self.name:70s} max_abs={self.max_abs:.3e} rel={self.rel:.3e} (tol {self.tol:.0e})"
+
+
+def compare(name: str, ours: Any, ref: Any, dtype: str) -> Check:
+    ours_t = torch.as_tensor(ours).detach().double().cpu()
+    ref_t = torch.as_tensor(ref).detach().double().cpu()
+    if ours_t.shape != ref_t.shape:
+        return Check(f"{name} (shape {tuple(ours_t.shape)} != {tuple(ref_t.shape)})", dtype, float("inf"),
+                     float("inf"), TOLERANCE[dtype])
+    if ours_t.numel() == 0:
+        return Check(name, dtype, 0.0, 0.0, TOLERANCE[dtype])
+    diff = (ours_t - ref_t).abs().max().item()
+    scale = ref_t.abs().max().item()
+    rel = diff / scale if scale > 0 else diff
+    if diff != diff:  # NaN anywhere
+        diff = rel = float("inf")
+    return Check(name, dtype, diff, rel, TOLERANCE[dtype])
+
+
+def config_from_parity(meta: dict[str, Any]) -> ALBEFConfig:
+    """Our config for a parity folder's ``config.json`` (run resolution, recorded BERT config)."""
+    c, b, v, h = meta["config"], meta["bert_text_encoder"], meta["vit"], meta["heads"]
+    vision = VisionConfig(image_size=v["img_size_run"], patch_size=v["patch_size"], width=v["embed_dim"],
+                          depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=v["mlp_ratio"],
+                          qkv_bias=v["qkv_bias"], layer_norm_eps=v["layer_norm_eps"])
+    text = TextConfig(vocab_size=b["vocab_size"], hidden_size=b["hidden_size"], num_layers=b["num_hidden_layers"],
+                      fusion_layer=b["fusion_layer"], num_heads=b["num_attention_heads"],
+                      intermediate_size=b["intermediate_size"], max_position_embeddings=b["max_position_embeddings"],
+                      layer_norm_eps=b["layer_norm_eps"], hidden_dropout=b["hidden_dropout_prob"],
+                      attention_dropout=b["attention_probs_dropout_prob"], encoder_width=b["encoder_width"],
+                      pad_token_id=b.get("pad_token_id", 0))
+    return ALBEFConfig(vision=vision, text=text, embed_dim=h["embed_dim"], temp=h["temp_init"],
+                       queue_size=h["queue_size"], momentum=h["momentum"], alpha=h["alpha"],
+                       mlm_probability=h["mlm_mask_prob"], max_text_len=h["pretrain_max_txt_len"], add_sep=True,
+                       text_cleaning="blip")
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"{path}: cannot be read as a tensor file ({e})") from e
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _sums(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: torch.stack([v.double().sum(), (v.double() ** 2).sum()]) for k, v in sd.items()
+            if v.is_floating_point()}
+
+
+class _Task:
+    """Everything one ``<task>_io.pt`` needs: the model state and the comparisons."""
+
+    def __init__(self, root: Path, meta: dict[str, Any], task: str, dtype: str):
+        self.root, self.meta, self.dtype = root, meta, dtype
+        self.torch_dtype = DTYPES[dtype]
+        self.cfg = config_from_parity(meta)
+        self.io = _load(root / f"{task}_io.pt")
+        self.authors_sd = _load(root / f"{task}_state_dict.pt")
+        self.checks: list[Check] = []
+
+    def check(self, name: str, ours: Any, ref: Any) -> None:
+        self.checks.append(compare(name, ours, ref, self.dtype))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        sd = {k: v.double() if v.is_floating_point() else v for k, v in self.authors_sd.items()}
+        return adapt_pos_embed(from_authors(sd), self.cfg.vision.num_patches)
+
+    def t(self, x: Tensor) -> Tensor:
+        return x.to(self.torch_dtype) if x.is_floating_point() else x
+
+
+def _pretrain_like(task: _Task, mlm: bool) -> None:
+    """Shared by the pretraining and the retrieval-training vectors."""
+    io, retrieval = task.io, not mlm
+    inputs, draws_in, outputs = io["inputs"], io["draws"], io["outputs"]
+    per_alpha: dict[str, Any] = io["per_alpha"]
+    results = {}
+    for key, rec in per_alpha.items():
+        model = ALBEF(task.cfg, mlm_head=mlm)
+        trainer = ALBEFPretrainer(model, mlm=mlm, with_idx=retrieval,
+                                  hard_negative_eps=0.0).to(task.torch_dtype)
+        trainer.load_state_dict(task.state_dict(), strict=True)
+        before = io.get("momentum_param_sums_before_update")
+        if before is not None and key == next(iter(per_alpha)):
+            task.check("momentum_param_sums_before_update (all tensors)", _stack_sums(trainer, before),
+                       _stack_ref(before))
+        draws = PretrainDraws(draws_in["neg_image_idx"], draws_in["neg_text_idx"],
+                              draws_in.get("mlm_input_ids"), draws_in.get("mlm_labels"))
+        trainer.train()
+        out = trainer(task.t(inputs["image"]), inputs["input_ids"], inputs["attention_mask"],
+                      alpha=float(rec["alpha"]), idx=inputs["image_id"] if retrieval else None, draws=draws)
+        results[key] = (trainer, out)
+        clean = rec.get("float64_clean", {})
+        task.check(f"per_alpha/{key}/sim_i2t_targets", out.targets_i2t, clean.get("sim_i2t_targets", rec["sim_i2t_targets"]))
+        task.check(f"per_alpha/{key}/sim_t2i_targets", out.targets_t2i, clean.get("sim_t2i_targets", rec["sim_t2i_targets"]))
+        task.check(f"per_alpha/{key}/loss_itc", out.loss_itc, clean.get("loss_itc", rec["loss_itc"]))
+        task.check(f"per_alpha/{key}/loss_itm", out.loss_itm, rec["loss_itm"])
+        task.check(f"per_alpha/{key}/loss", out.loss, clean.get("loss", rec["loss"]))
+        if mlm:
+            task.check(f"per_alpha/{key}/loss_mlm", out.loss_mlm, rec["loss_mlm"])
+            task.check(f"per_alpha/{key}/mlm_ce", out.mlm_ce, rec["mlm_ce"])
+
+    # Everything under outputs/ is alpha-independent: read it from the run with distillation on.
+    trainer, out = max(results.values(), key=lambda r: r[1].alpha)
+    B = inputs["input_ids"].shape[0]
+    for name, ours in [("image_embeds", out.image_embeds), ("text_embeds", out.text_embeds),
+                       ("image_feat", out.image_feat), ("text_feat", out.text_feat),
+                       ("image_embeds_m", out.image_embeds_m), ("text_embeds_m", out.text_embeds_m),
+                       ("image_feat_m", out.image_feat_m), ("text_feat_m", out.text_feat_m),
+                       ("sim_i2t", out.sim_i2t), ("sim_t2i", out.sim_t2i), ("sim_i2t_m", out.sim_i2t_m),
+                       ("sim_t2i_m", out.sim_t2i_m), ("fused_pos_last_hidden", out.fused[:B]),
+                       ("fused_neg_last_hidden", out.fused[B:]), ("itm_logits", out.itm_logits),
+                       ("itm_labels", out.itm_labels), ("loss_itm", out.loss_itm),
+                       ("image_queue_after", trainer.queue.image_queue), ("text_queue_after", trainer.queue.text_queue),
+                       ("queue_ptr_after", trainer.queue.queue_ptr)]:
+        task.check(f"outputs/{name}", ours, outputs[name])
+    if "temp" in outputs:
+        task.check("outputs/temp", trainer.model.temp, outputs["temp"])
+    if retrieval:
+        task.check("outputs/idx_queue_after", trainer.queue.idx_queue, outputs["idx_queue_after"])
+        pos = torch.eq(inputs["image_id"].view(-1, 1), torch.cat([inputs["image_id"].view(1, -1),
+                       torch.as_tensor(task.authors_sd["idx_queue"])], dim=1)).double()
+        task.check("outputs/multi_positive_targets (recomputed from the recorded ids)", pos / pos.sum(1, keepdim=True),
+                   outputs["multi_positive_targets"])
+    # The reference hands these rows to multinomial; compare the distributions they define.
+    for name, w in [("weights_t2i", out.weights_t2i), ("weights_i2t", out.weights_i2t)]:
+        ref = draws_in[name]
+        task.check(f"draws/{name} (row-normalised)", w / w.sum(1, keepdim=True), ref / ref.sum(1, keepdim=True))
+    if mlm:
+        task.check("outputs/mlm_masked_positions", out.draws.mlm_labels.ne(-100).nonzero(), outputs["mlm_masked_positions"])
+        task.check("outputs/mlm_logits_masked", out.mlm_logits, outputs["mlm_logits_masked"])
+        task.check("outputs/mlm_logits_m_masked", out.mlm_logits_m, outputs["mlm_logits_m_masked"])
+        distill = soft_cross_entropy(out.mlm_logits, out.mlm_logits_m.softmax(-1))
+        for key, rec in per_alpha.items():
+            if "mlm_distill" in rec:
+                task.check(f"per_alpha/{key}/mlm_distill", distill, rec["mlm_distill"])
+    # Momentum parameters after the single update of this step.
+    authors_m = to_authors({k: v for k, v in trainer.state_dict().items()}, pretrain_layout=mlm)
+    for name, ref in io.get("momentum_after_update", {}).items():
+        if name.endswith("[rows]"):
+            rows = io["momentum_after_update"]["word_embedding_row_ids"]
+            task.check(f"momentum_after_update/{name}", authors_m[name.removesuffix("[rows]")][rows], ref)
+        elif name != "word_embedding_row_ids":
+            task.check(f"momentum_after_update/{name}", authors_m[name], ref)
+    sums = _sums(authors_m)
+    ref_sums = io["momentum_param_sums_after_update"]
+    missing = sorted(set(ref_sums) - set(sums))
+    if missing:
+        raise KeyError(f"momentum tensors recorded by the reference but absent here: {missing[:5]}")
+    task.check("momentum_param_sums_after_update (all tensors)", torch.stack([sums[k] for k in ref_sums]),
+               _stack_ref(ref_sums))
+
+
+def _stack_ref(ref: dict[str, Tensor]) -> Tensor:
+    return torch.stack([torch.as_tensor(v) for v in ref.values()])
+
+
+def _stack_sums(trainer: ALBEFPretrainer, ref: dict[str, Tensor]) -> Tensor:
+    sums = _sums(to_authors(trainer.state_dict(), pretrain_layout=trainer.mlm))
+    return torch.stack([sums[k] for k in ref])
+
+
+TASKS: dict[str, Callable[[_Task], None]] = {
+    "pretrain": lambda t: _pretrain_like(t, mlm=True),
+    "retrieval": lambda t: _pretrain_like(t, mlm=False),
+}
+
+
+def run_parity(root: str | Path, dtypes: tuple[str, ...] = ("float64", "float32"),
+               tasks: tuple[str, ...] | None = None) -> list[Check]:
+    """Recompute every supported task's vectors in each dtype; return the comparisons."""
+    root = Path(root)
+    meta_path = root / "config.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: DIR must be a parity folder (config.json + *_io.pt)")
+    meta = json.loads(meta_path.read_text())
+    present = [t for t in TASKS if (root / f"{t}_io.pt").exists() and (tasks is None or t in tasks)]
+    if not present:
+        raise FileNotFoundError(f"{root}: no <task>_io.pt for any supported task ({', '.join(TASKS)})")
+    checks: list[Check] = []
+    for dtype in dtypes:
+        for name in present:
+            task = _Task(root, meta, name, dtype)
+            TASKS[name](task)
+            checks += [Check(f"{name}: {c.name}", c.dtype, c.max_abs, c.rel, c.tol) for c in task.checks]
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="albef parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", help="parity folder (config.json, <task>_state_dict.pt, <task>_io.pt)")
+    p.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
+    p.add_argument("--task", action="append", choices=list(TASKS), help="only these tasks (repeatable)")
+    args = p.parse_args(argv)
+    dtypes = tuple(DTYPES) if args.dtype == "both" else (args.dtype,)
+    torch.manual_seed(0)
+    checks = run_parity(args.dir, dtypes, tuple(args.task) if args.task else None)
+    for c in checks:
+        print(c.line())
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

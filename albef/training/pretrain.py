@@ -1,0 +1,194 @@
+"""The pretraining wrapper: ITC + ITM + MLM with momentum distillation.
+
+:class:`ALBEFPretrainer` owns the training-only state (momentum teacher, feature queues) around
+an inference :class:`~albef.models.albef.ALBEF`. One ``forward`` is one reference step, in the
+reference's order: momentum update, momentum features, ITC against the queues as they were,
+enqueue, ITM on hard negatives, MLM. With image ids (``idx``) it is the retrieval fine-tuning
+objective instead (id-aware ITC targets and queue, same-id entries never negatives); with
+``mlm=False`` the MLM term is left out.
+
+Example:
+    >>> from albef.config import get_preset
+    >>> from albef.models.albef import ALBEF
+    >>> trainer = ALBEFPretrainer(ALBEF(get_preset("albef-tiny")))
+    >>> ids = torch.tensor([[101, 1037, 3899, 2003], [101, 1037, 4937, 0]])
+    >>> out = trainer(torch.randn(2, 3, 32, 32), ids, (ids > 0).long(), alpha=0.4)
+    >>> out.loss.backward()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from albef.models.albef import ALBEF
+from albef.training.momentum import FeatureQueue, make_teacher, momentum_update
+from albef.training.objectives import (IGNORE_INDEX, hard_negative_weights, itc_loss, mask_tokens,
+                                       mlm_loss, sample_hard_negatives)
+
+CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0
+
+
+@dataclass
+class PretrainDraws:
+    """Random choices of one step, to replay a run exactly. Any field may be left None."""
+
+    neg_image_idx: Tensor | None = None  # [B] negative image of each text (-1: none)
+    neg_text_idx: Tensor | None = None  # [B] negative text of each image
+    mlm_input_ids: Tensor | None = None  # [B, L] masked ids
+    mlm_labels: Tensor | None = None  # [B, L] original ids where masked, -100 elsewhere
+
+
+@dataclass
+class PretrainOutput:
+    loss: Tensor
+    loss_itc: Tensor
+    loss_itm: Tensor
+    loss_mlm: Tensor | None
+    alpha: float
+    # intermediate values (references, no extra memory): for logging, tests and parity
+    image_embeds: Tensor
+    text_embeds: Tensor
+    image_feat: Tensor
+    text_feat: Tensor
+    image_embeds_m: Tensor
+    text_embeds_m: Tensor
+    image_feat_m: Tensor
+    text_feat_m: Tensor
+    sim_i2t: Tensor
+    sim_t2i: Tensor
+    sim_i2t_m: Tensor
+    sim_t2i_m: Tensor
+    targets_i2t: Tensor
+    targets_t2i: Tensor
+    weights_i2t: Tensor  # hard-negative weights, [B, B]
+    weights_t2i: Tensor
+    draws: PretrainDraws  # what was actually used
+    fused: Tensor  # [B + n_neg_img + n_neg_txt, L, H]: positives, (text, neg image), (neg text, image)
+    itm_logits: Tensor
+    itm_labels: Tensor
+    mlm_logits: Tensor | None = None  # [n_masked, V] at labels != -100 (row-major)
+    mlm_logits_m: Tensor | None = None
+    mlm_ce: Tensor | None = None
+    mlm_distill: Tensor | None = None
+
+
+class ALBEFPretrainer(nn.Module):
+    """Training-time ALBEF: the student, its momentum teacher and the feature queues."""
+
+    def __init__(self, model: ALBEF, mlm: bool = True, with_idx: bool = False,
+                 hard_negative_eps: float = 0.0):
+        super().__init__()
+        cfg = model.config
+        if mlm and model.mlm_head is None:
+            raise ValueError("MLM pretraining needs a model built with an MLM head")
+        self.model = model
+        self.model_m = make_teacher(model)
+        if not mlm:
+            self.model_m.mlm_head = None
+        self.queue = FeatureQueue(cfg.embed_dim, cfg.queue_size, with_idx=with_idx)
+        self.momentum = cfg.momentum
+        self.mlm = mlm
+        self.mlm_probability = cfg.mlm_probability
+        self.hard_negative_eps = hard_negative_eps
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Set the teacher equal to the student (after loading student-only weights)."""
+        student = dict(self.model.named_parameters())
+        for name, p in self.model_m.named_parameters():
+            p.copy_(student[name])
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
+                idx: Tensor | None = None, draws: PretrainDraws | None = None,
+                generator: torch.Generator | None = None) -> PretrainOutput:
+        """One training step's losses. ``alpha``: distillation weight (ramped by the caller).
+
+        ``idx`` (image ids, [B]) switches to the retrieval objective. ``draws`` replays the
+        random choices; those left None are drawn from ``generator``.
+        """
+        model, teacher = self.model, self.model_m
+        draws = draws or PretrainDraws()
+        with torch.no_grad():
+            model.temp.clamp_(0.001, 0.5)
+        temp = model.temp
+
+        image_embeds = model.encode_image(images)  # [B, 1+N, Dv]
+        image_feat = model.image_feat(image_embeds)  # [B, E]
+        text_embeds = model.encode_text(input_ids, attention_mask)  # [B, L, H]
+        text_feat = model.text_feat(text_embeds)
+
+        with torch.no_grad():
+            momentum_update(model, teacher, self.momentum)
+            image_embeds_m = teacher.encode_image(images)
+            image_feat_m = teacher.image_feat(image_embeds_m)
+            text_embeds_m = teacher.encode_text(input_ids, attention_mask)
+            text_feat_m = teacher.text_feat(text_embeds_m)
+
+        q = self.queue
+        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, q.image_queue.clone(),
+                       q.text_queue.clone(), temp, alpha, idx,
+                       None if idx is None else q.idx_queue.clone())
+        q.enqueue(image_feat_m, text_feat_m, idx)
+
+        # ITM on contrastive hard negatives. One fusion pass over positives and both kinds of
+        # negatives; the image keys/values are projected once and indexed.
+        B = input_ids.shape[0]
+        with torch.no_grad():
+            if idx is None:
+                positive = torch.eye(B, dtype=torch.bool, device=images.device)
+            else:
+                positive = idx.view(-1, 1) == idx.view(1, -1)
+            w_t2i = hard_negative_weights(itc.sim_t2i[:, :B], positive, self.hard_negative_eps)
+            w_i2t = hard_negative_weights(itc.sim_i2t[:, :B], positive, self.hard_negative_eps)
+            neg_image = draws.neg_image_idx if draws.neg_image_idx is not None else sample_hard_negatives(w_t2i, generator)
+            neg_text = draws.neg_text_idx if draws.neg_text_idx is not None else sample_hard_negatives(w_i2t, generator)
+            neg_image, neg_text = neg_image.to(images.device), neg_text.to(images.device)
+            rows = torch.arange(B, device=images.device)
+            has_img, has_txt = neg_image >= 0, neg_text >= 0
+            text_rows = torch.cat([rows, rows[has_img], neg_text[has_txt]])
+            image_rows = torch.cat([rows, neg_image[has_img], rows[has_txt]])
+            itm_labels = torch.cat([torch.ones(B, dtype=torch.long, device=images.device),
+                                    torch.zeros(len(text_rows) - B, dtype=torch.long, device=images.device)])
+        context = model.image_context(image_embeds)
+        fused = model.fuse(text_embeds.index_select(0, text_rows), attention_mask.index_select(0, text_rows),
+                           context.select(image_rows))
+        itm_logits = model.itm_logits(fused)
+        loss_itm = F.cross_entropy(itm_logits, itm_labels)
+
+        out = PretrainOutput(
+            loss=itc.loss + loss_itm, loss_itc=itc.loss, loss_itm=loss_itm, loss_mlm=None, alpha=alpha,
+            image_embeds=image_embeds, text_embeds=text_embeds, image_feat=image_feat, text_feat=text_feat,
+            image_embeds_m=image_embeds_m, text_embeds_m=text_embeds_m, image_feat_m=image_feat_m,
+            text_feat_m=text_feat_m, sim_i2t=itc.sim_i2t, sim_t2i=itc.sim_t2i, sim_i2t_m=itc.sim_i2t_m,
+            sim_t2i_m=itc.sim_t2i_m, targets_i2t=itc.targets_i2t, targets_t2i=itc.targets_t2i,
+            weights_i2t=w_i2t, weights_t2i=w_t2i,
+            draws=PretrainDraws(neg_image, neg_text), fused=fused, itm_logits=itm_logits, itm_labels=itm_labels)
+        if self.mlm:
+            self._mlm(out, input_ids, attention_mask, context, draws, generator)
+        return out
+
+    def _mlm(self, out: PretrainOutput, input_ids: Tensor, attention_mask: Tensor, context,
+             draws: PretrainDraws, generator: torch.Generator | None) -> None:
+        model, teacher = self.model, self.model_m
+        if draws.mlm_input_ids is not None and draws.mlm_labels is not None:
+            ids, labels = draws.mlm_input_ids.to(input_ids.device), draws.mlm_labels.to(input_ids.device)
+        else:
+            ids, labels = mask_tokens(input_ids, model.config.text.vocab_size, MASK_ID, (PAD_ID, CLS_ID),
+                                      self.mlm_probability, generator)
+        masked = labels != IGNORE_INDEX  # the vocabulary projection runs only where it is scored
+        hidden = model.encode_multimodal(ids, attention_mask, context)
+        logits = model.mlm_logits(hidden[masked])  # [n_masked, V]
+        logits_m = None
+        if out.alpha > 0:
+            with torch.no_grad():
+                hidden_m = teacher.encode_multimodal(ids, attention_mask, out.image_embeds_m)
+                logits_m = teacher.mlm_logits(hidden_m[masked])
+        loss, ce, distill = mlm_loss(logits, labels[masked], logits_m, out.alpha)
+        out.loss = out.loss + loss
+        out.loss_mlm, out.mlm_ce, out.mlm_distill = loss, ce, distill
+        out.mlm_logits, out.mlm_logits_m = logits, logits_m
+        out.draws.mlm_input_ids, out.draws.mlm_labels = ids, labels

@@ -1,0 +1,26 @@
+"""The ``albef`` command: one sub-command per job, each a module with ``main(argv)``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "parity": ("albef.parity", "recompute reference test vectors and compare"),
+    "demo": ("albef.demo", "short pretraining run on generated data, then zero-shot retrieval"),
+    "bench": ("albef.bench", "time one full pretraining step (forward, backward, AdamW)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: albef COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

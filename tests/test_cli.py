@@ -1,0 +1,27 @@
+"""The command line: dispatch, the demo and the benchmark run end to end (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+from albef import bench, demo
+from albef.cli import main
+
+
+def test_cli_lists_commands_and_rejects_unknown(capsys):
+    assert main(["--help"]) == 0
+    assert "parity" in capsys.readouterr().out
+    assert main(["nope"]) == 2
+
+
+def test_demo_runs_and_reports_recall(capsys):
+    assert demo.main(["--steps", "3", "--batch-size", "4", "--queue-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "ITC R@1 image->text" in out and "chance" in out
+
+
+def test_bench_prints_a_json_record(capsys):
+    assert bench.main(["--preset", "albef-tiny", "--image-size", "32", "--batch-size", "2",
+                       "--steps", "1", "--threads", "1", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["batch_size"] == 2 and rec["median_step_s"] > 0 and rec["peak_memory_mb"] > 0

@@ -1,0 +1,199 @@
+"""Model structure, the pretraining step and its invariants, on the tiny preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from albef.config import ALBEFConfig, get_preset
+from albef.convert import from_authors, to_authors
+from albef.models.albef import ALBEF
+from albef.models.vit import resize_pos_embed
+from albef.training.pretrain import ALBEFPretrainer, PretrainDraws
+
+from conftest import text_batch
+
+
+def test_presets_and_config_round_trip(tmp_path):
+    for name in ("albef-base", "albef-small", "albef-tiny"):
+        cfg = get_preset(name)
+        cfg.save(tmp_path / "config.json")
+        assert ALBEFConfig.load(tmp_path / "config.json") == cfg
+    base = get_preset("albef-base")
+    assert (base.vision.width, base.vision.depth, base.text.num_layers, base.text.fusion_layer) == (768, 12, 12, 6)
+    assert (base.embed_dim, base.queue_size, base.momentum, base.temp, base.vision.image_size) == (256, 65536, 0.995, 0.07, 256)
+    with pytest.raises(ValueError, match="fusion_layer"):
+        ALBEFConfig.from_dict({**get_preset("albef-tiny").to_dict(), "text": {**get_preset("albef-tiny").to_dict()["text"], "fusion_layer": 9}})
+    with pytest.raises(ValueError, match="unknown ALBEF config keys"):
+        ALBEFConfig.from_dict({"nope": 1})
+
+
+def test_base_model_has_the_papers_size():
+    # ViT-B/16 (86M) + BERT-base without pooler/token types (~109M) + 6 cross-attentions (~21M)
+    with torch.device("meta"):
+        model = ALBEF(get_preset("albef-base"))
+    n = sum(p.numel() for p in model.parameters())
+    assert 205e6 < n < 215e6, n
+
+
+def test_multimodal_equals_text_then_fuse(tiny_model):
+    model = tiny_model.eval()
+    ids, mask = text_batch(3, 9)
+    image_embeds = model.encode_image(torch.randn(3, 3, 32, 32))
+    full = model.encode_multimodal(ids, mask, image_embeds)
+    staged = model.fuse(model.encode_text(ids, mask), mask, image_embeds)
+    torch.testing.assert_close(full, staged)
+    # a precomputed image context, indexed, gives the same as re-projecting the chosen images
+    ctx = model.image_context(image_embeds)
+    order = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(model.fuse(model.encode_text(ids, mask), mask, ctx.select(order)),
+                               model.fuse(model.encode_text(ids, mask), mask, image_embeds[order]))
+
+
+def test_padding_does_not_change_real_tokens(tiny_model):
+    model = tiny_model.eval()
+    ids, mask = text_batch(2, 6)
+    image_embeds = model.encode_image(torch.randn(2, 3, 32, 32))
+    padded_ids = torch.cat([ids, torch.zeros(2, 5, dtype=ids.dtype)], 1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 5, dtype=mask.dtype)], 1)
+    a = model.encode_multimodal(ids, mask, image_embeds)
+    b = model.encode_multimodal(padded_ids, padded_mask, image_embeds)[:, :6]
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()])
+
+
+def test_attention_probe_path_matches_sdpa_and_keeps_gradients(tiny_model):
+    model = tiny_model.eval()
+    ids, mask = text_batch(2, 7)
+    images = torch.randn(2, 3, 32, 32)
+    fast = model.itm_logits(model.encode_multimodal(ids, mask, model.encode_image(images)))
+    attn = model.text_encoder.encoder.layer[3].crossattention.self
+    attn.save_attention = True
+    slow = model.itm_logits(model.encode_multimodal(ids, mask, model.encode_image(images)))
+    torch.testing.assert_close(fast, slow)
+    slow[:, 1].sum().backward()
+    amap = attn.attention_map
+    assert amap.shape == (2, 2, 7, 17) and amap.grad is not None and amap.grad.abs().sum() > 0
+    torch.testing.assert_close(amap.sum(-1), torch.ones(2, 2, 7))
+
+
+def test_vit_attention_probe_matches(tiny_model):
+    vit = tiny_model.visual_encoder.eval()
+    x = torch.randn(2, 3, 32, 32)
+    a = vit(x)
+    vit.blocks[1].attn.save_attention = True
+    torch.testing.assert_close(vit(x), a)
+    assert vit.blocks[1].attn.attention_map.shape == (2, 2, 17, 17)
+
+
+def test_resize_pos_embed_keeps_cls_and_is_identity_at_same_size():
+    pe = torch.randn(1, 17, 8)
+    assert resize_pos_embed(pe, 16) is pe
+    big = resize_pos_embed(pe, 36)
+    assert big.shape == (1, 37, 8) and torch.equal(big[:, 0], pe[:, 0])
+    const = torch.cat([torch.zeros(1, 1, 2), torch.full((1, 16, 2), 3.0)], 1)
+    torch.testing.assert_close(resize_pos_embed(const, 64)[:, 1:], torch.full((1, 64, 2), 3.0))
+
+
+def _step(trainer, B=4, L=10, alpha=0.4, generator=None):
+    ids, mask = text_batch(B, L)
+    return trainer(torch.randn(B, 3, 32, 32), ids, mask, alpha=alpha,
+                   generator=generator or torch.Generator().manual_seed(0))
+
+
+def test_backward_reaches_every_trainable_parameter_and_no_momentum_one(tiny_config):
+    trainer = ALBEFPretrainer(ALBEF(tiny_config))
+    out = _step(trainer)
+    out.loss.backward()
+    for name, p in trainer.named_parameters():
+        if name.startswith("model_m."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+    assert out.itm_logits.shape == (12, 2) and out.itm_labels.tolist() == [1] * 4 + [0] * 8
+    assert torch.isfinite(out.loss)
+
+
+def test_teacher_has_no_itm_head_or_temperature_and_moves_by_ema(tiny_config):
+    trainer = ALBEFPretrainer(ALBEF(tiny_config))
+    names = {n for n, _ in trainer.model_m.named_parameters()}
+    assert not any(n.startswith(("itm_head", "temp")) for n in names)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.01)
+    t0 = {n: p.clone() for n, p in trainer.model_m.named_parameters()}
+    _step(trainer)
+    student = dict(trainer.model.named_parameters())
+    for n, p in trainer.model_m.named_parameters():
+        torch.testing.assert_close(p, 0.995 * t0[n] + 0.005 * student[n])
+
+
+def test_batch_size_one_trains(tiny_config):
+    tiny_config.queue_size = 8
+    trainer = ALBEFPretrainer(ALBEF(tiny_config))
+    opt = torch.optim.AdamW([p for p in trainer.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(3):
+        out = _step(trainer, B=1)
+        assert torch.isfinite(out.loss)
+        assert out.itm_labels.tolist() == [1]  # no negative exists in a batch of one
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+
+
+def test_replayed_draws_reproduce_a_step(tiny_config):
+    a = ALBEFPretrainer(ALBEF(tiny_config))
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    ids, mask = text_batch(4, 10)
+    images = torch.randn(4, 3, 32, 32)
+    out1 = a(images, ids, mask, 0.4, generator=torch.Generator().manual_seed(5))
+    b = ALBEFPretrainer(ALBEF(tiny_config))
+    b.load_state_dict(state)
+    d = out1.draws
+    torch.manual_seed(123)  # replay must not depend on any random state
+    out2 = b(images, ids, mask, 0.4, draws=PretrainDraws(d.neg_image_idx, d.neg_text_idx, d.mlm_input_ids, d.mlm_labels))
+    for name in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
+        torch.testing.assert_close(getattr(out2, name), getattr(out1, name), rtol=0, atol=0)
+    # and a different draw gives a different step
+    out3 = b(images, ids, mask, 0.4, generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(out3.draws.mlm_labels, d.mlm_labels)
+
+
+def test_retrieval_objective_excludes_same_id_negatives(tiny_config):
+    trainer = ALBEFPretrainer(ALBEF(tiny_config, mlm_head=False), mlm=False, with_idx=True, hard_negative_eps=1e-4)
+    ids, mask = text_batch(4, 8)
+    idx = torch.tensor([1, 1, 2, 3])
+    for seed in range(10):
+        out = trainer(torch.randn(4, 3, 32, 32), ids, mask, 0.4, idx=idx, generator=torch.Generator().manual_seed(seed))
+        for b, j in enumerate(out.draws.neg_image_idx.tolist()):
+            assert idx[b] != idx[j]
+        assert out.loss_mlm is None
+    assert trainer.queue.idx_queue[0, :4].tolist() == [1, 1, 2, 3]
+
+
+def test_authors_key_conversion_round_trips(tiny_config):
+    trainer = ALBEFPretrainer(ALBEF(tiny_config))
+    sd = trainer.state_dict()
+    authors = to_authors(sd)
+    assert "text_encoder.bert.embeddings.word_embeddings.weight" in authors
+    assert "text_encoder_m.cls.predictions.decoder.weight" in authors and "visual_encoder_m.pos_embed" in authors
+    back = from_authors({"model": authors})
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    broken = dict(authors)
+    broken["text_encoder.cls.predictions.decoder.weight"] = broken["text_encoder.cls.predictions.decoder.weight"] + 1
+    with pytest.raises(ValueError, match="differs from the word"):
+        from_authors(broken)
+
+
+def test_mlm_logits_only_at_masked_positions_equal_full_projection(tiny_config):
+    trainer = ALBEFPretrainer(ALBEF(tiny_config))
+    out = _step(trainer)
+    model = trainer.model
+    labels = out.draws.mlm_labels
+    ids, mask = text_batch(4, 10)
+    hidden = model.encode_multimodal(out.draws.mlm_input_ids, mask, out.image_embeds)
+    full = model.mlm_logits(hidden)
+    torch.testing.assert_close(out.mlm_logits, full[labels != -100])
+    ce = F.cross_entropy(full.view(-1, full.shape[-1]), labels.view(-1))  # reference: CE over all, ignore -100
+    torch.testing.assert_close(out.mlm_ce, ce)

@@ -1,0 +1,168 @@
+"""The pretraining objectives against closed forms and invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from albef.training.momentum import FeatureQueue, momentum_update
+from albef.training.objectives import (hard_negative_weights, itc_loss, mask_tokens, mlm_loss,
+                                       sample_hard_negatives, soft_cross_entropy)
+
+
+def test_itc_alpha0_empty_queue_is_symmetric_infonce():
+    B, D = 6, 8
+    img, txt = F.normalize(torch.randn(B, D), dim=1), F.normalize(torch.randn(B, D), dim=1)
+    img_m, txt_m = F.normalize(torch.randn(B, D), dim=1), F.normalize(torch.randn(B, D), dim=1)
+    temp = torch.tensor(0.07)
+    out = itc_loss(img, txt, img_m, txt_m, torch.empty(D, 0), torch.empty(D, 0), temp, alpha=0.0)
+    # Hand-written InfoNCE: each image against the momentum texts and vice versa, label = own index.
+    labels = torch.arange(B)
+    expected = (F.cross_entropy(img @ txt_m.T / temp, labels) + F.cross_entropy(txt @ img_m.T / temp, labels)) / 2
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_itc_targets_mix_softmax_and_positives():
+    B, D, Q = 3, 4, 6
+    f = lambda n: F.normalize(torch.randn(n, D), dim=1)  # noqa: E731
+    iq, tq = f(Q).T, f(Q).T
+    img, txt, img_m, txt_m = f(B), f(B), f(B), f(B)
+    out = itc_loss(img, txt, img_m, txt_m, iq, tq, torch.tensor(0.1), alpha=0.4)
+    sim_m = img_m @ torch.cat([txt_m.T, tq], 1) / 0.1
+    onehot = torch.zeros(B, B + Q)
+    onehot[range(B), range(B)] = 1
+    torch.testing.assert_close(out.targets_i2t, 0.4 * sim_m.softmax(1) + 0.6 * onehot)
+    torch.testing.assert_close(out.targets_i2t.sum(1), torch.ones(B))
+
+
+def test_itc_id_aware_targets_spread_over_same_id_entries():
+    D = 4
+    f = lambda n: F.normalize(torch.randn(n, D), dim=1)  # noqa: E731
+    idx = torch.tensor([7, 7, 3])
+    idx_queue = torch.tensor([[3, 9, 7, -100]])
+    out = itc_loss(f(3), f(3), f(3), f(3), f(4).T, f(4).T, torch.tensor(0.07), 0.0, idx, idx_queue)
+    # row 0 (id 7): batch 0, batch 1, queue slot 2 -> 1/3 each
+    assert torch.allclose(out.targets_i2t[0], torch.tensor([1, 1, 0, 0, 0, 1, 0]) / 3)
+    assert torch.allclose(out.targets_t2i[2], torch.tensor([0, 0, 1, 1, 0, 0, 0]) / 2)
+
+
+def test_soft_cross_entropy_with_onehot_is_cross_entropy():
+    logits = torch.randn(5, 7)
+    labels = torch.randint(7, (5,))
+    torch.testing.assert_close(soft_cross_entropy(logits, F.one_hot(labels, 7).float()),
+                               F.cross_entropy(logits, labels))
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_hard_negatives_never_pick_a_positive(trial):
+    g = torch.Generator().manual_seed(trial)
+    B = 1 + trial % 9
+    ids = torch.randint(0, 3, (B,), generator=g)
+    positive = ids[:, None] == ids[None, :]
+    sim = torch.randn(B, B, generator=g) * 20
+    for eps in (0.0, 1e-4):
+        w = hard_negative_weights(sim, positive, eps)
+        picks = sample_hard_negatives(w, g)
+        for b in range(B):
+            if (~positive[b]).any():
+                assert picks[b] >= 0 and not positive[b, picks[b]]
+            else:  # nothing to pick: no negative rather than a crash or the positive
+                assert picks[b] == -1
+
+
+def test_hard_negative_weights_follow_reference_formula():
+    sim = torch.randn(4, 4)
+    eye = torch.eye(4, dtype=torch.bool)
+    w = hard_negative_weights(sim, eye, eps=1e-4)
+    expected = (sim.softmax(1) + 1e-4).masked_fill(eye, 0)
+    torch.testing.assert_close(w, expected)
+
+
+def test_hard_negatives_batch_size_one_and_bad_weights():
+    assert sample_hard_negatives(hard_negative_weights(torch.randn(1, 1), torch.eye(1, dtype=torch.bool))).tolist() == [-1]
+    eye = torch.eye(3, dtype=torch.bool)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        sim = torch.randn(3, 3)
+        sim[1] = bad
+        picks = sample_hard_negatives(hard_negative_weights(sim, eye))
+        assert all(0 <= p < 3 and p != i for i, p in enumerate(picks.tolist()))
+    # fp16 overflow: softmax in the half dtype would be NaN; weights stay usable
+    sim = torch.full((3, 3), 6e4, dtype=torch.float16)
+    picks = sample_hard_negatives(hard_negative_weights(sim, eye))
+    assert all(p != i for i, p in enumerate(picks.tolist()))
+
+
+def test_mask_tokens_never_touches_pad_or_cls_and_follows_80_10_10():
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 400, 40, 30522
+    ids = torch.randint(1000, V, (B, L), generator=g)
+    ids[:, 0] = 101
+    ids[:, 30:] = 0
+    masked_ids, labels = mask_tokens(ids, V, 103, (0, 101), 0.15, g)
+    masked = labels != -100
+    assert not masked[:, 0].any() and not masked[:, 30:].any()
+    assert torch.equal(labels[masked], ids[masked])
+    assert torch.equal(masked_ids[~masked], ids[~masked])
+    n_eligible = B * 29
+    n = masked.sum().item()
+    p = 0.15
+    assert abs(n - p * n_eligible) < 5 * math.sqrt(n_eligible * p * (1 - p))
+    to_mask = (masked_ids[masked] == 103).sum().item()
+    unchanged = (masked_ids[masked] == ids[masked]).sum().item()
+    random = n - to_mask - unchanged
+    for count, share in ((to_mask, 0.8), (unchanged, 0.1), (random, 0.1)):
+        assert abs(count - share * n) < 5 * math.sqrt(n * share * (1 - share)) + 5
+
+
+def test_mask_tokens_is_reproducible_from_the_generator():
+    ids = torch.randint(1000, 2000, (4, 12))
+    a = mask_tokens(ids, 30522, 103, (0, 101), 0.15, torch.Generator().manual_seed(3))
+    b = mask_tokens(ids, 30522, 103, (0, 101), 0.15, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_mlm_loss_distillation_mix_and_empty_mask():
+    logits, teacher = torch.randn(5, 11, requires_grad=True), torch.randn(5, 11)
+    labels = torch.randint(11, (5,))
+    loss, ce, distill = mlm_loss(logits, labels, teacher, 0.4)
+    expected_distill = -(teacher.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(loss, 0.6 * F.cross_entropy(logits, labels) + 0.4 * expected_distill)
+    empty, _, _ = mlm_loss(logits[:0], labels[:0], teacher[:0], 0.4)
+    assert empty.item() == 0.0
+    empty.backward()  # still part of the graph
+
+
+def test_queue_wraps_around_and_checks_batch_multiple():
+    q = FeatureQueue(embed_dim=3, size=8)
+    q.queue_ptr[0] = 6
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    before = q.image_queue.clone()
+    q.enqueue(a, b)
+    assert int(q.queue_ptr) == 0
+    torch.testing.assert_close(q.image_queue[:, 6:], a.T)
+    torch.testing.assert_close(q.text_queue[:, 6:], b.T)
+    torch.testing.assert_close(q.image_queue[:, :6], before[:, :6])
+    q.enqueue(a, b)
+    assert int(q.queue_ptr) == 2
+    with pytest.raises(ValueError, match="multiple of the global batch size 3"):
+        q.enqueue(torch.randn(3, 3), torch.randn(3, 3))
+
+
+def test_queue_with_ids_requires_them():
+    q = FeatureQueue(2, 4, with_idx=True)
+    assert (q.idx_queue == -100).all()
+    q.enqueue(torch.randn(2, 2), torch.randn(2, 2), torch.tensor([5, 6]))
+    assert q.idx_queue[0, :2].tolist() == [5, 6]
+    with pytest.raises(ValueError, match="pass idx"):
+        q.enqueue(torch.randn(2, 2), torch.randn(2, 2))
+
+
+def test_momentum_update_is_the_ema_formula():
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    momentum_update(student, teacher, 0.995)
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, 0.995 * t0[k] + 0.005 * student.state_dict()[k])

@@ -6,9 +6,9 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# torch first, pinned: on this project's machines pip finds the CPU build of 2.13.0 on local
-# disk; a bare "torch" requirement would pull a multi-GB CUDA build instead.
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+# torch and torchvision first, pinned as a pair that loads together: on this project's machines
+# pip finds both on local disk (torchvision from PyPI does not load beside the 2.13 CPU build).
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"

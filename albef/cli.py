@@ -9,6 +9,8 @@ COMMANDS = {
     "parity": ("albef.parity", "recompute reference test vectors and compare"),
     "demo": ("albef.demo", "short pretraining run on generated data, then zero-shot retrieval"),
     "bench": ("albef.bench", "time one full pretraining step (forward, backward, AdamW)"),
+    "pretrain": ("albef.cli_pretrain", "pretrain from a YAML recipe (one process or torchrun)"),
+    "data": ("albef.data.cli", "build data sets in the authors' JSON formats"),
 }
 
 

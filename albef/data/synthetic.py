@@ -34,7 +34,13 @@ def _shape_mask(shape: str, size: int, cy: float, cx: float, r: float) -> Tensor
 def make_shapes(n: int, image_size: int = 64, generator: torch.Generator | None = None,
                 mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
                 std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)) -> tuple[Tensor, list[str]]:
-    """``n`` normalised images [n, 3, S, S] and their captions ("a red circle on the left").
+    """``n`` normalised images [n, 3, S, S] and their captions (see :func:`render_shapes`)."""
+    images, captions = render_shapes(n, image_size, generator)
+    return (images - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1), captions
+
+
+def render_shapes(n: int, image_size: int = 64, generator: torch.Generator | None = None) -> tuple[Tensor, list[str]]:
+    """``n`` images [n, 3, S, S] in [0, 1] and their captions ("a red circle on the left").
 
     The ``n`` captions are distinct while ``n`` is at most the number of combinations (72), so
     a batch holds no false negatives for the contrastive loss.
@@ -54,6 +60,6 @@ def make_shapes(n: int, image_size: int = 64, generator: torch.Generator | None 
         mask = _shape_mask(shape, s, cy, cx, s / 5)
         img[:, mask] = torch.tensor(COLORS[color]).unsqueeze(1)
         img += 0.03 * torch.randn(img.shape, generator=g)
-        images[i] = (img.clamp(0, 1) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        images[i] = img.clamp(0, 1)
         captions.append(f"a {color} {shape} on the {place}")
     return images, captions

@@ -104,11 +104,15 @@ class ALBEFPretrainer(nn.Module):
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
                 idx: Tensor | None = None, draws: PretrainDraws | None = None,
-                generator: torch.Generator | None = None) -> PretrainOutput:
+                generator: torch.Generator | None = None, update_momentum: bool = True,
+                enqueue: bool = True) -> PretrainOutput:
         """One training step's losses. ``alpha``: distillation weight (ramped by the caller).
 
         ``idx`` (image ids, [B]) switches to the retrieval objective. ``draws`` replays the
-        random choices; those left None are drawn from ``generator``.
+        random choices; those left None are drawn from ``generator``. Gradient accumulation
+        passes ``update_momentum`` only on the first micro-batch and ``enqueue=False``, then
+        enqueues the micro-batches' momentum features together after the last one: exactly
+        what the same global batch spread over that many ranks does.
         """
         model, teacher = self.model, self.model_m
         draws = draws or PretrainDraws()
@@ -122,7 +126,8 @@ class ALBEFPretrainer(nn.Module):
         text_feat = model.text_feat(text_embeds)
 
         with torch.no_grad():
-            momentum_update(model, teacher, self.momentum)
+            if update_momentum:
+                momentum_update(model, teacher, self.momentum)
             image_embeds_m = teacher.encode_image(images)
             image_feat_m = teacher.image_feat(image_embeds_m)
             text_embeds_m = teacher.encode_text(input_ids, attention_mask)
@@ -132,7 +137,8 @@ class ALBEFPretrainer(nn.Module):
         itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, q.image_queue.clone(),
                        q.text_queue.clone(), temp, alpha, idx,
                        None if idx is None else q.idx_queue.clone())
-        q.enqueue(image_feat_m, text_feat_m, idx)
+        if enqueue:
+            q.enqueue(image_feat_m, text_feat_m, idx)
 
         # ITM on contrastive hard negatives. One fusion pass over positives and both kinds of
         # negatives; the image keys/values are projected once and indexed.

@@ -1,0 +1,43 @@
+"""``albef pretrain --config RECIPE.yaml [key.sub=value ...] [--resume [CHECKPOINT]]``.
+
+Runs as one process, or under torchrun as many (one per GPU, or CPU processes with gloo):
+
+    torchrun --nproc_per_node 8 -m albef.cli pretrain --config recipes/pretrain_14m.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from albef.recipes import load_recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="albef pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML recipe (see recipes/)")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from OUTPUT_DIR/checkpoint_last.pt, or from the given checkpoint")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=1e-4 data.num_workers=2")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe(args.config, args.overrides)
+    if not recipe.data.train_files:
+        p.error("no training data: set data.train_files in the recipe or as an override")
+    from albef.training.loop import PretrainRun  # heavy imports after argument checks
+    from albef.training.distributed import shutdown
+
+    try:
+        run = PretrainRun(recipe, resume=args.resume)
+        summary = run.fit()
+    finally:
+        shutdown()
+    if run.dist.is_main:
+        print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""``albef data shapes DIR``: write a generated image–caption set in the authors' JSON format.
+
+PNG files of coloured shapes and ``pretrain.json`` (``[{"image", "caption"}]``, paths relative
+to DIR) — the data of the CPU recipes and of the tests. ``--corrupt K`` adds K broken entries
+(a truncated PNG, a text file named .png, a missing file) to exercise bad-data handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from albef.data.synthetic import render_shapes
+
+
+def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, corrupt: int = 0) -> Path:
+    """Write ``n`` PNGs and ``pretrain.json`` under ``out``; returns the JSON path."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    images, captions = render_shapes(n, image_size, torch.Generator().manual_seed(seed))
+    entries = []
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        rel = f"images/{i:06d}.png"
+        arr = (img.permute(1, 2, 0) * 255).round().byte().numpy()
+        Image.fromarray(arr).save(out / rel)
+        entries.append({"image": rel, "caption": cap})
+    for k in range(corrupt):
+        rel = f"images/bad_{k:03d}.png"
+        kind = k % 3
+        if kind == 0:  # truncated PNG
+            data = (out / entries[k % n]["image"]).read_bytes()
+            (out / rel).write_bytes(data[: len(data) // 2])
+        elif kind == 1:  # not an image at all
+            (out / rel).write_text("this is not a PNG\n")
+        else:  # missing file
+            rel = f"images/missing_{k:03d}.png"
+        entries.append({"image": rel, "caption": f"broken sample {k}"})
+    path = out / "pretrain.json"
+    path.write_text(json.dumps(entries, indent=0))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="albef data", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("shapes", help="generated coloured shapes with captions")
+    s.add_argument("dir")
+    s.add_argument("--n", type=int, default=2048)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--corrupt", type=int, default=0, help="add this many broken entries")
+    args = p.parse_args(argv)
+    path = write_shapes(args.dir, args.n, args.image_size, args.seed, args.corrupt)
+    print(f"wrote {args.n + args.corrupt} entries to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The pretraining dataset (``{"image": path, "caption": str | [str]}``) and its collate.
+
+Every random choice of a sample (which caption of a list, the crop, the flip, RandomAugment) is
+drawn from a seed derived from ``(seed, epoch, index)``, so a sample looks the same whichever
+rank, worker or resumed run loads it. A sample whose image cannot be read is replaced by the
+next readable one (deterministically), so batches keep their size — the feature queue and DDP
+both need equal batches — and the replacement is reported with the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from albef.data.annotations import BadSample, resolve_image
+from albef.text import Tokenizer, clean_caption
+
+# An image this large is almost certainly a mistake or an attack (a decompression bomb);
+# PIL's own default limit warns at ~89M pixels and fails at twice that.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+@dataclass(frozen=True)
+class PretrainRecord:
+    image: str
+    captions: tuple[str, ...]
+    where: str
+
+
+def parse_pretrain_entry(image_root: str | None, max_words: int = 30, cleaning: str = "albef"
+                         ) -> Callable[[dict, str], PretrainRecord]:
+    """A parser for :func:`~albef.data.annotations.read_annotations`: cleans the captions now,
+    so an entry whose every caption is empty after cleaning is rejected at load time."""
+
+    def parse(entry: dict, where: str) -> PretrainRecord:
+        image = resolve_image(entry.get("image"), image_root)
+        caption = entry.get("caption")
+        captions = caption if isinstance(caption, list) else [caption]
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError("'caption' must be a string or a list of strings")
+        cleaned = tuple(c for c in (clean_caption(c, cleaning, max_words) for c in captions) if c)
+        if not cleaned:
+            raise ValueError("caption is empty after cleaning")
+        return PretrainRecord(image, cleaned, where)
+
+    return parse
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    # A simple reversible mix: distinct (seed, epoch, index) give distinct seeds in practice.
+    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**63 - 1)
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode an image as RGB; raises ``OSError``/``ValueError`` when it can't."""
+    with Image.open(path) as img:
+        img.load()  # decode now: a truncated file fails here, not later in a transform
+        return img.convert("RGB")
+
+
+class PretrainDataset(Dataset):
+    """Image–caption pairs for pretraining; items are dicts (see :class:`PretrainCollator`)."""
+
+    def __init__(self, records: Sequence[PretrainRecord], transform: Callable[[Image.Image], Tensor],
+                 seed: int = 0, max_retries: int = 20):
+        if not records:
+            raise ValueError("the pretraining dataset is empty (no valid entry in the annotation files)")
+        self.records = list(records)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.max_retries = max_retries
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        bad: list[BadSample] = []
+        for attempt in range(self.max_retries + 1):
+            i = (index + attempt * 7_919) % len(self.records)  # stride: skip past runs of bad files
+            rec = self.records[i]
+            try:
+                image = load_image(rec.image)
+            except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+                bad.append(BadSample(rec.image, f"{type(e).__name__}: {e}"))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+                caption = rec.captions[int(torch.randint(len(rec.captions), ()))]
+                pixels = self.transform(image)
+            return {"image": pixels, "caption": caption, "index": i, "bad": bad}
+        raise RuntimeError(f"{self.max_retries + 1} images in a row could not be read, starting at "
+                           f"{self.records[index].image}; is the image root right?\n  "
+                           + "\n  ".join(map(str, bad)))
+
+
+@dataclass
+class PretrainBatch:
+    images: Tensor  # [B, 3, H, W]
+    input_ids: Tensor  # [B, L], padded to the longest caption of the batch
+    attention_mask: Tensor
+    index: Tensor  # dataset index of each sample
+    bad: list[BadSample] = field(default_factory=list)  # every failed read, replacements' included
+    n_replaced: int = 0  # samples of this batch whose own image failed (what the bad share counts)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PretrainBatch":
+        return PretrainBatch(self.images.to(device, non_blocking=non_blocking),
+                             self.input_ids.to(device, non_blocking=non_blocking),
+                             self.attention_mask.to(device, non_blocking=non_blocking), self.index, self.bad)
+
+
+class PretrainCollator:
+    """Stack images, tokenise captions padded to the longest in the batch (not a fixed 30)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, items: list[dict[str, Any]]) -> PretrainBatch:
+        text = self.tokenizer([it["caption"] for it in items], max_length=self.max_length, padding="longest")
+        return PretrainBatch(torch.stack([it["image"] for it in items]), text.input_ids, text.attention_mask,
+                             torch.tensor([it["index"] for it in items]), [b for it in items for b in it["bad"]],
+                             sum(1 for it in items if it["bad"]))

@@ -1,0 +1,64 @@
+"""A deterministic, resumable sampler of global batches split into per-rank micro-batches.
+
+Each epoch draws one permutation from ``(seed, epoch)``. Optimizer step ``t`` consumes the
+global batch ``perm[t*G : (t+1)*G]`` (``G = micro_batch * world_size * grad_accum``); rank
+``r``'s ``j``-th micro-batch is slice ``r * grad_accum + j`` of it. So the samples of a step, and
+their order, depend only on the seed, the epoch and the global batch — one process with
+``grad_accum = 2`` sees exactly what two processes with ``grad_accum = 1`` see together — and a
+resumed run restarts at any step without reading the skipped data. The incomplete last batch
+is dropped, as the reference does (and as the feature queue requires).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this rank's micro-batches (lists of dataset indices) for one epoch.
+
+    Example:
+        >>> s = GlobalBatchSampler(10, micro_batch=2, world_size=2, rank=1, grad_accum=1, seed=0)
+        >>> len(s), s.steps_per_epoch
+        (2, 2)
+    """
+
+    def __init__(self, dataset_size: int, micro_batch: int, world_size: int = 1, rank: int = 0,
+                 grad_accum: int = 1, seed: int = 0, shuffle: bool = True):
+        if micro_batch < 1 or grad_accum < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sampler setup: micro_batch={micro_batch} grad_accum={grad_accum} "
+                             f"rank={rank} world_size={world_size}")
+        self.n, self.micro_batch, self.world_size, self.rank = dataset_size, micro_batch, world_size, rank
+        self.grad_accum, self.seed, self.shuffle = grad_accum, seed, shuffle
+        self.global_batch = micro_batch * world_size * grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {dataset_size} samples, fewer than one global batch "
+                             f"({self.global_batch} = {micro_batch} per rank x {world_size} ranks x "
+                             f"{grad_accum} accumulation steps)")
+        self.epoch = 0
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            perm = torch.arange(self.n)
+        b = self.micro_batch
+        for step in range(self.start_step, self.steps_per_epoch):
+            batch = perm[step * self.global_batch:(step + 1) * self.global_batch]
+            for j in range(self.grad_accum):
+                k = self.rank * self.grad_accum + j
+                yield batch[k * b:(k + 1) * b].tolist()

@@ -1,0 +1,153 @@
+"""Training recipes: YAML files mapped onto dataclasses, with ``key.sub=value`` overrides.
+
+Example:
+    >>> r = load_recipe(None, ["model.preset=albef-tiny", "train.lr=3e-4", "data.train_files=[a.json]"])
+    >>> r.model.preset, r.train.lr, r.data.train_files
+    ('albef-tiny', 0.0003, ['a.json'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from albef.config import ALBEFConfig, get_preset
+
+
+@dataclass
+class ModelSection:
+    preset: str = "albef-base"
+    overrides: dict[str, Any] = field(default_factory=dict)  # nested dict merged into the preset
+    init: str | None = None  # checkpoint to start from (a run's checkpoint_last.pt)
+
+    def build_config(self) -> ALBEFConfig:
+        base = get_preset(self.preset).to_dict()
+        return ALBEFConfig.from_dict(_merge(base, self.overrides))
+
+
+@dataclass
+class DataSection:
+    train_files: list[str] = field(default_factory=list)
+    image_root: str | None = None
+    max_words: int = 30
+    text_cleaning: str | None = None  # None: the model config's
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    randaugment: bool = True
+    num_workers: int = 4
+    max_bad_fraction: float = 0.01
+    min_seen_for_bad_check: int = 1000
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 30
+    batch_size: int = 64  # per rank, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-5
+    warmup_epochs: int = 20  # authors' unit: 100 iterations of epoch 0 each
+    schedule: str = "albef"  # or "cosine" (per step, warmup_steps)
+    warmup_steps: int = 0
+    weight_decay: float = 0.02
+    alpha: float = 0.4
+    alpha_ramp_epochs: float = 1.0
+    max_grad_norm: float | None = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; the CPU runs fp32)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 42
+    device: str = "auto"
+    checkpoint_every: int = 1000  # optimizer steps; 0: only at the end of each epoch
+    log_every: int = 50
+    max_steps: int | None = None  # stop early (smoke tests, benchmarks)
+
+
+@dataclass
+class PretrainRecipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output_dir: str = "runs/pretrain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PretrainRecipe":
+        return _build(cls, d, "")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"recipe section {where or '(top)'} must be a mapping, not {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown recipe keys in {where or '(top)'}: {sorted(unknown)}; "
+                         f"known: {sorted(fields)}")
+    kwargs = {}
+    for k, v in d.items():
+        sub = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            kwargs[k] = _build(sub, v, f"{where}{k}.")
+        elif isinstance(fields[k].default, tuple) and isinstance(v, list):
+            kwargs[k] = tuple(v)
+        else:
+            kwargs[k] = _coerce(v, str(fields[k].type), f"{where}{k}")
+    return cls(**kwargs)
+
+
+def _coerce(v: Any, type_name: str, key: str) -> Any:
+    # YAML reads "3e-4" (no dot) as a string; numbers are what the recipe means.
+    for name, conv in (("float", float), ("int", int)):
+        if type_name.startswith(name) and isinstance(v, str):
+            try:
+                return conv(v)
+            except ValueError:
+                raise ValueError(f"recipe key {key}: {v!r} is not a valid {name}") from None
+    if type_name.startswith("float") and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    return v
+
+
+def apply_override(d: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not of the form key.sub=value")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = d
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PretrainRecipe:
+    """Read a YAML recipe (or start from the defaults) and apply the overrides."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"recipe {p} not found")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: not valid YAML ({e})") from e
+    for o in overrides or []:
+        apply_override(d, o)
+    return PretrainRecipe.from_dict(d)

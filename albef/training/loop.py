@@ -1,0 +1,275 @@
+"""The pretraining loop: one process or many (torchrun), CPU or GPU, resumable to the sample.
+
+Determinism is by construction: the data order comes from :class:`GlobalBatchSampler`, every
+sample's augmentation from its own seed, and every micro-batch's random draws (hard negatives,
+masking, dropout) from a seed derived from ``(seed, epoch, step, micro-batch)``. Hence a resumed
+run continues exactly where it stopped, and one process with gradient accumulation ``k``
+computes what ``k`` processes compute together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from albef.config import ALBEFConfig
+from albef.data.annotations import BadSample, check_bad_share, read_annotations
+from albef.data.pretrain import PretrainCollator, PretrainDataset, parse_pretrain_entry
+from albef.data.sampler import GlobalBatchSampler
+from albef.data.transforms import train_transform
+from albef.models.albef import ALBEF
+from albef.recipes import PretrainRecipe
+from albef.text import Tokenizer
+from albef.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from albef.training.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from albef.training.metrics import MetricsLogger, plot_losses
+from albef.training.pretrain import ALBEFPretrainer
+from albef.training.schedule import LRSchedule, alpha_at
+
+log = logging.getLogger("albef.train")
+LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the reference's groups: no decay for 1-D tensors and biases, decay for the rest.
+
+    As in the reference (timm's factory called on the top-level model, which names no exceptions),
+    ``pos_embed``, ``cls_token`` and the 0-dim ``temp`` are decayed.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
+                              {"params": decay, "weight_decay": weight_decay}], lr=lr)
+
+
+def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
+    return (seed * 1_000_003 + epoch * 100_003 + step * 1_009 + micro) % (2**63 - 1)
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    step_in_epoch: int = 0  # the next step to run
+    global_step: int = 0
+    samples_seen: int = 0
+    bad_seen: int = 0
+
+
+def load_trainer_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> ALBEFPretrainer:
+    """Rebuild the student, teacher and queues of a run from its checkpoint.
+
+    Example:
+        >>> trainer = load_trainer_from_checkpoint("runs/pretrain/checkpoint_last.pt")  # doctest: +SKIP
+        >>> model = trainer.model.eval()                                                 # doctest: +SKIP
+    """
+    ckpt = load_checkpoint(path)
+    trainer = ALBEFPretrainer(ALBEF(ALBEFConfig.from_dict(ckpt["model_config"])))
+    trainer.load_state_dict(ckpt["model"], strict=True)
+    return trainer.to(device)
+
+
+class PretrainRun:
+    """Everything one pretraining run needs; :meth:`fit` runs it."""
+
+    def __init__(self, recipe: PretrainRecipe, resume: bool | str = False):
+        self.recipe = recipe
+        r, d, t = recipe, recipe.data, recipe.train
+        self.dist: DistInfo = init_distributed(t.device)
+        self.out = Path(r.output_dir)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
+        self.cfg = r.model.build_config()
+        cleaning = d.text_cleaning or self.cfg.text_cleaning
+        self.tokenizer = Tokenizer(add_sep=self.cfg.add_sep)
+
+        records, self.ann_bad = read_annotations(d.train_files, parse_pretrain_entry(d.image_root, d.max_words, cleaning))
+        n_entries = len(records) + len(self.ann_bad)
+        if self.dist.is_main:
+            for b in self.ann_bad[:20]:
+                log.warning("skipped annotation %s", b)
+        check_bad_share(len(self.ann_bad), n_entries, d.max_bad_fraction, self.ann_bad, "annotation entries")
+        self.dataset = PretrainDataset(records, train_transform(self.cfg.vision.image_size, tuple(d.crop_scale),
+                                                                d.randaugment), seed=t.seed)
+        self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.dist.world_size, self.dist.rank,
+                                          t.grad_accum, t.seed)
+        G = self.sampler.global_batch
+        if self.cfg.queue_size % G:
+            raise ValueError(f"queue_size {self.cfg.queue_size} is not a multiple of the global batch {G} "
+                             f"({t.batch_size} per rank x {self.dist.world_size} ranks x {t.grad_accum} "
+                             "accumulation steps); change one of them")
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
+                                 collate_fn=PretrainCollator(self.tokenizer, self.cfg.max_text_len),
+                                 pin_memory=self.dist.device.type == "cuda")
+
+        model = ALBEF(self.cfg)
+        self.trainer = ALBEFPretrainer(model)
+        if r.model.init:
+            self.trainer.load_state_dict(load_checkpoint(r.model.init)["model"], strict=True)
+        self.trainer.to(self.dist.device)
+        if t.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if t.compile:
+            for m in (model.visual_encoder, model.text_encoder, self.trainer.model_m.visual_encoder,
+                      self.trainer.model_m.text_encoder):
+                m.compile()
+        self.ddp = (DistributedDataParallel(self.trainer, device_ids=[self.dist.local_rank]
+                                            if self.dist.device.type == "cuda" else None,
+                                            broadcast_buffers=False)  # queues stay equal via all-gather
+                    if self.dist.world_size > 1 else self.trainer)
+        self.optimizer = build_optimizer(model, t.lr, t.weight_decay)
+        cuda = self.dist.device.type == "cuda"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if cuda else None
+        if t.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be fp32, bf16 or fp16, not {t.precision!r}")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.precision == "fp16")
+        self.schedule = LRSchedule(t.lr, t.min_lr, t.warmup_lr, t.warmup_epochs, t.epochs, style=t.schedule,
+                                   warmup_steps=t.warmup_steps, steps_per_epoch=self.sampler.steps_per_epoch)
+        self.state = RunState()
+        if resume:
+            self._resume(self.out / CHECKPOINT_NAME if resume is True else Path(resume))
+        self.metrics = MetricsLogger(self.out, enabled=self.dist.is_main,
+                                     resume_step=self.state.global_step + 1 if resume else None)
+        self.bad_names: list[BadSample] = []
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _resume(self, path: Path) -> None:
+        if not path.exists():
+            if self.dist.is_main:
+                log.warning("no checkpoint at %s: starting from scratch", path)
+            return
+        ckpt = load_checkpoint(path)
+        if ckpt["model_config"] != self.cfg.to_dict():
+            raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
+        self.trainer.load_state_dict(ckpt["model"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = RunState(**ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        if self.dist.is_main:
+            log.info("resumed from %s at epoch %d step %d", path, self.state.epoch, self.state.step_in_epoch)
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint({"format": "albef-pretrain/1", "model": self.trainer.state_dict(),
+                             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                             "state": vars(self.state).copy(), "rng": rng_state(),
+                             "scheduler": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch},
+                             "recipe": self.recipe.to_dict(), "model_config": self.cfg.to_dict()},
+                            self.out / CHECKPOINT_NAME)
+        barrier()
+
+    # -- one optimizer step -----------------------------------------------------------------
+    def _step(self, micro_batches: list, epoch: int, step: int) -> dict[str, float]:
+        t, dev = self.recipe.train, self.dist.device
+        lr = self.schedule(epoch, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        alpha = alpha_at(t.alpha, epoch, step, self.sampler.steps_per_epoch, t.alpha_ramp_epochs)
+        feats_i, feats_t, sums = [], [], torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        for j, batch in enumerate(micro_batches):
+            batch = batch.to(dev, non_blocking=True)
+            seed = micro_seed(t.seed, epoch, step, self.dist.rank * t.grad_accum + j)
+            torch.manual_seed(seed)  # dropout
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            last = j == len(micro_batches) - 1
+            sync = self.ddp.no_sync() if (self.ddp is not self.trainer and not last) else nullcontext()
+            with sync, torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                out = self.ddp(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=gen,
+                               update_momentum=j == 0, enqueue=False)
+                self.scaler.scale(out.loss / len(micro_batches)).backward()
+            feats_i.append(out.image_feat_m)
+            feats_t.append(out.text_feat_m)
+            sums += torch.tensor([float(getattr(out, k).detach()) if getattr(out, k) is not None else 0.0
+                                  for k in LOSS_KEYS], dtype=torch.float64)
+        if t.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(), t.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.trainer.queue.enqueue(torch.cat(feats_i), torch.cat(feats_t))
+        losses = all_reduce_mean(sums / len(micro_batches))
+        return {**dict(zip(LOSS_KEYS, losses.tolist())), "lr": lr, "alpha": alpha}
+
+    def _account_bad(self, micro_batches: list) -> None:
+        d = self.recipe.data
+        new_bad = [b for mb in micro_batches for b in mb.bad]
+        counts = all_reduce_sum(torch.tensor([sum(mb.n_replaced for mb in micro_batches),
+                                              sum(len(mb.index) for mb in micro_batches)], dtype=torch.float64))
+        self.state.bad_seen += int(counts[0])
+        self.state.samples_seen += int(counts[1])
+        if all_reduce_sum(torch.tensor([float(len(new_bad))]))[0] > 0:
+            gathered: list[Any] = [new_bad]
+            if self.dist.enabled and self.dist.world_size > 1:
+                gathered = [None] * self.dist.world_size
+                dist.all_gather_object(gathered, new_bad)
+            names = [b for part in gathered for b in part]
+            self.bad_names += names
+            if self.dist.is_main:
+                with open(self.out / "bad_samples.txt", "a") as f:
+                    f.writelines(f"{b}\n" for b in names)
+                for b in names:
+                    tqdm.write(f"skipped bad sample {b}")
+        if self.state.samples_seen >= d.min_seen_for_bad_check:
+            check_bad_share(self.state.bad_seen, self.state.samples_seen, d.max_bad_fraction, self.bad_names,
+                            "images")
+
+    # -- the run ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        t, s = self.recipe.train, self.state
+        spe, accum = self.sampler.steps_per_epoch, t.grad_accum
+        total = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
+        bar = tqdm(total=total, initial=s.global_step, disable=not self.dist.is_main, desc="pretrain", unit="step",
+                   dynamic_ncols=True)
+        last: dict[str, float] = {}
+        tic, samples_since = time.perf_counter(), 0
+        self.trainer.train()
+        while s.epoch < t.epochs and s.global_step < total:
+            self.sampler.set_epoch(s.epoch, s.step_in_epoch)
+            self.dataset.set_epoch(s.epoch)
+            it = iter(self.loader)
+            while s.step_in_epoch < spe and s.global_step < total:
+                micro = [next(it) for _ in range(accum)]
+                self._account_bad(micro)
+                last = self._step(micro, s.epoch, s.step_in_epoch)
+                s.step_in_epoch += 1
+                s.global_step += 1
+                samples_since += self.sampler.global_batch
+                bar.update(1)
+                bar.set_postfix(itc=f"{last['loss_itc']:.3f}", itm=f"{last['loss_itm']:.3f}",
+                                mlm=f"{last['loss_mlm']:.3f}", lr=f"{last['lr']:.2e}", alpha=f"{last['alpha']:.2f}")
+                if s.global_step % t.log_every == 0 or s.step_in_epoch == spe:
+                    now = time.perf_counter()
+                    last["samples_per_s"] = samples_since / max(now - tic, 1e-9)
+                    tic, samples_since = now, 0
+                    self.metrics.log(s.global_step, {**last, "epoch": s.epoch, "bad_samples": s.bad_seen})
+                if t.checkpoint_every and s.global_step % t.checkpoint_every == 0:
+                    self.save()
+            if s.step_in_epoch >= spe:
+                s.epoch, s.step_in_epoch = s.epoch + 1, 0
+                self.save()
+        bar.close()
+        self.save()
+        self.metrics.close()
+        if self.dist.is_main and (self.out / "metrics.jsonl").exists():
+            try:
+                plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
+            except ValueError as e:  # no logged step yet
+                log.warning("no loss plot: %s", e)
+        return {"global_step": s.global_step, "epoch": s.epoch, "bad_samples": s.bad_seen,
+                "samples_seen": s.samples_seen, **last}
+

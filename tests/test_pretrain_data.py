@@ -1,0 +1,118 @@
+"""Pretraining data: annotation parsing, bad samples, the global-batch sampler, schedules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from albef.data.annotations import BadDataError, check_bad_share, read_annotations
+from albef.data.cli import write_shapes
+from albef.data.pretrain import PretrainCollator, PretrainDataset, parse_pretrain_entry
+from albef.data.sampler import GlobalBatchSampler
+from albef.data.transforms import test_transform as make_test_transform
+from albef.text import Tokenizer
+from albef.training.schedule import LRSchedule, alpha_at
+
+
+def test_annotations_skip_and_name_bad_entries(tmp_path):
+    good = tmp_path / "a.json"
+    good.write_text(json.dumps([
+        {"image": "x.png", "caption": "A dog!"},
+        {"image": "y.png", "caption": ["", "Two cats."]},
+        {"image": "z.png", "caption": "?!..."},       # empty after cleaning
+        {"caption": "no image"},                       # missing field
+        ["not", "an", "object"],
+        {"image": "w.png", "caption": 3},
+    ]))
+    lines = tmp_path / "b.jsonl"
+    lines.write_text('{"image": "p.png", "caption": "a bird"}\n{broken json\n\n{"image": "q.png", "caption": "a fish"}\n')
+    records, bad = read_annotations([good, lines], parse_pretrain_entry(str(tmp_path)))
+    assert [r.captions for r in records] == [("a dog",), ("two cats",), ("a bird",), ("a fish",)]
+    assert records[0].image == str(tmp_path / "x.png")
+    wheres = [b.where for b in bad]
+    assert wheres == [f"{good}[2]", f"{good}[3]", f"{good}[4]", f"{good}[5]", f"{lines}:2"]
+    assert "empty after cleaning" in bad[0].reason and "unreadable JSON line" in bad[4].reason
+    (tmp_path / "c.json").write_text("[{oops")
+    with pytest.raises(ValueError, match="c.json: not valid JSON"):
+        read_annotations(tmp_path / "c.json", parse_pretrain_entry(None))
+
+
+def test_bad_images_are_replaced_reported_and_limited(tmp_path):
+    path = write_shapes(tmp_path, n=6, image_size=16, corrupt=3)
+    records, bad = read_annotations(path, parse_pretrain_entry(str(tmp_path)))
+    assert not bad and len(records) == 9
+    ds = PretrainDataset(records, make_test_transform(16))
+    seen_bad, replaced = [], 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (3, 16, 16)
+        seen_bad += item["bad"]
+        replaced += bool(item["bad"])
+    assert replaced == 3
+    names = sorted({b.where for b in seen_bad})  # a replacement may hit another bad file: one report per read
+    assert names == sorted(str(tmp_path / f"images/{n}") for n in ("bad_000.png", "bad_001.png", "missing_002.png"))
+    assert any("truncated" in b.reason for b in seen_bad)
+    # the replacement is deterministic: loading again gives the same sample
+    assert torch.equal(ds[6]["image"], ds[6]["image"]) and ds[6]["index"] == ds[6]["index"]
+    with pytest.raises(BadDataError, match="3 of 9 images were bad(.|\n)*bad_000.png"):
+        check_bad_share(replaced, len(ds), 0.2, seen_bad, "images")
+    check_bad_share(replaced, len(ds), 0.5, seen_bad, "images")  # under the limit: fine
+
+
+def test_collate_pads_to_the_longest_caption(tmp_path):
+    path = write_shapes(tmp_path, n=4, image_size=16)
+    records, _ = read_annotations(path, parse_pretrain_entry(str(tmp_path)))
+    ds = PretrainDataset(records, make_test_transform(16))
+    batch = PretrainCollator(Tokenizer(), max_length=25)([ds[i] for i in range(4)])
+    longest = max(len(Tokenizer().encode(r.captions[0])) for r in records)
+    assert batch.input_ids.shape == (4, longest) and batch.images.shape == (4, 3, 16, 16)
+    assert batch.attention_mask.sum(1).tolist() == [len(Tokenizer().encode(r.captions[0])) for r in records]
+
+
+def test_accumulation_sees_what_the_ranks_see_together():
+    one = GlobalBatchSampler(40, micro_batch=3, world_size=1, rank=0, grad_accum=2, seed=7)
+    ranks = [GlobalBatchSampler(40, micro_batch=3, world_size=2, rank=r, grad_accum=1, seed=7) for r in range(2)]
+    assert one.steps_per_epoch == ranks[0].steps_per_epoch == 6
+    for epoch in (0, 1):
+        for s in [one, *ranks]:
+            s.set_epoch(epoch)
+        single = list(one)
+        per_rank = [list(s) for s in ranks]
+        for step in range(6):
+            assert single[2 * step] == per_rank[0][step] and single[2 * step + 1] == per_rank[1][step]
+    flat = [i for mb in single for i in mb]
+    assert len(set(flat)) == len(flat) == 36  # no repeats within an epoch; 4 dropped
+
+
+def test_sampler_resumes_mid_epoch_and_differs_across_epochs():
+    s = GlobalBatchSampler(50, micro_batch=5, seed=1)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_epoch(3, start_step=4)
+    assert list(s) == full[4:] and len(s) == len(full) - 4
+    s.set_epoch(4)
+    assert list(s) != full
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        GlobalBatchSampler(5, micro_batch=4, world_size=2)
+
+
+def test_authors_lr_schedule_step_by_step():
+    # configs/Pretrain.yaml: lr 1e-4, min 1e-5, warmup_lr 1e-5, warmup_epochs 20, epochs 30;
+    # the timm scheduler is stepped with i // 100 after iteration i in epoch 0, then per epoch.
+    s = LRSchedule(lr=1e-4, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=20, epochs=30)
+    expected = {(0, 0): 1e-5, (0, 100): 1e-5, (0, 101): 1.45e-5, (0, 1900): 9.1e-5, (0, 2000): 9.55e-5,
+                (0, 2001): 1e-4, (0, 9999): 1e-4, (1, 0): 9.97535e-5, (10, 5): 7.75e-5, (20, 0): 3.25e-5,
+                (29, 0): 1.02465e-5}
+    for (epoch, step), lr in expected.items():
+        assert s(epoch, step) == pytest.approx(lr, rel=1e-5), (epoch, step)
+    c = LRSchedule(lr=1e-3, min_lr=0.0, warmup_lr=0.0, epochs=2, style="cosine", warmup_steps=10, steps_per_epoch=50)
+    assert c(0, 5) == pytest.approx(5e-4) and c(0, 10) == pytest.approx(1e-3) and c(1, 49) < 1e-6
+
+
+def test_alpha_ramp():
+    assert alpha_at(0.4, 0, 0, 100) == 0 and alpha_at(0.4, 0, 50, 100) == pytest.approx(0.2)
+    assert alpha_at(0.4, 1, 0, 100) == 0.4 and alpha_at(0.4, 3, 7, 100) == 0.4
+    assert alpha_at(0.4, 1, 0, 100, ramp_epochs=2) == pytest.approx(0.2)  # LAVIS
+    assert alpha_at(0.4, 0, 0, 100, ramp_epochs=0) == 0.4

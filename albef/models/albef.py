@@ -98,6 +98,20 @@ class ALBEF(nn.Module):
         fused = self.encode_multimodal(input_ids, attention_mask, self.encode_image(images))
         return self.itm_logits(fused).softmax(-1)[:, 1]
 
+    # -- persistence (albef.hub) --------------------------------------------------------------
+    def save_pretrained(self, directory, tokenizer=None):
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``directory``."""
+        from albef.hub import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu", dtype=None) -> "ALBEF":
+        """Load a folder written by :meth:`save_pretrained` (strict)."""
+        from albef.hub import from_pretrained
+
+        return from_pretrained(directory, device, dtype)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.grad_checkpointing = enable
         self.text_encoder.grad_checkpointing = enable

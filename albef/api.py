@@ -1,0 +1,173 @@
+"""The high-level API: images and strings in, scores and maps out.
+
+Example:
+    >>> from albef import Pipeline
+    >>> pipe = Pipeline.from_pretrained("runs/main/model")                        # doctest: +SKIP
+    >>> pipe.similarity(["cat.png", "dog.png"], ["a cat", "a dog"])              # doctest: +SKIP
+    tensor([[0.41, 0.02], [0.05, 0.38]])
+    >>> pipe.retrieve("a cat", gallery=["cat.png", "dog.png", "car.png"], top=2)  # doctest: +SKIP
+    [RetrievalHit(index=0, itc=0.41, itm=0.97), RetrievalHit(index=2, itc=0.08, itm=0.03)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from albef.data.pretrain import load_image
+from albef.data.transforms import test_transform
+from albef.grounding import box_scores, gradcam_itm, upsample_heatmap
+from albef.models.albef import ALBEF
+from albef.text import TokenizedText, Tokenizer, clean_caption
+
+ImageLike = str | Path | Image.Image | Tensor
+
+
+class Processor:
+    """Turns images and strings into model inputs: the test transform, cleaning, tokenising."""
+
+    def __init__(self, image_size: int, tokenizer: Tokenizer | None = None, max_text_len: int = 30,
+                 cleaning: str = "albef"):
+        self.image_size = image_size
+        self.transform = test_transform(image_size)
+        self.tokenizer = tokenizer or Tokenizer()
+        self.max_text_len = max_text_len
+        self.cleaning = cleaning
+
+    @classmethod
+    def for_model(cls, model: ALBEF, directory: str | Path | None = None, max_text_len: int = 30) -> "Processor":
+        tok = Tokenizer.from_dir(directory) if directory else Tokenizer(add_sep=model.config.add_sep)
+        return cls(model.config.vision.image_size, tok, max_text_len, model.config.text_cleaning)
+
+    def load(self, image: ImageLike) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        try:
+            return load_image(str(image))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{image}: not a readable image ({type(e).__name__}: {e})") from e
+
+    def images(self, images: Sequence[ImageLike] | Tensor) -> Tensor:
+        """[B, 3, S, S] normalised pixels; a tensor is taken as already normalised."""
+        if isinstance(images, Tensor):
+            return images if images.dim() == 4 else images.unsqueeze(0)
+        return torch.stack([img if isinstance(img, Tensor) else self.transform(self.load(img)) for img in images])
+
+    def texts(self, texts: Sequence[str] | str) -> TokenizedText:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        cleaned = [clean_caption(t, self.cleaning, 30) for t in texts]
+        empty = [t for t, c in zip(texts, cleaned) if not c]
+        if empty:
+            raise ValueError(f"text is empty after cleaning: {empty[0]!r}")
+        return self.tokenizer(cleaned, max_length=self.max_text_len, padding="longest")
+
+
+@dataclass
+class RetrievalHit:
+    index: int  # position in the gallery
+    itc: float  # cosine similarity
+    itm: float | None  # ITM match probability (None in ITC-only mode)
+
+
+@dataclass
+class GroundingResult:
+    heatmap: Tensor  # [grid, grid] Grad-CAM on the patch grid
+    heatmap_image: Tensor  # [H, W] upsampled to the original image
+    box_scores: Tensor | None  # one score per given box
+    best_box: int | None  # index of the best box
+
+
+class Pipeline:
+    """A model and its processor on a device, with batched, gradient-free entry points."""
+
+    def __init__(self, model: ALBEF, processor: Processor | None = None, device: str | torch.device | None = None,
+                 batch_size: int = 64):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.processor = processor or Processor.for_model(model)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "Pipeline":
+        model = ALBEF.from_pretrained(directory, device="cpu", dtype=dtype)
+        return cls(model, Processor.for_model(model, directory), device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _pixels(self, images: Sequence[ImageLike] | Tensor) -> Tensor:
+        return self.processor.images(images).to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode_image(self, images: Sequence[ImageLike] | Tensor) -> Tensor:
+        """L2-normalised ITC embeddings [N, embed_dim]."""
+        px = self._pixels(images)
+        return torch.cat([self.model.image_feat(self.model.encode_image(px[i:i + self.batch_size]))
+                          for i in range(0, len(px), self.batch_size)])
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str] | str) -> Tensor:
+        """L2-normalised ITC embeddings [N, embed_dim]."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            t = self.processor.texts(texts[i:i + self.batch_size]).to(self.device)
+            out.append(self.model.text_feat(self.model.encode_text(t.input_ids, t.attention_mask)))
+        return torch.cat(out)
+
+    def similarity(self, images: Sequence[ImageLike] | Tensor, texts: Sequence[str] | str) -> Tensor:
+        """ITC cosine similarity of every image with every text: [N_images, N_texts]."""
+        return self.encode_image(images) @ self.encode_text(texts).T
+
+    @torch.inference_mode()
+    def match(self, images: Sequence[ImageLike] | Tensor, texts: Sequence[str] | str) -> Tensor:
+        """ITM match probability of each pair (image i, text i): [N]."""
+        px = self._pixels(images)
+        t = self.processor.texts(texts).to(self.device)
+        if len(px) != len(t.input_ids):
+            raise ValueError(f"match pairs images with texts one to one: got {len(px)} images, {len(t.input_ids)} texts")
+        probs = []
+        for i in range(0, len(px), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            fused = self.model.encode_multimodal(t.input_ids[sl], t.attention_mask[sl], self.model.encode_image(px[sl]))
+            probs.append(self.model.itm_logits(fused).float().softmax(-1)[:, 1])
+        return torch.cat(probs)
+
+    @torch.inference_mode()
+    def retrieve(self, query: str, gallery: Sequence[ImageLike] | Tensor, k: int = 16, top: int = 5,
+                 rerank: bool = True) -> list[RetrievalHit]:
+        """Text → image: ITC shortlist of ``k`` gallery images, re-ranked by ITM in one batch."""
+        px = self._pixels(gallery)
+        embeds = torch.cat([self.model.encode_image(px[i:i + self.batch_size]) for i in range(0, len(px), self.batch_size)])
+        t = self.processor.texts(query).to(self.device)
+        text_embeds = self.model.encode_text(t.input_ids, t.attention_mask)
+        sims = (self.model.image_feat(embeds) @ self.model.text_feat(text_embeds).T)[:, 0]
+        k = min(k, len(sims))
+        cand = sims.topk(k).indices
+        if not rerank:
+            return [RetrievalHit(int(i), float(sims[i]), None) for i in cand[:top]]
+        fused = self.model.fuse(text_embeds.expand(k, -1, -1), t.attention_mask.expand(k, -1), embeds[cand])
+        p = self.model.itm_logits(fused).float().softmax(-1)[:, 1]
+        order = p.argsort(descending=True)[:top]
+        return [RetrievalHit(int(cand[j]), float(sims[cand[j]]), float(p[j])) for j in order]
+
+    def ground(self, image: ImageLike, text: str, boxes: Tensor | Sequence[Sequence[float]] | None = None,
+               layer: int | None = None) -> GroundingResult:
+        """Grad-CAM of ``text`` on ``image`` (ITM mode) and, given boxes (x, y, w, h), the best one."""
+        pil = image if isinstance(image, Tensor) else self.processor.load(image)
+        px = self._pixels([pil])
+        t = self.processor.texts(text).to(self.device)
+        heat = gradcam_itm(self.model, px, t.input_ids, t.attention_mask, layer)[0].float()
+        H, W = (pil.shape[-2:] if isinstance(pil, Tensor) else (pil.height, pil.width))
+        heat_img = upsample_heatmap(heat, H, W)
+        if boxes is None:
+            return GroundingResult(heat.cpu(), heat_img.cpu(), None, None)
+        scores = box_scores(heat_img, torch.as_tensor(boxes, dtype=torch.float32))
+        return GroundingResult(heat.cpu(), heat_img.cpu(), scores.cpu(), int(scores.argmax()) if len(scores) else None)

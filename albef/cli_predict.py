@@ -1,0 +1,49 @@
+"""``albef predict``: score image–text pairs, or draw where the model looks for a phrase.
+
+    albef predict score --model DIR --image a.png --image b.png --text "a red circle" --text "a dog"
+    albef predict gradcam --model DIR --image a.png --text "a red circle" --out overlay.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from albef.api import Pipeline
+from albef.viz import overlay
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="albef predict", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("score", help="ITC cosine and ITM probability of every image with every text")
+    g = sub.add_parser("gradcam", help="Grad-CAM overlay PNG of a phrase on an image")
+    for q in (s, g):
+        q.add_argument("--model", required=True, help="albef model folder (albef convert / a training run)")
+        q.add_argument("--image", action="append", required=True)
+        q.add_argument("--text", action="append", required=True)
+        q.add_argument("--device")
+    g.add_argument("--out", required=True, help="output PNG")
+    g.add_argument("--layer", type=int, help="fusion layer whose cross-attention is used (default: the third)")
+    g.add_argument("--box", action="append", help="candidate box x,y,w,h (repeatable): the best is drawn in green")
+    args = p.parse_args(argv)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    if args.what == "score":
+        sims = pipe.similarity(args.image, args.text)
+        print(f"{'image':30s} {'text':40s} {'itc':>7s} {'itm':>7s}")
+        for i, img in enumerate(args.image):
+            probs = pipe.match([img] * len(args.text), args.text)
+            for j, txt in enumerate(args.text):
+                print(f"{str(img)[-30:]:30s} {txt[:40]:40s} {sims[i, j].item():7.3f} {probs[j].item():7.3f}")
+        return 0
+    boxes = [tuple(float(v) for v in b.split(",")) for b in args.box or []]
+    if any(len(b) != 4 for b in boxes):
+        p.error("--box takes x,y,w,h")
+    res = pipe.ground(args.image[0], args.text[0], boxes or None, args.layer)
+    overlay(pipe.processor.load(args.image[0]), res.heatmap_image, boxes=boxes, highlight=res.best_box).save(args.out)
+    print(f"wrote {args.out}" + (f"; best box {res.best_box}: {boxes[res.best_box]}" if boxes else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Loading the authors' checkpoints and third-party initialisations, strictly, with a report.
+
+Every tensor of the source is either loaded, converted (renamed, resized, folded), dropped by a
+named rule of an explicit allow-list, or it is an error that names it; every tensor of the
+target is either loaded or initialised by a named rule, or it is an error. Files are read with
+``weights_only=True``: a checkpoint is a pickle, and nothing in it is ever executed.
+
+Example:
+    >>> from albef.loading import load_authors_checkpoint
+    >>> model = ALBEF(get_preset("albef-base"))                                  # doctest: +SKIP
+    >>> report = load_authors_checkpoint(model, "ALBEF.pth"); print(report)        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from albef.convert import from_authors, unwrap_checkpoint
+from albef.models.albef import ALBEF
+from albef.models.vit import resize_pos_embed
+from albef.training.checkpoint import load_checkpoint
+from albef.training.pretrain import ALBEFPretrainer
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint that does not fit the model; the message names every offending key."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did, key by key (keys in the target's names)."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)  # source key -> allow-list rule
+    initialised: dict[str, str] = field(default_factory=dict)  # target key -> how
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
+        if self.resized:
+            lines.append(f"  resized: {', '.join(self.resized)}")
+        for title, d in (("dropped", self.dropped), ("initialised", self.initialised)):
+            by_rule: dict[str, list[str]] = {}
+            for k, why in d.items():
+                by_rule.setdefault(why, []).append(k)
+            for why, keys in by_rule.items():
+                lines.append(f"  {title} {len(keys)} ({why}): {_abbrev(keys)}")
+        return "\n".join(lines)
+
+
+def _abbrev(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a ``.pth``/``.pt`` (wrapped ``{"model": ...}`` or bare) or ``.safetensors``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found")
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointLoadError(f"{path}: not a readable safetensors file ({e})") from e
+    obj = load_checkpoint(path)
+    return unwrap_checkpoint(obj, str(path))
+
+
+# Rules of the allow-lists: the source keys a target may legitimately not have.
+TRAINING_STATE = "momentum copies and queues are training state; this target has none"
+NO_MLM_HEAD = "MLM head: this target was built without one"
+UNUSED_TOKEN_TYPE = "token-type table: this target has none (LAVIS layout)"
+
+
+def load_albef(target: ALBEF | ALBEFPretrainer, state_dict: dict[str, Tensor], source: str = "state dict"
+               ) -> LoadReport:
+    """Load an authors' pretraining/retrieval/grounding state dict (or one of ours) strictly.
+
+    ``target`` is an inference :class:`ALBEF` or a training :class:`ALBEFPretrainer`. For a
+    trainer, missing momentum copies are initialised from the loaded student (after loading, the
+    order the authors' NLVR2 script got wrong) and missing queues keep their random init.
+    """
+    converted = from_authors(state_dict) if not _is_ours(state_dict) else dict(state_dict)
+    trainer = target if isinstance(target, ALBEFPretrainer) else None
+    expected = {k: v for k, v in (target.state_dict() if trainer else
+                                  {"model." + k: v for k, v in target.state_dict().items()}).items()}
+    report = LoadReport(source)
+    to_load: dict[str, Tensor] = {}
+    errors: list[str] = []
+    for key, value in converted.items():
+        if key not in expected:
+            rule = _drop_rule(key, trainer is not None)
+            if rule is None:
+                errors.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): the model has no such tensor")
+            else:
+                report.dropped[key] = rule
+            continue
+        want = expected[key]
+        if value.shape != want.shape:
+            if key.endswith("visual_encoder.pos_embed") and value.shape[-1] == want.shape[-1]:
+                value = resize_pos_embed(value.to(torch.float32 if value.dtype == torch.float16 else value.dtype),
+                                         want.shape[-2] - 1)
+                report.resized.append(f"{key} {tuple(converted[key].shape)} -> {tuple(want.shape)}")
+            else:
+                errors.append(f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(want.shape)}")
+                continue
+        to_load[key] = value
+    missing = [k for k in expected if k not in to_load]
+    momentum_missing = trainer is not None and any(k.startswith("model_m.") for k in missing)
+    for key in missing:
+        how = _init_rule(key, momentum_missing)
+        if how is None:
+            errors.append(f"missing key {key!r} (shape {tuple(expected[key].shape)}): not in the checkpoint")
+        else:
+            report.initialised[key] = how
+    if errors:
+        hint = ""
+        if all("mlm_head." in e for e in errors if e.startswith("missing")) and any(e.startswith("missing") for e in errors):
+            hint = "\n(a fine-tuned checkpoint has no MLM head: build the model with ALBEF(config, mlm_head=False))"
+        raise CheckpointLoadError(f"{source} does not fit the model:\n  " + "\n  ".join(errors) + hint)
+    with torch.no_grad():
+        for key, value in to_load.items():
+            expected[key].copy_(value)
+    if momentum_missing:
+        trainer.copy_params()
+    if "model.text_encoder.embeddings.token_type_embeddings.weight" in report.initialised:
+        target_model = trainer.model if trainer else target
+        target_model.text_encoder.embeddings.token_type_embeddings.weight.data.zero_()
+        if trainer:
+            trainer.model_m.text_encoder.embeddings.token_type_embeddings.weight.data.zero_()
+    report.loaded = sorted(to_load)
+    return report
+
+
+def _is_ours(sd: dict[str, Tensor]) -> bool:
+    return any(k.startswith(("model.", "model_m.", "queue.")) for k in sd)
+
+
+def _drop_rule(key: str, is_trainer: bool) -> str | None:
+    if not is_trainer and key.startswith(("model_m.", "queue.")):
+        return TRAINING_STATE
+    if key.startswith(("model.mlm_head.", "model_m.mlm_head.")):
+        return NO_MLM_HEAD
+    if key.endswith("embeddings.token_type_embeddings.weight"):
+        return UNUSED_TOKEN_TYPE
+    return None
+
+
+def _init_rule(key: str, momentum_missing: bool) -> str | None:
+    if key.startswith("model_m.") and momentum_missing:
+        return "momentum copy set equal to the loaded student"
+    if key.startswith("queue.idx_queue"):
+        return "image-id queue starts empty (-100), as the authors' fine-tuning does"
+    if key.startswith("queue."):
+        return "feature queues keep their random unit-norm init, as the authors' fine-tuning does"
+    if key.endswith("embeddings.token_type_embeddings.weight"):
+        return "token-type table set to zero (a LAVIS-layout checkpoint has none: this reproduces it)"
+    return None
+
+
+def load_authors_checkpoint(target: ALBEF | ALBEFPretrainer, path: str | Path) -> LoadReport:
+    """:func:`read_state_dict` then :func:`load_albef`."""
+    return load_albef(target, read_state_dict(path), str(path))
+
+
+# -- third-party initialisations ---------------------------------------------------------------
+
+def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -> LoadReport:
+    """Start the text side from a local Hugging Face BERT folder (no network).
+
+    ``folder`` holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``. BERT
+    layer ``i`` fills text layer ``i`` (for fusion layers: self-attention and feed-forward; their
+    cross-attention stays freshly initialised, as in the paper). Word, position and token-type
+    tables are taken as they are; a ``cls.predictions`` head, if present, fills the MLM head;
+    the pooler and NSP head are dropped.
+    """
+    folder = Path(folder)
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (a Hugging Face BERT folder)")
+    sd = read_state_dict(weights)
+    target = model.text_encoder.state_dict()
+    report = LoadReport(str(weights))
+    to_load, errors = {}, []
+    for key, value in sd.items():
+        k = key.removeprefix("bert.")
+        if k.startswith("cls.predictions.") and model.mlm_head is not None:
+            name = k.removeprefix("cls.predictions.")
+            if name in ("decoder.weight", "decoder.bias"):
+                report.dropped[key] = "MLM decoder tied to the word embeddings / predictions.bias"
+                continue
+            k = "mlm_head." + name
+        elif k.startswith(("pooler.", "cls.")) or k.endswith("position_ids"):
+            report.dropped[key] = "pooler / pretraining heads / position ids: not part of ALBEF"
+            continue
+        if k.startswith("mlm_head."):
+            tgt = model.mlm_head.state_dict().get(k.removeprefix("mlm_head."))
+        else:
+            tgt = target.get(k)
+        if tgt is None:
+            if ".layer." in k:
+                report.dropped[key] = "a layer beyond this model's depth"
+            elif k.endswith("token_type_embeddings.weight"):
+                report.dropped[key] = UNUSED_TOKEN_TYPE
+            else:
+                errors.append(f"unexpected key {key!r}")
+            continue
+        if tgt.shape != value.shape:
+            errors.append(f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(tgt.shape)}")
+            continue
+        to_load[k] = value
+    if errors and strict_shapes:
+        raise CheckpointLoadError(f"{weights} does not fit the text encoder:\n  " + "\n  ".join(errors))
+    with torch.no_grad():
+        for k, v in to_load.items():
+            (model.mlm_head.state_dict() if k.startswith("mlm_head.") else target)[k.removeprefix("mlm_head.")].copy_(v)
+    for k in target:
+        if k not in to_load:
+            report.initialised["text_encoder." + k] = ("fresh cross-attention (the paper's init)"
+                                                       if ".crossattention." in k else "fresh: not in the checkpoint")
+    report.loaded = sorted(to_load)
+    return report
+
+
+def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:
+    """Start the image encoder from a timm/DeiT ViT state dict (``.pth`` or ``.safetensors``).
+
+    The classification head (and DeiT's distillation head) are dropped; ``pos_embed`` is resized
+    bicubically to the model's patch grid.
+    """
+    sd = read_state_dict(path)
+    vit = model.visual_encoder
+    target = vit.state_dict()
+    report = LoadReport(str(path))
+    to_load, errors = {}, []
+    for key, value in sd.items():
+        k = key.removeprefix("visual_encoder.")
+        if k.startswith(("head.", "head_dist.", "fc_norm.", "pre_logits.")):
+            report.dropped[key] = "classification head: not part of ALBEF"
+            continue
+        if k == "dist_token":
+            errors.append("dist_token: a distilled DeiT has two extra tokens; use the non-distilled DeiT-B/16")
+            continue
+        if k not in target:
+            errors.append(f"unexpected key {key!r}")
+            continue
+        if k == "pos_embed" and value.shape != target[k].shape and value.shape[-1] == target[k].shape[-1]:
+            value = resize_pos_embed(value, target[k].shape[-2] - 1)
+            report.resized.append(f"pos_embed -> {tuple(target[k].shape)}")
+        if value.shape != target[k].shape:
+            errors.append(f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(target[k].shape)}")
+            continue
+        to_load[k] = value
+    missing = [k for k in target if k not in to_load]
+    errors += [f"missing key 'visual_encoder.{k}'" for k in missing]
+    if errors:
+        raise CheckpointLoadError(f"{path} does not fit the image encoder:\n  " + "\n  ".join(errors))
+    vit.load_state_dict(to_load, strict=True)
+    report.loaded = sorted(to_load)
+    return report
+

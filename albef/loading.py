@@ -13,14 +13,18 @@ Example:
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from albef.convert import from_authors, unwrap_checkpoint
 from albef.models.albef import ALBEF
+from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
+from albef.training.momentum import copy_student_to_teacher
 from albef.models.vit import resize_pos_embed
 from albef.training.checkpoint import load_checkpoint
 from albef.training.pretrain import ALBEFPretrainer
@@ -79,24 +83,34 @@ NO_MLM_HEAD = "MLM head: this target was built without one"
 UNUSED_TOKEN_TYPE = "token-type table: this target has none (LAVIS layout)"
 
 
-def load_albef(target: ALBEF | ALBEFPretrainer, state_dict: dict[str, Tensor], source: str = "state dict"
-               ) -> LoadReport:
-    """Load an authors' pretraining/retrieval/grounding state dict (or one of ours) strictly.
+PRETRAIN_HEADS = "pretraining heads and training state: not part of this task model"
 
-    ``target`` is an inference :class:`ALBEF` or a training :class:`ALBEFPretrainer`. For a
-    trainer, missing momentum copies are initialised from the loaded student (after loading, the
-    order the authors' NLVR2 script got wrong) and missing queues keep their random init.
+
+def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "state dict") -> LoadReport:
+    """Load an authors' state dict (or one of ours) into a model or trainer, strictly.
+
+    ``target``: an inference model (:class:`ALBEF`, :class:`ALBEFForVQA`,
+    :class:`ALBEFForClassification`) or a trainer holding ``model`` and ``model_m``
+    (:class:`ALBEFPretrainer`, the fine-tuning trainers). A task model also accepts a
+    *pretrained* checkpoint, converted the authors' way: the VQA decoder built from the fusion
+    layers and the MLM head, the NLVR2 fusion layers duplicated, the pretraining heads dropped and
+    the classifier head fresh. Missing momentum copies are set equal to the loaded student
+    (after loading: the order the authors' NLVR2 script got wrong).
     """
     converted = from_authors(state_dict) if not _is_ours(state_dict) else dict(state_dict)
-    trainer = target if isinstance(target, ALBEFPretrainer) else None
-    expected = {k: v for k, v in (target.state_dict() if trainer else
-                                  {"model." + k: v for k, v in target.state_dict().items()}).items()}
+    trainer = target if hasattr(target, "model_m") else None
+    student = trainer.model if trainer else target
+    expected = target.state_dict() if trainer else {"model." + k: v for k, v in target.state_dict().items()}
+    is_task = isinstance(student, (ALBEFForVQA, ALBEFForClassification))
+    from_pretraining = is_task and not any(k.startswith(("model.text_decoder.", "model.cls_head.")) for k in converted)
+    if from_pretraining:
+        converted = expand_pretrained_for_task(converted, student)
     report = LoadReport(source)
     to_load: dict[str, Tensor] = {}
     errors: list[str] = []
     for key, value in converted.items():
         if key not in expected:
-            rule = _drop_rule(key, trainer is not None)
+            rule = _drop_rule(key, trainer is not None, from_pretraining)
             if rule is None:
                 errors.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): the model has no such tensor")
             else:
@@ -115,7 +129,7 @@ def load_albef(target: ALBEF | ALBEFPretrainer, state_dict: dict[str, Tensor], s
     missing = [k for k in expected if k not in to_load]
     momentum_missing = trainer is not None and any(k.startswith("model_m.") for k in missing)
     for key in missing:
-        how = _init_rule(key, momentum_missing)
+        how = _init_rule(key, momentum_missing, from_pretraining)
         if how is None:
             errors.append(f"missing key {key!r} (shape {tuple(expected[key].shape)}): not in the checkpoint")
         else:
@@ -128,22 +142,60 @@ def load_albef(target: ALBEF | ALBEFPretrainer, state_dict: dict[str, Tensor], s
     with torch.no_grad():
         for key, value in to_load.items():
             expected[key].copy_(value)
+        for key, how in report.initialised.items():
+            if key.endswith("token_type_embeddings.weight"):
+                expected[key].zero_()
     if momentum_missing:
-        trainer.copy_params()
-    if "model.text_encoder.embeddings.token_type_embeddings.weight" in report.initialised:
-        target_model = trainer.model if trainer else target
-        target_model.text_encoder.embeddings.token_type_embeddings.weight.data.zero_()
-        if trainer:
-            trainer.model_m.text_encoder.embeddings.token_type_embeddings.weight.data.zero_()
+        copy_student_to_teacher(trainer.model, trainer.model_m)
     report.loaded = sorted(to_load)
     return report
+
+
+def expand_pretrained_for_task(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A pretrained state dict (our key names) -> the layout of a VQA or NLVR2 model.
+
+    VQA: fusion layer ``f + i`` becomes decoder layer ``i`` (whole: self-attention,
+    cross-attention, feed-forward), the text embeddings become the decoder's, and the MLM head
+    the decoder head (for the momentum twins too). NLVR2: fusion layer ``N`` becomes layers
+    ``f + 2(N − f)`` and ``f + 2(N − f) + 1``. SNLI-VE uses the layout as it is.
+    """
+    out = dict(sd)
+    if isinstance(model, ALBEFForVQA):
+        f = model.config.text.fusion_layer
+        for key, value in sd.items():
+            for twin in ("model.", "model_m."):
+                enc = twin + "text_encoder."
+                if key.startswith(enc + "encoder.layer."):
+                    n, rest = key.removeprefix(enc + "encoder.layer.").split(".", 1)
+                    if int(n) >= f:
+                        out[f"{twin}text_decoder.encoder.layer.{int(n) - f}.{rest}"] = value
+                elif key.startswith(enc + "embeddings."):
+                    out[twin + "text_decoder." + key.removeprefix(enc)] = value
+                elif key.startswith(twin + "mlm_head."):
+                    out[twin + "decoder_head." + key.removeprefix(twin + "mlm_head.")] = out.pop(key)
+    elif isinstance(model, ALBEFForClassification) and model.num_images == 2:
+        f = model.config.text.fusion_layer
+        out = {}
+        for key, value in sd.items():
+            m = re.match(r"^(model_?m?\.text_encoder\.encoder\.layer\.)(\d+)\.(.*)$", key)
+            if m and int(m.group(2)) >= f:
+                n = int(m.group(2))
+                for j in (0, 1):
+                    out[f"{m.group(1)}{f + 2 * (n - f) + j}.{m.group(3)}"] = value
+            else:
+                out[key] = value
+    return out
 
 
 def _is_ours(sd: dict[str, Tensor]) -> bool:
     return any(k.startswith(("model.", "model_m.", "queue.")) for k in sd)
 
 
-def _drop_rule(key: str, is_trainer: bool) -> str | None:
+def _drop_rule(key: str, is_trainer: bool, from_pretraining: bool = False) -> str | None:
+    if from_pretraining and (key.startswith("queue.") or any(
+            key.startswith(f"{t}{h}.") for t in ("model.", "model_m.")
+            for h in ("vision_proj", "text_proj", "itm_head", "mlm_head", "temp")) or key == "model.temp"):
+        return PRETRAIN_HEADS
     if not is_trainer and key.startswith(("model_m.", "queue.")):
         return TRAINING_STATE
     if key.startswith(("model.mlm_head.", "model_m.mlm_head.")):
@@ -153,9 +205,11 @@ def _drop_rule(key: str, is_trainer: bool) -> str | None:
     return None
 
 
-def _init_rule(key: str, momentum_missing: bool) -> str | None:
+def _init_rule(key: str, momentum_missing: bool, from_pretraining: bool = False) -> str | None:
     if key.startswith("model_m.") and momentum_missing:
         return "momentum copy set equal to the loaded student"
+    if from_pretraining and ".cls_head." in key:
+        return "task head: fresh (trained in fine-tuning)"
     if key.startswith("queue.idx_queue"):
         return "image-id queue starts empty (-100), as the authors' fine-tuning does"
     if key.startswith("queue."):

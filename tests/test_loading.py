@@ -16,6 +16,7 @@ from albef.convert import to_authors
 from albef.loading import CheckpointLoadError, load_albef, load_authors_checkpoint, load_hf_bert, read_state_dict
 from albef.models.albef import ALBEF
 from albef.parity import config_from_parity
+from albef.training.momentum import copy_student_to_teacher
 from albef.training.pretrain import ALBEFPretrainer
 
 from conftest import text_batch
@@ -201,7 +202,7 @@ def test_pretraining_from_minilm_runs():
     model = ALBEF(cfg)
     load_hf_bert(model, _minilm_dir())
     trainer = ALBEFPretrainer(model)
-    trainer.copy_params()
+    copy_student_to_teacher(trainer.model, trainer.model_m)
     ids, mask = text_batch(2, 9)
     out = trainer(torch.randn(2, 3, 32, 32), ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(0))
     out.loss.backward()

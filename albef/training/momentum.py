@@ -37,6 +37,14 @@ def momentum_update(student: nn.Module, teacher: nn.Module, momentum: float) -> 
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
 
+@torch.no_grad()
+def copy_student_to_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Set every teacher parameter equal to the student's parameter of the same name."""
+    params = dict(student.named_parameters())
+    for name, p in teacher.named_parameters():
+        p.copy_(params[name])
+
+
 def all_gather_cat(x: Tensor) -> Tensor:
     """Concatenate ``x`` from every rank along dim 0 (identity without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -95,13 +95,6 @@ class ALBEFPretrainer(nn.Module):
         self.mlm_probability = cfg.mlm_probability
         self.hard_negative_eps = hard_negative_eps
 
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Set the teacher equal to the student (after loading student-only weights)."""
-        student = dict(self.model.named_parameters())
-        for name, p in self.model_m.named_parameters():
-            p.copy_(student[name])
-
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
                 idx: Tensor | None = None, draws: PretrainDraws | None = None,
                 generator: torch.Generator | None = None, update_momentum: bool = True,

@@ -2,6 +2,7 @@
 
     albef predict score --model DIR --image a.png --image b.png --text "a red circle" --text "a dog"
     albef predict gradcam --model DIR --image a.png --text "a red circle" --out overlay.png
+    albef predict answer --model VQA_DIR --image a.png --question "what color is it?" --answers answers.json
 """
 
 from __future__ import annotations
@@ -26,7 +27,27 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", required=True, help="output PNG")
     g.add_argument("--layer", type=int, help="fusion layer whose cross-attention is used (default: the third)")
     g.add_argument("--box", action="append", help="candidate box x,y,w,h (repeatable): the best is drawn in green")
+    a = sub.add_parser("answer", help="answer a question about an image from an answer list (a VQA model)")
+    a.add_argument("--model", required=True, help="a VQA model folder")
+    a.add_argument("--image", required=True)
+    a.add_argument("--question", required=True)
+    a.add_argument("--answers", required=True, help="JSON list of candidate answers (answer_list.json)")
+    a.add_argument("--k", type=int, default=128, help="first-token shortlist size")
+    a.add_argument("--device")
     args = p.parse_args(argv)
+    if args.what == "answer":
+        import json
+        from pathlib import Path
+
+        from albef.api import VQAPipeline
+
+        answers = json.loads(Path(args.answers).read_text())
+        vqa = VQAPipeline.from_pretrained(args.model, device=args.device, answer_list=answers, k=args.k)
+        res = vqa.answer([args.image], [args.question])[0]
+        print(res.answer)
+        for ans, score in res.candidates[:5]:
+            print(f"  {score:7.4f}  {ans}")
+        return 0
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     if args.what == "score":
         sims = pipe.similarity(args.image, args.text)

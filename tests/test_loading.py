@@ -207,3 +207,46 @@ def test_pretraining_from_minilm_runs():
     out = trainer(torch.randn(2, 3, 32, 32), ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.text_encoder.embeddings.word_embeddings.weight.grad is not None
+
+
+@pytest.mark.parametrize("task", ["ve", "nlvr", "vqa"])
+def test_converted_task_checkpoints_reproduce_the_reference_outputs(parity_dir, tmp_path, task):
+    from albef.hub import from_pretrained
+    from albef.models.tasks import rank_answers
+
+    assert cli_main(["convert", str(parity_dir / f"{task}_state_dict.pt"), str(tmp_path / task), "--preset",
+                     "albef-tiny", "--vision-heads", "4", "--text-heads", "4"]) == 0
+    model = from_pretrained(tmp_path / task).double()
+    io = torch.load(parity_dir / f"{task}_io.pt", weights_only=True)
+    inp = io["inputs"]
+    with torch.no_grad():
+        if task == "vqa":
+            q = model.encode_question(inp["image"], inp["question_input_ids"], inp["question_attention_mask"])
+            r = rank_answers(model, q, inp["question_attention_mask"], inp["answer_list_input_ids"],
+                             inp["answer_list_attention_mask"], int(inp["k_test"]))
+            assert r["ranked_ids"].tolist() == io["rank"]["official_formula"]["rerank_answer_idx"].tolist()
+            torch.testing.assert_close(q, io["train"]["outputs"]["question_states"], rtol=1e-9, atol=1e-9)
+        else:
+            images = inp["image"] if task == "ve" else [inp["image0"], inp["image1"]]
+            logits = model(images, inp["input_ids"], inp["attention_mask"])
+            torch.testing.assert_close(logits, io["outputs"]["logits"], rtol=1e-9, atol=1e-9)
+
+
+def test_timm_vit_initialisation(tiny_config, tmp_path):
+    from albef.loading import load_timm_vit
+    from albef.models.vit import VisionTransformer, resize_pos_embed
+
+    cfg64 = tiny_config.vision.__class__(**{**tiny_config.vision.__dict__, "image_size": 64})
+    source = VisionTransformer(cfg64).state_dict()  # weights made for 64 px
+    timm_sd = {**source, "head.weight": torch.zeros(1000, 32), "head.bias": torch.zeros(1000)}
+    torch.save(timm_sd, tmp_path / "deit.pth")
+    model = ALBEF(tiny_config)  # runs at 32 px
+    report = load_timm_vit(model, tmp_path / "deit.pth")
+    assert report.dropped == {"head.weight": "classification head: not part of ALBEF",
+                              "head.bias": "classification head: not part of ALBEF"}
+    vit = model.visual_encoder.state_dict()
+    assert torch.equal(vit["blocks.1.mlp.fc2.weight"], source["blocks.1.mlp.fc2.weight"])
+    torch.testing.assert_close(vit["pos_embed"], resize_pos_embed(source["pos_embed"], 16))
+    torch.save({**timm_sd, "dist_token": torch.zeros(1, 1, 32)}, tmp_path / "distilled.pth")
+    with pytest.raises(CheckpointLoadError, match="distilled DeiT"):
+        load_timm_vit(model, tmp_path / "distilled.pth")

@@ -9,7 +9,9 @@ COMMANDS = {
     "parity": ("albef.parity", "recompute reference test vectors and compare"),
     "demo": ("albef.demo", "short pretraining run on generated data, then zero-shot retrieval"),
     "bench": ("albef.bench", "time one full pretraining step (forward, backward, AdamW)"),
-    "pretrain": ("albef.cli_pretrain", "pretrain from a YAML recipe (one process or torchrun)"),
+    "pretrain": ("albef.cli_train", "pretrain from a YAML recipe (one process or torchrun)"),
+    "finetune": ("albef.cli_train:finetune", "fine-tune (retrieval, grounding) from a YAML recipe"),
+    "evaluate": ("albef.cli_evaluate", "evaluate retrieval or grounding"),
     "data": ("albef.data.cli", "build data sets in the authors' JSON formats"),
     "convert": ("albef.cli_convert", "an authors' checkpoint (.pth) -> an albef model folder"),
     "predict": ("albef.cli_predict", "score image-text pairs, or a Grad-CAM overlay PNG"),
@@ -22,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: albef COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    module_name, _, func = COMMANDS[argv[0]][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func or "main")(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,13 @@ def _abbrev(keys: list[str], n: int = 3) -> str:
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of a ``.pth``/``.pt`` (wrapped ``{"model": ...}`` or bare) or ``.safetensors``."""
+    """The tensors of a ``.pth``/``.pt`` (wrapped ``{"model": ...}`` or bare), a ``.safetensors``
+    file, or an albef model folder (its keys then carry our ``model.`` prefix)."""
     path = Path(path)
+    if path.is_dir():
+        from albef.hub import WEIGHTS
+
+        return {"model." + k: v for k, v in read_state_dict(path / WEIGHTS).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -65,10 +65,12 @@ class TrainSection:
     checkpoint_every: int = 1000  # optimizer steps; 0: only at the end of each epoch
     log_every: int = 50
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
+    hard_negative_eps: float | None = None  # None: the task's (pretraining 0, retrieval 1e-4)
 
 
 @dataclass
 class PretrainRecipe:
+    task: str = "pretrain"  # pretrain | retrieval | grounding
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)

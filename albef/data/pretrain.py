@@ -111,6 +111,7 @@ class PretrainBatch:
     index: Tensor  # dataset index of each sample
     bad: list[BadSample] = field(default_factory=list)  # every failed read, replacements' included
     n_replaced: int = 0  # samples of this batch whose own image failed (what the bad share counts)
+    idx: Tensor | None = None  # image ids (retrieval fine-tuning)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PretrainBatch":
         return PretrainBatch(self.images.to(device, non_blocking=non_blocking),
@@ -129,4 +130,5 @@ class PretrainCollator:
         text = self.tokenizer([it["caption"] for it in items], max_length=self.max_length, padding="longest")
         return PretrainBatch(torch.stack([it["image"] for it in items]), text.input_ids, text.attention_mask,
                              torch.tensor([it["index"] for it in items]), [b for it in items for b in it["bad"]],
-                             sum(1 for it in items if it["bad"]))
+                             sum(1 for it in items if it["bad"]),
+                             torch.tensor([it["idx"] for it in items]) if "idx" in items[0] else None)

@@ -24,21 +24,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from albef.config import ALBEFConfig
-from albef.data.annotations import BadSample, check_bad_share, read_annotations
-from albef.data.pretrain import PretrainCollator, PretrainDataset, parse_pretrain_entry
+from albef.data.annotations import BadSample, check_bad_share
 from albef.data.sampler import GlobalBatchSampler
 from albef.data.transforms import train_transform
-from albef.models.albef import ALBEF
 from albef.recipes import PretrainRecipe
 from albef.text import Tokenizer
 from albef.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from albef.training.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from albef.loading import load_albef, read_state_dict
 from albef.training.metrics import MetricsLogger, plot_losses
-from albef.training.pretrain import ALBEFPretrainer
 from albef.training.schedule import LRSchedule, alpha_at
+from albef.training.tasks import get_task
 
 log = logging.getLogger("albef.train")
-LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -68,7 +66,7 @@ class RunState:
     bad_seen: int = 0
 
 
-def load_trainer_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> ALBEFPretrainer:
+def load_trainer_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the student, teacher and queues of a run from its checkpoint.
 
     Example:
@@ -76,7 +74,8 @@ def load_trainer_from_checkpoint(path: str | Path, device: str | torch.device = 
         >>> model = trainer.model.eval()                                                 # doctest: +SKIP
     """
     ckpt = load_checkpoint(path)
-    trainer = ALBEFPretrainer(ALBEF(ALBEFConfig.from_dict(ckpt["model_config"])))
+    recipe = PretrainRecipe.from_dict(ckpt["recipe"])
+    trainer = get_task(recipe.task).build_trainer(ALBEFConfig.from_dict(ckpt["model_config"]), recipe)
     trainer.load_state_dict(ckpt["model"], strict=True)
     return trainer.to(device)
 
@@ -96,14 +95,14 @@ class PretrainRun:
         cleaning = d.text_cleaning or self.cfg.text_cleaning
         self.tokenizer = Tokenizer(add_sep=self.cfg.add_sep)
 
-        records, self.ann_bad = read_annotations(d.train_files, parse_pretrain_entry(d.image_root, d.max_words, cleaning))
-        n_entries = len(records) + len(self.ann_bad)
+        self.task = get_task(r.task)
+        transform = train_transform(self.cfg.vision.image_size, tuple(d.crop_scale), d.randaugment)
+        self.dataset, collate, self.ann_bad = self.task.build_dataset(r, self.cfg, transform, self.tokenizer, cleaning)
+        n_entries = len(self.dataset) + len(self.ann_bad)
         if self.dist.is_main:
             for b in self.ann_bad[:20]:
                 log.warning("skipped annotation %s", b)
         check_bad_share(len(self.ann_bad), n_entries, d.max_bad_fraction, self.ann_bad, "annotation entries")
-        self.dataset = PretrainDataset(records, train_transform(self.cfg.vision.image_size, tuple(d.crop_scale),
-                                                                d.randaugment), seed=t.seed)
         self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.dist.world_size, self.dist.rank,
                                           t.grad_accum, t.seed)
         G = self.sampler.global_batch
@@ -112,13 +111,15 @@ class PretrainRun:
                              f"({t.batch_size} per rank x {self.dist.world_size} ranks x {t.grad_accum} "
                              "accumulation steps); change one of them")
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
-                                 collate_fn=PretrainCollator(self.tokenizer, self.cfg.max_text_len),
+                                 collate_fn=collate,
                                  pin_memory=self.dist.device.type == "cuda")
 
-        model = ALBEF(self.cfg)
-        self.trainer = ALBEFPretrainer(model)
+        self.trainer = self.task.build_trainer(self.cfg, r)
+        model = self.trainer.model
         if r.model.init:
-            self.trainer.load_state_dict(load_checkpoint(r.model.init)["model"], strict=True)
+            self.init_report = load_albef(self.trainer, read_state_dict(r.model.init), r.model.init)
+            if self.dist.is_main:
+                log.info("%s", self.init_report)
         self.trainer.to(self.dist.device)
         if t.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -164,7 +165,7 @@ class PretrainRun:
 
     def save(self) -> None:
         if self.dist.is_main:
-            save_checkpoint({"format": "albef-pretrain/1", "model": self.trainer.state_dict(),
+            save_checkpoint({"format": "albef-train/1", "model": self.trainer.state_dict(),
                              "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                              "state": vars(self.state).copy(), "rng": rng_state(),
                              "scheduler": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch},
@@ -179,7 +180,8 @@ class PretrainRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         alpha = alpha_at(t.alpha, epoch, step, self.sampler.steps_per_epoch, t.alpha_ramp_epochs)
-        feats_i, feats_t, sums = [], [], torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        keys = self.task.loss_keys
+        payloads, sums = [], torch.zeros(len(keys), dtype=torch.float64)
         for j, batch in enumerate(micro_batches):
             batch = batch.to(dev, non_blocking=True)
             seed = micro_seed(t.seed, epoch, step, self.dist.rank * t.grad_accum + j)
@@ -188,22 +190,20 @@ class PretrainRun:
             last = j == len(micro_batches) - 1
             sync = self.ddp.no_sync() if (self.ddp is not self.trainer and not last) else nullcontext()
             with sync, torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                out = self.ddp(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=gen,
-                               update_momentum=j == 0, enqueue=False)
-                self.scaler.scale(out.loss / len(micro_batches)).backward()
-            feats_i.append(out.image_feat_m)
-            feats_t.append(out.text_feat_m)
-            sums += torch.tensor([float(getattr(out, k).detach()) if getattr(out, k) is not None else 0.0
-                                  for k in LOSS_KEYS], dtype=torch.float64)
+                loss, logs, payload = self.task.micro_step(self.ddp, batch, alpha, gen, first=j == 0)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            payloads.append(payload)
+            sums += torch.tensor([float(logs[k].detach()) if logs[k] is not None else 0.0 for k in keys],
+                                 dtype=torch.float64)
         if t.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(), t.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.trainer.queue.enqueue(torch.cat(feats_i), torch.cat(feats_t))
+        self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean(sums / len(micro_batches))
-        return {**dict(zip(LOSS_KEYS, losses.tolist())), "lr": lr, "alpha": alpha}
+        return {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha}
 
     def _account_bad(self, micro_batches: list) -> None:
         d = self.recipe.data
@@ -251,8 +251,8 @@ class PretrainRun:
                 samples_since += self.sampler.global_batch
                 bar.update(1)
                 rate = bar.format_dict.get("rate") or 0.0  # optimizer steps/s, smoothed by tqdm
-                bar.set_postfix(itc=f"{last['loss_itc']:.3f}", itm=f"{last['loss_itm']:.3f}",
-                                mlm=f"{last['loss_mlm']:.3f}", lr=f"{last['lr']:.2e}", alpha=f"{last['alpha']:.2f}",
+                bar.set_postfix({k.removeprefix("loss_"): f"{last[k]:.3f}" for k in self.task.loss_keys[1:]},
+                                lr=f"{last['lr']:.2e}", alpha=f"{last['alpha']:.2f}",
                                 samples_s=f"{rate * self.sampler.global_batch:.1f}")
                 if s.global_step % t.log_every == 0 or s.step_in_epoch == spe or s.global_step == total:
                     now = time.perf_counter()

@@ -80,7 +80,7 @@ class ALBEFPretrainer(nn.Module):
     """Training-time ALBEF: the student, its momentum teacher and the feature queues."""
 
     def __init__(self, model: ALBEF, mlm: bool = True, with_idx: bool = False,
-                 hard_negative_eps: float = 0.0):
+                 hard_negative_eps: float = 0.0, clamp_temp: bool = True):
         super().__init__()
         cfg = model.config
         if mlm and model.mlm_head is None:
@@ -94,6 +94,7 @@ class ALBEFPretrainer(nn.Module):
         self.mlm = mlm
         self.mlm_probability = cfg.mlm_probability
         self.hard_negative_eps = hard_negative_eps
+        self.clamp_temp = clamp_temp  # the authors' pretraining clamps it each step; their retrieval model does not
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
                 idx: Tensor | None = None, draws: PretrainDraws | None = None,
@@ -109,8 +110,9 @@ class ALBEFPretrainer(nn.Module):
         """
         model, teacher = self.model, self.model_m
         draws = draws or PretrainDraws()
-        with torch.no_grad():
-            model.temp.clamp_(0.001, 0.5)
+        if self.clamp_temp:
+            with torch.no_grad():
+                model.temp.clamp_(0.001, 0.5)
         temp = model.temp
 
         image_embeds = model.encode_image(images)  # [B, 1+N, Dv]

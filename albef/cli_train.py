@@ -1,4 +1,7 @@
-"""``albef pretrain --config RECIPE.yaml [key.sub=value ...] [--resume [CHECKPOINT]]``.
+"""``albef pretrain`` / ``albef finetune TASK``: training from a YAML recipe.
+
+    albef pretrain --config RECIPE.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
+    albef finetune retrieval --config recipes/retrieval_coco.yaml model.init=ALBEF.pth
 
 Runs as one process, or under torchrun as many (one per GPU, or CPU processes with gloo):
 
@@ -15,15 +18,27 @@ import sys
 from albef.recipes import load_recipe
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="albef pretrain", description=__doc__.split("\n\n")[0])
+FINETUNE_TASKS = ("retrieval", "grounding")
+
+
+def finetune(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    if not argv or argv[0] not in FINETUNE_TASKS:
+        print(f"usage: albef finetune {{{','.join(FINETUNE_TASKS)}}} --config RECIPE [key.sub=value ...]")
+        return 2
+    return main(argv[1:], task=argv[0])
+
+
+def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
+    p = argparse.ArgumentParser(prog="albef pretrain" if task == "pretrain" else f"albef finetune {task}",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML recipe (see recipes/)")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from OUTPUT_DIR/checkpoint_last.pt, or from the given checkpoint")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=1e-4 data.num_workers=2")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recipe = load_recipe(args.config, args.overrides)
+    recipe = load_recipe(args.config, [f"task={task}", *args.overrides])
     if not recipe.data.train_files:
         p.error("no training data: set data.train_files in the recipe or as an override")
     from albef.training.loop import PretrainRun  # heavy imports after argument checks

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval, grounding, classification and VQA."""

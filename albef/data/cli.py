@@ -1,7 +1,9 @@
 """``albef data shapes DIR``: write a generated image–caption set in the authors' JSON format.
 
-PNG files of coloured shapes and ``pretrain.json`` (``[{"image", "caption"}]``, paths relative
-to DIR) — the data of the CPU recipes and of the tests. ``--corrupt K`` adds K broken entries
+PNG files of coloured shapes and, with paths relative to DIR: ``pretrain.json``
+(``[{"image", "caption"}]``), ``retrieval_train.json`` (``[{"image", "caption", "image_id"}]``,
+two phrasings per image) and ``retrieval_test.json`` (``[{"image", "caption": [...]}]``) from
+the last ``--test`` images — the data of the CPU recipes and of the tests. ``--corrupt K`` adds K broken entries
 (a truncated PNG, a text file named .png, a missing file) to exercise bad-data handling.
 """
 
@@ -18,8 +20,14 @@ from PIL import Image
 from albef.data.synthetic import render_shapes
 
 
-def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, corrupt: int = 0) -> Path:
-    """Write ``n`` PNGs and ``pretrain.json`` under ``out``; returns the JSON path."""
+def _rephrase(caption: str) -> str:
+    _, color, shape, _, _, place = caption.split(" ")
+    return f"the {shape} on the {place} is {color}"
+
+
+def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, corrupt: int = 0,
+                 test: int = 0) -> Path:
+    """Write ``n`` PNGs and the JSON files under ``out``; returns the pretraining JSON path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, captions = render_shapes(n, image_size, torch.Generator().manual_seed(seed))
@@ -42,6 +50,13 @@ def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, c
         entries.append({"image": rel, "caption": f"broken sample {k}"})
     path = out / "pretrain.json"
     path.write_text(json.dumps(entries, indent=0))
+    clean = entries[:n]
+    train, held = clean[: n - test], clean[n - test:]
+    (out / "retrieval_train.json").write_text(json.dumps(
+        [{"image": e["image"], "caption": c, "image_id": i} for i, e in enumerate(train)
+         for c in (e["caption"], _rephrase(e["caption"]))], indent=0))
+    (out / "retrieval_test.json").write_text(json.dumps(
+        [{"image": e["image"], "caption": [e["caption"], _rephrase(e["caption"])]} for e in held], indent=0))
     return path
 
 
@@ -54,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--corrupt", type=int, default=0, help="add this many broken entries")
+    s.add_argument("--test", type=int, default=0, help="hold out this many images for retrieval_test.json")
     args = p.parse_args(argv)
-    path = write_shapes(args.dir, args.n, args.image_size, args.seed, args.corrupt)
+    path = write_shapes(args.dir, args.n, args.image_size, args.seed, args.corrupt, args.test)
     print(f"wrote {args.n + args.corrupt} entries to {path}")
     return 0
 

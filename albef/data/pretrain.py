@@ -9,6 +9,7 @@ both need equal batches — and the replacement is reported with the batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,9 +115,11 @@ class PretrainBatch:
     idx: Tensor | None = None  # image ids (retrieval fine-tuning)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PretrainBatch":
-        return PretrainBatch(self.images.to(device, non_blocking=non_blocking),
-                             self.input_ids.to(device, non_blocking=non_blocking),
-                             self.attention_mask.to(device, non_blocking=non_blocking), self.index, self.bad)
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return dataclasses.replace(self, images=move(self.images), input_ids=move(self.input_ids),
+                                   attention_mask=move(self.attention_mask), idx=move(self.idx))
 
 
 class PretrainCollator:

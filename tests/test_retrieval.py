@@ -1,0 +1,118 @@
+"""Retrieval: the authors' metrics by hand, batched re-ranking vs the per-query loop, k, ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from albef.cli import main as cli_main
+from albef.data.cli import write_shapes
+from albef.evaluation.retrieval import GalleryEmbeddings, embed_gallery, rerank, rerank_per_query, retrieval_metrics
+from albef.models.albef import ALBEF
+from albef.text import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_metrics_by_hand_with_ties_and_several_captions():
+    img2txt, txt2img = [[0, 1], [2], [3, 4]], [0, 0, 1, 2, 2]
+    i2t = torch.tensor([[0.9, 0.1, 0.5, 0.5, -100], [0.2, 0.3, 0.1, 0.3, 0.0], [-100.0] * 5])
+    t2i = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.1], [0.3, 0.2, 0.1], [-100, -100, 0.5], [0.0, 0.0, 0.0]])
+    # ranks (ties: the later index first, as argsort()[::-1] orders them):
+    # TR: image 0 -> caption 0 first (0); image 1 -> order 3,1,0,2,4 so caption 2 at 3; image 2 -> 4 first (0)
+    # IR: text 0 -> 0; text 1 -> order 2,1,0 so 2; text 2 -> 1; text 3 -> 0; text 4 -> order 2,1,0 so 0
+    m = retrieval_metrics(i2t, t2i, img2txt, txt2img)
+    assert m["txt_r1"] == pytest.approx(200 / 3) and m["txt_r5"] == 100 and m["txt_r10"] == 100
+    assert m["img_r1"] == pytest.approx(60.0) and m["img_r5"] == 100
+    assert m["r_mean"] == pytest.approx(((200 / 3 + 200) / 3 + (60 + 200) / 3) / 2)
+
+
+def test_itc_metrics_on_a_gallery_with_known_answers():
+    # image i's feature is axis i; its two captions sit near it, except text 5 which points at image 0
+    img = torch.eye(4, 8)
+    txt = torch.stack([img[0], img[0] + 0.1 * img[1], img[1], img[1], img[2], img[0] + 0.2, img[3], img[3]])
+    txt = F.normalize(txt, dim=1)
+    img2txt, txt2img = [[0, 1], [2, 3], [4, 5], [6, 7]], [0, 0, 1, 1, 2, 2, 3, 3]
+    sims = img @ txt.T
+    m = retrieval_metrics(sims, sims.T, img2txt, txt2img)
+    assert m["txt_r1"] == 100.0  # every image still has one caption on top
+    assert m["img_r1"] == pytest.approx(700 / 8)  # text 5 retrieves image 0 first
+
+
+@pytest.fixture
+def gallery64():
+    torch.manual_seed(0)
+    from albef.config import get_preset
+
+    cfg = get_preset("albef-tiny")
+    model = ALBEF(cfg).double().eval()
+    texts = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "top")]
+    g = embed_gallery(model, torch.randn(9, 3, 32, 32, dtype=torch.float64), texts, Tokenizer())
+    return model, g
+
+
+def test_batched_rerank_equals_the_per_query_loop(gallery64):
+    model, g = gallery64
+    for k, add_cosine in ((3, False), (5, True), (50, False)):
+        _, i2t, t2i = rerank(model, g, k, batch_size=7, add_cosine=add_cosine)
+        ref_i2t, ref_t2i = rerank_per_query(model, g, k, add_cosine)
+        torch.testing.assert_close(i2t, ref_i2t, rtol=0, atol=1e-12)
+        torch.testing.assert_close(t2i, ref_t2i, rtol=0, atol=1e-12)
+
+
+def test_only_the_k_nearest_are_rescored(gallery64):
+    model, g = gallery64
+    sims, i2t, t2i = rerank(model, g, 3)
+    assert ((i2t != -100).sum(1) == 3).all() and ((t2i != -100).sum(1) == 3).all()
+    for i in range(sims.shape[0]):
+        assert set((i2t[i] != -100).nonzero().flatten().tolist()) == set(sims[i].topk(3).indices.tolist())
+
+
+@pytest.fixture(scope="module")
+def shapes_eval(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reval")
+    write_shapes(d, n=24, image_size=32, seed=2, test=8)
+    from albef.config import get_preset
+
+    torch.manual_seed(0)
+    ALBEF(get_preset("albef-tiny")).save_pretrained(d / "model")
+    return d
+
+
+def test_two_gloo_processes_give_the_same_metrics(shapes_eval, tmp_path):
+    args = ["evaluate", "retrieval", "--model", str(shapes_eval / "model"), "--data",
+            str(shapes_eval / "retrieval_test.json"), "--image-root", str(shapes_eval), "--k", "4", "--device", "cpu"]
+    assert cli_main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "albef.cli", *args, "--out", str(tmp_path / "two.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one == two and one["n_images"] == 8 and one["n_texts"] == 16
+
+
+def test_retrieval_finetuning_runs_and_evaluates(shapes_eval, tmp_path, capsys):
+    out = tmp_path / "ft"
+    rc = cli_main(["finetune", "retrieval", f"model.init={shapes_eval / 'model'}", "model.preset=albef-tiny",
+                   "model.overrides={queue_size: 16}", f"data.train_files=[{shapes_eval / 'retrieval_train.json'}]",
+                   f"data.image_root={shapes_eval}", "data.num_workers=0", "train.batch_size=4", "train.epochs=1",
+                   "train.lr=1e-4", "train.warmup_lr=1e-4", "train.warmup_epochs=1", "train.log_every=1",
+                   f"output_dir={out}"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and "loss_mlm" not in rows[0] and rows[-1]["loss_itc"] > 0
+    ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["recipe"]["task"] == "retrieval"
+    assert (ckpt["model"]["queue.idx_queue"] >= 0).sum() == 16  # image ids went into the queue
+    assert cli_main(["evaluate", "retrieval", "--model", str(out / "checkpoint_last.pt"), "--data",
+                     str(shapes_eval / "retrieval_test.json"), "--image-root", str(shapes_eval), "--k", "4",
+                     "--device", "cpu"]) == 0
+    assert "ITC+ITM" in capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""``albef evaluate retrieval``: two-stage image–text retrieval on an authors'-format test file.
+"""``albef evaluate retrieval|grounding``: benchmark a model on an evaluation file.
 
     albef evaluate retrieval --model DIR --data coco_test.json --image-root /data/coco --k 256
+    albef evaluate grounding --model DIR --data refcoco+_val.json --image-root /data/coco --overlays out/
     torchrun --nproc_per_node 8 -m albef.cli evaluate retrieval ...   # re-ranking split over ranks
 
 Zero-shot Flickr30K as in the paper: evaluate the COCO-fine-tuned model on Flickr30K's test split
@@ -57,7 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--num-workers", type=int, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--out", help="write the metrics as JSON here")
+    g = sub.add_parser("grounding", help="box accuracy (IoU >= 0.5) of Grad-CAM-ranked candidate boxes")
+    g.add_argument("--model", required=True)
+    g.add_argument("--data", required=True, nargs="+",
+                   help='JSON: [{"image", "text", "ref_id", "box": [x,y,w,h], "candidates": [[x,y,w,h], ...]}]')
+    g.add_argument("--image-root")
+    g.add_argument("--mode", choices=["itm", "itc"], default="itm")
+    g.add_argument("--layer", type=int, help="itm: fusion layer (default the third); itc: ViT block (default last)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--overlays", help="write heat-map overlay PNGs of some examples here")
+    g.add_argument("--n-overlays", type=int, default=8)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--out")
     args = p.parse_args(argv)
+    if args.what == "grounding":
+        return _grounding(args)
 
     from albef.evaluation.retrieval import evaluate_retrieval
     from albef.training.distributed import init_distributed, shutdown
@@ -78,6 +93,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps({"k": args.k, "n_images": len(data.images),
                                                   "n_texts": len(data.texts), **results}, indent=2))
+    return 0
+
+
+def _grounding(args: argparse.Namespace) -> int:
+    from albef.evaluation.grounding import evaluate_grounding, read_grounding, save_overlays
+    from albef.training.distributed import init_distributed
+
+    info = init_distributed(args.device)
+    model = load_inference_model(args.model, info.device)
+    records = read_grounding(args.data, args.image_root, model.config.text_cleaning)
+    metrics, preds = evaluate_grounding(model, records, Tokenizer(add_sep=model.config.add_sep),
+                                        test_transform(model.config.vision.image_size), args.mode, args.layer,
+                                        args.batch_size, info.device)
+    print(f"grounding ({args.mode} Grad-CAM) on {metrics['n']} expressions: accuracy {metrics['accuracy']:.2f}%")
+    for split, acc in metrics["per_split"].items():
+        print(f"  {split:10s} {acc:6.2f}%")
+    if args.overlays:
+        paths = save_overlays(preds, args.overlays, args.n_overlays)
+        print(f"wrote {len(paths)} overlays to {args.overlays}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -49,6 +49,31 @@ def gradcam_itm(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask:
     return (cam * grad).mean(1).mean(1)
 
 
+def gradcam_itc(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                block: int | None = None) -> Tensor:
+    """ITC-mode Grad-CAM [B, grid, grid]: the [CLS] row of a ViT block's self-attention, weighted by
+    the gradient of the pair's contrastive similarity (default block: the last)."""
+    vit = model.visual_encoder
+    block = len(vit.blocks) - 1 if block is None else block
+    attn = vit.blocks[block].attn
+    attn.save_attention = True
+    try:
+        with torch.enable_grad():
+            image_feat = model.image_feat(model.encode_image(images))
+            text_feat = model.text_feat(model.encode_text(input_ids, attention_mask))
+            (image_feat * text_feat).sum(-1).div(model.temp).sum().backward()
+        cam, grad = attn.attention_map.detach(), attn.attention_map.grad
+    finally:
+        attn.save_attention = False
+        attn.attention_map = None
+        model.zero_grad(set_to_none=True)
+    g = model.config.vision.grid_size
+    B, H = cam.shape[:2]
+    cam = cam[:, :, 0, 1:].reshape(B, H, g, g)
+    grad = grad[:, :, 0, 1:].clamp(min=0).reshape(B, H, g, g)
+    return (cam * grad).mean(1)
+
+
 def upsample_heatmap(heat: Tensor, height: int, width: int) -> Tensor:
     """[g, g] -> [height, width], bicubic, as the authors' box scoring does."""
     return F.interpolate(heat[None, None], size=(height, width), mode="bicubic", align_corners=False)[0, 0]

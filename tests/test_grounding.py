@@ -1,0 +1,82 @@
+"""Grounding: box ranking and accuracy by hand, Grad-CAM plumbing, the CLI and overlays."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import albef.evaluation.grounding as G
+from albef.cli import main as cli_main
+from albef.data.transforms import test_transform as make_test_transform
+from albef.grounding import gradcam_itc, gradcam_itm
+from albef.text import Tokenizer
+
+
+@pytest.fixture
+def grounding_data(tmp_path):
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40, 40, 40)).save(tmp_path / f"img{i}.png")
+    cells = [[0, 0, 16, 16], [16, 0, 16, 16], [0, 16, 16, 16], [16, 16, 16, 16]]
+    entries = [
+        {"image": "img0.png", "text": "the top right one", "ref_id": 1, "box": [16, 0, 16, 16], "candidates": cells, "split": "val"},
+        {"image": "img0.png", "text": "the bottom left one", "ref_id": 2, "box": [0, 16, 16, 16], "candidates": cells, "split": "val"},
+        {"image": "img1.png", "text": "the top left one", "ref_id": 3, "box": [2, 2, 16, 16], "candidates": cells, "split": "testA"},
+    ]
+    (tmp_path / "g.json").write_text(json.dumps(entries))
+    return tmp_path
+
+
+def test_box_accuracy_by_hand(grounding_data, tiny_model, monkeypatch):
+    # A fixed 4x4 heat map, hot in the top-right quadrant: every expression picks cell 1.
+    hot = torch.zeros(4, 4)
+    hot[0:2, 2:4] = 1.0
+    monkeypatch.setattr(G, "gradcam_itm", lambda model, px, ids, mask, layer: hot.expand(len(px), 4, 4))
+    records = G.read_grounding(grounding_data / "g.json", str(grounding_data))
+    metrics, preds = G.evaluate_grounding(tiny_model, records, Tokenizer(), make_test_transform(32))
+    assert [p.best for p in preds] == [1, 1, 1]
+    # IoU with the ground truth: 1 (correct), 0 (wrong), and [16,0,16,16] vs [2,2,16,16]: 28/484 (wrong)
+    assert [round(p.iou, 4) for p in preds] == [1.0, 0.0, round(28 / 484, 4)]
+    assert metrics["accuracy"] == pytest.approx(100 / 3)
+    assert metrics["per_split"] == {"testA": 0.0, "val": 50.0}
+
+
+def test_gradcam_maps_are_nonnegative_on_the_patch_grid(tiny_model):
+    ids = torch.tensor([[101, 1037, 2417, 4418, 0]])
+    mask = (ids > 0).long()
+    px = torch.randn(1, 3, 32, 32)
+    for fn in (gradcam_itm, gradcam_itc):
+        heat = fn(tiny_model.eval(), px, ids, mask)
+        assert heat.shape == (1, 4, 4) and (heat >= 0).all()
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_gradcam_itm_matches_the_authors_formula(tiny_model):
+    """attention x relu(grad), masked by the text mask, mean over heads then over text tokens."""
+    model = tiny_model.eval()
+    ids = torch.tensor([[101, 1037, 2417, 0], [101, 2000, 2001, 2002]])
+    mask = (ids > 0).long()
+    px = torch.randn(2, 3, 32, 32)
+    layer = model.text_encoder.encoder.layer[3].crossattention.self
+    layer.save_attention = True
+    fused = model.encode_multimodal(ids, mask, model.encode_image(px))
+    model.itm_logits(fused)[:, 1].sum().backward()
+    a, g = layer.attention_map.detach(), layer.attention_map.grad
+    layer.save_attention = False
+    model.zero_grad()
+    m = mask[:, None, :, None].float()
+    expected = ((a[..., 1:] * m) * (g[..., 1:].clamp(min=0) * m)).mean(1).mean(1).view(2, 4, 4)
+    torch.testing.assert_close(gradcam_itm(model, px, ids, mask, layer=3), expected)
+
+
+def test_evaluate_grounding_cli_writes_metrics_and_overlays(grounding_data, tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "m")
+    rc = cli_main(["evaluate", "grounding", "--model", str(tmp_path / "m"), "--data", str(grounding_data / "g.json"),
+                   "--image-root", str(grounding_data), "--overlays", str(tmp_path / "ov"), "--out",
+                   str(tmp_path / "r.json"), "--device", "cpu"])
+    assert rc == 0
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == 3
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 3
+    assert "accuracy" in capsys.readouterr().out

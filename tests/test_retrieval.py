@@ -116,3 +116,23 @@ def test_retrieval_finetuning_runs_and_evaluates(shapes_eval, tmp_path, capsys):
                      str(shapes_eval / "retrieval_test.json"), "--image-root", str(shapes_eval), "--k", "4",
                      "--device", "cpu"]) == 0
     assert "ITC+ITM" in capsys.readouterr().out
+
+
+def test_every_recipe_parses_and_builds_its_model_config():
+    from albef.recipes import load_recipe
+
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        cfg = recipe.model.build_config()
+        assert cfg.queue_size % recipe.train.batch_size == 0, path.name
+
+
+def test_grounding_training_format_uses_the_image_file_as_id(tmp_path):
+    from albef.data.retrieval import read_retrieval_train
+
+    (tmp_path / "g.json").write_text(json.dumps([
+        {"image": "coco/a.jpg", "text": "the left dog", "ref_id": 7},
+        {"image": "coco/b.jpg", "text": "man in red", "ref_id": 8},
+        {"image": "other/a.jpg", "text": "the right dog", "ref_id": 9}]))
+    records, bad = read_retrieval_train(tmp_path / "g.json", None, grounding=True)
+    assert not bad and [r.image_id for r in records] == [0, 1, 0]  # same file name, same id (as the authors)

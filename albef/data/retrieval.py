@@ -26,22 +26,28 @@ class RetrievalRecord(PretrainRecord):
 
 
 def read_retrieval_train(files: str | Sequence[str], image_root: str | None, max_words: int = 30,
-                         cleaning: str = "albef") -> tuple[list[RetrievalRecord], list[BadSample]]:
+                         cleaning: str = "albef", grounding: bool = False
+                         ) -> tuple[list[RetrievalRecord], list[BadSample]]:
     """Training entries, with image ids mapped to 0..n-1 in order of first appearance (as the
-    authors' ``re_train_dataset`` does)."""
+    authors' ``re_train_dataset`` does). ``grounding=True`` reads the authors' grounding training
+    format instead: ``{"image", "text", "ref_id"}``, the image's file name as its id."""
     ids: dict[object, int] = {}
+    text_key = "text" if grounding else "caption"
 
     def parse(entry: dict, where: str) -> RetrievalRecord:
         image = resolve_image(entry.get("image"), image_root)
-        caption = entry.get("caption")
+        caption = entry.get(text_key)
         if not isinstance(caption, str):
-            raise ValueError("'caption' must be a string")
+            raise ValueError(f"'{text_key}' must be a string")
         cleaned = clean_caption(caption, cleaning, max_words)
         if not cleaned:
             raise ValueError("caption is empty after cleaning")
-        if "image_id" not in entry:
+        if grounding:
+            key = entry["image"].split("/")[-1]
+        elif "image_id" in entry:
+            key = entry["image_id"]
+        else:
             raise ValueError("missing 'image_id'")
-        key = entry["image_id"]
         return RetrievalRecord(image, (cleaned,), where, ids.setdefault(key, len(ids)))
 
     return read_annotations(files, parse)

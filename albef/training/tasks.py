@@ -61,7 +61,8 @@ class RetrievalTask(PretrainTask):
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
-        records, bad = read_retrieval_train(d.train_files, d.image_root, d.max_words, cleaning)
+        records, bad = read_retrieval_train(d.train_files, d.image_root, d.max_words, cleaning,
+                                            grounding=recipe.task == "grounding")
         return (RetrievalTrainDataset(records, transform, seed=recipe.train.seed),
                 PretrainCollator(tokenizer, cfg.max_text_len), bad)
 

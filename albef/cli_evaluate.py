@@ -70,9 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--n-overlays", type=int, default=8)
     g.add_argument("--device", default="auto")
     g.add_argument("--out")
+    v = sub.add_parser("vqa", help="answer ranking; writes [{question_id, answer}] and accuracy where answers exist")
+    v.add_argument("--model", required=True)
+    v.add_argument("--data", required=True, nargs="+", help='JSON: [{"image", "question", "question_id"}]')
+    v.add_argument("--answers", required=True, help="answer_list.json")
+    v.add_argument("--image-root")
+    v.add_argument("--k", type=int, default=128)
+    v.add_argument("--scoring", choices=["albef", "corrected", "lavis"], default="albef")
+    v.add_argument("--results", help="write the answers here (the official server's format)")
+    for name, help_ in (("ve", "SNLI-VE accuracy"), ("nlvr", "NLVR2 accuracy")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--model", required=True)
+        c.add_argument("--data", required=True, nargs="+")
+        c.add_argument("--image-root")
+    for q in (v, *[sub.choices[n] for n in ("ve", "nlvr")]):
+        q.add_argument("--batch-size", type=int, default=32)
+        q.add_argument("--num-workers", type=int, default=0)
+        q.add_argument("--device", default="auto")
+        q.add_argument("--out", help="write the metrics as JSON here")
     args = p.parse_args(argv)
     if args.what == "grounding":
         return _grounding(args)
+    if args.what in ("vqa", "ve", "nlvr"):
+        return _task(args)
 
     from albef.evaluation.retrieval import evaluate_retrieval
     from albef.training.distributed import init_distributed, shutdown
@@ -112,6 +132,34 @@ def _grounding(args: argparse.Namespace) -> int:
     if args.overlays:
         paths = save_overlays(preds, args.overlays, args.n_overlays)
         print(f"wrote {len(paths)} overlays to {args.overlays}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _task(args: argparse.Namespace) -> int:
+    from albef.data.classification import read_classification
+    from albef.data.vqa import read_answer_list, read_vqa
+    from albef.evaluation.tasks import evaluate_classification, evaluate_vqa
+    from albef.training.distributed import init_distributed
+
+    info = init_distributed(args.device)
+    model = load_inference_model(args.model, info.device)
+    tok = Tokenizer(add_sep=model.config.add_sep)
+    transform = test_transform(model.config.vision.image_size)
+    if args.what == "vqa":
+        records, _ = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning)
+        metrics, results = evaluate_vqa(model, records, read_answer_list(args.answers), tok, transform, args.k,
+                                        args.scoring, args.batch_size, args.num_workers, info.device)
+        if args.results:
+            Path(args.results).write_text(json.dumps(results))
+        print(f"VQA on {metrics['n']} questions" + "".join(f"\n  {k:10s} {v:6.2f}%" for k, v in metrics.items() if k != "n"))
+    else:
+        records, bad = read_classification(args.data, args.image_root, args.what, model.config.text_cleaning)
+        if bad:
+            raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
+        metrics = evaluate_classification(model, records, tok, transform, args.batch_size, args.num_workers, info.device)
+        print(f"{args.what} accuracy on {metrics['n']} examples: {metrics['accuracy']:.2f}%")
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2))
     return 0

@@ -18,7 +18,7 @@ import sys
 from albef.recipes import load_recipe
 
 
-FINETUNE_TASKS = ("retrieval", "grounding")
+FINETUNE_TASKS = ("retrieval", "grounding", "vqa", "ve", "nlvr", "nlvr_pretrain")
 
 
 def finetune(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from albef.convert import from_authors, unwrap_checkpoint
 from albef.models.albef import ALBEF
-from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
+from albef.models.tasks import ALBEFForClassification, ALBEFForTextAssignment, ALBEFForVQA
 from albef.training.momentum import copy_student_to_teacher
 from albef.models.vit import resize_pos_embed
 from albef.training.checkpoint import load_checkpoint
@@ -103,10 +103,11 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
     (after loading: the order the authors' NLVR2 script got wrong).
     """
     converted = from_authors(state_dict) if not _is_ours(state_dict) else dict(state_dict)
-    trainer = target if hasattr(target, "model_m") else None
+    trainer = target if isinstance(getattr(target, "model", None), nn.Module) else None
+    has_teacher = trainer is not None and getattr(trainer, "model_m", None) is not None
     student = trainer.model if trainer else target
     expected = target.state_dict() if trainer else {"model." + k: v for k, v in target.state_dict().items()}
-    is_task = isinstance(student, (ALBEFForVQA, ALBEFForClassification))
+    is_task = isinstance(student, (ALBEFForVQA, ALBEFForClassification, ALBEFForTextAssignment))
     from_pretraining = is_task and not any(k.startswith(("model.text_decoder.", "model.cls_head.")) for k in converted)
     if from_pretraining:
         converted = expand_pretrained_for_task(converted, student)
@@ -115,7 +116,7 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
     errors: list[str] = []
     for key, value in converted.items():
         if key not in expected:
-            rule = _drop_rule(key, trainer is not None, from_pretraining)
+            rule = _drop_rule(key, has_teacher, from_pretraining)
             if rule is None:
                 errors.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): the model has no such tensor")
             else:
@@ -132,7 +133,7 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
                 continue
         to_load[key] = value
     missing = [k for k in expected if k not in to_load]
-    momentum_missing = trainer is not None and any(k.startswith("model_m.") for k in missing)
+    momentum_missing = has_teacher and any(k.startswith("model_m.") for k in missing)
     for key in missing:
         how = _init_rule(key, momentum_missing, from_pretraining)
         if how is None:
@@ -178,8 +179,11 @@ def expand_pretrained_for_task(sd: dict[str, Tensor], model: nn.Module) -> dict[
                     out[twin + "text_decoder." + key.removeprefix(enc)] = value
                 elif key.startswith(twin + "mlm_head."):
                     out[twin + "decoder_head." + key.removeprefix(twin + "mlm_head.")] = out.pop(key)
-    elif isinstance(model, ALBEFForClassification) and model.num_images == 2:
+    elif (isinstance(model, ALBEFForClassification) and model.num_images == 2) or isinstance(model, ALBEFForTextAssignment):
         f = model.config.text.fusion_layer
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"^model\.text_encoder\.encoder\.layer\.(\d+)\.", k))}
+        if layers and max(layers) + 1 == len(model.text_encoder.encoder.layer):
+            return out  # already in the two-image layout (a text-assignment checkpoint)
         out = {}
         for key, value in sd.items():
             m = re.match(r"^(model_?m?\.text_encoder\.encoder\.layer\.)(\d+)\.(.*)$", key)
@@ -196,12 +200,12 @@ def _is_ours(sd: dict[str, Tensor]) -> bool:
     return any(k.startswith(("model.", "model_m.", "queue.")) for k in sd)
 
 
-def _drop_rule(key: str, is_trainer: bool, from_pretraining: bool = False) -> str | None:
+def _drop_rule(key: str, has_teacher: bool, from_pretraining: bool = False) -> str | None:
     if from_pretraining and (key.startswith("queue.") or any(
             key.startswith(f"{t}{h}.") for t in ("model.", "model_m.")
-            for h in ("vision_proj", "text_proj", "itm_head", "mlm_head", "temp")) or key == "model.temp"):
+            for h in ("vision_proj", "text_proj", "itm_head", "mlm_head", "temp", "ta_head")) or key == "model.temp"):
         return PRETRAIN_HEADS
-    if not is_trainer and key.startswith(("model_m.", "queue.")):
+    if not has_teacher and key.startswith(("model_m.", "queue.")):
         return TRAINING_STATE
     if key.startswith(("model.mlm_head.", "model_m.mlm_head.")):
         return NO_MLM_HEAD
@@ -213,7 +217,7 @@ def _drop_rule(key: str, is_trainer: bool, from_pretraining: bool = False) -> st
 def _init_rule(key: str, momentum_missing: bool, from_pretraining: bool = False) -> str | None:
     if key.startswith("model_m.") and momentum_missing:
         return "momentum copy set equal to the loaded student"
-    if from_pretraining and ".cls_head." in key:
+    if from_pretraining and (".cls_head." in key or ".ta_head." in key):
         return "task head: fresh (trained in fine-tuning)"
     if key.startswith("queue.idx_queue"):
         return "image-id queue starts empty (-100), as the authors' fine-tuning does"

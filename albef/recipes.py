@@ -66,11 +66,13 @@ class TrainSection:
     log_every: int = 50
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
     hard_negative_eps: float | None = None  # None: the task's (pretraining 0, retrieval 1e-4)
+    distill: bool = True  # momentum distillation in fine-tuning (VQA, SNLI-VE, NLVR2)
+    label_smoothing: float = 0.0  # VQA answer loss: 0 (authors), 0.1 (LAVIS)
 
 
 @dataclass
 class PretrainRecipe:
-    task: str = "pretrain"  # pretrain | retrieval | grounding
+    task: str = "pretrain"  # pretrain | retrieval | grounding | vqa | ve | nlvr | nlvr_pretrain
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)

@@ -70,7 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--corrupt", type=int, default=0, help="add this many broken entries")
     s.add_argument("--test", type=int, default=0, help="hold out this many images for retrieval_test.json")
+    e = sub.add_parser("easyvqa", help="easy-VQA (PyPI package easy-vqa) in the authors' VQA format")
+    e.add_argument("dir")
     args = p.parse_args(argv)
+    if args.what == "easyvqa":
+        from albef.data.easyvqa import build_easyvqa
+
+        counts = build_easyvqa(args.dir)
+        print(f"wrote easy-VQA to {args.dir}: {counts['train']} train and {counts['test']} test questions")
+        return 0
     path = write_shapes(args.dir, args.n, args.image_size, args.seed, args.corrupt, args.test)
     print(f"wrote {args.n + args.corrupt} entries to {path}")
     return 0

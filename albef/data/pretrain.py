@@ -29,7 +29,7 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 
 @dataclass(frozen=True)
 class PretrainRecord:
-    image: str
+    image: str | tuple[str, ...]  # a pair for NLVR2
     captions: tuple[str, ...]
     where: str
 
@@ -89,16 +89,20 @@ class PretrainDataset(Dataset):
         for attempt in range(self.max_retries + 1):
             i = (index + attempt * 7_919) % len(self.records)  # stride: skip past runs of bad files
             rec = self.records[i]
+            paths = rec.image if isinstance(rec.image, tuple) else (rec.image,)  # NLVR2: two images
             try:
-                image = load_image(rec.image)
+                images = [load_image(p) for p in paths]
             except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-                bad.append(BadSample(rec.image, f"{type(e).__name__}: {e}"))
+                bad.append(BadSample(getattr(e, "filename", None) or paths[0], f"{type(e).__name__}: {e}"))
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, self.epoch, i))
                 caption = rec.captions[int(torch.randint(len(rec.captions), ()))]
-                pixels = self.transform(image)
-            return {"image": pixels, "caption": caption, "index": i, "bad": bad}
+                pixels = torch.stack([self.transform(im) for im in images]) if len(images) > 1 else self.transform(images[0])
+            item = {"image": pixels, "caption": caption, "index": i, "bad": bad}
+            if getattr(rec, "label", None) is not None:
+                item["label"] = rec.label
+            return item
         raise RuntimeError(f"{self.max_retries + 1} images in a row could not be read, starting at "
                            f"{self.records[index].image}; is the image root right?\n  "
                            + "\n  ".join(map(str, bad)))
@@ -113,13 +117,15 @@ class PretrainBatch:
     bad: list[BadSample] = field(default_factory=list)  # every failed read, replacements' included
     n_replaced: int = 0  # samples of this batch whose own image failed (what the bad share counts)
     idx: Tensor | None = None  # image ids (retrieval fine-tuning)
+    labels: Tensor | None = None  # class labels (SNLI-VE, NLVR2)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PretrainBatch":
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return dataclasses.replace(self, images=move(self.images), input_ids=move(self.input_ids),
-                                   attention_mask=move(self.attention_mask), idx=move(self.idx))
+                                   attention_mask=move(self.attention_mask), idx=move(self.idx),
+                                   labels=move(self.labels))
 
 
 class PretrainCollator:
@@ -134,4 +140,5 @@ class PretrainCollator:
         return PretrainBatch(torch.stack([it["image"] for it in items]), text.input_ids, text.attention_mask,
                              torch.tensor([it["index"] for it in items]), [b for it in items for b in it["bad"]],
                              sum(1 for it in items if it["bad"]),
-                             torch.tensor([it["idx"] for it in items]) if "idx" in items[0] else None)
+                             torch.tensor([it["idx"] for it in items]) if "idx" in items[0] else None,
+                             torch.tensor([it["label"] for it in items]) if "label" in items[0] else None)

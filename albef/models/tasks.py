@@ -154,3 +154,37 @@ class ALBEFForClassification(nn.Module):
         """Class logits [B, num_classes]; ``images`` is [B, 3, H, W] or a pair of them (NLVR2)."""
         hidden = self.text_encoder(input_ids, attention_mask, self.encode_images(images))
         return self.cls_head(hidden[:, 0])
+
+
+class ALBEFForTextAssignment(nn.Module):
+    """NLVR2's extra pretraining: given two images and a text, does the text describe the first,
+    the second, or neither (labels 0, 1, 2)? The NLVR2 encoder layout with a 3-way linear head;
+    ``vision_proj`` only ranks the negative images (it gets no gradient, so it is frozen)."""
+
+    def __init__(self, config: ALBEFConfig):
+        super().__init__()
+        self.config = config
+        base = ALBEFForClassification(config, 2, num_images=2)
+        self.visual_encoder, self.text_encoder = base.visual_encoder, base.text_encoder
+        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim).requires_grad_(False)
+        self.ta_head = nn.Linear(config.text.hidden_size, 3)
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``images`` [B, 3, H, W], text b describes image b. Returns ``(logits [B, 3], labels [B])``."""
+        embeds = self.visual_encoder(images)
+        B = embeds.shape[0]
+        with torch.no_grad():
+            feat = F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+            w = (feat @ feat.T / 0.07).softmax(1)
+            w.fill_diagonal_(0)
+            u = torch.rand(B, 2, generator=generator, device=embeds.device)
+            two = (u[:, 0] <= 1 / 3) & (B >= 3)  # the authors: one negative with probability 2/3
+            first = u[:, 1] > 0.5
+            rows = torch.arange(B, device=embeds.device)
+            neg = torch.multinomial(w, 2 if B >= 3 else 1, generator=generator) if B > 1 else rows[:, None]
+            a = torch.where(two, neg[:, 0], torch.where(first, rows, neg[:, 0]))
+            b = torch.where(two, neg[:, -1], torch.where(first, neg[:, 0], rows))
+            labels = torch.where(two, 2, torch.where(first, 0, 1))
+        hidden = self.text_encoder(input_ids, attention_mask, [embeds[a], embeds[b]])
+        return self.ta_head(hidden[:, 0]), labels

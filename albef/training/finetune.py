@@ -107,3 +107,16 @@ class VQATrainer(nn.Module):
                                 teacher_logits=logits_m, alpha=alpha)
         loss = (weights.to(per_answer.dtype) * per_answer).sum() / images.shape[0]
         return VQAOutput(loss, per_answer, q, logits)
+
+
+class TextAssignmentTrainer(nn.Module):
+    """Cross-entropy of the 3-way text-assignment head (no momentum teacher, as the authors)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+        logits, labels = self.model(images, input_ids, attention_mask, generator)
+        return F.cross_entropy(logits, labels)

@@ -13,11 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from albef.config import ALBEFConfig
-from albef.data.annotations import BadSample, read_annotations
+from albef.data.annotations import read_annotations
+from albef.data.classification import LABELS, read_classification
 from albef.data.pretrain import PretrainCollator, PretrainDataset, parse_pretrain_entry
 from albef.data.retrieval import RetrievalTrainDataset, read_retrieval_train
+from albef.data.vqa import VQACollator, build_vqa_train_dataset
 from albef.models.albef import ALBEF
+from albef.models.tasks import ALBEFForClassification, ALBEFForTextAssignment, ALBEFForVQA
 from albef.text import Tokenizer
+from albef.training.finetune import ClassifierTrainer, TextAssignmentTrainer, VQATrainer
 from albef.training.pretrain import ALBEFPretrainer
 
 
@@ -72,7 +76,80 @@ def _eps(recipe: Any, default: float) -> float:
     return default if eps is None else eps
 
 
-TASKS: dict[str, type] = {"pretrain": PretrainTask, "retrieval": RetrievalTask, "grounding": RetrievalTask}
+
+
+class VQATask:
+    """VQA fine-tuning: weighted answer likelihood with distillation (α ramp as configured)."""
+
+    name = "vqa"
+    loss_keys = ("loss",)
+
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
+        t = recipe.train
+        return VQATrainer(ALBEFForVQA(cfg), cfg.momentum, distill=t.distill, label_smoothing=t.label_smoothing)
+
+    def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
+        d = recipe.data
+        ds, bad = build_vqa_train_dataset(d.train_files, d.image_root, transform, recipe.train.seed, cleaning)
+        return ds, VQACollator(tokenizer, cfg.max_text_len), bad
+
+    def micro_step(self, module, batch, alpha, generator, first):
+        out = module(batch.images, batch.question_ids, batch.question_mask, batch.answer_ids, batch.answer_mask,
+                     batch.weights, batch.n_answers, alpha=alpha)
+        return out.loss, {"loss": out.loss}, None
+
+    def end_step(self, trainer, payloads) -> None:
+        return None
+
+
+class ClassifyTask:
+    """SNLI-VE (``{"image", "sentence", "label"}``, 3 classes) and NLVR2 (``{"images": [a, b],
+    "sentence", "label": "True"|"False"}``) with distillation."""
+
+    loss_keys = ("loss",)
+    def __init__(self, name: str):
+        self.name = name
+        self.num_images = 2 if name == "nlvr" else 1
+
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
+        model = ALBEFForClassification(cfg, len(LABELS[self.name]), self.num_images)
+        return ClassifierTrainer(model, cfg.momentum, distill=recipe.train.distill)
+
+    def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
+        d = recipe.data
+        records, bad = read_classification(d.train_files, d.image_root, self.name, cleaning, d.max_words)
+        return PretrainDataset(records, transform, seed=recipe.train.seed), PretrainCollator(tokenizer, cfg.max_text_len), bad
+
+    def images(self, batch: Any):
+        return batch.images if self.num_images == 1 else [batch.images[:, 0], batch.images[:, 1]]
+
+    def micro_step(self, module, batch, alpha, generator, first):
+        out = module(self.images(batch), batch.input_ids, batch.attention_mask, batch.labels, alpha=alpha)
+        return out.loss, {"loss": out.loss}, None
+
+    def end_step(self, trainer, payloads) -> None:
+        return None
+
+
+class TextAssignmentTask(PretrainTask):
+    """NLVR2's text-assignment pretraining on image–caption pairs (3-way, no distillation)."""
+
+    name = "nlvr_pretrain"
+    loss_keys = ("loss",)
+
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
+        return TextAssignmentTrainer(ALBEFForTextAssignment(cfg))
+
+    def micro_step(self, module, batch, alpha, generator, first):
+        loss = module(batch.images, batch.input_ids, batch.attention_mask, generator=generator)
+        return loss, {"loss": loss}, None
+
+    def end_step(self, trainer, payloads) -> None:
+        return None
+
+
+TASKS = {"pretrain": PretrainTask, "retrieval": RetrievalTask, "grounding": RetrievalTask, "vqa": VQATask,
+         "ve": lambda: ClassifyTask("ve"), "nlvr": lambda: ClassifyTask("nlvr"), "nlvr_pretrain": TextAssignmentTask}
 
 
 def get_task(name: str):
@@ -80,6 +157,3 @@ def get_task(name: str):
         return TASKS[name]()
     except KeyError:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}") from None
-
-
-__all__ = ["BadSample", "PretrainTask", "RetrievalTask", "get_task", "TASKS"]

@@ -1,0 +1,114 @@
+"""VQA data in the authors' format, and the easy-VQA converter.
+
+Train: ``{"image", "question", "answer": [str] | str, "dataset": "vqa" | "vg"}``. An answer's
+weight is its share of the annotators' answers for ``vqa`` entries (``count / n``), 0.5 for ``vg``
+entries, as the authors compute it. Test: ``{"image", "question", "question_id"}`` (an ``answer``
+field, when present, is used for local accuracy). ``answer_list.json``: the candidate answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from albef.api import tokenize_answers
+from albef.data.annotations import BadSample, read_annotations, resolve_image
+from albef.data.pretrain import PretrainDataset, PretrainRecord
+from albef.text import Tokenizer, clean_question
+
+
+@dataclass(frozen=True)
+class VQARecord(PretrainRecord):
+    answers: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    question_id: Any = None
+    question_type: str | None = None
+
+
+def answer_weights(answers: Sequence[str], dataset: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The authors' training targets: distinct answers weighted by their share (VQA) or 0.5 (VG)."""
+    if dataset == "vg":
+        return (answers[0],), (0.5,)
+    w: dict[str, float] = {}
+    for a in answers:
+        w[a] = w.get(a, 0.0) + 1 / len(answers)
+    return tuple(w), tuple(w.values())
+
+
+def read_vqa(files: str | Sequence[str], image_root: str | None, train: bool, cleaning: str = "albef",
+             max_words: int = 30) -> tuple[list[VQARecord], list[BadSample]]:
+    def parse(entry: dict, where: str) -> VQARecord:
+        image = resolve_image(entry.get("image"), image_root)
+        q = clean_question(entry.get("question") or "", cleaning, max_words)
+        if not q.strip():
+            raise ValueError("'question' is missing or empty after cleaning")
+        ans = entry.get("answer")
+        ans = [ans] if isinstance(ans, str) else list(ans or [])
+        if train and (not ans or not all(isinstance(a, str) and a for a in ans)):
+            raise ValueError("a training entry needs 'answer': a non-empty string or list of strings")
+        answers, weights = answer_weights(ans, entry.get("dataset", "vqa")) if ans else ((), ())
+        return VQARecord(image, (q,), where, answers, weights, entry.get("question_id", where), entry.get("question_type"))
+
+    return read_annotations(files, parse)
+
+
+def read_answer_list(path: str | Path) -> list[str]:
+    answers = json.loads(Path(path).read_text())
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{path}: expected a JSON list of answer strings")
+    return answers
+
+
+class VQADataset(PretrainDataset):
+    """Items: image, cleaned question, answers and weights (the record's)."""
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        rec = self.records[item["index"]]
+        item.update(answers=rec.answers, weights=rec.weights)
+        return item
+
+
+@dataclass
+class VQABatch:
+    images: Tensor
+    question_ids: Tensor
+    question_mask: Tensor
+    answer_ids: Tensor  # every question's answers, question by question
+    answer_mask: Tensor
+    weights: Tensor
+    n_answers: Tensor
+    index: Tensor
+    bad: list[BadSample] = field(default_factory=list)
+    n_replaced: int = 0
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "VQABatch":
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                 for f in dataclasses.fields(self) if f.name not in ("index", "bad", "n_replaced")}
+        return dataclasses.replace(self, **moved)
+
+
+class VQACollator:
+    def __init__(self, tokenizer: Tokenizer, max_question_len: int = 35):
+        self.tokenizer, self.max_question_len = tokenizer, max_question_len
+
+    def __call__(self, items: list[dict]) -> VQABatch:
+        q = self.tokenizer([it["caption"] for it in items], max_length=self.max_question_len, padding="longest")
+        a = tokenize_answers(self.tokenizer, [x for it in items for x in it["answers"]])
+        return VQABatch(torch.stack([it["image"] for it in items]), q.input_ids, q.attention_mask, a.input_ids,
+                        a.attention_mask, torch.tensor([w for it in items for w in it["weights"]]),
+                        torch.tensor([len(it["answers"]) for it in items]), torch.tensor([it["index"] for it in items]),
+                        [b for it in items for b in it["bad"]], sum(1 for it in items if it["bad"]))
+
+
+def build_vqa_train_dataset(files: Sequence[str], image_root: str | None, transform: Callable, seed: int,
+                            cleaning: str = "albef"):
+    records, bad = read_vqa(files, image_root, train=True, cleaning=cleaning)
+    return VQADataset(records, transform, seed=seed), bad

@@ -1,0 +1,88 @@
+"""Evaluation of the reasoning tasks: VQA (answer ranking) and SNLI-VE / NLVR2 (accuracy)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from albef.api import tokenize_answers
+from albef.data.pretrain import PretrainRecord, load_image
+from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers
+from albef.text import Tokenizer
+
+
+class _EvalDataset(Dataset):
+    """Images (one or a pair) through the test transform; an unreadable image is an error."""
+
+    def __init__(self, records: Sequence[PretrainRecord], transform):
+        self.records, self.transform = list(records), transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        paths = rec.image if isinstance(rec.image, tuple) else (rec.image,)
+        try:
+            px = [self.transform(load_image(p)) for p in paths]
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{paths}: cannot be read ({type(e).__name__}: {e})") from e
+        return (torch.stack(px) if len(px) > 1 else px[0]), i
+
+
+def _batches(records, transform, batch_size: int, num_workers: int):
+    return DataLoader(_EvalDataset(records, transform), batch_size=batch_size, num_workers=num_workers)
+
+
+def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
+    """The VQA metric: ``min(1, #annotators who gave the answer / 3)``; exact match for one answer."""
+    if len(answers) == 1:
+        return float(pred == answers[0])
+    return min(1.0, sum(a == pred for a in answers) / 3.0)
+
+
+@torch.no_grad()
+def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokenizer: Tokenizer, transform,
+                 k: int = 128, scoring: str = "albef", batch_size: int = 32, num_workers: int = 0,
+                 device: torch.device | str = "cpu", max_question_len: int = 35) -> tuple[dict, list[dict]]:
+    """Answers ``[{"question_id", "answer"}]`` (the evaluation server's format) and, where the
+    records carry answers, accuracy overall and per question type."""
+    model.eval()
+    ans = tokenize_answers(tokenizer, answer_list)
+    ans_ids, ans_mask = ans.input_ids.to(device), ans.attention_mask.to(device)
+    results, scores = [], defaultdict(list)
+    for px, idx in _batches(records, transform, batch_size, num_workers):
+        recs = [records[int(i)] for i in idx]
+        q = tokenizer([r.captions[0] for r in recs], max_length=max_question_len, padding="longest").to(device)
+        states = model.encode_question(px.to(device), q.input_ids, q.attention_mask)
+        best = rank_answers(model, states, q.attention_mask, ans_ids, ans_mask, k, scoring)["ranked_ids"][:, 0]
+        for r, b in zip(recs, best.tolist()):
+            results.append({"question_id": r.question_id, "answer": answer_list[b]})
+            if r.answers:
+                acc = vqa_accuracy(answer_list[b], r.answers)
+                scores["overall"].append(acc)
+                if r.question_type:
+                    scores[r.question_type].append(acc)
+    metrics = {k_: 100.0 * sum(v) / len(v) for k_, v in scores.items()}
+    metrics["n"] = len(results)
+    return metrics, results
+
+
+@torch.no_grad()
+def evaluate_classification(model: ALBEFForClassification, records, tokenizer: Tokenizer, transform,
+                            batch_size: int = 64, num_workers: int = 0, device: torch.device | str = "cpu",
+                            max_length: int = 40) -> dict:
+    """Accuracy (the authors' ``argmax == label``) over all records."""
+    model.eval()
+    correct = 0
+    for px, idx in _batches(records, transform, batch_size, num_workers):
+        recs = [records[int(i)] for i in idx]
+        t = tokenizer([r.captions[0] for r in recs], max_length=max_length, padding="longest").to(device)
+        px = px.to(device)
+        images = px if model.num_images == 1 else [px[:, 0], px[:, 1]]
+        pred = model(images, t.input_ids, t.attention_mask).argmax(-1).cpu()
+        correct += int((pred == torch.tensor([r.label for r in recs])).sum())
+    return {"accuracy": 100.0 * correct / max(1, len(records)), "n": len(records)}

@@ -53,12 +53,14 @@ class ClassifierTrainer(nn.Module):
         self.lavis_teacher_text_encoder = lavis_teacher_text_encoder
 
     def forward(self, images: Tensor | list[Tensor], input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                alpha: float) -> ClassifierOutput:
+                alpha: float, update_momentum: bool = True) -> ClassifierOutput:
+        """``update_momentum``: False on all but the first micro-batch of an accumulated step."""
         logits = self.model(images, input_ids, attention_mask)
         logits_m = None
         if self.model_m is not None:
             with torch.no_grad():
-                momentum_update(self.model, self.model_m, self.momentum)
+                if update_momentum:
+                    momentum_update(self.model, self.model_m, self.momentum)
                 t = self.model_m
                 text_encoder = self.model.text_encoder if self.lavis_teacher_text_encoder else t.text_encoder
                 hidden = text_encoder(input_ids, attention_mask, t.encode_images(images))
@@ -89,20 +91,20 @@ class VQATrainer(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, images: Tensor, question_ids: Tensor, question_mask: Tensor, answer_ids: Tensor,
-                answer_mask: Tensor, weights: Tensor, n_answers: Tensor, alpha: float) -> VQAOutput:
+                answer_mask: Tensor, weights: Tensor, n_answers: Tensor, alpha: float,
+                update_momentum: bool = True) -> VQAOutput:
         """``answer_ids`` hold every question's answers, question by question (``n_answers`` each)."""
         q = self.model.encode_question(images, question_ids, question_mask)
         rows = torch.repeat_interleave(torch.arange(len(n_answers), device=q.device), n_answers.to(q.device))
         logits = self.model.answer_logits(answer_ids, answer_mask, q[rows], question_mask[rows])
         logits_m = None
-        if self.model_m is not None and alpha > 0:
+        if self.model_m is not None:
             with torch.no_grad():
-                momentum_update(self.model, self.model_m, self.momentum)
-                q_m = self.model_m.encode_question(images, question_ids, question_mask)
-                logits_m = self.model_m.answer_logits(answer_ids, answer_mask, q_m[rows], question_mask[rows])
-        elif self.model_m is not None:
-            with torch.no_grad():
-                momentum_update(self.model, self.model_m, self.momentum)
+                if update_momentum:
+                    momentum_update(self.model, self.model_m, self.momentum)
+                if alpha > 0:
+                    q_m = self.model_m.encode_question(images, question_ids, question_mask)
+                    logits_m = self.model_m.answer_logits(answer_ids, answer_mask, q_m[rows], question_mask[rows])
         per_answer = answer_nll(logits, answer_ids, label_smoothing=self.label_smoothing,
                                 teacher_logits=logits_m, alpha=alpha)
         loss = (weights.to(per_answer.dtype) * per_answer).sum() / images.shape[0]

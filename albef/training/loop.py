@@ -105,17 +105,17 @@ class PretrainRun:
         check_bad_share(len(self.ann_bad), n_entries, d.max_bad_fraction, self.ann_bad, "annotation entries")
         self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.dist.world_size, self.dist.rank,
                                           t.grad_accum, t.seed)
-        G = self.sampler.global_batch
-        if self.cfg.queue_size % G:
-            raise ValueError(f"queue_size {self.cfg.queue_size} is not a multiple of the global batch {G} "
-                             f"({t.batch_size} per rank x {self.dist.world_size} ranks x {t.grad_accum} "
-                             "accumulation steps); change one of them")
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
                                  collate_fn=collate,
                                  pin_memory=self.dist.device.type == "cuda")
 
         self.trainer = self.task.build_trainer(self.cfg, r)
         model = self.trainer.model
+        G = self.sampler.global_batch
+        if hasattr(self.trainer, "queue") and self.cfg.queue_size % G:
+            raise ValueError(f"queue_size {self.cfg.queue_size} is not a multiple of the global batch {G} "
+                             f"({t.batch_size} per rank x {self.dist.world_size} ranks x {t.grad_accum} "
+                             "accumulation steps); change one of them")
         if r.model.init:
             self.init_report = load_albef(self.trainer, read_state_dict(r.model.init), r.model.init)
             if self.dist.is_main:

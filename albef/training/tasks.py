@@ -95,7 +95,7 @@ class VQATask:
 
     def micro_step(self, module, batch, alpha, generator, first):
         out = module(batch.images, batch.question_ids, batch.question_mask, batch.answer_ids, batch.answer_mask,
-                     batch.weights, batch.n_answers, alpha=alpha)
+                     batch.weights, batch.n_answers, alpha=alpha, update_momentum=first)
         return out.loss, {"loss": out.loss}, None
 
     def end_step(self, trainer, payloads) -> None:
@@ -124,7 +124,8 @@ class ClassifyTask:
         return batch.images if self.num_images == 1 else [batch.images[:, 0], batch.images[:, 1]]
 
     def micro_step(self, module, batch, alpha, generator, first):
-        out = module(self.images(batch), batch.input_ids, batch.attention_mask, batch.labels, alpha=alpha)
+        out = module(self.images(batch), batch.input_ids, batch.attention_mask, batch.labels, alpha=alpha,
+                     update_momentum=first)
         return out.loss, {"loss": out.loss}, None
 
     def end_step(self, trainer, payloads) -> None:

@@ -96,3 +96,46 @@ def test_text_assignment_pairs_and_labels():
         _, lab = model(torch.randn(6, 3, 32, 32), ids, torch.ones_like(ids), torch.Generator().manual_seed(s))
         counts += torch.bincount(lab, minlength=3)
     assert ((counts / counts.sum() - 1 / 3).abs() < 0.05).all()
+
+
+def test_easyvqa_converter_on_a_local_fixture(tmp_path, monkeypatch):
+    import types
+
+    from PIL import Image
+
+    import albef.data.easyvqa as E
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 100, 0, 0)).save(src / f"{i}.png")
+    fake = types.SimpleNamespace(
+        get_train_questions=lambda: (["what color is the shape?", "is there a circle?"], ["red", "yes"], [0, 1]),
+        get_test_questions=lambda: (["what shape is it?"], ["circle"], [1]),
+        get_train_image_paths=lambda: {0: str(src / "0.png"), 1: str(src / "1.png")},
+        get_test_image_paths=lambda: {1: str(src / "1.png")},
+        get_answers=lambda: ["red", "yes", "circle"])
+    monkeypatch.setattr(E, "_easy_vqa", lambda: fake)
+    counts = E.build_easyvqa(tmp_path / "out")
+    assert counts == {"train": 2, "test": 1}
+    train = json.loads((tmp_path / "out" / "vqa_train.json").read_text())
+    assert train[1] == {"image": "images/train/1.png", "question": "is there a circle?", "answer": ["yes"],
+                        "dataset": "vqa", "question_id": 1, "question_type": "yes/no"}
+    assert (tmp_path / "out" / "images" / "test" / "1.png").exists() and "MIT" in (tmp_path / "out" / "LICENSE.md").read_text()
+    records, bad = read_vqa(tmp_path / "out" / "vqa_test.json", str(tmp_path / "out"), train=False)
+    assert not bad and records[0].question_type == "shape"
+    assert E.build_easyvqa(tmp_path / "out") == counts  # idempotent
+
+
+def test_generated_reasoning_sets_follow_the_pictures(tmp_path):
+    write_shapes(tmp_path, n=12, image_size=16, seed=3, test=4)
+    caps = {e["image"]: e["caption"] for e in json.loads((tmp_path / "pretrain.json").read_text())}
+    for e in json.loads((tmp_path / "ve_train.json").read_text()):
+        color = caps[e["image"]].split(" ")[1]
+        if e["label"] == "entailment":
+            assert color in e["sentence"]
+        elif e["label"] == "contradiction":
+            assert color not in e["sentence"]
+    for e in json.loads((tmp_path / "nlvr_test.json").read_text()):
+        said = e["sentence"].split(" ")[-2]
+        assert (said == caps[e["images"][0]].split(" ")[1]) == (e["label"] == "True")

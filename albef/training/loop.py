@@ -31,7 +31,8 @@ from albef.recipes import PretrainRecipe
 from albef.text import Tokenizer
 from albef.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from albef.training.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, init_distributed
-from albef.loading import load_albef, read_state_dict
+from albef.loading import load_albef, load_hf_bert, load_timm_vit, read_state_dict
+from albef.training.momentum import copy_student_to_teacher
 from albef.training.metrics import MetricsLogger, plot_losses
 from albef.training.schedule import LRSchedule, alpha_at
 from albef.training.tasks import get_task
@@ -120,6 +121,13 @@ class PretrainRun:
             self.init_report = load_albef(self.trainer, read_state_dict(r.model.init), r.model.init)
             if self.dist.is_main:
                 log.info("%s", self.init_report)
+        for source, loader in ((r.model.text_init, load_hf_bert), (r.model.vision_init, load_timm_vit)):
+            if source:
+                report = loader(model, source)
+                if self.dist.is_main:
+                    log.info("%s", report)
+        if (r.model.text_init or r.model.vision_init) and getattr(self.trainer, "model_m", None) is not None:
+            copy_student_to_teacher(model, self.trainer.model_m)
         self.trainer.to(self.dist.device)
         if t.grad_checkpointing:
             model.set_grad_checkpointing(True)

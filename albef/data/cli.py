@@ -102,7 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--test", type=int, default=0, help="hold out this many images for retrieval_test.json")
     e = sub.add_parser("easyvqa", help="easy-VQA (PyPI package easy-vqa) in the authors' VQA format")
     e.add_argument("dir")
+    m = sub.add_parser("emoji", help="emoji images (Google, Twitter styles) with names: pretraining, "
+                                     "retrieval split by emoji, grounding windows")
+    m.add_argument("dir")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--windows", type=int, default=400, help="grounding training windows (test: half)")
     args = p.parse_args(argv)
+    if args.what == "emoji":
+        from albef.data.emoji import build_emoji
+
+        counts = build_emoji(args.dir, args.seed, args.windows)
+        print(f"wrote the emoji data to {args.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return 0
     if args.what == "easyvqa":
         from albef.data.easyvqa import build_easyvqa
 

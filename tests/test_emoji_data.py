@@ -1,0 +1,94 @@
+"""The emoji data builder on a small local fixture shaped like the npm packages (no network)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+from albef.data.emoji import CELL, PAD, build_emoji
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (CELL, CELL), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _fixture(cache: Path, n: int = 40) -> dict[str, Path]:
+    emoji = []
+    for i in range(n):
+        e = {"name": f"THING {i}", "short_names": [f"obj_{i}"], "unified": f"U{i}", "image": f"u{i}.png",
+             "sheet_x": i % 8, "sheet_y": i // 8, "category": "Objects", "has_img_google": True, "has_img_twitter": True}
+        if i % 5 == 0:  # a skin-tone variant that must stay with its base emoji
+            e["skin_variations"] = {"1F3FB": {"unified": f"U{i}-1", "image": f"u{i}-1.png", "sheet_x": 0, "sheet_y": 0,
+                                              "has_img_google": True, "has_img_twitter": True}}
+        emoji.append(e)
+    emoji.append({"name": "LIGHT SKIN TONE", "short_names": ["skin-tone-2"], "unified": "C", "image": "c.png",
+                  "sheet_x": 7, "sheet_y": 7, "category": "Component", "has_img_google": True})
+    paths = {}
+    meta = cache / "emoji-datasource-16.0.0.tgz"
+    with tarfile.open(meta, "w:gz") as t:
+        _add(t, "package/emoji.json", json.dumps(emoji).encode())
+    paths["meta"] = meta
+    step = CELL + 2 * PAD
+    sheet = Image.new("RGBA", (8 * step, 8 * step), (0, 0, 0, 0))
+    for e in emoji[:n]:
+        sheet.paste(Image.new("RGBA", (CELL, CELL), (e["sheet_x"] * 30, e["sheet_y"] * 30, 99, 255)),
+                    (e["sheet_x"] * step + PAD, e["sheet_y"] * step + PAD))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    for style in ("google", "twitter"):
+        p = cache / f"emoji-datasource-{style}-16.0.0.tgz"
+        with tarfile.open(p, "w:gz") as t:
+            for e in emoji[:n]:
+                for v in [e] + list((e.get("skin_variations") or {}).values()):
+                    _add(t, f"package/img/{style}/64/{v['image']}", _png((10, 200, 30, 255)))
+            _add(t, f"package/img/{style}/sheets/64.png", buf.getvalue())
+        paths[style] = p
+    return paths
+
+
+def test_split_by_emoji_never_leaks_and_variants_stay_together(tmp_path):
+    counts = build_emoji(tmp_path, seed=3, windows=10, fetcher=lambda cache: _fixture(cache.mkdir(parents=True) or cache))
+    assert counts["concepts"] == 40  # the Component entry is left out
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["test"]) and not set(splits["train"]) & set(splits["val"])
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (32, 4, 4)
+    train_ids = {e["image_id"] for e in json.loads((tmp_path / "retrieval_train.json").read_text())}
+    assert train_ids == set(splits["train"])
+    test = json.loads((tmp_path / "retrieval_test.json").read_text())
+    test_names = {c for e in test for c in e["caption"]}
+    pre_names = {c for e in json.loads((tmp_path / "pretrain.json").read_text()) for c in e["caption"]}
+    assert not test_names & pre_names  # held-out concepts are never seen in pretraining
+    for e in json.loads((tmp_path / "pretrain.json").read_text()):
+        stem = Path(e["image"]).stem.split("-")[0]  # a variant image u5-1 belongs to emoji U5
+        assert f"U{stem[1:]}" in splits["train"]
+    assert test[0]["caption"][0].startswith("thing ") and len(test[0]["caption"]) == 2
+    assert Image.open(tmp_path / test[0]["image"]).mode == "RGB"
+    assert "CC-BY" in (tmp_path / "LICENSE.md").read_text()
+
+
+def test_grounding_boxes_point_at_the_named_cell(tmp_path):
+    build_emoji(tmp_path, seed=1, windows=20, fetcher=lambda cache: _fixture(cache.mkdir(parents=True) or cache))
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    for split in ("train", "test"):
+        for e in json.loads((tmp_path / f"grounding_{split}.json").read_text()):
+            assert e["box"] in e["candidates"] and len(e["candidates"]) == 9
+            x, y, w, h = e["box"]
+            img = Image.open(tmp_path / e["image"]).convert("RGB")
+            # the fixture paints cell (sx, sy) with colour (30*sx, 30*sy, 99): recover the emoji
+            r, g, b = img.getpixel((x + w // 2, y + h // 2))
+            sx, sy = round(r / 30), round(g / 30)
+            unified = f"U{sy * 8 + sx}"
+            assert e["text"] == f"thing {sy * 8 + sx}" and b == 99
+            assert unified in splits[split]

@@ -128,6 +128,9 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
                 value = resize_pos_embed(value.to(torch.float32 if value.dtype == torch.float16 else value.dtype),
                                          want.shape[-2] - 1)
                 report.resized.append(f"{key} {tuple(converted[key].shape)} -> {tuple(want.shape)}")
+            elif from_pretraining and _is_decoder_cross_kv(key):
+                report.dropped[key] = DECODER_CROSS_KV
+                continue
             else:
                 errors.append(f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(want.shape)}")
                 continue
@@ -214,9 +217,19 @@ def _drop_rule(key: str, has_teacher: bool, from_pretraining: bool = False) -> s
     return None
 
 
+DECODER_CROSS_KV = ("the fusion layer's image keys/values cannot serve the decoder, whose cross-attention "
+                    "reads the question states (image width differs from the text width): fresh init")
+
+
+def _is_decoder_cross_kv(key: str) -> bool:
+    return ".text_decoder." in key and re.search(r"crossattention\.self\.(key|value)\.", key) is not None
+
+
 def _init_rule(key: str, momentum_missing: bool, from_pretraining: bool = False) -> str | None:
     if key.startswith("model_m.") and momentum_missing:
         return "momentum copy set equal to the loaded student"
+    if from_pretraining and _is_decoder_cross_kv(key):
+        return DECODER_CROSS_KV
     if from_pretraining and (".cls_head." in key or ".ta_head." in key):
         return "task head: fresh (trained in fine-tuning)"
     if key.startswith("queue.idx_queue"):

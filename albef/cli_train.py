@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=1e-4 data.num_workers=2")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recipe = load_recipe(args.config, [f"task={task}", *args.overrides])
+    recipe = load_recipe(args.config, args.overrides)
+    # a recipe names its task; one that names none (task defaults to pretrain) may be fine-tuned
+    if recipe.task != task and not (task != "pretrain" and recipe.task == "pretrain"):
+        cmd = "albef pretrain" if recipe.task == "pretrain" else f"albef finetune {recipe.task}"
+        p.error(f"the recipe is for task {recipe.task!r}: run it with `{cmd}`")
+    recipe.task = task
     if not recipe.data.train_files:
         p.error("no training data: set data.train_files in the recipe or as an override")
     from albef.training.loop import PretrainRun  # heavy imports after argument checks

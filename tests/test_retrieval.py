@@ -124,7 +124,9 @@ def test_every_recipe_parses_and_builds_its_model_config():
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         recipe = load_recipe(path)
         cfg = recipe.model.build_config()
-        assert cfg.queue_size % recipe.train.batch_size == 0, path.name
+        assert path.stem.startswith(recipe.task.split("_")[0]), path.name
+        if recipe.task in ("pretrain", "retrieval", "grounding"):  # the tasks with feature queues
+            assert cfg.queue_size % recipe.train.batch_size == 0, path.name
 
 
 def test_grounding_training_format_uses_the_image_file_as_id(tmp_path):

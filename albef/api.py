@@ -119,7 +119,7 @@ class Pipeline:
         out = []
         for i in range(0, len(texts), self.batch_size):
             t = self.processor.texts(texts[i:i + self.batch_size]).to(self.device)
-            out.append(self.model.text_feat(self.model.encode_text(t.input_ids, t.attention_mask)))
+            out.append(self.model.text_feat(self.model.encode_text(t.input_ids, t.attention_mask), t.attention_mask))
         return torch.cat(out)
 
     def similarity(self, images: Sequence[ImageLike] | Tensor, texts: Sequence[str] | str) -> Tensor:
@@ -148,7 +148,7 @@ class Pipeline:
         embeds = torch.cat([self.model.encode_image(px[i:i + self.batch_size]) for i in range(0, len(px), self.batch_size)])
         t = self.processor.texts(query).to(self.device)
         text_embeds = self.model.encode_text(t.input_ids, t.attention_mask)
-        sims = (self.model.image_feat(embeds) @ self.model.text_feat(text_embeds).T)[:, 0]
+        sims = (self.model.image_feat(embeds) @ self.model.text_feat(text_embeds, t.attention_mask).T)[:, 0]
         k = min(k, len(sims))
         cand = sims.topk(k).indices
         if not rerank:

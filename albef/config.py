@@ -90,6 +90,7 @@ class ALBEFConfig:
     max_text_len: int = 25
     add_sep: bool = False
     text_cleaning: str = "albef"
+    text_pooling: str = "cls"  # ITC text embedding: "cls" (authors) or "mean" (for mean-pooled text encoders)
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -111,6 +112,8 @@ class ALBEFConfig:
             problems.append(f"text.fusion_layer {t.fusion_layer} must lie in [0, num_layers={t.num_layers}]")
         if t.encoder_width != v.width:
             problems.append(f"text.encoder_width {t.encoder_width} must equal vision.width {v.width}")
+        if self.text_pooling not in ("cls", "mean"):
+            problems.append(f"text_pooling must be 'cls' or 'mean', not {self.text_pooling!r}")
         if self.text_cleaning not in ("albef", "blip"):
             problems.append(f"text_cleaning must be 'albef' or 'blip', not {self.text_cleaning!r}")
         if problems:

@@ -60,7 +60,7 @@ def gradcam_itc(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask:
     try:
         with torch.enable_grad():
             image_feat = model.image_feat(model.encode_image(images))
-            text_feat = model.text_feat(model.encode_text(input_ids, attention_mask))
+            text_feat = model.text_feat(model.encode_text(input_ids, attention_mask), attention_mask)
             (image_feat * text_feat).sum(-1).div(model.temp).sum().backward()
         cam, grad = attn.attention_map.detach(), attn.attention_map.grad
     finally:

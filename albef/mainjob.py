@@ -36,13 +36,16 @@ def _recipe(task: str, out: Path, train_files: list[str], root: Path, steps: int
     return PretrainRecipe.from_dict({
         "task": task,
         "model": {"preset": "albef-small", "init": init, "text_init": None if init else "minilm",
+                  # MiniLM was trained with mean pooling: its [CLS] is the same for every text, so the
+                  # ITC text embedding averages the tokens here (the authors' BERT uses [CLS])
                   "overrides": {"vision": {"image_size": 64}, "queue_size": 32 * batch, "max_text_len": 30,
-                                **model_over}},
+                                "text_pooling": "mean", **model_over}},
         "data": {"train_files": train_files, "image_root": str(root), "crop_scale": [0.5, 1.0], "num_workers": 1,
                  "min_seen_for_bad_check": 64},
+        # a per-step schedule: the authors' warm-up moves in units of 100 iterations, half of this budget
         "train": {"epochs": 100, "max_steps": steps, "batch_size": batch, "lr": lr, "min_lr": lr / 10,
-                  "warmup_lr": lr / 10, "warmup_epochs": 1, "seed": seed, "log_every": 10, "checkpoint_every": 0,
-                  "device": "cpu", "alpha_ramp_epochs": 0.05},
+                  "warmup_lr": lr / 10, "schedule": "cosine", "warmup_steps": max(1, steps // 10), "seed": seed,
+                  "log_every": 10, "checkpoint_every": 0, "device": "cpu", "alpha_ramp_epochs": 0.05},
         "output_dir": str(out),
     })
 

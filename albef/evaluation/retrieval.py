@@ -51,7 +51,7 @@ def embed_gallery(model: ALBEF, images: Sequence[str] | Tensor, texts: Sequence[
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
     text_embeds = torch.cat([model.encode_text(ids[i:i + batch_size], mask[i:i + batch_size])
                              for i in range(0, len(ids), batch_size)])
-    return GalleryEmbeddings(image_embeds, model.image_feat(image_embeds), text_embeds, mask, model.text_feat(text_embeds))
+    return GalleryEmbeddings(image_embeds, model.image_feat(image_embeds), text_embeds, mask, model.text_feat(text_embeds, mask))
 
 
 @torch.no_grad()

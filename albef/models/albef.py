@@ -57,9 +57,20 @@ class ALBEF(nn.Module):
         """L2-normalised ITC embedding of the image [CLS]: [B, embed_dim]."""
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
 
-    def text_feat(self, text_embeds: Tensor) -> Tensor:
-        """L2-normalised ITC embedding of the text [CLS]: [B, embed_dim]."""
-        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+    def text_feat(self, text_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """L2-normalised ITC embedding of the text: [B, embed_dim].
+
+        The [CLS] state, as the authors (``text_pooling="cls"``); ``"mean"`` averages the real tokens
+        instead, for text encoders trained with mean pooling (MiniLM's [CLS] carries nothing).
+        """
+        if self.config.text_pooling == "mean":
+            if attention_mask is None:
+                raise ValueError("text_pooling='mean' needs the attention mask")
+            m = attention_mask.unsqueeze(-1).to(text_embeds.dtype)
+            pooled = (text_embeds * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            pooled = text_embeds[:, 0]
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     # -- multimodal -----------------------------------------------------------------------
     def image_context(self, image_embeds: ImageInput, image_mask: Tensor | None = None) -> ImageContext:
@@ -90,7 +101,7 @@ class ALBEF(nn.Module):
     def similarity(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Cosine similarity of every image with every text: [B_img, B_txt]."""
         image_feat = self.image_feat(self.encode_image(images))
-        text_feat = self.text_feat(self.encode_text(input_ids, attention_mask))
+        text_feat = self.text_feat(self.encode_text(input_ids, attention_mask), attention_mask)
         return image_feat @ text_feat.T
 
     def match(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

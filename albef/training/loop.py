@@ -146,7 +146,9 @@ class PretrainRun:
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, not {t.precision!r}")
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.precision == "fp16")
         self.schedule = LRSchedule(t.lr, t.min_lr, t.warmup_lr, t.warmup_epochs, t.epochs, style=t.schedule,
-                                   warmup_steps=t.warmup_steps, steps_per_epoch=self.sampler.steps_per_epoch)
+                                   warmup_steps=t.warmup_steps, steps_per_epoch=self.sampler.steps_per_epoch,
+                                   total_steps=min(t.max_steps, t.epochs * self.sampler.steps_per_epoch)
+                                   if t.max_steps else None)
         self.state = RunState()
         if resume:
             self._resume(self.out / CHECKPOINT_NAME if resume is True else Path(resume))

@@ -118,7 +118,7 @@ class ALBEFPretrainer(nn.Module):
         image_embeds = model.encode_image(images)  # [B, 1+N, Dv]
         image_feat = model.image_feat(image_embeds)  # [B, E]
         text_embeds = model.encode_text(input_ids, attention_mask)  # [B, L, H]
-        text_feat = model.text_feat(text_embeds)
+        text_feat = model.text_feat(text_embeds, attention_mask)
 
         with torch.no_grad():
             if update_momentum:
@@ -126,7 +126,7 @@ class ALBEFPretrainer(nn.Module):
             image_embeds_m = teacher.encode_image(images)
             image_feat_m = teacher.image_feat(image_embeds_m)
             text_embeds_m = teacher.encode_text(input_ids, attention_mask)
-            text_feat_m = teacher.text_feat(text_embeds_m)
+            text_feat_m = teacher.text_feat(text_embeds_m, attention_mask)
 
         q = self.queue
         itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, q.image_queue.clone(),

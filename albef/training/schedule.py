@@ -37,6 +37,7 @@ class LRSchedule:
     style: str = "albef"
     warmup_steps: int = 0
     steps_per_epoch: int = 1
+    total_steps: int | None = None  # cosine style: where the decay ends (default epochs x steps_per_epoch)
 
     def __post_init__(self) -> None:
         if self.style not in ("albef", "cosine"):
@@ -52,7 +53,7 @@ class LRSchedule:
             t = epoch * self.steps_per_epoch + step
             if t < self.warmup_steps:
                 return self.warmup_lr + (self.lr - self.warmup_lr) * t / self.warmup_steps
-            total = max(1, self.epochs * self.steps_per_epoch - self.warmup_steps)
+            total = max(1, (self.total_steps or self.epochs * self.steps_per_epoch) - self.warmup_steps)
             return self._cosine((t - self.warmup_steps) / total)
         if epoch > 0:
             return self._cosine(epoch / self.epochs)

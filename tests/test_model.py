@@ -197,3 +197,19 @@ def test_mlm_logits_only_at_masked_positions_equal_full_projection(tiny_config):
     torch.testing.assert_close(out.mlm_logits, full[labels != -100])
     ce = F.cross_entropy(full.view(-1, full.shape[-1]), labels.view(-1))  # reference: CE over all, ignore -100
     torch.testing.assert_close(out.mlm_ce, ce)
+
+
+def test_mean_text_pooling_option(tiny_config):
+    tiny_config.text_pooling = "mean"
+    model = ALBEF(tiny_config).eval()
+    ids, mask = text_batch(3, 7)
+    with torch.no_grad():
+        emb = model.encode_text(ids, mask)
+        feat = model.text_feat(emb, mask)
+        m = mask.unsqueeze(-1).float()
+        expected = F.normalize(model.text_proj((emb * m).sum(1) / m.sum(1)), dim=-1)
+    torch.testing.assert_close(feat, expected)
+    with pytest.raises(ValueError, match="attention mask"):
+        model.text_feat(emb)
+    with pytest.raises(ValueError, match="text_pooling"):
+        ALBEFConfig.from_dict({**tiny_config.to_dict(), "text_pooling": "max"})

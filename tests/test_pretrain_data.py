@@ -116,3 +116,9 @@ def test_alpha_ramp():
     assert alpha_at(0.4, 1, 0, 100) == 0.4 and alpha_at(0.4, 3, 7, 100) == 0.4
     assert alpha_at(0.4, 1, 0, 100, ramp_epochs=2) == pytest.approx(0.2)  # LAVIS
     assert alpha_at(0.4, 0, 0, 100, ramp_epochs=0) == 0.4
+
+
+def test_cosine_schedule_ends_at_max_steps():
+    s = LRSchedule(lr=1e-3, min_lr=1e-4, warmup_lr=0.0, epochs=100, style="cosine", warmup_steps=10,
+                   steps_per_epoch=50, total_steps=110)
+    assert s(0, 10) == pytest.approx(1e-3) and s(0, 60) == pytest.approx(5.5e-4) and s(2, 10) == pytest.approx(1e-4)

@@ -209,8 +209,9 @@ class VQAPipeline:
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None, **kwargs) -> "VQAPipeline":
         from albef.hub import from_pretrained
+        from albef.models.tasks import ALBEFForVQA
 
-        model = from_pretrained(directory)
+        model = from_pretrained(directory, expect=ALBEFForVQA)
         return cls(model, Processor.for_model(model, directory, max_text_len=35), device, **kwargs)
 
     def set_answers(self, answer_list: Sequence[str]) -> None:

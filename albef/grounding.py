@@ -35,12 +35,13 @@ def gradcam_itm(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask:
     try:
         with torch.enable_grad():
             fused = model.encode_multimodal(input_ids, attention_mask, model.encode_image(images))
-            model.itm_logits(fused)[:, 1].sum().backward()
-        cam, grad = attn.attention_map.detach(), attn.attention_map.grad
+            cam = attn.attention_map
+            # the gradient of the attention map only: the caller's parameter gradients stay untouched
+            (grad,) = torch.autograd.grad(model.itm_logits(fused)[:, 1].sum(), cam)
+        cam = cam.detach()
     finally:
         attn.save_attention = False
         attn.attention_map = None
-        model.zero_grad(set_to_none=True)
     B, H, L, _ = cam.shape
     g = model.config.vision.grid_size
     mask = attention_mask.view(B, 1, L, 1, 1).to(cam.dtype)
@@ -60,13 +61,13 @@ def gradcam_itc(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask:
     try:
         with torch.enable_grad():
             image_feat = model.image_feat(model.encode_image(images))
+            cam = attn.attention_map
             text_feat = model.text_feat(model.encode_text(input_ids, attention_mask), attention_mask)
-            (image_feat * text_feat).sum(-1).div(model.temp).sum().backward()
-        cam, grad = attn.attention_map.detach(), attn.attention_map.grad
+            (grad,) = torch.autograd.grad((image_feat * text_feat).sum(-1).div(model.temp).sum(), cam)
+        cam = cam.detach()
     finally:
         attn.save_attention = False
         attn.attention_map = None
-        model.zero_grad(set_to_none=True)
     g = model.config.vision.grid_size
     B, H = cam.shape[:2]
     cam = cam[:, :, 0, 1:].reshape(B, H, g, g)

@@ -76,8 +76,11 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: To
 
 
 def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load a folder written by :func:`save_pretrained`, strictly (the right model class)."""
+                    dtype: torch.dtype | None = None, expect: type | None = None) -> torch.nn.Module:
+    """Load a folder written by :func:`save_pretrained`, strictly (the right model class).
+
+    ``expect``: the class the caller needs; another model in the folder is a clear error.
+    """
     d = Path(directory)
     cfg_path = d / CONFIG
     if not cfg_path.exists():
@@ -87,6 +90,8 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
     if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     model = _build(meta)
+    if expect is not None and not isinstance(model, expect):
+        raise ValueError(f"{d} holds a {type(model).__name__} ({meta.get('task')} model), not a {expect.__name__}")
     try:
         state = load_file(str(d / WEIGHTS))
     except Exception as e:  # noqa: BLE001

@@ -271,7 +271,7 @@ def _vqa(task: _Task) -> None:
     task.check("train/outputs/answer_token_logprob", tok, train["outputs"]["answer_token_logprob"])
     _momentum_sums(task, trainer)
     model.eval()
-    rank, ref = io["rank"], io["rank"]
+    ref = io["rank"]
     q, qm = out.question_states.detach(), inp["question_attention_mask"]
     ids, mask, k = inp["answer_list_input_ids"], inp["answer_list_attention_mask"], int(inp["k_test"])
     lavis = rank_answers(model, q, qm, ids, mask, k, scoring="lavis", label_smoothing=0.1)

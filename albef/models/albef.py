@@ -121,7 +121,7 @@ class ALBEF(nn.Module):
         """Load a folder written by :meth:`save_pretrained` (strict)."""
         from albef.hub import from_pretrained
 
-        return from_pretrained(directory, device, dtype)
+        return from_pretrained(directory, device, dtype, expect=cls)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.grad_checkpointing = enable

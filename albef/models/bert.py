@@ -89,6 +89,8 @@ class MultiHeadAttention(nn.Module):
             attn = scores.softmax(-1)  # [B, h, L, N]
             if attn.requires_grad:
                 attn.retain_grad()
+            elif torch.is_grad_enabled():  # frozen weights: still let Grad-CAM differentiate the map
+                attn.requires_grad_(True)
             self.attention_map = attn
             out = F.dropout(attn, p) @ v
         else:

@@ -36,6 +36,8 @@ class Attention(nn.Module):
             attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # [B, h, N, N]
             if attn.requires_grad:
                 attn.retain_grad()
+            elif torch.is_grad_enabled():  # frozen weights: still let Grad-CAM differentiate the map
+                attn.requires_grad_(True)
             self.attention_map = attn
             out = attn @ v
         else:

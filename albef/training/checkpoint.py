@@ -178,7 +178,8 @@ def rng_state() -> dict[str, Any]:
                    "gauss_next": None if gauss_next is None else float(gauss_next)},
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only: touching every GPU would create a context on each from every rank
+        state["cuda"] = [torch.cuda.get_rng_state()]
     return state
 
 
@@ -203,5 +204,4 @@ def set_rng_state(state: dict[str, Any]) -> None:
                           stacklevel=2)
             return
         # A resume on fewer/more GPUs restores the devices both runs have.
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.cpu(), i)
+        torch.cuda.set_rng_state(state["cuda"][0].cpu())

@@ -129,11 +129,14 @@ class PretrainRun:
         if (r.model.text_init or r.model.vision_init) and getattr(self.trainer, "model_m", None) is not None:
             copy_student_to_teacher(model, self.trainer.model_m)
         self.trainer.to(self.dist.device)
+        encoders = [m for owner in (model, getattr(self.trainer, "model_m", None)) if owner is not None
+                    for m in (getattr(owner, n, None) for n in ("visual_encoder", "text_encoder", "text_decoder"))
+                    if m is not None]
         if t.grad_checkpointing:
-            model.set_grad_checkpointing(True)
+            for m in encoders:
+                m.grad_checkpointing = True
         if t.compile:
-            for m in (model.visual_encoder, model.text_encoder, self.trainer.model_m.visual_encoder,
-                      self.trainer.model_m.text_encoder):
+            for m in encoders:
                 m.compile()
         self.ddp = (DistributedDataParallel(self.trainer, device_ids=[self.dist.local_rank]
                                             if self.dist.device.type == "cuda" else None,
@@ -153,7 +156,7 @@ class PretrainRun:
         if resume:
             self._resume(self.out / CHECKPOINT_NAME if resume is True else Path(resume))
         self.metrics = MetricsLogger(self.out, enabled=self.dist.is_main,
-                                     resume_step=self.state.global_step + 1 if resume else None)
+                                     resume_step=self.state.global_step + 1)  # fresh runs drop stale rows
         self.bad_names: list[BadSample] = []
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -167,7 +170,8 @@ class PretrainRun:
             raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
         self.trainer.load_state_dict(ckpt["model"], strict=True)
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the run that saved it had no fp16 scaler
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["state"])
         set_rng_state(ckpt["rng"])
         if self.dist.is_main:
@@ -199,9 +203,10 @@ class PretrainRun:
             gen = torch.Generator(device=dev).manual_seed(seed)
             last = j == len(micro_batches) - 1
             sync = self.ddp.no_sync() if (self.ddp is not self.trainer and not last) else nullcontext()
-            with sync, torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                loss, logs, payload = self.task.micro_step(self.ddp, batch, alpha, gen, first=j == 0)
-                self.scaler.scale(loss / len(micro_batches)).backward()
+            with sync:
+                with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    loss, logs, payload = self.task.micro_step(self.ddp, batch, alpha, gen, first=j == 0)
+                self.scaler.scale(loss / len(micro_batches)).backward()  # outside autocast, as PyTorch advises
             payloads.append(payload)
             sums += torch.tensor([float(logs[k].detach()) if logs[k] is not None else 0.0 for k in keys],
                                  dtype=torch.float64)
@@ -212,17 +217,19 @@ class PretrainRun:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.task.end_step(self.trainer, payloads)
-        losses = all_reduce_mean(sums / len(micro_batches))
+        losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only
         return {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha}
 
     def _account_bad(self, micro_batches: list) -> None:
         d = self.recipe.data
         new_bad = [b for mb in micro_batches for b in mb.bad]
+        dev = self.dist.device
         counts = all_reduce_sum(torch.tensor([sum(mb.n_replaced for mb in micro_batches),
-                                              sum(len(mb.index) for mb in micro_batches)], dtype=torch.float64))
+                                              sum(len(mb.index) for mb in micro_batches), len(new_bad)],
+                                             dtype=torch.float64, device=dev)).cpu()
         self.state.bad_seen += int(counts[0])
         self.state.samples_seen += int(counts[1])
-        if all_reduce_sum(torch.tensor([float(len(new_bad))]))[0] > 0:
+        if counts[2] > 0:
             gathered: list[Any] = [new_bad]
             if self.dist.enabled and self.dist.world_size > 1:
                 gathered = [None] * self.dist.world_size

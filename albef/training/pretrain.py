@@ -129,9 +129,9 @@ class ALBEFPretrainer(nn.Module):
             text_feat_m = teacher.text_feat(text_embeds_m, attention_mask)
 
         q = self.queue
-        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, q.image_queue.clone(),
-                       q.text_queue.clone(), temp, alpha, idx,
-                       None if idx is None else q.idx_queue.clone())
+        # the queues as they were: itc_loss concatenates (copies) them before the enqueue below
+        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, q.image_queue, q.text_queue, temp,
+                       alpha, idx, None if idx is None else q.idx_queue)
         if enqueue:
             q.enqueue(image_feat_m, text_feat_m, idx)
 

@@ -84,9 +84,13 @@ def test_ground_and_predict_cli(tiny_model, gallery, tmp_path, capsys):
     assert cli_main(["predict", "gradcam", "--model", str(tmp_path / "m"), "--image", str(gallery[0]),
                      "--text", "a red circle", "--out", str(tmp_path / "o.png"), "--box", "0,0,16,16"]) == 0
     assert Image.open(tmp_path / "o.png").size == (32, 32)
+    capsys.readouterr()
     assert cli_main(["predict", "score", "--model", str(tmp_path / "m"), "--image", str(gallery[0]),
                      "--text", "a red circle", "--text", "a dog"]) == 0
-    assert capsys.readouterr().out.count("\n") >= 3
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    printed = [float(r[-1]) for r in rows]  # the ITM column, one row per text
+    expected = Pipeline.from_pretrained(tmp_path / "m", device="cpu").match([gallery[0]] * 2, ["a red circle", "a dog"])
+    assert printed == pytest.approx(expected.tolist(), abs=1e-3)
 
 
 def test_processor_for_saved_model_keeps_the_tokenizer_convention(tiny_model, tmp_path):

@@ -69,6 +69,11 @@ class TrainSection:
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
     hard_negative_eps: float | None = None  # None: the task's (pretraining 0, retrieval 1e-4)
     distill: bool = True  # momentum distillation in fine-tuning (VQA, SNLI-VE, NLVR2)
+    # pretraining ablation switches (the paper's Table 1): all on is ALBEF
+    itc: bool = True
+    hard_negatives: bool = True
+    itc_distill: bool = True
+    mlm_distill: bool = True
     label_smoothing: float = 0.0  # VQA answer loss: 0 (authors), 0.1 (LAVIS)
 
 

@@ -213,3 +213,21 @@ def test_mean_text_pooling_option(tiny_config):
         model.text_feat(emb)
     with pytest.raises(ValueError, match="text_pooling"):
         ALBEFConfig.from_dict({**tiny_config.to_dict(), "text_pooling": "max"})
+
+
+def test_ablation_switches(tiny_config):
+    ids, mask = text_batch(4, 10)
+    images = torch.randn(4, 3, 32, 32)
+
+    def run(**flags):
+        torch.manual_seed(0)
+        trainer = ALBEFPretrainer(ALBEF(tiny_config), **flags)
+        return trainer(images, ids, mask, 0.4, generator=torch.Generator().manual_seed(1))
+
+    no_itc = run(itc=False)
+    torch.testing.assert_close(no_itc.loss, no_itc.loss_itm + no_itc.loss_mlm)
+    uniform = run(hard_negatives=False)
+    torch.testing.assert_close(uniform.weights_t2i, 1.0 - torch.eye(4))
+    onehot = run(itc_distill=False)
+    torch.testing.assert_close(onehot.targets_i2t[:, :4], torch.eye(4))
+    assert run(mlm_distill=False).mlm_distill is None and run().mlm_distill is not None

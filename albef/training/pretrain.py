@@ -80,7 +80,11 @@ class ALBEFPretrainer(nn.Module):
     """Training-time ALBEF: the student, its momentum teacher and the feature queues."""
 
     def __init__(self, model: ALBEF, mlm: bool = True, with_idx: bool = False,
-                 hard_negative_eps: float = 0.0, clamp_temp: bool = True):
+                 hard_negative_eps: float = 0.0, clamp_temp: bool = True, itc: bool = True,
+                 hard_negatives: bool = True, itc_distill: bool = True, mlm_distill: bool = True):
+        """The last four switch the paper's ablation rows: ``itc=False`` leaves the ITC loss out
+        (and ITM negatives are then random); ``hard_negatives=False`` draws ITM negatives uniformly;
+        ``itc_distill`` / ``mlm_distill`` turn momentum distillation off per objective."""
         super().__init__()
         cfg = model.config
         if mlm and model.mlm_head is None:
@@ -95,6 +99,8 @@ class ALBEFPretrainer(nn.Module):
         self.mlm_probability = cfg.mlm_probability
         self.hard_negative_eps = hard_negative_eps
         self.clamp_temp = clamp_temp  # the authors' pretraining clamps it each step; their retrieval model does not
+        self.use_itc, self.hard_negatives = itc, hard_negatives
+        self.itc_distill, self.mlm_distill = itc_distill, mlm_distill
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
                 idx: Tensor | None = None, draws: PretrainDraws | None = None,
@@ -131,7 +137,7 @@ class ALBEFPretrainer(nn.Module):
         q = self.queue
         # the queues as they were: itc_loss concatenates (copies) them before the enqueue below
         itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, q.image_queue, q.text_queue, temp,
-                       alpha, idx, None if idx is None else q.idx_queue)
+                       alpha if self.itc_distill else 0.0, idx, None if idx is None else q.idx_queue)
         if enqueue:
             q.enqueue(image_feat_m, text_feat_m, idx)
 
@@ -143,8 +149,11 @@ class ALBEFPretrainer(nn.Module):
                 positive = torch.eye(B, dtype=torch.bool, device=images.device)
             else:
                 positive = idx.view(-1, 1) == idx.view(1, -1)
-            w_t2i = hard_negative_weights(itc.sim_t2i[:, :B], positive, self.hard_negative_eps)
-            w_i2t = hard_negative_weights(itc.sim_i2t[:, :B], positive, self.hard_negative_eps)
+            if self.hard_negatives and self.use_itc:
+                w_t2i = hard_negative_weights(itc.sim_t2i[:, :B], positive, self.hard_negative_eps)
+                w_i2t = hard_negative_weights(itc.sim_i2t[:, :B], positive, self.hard_negative_eps)
+            else:  # ablation: any non-positive entry, uniformly
+                w_t2i = w_i2t = (~positive).to(itc.sim_t2i.dtype)
             neg_image = draws.neg_image_idx if draws.neg_image_idx is not None else sample_hard_negatives(w_t2i, generator)
             neg_text = draws.neg_text_idx if draws.neg_text_idx is not None else sample_hard_negatives(w_i2t, generator)
             neg_image, neg_text = neg_image.to(images.device), neg_text.to(images.device)
@@ -161,7 +170,8 @@ class ALBEFPretrainer(nn.Module):
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
 
         out = PretrainOutput(
-            loss=itc.loss + loss_itm, loss_itc=itc.loss, loss_itm=loss_itm, loss_mlm=None, alpha=alpha,
+            loss=(itc.loss if self.use_itc else 0.0) + loss_itm, loss_itc=itc.loss, loss_itm=loss_itm,
+            loss_mlm=None, alpha=alpha,
             image_embeds=image_embeds, text_embeds=text_embeds, image_feat=image_feat, text_feat=text_feat,
             image_embeds_m=image_embeds_m, text_embeds_m=text_embeds_m, image_feat_m=image_feat_m,
             text_feat_m=text_feat_m, sim_i2t=itc.sim_i2t, sim_t2i=itc.sim_t2i, sim_i2t_m=itc.sim_i2t_m,
@@ -184,11 +194,12 @@ class ALBEFPretrainer(nn.Module):
         hidden = model.encode_multimodal(ids, attention_mask, context)
         logits = model.mlm_logits(hidden[masked])  # [n_masked, V]
         logits_m = None
-        if out.alpha > 0:
+        alpha = out.alpha if self.mlm_distill else 0.0
+        if alpha > 0:
             with torch.no_grad():
                 hidden_m = teacher.encode_multimodal(ids, attention_mask, out.image_embeds_m)
                 logits_m = teacher.mlm_logits(hidden_m[masked])
-        loss, ce, distill = mlm_loss(logits, labels[masked], logits_m, out.alpha)
+        loss, ce, distill = mlm_loss(logits, labels[masked], logits_m, alpha)
         out.loss = out.loss + loss
         out.loss_mlm, out.mlm_ce, out.mlm_distill = loss, ce, distill
         out.mlm_logits, out.mlm_logits_m = logits, logits_m

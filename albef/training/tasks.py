@@ -32,7 +32,9 @@ class PretrainTask:
     loss_keys = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
-        return ALBEFPretrainer(ALBEF(cfg), hard_negative_eps=_eps(recipe, 0.0))
+        t = recipe.train
+        return ALBEFPretrainer(ALBEF(cfg), hard_negative_eps=_eps(recipe, 0.0), itc=t.itc,
+                               hard_negatives=t.hard_negatives, itc_distill=t.itc_distill, mlm_distill=t.mlm_distill)
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data

@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "main": ("albef.mainjob", "the whole system on real data (emoji, easy-VQA) with a report"),
+    "ablation": ("albef.ablation", "the paper's pretraining ablation in miniature (docs/ablation.md)"),
     "parity": ("albef.parity", "recompute reference test vectors and compare"),
     "demo": ("albef.demo", "short pretraining run on generated data, then zero-shot retrieval"),
     "bench": ("albef.bench", "time one full pretraining step (forward, backward, AdamW)"),

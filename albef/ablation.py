@@ -51,14 +51,14 @@ def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], sc
              f"albef-small (MiniLM text side) at 64 px; each row: the main job's pretraining and retrieval "
              f"stages (scale `{scale}`), seeds {seeds}; ITC + ITM re-ranking on the held-out emoji; "
              "mean ± standard deviation over seeds.", "",
-             "| row | TR@1 | TR@5 | IR@1 | IR@5 | command |", "|---|---|---|---|---|---|"]
+             "| row | seeds | TR@1 | TR@5 | IR@1 | IR@5 | command |", "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         cells = []
         for m in METRICS:
             vals = [r[m] for r in runs]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | `albef ablation --row \"{name}\"` |")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | `albef ablation --row \"{name}\"` |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

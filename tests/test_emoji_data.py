@@ -102,5 +102,5 @@ def test_ablation_table_reports_mean_and_spread(tmp_path):
         {"txt_r1": 3.0, "txt_r5": 5.0, "img_r1": 2.0, "img_r5": 8.0}]}
     write_table(runs, tmp_path / "t.md", [0, 1], "full")
     row = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| Full")][0]
-    assert "| 2.00 ± 1.41 | 5.00 ± 0.00 | 2.00 ± 0.00 | 7.00 ± 1.41 |" in row
+    assert "| 2 | 2.00 ± 1.41 | 5.00 ± 0.00 | 2.00 ± 0.00 | 7.00 ± 1.41 |" in row
     assert list(ROWS)[0] == "MLM + ITM" and ROWS["MLM + ITM"]["itc"] is False

@@ -1,0 +1,389 @@
+"""albef vs the reference (LAVIS 1.0.2's ALBEF), side by side in one process, same inputs.
+
+Run with the reference environment (``bash bench/setup_reference.sh`` makes it):
+
+    bench/.venv-ref/bin/python bench/compare.py --write bench/RESULTS.md      # CPU, ~15 min
+    bench/.venv-ref/bin/python bench/compare.py --device cuda --gpu           # GPU figures
+
+What is timed (medians of ``--reps`` rounds, ours and theirs alternating after a warm-up, same
+threads, same config, same batch, same resolution, same random inputs):
+
+* ``pretrain``: one step = forward (ITC + ITM + MLM with distillation, momentum update and queue
+  push), backward, AdamW. Peak memory: on CUDA the allocator's peak per side; on the CPU the peak
+  RSS of a fresh process per side (model, optimiser and one step), since the two share a process
+  here. FLOPs are counted on our step with ``torch.utils.flop_counter`` (same shapes for both:
+  captions are padded to the 30-token maximum on both sides) and divided by the fp32 (or bf16 on
+  GPU) matrix-multiply throughput measured in the same run: model FLOP utilisation.
+* ``retrieval``: the whole evaluation of a gallery (embed images and texts, ITC similarities,
+  top-k ITM re-ranking in both directions), ours ``embed_gallery`` + ``rerank`` (LAVIS's
+  score = ITM logit + cosine, ``add_cosine=True``) against LAVIS's ``compute_sim_matrix`` (one
+  fusion pass per query). ITM pairs/s = ``k (N_img + N_txt)`` / time. Both models carry the same
+  weights (ours converted from LAVIS's state dict) and the score matrices are compared.
+* ``vqa``: ranking a fixed answer list (k candidates per question by the first token, then the
+  candidates' full likelihood), ours ``rank_answers`` against LAVIS's ``predict_answers(...,
+  inference_method="rank")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference as R  # noqa: E402
+
+from albef.config import ALBEFConfig, get_preset  # noqa: E402
+
+WORDS = ("a man woman dog cat red blue small large riding sitting standing on the in of with next to "
+         "street field table plate bike horse two people child green white car tree building water").split()
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def captions(n: int, seed: int, max_words: int = 40) -> list[str]:
+    """Random captions; the first is long enough to fill 30 word pieces, so both sides pad to 30."""
+    rng = random.Random(seed)
+    out = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 28))) for _ in range(n)]
+    out[0] = " ".join(rng.choice(WORDS) for _ in range(max_words))
+    return out
+
+
+def config(preset: str, res: int) -> ALBEFConfig:
+    cfg = get_preset(preset)
+    cfg.vision.image_size = res
+    cfg.text.type_vocab_size = 0  # LAVIS has no token-type table
+    return cfg
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], dev: torch.device) -> float:
+    sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - t0
+
+
+def alternate(ours: Callable, theirs: Callable, dev: torch.device, reps: int, warmup: int = 1) -> tuple[list, list]:
+    for _ in range(warmup):
+        ours(), theirs()
+    a, b = [], []
+    for _ in range(reps):
+        a.append(timed(ours, dev))
+        b.append(timed(theirs, dev))
+    return a, b
+
+
+def matmul_flops_per_s(dev: torch.device, dtype: torch.dtype, n: int) -> float:
+    x, y = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    x @ y
+    best = min(timed(lambda: x @ y, dev) for _ in range(5))
+    return 2 * n**3 / best
+
+
+# -- pretraining step ---------------------------------------------------------------------------
+def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.dtype | None,
+                   sides: tuple[str, ...] = ("ours", "theirs")):
+    """(ours_step, theirs_step, ours_model, theirs_model): forward, backward and AdamW closures
+    (None for a side not in ``sides``)."""
+    from albef.models.albef import ALBEF
+    from albef.text import Tokenizer
+    from albef.training.pretrain import ALBEFPretrainer
+
+    L = R.import_lavis()
+    torch.manual_seed(0)
+    ours = ALBEFPretrainer(ALBEF(cfg)).to(dev).train() if "ours" in sides else None
+    theirs = R.build_pretrain(L, cfg).to(dev).train() if "theirs" in sides else None
+    images = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev)
+    texts = captions(batch, seed=1)
+    tok = Tokenizer(add_sep=True)(texts, max_length=cfg.max_text_len, padding="longest")
+    ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)
+    ref = L.AlbefBase.init_tokenizer()(texts, padding="max_length", truncation=True, max_length=cfg.max_text_len)
+    if ids.shape[1] != cfg.max_text_len or ids.tolist() != ref.input_ids:
+        raise RuntimeError("the two tokenizers disagree on the benchmark captions; the comparison would be unfair")
+    samples = {"image": images, "text_input": texts, "epoch": 1, "iters": 0, "num_iters_per_epoch": 1}
+
+    def step(model, run):
+        if model is None:
+            return None
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
+
+        def go():
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = run(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return go
+
+    return (step(ours, lambda m: m(images, ids, mask, alpha=cfg.alpha).loss),
+            step(theirs, lambda m: m(samples).loss), ours, theirs)
+
+
+def step_flops(step: Callable) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return float(fc.get_total_flops())
+
+
+def peak_rss_of(side: str, args: argparse.Namespace) -> float:
+    """Peak RSS (MB) of a fresh process that builds one side and runs two steps."""
+    cmd = [sys.executable, __file__, "--rss-probe", side, "--preset", args.preset, "--res", str(args.res),
+           "--batch", str(args.batch), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_pretrain(args, dev, amp) -> dict:
+    cfg = config(args.preset, args.res)
+    ours, theirs, m_a, m_b = pretrain_sides(cfg, args.batch, dev, amp)
+    n_a = sum(p.numel() for p in m_a.parameters())
+    n_b = sum(p.numel() for p in m_b.parameters())
+    flops = step_flops(ours)
+    a, b = alternate(ours, theirs, dev, args.reps)
+    res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch,
+           "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
+           "ours_all": a, "theirs_all": b, "flops_per_step": flops}
+    if dev.type == "cuda":
+        for name, fn in (("ours", ours), ("theirs", theirs)):
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            res[f"peak_mb_{name}"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        del m_a, m_b, ours, theirs
+        res["peak_mb_ours"] = peak_rss_of("ours", args)
+        res["peak_mb_theirs"] = peak_rss_of("theirs", args)
+    return res
+
+
+def rss_probe(args) -> None:
+    torch.set_num_threads(args.threads)
+    ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, torch.device("cpu"), None,
+                                        sides=(args.rss_probe,))
+    fn = ours or theirs
+    fn(), fn()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+# -- retrieval evaluation -----------------------------------------------------------------------
+def bench_retrieval(args, dev) -> dict:
+    from albef.convert import from_authors
+    from albef.evaluation.retrieval import embed_gallery, rerank
+    from albef.loading import load_albef
+    from albef.models.albef import ALBEF
+    from albef.text import Tokenizer
+
+    cfg = config(args.preset, args.res)
+    L = R.import_lavis()
+    torch.manual_seed(0)
+    theirs = R.build_retrieval(L, cfg).to(dev).eval()
+    ours = ALBEF(cfg, mlm_head=False).to(dev).eval()
+    sd = {k: v for k, v in theirs.state_dict().items() if not k.endswith("_m") and "_m." not in k and "queue" not in k}
+    sd = {("text_encoder.bert." + k[len("text_encoder."):] if k.startswith("text_encoder.") else k): v for k, v in sd.items()}
+    load_albef(ours, from_authors(sd), source="LAVIS retrieval model")
+    n_img, k = args.gallery, args.k
+    images = torch.randn(n_img, 3, args.res, args.res, device=dev)
+    texts = captions(5 * n_img, seed=2)
+    tok = Tokenizer(add_sep=True)  # LAVIS's layout, [CLS] ... [SEP]
+    out = {}
+
+    def run_ours():
+        with torch.no_grad():
+            g = embed_gallery(ours, images, texts, tok, max_length=35, batch_size=64, device=dev)
+            out["ours"] = rerank(ours, g, k, add_cosine=True)[1:]
+
+    def run_theirs():
+        with torch.no_grad():
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                out["theirs"] = L.compute_sim_matrix(theirs, R.GalleryLoader(images, texts), k_test=k)
+
+    a, b = alternate(run_ours, run_theirs, dev, args.reps_eval, warmup=0)
+    i2t_a, t2i_a = (x.float().cpu() for x in out["ours"])
+    i2t_b, t2i_b = (torch.as_tensor(x) for x in out["theirs"])
+    top = lambda s: s.argmax(1)  # noqa: E731
+    pairs = k * (n_img + len(texts))
+    return {"what": "retrieval", "preset": args.preset, "res": args.res, "images": n_img, "texts": len(texts), "k": k,
+            "ours_s": statistics.median(a), "theirs_s": statistics.median(b), "pairs": pairs,
+            "max_abs_score_diff": max((i2t_a - i2t_b).abs().max().item(), (t2i_a - t2i_b).abs().max().item()),
+            "same_top1": bool((top(i2t_a) == top(i2t_b)).all() and (top(t2i_a) == top(t2i_b)).all())}
+
+
+# -- VQA answer ranking --------------------------------------------------------------------------
+def bench_vqa(args, dev) -> dict:
+    from albef.models.tasks import ALBEFForVQA, rank_answers
+    from albef.text import Tokenizer
+
+    cfg = config(args.preset, args.res)
+    L = R.import_lavis()
+    torch.manual_seed(0)
+    dec_layers = max(1, cfg.text.num_layers // 2)
+    ours = ALBEFForVQA(cfg, decoder_layers=dec_layers).to(dev).eval()
+    theirs = R.build_vqa(L, cfg, dec_layers).to(dev).eval()
+    rng = random.Random(3)
+    answers = sorted({" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(args.answers * 2)})
+    answers = answers[: args.answers]
+    questions = [q + "?" for q in captions(args.questions, seed=4, max_words=20)]
+    images = torch.randn(args.questions, 3, args.res, args.res, device=dev)
+    tok = Tokenizer(add_sep=True)  # LAVIS's layout, [CLS] ... [SEP]
+    q = tok(questions, max_length=35, padding="longest")
+    ans = tok(answers, max_length=10, padding="longest")
+    k = min(args.vqa_k, len(answers))
+
+    def run_ours():
+        with torch.no_grad():
+            states = ours.encode_question(images, q.input_ids.to(dev), q.attention_mask.to(dev))
+            rank_answers(ours, states, q.attention_mask.to(dev), ans.input_ids.to(dev), ans.attention_mask.to(dev), k=k)
+
+    def run_theirs():
+        with torch.no_grad():
+            theirs.predict_answers({"image": images, "text_input": questions}, answer_list=answers,
+                                   num_ans_candidates=k, inference_method="rank")
+
+    a, b = alternate(run_ours, run_theirs, dev, args.reps_eval)
+    return {"what": "vqa", "preset": args.preset, "res": args.res, "questions": args.questions,
+            "answers": len(answers), "k": k, "ours_s": statistics.median(a), "theirs_s": statistics.median(b)}
+
+
+# -- report ---------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        cpu += f"; GPU {torch.cuda.get_device_name()}"
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    v = {p: md.version(p) for p in ("torch", "salesforce-lavis", "transformers", "timm")}
+    return ", ".join(f"{k} {x}" for k, x in v.items()) + f", Python {platform.python_version()}"
+
+
+def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
+    rows = ["| benchmark | setting | ours | reference | ours/ref time | other |", "|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = r["ours_s"] / r["theirs_s"]
+        if r["what"] == "pretrain":
+            setting = f"{r['preset']} res {r['res']} batch {r['batch']}"
+            mfu = lambda s: 100 * r["flops_per_step"] / s / peak_flops  # noqa: E731
+            other = (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
+                     f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x); MFU {mfu(r['ours_s']):.1f} % / "
+                     f"{mfu(r['theirs_s']):.1f} %; {r['flops_per_step'] / 1e9:.0f} GFLOP/step; "
+                     f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s")
+            cells = f"{r['ours_s']:.3f} s/step | {r['theirs_s']:.3f} s/step"
+        elif r["what"] == "retrieval":
+            setting = f"{r['preset']} res {r['res']}, {r['images']} images x {r['texts']} texts, k={r['k']}"
+            cells = f"{r['pairs'] / r['ours_s']:.1f} ITM pairs/s | {r['pairs'] / r['theirs_s']:.1f} ITM pairs/s"
+            other = (f"{r['theirs_s'] / r['ours_s']:.2f}x pairs/s; whole evaluation {r['ours_s']:.2f} / "
+                     f"{r['theirs_s']:.2f} s; same weights: max score difference {r['max_abs_score_diff']:.1e}, "
+                     f"same top-1 {'yes' if r['same_top1'] else 'NO'}")
+        else:
+            setting = (f"{r['preset']} res {r['res']}, {r['questions']} questions, {r['answers']} answers, "
+                       f"k={r['k']}")
+            cells = f"{r['ours_s']:.3f} s | {r['theirs_s']:.3f} s"
+            other = f"{r['questions'] / r['ours_s']:.2f} / {r['questions'] / r['theirs_s']:.2f} questions/s"
+        rows.append(f"| {r['what']} | {setting} | {cells} | {ratio:.2f}x | {other} |")
+    head = (f"Machine: {machine()}; {args.threads} threads; {versions()}; device {args.device} ({dtype} for ours"
+            f"{', the reference as it ships' if args.device == 'cuda' else ''}). Matrix-multiply throughput measured "
+            f"in the same run: {peak_flops / 1e9:.1f} GFLOP/s ({dtype}). Medians of {args.reps} (training) / "
+            f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
+            f"`{' '.join(['bench/.venv-ref/bin/python', 'bench/compare.py'] + sys.argv[1:])}`.")
+    return head + "\n\n" + "\n".join(rows) + "\n"
+
+
+def write_block(path: Path, marker: str, text: str) -> None:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    old = path.read_text() if path.exists() else ""
+    block = f"{start}\n{text}{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--what", nargs="+", default=["pretrain", "retrieval", "vqa"],
+                   choices=["pretrain", "retrieval", "vqa"])
+    p.add_argument("--preset", default="albef-base")
+    p.add_argument("--res", type=int, default=224)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--small-preset", default="albef-small", help="the CPU-sized preset also run for pretraining")
+    p.add_argument("--small-res", type=int, default=128)
+    p.add_argument("--small-batch", type=int, default=16)
+    p.add_argument("--gallery", type=int, default=16, help="retrieval: images (5 captions each)")
+    p.add_argument("--k", type=int, default=16, help="retrieval: shortlist size")
+    p.add_argument("--questions", type=int, default=8)
+    p.add_argument("--answers", type=int, default=200)
+    p.add_argument("--vqa-k", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps-eval", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for ours (the reference runs as it ships)")
+    p.add_argument("--write", type=Path, help="replace the comparison block of this Markdown file")
+    p.add_argument("--marker", default=None, help="block name in --write (default: compare-DEVICE)")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--rss-probe", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.rss_probe:
+        rss_probe(args)
+        return 0
+    dev = torch.device(args.device)
+    amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda") else None
+    dtype = "bf16 autocast" if amp else "float32"
+    peak = matmul_flops_per_s(dev, amp or torch.float32, 4096 if dev.type == "cuda" else 1024)
+    results = []
+    for what in args.what:
+        if what == "pretrain":
+            results.append(bench_pretrain(args, dev, amp))
+            if args.small_preset:
+                small = argparse.Namespace(**{**vars(args), "preset": args.small_preset, "res": args.small_res,
+                                              "batch": args.small_batch})
+                results.append(bench_pretrain(small, dev, amp))
+        elif what == "retrieval":
+            results.append(bench_retrieval(args, dev))
+        else:
+            results.append(bench_vqa(args, dev))
+        print(json.dumps(results[-1]), flush=True)
+    text = table(results, args, peak, dtype)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "matmul_flops_per_s": peak}, indent=1))
+    if args.write:
+        write_block(args.write, args.marker or f"compare-{dev.type}", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

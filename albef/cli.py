@@ -17,6 +17,7 @@ COMMANDS = {
     "data": ("albef.data.cli", "build data sets in the authors' JSON formats"),
     "convert": ("albef.cli_convert", "an authors' checkpoint (.pth) -> an albef model folder"),
     "predict": ("albef.cli_predict", "score image-text pairs, or a Grad-CAM overlay PNG"),
+    "serve": ("albef.cli_serve", "local web demo: search, match, ask, Grad-CAM (JSON API too)"),
 }
 
 

@@ -1,0 +1,1 @@
+"""``albef serve``: a local web demo — text → image search, caption matching, VQA and Grad-CAM."""

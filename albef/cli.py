@@ -17,6 +17,8 @@ COMMANDS = {
     "data": ("albef.data.cli", "build data sets in the authors' JSON formats"),
     "convert": ("albef.cli_convert", "an authors' checkpoint (.pth) -> an albef model folder"),
     "predict": ("albef.cli_predict", "score image-text pairs, or a Grad-CAM overlay PNG"),
+    "index": ("albef.cli_index", "FAISS gallery index: build (chunked), bench (recall vs exact)"),
+    "search": ("albef.cli_index:search_main", "text -> image over a FAISS index, ITM re-ranked"),
     "serve": ("albef.cli_serve", "local web demo: search, match, ask, Grad-CAM (JSON API too)"),
 }
 

@@ -1,0 +1,178 @@
+"""Galleries of millions: image ITC embeddings written to disk in chunks, a FAISS index over them,
+and text → image search whose FAISS shortlist is re-ranked by ITM.
+
+Memory while building is bounded by the chunk size: images are embedded ``chunk`` at a time into
+a float32 memory-mapped file, the index is trained on a sample read back from it and filled chunk
+by chunk. What the index itself holds depends on its type: ``flat`` and ``ivf`` keep every vector
+(4·d bytes each), ``ivfpq`` keeps ``pq_m`` bytes per vector (the one for galleries that do not fit
+in RAM), ``hnsw`` keeps the vectors plus its graph.
+
+Example:
+    >>> build_index(pipe, files, "gallery_index", kind="ivfpq")                 # doctest: +SKIP
+    >>> search(pipe, "gallery_index", "a red heart", k=100, top=5)               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger("albef.ann")
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise SystemExit("albef index needs FAISS: pip install faiss-cpu (or faiss-gpu)") from e
+    return faiss
+
+
+def make_index(kind: str, dim: int, n: int, nlist: int | None = None, pq_m: int | None = None):
+    """An inner-product FAISS index for ``n`` L2-normalised vectors (cosine = inner product)."""
+    faiss = _faiss()
+    if kind not in KINDS:
+        raise ValueError(f"index kind {kind!r}: choose one of {KINDS}")
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = 80, 128
+        return index
+    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))  # FAISS wants >= 39 points per list
+    if kind == "ivf":
+        spec = f"IVF{nlist},Flat"
+    else:
+        m = pq_m or next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim // 2)
+        spec = f"IVF{nlist},PQ{m}"
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)  # owns its quantizer
+    index.nprobe = max(1, nlist // 16)
+    return index
+
+
+def fill_index(index, vectors: np.ndarray, chunk: int = 65536, train_size: int = 100_000, seed: int = 0,
+               progress: bool = False):
+    """Train (on a random sample of at most ``train_size`` rows) and add ``vectors`` chunk by chunk.
+
+    ``vectors`` may be a ``np.memmap``: only the sample and one chunk are in memory at a time.
+    """
+    n = len(vectors)
+    if not index.is_trained:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, train_size), replace=False))
+        index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+    for start in tqdm(range(0, n, chunk), desc="adding to the index", disable=not progress):
+        index.add(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
+    return index
+
+
+def embed_to_disk(pipe, files: Sequence[Path], out: Path, chunk: int = 1024, progress: bool = True
+                  ) -> tuple[np.memmap, list[int], list[dict]]:
+    """ITC image features of ``files`` into ``out/features.f32`` ([N_ok, d] float32 memmap).
+
+    Returns the memmap, the row → file-number map (unreadable files are skipped) and the failures.
+    """
+    d = pipe.model.config.embed_dim
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "features.f32"
+    rows, bad, n_written = [], [], 0
+    with open(path, "wb") as fh:
+        bar = tqdm(total=len(files), desc="embedding images", unit="img", disable=not progress)
+        for start in range(0, len(files), chunk):
+            pixels, ok = [], []
+            for i, p in enumerate(files[start:start + chunk], start):
+                try:
+                    with Image.open(p) as img:
+                        img.load()
+                        pixels.append(pipe.processor.transform(img.convert("RGB")))
+                    ok.append(i)
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    bad.append({"file": str(p), "error": f"{type(e).__name__}: {e}"})
+                    log.warning("skipping %s (%s)", p, e)
+            if pixels:
+                feats = pipe.encode_image(torch.stack(pixels)).float().cpu().numpy()
+                fh.write(np.ascontiguousarray(feats).tobytes())
+                rows += ok
+                n_written += len(ok)
+            bar.update(min(chunk, len(files) - start))
+        bar.close()
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_written, d)), rows, bad
+
+
+def build_index(pipe, files: Sequence[str | Path], out: str | Path, kind: str = "ivfpq", chunk: int = 1024,
+                nlist: int | None = None, progress: bool = True, model_id: str = "") -> dict:
+    """Embed ``files`` and write ``out/{index.faiss, meta.json, features.f32}``; returns the meta."""
+    faiss = _faiss()
+    out = Path(out)
+    files = [Path(f) for f in files]
+    t0 = time.perf_counter()
+    feats, rows, bad = embed_to_disk(pipe, files, out, chunk, progress)
+    if not len(feats):
+        raise ValueError(f"none of the {len(files)} images could be read; nothing to index")
+    t1 = time.perf_counter()
+    index = fill_index(make_index(kind, feats.shape[1], len(feats), nlist), feats, progress=progress)
+    faiss.write_index(index, str(out / "index.faiss.tmp"))
+    (out / "index.faiss.tmp").replace(out / "index.faiss")
+    meta = {"kind": kind, "count": len(feats), "dim": int(feats.shape[1]), "model": model_id,
+            "files": [str(files[r]) for r in rows], "bad": bad, "embed_s": round(t1 - t0, 2),
+            "index_s": round(time.perf_counter() - t1, 2), "nprobe": getattr(index, "nprobe", None)}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+def load_index(directory: str | Path):
+    faiss = _faiss()
+    directory = Path(directory)
+    if not (directory / "index.faiss").exists():
+        raise FileNotFoundError(f"{directory} has no index.faiss; build one with `albef index build`")
+    meta = json.loads((directory / "meta.json").read_text())
+    return faiss.read_index(str(directory / "index.faiss")), meta
+
+
+@torch.inference_mode()
+def search(pipe, directory: str | Path, query: str, k: int = 100, top: int = 10, rerank: bool = True,
+           nprobe: int | None = None, loaded=None) -> list[dict]:
+    """Text → image: FAISS shortlist of ``k`` by ITC, re-ranked by ITM (images re-encoded from
+    their files, so memory is bounded by ``k``, not by the gallery)."""
+    index, meta = loaded or load_index(directory)
+    if nprobe is not None and hasattr(index, "nprobe"):
+        index.nprobe = nprobe
+    q = pipe.encode_text(query).float().cpu().numpy()
+    sims, ids = index.search(q, min(k, meta["count"]))
+    cand = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
+    hits = [{"row": i, "file": meta["files"][i], "itc": s, "itm": None} for i, s in cand]
+    if not rerank or not hits:
+        return hits[:top]
+    probs = pipe.match([h["file"] for h in hits], [query] * len(hits))
+    for h, p in zip(hits, probs.tolist()):
+        h["itm"] = p
+    return sorted(hits, key=lambda h: -h["itm"])[:top]
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / k."""
+    k = exact_ids.shape[1]
+    return float(np.mean([len(set(a[:k]) & set(e)) / k for a, e in zip(approx_ids, exact_ids)]))
+
+
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
+    """Exact inner-product top-k by a chunked scan (memory bounded by the chunk)."""
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in range(0, len(vectors), chunk):
+        s = queries @ np.asarray(vectors[start:start + chunk], dtype=np.float32).T
+        all_s = np.concatenate([best_s, s], axis=1)
+        all_i = np.concatenate([best_i, np.arange(start, start + s.shape[1])[None].repeat(len(queries), 0)], axis=1)
+        top = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+    order = np.argsort(-best_s, axis=1)
+    return np.take_along_axis(best_i, order, 1)

@@ -1,0 +1,107 @@
+"""FAISS galleries: chunked embedding, exact top-k, recall, and search with ITM re-ranking."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+faiss = pytest.importorskip("faiss")
+
+from albef.ann import build_index, embed_to_disk, exact_topk, fill_index, make_index, recall_at_k, search  # noqa: E402
+from albef.api import Pipeline  # noqa: E402
+from albef.models.albef import ALBEF  # noqa: E402
+
+
+@pytest.fixture
+def pipe(tiny_config):
+    return Pipeline(ALBEF(tiny_config, mlm_head=False), device="cpu")
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(11):
+        p = tmp_path / "img" / f"{i:02d}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(p)
+        out.append(p)
+    bad = tmp_path / "img" / "bad.png"
+    bad.write_bytes(b"nope")
+    return out[:5] + [bad] + out[5:]
+
+
+def test_exact_topk_matches_a_full_sort():
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((1000, 8)).astype(np.float32)
+    q = rng.standard_normal((7, 8)).astype(np.float32)
+    got = exact_topk(v, q, k=5, chunk=128)  # chunks smaller than the gallery
+    want = np.argsort(-(q @ v.T), axis=1)[:, :5]
+    assert (got == want).all()
+
+
+def test_recall_at_k_by_hand():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[4, 3, 9, 9], [5, 6, 7, 8]])
+    assert recall_at_k(approx, exact) == pytest.approx((2 / 4 + 1) / 2)
+
+
+def test_embedding_in_chunks_equals_one_pass_and_skips_bad_files(pipe, files, tmp_path):
+    feats, rows, bad = embed_to_disk(pipe, files, tmp_path / "a", chunk=3, progress=False)
+    good = [f for f in files if f.name != "bad.png"]
+    assert len(feats) == len(good) and [files[r] for r in rows] == good
+    assert len(bad) == 1 and bad[0]["file"].endswith("bad.png")
+    whole = pipe.encode_image(good).numpy()
+    np.testing.assert_allclose(np.asarray(feats), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
+def test_approximate_indexes_find_most_of_the_exact_neighbours(kind, tmp_path):
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((50, 32)).astype(np.float32)
+    x = centres[rng.integers(50, size=5000)] + 0.5 * rng.standard_normal((5000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    mm = np.memmap(tmp_path / "v.f32", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
+    q = x[:40] + 0.1 * rng.standard_normal((40, 32)).astype(np.float32)
+    index = fill_index(make_index(kind, 32, len(x)), mm, chunk=700)
+    assert index.ntotal == len(x)
+    _, ids = index.search(q, 10)
+    floor = {"ivf": 0.8, "ivfpq": 0.4, "hnsw": 0.9}[kind]
+    assert recall_at_k(ids, exact_topk(x, q, 10)) >= floor
+
+
+def test_search_shortlists_by_itc_and_reranks_by_itm(pipe, files, tmp_path):
+    meta = build_index(pipe, files, tmp_path / "idx", kind="flat", chunk=4, progress=False)
+    assert meta["count"] == 11 and len(meta["bad"]) == 1
+    assert json.loads((tmp_path / "idx" / "meta.json").read_text())["files"][0].endswith("00.png")
+    good = meta["files"]
+    query = "a colourful noise pattern"
+    sims = (pipe.encode_image(good) @ pipe.encode_text(query).T)[:, 0]
+    hits = search(pipe, tmp_path / "idx", query, k=6, top=6, rerank=False)
+    assert [h["row"] for h in hits] == sims.argsort(descending=True)[:6].tolist()  # flat = exact ITC order
+    reranked = search(pipe, tmp_path / "idx", query, k=6, top=3)
+    itm = pipe.match([good[h["row"]] for h in hits], [query] * 6)
+    assert [h["row"] for h in reranked] == [hits[int(i)]["row"] for i in itm.argsort(descending=True)[:3]]
+    assert [h["itm"] for h in reranked] == pytest.approx(sorted(itm.tolist(), reverse=True)[:3], abs=1e-5)
+
+
+def test_index_cli_builds_and_searches(pipe, files, tmp_path, capsys):
+    from albef.cli import main as cli
+    from albef.hub import save_pretrained
+
+    save_pretrained(pipe.model, tmp_path / "model")
+    folder = files[0].parent
+    assert cli(["index", "build", "--model", str(tmp_path / "model"), "--images", str(folder), "--out",
+                str(tmp_path / "g"), "--kind", "flat", "--chunk", "4"]) == 0
+    assert "indexed 11 images (1 unreadable)" in capsys.readouterr().out
+    assert cli(["search", "a red heart", "--index", str(tmp_path / "g"), "--model", str(tmp_path / "model"),
+                "--k", "5", "--top", "2"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 2 and hits[0]["itm"] >= hits[1]["itm"]
+    with pytest.raises(FileNotFoundError, match="albef index build"):
+        search(pipe, tmp_path / "missing", "x")

@@ -105,6 +105,7 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
     (None for a side not in ``sides``)."""
     from albef.models.albef import ALBEF
     from albef.text import Tokenizer
+    from albef.training.loop import build_optimizer
     from albef.training.pretrain import ALBEFPretrainer
 
     L = R.import_lavis()
@@ -123,7 +124,10 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
     def step(model, run):
         if model is None:
             return None
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
+        if model is ours:  # each side's own optimiser set-up: ours is the training loop's
+            opt = build_optimizer(model, lr=1e-4, weight_decay=0.02)
+        else:  # LAVIS's runner: torch.optim.AdamW with its defaults
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
 
         def go():
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -181,7 +185,16 @@ def rss_probe(args) -> None:
                                         sides=(args.rss_probe,))
     fn = ours or theirs
     fn(), fn()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: that survives ``execve`` and
+    would report the parent's peak in a child started by ``subprocess``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- retrieval evaluation -----------------------------------------------------------------------

@@ -56,15 +56,23 @@ def embed_gallery(model: ALBEF, images: Sequence[str] | Tensor, texts: Sequence[
 
 @torch.no_grad()
 def itm_pair_scores(model: ALBEF, g: GalleryEmbeddings, img: Tensor, txt: Tensor, batch_size: int = 256) -> Tensor:
-    """ITM positive logit of each (img[p], txt[p]) pair, batched and grouped by image."""
+    """ITM positive logit of each (img[p], txt[p]) pair.
+
+    Pairs are batched in order of text length (then image), and each batch is cut to its own
+    longest text: the fusion cost is per token, and a gallery padded to its longest caption
+    would spend most of it on padding. Image keys/values are projected once per image of a batch.
+    """
+    lengths = g.text_mask.sum(1)[txt]
     order = torch.argsort(img, stable=True)
+    order = order[torch.argsort(lengths[order], stable=True)]  # by length, ties by image
     out = torch.empty(len(img), dtype=g.text_embeds.dtype, device=g.text_embeds.device)
     for s in range(0, len(order), batch_size):
         sel = order[s:s + batch_size]
         images, inverse = torch.unique(img[sel], return_inverse=True)
         ctx = model.image_context(g.image_embeds[images]).select(inverse)  # keys/values once per image
         t = txt[sel]
-        fused = model.fuse(g.text_embeds[t], g.text_mask[t], ctx)
+        L = int(lengths[sel].max())
+        fused = model.fuse(g.text_embeds[t, :L], g.text_mask[t, :L], ctx)
         out[sel] = model.itm_logits(fused)[:, 1]
     return out
 

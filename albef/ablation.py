@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--row", action="append", choices=list(ROWS), help="only these rows (repeatable)")
-    p.add_argument("--scale", default="full")
+    p.add_argument("--scale", default="ablation", help="steps per stage, from albef.mainjob.SCALES")
     p.add_argument("--table", default="docs/ablation.md")
     args = p.parse_args(argv)
     out = Path(args.out)

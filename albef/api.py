@@ -136,7 +136,8 @@ class Pipeline:
         probs = []
         for i in range(0, len(px), self.batch_size):
             sl = slice(i, i + self.batch_size)
-            fused = self.model.encode_multimodal(t.input_ids[sl], t.attention_mask[sl], self.model.encode_image(px[sl]))
+            text = self.model.encode_text(t.input_ids[sl], t.attention_mask[sl])
+            fused = self.model.itm_cls(text, t.attention_mask[sl], self.model.encode_image(px[sl]))
             probs.append(self.model.itm_logits(fused).float().softmax(-1)[:, 1])
         return torch.cat(probs)
 
@@ -153,7 +154,7 @@ class Pipeline:
         cand = sims.topk(k).indices
         if not rerank:
             return [RetrievalHit(int(i), float(sims[i]), None) for i in cand[:top]]
-        fused = self.model.fuse(text_embeds.expand(k, -1, -1), t.attention_mask.expand(k, -1), embeds[cand])
+        fused = self.model.itm_cls(text_embeds.expand(k, -1, -1), t.attention_mask.expand(k, -1), embeds[cand])
         p = self.model.itm_logits(fused).float().softmax(-1)[:, 1]
         order = p.argsort(descending=True)[:top]
         return [RetrievalHit(int(cand[j]), float(sims[cand[j]]), float(p[j])) for j in order]

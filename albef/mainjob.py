@@ -26,7 +26,9 @@ from albef.recipes import PretrainRecipe
 
 SCALES = {
     # steps per stage; "full" is the README's main job (~10 min on 2 cores)
-    "full": {"pretrain": 190, "retrieval": 150, "vqa": 250, "vqa_test": 2000, "k": 16, "batch": 32},
+    "full": {"pretrain": 500, "retrieval": 150, "vqa": 250, "vqa_test": 2000, "k": 16, "batch": 32},
+    # the ablation's budget per run (15 runs): the main job's first version, 190 pretraining steps
+    "ablation": {"pretrain": 190, "retrieval": 150, "vqa": 250, "vqa_test": 2000, "k": 16, "batch": 32},
     "smoke": {"pretrain": 2, "retrieval": 2, "vqa": 2, "vqa_test": 16, "k": 4, "batch": 4},
 }
 

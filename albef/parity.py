@@ -132,6 +132,24 @@ class _Task:
         return x.to(self.torch_dtype) if x.is_floating_point() else x
 
 
+def _pretrain_step(task: _Task, mlm: bool, retrieval: bool, rec: dict, draws_in: dict, inputs: dict, io: dict,
+                   key: str, per_alpha: dict, full_hidden: bool):
+    model = ALBEF(task.cfg, mlm_head=mlm)
+    trainer = ALBEFPretrainer(model, mlm=mlm, with_idx=retrieval, full_hidden=full_hidden,
+                              hard_negative_eps=0.0).to(task.torch_dtype)
+    trainer.load_state_dict(task.state_dict(), strict=True)
+    before = io.get("momentum_param_sums_before_update")
+    if before is not None and key == next(iter(per_alpha)) and full_hidden:
+        task.check("momentum_param_sums_before_update (all tensors)", _stack_sums(trainer, before),
+                   _stack_ref(before))
+    draws = PretrainDraws(draws_in["neg_image_idx"], draws_in["neg_text_idx"],
+                          draws_in.get("mlm_input_ids"), draws_in.get("mlm_labels"))
+    trainer.train()
+    out = trainer(task.t(inputs["image"]), inputs["input_ids"], inputs["attention_mask"],
+                  alpha=float(rec["alpha"]), idx=inputs["image_id"] if retrieval else None, draws=draws)
+    return trainer, out
+
+
 def _pretrain_like(task: _Task, mlm: bool) -> None:
     """Shared by the pretraining and the retrieval-training vectors."""
     io, retrieval = task.io, not mlm
@@ -139,29 +157,25 @@ def _pretrain_like(task: _Task, mlm: bool) -> None:
     per_alpha: dict[str, Any] = io["per_alpha"]
     results = {}
     for key, rec in per_alpha.items():
-        model = ALBEF(task.cfg, mlm_head=mlm)
-        trainer = ALBEFPretrainer(model, mlm=mlm, with_idx=retrieval,
-                                  hard_negative_eps=0.0).to(task.torch_dtype)
-        trainer.load_state_dict(task.state_dict(), strict=True)
-        before = io.get("momentum_param_sums_before_update")
-        if before is not None and key == next(iter(per_alpha)):
-            task.check("momentum_param_sums_before_update (all tensors)", _stack_sums(trainer, before),
-                       _stack_ref(before))
-        draws = PretrainDraws(draws_in["neg_image_idx"], draws_in["neg_text_idx"],
-                              draws_in.get("mlm_input_ids"), draws_in.get("mlm_labels"))
-        trainer.train()
-        out = trainer(task.t(inputs["image"]), inputs["input_ids"], inputs["attention_mask"],
-                      alpha=float(rec["alpha"]), idx=inputs["image_id"] if retrieval else None, draws=draws)
+        # full_hidden=True computes every position of the last layer (its hidden states are
+        # compared below); the default computes only what the losses read: check its numbers too
+        for full in (False, True):
+            trainer, out = _pretrain_step(task, mlm, retrieval, rec, draws_in, inputs, io, key, per_alpha, full)
+            tag = "" if full else " [last layer: [CLS]/masked only]"
+            clean = rec.get("float64_clean", {})
+            task.check(f"per_alpha/{key}/loss_itc{tag}", out.loss_itc, clean.get("loss_itc", rec["loss_itc"]))
+            task.check(f"per_alpha/{key}/loss_itm{tag}", out.loss_itm, rec["loss_itm"])
+            task.check(f"per_alpha/{key}/loss{tag}", out.loss, clean.get("loss", rec["loss"]))
+            if mlm:
+                task.check(f"per_alpha/{key}/loss_mlm{tag}", out.loss_mlm, rec["loss_mlm"])
+                task.check(f"per_alpha/{key}/mlm_ce{tag}", out.mlm_ce, rec["mlm_ce"])
+            if not full:
+                task.check(f"outputs/itm_logits{tag}", out.itm_logits, outputs["itm_logits"])
+                if mlm:
+                    task.check(f"outputs/mlm_logits_masked{tag}", out.mlm_logits, outputs["mlm_logits_masked"])
         results[key] = (trainer, out)
-        clean = rec.get("float64_clean", {})
         task.check(f"per_alpha/{key}/sim_i2t_targets", out.targets_i2t, clean.get("sim_i2t_targets", rec["sim_i2t_targets"]))
         task.check(f"per_alpha/{key}/sim_t2i_targets", out.targets_t2i, clean.get("sim_t2i_targets", rec["sim_t2i_targets"]))
-        task.check(f"per_alpha/{key}/loss_itc", out.loss_itc, clean.get("loss_itc", rec["loss_itc"]))
-        task.check(f"per_alpha/{key}/loss_itm", out.loss_itm, rec["loss_itm"])
-        task.check(f"per_alpha/{key}/loss", out.loss, clean.get("loss", rec["loss"]))
-        if mlm:
-            task.check(f"per_alpha/{key}/loss_mlm", out.loss_mlm, rec["loss_mlm"])
-            task.check(f"per_alpha/{key}/mlm_ce", out.mlm_ce, rec["mlm_ce"])
 
     # Everything under outputs/ is alpha-independent: read it from the run with distillation on.
     trainer, out = max(results.values(), key=lambda r: r[1].alpha)

@@ -231,3 +231,26 @@ def test_ablation_switches(tiny_config):
     onehot = run(itc_distill=False)
     torch.testing.assert_close(onehot.targets_i2t[:, :4], torch.eye(4))
     assert run(mlm_distill=False).mlm_distill is None and run().mlm_distill is not None
+
+
+def test_last_layer_on_chosen_positions_equals_the_full_pass(tiny_model):
+    """``positions`` computes the last layer for a few tokens: same values and gradients as
+    computing every token and picking them (what ITM's [CLS] and MLM's masked tokens use)."""
+    from albef.training.pretrain import masked_positions
+
+    model = tiny_model.eval().double()
+    ids = torch.tensor([[101, 1037, 2417, 4418, 2006, 0], [101, 2000, 2001, 2002, 2003, 2004]])
+    mask = (ids > 0).long()
+    img = model.encode_image(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    full = model.encode_multimodal(ids, mask, img)
+    torch.testing.assert_close(model.itm_cls(model.encode_text(ids, mask), mask, img), full[:, :1])
+    masked = torch.tensor([[False, True, False, False, True, False], [False, False, True, False, False, False]])
+    positions, keep = masked_positions(masked)
+    assert positions.tolist() == [[1, 4], [2, 0]] and keep.tolist() == [[True, True], [True, False]]
+    part = model.encode_multimodal(ids, mask, img, positions=positions)
+    torch.testing.assert_close(part[keep], full[masked])
+    g_full = torch.autograd.grad(full[masked].square().sum(), img)[0]
+    g_part = torch.autograd.grad(model.encode_multimodal(ids, mask, img, positions=positions)[keep].square().sum(), img)[0]
+    torch.testing.assert_close(g_part, g_full)
+    none = masked_positions(torch.zeros(2, 6, dtype=torch.bool))
+    assert none[0].shape == (2, 1) and not none[1].any()

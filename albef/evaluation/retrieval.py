@@ -72,7 +72,7 @@ def itm_pair_scores(model: ALBEF, g: GalleryEmbeddings, img: Tensor, txt: Tensor
         ctx = model.image_context(g.image_embeds[images]).select(inverse)  # keys/values once per image
         t = txt[sel]
         L = int(lengths[sel].max())
-        fused = model.fuse(g.text_embeds[t, :L], g.text_mask[t, :L], ctx)
+        fused = model.itm_cls(g.text_embeds[t, :L], g.text_mask[t, :L], ctx)
         out[sel] = model.itm_logits(fused)[:, 1]
     return out
 

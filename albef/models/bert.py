@@ -139,8 +139,15 @@ class BertLayer(nn.Module):
         self.output = AddNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout)
 
     def forward(self, x: Tensor, mask: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
-                cross_mask: Tensor | None = None) -> Tensor:
-        x = self.attention(x, mask)
+                cross_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """[B, L, H] -> [B, L, H], or [B, P, H] for ``positions`` [B, P]: every token still serves
+        as a key/value of the self-attention, but only those positions are computed on (queries,
+        cross-attention, feed-forward) — what a last layer needs when only a few outputs are read."""
+        if positions is None:
+            x = self.attention(x, mask)
+        else:
+            kv = self.attention.self.project_kv(x)
+            x = self.attention(x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])), mask, kv)
         if self.crossattention is not None:
             x = self.crossattention(x, cross_mask, cross_kv)
         return self.output(self.intermediate(x), x)
@@ -239,17 +246,20 @@ class TextEncoder(nn.Module):
         return ImageContext(keys, values, None if image_mask is None else padding_mask(image_mask))
 
     def _run(self, layers: Sequence[BertLayer], x: Tensor, attention_mask: Tensor,
-             context: ImageContext | None) -> Tensor:
+             context: ImageContext | None, positions: Tensor | None = None) -> Tensor:
         mask = self._self_mask(attention_mask)
+        if positions is not None and self.causal:
+            raise ValueError("positions are for bidirectional layers (the causal mask is per query row)")
         for i, layer in enumerate(layers):
             kv = None
             if layer.crossattention is not None:
                 kv = (context.keys[i], context.values[i])
             cross_mask = None if context is None else context.mask
+            pos = positions if i == len(layers) - 1 else None
             if self.grad_checkpointing and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, kv, cross_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, kv, cross_mask, pos, use_reentrant=False)
             else:
-                x = layer(x, mask, kv, cross_mask)
+                x = layer(x, mask, kv, cross_mask, pos)
         return x
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -258,15 +268,16 @@ class TextEncoder(nn.Module):
         return self._run(self.encoder.layer[: self.cfg.fusion_layer], x, attention_mask, None)
 
     def fuse(self, hidden: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-             image_mask: Tensor | None = None) -> Tensor:
-        """Fusion layers from a text hidden state [B, L, H] -> [B, L, H]."""
+             image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Fusion layers from a text hidden state [B, L, H] -> [B, L, H]; with ``positions``
+        [B, P] only those outputs, [B, P, H] (e.g. ``zeros(B, 1)``: the [CLS] that ITM reads)."""
         context = image if isinstance(image, ImageContext) else self.image_context(image, image_mask)
-        return self._run(self.fusion_layers, hidden, attention_mask, context)
+        return self._run(self.fusion_layers, hidden, attention_mask, context, positions)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-                image_mask: Tensor | None = None) -> Tensor:
-        """All layers (text then fusion): [B, L] ids -> [B, L, H]."""
-        return self.fuse(self.encode_text(input_ids, attention_mask), attention_mask, image, image_mask)
+                image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """All layers (text then fusion): [B, L] ids -> [B, L, H] (or [B, P, H], see :meth:`fuse`)."""
+        return self.fuse(self.encode_text(input_ids, attention_mask), attention_mask, image, image_mask, positions)
 
 
 class PredictionTransform(nn.Module):

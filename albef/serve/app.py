@@ -161,7 +161,8 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
             if not rerank:
                 return {"query": q, "results": [hit(int(i), float(sims[i]), None) for i in cand[:top]]}
             embeds = index.image_embeds[cand.cpu()].to(pipe.device, pipe.dtype)
-            fused = model.fuse(text_embeds.expand(len(cand), -1, -1), t.attention_mask.expand(len(cand), -1), embeds)
+            fused = model.itm_cls(text_embeds.expand(len(cand), -1, -1), t.attention_mask.expand(len(cand), -1),
+                                  embeds)
             p = model.itm_logits(fused).float().softmax(-1)[:, 1]
         order = p.argsort(descending=True)[:top]
         return {"query": q, "results": [hit(int(cand[j]), float(sims[cand[j]]), float(p[j])) for j in order]}

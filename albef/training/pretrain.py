@@ -81,10 +81,15 @@ class ALBEFPretrainer(nn.Module):
 
     def __init__(self, model: ALBEF, mlm: bool = True, with_idx: bool = False,
                  hard_negative_eps: float = 0.0, clamp_temp: bool = True, itc: bool = True,
-                 hard_negatives: bool = True, itc_distill: bool = True, mlm_distill: bool = True):
-        """The last four switch the paper's ablation rows: ``itc=False`` leaves the ITC loss out
-        (and ITM negatives are then random); ``hard_negatives=False`` draws ITM negatives uniformly;
-        ``itc_distill`` / ``mlm_distill`` turn momentum distillation off per objective."""
+                 hard_negatives: bool = True, itc_distill: bool = True, mlm_distill: bool = True,
+                 full_hidden: bool = False):
+        """``itc`` .. ``mlm_distill`` switch the paper's ablation rows: ``itc=False`` leaves the ITC
+        loss out (and ITM negatives are then random); ``hard_negatives=False`` draws ITM negatives
+        uniformly; ``itc_distill`` / ``mlm_distill`` turn momentum distillation off per objective.
+
+        The losses read the fused [CLS] (ITM) and the masked positions (MLM) only, so by default
+        the last layer is computed for those alone (same values, less work);
+        ``full_hidden=True`` computes every position (``out.fused`` is then [N, L, H]; parity)."""
         super().__init__()
         cfg = model.config
         if mlm and model.mlm_head is None:
@@ -101,6 +106,7 @@ class ALBEFPretrainer(nn.Module):
         self.clamp_temp = clamp_temp  # the authors' pretraining clamps it each step; their retrieval model does not
         self.use_itc, self.hard_negatives = itc, hard_negatives
         self.itc_distill, self.mlm_distill = itc_distill, mlm_distill
+        self.full_hidden = full_hidden
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
                 idx: Tensor | None = None, draws: PretrainDraws | None = None,
@@ -164,8 +170,9 @@ class ALBEFPretrainer(nn.Module):
             itm_labels = torch.cat([torch.ones(B, dtype=torch.long, device=images.device),
                                     torch.zeros(len(text_rows) - B, dtype=torch.long, device=images.device)])
         context = model.image_context(image_embeds)
-        fused = model.fuse(text_embeds.index_select(0, text_rows), attention_mask.index_select(0, text_rows),
-                           context.select(image_rows))
+        fuse = model.fuse if self.full_hidden else model.itm_cls
+        fused = fuse(text_embeds.index_select(0, text_rows), attention_mask.index_select(0, text_rows),
+                     context.select(image_rows))
         itm_logits = model.itm_logits(fused)
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
 
@@ -191,16 +198,29 @@ class ALBEFPretrainer(nn.Module):
             ids, labels = mask_tokens(input_ids, model.config.text.vocab_size, MASK_ID, (PAD_ID, CLS_ID),
                                       self.mlm_probability, generator)
         masked = labels != IGNORE_INDEX  # the vocabulary projection runs only where it is scored
-        hidden = model.encode_multimodal(ids, attention_mask, context)
-        logits = model.mlm_logits(hidden[masked])  # [n_masked, V]
+        positions, keep = (None, masked) if self.full_hidden else masked_positions(masked)
+        hidden = model.encode_multimodal(ids, attention_mask, context, positions=positions)
+        logits = model.mlm_logits(hidden[keep])  # [n_masked, V], row-major like hidden[masked]
         logits_m = None
         alpha = out.alpha if self.mlm_distill else 0.0
         if alpha > 0:
             with torch.no_grad():
-                hidden_m = teacher.encode_multimodal(ids, attention_mask, out.image_embeds_m)
-                logits_m = teacher.mlm_logits(hidden_m[masked])
+                hidden_m = teacher.encode_multimodal(ids, attention_mask, out.image_embeds_m, positions=positions)
+                logits_m = teacher.mlm_logits(hidden_m[keep])
         loss, ce, distill = mlm_loss(logits, labels[masked], logits_m, alpha)
         out.loss = out.loss + loss
         out.loss_mlm, out.mlm_ce, out.mlm_distill = loss, ce, distill
         out.mlm_logits, out.mlm_logits_m = logits, logits_m
         out.draws.mlm_input_ids, out.draws.mlm_labels = ids, labels
+
+
+def masked_positions(masked: Tensor) -> tuple[Tensor, Tensor]:
+    """``(positions [B, P], keep [B, P])`` with P the most masked tokens of a row: each row's masked
+    positions in ascending order, padded; ``hidden_at_positions[keep]`` equals ``hidden[masked]``."""
+    B, L = masked.shape
+    counts = masked.sum(1)
+    P = max(1, int(counts.max()))
+    key = torch.arange(L, device=masked.device) + L * (~masked).long()  # masked first, in order
+    positions = key.argsort(dim=1)[:, :P]
+    keep = torch.arange(P, device=masked.device) < counts[:, None]
+    return positions, keep

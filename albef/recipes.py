@@ -42,6 +42,12 @@ class DataSection:
     num_workers: int = 4
     max_bad_fraction: float = 0.01
     min_seen_for_bad_check: int = 1000
+    # WebDataset shards instead of train_files (see albef.data.shards): a brace pattern, a folder
+    # written by `albef data shards`, or a list of either
+    shards: str | list[str] | None = None
+    epoch_samples: int | None = None  # samples per epoch; default: the count the shards record
+    resampled: bool = False  # draw shards with replacement (web scale) instead of exact epochs
+    shuffle_buffer: int = 1000
 
 
 @dataclass

@@ -90,6 +90,26 @@ def _write_reasoning(out: Path, entries: list[dict], split: str, seed: int) -> N
     (out / f"nlvr_{split}.json").write_text(json.dumps(nlvr, indent=0))
 
 
+def _shards(args: argparse.Namespace) -> int:
+    from albef.data.annotations import read_annotations
+    from albef.data.pretrain import parse_pretrain_entry
+    from albef.data.retrieval import read_retrieval_train
+    from albef.data.shards import write_shards
+
+    if args.format == "retrieval":
+        records, bad = read_retrieval_train(args.files, args.image_root, args.max_words)
+    else:
+        records, bad = read_annotations(args.files, parse_pretrain_entry(args.image_root, args.max_words))
+    for b in bad[:20]:
+        print(f"skipped annotation {b}", file=sys.stderr)
+    summary = write_shards(records, args.out, args.max_count)
+    for m in summary["missing"][:20]:
+        print(f"skipped missing image {m['image']}: {m['error']}", file=sys.stderr)
+    print(f"wrote {summary['count']} samples in {len(summary['shards'])} shards to {args.out} "
+          f"({len(bad)} bad annotation entries, {len(summary['missing'])} missing images skipped)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -107,7 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--windows", type=int, default=400, help="grounding training windows (test: half)")
+    w = sub.add_parser("shards", help="JSON (pretraining or retrieval format) -> WebDataset tar shards")
+    w.add_argument("files", nargs="+", help="the authors' JSON annotation files")
+    w.add_argument("--out", required=True)
+    w.add_argument("--image-root", default=None)
+    w.add_argument("--format", choices=["pretrain", "retrieval"], default="pretrain",
+                   help="retrieval keeps each entry's image id (id-aware ITC)")
+    w.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
+    w.add_argument("--max-words", type=int, default=30)
     args = p.parse_args(argv)
+    if args.what == "shards":
+        return _shards(args)
     if args.what == "emoji":
         from albef.data.emoji import build_emoji
 

@@ -139,6 +139,7 @@ class PretrainCollator:
         text = self.tokenizer([it["caption"] for it in items], max_length=self.max_length, padding="longest")
         return PretrainBatch(torch.stack([it["image"] for it in items]), text.input_ids, text.attention_mask,
                              torch.tensor([it["index"] for it in items]), [b for it in items for b in it["bad"]],
-                             sum(1 for it in items if it["bad"]),
+                             # items replacing a bad sample (JSON), or skipped bad samples before them (shards)
+                             sum(it.get("replaced", 1 if it["bad"] else 0) for it in items),
                              torch.tensor([it["idx"] for it in items]) if "idx" in items[0] else None,
                              torch.tensor([it["label"] for it in items]) if "label" in items[0] else None)

@@ -102,17 +102,20 @@ class PretrainRun:
 
         self.task = get_task(r.task)
         transform = train_transform(self.cfg.vision.image_size, tuple(d.crop_scale), d.randaugment)
-        self.dataset, collate, self.ann_bad = self.task.build_dataset(r, self.cfg, transform, self.tokenizer, cleaning)
-        n_entries = len(self.dataset) + len(self.ann_bad)
-        if self.dist.is_main:
-            for b in self.ann_bad[:20]:
-                log.warning("skipped annotation %s", b)
-        check_bad_share(len(self.ann_bad), n_entries, d.max_bad_fraction, self.ann_bad, "annotation entries")
-        self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.dist.world_size, self.dist.rank,
-                                          t.grad_accum, t.seed)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
-                                 collate_fn=collate,
-                                 pin_memory=self.dist.device.type == "cuda")
+        if d.shards:
+            self._shard_source(transform)
+        else:
+            self.dataset, collate, self.ann_bad = self.task.build_dataset(r, self.cfg, transform, self.tokenizer,
+                                                                          cleaning)
+            n_entries = len(self.dataset) + len(self.ann_bad)
+            if self.dist.is_main:
+                for b in self.ann_bad[:20]:
+                    log.warning("skipped annotation %s", b)
+            check_bad_share(len(self.ann_bad), n_entries, d.max_bad_fraction, self.ann_bad, "annotation entries")
+            self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.dist.world_size, self.dist.rank,
+                                              t.grad_accum, t.seed)
+            self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
+                                     collate_fn=collate, pin_memory=self.dist.device.type == "cuda")
 
         self.trainer = self.task.build_trainer(self.cfg, r)
         model = self.trainer.model
@@ -162,6 +165,20 @@ class PretrainRun:
         self.metrics = MetricsLogger(self.out, enabled=self.dist.is_main,
                                      resume_step=self.state.global_step + 1)  # fresh runs drop stale rows
         self.bad_names: list[BadSample] = []
+
+    def _shard_source(self, transform) -> None:
+        """WebDataset shards instead of a JSON list (``data.shards``): pretraining and retrieval."""
+        from albef.data.pretrain import PretrainCollator
+        from albef.data.shards import ShardLoader
+
+        r, d, t = self.recipe, self.recipe.data, self.recipe.train
+        if self.task.name not in ("pretrain", "retrieval"):
+            raise ValueError(f"data.shards feeds image-caption tasks (pretrain, retrieval), not {self.task.name!r}")
+        self.dataset, self.ann_bad = None, []  # shards were cleaned when they were written
+        self.sampler = self.loader = ShardLoader(
+            d.shards, transform, PretrainCollator(self.tokenizer, self.cfg.max_text_len), t.batch_size,
+            self.dist.world_size, self.dist.rank, t.grad_accum, t.seed, d.epoch_samples, d.resampled,
+            d.shuffle_buffer, d.num_workers)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
@@ -261,7 +278,8 @@ class PretrainRun:
         self.trainer.train()
         while s.epoch < t.epochs and s.global_step < total:
             self.sampler.set_epoch(s.epoch, s.step_in_epoch)
-            self.dataset.set_epoch(s.epoch)
+            if self.dataset is not None:
+                self.dataset.set_epoch(s.epoch)
             it = iter(self.loader)
             while s.step_in_epoch < spe and s.global_step < total:
                 micro = [next(it) for _ in range(accum)]

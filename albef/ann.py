@@ -129,6 +129,33 @@ def build_index(pipe, files: Sequence[str | Path], out: str | Path, kind: str = 
     return meta
 
 
+def refine_exact(vectors: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate rows ``cand`` [Q, K'] exactly against ``vectors`` (a memmap is fine: only
+    the candidates' rows are read) and keep the best ``k``: the IVF-PQ shortlist made exact."""
+    out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for qi, (q, ids) in enumerate(zip(queries, cand)):
+        ids = ids[ids >= 0]
+        s = np.asarray(vectors[np.sort(ids)], dtype=np.float32) @ q
+        ids = np.sort(ids)
+        top = np.argsort(-s)[:k]
+        out_s[qi, :len(top)], out_i[qi, :len(top)] = s[top], ids[top]
+    return out_s, out_i
+
+
+def ann_search(index, queries: np.ndarray, k: int, vectors: np.ndarray | None = None, refine: int = 4
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of an index; HNSW searches at least 2k deep, and a compressed (PQ) index fetches
+    ``refine``·k candidates re-scored exactly from ``vectors`` when they are given."""
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = max(index.hnsw.efSearch, 2 * k)
+    compressed = "PQ" in type(index).__name__
+    if compressed and vectors is not None and refine > 1:
+        _, cand = index.search(queries, refine * k)
+        return refine_exact(vectors, queries, cand, k)
+    return index.search(queries, k)
+
+
 def load_index(directory: str | Path):
     faiss = _faiss()
     directory = Path(directory)
@@ -147,7 +174,10 @@ def search(pipe, directory: str | Path, query: str, k: int = 100, top: int = 10,
     if nprobe is not None and hasattr(index, "nprobe"):
         index.nprobe = nprobe
     q = pipe.encode_text(query).float().cpu().numpy()
-    sims, ids = index.search(q, min(k, meta["count"]))
+    feats = Path(directory) / "features.f32"
+    vectors = (np.memmap(feats, dtype=np.float32, mode="r", shape=(meta["count"], meta["dim"]))
+               if feats.exists() else None)
+    sims, ids = ann_search(index, q, min(k, meta["count"]), vectors)
     cand = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
     hits = [{"row": i, "file": meta["files"][i], "itc": s, "itm": None} for i, s in cand]
     if not rerank or not hits:

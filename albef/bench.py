@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="step: a pretraining step; rerank: ITM re-ranking, batched vs the reference's per-query loop")
     p.add_argument("--gallery", type=int, default=32, help="rerank: images in the gallery (5 captions each)")
     p.add_argument("--k", type=int, default=16, help="rerank: shortlist size")
+    p.add_argument("--flops", action="store_true",
+                   help="count the FLOPs of one step (torch.utils.flop_counter) instead of timing")
     args = p.parse_args(argv)
     if args.what == "rerank":
         return bench_rerank(args)
@@ -84,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            step()
+        per_sample = fc.get_total_flops() / B
+        print(json.dumps({"preset": args.preset, "image_size": args.image_size, "batch_size": B,
+                          "text_len": args.text_len, "gflop_per_sample": round(per_sample / 1e9, 2)})
+              if args.json else f"{args.preset} res {args.image_size}: {per_sample / 1e9:.1f} GFLOP per sample "
+              f"(student forward + backward, teacher forward; captions up to {args.text_len} tokens)")
+        return 0
     for _ in range(args.warmup):
         step()
     if dev.type == "cuda":

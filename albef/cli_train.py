@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
         cmd = "albef pretrain" if recipe.task == "pretrain" else f"albef finetune {recipe.task}"
         p.error(f"the recipe is for task {recipe.task!r}: run it with `{cmd}`")
     recipe.task = task
-    if not recipe.data.train_files:
-        p.error("no training data: set data.train_files in the recipe or as an override")
+    if not recipe.data.train_files and not recipe.data.shards:
+        p.error("no training data: set data.train_files (JSON) or data.shards (WebDataset) in the recipe "
+                "or as an override")
     from albef.training.loop import PretrainRun  # heavy imports after argument checks
     from albef.training.distributed import shutdown
 

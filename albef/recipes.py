@@ -68,6 +68,7 @@ class TrainSection:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; the CPU runs fp32)
     grad_checkpointing: bool = False
     compile: bool = False
+    fsdp: bool = False  # shard the transformer blocks of student and teacher (albef.training.fsdp)
     seed: int = 42
     device: str = "auto"
     checkpoint_every: int = 1000  # optimizer steps; 0: only at the end of each epoch

@@ -105,3 +105,21 @@ def test_index_cli_builds_and_searches(pipe, files, tmp_path, capsys):
     assert len(hits) == 2 and hits[0]["itm"] >= hits[1]["itm"]
     with pytest.raises(FileNotFoundError, match="albef index build"):
         search(pipe, tmp_path / "missing", "x")
+
+
+def test_pq_shortlist_refined_exactly_from_disk_beats_pq_alone(tmp_path):
+    from albef.ann import ann_search
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    mm = np.memmap(tmp_path / "v.f32", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
+    q = x[:30] + 0.2 * rng.standard_normal((30, 32)).astype(np.float32)
+    index = fill_index(make_index("ivfpq", 32, len(x)), mm)
+    index.nprobe = 64  # all lists: what remains is the PQ error
+    exact = exact_topk(x, q, 10)
+    plain = recall_at_k(ann_search(index, q, 10)[1], exact)
+    refined_s, refined = ann_search(index, q, 10, mm, refine=8)
+    assert recall_at_k(refined, exact) > plain and recall_at_k(refined, exact) >= 0.9
+    np.testing.assert_allclose(refined_s, np.take_along_axis(q @ x.T, refined, 1), rtol=1e-5)

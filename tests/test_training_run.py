@@ -126,3 +126,10 @@ def test_queue_must_be_a_multiple_of_the_global_batch(shapes, tmp_path):
     with pytest.raises(ValueError, match="queue_size 30 is not a multiple of the global batch 8"):
         PretrainRun(load_recipe(None, _overrides(shapes, tmp_path, model__overrides="{queue_size: 30}",
                                                  train__grad_accum=2)))
+
+
+def test_resume_refuses_another_global_batch(shapes, tmp_path):
+    out = tmp_path / "run"
+    PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2))).fit()
+    with pytest.raises(ValueError, match="global_batch 4, this run has 8"):
+        PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__grad_accum=2)), resume=True)

@@ -30,9 +30,11 @@ def make_teacher(student: ALBEF) -> ALBEF:
 @torch.no_grad()
 def momentum_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """``θ_m ← m·θ_m + (1 − m)·θ`` for every teacher parameter, matched by name."""
+    from albef.training.fsdp import local  # FSDP: matching shards, updated where they live
+
     student_params = dict(student.named_parameters())
-    t = [p for _, p in teacher.named_parameters()]
-    s = [student_params[name] for name, _ in teacher.named_parameters()]
+    t = [local(p) for _, p in teacher.named_parameters()]
+    s = [local(student_params[name]) for name, _ in teacher.named_parameters()]
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 

@@ -1,0 +1,85 @@
+"""Sharded training with PyTorch's FSDP2 (``fully_shard``), for models beyond ViT-B/BERT-base.
+
+Every transformer block of the student — ViT blocks, BERT layers, the VQA decoder's layers — is
+sharded across the ranks, and its momentum teacher's blocks the same way, so the EMA update is a
+local operation on matching shards (done by the loop between steps, when every block is sharded). What stays outside the blocks (patch and word embeddings,
+projections, heads, the temperature) is small and stays replicated like under DDP; its gradients
+are averaged by :func:`sync_replicated_grads`. The ITC queues are buffers, replicated on every rank
+and filled with the all-gathered momentum features, exactly as with DDP.
+
+Checkpoints hold full (unsharded) state dicts, gathered with ``torch.distributed.checkpoint``'s
+state-dict API, so a run saved on N ranks resumes on any number of ranks, with or without FSDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def _blocks(owner: nn.Module) -> list[nn.Module]:
+    blocks: list[nn.Module] = []
+    vit = getattr(owner, "visual_encoder", None)
+    if vit is not None:
+        blocks += list(vit.blocks)
+    for name in ("text_encoder", "text_decoder"):
+        enc = getattr(owner, name, None)
+        if enc is not None:
+            blocks += list(enc.encoder.layer)
+    return blocks
+
+
+def shard_trainer(trainer: nn.Module, device_type: str) -> None:
+    """Shard the blocks of ``trainer.model`` and of its teacher ``trainer.model_m`` (if any).
+
+    Each block is its own FSDP unit, re-sharded after its forward (the teacher's blocks never run
+    backward, and FSDP would keep a root unit gathered until then). The cross-attention key/value
+    projections stay replicated: the model projects image keys/values once per image, outside the
+    layers' forward, and reuses them across fusion passes.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for owner in (trainer.model, getattr(trainer, "model_m", None)):
+        if owner is None:
+            continue
+        blocks = _blocks(owner)
+        if not blocks:
+            raise ValueError(f"{type(owner).__name__} has no transformer blocks to shard")
+        for block in blocks:
+            kv = {p for n, p in block.named_parameters() if n.startswith(("crossattention.self.key.",
+                                                                         "crossattention.self.value."))}
+            fully_shard(block, mesh=mesh, ignored_params=kv or None)
+            block.register_forward_hook(lambda module, args, out: module.reshard())
+
+
+def is_sharded(p: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def local(p: Tensor) -> Tensor:
+    """A parameter's local data: the shard of a sharded one, the tensor itself otherwise."""
+    return p.to_local() if is_sharded(p) else p
+
+
+def replicated_params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad and not is_sharded(p)]
+
+
+@torch.no_grad()
+def sync_replicated_grads(params: list[nn.Parameter]) -> None:
+    """Average the gradients of the replicated (unsharded) parameters over the ranks, as DDP would."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -43,6 +43,11 @@ def make_index(kind: str, dim: int, n: int, nlist: int | None = None, pq_m: int 
     faiss = _faiss()
     if kind not in KINDS:
         raise ValueError(f"index kind {kind!r}: choose one of {KINDS}")
+    if kind == "ivfpq" and n < 1000:  # its 256-entry codebooks need more training points than this
+        log.info("%d vectors: an IVF index instead of IVF-PQ", n)
+        kind = "ivf"
+    if kind == "ivf" and n < 39:
+        kind = "flat"
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "hnsw":

@@ -9,9 +9,8 @@ What is timed (medians of ``--reps`` rounds, ours and theirs alternating after a
 threads, same config, same batch, same resolution, same random inputs):
 
 * ``pretrain``: one step = forward (ITC + ITM + MLM with distillation, momentum update and queue
-  push), backward, AdamW. Peak memory: on CUDA the allocator's peak per side; on the CPU the peak
-  RSS of a fresh process per side (model, optimiser and one step), since the two share a process
-  here. FLOPs are counted on our step with ``torch.utils.flop_counter`` (same shapes for both:
+  push), backward, AdamW. Peak memory: a fresh process per side (model, optimiser, two steps),
+  since the two share a process here — the CUDA allocator's peak on a GPU, the peak RSS on the CPU. FLOPs are counted on our step with ``torch.utils.flop_counter`` (same shapes for both:
   captions are padded to the 30-token maximum on both sides) and divided by the fp32 (or bf16 on
   GPU) matrix-multiply throughput measured in the same run: model FLOP utilisation.
 * ``retrieval``: the whole evaluation of a gallery (embed images and texts, ITC similarities,
@@ -129,8 +128,10 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
         else:  # LAVIS's runner: torch.optim.AdamW with its defaults
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
 
+        use_amp = amp is not None and model is ours  # the reference runs as it ships (float32)
+
         def go():
-            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=use_amp):
                 loss = run(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -152,7 +153,9 @@ def step_flops(step: Callable) -> float:
 def peak_rss_of(side: str, args: argparse.Namespace) -> float:
     """Peak RSS (MB) of a fresh process that builds one side and runs two steps."""
     cmd = [sys.executable, __file__, "--rss-probe", side, "--preset", args.preset, "--res", str(args.res),
-           "--batch", str(args.batch), "--threads", str(args.threads)]
+           "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
+    if args.bf16:
+        cmd.append("--bf16")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -167,25 +170,24 @@ def bench_pretrain(args, dev, amp) -> dict:
     res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch,
            "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
            "ours_all": a, "theirs_all": b, "flops_per_step": flops}
+    # peak memory of each side alone, in a fresh process (both share this one)
+    del m_a, m_b, ours, theirs
     if dev.type == "cuda":
-        for name, fn in (("ours", ours), ("theirs", theirs)):
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            res[f"peak_mb_{name}"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        del m_a, m_b, ours, theirs
-        res["peak_mb_ours"] = peak_rss_of("ours", args)
-        res["peak_mb_theirs"] = peak_rss_of("theirs", args)
+        torch.cuda.empty_cache()
+    res["peak_mb_ours"] = peak_rss_of("ours", args)
+    res["peak_mb_theirs"] = peak_rss_of("theirs", args)
     return res
 
 
 def rss_probe(args) -> None:
+    """One side alone: CUDA allocator peak on a GPU, peak resident set on the CPU."""
     torch.set_num_threads(args.threads)
-    ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, torch.device("cpu"), None,
-                                        sides=(args.rss_probe,))
+    dev = torch.device(args.device)
+    amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda" and args.rss_probe == "ours") else None
+    ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,))
     fn = ours or theirs
     fn(), fn()
-    print(peak_rss_mb())
+    print(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else peak_rss_mb())
 
 
 def peak_rss_mb() -> float:

@@ -123,3 +123,11 @@ def test_pq_shortlist_refined_exactly_from_disk_beats_pq_alone(tmp_path):
     refined_s, refined = ann_search(index, q, 10, mm, refine=8)
     assert recall_at_k(refined, exact) > plain and recall_at_k(refined, exact) >= 0.9
     np.testing.assert_allclose(refined_s, np.take_along_axis(q @ x.T, refined, 1), rtol=1e-5)
+
+
+def test_small_galleries_get_an_index_they_can_train():
+    index = make_index("ivfpq", 16, 200)  # too few points for 256-entry PQ codebooks
+    assert "PQ" not in type(index).__name__
+    x = np.random.default_rng(4).standard_normal((200, 16)).astype(np.float32)
+    fill_index(index, x)
+    assert index.ntotal == 200

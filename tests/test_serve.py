@@ -227,3 +227,11 @@ def test_build_app_from_a_saved_model(tmp_path, gallery, monkeypatch):
                                    str(tmp_path / "c"), "--no-progress"])
     c = TestClient(build_app(args_ok))
     assert c.get("/api/info").json()["images"] == len(COLOURS)
+
+
+def test_an_unwritable_cache_does_not_stop_the_server(pipe, gallery, tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should go")
+    index = GalleryIndex.build(pipe, gallery, blocker / "cache", model_id="m1", progress=False)
+    assert len(index) == len(COLOURS) and not index.from_cache
+    assert "could not write the index cache" in caplog.text

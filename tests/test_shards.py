@@ -156,3 +156,26 @@ def test_two_gloo_processes_over_shards_complete_and_resume(data, tmp_path):
     run(8, "--resume")
     state = load_checkpoint(out / "checkpoint_last.pt")["state"]
     assert state["global_step"] == 8 and state["epoch"] == 1 and state["samples_seen"] == 8 * 8
+
+
+def test_shards_of_another_layout_fail_loudly_instead_of_looping(tmp_path, monkeypatch):
+    import webdataset as wds
+
+    import albef.data.shards as S
+
+    with wds.TarWriter(str(tmp_path / "other-000000.tar")) as sink:  # img2dataset-style keys
+        for i in range(5):
+            sink.write({"__key__": f"{i:05d}", "jpg": b"not read", "txt": "a caption"})
+    monkeypatch.setattr(S, "MAX_BAD_IN_A_ROW", 3)
+    loader = _loader(tmp_path / "other-000000.tar", world=1, epoch_samples=8, micro=2)
+    loader.set_epoch(0)
+    with pytest.raises(RuntimeError, match="unreadable samples in a row"):
+        next(iter(loader))
+
+
+def test_resume_over_shards_refuses_another_worker_layout(data, tmp_path):
+    out = tmp_path / "run"
+    PretrainRun(load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=2))).fit()
+    with pytest.raises(ValueError, match="stream_slots"):
+        PretrainRun(load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=4, data__num_workers=1)),
+                    resume=True)

@@ -23,7 +23,9 @@ Example:
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +38,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from albef.data.annotations import BadSample
 from albef.data.pretrain import sample_seed
 
+log = logging.getLogger("albef.data")
 INDEX_NAME = "shards.json"
+MAX_BAD_IN_A_ROW = 1000
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -132,11 +136,15 @@ class ShardStream(IterableDataset):
         slot, n_slots = self.rank * n_workers + worker, self.world_size * n_workers
         if self.resampled:  # with replacement, a different draw per (epoch, resume point, rank, worker)
             rng = random.Random(hash((self.seed, self.epoch, self.start_step, slot)))
-            yield (rng.choice(self.urls) for _ in iter(int, 1))
+            yield (rng.choice(self.urls) for _ in itertools.count())
             return
         order = list(self.urls)
         random.Random(hash((self.seed, self.epoch))).shuffle(order)
         mine = order[slot::n_slots] or [order[slot % len(order)]]
+        if slot == 0 and self.epoch == 0 and len(self.urls) % n_slots:
+            log.warning("%d shards over %d rank x worker slots: the slots hold different numbers of samples, "
+                        "so an epoch repeats some and skips others; use a multiple of %d shards of equal size "
+                        "for exact epochs", len(self.urls), n_slots, n_slots)
         while True:  # wrap around: every rank must take the same number of steps
             yield iter(mine)
 
@@ -150,6 +158,10 @@ class ShardStream(IterableDataset):
             for sample in _read_tars(urls):
                 item = self._decode(sample, bad)
                 if item is None:
+                    if len(bad) >= MAX_BAD_IN_A_ROW:  # a loop over unreadable data would never end
+                        raise RuntimeError(f"{len(bad)} unreadable samples in a row in {self.urls[0]}...; "
+                                           f"shards need 'img' and 'json' entries (write them with `albef data "
+                                           f"shards`); last: {bad[-1]}")
                     continue
                 bad = []
                 if len(buffer) < self.shuffle_buffer:

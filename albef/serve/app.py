@@ -37,6 +37,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image
 
 from albef.api import Pipeline, VQAPipeline
+from albef.data.pretrain import load_image
 from albef.serve.index import GalleryIndex
 
 log = logging.getLogger("albef.serve")
@@ -125,7 +126,10 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
             raise BadInput("give an image: upload a file or pick a gallery image")
         if not 0 <= idx < len(index):
             raise BadInput(f"gallery index {idx} is out of range (0..{len(index) - 1})", 404)
-        return Image.open(index.path(idx)).convert("RGB")
+        try:
+            return load_image(str(index.path(idx)))
+        except (OSError, ValueError) as e:  # changed on disk since it was indexed
+            raise BadInput(f"gallery image {index.names[idx]} can no longer be read ({e})", 410) from e
 
     def hit(i: int, itc: float, itm: float | None) -> dict:
         return {"index": i, "name": index.names[i], "url": f"/api/image/{i}", "itc": round(itc, 4),

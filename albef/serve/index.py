@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,12 +110,20 @@ class GalleryIndex:
         return index
 
     def _save(self, cache: Path) -> None:
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({"image_feat": self.image_feat.contiguous(), "image_embeds": self.image_embeds.contiguous()},
-                  str(tmp / "embeddings.safetensors"))
-        (tmp / "index.json").write_text(json.dumps({"names": self.names, "bad": self.bad}))
-        if cache.exists():  # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        tmp.rename(cache)
+        """Write the cache atomically; a failure (read-only or full disk, a concurrent writer) is
+        logged and the index is served from memory."""
+        tmp = None
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+            save_file({"image_feat": self.image_feat.contiguous(), "image_embeds": self.image_embeds.contiguous()},
+                      str(tmp / "embeddings.safetensors"))
+            (tmp / "index.json").write_text(json.dumps({"names": self.names, "bad": self.bad}))
+            tmp.rename(cache)  # fails if another process got there first: keep theirs
+            tmp = None
+        except OSError as e:
+            if not (cache / "index.json").exists():
+                log.warning("could not write the index cache %s (%s); serving without it", cache, e)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -173,12 +173,14 @@ class PretrainRun:
         if t.compile:
             for m in encoders:
                 m.compile()
-        self.replicated: list[nn.Parameter] = []
+        self.fsdp, self.replicated = t.fsdp, []
         if t.fsdp:
             from albef.training.fsdp import replicated_params, shard_trainer
 
             if t.max_grad_norm:
                 raise ValueError("train.max_grad_norm is not supported with train.fsdp yet")
+            if t.precision == "fp16":  # the GradScaler would unscale sharded and replicated grads together
+                raise ValueError("train.precision=fp16 is not supported with train.fsdp; use bf16")
             ensure_process_group(self.dist.device)
             shard_trainer(self.trainer, self.dist.device.type)
             self.replicated = replicated_params(model)
@@ -239,8 +241,11 @@ class PretrainRun:
 
     def _geometry(self) -> dict[str, Any]:
         t = self.recipe.train
-        return {"global_batch": self.sampler.global_batch, "steps_per_epoch": self.sampler.steps_per_epoch,
-                "max_steps": t.max_steps, "schedule": t.schedule}
+        geometry = {"global_batch": self.sampler.global_batch, "steps_per_epoch": self.sampler.steps_per_epoch,
+                    "max_steps": t.max_steps, "schedule": t.schedule}
+        if self.recipe.data.shards:  # the shard streams are dealt per rank and loader worker
+            geometry["stream_slots"] = [self.dist.world_size, self.recipe.data.num_workers, t.batch_size]
+        return geometry
 
     def _check_geometry(self, saved: dict | None, path: Path) -> None:
         """The data order and the schedule depend on the global batch: resuming with another one
@@ -248,10 +253,11 @@ class PretrainRun:
         if not saved:  # checkpoints from before this check
             return
         now = self._geometry()
-        for key in ("global_batch", "steps_per_epoch"):
-            if saved[key] != now[key]:
-                raise ValueError(f"{path} was written with {key} {saved[key]}, this run has {now[key]}: keep "
-                                 "batch_size x ranks x grad_accum (and the data) as they were to resume")
+        for key in ("global_batch", "steps_per_epoch", "stream_slots"):
+            if saved.get(key) != now.get(key):
+                raise ValueError(f"{path} was written with {key} {saved.get(key)}, this run has {now.get(key)}: "
+                                 "keep batch_size x ranks x grad_accum (and the data; for shards also the ranks, "
+                                 "data.num_workers and batch_size) as they were to resume")
         if saved["max_steps"] != now["max_steps"] and now["schedule"] == "cosine" and self.dist.is_main:
             log.warning("train.max_steps changed from %s to %s: the cosine schedule now ends elsewhere than in "
                         "the run that wrote %s", saved["max_steps"], now["max_steps"], path)
@@ -286,7 +292,8 @@ class PretrainRun:
             sync = self.ddp.no_sync() if (self.ddp is not self.trainer and not last) else nullcontext()
             with sync:
                 first = j == 0
-                if first and self.replicated:  # FSDP: the EMA on matching shards, before any unit gathers
+                if first and self.fsdp and getattr(self.trainer, "model_m", None) is not None:
+                    # the EMA on matching shards, before any FSDP unit gathers
                     momentum_update(self.trainer.model, self.trainer.model_m, self.trainer.momentum)
                     first = False
                 with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
@@ -295,7 +302,7 @@ class PretrainRun:
             payloads.append(payload)
             sums += torch.tensor([float(logs[k].detach()) if logs[k] is not None else 0.0 for k in keys],
                                  dtype=torch.float64)
-        if self.replicated:  # FSDP reduced the sharded blocks' gradients; the rest is averaged here
+        if self.fsdp:  # FSDP reduced the sharded blocks' gradients; the replicated rest is averaged here
             from albef.training.fsdp import sync_replicated_grads
 
             sync_replicated_grads(self.replicated)

@@ -35,7 +35,7 @@ def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[s
     s = SCALES[scale]
     emoji = data / "emoji"
     pre = _recipe("pretrain", out / "pretrain", [str(emoji / "pretrain.json")], emoji, s["pretrain"], s["batch"],
-                  None, seed)
+                  None, seed, lr=s["pretrain_lr"])
     for k, v in flags.items():
         setattr(pre.train, k, v)
     _train(pre)

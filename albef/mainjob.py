@@ -26,10 +26,14 @@ from albef.recipes import PretrainRecipe
 
 SCALES = {
     # steps per stage; "full" is the README's main job (~10 min on 2 cores)
-    "full": {"pretrain": 500, "retrieval": 150, "vqa": 250, "vqa_test": 2000, "k": 16, "batch": 32},
+    # the ViT starts from random weights: 800 steps at 5e-4 gave held-out ITC IR@1 6.2 % against
+    # 2.6 % for 500 steps at 1e-4 (and 3.3 % for 190 steps), within the 20-minute budget
+    "full": {"pretrain": 800, "pretrain_lr": 5e-4, "retrieval": 150, "vqa": 250, "vqa_test": 2000, "k": 16,
+             "batch": 32},
     # the ablation's budget per run (15 runs): the main job's first version, 190 pretraining steps
-    "ablation": {"pretrain": 190, "retrieval": 150, "vqa": 250, "vqa_test": 2000, "k": 16, "batch": 32},
-    "smoke": {"pretrain": 2, "retrieval": 2, "vqa": 2, "vqa_test": 16, "k": 4, "batch": 4},
+    "ablation": {"pretrain": 190, "pretrain_lr": 1e-4, "retrieval": 150, "vqa": 250, "vqa_test": 2000, "k": 16,
+                 "batch": 32},
+    "smoke": {"pretrain": 2, "pretrain_lr": 1e-4, "retrieval": 2, "vqa": 2, "vqa_test": 16, "k": 4, "batch": 4},
 }
 
 
@@ -83,7 +87,7 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     times["data"] = time.perf_counter() - t0
 
     pre, times["pretrain"] = _train(_recipe("pretrain", out / "pretrain", [str(emoji_dir / "pretrain.json")], emoji_dir,
-                                            s["pretrain"], s["batch"], None, seed))
+                                            s["pretrain"], s["batch"], None, seed, lr=s["pretrain_lr"]))
     ret, times["retrieval fine-tuning"] = _train(_recipe(
         "retrieval", out / "retrieval", [str(emoji_dir / "retrieval_train.json")], emoji_dir, s["retrieval"],
         s["batch"], str(out / "pretrain" / "checkpoint_last.pt"), seed))

@@ -96,9 +96,7 @@ def embed_to_disk(pipe, files: Sequence[Path], out: Path, chunk: int = 1024, pro
             pixels, ok = [], []
             for i, p in enumerate(files[start:start + chunk], start):
                 try:
-                    with Image.open(p) as img:
-                        img.load()
-                        pixels.append(pipe.processor.transform(img.convert("RGB")))
+                    pixels.append(pipe.processor.transform(pipe.processor.load(p)))
                     ok.append(i)
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
                     bad.append({"file": str(p), "error": f"{type(e).__name__}: {e}"})
@@ -140,9 +138,8 @@ def refine_exact(vectors: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: 
     out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     out_i = np.full((len(queries), k), -1, dtype=np.int64)
     for qi, (q, ids) in enumerate(zip(queries, cand)):
-        ids = ids[ids >= 0]
-        s = np.asarray(vectors[np.sort(ids)], dtype=np.float32) @ q
-        ids = np.sort(ids)
+        ids = np.sort(ids[ids >= 0])  # ascending rows: a sequential read of the memmap
+        s = np.asarray(vectors[ids], dtype=np.float32) @ q
         top = np.argsort(-s)[:k]
         out_s[qi, :len(top)], out_i[qi, :len(top)] = s[top], ids[top]
     return out_s, out_i

@@ -147,14 +147,23 @@ class Pipeline:
         """Text → image: ITC shortlist of ``k`` gallery images, re-ranked by ITM in one batch."""
         px = self._pixels(gallery)
         embeds = torch.cat([self.model.encode_image(px[i:i + self.batch_size]) for i in range(0, len(px), self.batch_size)])
+        return self.retrieve_embedded(query, self.model.image_feat(embeds), embeds, k, top, rerank)
+
+    @torch.inference_mode()
+    def retrieve_embedded(self, query: str, image_feat: Tensor, image_embeds: Tensor, k: int = 16, top: int = 5,
+                          rerank: bool = True) -> list[RetrievalHit]:
+        """:meth:`retrieve` over a gallery embedded beforehand: ITC features [N, E] and image
+        sequences [N, 1 + patches, D] (any device or dtype; only the shortlist's rows are moved)."""
         t = self.processor.texts(query).to(self.device)
         text_embeds = self.model.encode_text(t.input_ids, t.attention_mask)
-        sims = (self.model.image_feat(embeds) @ self.model.text_feat(text_embeds, t.attention_mask).T)[:, 0]
+        text_feat = self.model.text_feat(text_embeds, t.attention_mask)[0]
+        sims = image_feat.to(self.device, text_feat.dtype) @ text_feat
         k = min(k, len(sims))
         cand = sims.topk(k).indices
         if not rerank:
             return [RetrievalHit(int(i), float(sims[i]), None) for i in cand[:top]]
-        fused = self.model.itm_cls(text_embeds.expand(k, -1, -1), t.attention_mask.expand(k, -1), embeds[cand])
+        embeds = image_embeds[cand.to(image_embeds.device)].to(self.device, self.dtype)
+        fused = self.model.itm_cls(text_embeds.expand(k, -1, -1), t.attention_mask.expand(k, -1), embeds)
         p = self.model.itm_logits(fused).float().softmax(-1)[:, 1]
         order = p.argsort(descending=True)[:top]
         return [RetrievalHit(int(cand[j]), float(sims[cand[j]]), float(p[j])) for j in order]

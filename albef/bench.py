@@ -25,8 +25,21 @@ from albef.models.albef import ALBEF
 from albef.training.pretrain import ALBEFPretrainer
 
 
-def _peak_rss_mb() -> float:
+def proc_memory_mb(field: str = "VmHWM") -> float:
+    """This process's peak (``VmHWM``) or current (``VmRSS``) resident set, in MB, from
+    /proc/self/status. Not ``ru_maxrss``: that survives ``execve``, so a child started by
+    ``subprocess`` would report its parent's peak. Falls back to it where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_mb() -> float:
+    return proc_memory_mb("VmHWM")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,26 +38,13 @@ def _files(images: str) -> list[Path]:
     return [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _vm_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def bench(args: argparse.Namespace) -> dict:
     """A generated gallery (clustered, L2-normalised, on disk): build each index kind chunk by chunk,
     report build time, index size, search time and recall@k of the shortlist against exact search."""
     import numpy as np
 
     from albef.ann import ann_search, exact_topk, fill_index, make_index, recall_at_k
+    from albef.bench import proc_memory_mb
 
     import faiss
 
@@ -81,7 +68,7 @@ def bench(args: argparse.Namespace) -> dict:
     exact_s = time.perf_counter() - t0
     rows = []
     for kind in args.kinds:
-        rss0 = _vm_rss_mb()
+        rss0 = proc_memory_mb("VmRSS")
         t0 = time.perf_counter()
         index = fill_index(make_index(kind, args.dim, args.n), vecs, chunk=args.chunk)
         build_s = time.perf_counter() - t0
@@ -98,12 +85,12 @@ def bench(args: argparse.Namespace) -> dict:
             search_ms = 1000 * (time.perf_counter() - t0) / args.queries
             rows.append({"kind": kind, "nprobe": nprobe, "refine": refine,
                          "recall": round(recall_at_k(ids, exact), 4), "build_s": round(build_s, 2),
-                         "index_mb": round(size_mb, 1), "rss_growth_mb": round(_vm_rss_mb() - rss0, 1),
+                         "index_mb": round(size_mb, 1), "rss_growth_mb": round(proc_memory_mb("VmRSS") - rss0, 1),
                          "search_ms_per_query": round(search_ms, 3)})
             print(json.dumps(rows[-1]), flush=True)
         del index
     return {"n": args.n, "dim": args.dim, "k": args.k, "queries": args.queries, "chunk": args.chunk,
-            "exact_scan_ms_per_query": round(1000 * exact_s / args.queries, 3), "peak_rss_mb": round(_vm_hwm_mb(), 1),
+            "exact_scan_ms_per_query": round(1000 * exact_s / args.queries, 3), "peak_rss_mb": round(proc_memory_mb("VmHWM"), 1),
             "gallery_mb": round(args.n * args.dim * 4 / 2**20, 1), "threads": args.threads, "rows": rows}
 
 

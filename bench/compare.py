@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference as R  # noqa: E402
 
+from albef.bench import proc_memory_mb  # noqa: E402
 from albef.config import ALBEFConfig, get_preset  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue small large riding sitting standing on the in of with next to "
@@ -187,16 +187,7 @@ def rss_probe(args) -> None:
     ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,))
     fn = ours or theirs
     fn(), fn()
-    print(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else peak_rss_mb())
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: that survives ``execve`` and
-    would report the parent's peak in a child started by ``subprocess``."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else proc_memory_mb("VmHWM"))
 
 
 # -- retrieval evaluation -----------------------------------------------------------------------

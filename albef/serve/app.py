@@ -157,23 +157,13 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
         if len(index) == 0:
             raise BadInput("the image index is empty: the folder has no readable images", 409)
         k, top = max(1, min(k, 256, len(index))), max(1, min(top, 64))
-        with lock, torch.inference_mode():
-            t = pipe.processor.texts(q).to(pipe.device)
-            text_embeds = model.encode_text(t.input_ids, t.attention_mask)
-            sims = index.image_feat.to(pipe.device) @ model.text_feat(text_embeds, t.attention_mask)[0].float()
-            cand = sims.topk(k).indices
-            if not rerank:
-                return {"query": q, "results": [hit(int(i), float(sims[i]), None) for i in cand[:top]]}
-            embeds = index.image_embeds[cand.cpu()].to(pipe.device, pipe.dtype)
-            fused = model.itm_cls(text_embeds.expand(len(cand), -1, -1), t.attention_mask.expand(len(cand), -1),
-                                  embeds)
-            p = model.itm_logits(fused).float().softmax(-1)[:, 1]
-        order = p.argsort(descending=True)[:top]
-        return {"query": q, "results": [hit(int(cand[j]), float(sims[cand[j]]), float(p[j])) for j in order]}
+        with lock:
+            hits = pipe.retrieve_embedded(q, index.image_feat, index.image_embeds, k, top, rerank)
+        return {"query": q, "results": [hit(h.index, h.itc, h.itm) for h in hits]}
 
     @app.post("/api/match")
     def match(text: Annotated[str, Form()] = "", image: Annotated[UploadFile | None, File()] = None,
-                    index_: Annotated[int | None, Form(alias="index")] = None) -> dict:
+              index_: Annotated[int | None, Form(alias="index")] = None) -> dict:
         text = clean_text(text, "caption")
         img = pick_image(image, index_)
         with lock:
@@ -183,7 +173,7 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
 
     @app.post("/api/ask")
     def ask(question: Annotated[str, Form()] = "", image: Annotated[UploadFile | None, File()] = None,
-                  index_: Annotated[int | None, Form(alias="index")] = None, top: Annotated[int, Form()] = 5) -> dict:
+            index_: Annotated[int | None, Form(alias="index")] = None, top: Annotated[int, Form()] = 5) -> dict:
         if vqa is None:
             raise BadInput("this server has no VQA model; start it with --vqa-model DIR and --answers FILE", 404)
         question = clean_text(question, "question")
@@ -195,7 +185,7 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
 
     @app.post("/api/gradcam")
     def gradcam(text: Annotated[str, Form()] = "", image: Annotated[UploadFile | None, File()] = None,
-                      index_: Annotated[int | None, Form(alias="index")] = None) -> dict:
+                index_: Annotated[int | None, Form(alias="index")] = None) -> dict:
         text = clean_text(text, "text")
         img = pick_image(image, index_)
         with lock:

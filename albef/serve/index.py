@@ -83,9 +83,7 @@ class GalleryIndex:
             batch, pixels = [], []
             for p in files[start:start + batch_size]:
                 try:
-                    with Image.open(p) as img:
-                        img.load()
-                        pixels.append(pipe.processor.transform(img.convert("RGB")))
+                    pixels.append(pipe.processor.transform(pipe.processor.load(p)))
                     batch.append(str(p.relative_to(folder)))
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
                     bad.append({"file": str(p.relative_to(folder)), "error": f"{type(e).__name__}: {e}"})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 
 def _blocks(owner: nn.Module) -> list[nn.Module]:
@@ -56,8 +57,6 @@ def shard_trainer(trainer: nn.Module, device_type: str) -> None:
 
 
 def is_sharded(p: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(p, DTensor)
 
 

@@ -130,16 +130,20 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
 
         use_amp = amp is not None and model is ours  # the reference runs as it ships (float32)
 
-        def go():
+        def go():  # both training loops: forward, backward, step, then drop the gradients
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=use_amp):
-                loss = run(model)
-            opt.zero_grad(set_to_none=True)
+                loss, after = run(model)
             loss.backward()
             opt.step()
+            opt.zero_grad(set_to_none=True)
+            after()
         return go
 
-    return (step(ours, lambda m: m(images, ids, mask, alpha=cfg.alpha).loss),
-            step(theirs, lambda m: m(samples).loss), ours, theirs)
+    def run_ours(m):  # as albef.training.loop: the momentum features are enqueued after the step
+        out = m(images, ids, mask, alpha=cfg.alpha, enqueue=False)
+        return out.loss, lambda: m.queue.enqueue(out.image_feat_m, out.text_feat_m)
+
+    return (step(ours, run_ours), step(theirs, lambda m: (m(samples).loss, lambda: None)), ours, theirs)
 
 
 def step_flops(step: Callable) -> float:

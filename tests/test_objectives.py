@@ -166,3 +166,43 @@ def test_momentum_update_is_the_ema_formula():
     momentum_update(student, teacher, 0.995)
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, 0.995 * t0[k] + 0.005 * student.state_dict()[k])
+
+
+def test_enqueue_inside_forward_equals_enqueue_after_backward():
+    """The training loop enqueues after the backward (the ITC products then read the queue buffers
+    in place); a direct call enqueues inside the forward, on copies. Same losses, gradients and queue."""
+    from albef.config import get_preset
+    from albef.models.albef import ALBEF
+    from albef.training.pretrain import ALBEFPretrainer
+
+    torch.manual_seed(0)
+    cfg = get_preset("albef-tiny")
+    a = ALBEFPretrainer(ALBEF(cfg)).train()
+    b = ALBEFPretrainer(ALBEF(cfg)).train()
+    b.load_state_dict(a.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    ids = torch.randint(1000, 2000, (4, 7))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    results = []
+    for trainer, inside in ((a, True), (b, False)):
+        losses = []
+        for step in range(3):  # later steps read what the earlier ones enqueued
+            torch.manual_seed(step)
+            gen = torch.Generator().manual_seed(step)
+            out = trainer(images + step, ids, mask, alpha=0.4, generator=gen, enqueue=inside)
+            trainer.zero_grad()
+            out.loss.backward()
+            if not inside:
+                trainer.queue.enqueue(out.image_feat_m, out.text_feat_m)
+            losses.append(out.loss.detach())
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+        results.append((torch.stack(losses), grads, trainer.queue.image_queue.clone(), trainer.queue.text_queue.clone()))
+    (la, ga, qia, qta), (lb, gb, qib, qtb) = results
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    assert len(ga) == len(gb) > 0
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(qia, qib, rtol=0, atol=0)
+    torch.testing.assert_close(qta, qtb, rtol=0, atol=0)
+    assert int(a.queue.queue_ptr) == int(b.queue.queue_ptr) == (3 * 4) % cfg.queue_size

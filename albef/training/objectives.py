@@ -36,15 +36,14 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_f
     Targets are ``alpha * softmax(sim_m) + (1 - alpha) * positives``. Without ``idx`` the
     positive of row b is column b; with ``idx`` (image ids) every batch or queue entry with the
     same id is a positive and the row is normalised to sum to 1 (retrieval fine-tuning).
-    Queues are [embed_dim, Q] and are read as given (enqueue afterwards).
+    Queues are [embed_dim, Q] and are read as given; the backward reads them too, so enqueue after
+    ``backward()`` or pass copies (:class:`ALBEFPretrainer` does when it enqueues itself).
     """
-    image_all = torch.cat([image_feat_m.T, image_queue.to(image_feat_m.dtype)], dim=1)  # [D, B+Q]
-    text_all = torch.cat([text_feat_m.T, text_queue.to(text_feat_m.dtype)], dim=1)
-    sim_i2t = image_feat @ text_all / temp
-    sim_t2i = text_feat @ image_all / temp
+    sim_i2t = _against(image_feat, text_feat_m, text_queue) / temp  # [B, B+Q]
+    sim_t2i = _against(text_feat, image_feat_m, image_queue) / temp
     with torch.no_grad():
-        sim_i2t_m = image_feat_m @ text_all / temp
-        sim_t2i_m = text_feat_m @ image_all / temp
+        sim_i2t_m = _against(image_feat_m, text_feat_m, text_queue) / temp
+        sim_t2i_m = _against(text_feat_m, image_feat_m, image_queue) / temp
         if idx is None:
             positives = torch.zeros_like(sim_i2t)
             positives.fill_diagonal_(1)
@@ -57,6 +56,13 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_f
         targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * positives
     loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
     return ITCOutput(loss, sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, targets_i2t, targets_t2i)
+
+
+def _against(feat: Tensor, batch_m: Tensor, queue: Tensor) -> Tensor:
+    """``feat @ [batch_m.T | queue]`` [B, B+Q] without building the [D, B+Q] concatenation: the
+    reference's copy of the whole queue (two 64 MB copies a step at 65,536 entries, kept alive for
+    the backward) becomes a concatenation of the [B, B+Q] products."""
+    return torch.cat([feat @ batch_m.T, feat @ queue.to(batch_m.dtype)], dim=1)
 
 
 @torch.no_grad()

@@ -141,8 +141,10 @@ class ALBEFPretrainer(nn.Module):
             text_feat_m = teacher.text_feat(text_embeds_m, attention_mask)
 
         q = self.queue
-        # the queues as they were: itc_loss concatenates (copies) them before the enqueue below
-        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, q.image_queue, q.text_queue, temp,
+        image_queue, text_queue = q.image_queue, q.text_queue
+        if enqueue and torch.is_grad_enabled():  # the backward reads the queues as they were before the enqueue below
+            image_queue, text_queue = image_queue.clone(), text_queue.clone()
+        itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
                        alpha if self.itc_distill else 0.0, idx, None if idx is None else q.idx_queue)
         if enqueue:
             q.enqueue(image_feat_m, text_feat_m, idx)

@@ -95,12 +95,13 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     t0 = time.perf_counter()
     test = read_retrieval_eval(emoji_dir / "retrieval_test.json", str(emoji_dir))
     tok = Tokenizer()
-    results = {}
+    results, diagnostic = {}, {}
     for name, ckpt in (("zero-shot (pretrained)", out / "pretrain" / "checkpoint_last.pt"),
                        ("fine-tuned", out / "retrieval" / "checkpoint_last.pt")):
         model = load_inference_model(ckpt)
-        r = evaluate_retrieval(model, test, tok, test_transform(64), k=s["k"])
+        r = evaluate_retrieval(model, test, tok, test_transform(64), k=s["k"], diagnose=True)
         results[f"{name} ITC"], results[f"{name} ITC+ITM"] = r["itc"], r["itm"]
+        diagnostic[name] = r["diagnostic"]
     times["retrieval evaluation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -130,16 +131,17 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     times["VQA evaluation"] = time.perf_counter() - t0
 
     report = out / "report.md"
-    report.write_text(_report(counts, vqa_counts, results, test, s, g_metrics,
+    report.write_text(_report(counts, vqa_counts, results, diagnostic, test, s, g_metrics,
                               overlays, vqa_metrics, majority, base, times, out))
-    (out / "results.json").write_text(json.dumps({"retrieval": results, "grounding": g_metrics, "vqa": vqa_metrics,
+    (out / "results.json").write_text(json.dumps({"retrieval": results, "itm_diagnostic": diagnostic,
+                                                  "grounding": g_metrics, "vqa": vqa_metrics,
                                                   "vqa_majority_baseline": base, "seconds": times}, indent=2))
     print(format_table(results))
     print(f"report: {report}")
     return report
 
 
-def _report(counts, vqa_counts, results, test, s, g, overlays, vqa, majority, base, times, out) -> str:
+def _report(counts, vqa_counts, results, diagnostic, test, s, g, overlays, vqa, majority, base, times, out) -> str:
     from albef.cli_evaluate import format_table
 
     rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
@@ -156,6 +158,13 @@ def _report(counts, vqa_counts, results, test, s, g, overlays, vqa, majority, ba
         # averages to 1 / n_img; a text's image likewise
         f"Chance: R@1 = {100 / n_img:.2f}% both ways, R@10 about {1000 / n_img:.1f}%.", "",
         "```", format_table(results), "```", "",
+        "What ITM learned: how often each score prefers an image's own caption to a random caption of",
+        "another held-out emoji, and to the wrong caption ITC ranks highest for that image (the kind the",
+        "re-ranking must reject); 50 % is chance. ITM re-ranking can only beat ITC where its win rate",
+        "against hard negatives is higher than ITC's.", "",
+        "| model | pairs | ITM vs random | ITC vs random | ITM vs hard | ITC vs hard |", "|---|---|---|---|---|---|",
+        *[f"| {name} | {d['pairs']} | {100 * d['itm_vs_random']:.1f} % | {100 * d['itc_vs_random']:.1f} % | "
+          f"{100 * d['itm_vs_hard']:.1f} % | {100 * d['itc_vs_hard']:.1f} % |" for name, d in diagnostic.items()], "",
         "## Grounding (ITM Grad-CAM, 9 candidate cells per window, held-out emoji)", "",
         f"Accuracy {g['accuracy']:.2f}% on {g['n']} windows (chance 11.11%).", "",
         *[f"![{rel(p)}]({rel(p)})" for p in overlays], "",

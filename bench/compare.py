@@ -99,7 +99,7 @@ def matmul_flops_per_s(dev: torch.device, dtype: torch.dtype, n: int) -> float:
 
 # -- pretraining step ---------------------------------------------------------------------------
 def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.dtype | None,
-                   sides: tuple[str, ...] = ("ours", "theirs")):
+                   sides: tuple[str, ...] = ("ours", "theirs"), grad_checkpointing: bool = False):
     """(ours_step, theirs_step, ours_model, theirs_model): forward, backward and AdamW closures
     (None for a side not in ``sides``)."""
     from albef.models.albef import ALBEF
@@ -111,6 +111,8 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
     torch.manual_seed(0)
     ours = ALBEFPretrainer(ALBEF(cfg)).to(dev).train() if "ours" in sides else None
     theirs = R.build_pretrain(L, cfg).to(dev).train() if "theirs" in sides else None
+    if ours is not None and grad_checkpointing:  # memory for time: blocks recomputed in the backward
+        ours.model.set_grad_checkpointing(True)
     images = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev)
     texts = captions(batch, seed=1)
     tok = Tokenizer(add_sep=True)(texts, max_length=cfg.max_text_len, padding="longest")
@@ -160,13 +162,15 @@ def peak_rss_of(side: str, args: argparse.Namespace) -> float:
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     if args.bf16:
         cmd.append("--bf16")
+    if args.grad_checkpointing:
+        cmd.append("--grad-checkpointing")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench_pretrain(args, dev, amp) -> dict:
     cfg = config(args.preset, args.res)
-    ours, theirs, m_a, m_b = pretrain_sides(cfg, args.batch, dev, amp)
+    ours, theirs, m_a, m_b = pretrain_sides(cfg, args.batch, dev, amp, grad_checkpointing=args.grad_checkpointing)
     n_a = sum(p.numel() for p in m_a.parameters())
     n_b = sum(p.numel() for p in m_b.parameters())
     flops = step_flops(ours)
@@ -188,7 +192,8 @@ def rss_probe(args) -> None:
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda" and args.rss_probe == "ours") else None
-    ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,))
+    ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,),
+                                        grad_checkpointing=args.grad_checkpointing)
     fn = ours or theirs
     fn(), fn()
     print(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else proc_memory_mb("VmHWM"))
@@ -300,7 +305,8 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
     for r in results:
         ratio = r["ours_s"] / r["theirs_s"]
         if r["what"] == "pretrain":
-            setting = f"{r['preset']} res {r['res']} batch {r['batch']}"
+            setting = f"{r['preset']} res {r['res']} batch {r['batch']}" + (
+                ", ours with gradient checkpointing" if args.grad_checkpointing else "")
             mfu = lambda s: 100 * r["flops_per_step"] / s / peak_flops  # noqa: E731
             other = (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
                      f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x); MFU {mfu(r['ours_s']):.1f} % / "
@@ -360,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for ours (the reference runs as it ships)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="pretraining: ours recomputes each block in the backward (train.grad_checkpointing)")
     p.add_argument("--write", type=Path, help="replace the comparison block of this Markdown file")
     p.add_argument("--marker", default=None, help="block name in --write (default: compare-DEVICE)")
     p.add_argument("--json", type=Path, help="also write the raw results here")

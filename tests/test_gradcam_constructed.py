@@ -169,3 +169,30 @@ def test_gradcam_itc_peaks_on_the_region_the_text_names(word):
     inside[QUADRANT[word]] = True
     assert heat[inside].min() > 0
     assert heat[inside].min() > 10 * heat[~inside].max()
+
+
+def test_itm_diagnostic_credits_the_model_that_looks_at_the_image():
+    """On the colour-matching model, ITM always prefers an image's own colour word; this model's ITC
+    scores every pair alike (no projections), so ITC wins half the comparisons (ties)."""
+    from albef.evaluation.retrieval import GalleryEmbeddings, itm_diagnostic
+
+    model = colour_matching_itm_model().eval()
+    images = torch.zeros(3, 3, 32, 32)
+    for c in range(3):  # pure red, green, blue
+        images[c, c] = 1.0
+    words = [RED, GREEN, BLUE]  # caption c names image c's colour
+    ids = torch.tensor([[CLS, w, SEP] for w in words])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ie, te = model.encode_image(images), model.encode_text(ids, mask)
+        g = GalleryEmbeddings(ie, model.image_feat(ie), te, mask, model.text_feat(te, mask))
+    d = itm_diagnostic(model, g, [[0], [1], [2]])
+    assert d["pairs"] == 3
+    assert d["itm_vs_random"] == d["itm_vs_hard"] == 1.0
+    assert d["itc_vs_random"] == d["itc_vs_hard"] == 0.5
+    # red and blue with their captions swapped: the only other caption is the right one, and ITM
+    # prefers it every time
+    keep = torch.tensor([0, 2])
+    g2 = GalleryEmbeddings(g.image_embeds[keep], g.image_feat[keep], g.text_embeds[keep], mask[keep], g.text_feat[keep])
+    d = itm_diagnostic(model, g2, [[1], [0]])
+    assert d["itm_vs_random"] == d["itm_vs_hard"] == 0.0

@@ -164,12 +164,73 @@ def retrieval_metrics(score_i2t: Tensor | np.ndarray, score_t2i: Tensor | np.nda
 def evaluate_retrieval(model: ALBEF, data: RetrievalEvalSet, tokenizer: Tokenizer, transform, k: int = 256,
                        itc_only: bool = False, add_cosine: bool = False, batch_size: int = 64,
                        itm_batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
-                       max_length: int = 30) -> dict[str, dict[str, float]]:
-    """Metrics of ITC alone and (unless ``itc_only``) of ITC + ITM re-ranking."""
+                       max_length: int = 30, diagnose: bool = False) -> dict[str, dict[str, float]]:
+    """Metrics of ITC alone and (unless ``itc_only``) of ITC + ITM re-ranking; ``diagnose`` adds
+    ``"diagnostic"``, the win rates of :func:`itm_diagnostic`."""
     g = embed_gallery(model, data.images, data.texts, tokenizer, transform, max_length, batch_size, num_workers, device)
     sims = g.image_feat @ g.text_feat.T
     results = {"itc": retrieval_metrics(sims, sims.T, data.img2txt, data.txt2img)}
     if not itc_only:
         _, i2t, t2i = rerank(model, g, k, itm_batch_size, add_cosine)
         results["itm"] = retrieval_metrics(i2t, t2i, data.img2txt, data.txt2img)
+        if diagnose:
+            results["diagnostic"] = itm_diagnostic(model, g, data.img2txt, batch_size=itm_batch_size)
     return results
+
+
+
+def win_rate(a: Tensor, b: Tensor) -> float:
+    """Fraction of pairs with ``a[p] > b[p]``, ties counting one half.
+
+    >>> win_rate(torch.tensor([2., 3., 1.]), torch.tensor([1., 3., 2.]))
+    0.5
+    """
+    if not len(a):
+        return float("nan")
+    return float((a > b).double().mean() + 0.5 * (a == b).double().mean())
+
+
+@torch.no_grad()
+def itm_diagnostic(model: ALBEF, g: GalleryEmbeddings, img2txt: list[list[int]], seed: int = 0,
+                   batch_size: int = 256) -> dict[str, float]:
+    """How often ITM and ITC each prefer an image's own caption to a wrong one, pair by pair.
+
+    For every (image, own caption): the same image with one random caption of another image, and
+    with the other images' caption that ITC ranks highest for it (the hard negative: the kind the
+    re-ranking must reject). Returns the win rates of the ITM logit the re-ranking uses and of the
+    ITC cosine against each (0.5 = chance). ITM re-ranking helps where its win rate against hard
+    negatives beats ITC's; a model whose ITM wins against hard negatives but not against random
+    ones has learned which captions ITC tends to confuse, not to look at the image.
+
+    Example (``g`` from :func:`embed_gallery`)::
+
+        d = itm_diagnostic(model, g, data.img2txt)
+        d["itm_vs_hard"], d["itc_vs_hard"]
+    """
+    n_txt = g.text_feat.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    sims = (g.image_feat @ g.text_feat.T).cpu()
+    img, pos, rnd, hard = [], [], [], []
+    for i, caps in enumerate(img2txt):
+        own = torch.zeros(n_txt, dtype=torch.bool)
+        own[list(caps)] = True
+        others = (~own).nonzero().squeeze(1)
+        if not len(others) or not len(caps):
+            continue
+        img += [i] * len(caps)
+        pos += list(caps)
+        rnd += others[torch.randint(len(others), (len(caps),), generator=gen)].tolist()
+        hard += [int(others[sims[i, others].argmax()])] * len(caps)
+    out: dict[str, float] = {"pairs": len(img)}
+    if not img:
+        return out
+    dev = g.text_feat.device
+    i = torch.tensor(img, dtype=torch.long)
+    # one ITM pass over the three pair sets (a pair shared by two sets is scored twice; cheap)
+    t = torch.tensor(pos + rnd + hard, dtype=torch.long)
+    itm = itm_pair_scores(model, g, i.repeat(3).to(dev), t.to(dev), batch_size).cpu().view(3, -1)
+    itc = sims[i.repeat(3), t].view(3, -1)
+    for name, row in (("random", 1), ("hard", 2)):
+        out[f"itm_vs_{name}"] = win_rate(itm[0], itm[row])
+        out[f"itc_vs_{name}"] = win_rate(itc[0], itc[row])
+    return out

@@ -67,6 +67,9 @@ class TrainSection:
     max_grad_norm: float | None = None
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; the CPU runs fp32)
     grad_checkpointing: bool = False
+    # AdamW inside the backward, gradients freed at once (single process, no accumulation/clipping);
+    # with grad_checkpointing the lowest-memory set-up (albef.training.optim)
+    optimizer_in_backward: bool = False
     compile: bool = False
     fsdp: bool = False  # shard the transformer blocks of student and teacher (albef.training.fsdp)
     seed: int = 42

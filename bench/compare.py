@@ -99,7 +99,8 @@ def matmul_flops_per_s(dev: torch.device, dtype: torch.dtype, n: int) -> float:
 
 # -- pretraining step ---------------------------------------------------------------------------
 def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.dtype | None,
-                   sides: tuple[str, ...] = ("ours", "theirs"), grad_checkpointing: bool = False):
+                   sides: tuple[str, ...] = ("ours", "theirs"), grad_checkpointing: bool = False,
+                   in_backward: bool = False):
     """(ours_step, theirs_step, ours_model, theirs_model): forward, backward and AdamW closures
     (None for a side not in ``sides``)."""
     from albef.models.albef import ALBEF
@@ -126,7 +127,7 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
         if model is None:
             return None
         if model is ours:  # each side's own optimiser set-up: ours is the training loop's
-            opt = build_optimizer(model, lr=1e-4, weight_decay=0.02)
+            opt = build_optimizer(model, lr=1e-4, weight_decay=0.02, in_backward=in_backward)
         else:  # LAVIS's runner: torch.optim.AdamW with its defaults
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
 
@@ -164,13 +165,16 @@ def peak_rss_of(side: str, args: argparse.Namespace) -> float:
         cmd.append("--bf16")
     if args.grad_checkpointing:
         cmd.append("--grad-checkpointing")
+    if args.optimizer_in_backward:
+        cmd.append("--optimizer-in-backward")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench_pretrain(args, dev, amp) -> dict:
     cfg = config(args.preset, args.res)
-    ours, theirs, m_a, m_b = pretrain_sides(cfg, args.batch, dev, amp, grad_checkpointing=args.grad_checkpointing)
+    ours, theirs, m_a, m_b = pretrain_sides(cfg, args.batch, dev, amp, grad_checkpointing=args.grad_checkpointing,
+                                            in_backward=args.optimizer_in_backward)
     n_a = sum(p.numel() for p in m_a.parameters())
     n_b = sum(p.numel() for p in m_b.parameters())
     flops = step_flops(ours)
@@ -193,7 +197,8 @@ def rss_probe(args) -> None:
     dev = torch.device(args.device)
     amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda" and args.rss_probe == "ours") else None
     ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,),
-                                        grad_checkpointing=args.grad_checkpointing)
+                                        grad_checkpointing=args.grad_checkpointing,
+                                        in_backward=args.optimizer_in_backward)
     fn = ours or theirs
     fn(), fn()
     print(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else proc_memory_mb("VmHWM"))
@@ -305,8 +310,10 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
     for r in results:
         ratio = r["ours_s"] / r["theirs_s"]
         if r["what"] == "pretrain":
+            lean = [name for name, on in (("gradient checkpointing", args.grad_checkpointing),
+                                          ("AdamW in the backward", args.optimizer_in_backward)) if on]
             setting = f"{r['preset']} res {r['res']} batch {r['batch']}" + (
-                ", ours with gradient checkpointing" if args.grad_checkpointing else "")
+                f", ours with {' and '.join(lean)}" if lean else "")
             mfu = lambda s: 100 * r["flops_per_step"] / s / peak_flops  # noqa: E731
             other = (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
                      f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x); MFU {mfu(r['ours_s']):.1f} % / "
@@ -368,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for ours (the reference runs as it ships)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="pretraining: ours recomputes each block in the backward (train.grad_checkpointing)")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="pretraining: ours updates each parameter in the backward (train.optimizer_in_backward)")
     p.add_argument("--write", type=Path, help="replace the comparison block of this Markdown file")
     p.add_argument("--marker", default=None, help="block name in --write (default: compare-DEVICE)")
     p.add_argument("--json", type=Path, help="also write the raw results here")

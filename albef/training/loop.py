@@ -41,8 +41,11 @@ from albef.training.tasks import get_task
 log = logging.getLogger("albef.train")
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backward: bool = False) -> torch.optim.AdamW:
     """AdamW with the reference's groups: no decay for 1-D tensors and biases, decay for the rest.
+
+    ``in_backward``: :class:`albef.training.optim.AdamWInBackward` (the same update, applied to each
+    parameter during the backward, gradients freed at once).
 
     As in the reference (timm's factory called on the top-level model, which names no exceptions),
     ``pos_embed``, ``cls_token`` and the 0-dim ``temp`` are decayed.
@@ -59,9 +62,12 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
     sharded = any(is_sharded(p) for p in params)  # FSDP: sharded and replicated tensors can't share a kernel
     fused = not sharded and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                                  for p in params)
-    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                              {"params": decay, "weight_decay": weight_decay}], lr=lr, fused=fused or None,
-                             foreach=False if sharded else None)
+    from albef.training.optim import AdamWInBackward
+
+    cls = AdamWInBackward if in_backward else torch.optim.AdamW
+    return cls([{"params": no_decay, "weight_decay": 0.0},
+                {"params": decay, "weight_decay": weight_decay}], lr=lr, fused=fused or None,
+               foreach=False if sharded else None)
 
 
 def full_train_state(trainer: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -190,7 +196,11 @@ class PretrainRun:
                                                 if self.dist.device.type == "cuda" else None,
                                                 broadcast_buffers=False)  # queues stay equal via all-gather
                         if self.dist.world_size > 1 else self.trainer)
-        self.optimizer = build_optimizer(model, t.lr, t.weight_decay)
+        if t.optimizer_in_backward:
+            from albef.training.optim import check_in_backward
+
+            check_in_backward(t.grad_accum, t.max_grad_norm, t.precision, self.dist.world_size, t.fsdp)
+        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, in_backward=t.optimizer_in_backward)
         cuda = self.dist.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if cuda else None
         if t.precision not in ("fp32", "bf16", "fp16"):

@@ -1,0 +1,112 @@
+"""AdamW inside the backward: the same update as AdamW, gradients freed as it goes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from albef.training.loop import build_optimizer
+from albef.training.optim import AdamWInBackward, check_in_backward
+
+
+class Tied(nn.Module):
+    """Embedding tied to the output projection (like BERT's MLM decoder), a LayerNorm, a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.hidden = nn.Linear(6, 6)
+        self.out_bias = nn.Parameter(torch.zeros(11))
+
+    def forward(self, ids):
+        h = self.hidden(self.norm(self.emb(ids))).relu()
+        return h @ self.emb.weight.T + self.out_bias
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(11, (3, 5), generator=g), torch.randint(11, (3, 5), generator=g)) for _ in range(n)]
+
+
+def _train(model, opt, batches, lrs):
+    for (x, y), lr in zip(batches, lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        if isinstance(opt, AdamWInBackward):
+            assert all(p.grad is None for p in model.parameters())  # freed in the backward
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_in_backward_equals_adamw_bit_for_bit():
+    torch.manual_seed(0)
+    a = Tied()
+    b = Tied()
+    b.load_state_dict(a.state_dict())
+    batches, lrs = _batches(4), [1e-2, 5e-3, 5e-3, 1e-3]  # a changing schedule reaches both
+    _train(a, build_optimizer(a, 1e-2, 0.1), batches, lrs)
+    _train(b, build_optimizer(b, 1e-2, 0.1, in_backward=True), batches, lrs)
+    moved = 0
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+        moved += int(not torch.equal(pa, Tied().state_dict()[name]))
+    assert moved == 6  # every tensor was updated (weight decay on the matrices, Adam on all)
+
+
+def test_state_dict_round_trip_and_interchangeable_with_adamw():
+    torch.manual_seed(1)
+    batches, lrs = _batches(4), [1e-2] * 4
+    straight = Tied()
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    _train(straight, build_optimizer(straight, 1e-2, 0.1, in_backward=True), batches, lrs)
+
+    first = Tied()
+    first.load_state_dict(init)
+    opt = build_optimizer(first, 1e-2, 0.1)  # plain AdamW for two steps ...
+    _train(first, opt, batches[:2], lrs[:2])
+    resumed = Tied()
+    resumed.load_state_dict(first.state_dict())
+    opt2 = build_optimizer(resumed, 1e-2, 0.1, in_backward=True)  # ... then in the backward
+    opt2.load_state_dict(opt.state_dict())
+    _train(resumed, opt2, batches[2:], lrs[2:])
+    for (name, pa), pb in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"grad_accum": 2}, "grad_accum"), ({"max_grad_norm": 1.0}, "max_grad_norm"),
+    ({"precision": "fp16"}, "fp16"), ({"world_size": 2}, "DDP"), ({"fsdp": True}, "FSDP")])
+def test_refuses_what_needs_every_gradient_first(kwargs, word):
+    args = {"grad_accum": 1, "max_grad_norm": None, "precision": "fp32", "world_size": 1, "fsdp": False, **kwargs}
+    with pytest.raises(ValueError, match=word):
+        check_in_backward(**args)
+    check_in_backward(1, None, "bf16", 1, False)  # allowed
+
+
+def test_pretraining_run_in_backward_gives_the_same_weights(tmp_path):
+    from albef.data.cli import write_shapes
+    from albef.recipes import load_recipe
+    from albef.training.checkpoint import load_checkpoint
+    from albef.training.loop import PretrainRun
+
+    data = tmp_path / "shapes"
+    write_shapes(data, n=16, image_size=32, seed=1)
+
+    def run(out, *extra):
+        PretrainRun(load_recipe(None, [
+            "model.preset=albef-tiny", "model.overrides={queue_size: 32}",
+            f"data.train_files=[{data / 'pretrain.json'}]", f"data.image_root={data}", "data.num_workers=0",
+            "data.min_seen_for_bad_check=16", "train.batch_size=4", "train.max_steps=3", "train.lr=1e-3",
+            "train.seed=3", "train.checkpoint_every=0", "train.device=cpu", f"output_dir={out}", *extra])).fit()
+        return load_checkpoint(out / "checkpoint_last.pt")
+
+    a = run(tmp_path / "a")
+    b = run(tmp_path / "b", "train.optimizer_in_backward=true", "train.grad_checkpointing=true")
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=0, msg=k)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
     from albef.training.loop import build_optimizer
     from albef.training.pretrain import ALBEFPretrainer
 
-    L = R.import_lavis()
+    L = R.import_lavis() if "theirs" in sides else None  # a side measured alone loads only its own code
     torch.manual_seed(0)
     ours = ALBEFPretrainer(ALBEF(cfg)).to(dev).train() if "ours" in sides else None
     theirs = R.build_pretrain(L, cfg).to(dev).train() if "theirs" in sides else None
@@ -118,8 +119,8 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
     texts = captions(batch, seed=1)
     tok = Tokenizer(add_sep=True)(texts, max_length=cfg.max_text_len, padding="longest")
     ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)
-    ref = L.AlbefBase.init_tokenizer()(texts, padding="max_length", truncation=True, max_length=cfg.max_text_len)
-    if ids.shape[1] != cfg.max_text_len or ids.tolist() != ref.input_ids:
+    ref = L and L.AlbefBase.init_tokenizer()(texts, padding="max_length", truncation=True, max_length=cfg.max_text_len)
+    if ids.shape[1] != cfg.max_text_len or (ref is not None and ids.tolist() != ref.input_ids):
         raise RuntimeError("the two tokenizers disagree on the benchmark captions; the comparison would be unfair")
     samples = {"image": images, "text_input": texts, "epoch": 1, "iters": 0, "num_iters_per_epoch": 1}
 
@@ -213,7 +214,7 @@ def bench_retrieval(args, dev) -> dict:
     from albef.text import Tokenizer
 
     cfg = config(args.preset, args.res)
-    L = R.import_lavis()
+    L = R.import_lavis() if "theirs" in sides else None  # a side measured alone loads only its own code
     torch.manual_seed(0)
     theirs = R.build_retrieval(L, cfg).to(dev).eval()
     ours = ALBEF(cfg, mlm_head=False).to(dev).eval()
@@ -253,7 +254,7 @@ def bench_vqa(args, dev) -> dict:
     from albef.text import Tokenizer
 
     cfg = config(args.preset, args.res)
-    L = R.import_lavis()
+    L = R.import_lavis() if "theirs" in sides else None  # a side measured alone loads only its own code
     torch.manual_seed(0)
     dec_layers = max(1, cfg.text.num_layers // 2)
     ours = ALBEFForVQA(cfg, decoder_layers=dec_layers).to(dev).eval()
@@ -336,7 +337,7 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
             f"{', the reference as it ships' if args.device == 'cuda' else ''}). Matrix-multiply throughput measured "
             f"in the same run: {peak_flops / 1e9:.1f} GFLOP/s ({dtype}). Medians of {args.reps} (training) / "
             f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
-            f"`{' '.join(['bench/.venv-ref/bin/python', 'bench/compare.py'] + sys.argv[1:])}`.")
+            f"`{shlex.join(['bench/.venv-ref/bin/python', 'bench/compare.py'] + sys.argv[1:])}`.")
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 

@@ -87,7 +87,7 @@ def test_refuses_what_needs_every_gradient_first(kwargs, word):
     check_in_backward(1, None, "bf16", 1, False)  # allowed
 
 
-def test_pretraining_run_in_backward_gives_the_same_weights(tmp_path):
+def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path):
     from albef.data.cli import write_shapes
     from albef.recipes import load_recipe
     from albef.training.checkpoint import load_checkpoint
@@ -96,17 +96,23 @@ def test_pretraining_run_in_backward_gives_the_same_weights(tmp_path):
     data = tmp_path / "shapes"
     write_shapes(data, n=16, image_size=32, seed=1)
 
-    def run(out, *extra):
+    def run(out, steps, *extra, resume=False):
         PretrainRun(load_recipe(None, [
             "model.preset=albef-tiny", "model.overrides={queue_size: 32}",
             f"data.train_files=[{data / 'pretrain.json'}]", f"data.image_root={data}", "data.num_workers=0",
-            "data.min_seen_for_bad_check=16", "train.batch_size=4", "train.max_steps=3", "train.lr=1e-3",
-            "train.seed=3", "train.checkpoint_every=0", "train.device=cpu", f"output_dir={out}", *extra])).fit()
+            "data.min_seen_for_bad_check=16", "train.batch_size=4", f"train.max_steps={steps}", "train.lr=1e-3",
+            "train.seed=3", "train.checkpoint_every=0", "train.device=cpu", f"output_dir={out}", *extra]),
+            resume=resume).fit()
         return load_checkpoint(out / "checkpoint_last.pt")
 
-    a = run(tmp_path / "a")
-    b = run(tmp_path / "b", "train.optimizer_in_backward=true", "train.grad_checkpointing=true")
-    assert a["model"].keys() == b["model"].keys()
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=0, msg=k)
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    def same(a, b):
+        assert a["model"].keys() == b["model"].keys()
+        for k, v in a["model"].items():
+            torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=0, msg=k)
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+    lean = ("train.optimizer_in_backward=true", "train.grad_checkpointing=true")
+    a = run(tmp_path / "a", 5)
+    same(a, run(tmp_path / "b", 5, *lean))
+    run(tmp_path / "c", 2, *lean)  # stopped after 2 steps, resumed to 5
+    same(a, run(tmp_path / "c", 5, *lean, resume=True))

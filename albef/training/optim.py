@@ -23,7 +23,11 @@ from torch import Tensor
 
 
 class AdamWInBackward(torch.optim.AdamW):
-    """:class:`torch.optim.AdamW` whose work happens in ``backward()``; ``step()`` does nothing.
+    """:class:`torch.optim.AdamW` whose work happens in ``backward()``.
+
+    ``step()`` is AdamW's: after a backward no parameter holds a gradient any more, so it has
+    nothing left to do (gradients set by other means, such as the zero-gradient step with which
+    ``torch.distributed.checkpoint`` initialises the state before loading, are still applied).
 
     It needs the complete gradient of a parameter when its hook fires, so it cannot be combined
     with gradient accumulation, clipping, loss scaling or gradients reduced across processes after
@@ -51,12 +55,6 @@ class AdamWInBackward(torch.optim.AdamW):
             for g, params in zip(self.param_groups, saved):
                 g["params"] = params
         p.grad = None
-
-    def step(self, closure: Any = None) -> None:  # noqa: D401 - the update ran in the backward
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
-        return None
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -91,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-            out = trainer(images, ids, mask, alpha=0.4, generator=g if dev.type == "cpu" else None)
-        opt.zero_grad(set_to_none=True)
+            out = trainer(images, ids, mask, alpha=0.4, generator=g if dev.type == "cpu" else None, enqueue=False)
         out.loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
+        trainer.queue.enqueue(out.image_feat_m, out.text_feat_m)  # after the step, as the training loop does
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

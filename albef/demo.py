@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         alpha = cfg.alpha * min(1.0, step / max(1, args.steps // 3))
-        out = trainer(images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=g)
-        opt.zero_grad(set_to_none=True)
+        out = trainer(images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=g, enqueue=False)
         out.loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
+        trainer.queue.enqueue(out.image_feat_m, out.text_feat_m)  # after the step, as the training loop does
         bar.set_postfix(itc=f"{out.loss_itc.item():.3f}", itm=f"{out.loss_itm.item():.3f}",
                         mlm=f"{out.loss_mlm.item():.3f}", alpha=f"{alpha:.2f}")
     elapsed = time.perf_counter() - start

@@ -151,7 +151,7 @@ def _report(counts, vqa_counts, results, diagnostic, test, s, g, overlays, vqa, 
         f"Data: {counts['concepts']} emoji ({counts['train']} train / {counts['val']} val / {counts['test']} test, "
         f"split by emoji), {counts['images']} images (Google + Twitter styles, skin tones); easy-VQA "
         f"{vqa_counts['train']} train / {vqa_counts['test']} test questions.",
-        f"Model: albef-small (ViT 6x192, BERT 6x384 with fusion from layer 3, text side from MiniLM-L6) at 64 px.",
+        "Model: albef-small (ViT 6x192, BERT 6x384 with fusion from layer 3, text side from MiniLM-L6) at 64 px.",
         "",
         f"## Retrieval on {n_img} held-out emoji ({n_txt} captions), k = {s['k']}", "",
         # a random ranking puts one of an image's c captions first with probability c / n_txt, which

@@ -178,7 +178,10 @@ def bench_pretrain(args, dev, amp) -> dict:
                                             in_backward=args.optimizer_in_backward)
     n_a = sum(p.numel() for p in m_a.parameters())
     n_b = sum(p.numel() for p in m_b.parameters())
+    if args.grad_checkpointing:  # model FLOPs: the recomputation is not useful work
+        m_a.model.set_grad_checkpointing(False)
     flops = step_flops(ours)
+    m_a.model.set_grad_checkpointing(args.grad_checkpointing)
     a, b = alternate(ours, theirs, dev, args.reps)
     res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch,
            "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
@@ -214,7 +217,7 @@ def bench_retrieval(args, dev) -> dict:
     from albef.text import Tokenizer
 
     cfg = config(args.preset, args.res)
-    L = R.import_lavis() if "theirs" in sides else None  # a side measured alone loads only its own code
+    L = R.import_lavis()
     torch.manual_seed(0)
     theirs = R.build_retrieval(L, cfg).to(dev).eval()
     ours = ALBEF(cfg, mlm_head=False).to(dev).eval()
@@ -254,7 +257,7 @@ def bench_vqa(args, dev) -> dict:
     from albef.text import Tokenizer
 
     cfg = config(args.preset, args.res)
-    L = R.import_lavis() if "theirs" in sides else None  # a side measured alone loads only its own code
+    L = R.import_lavis()
     torch.manual_seed(0)
     dec_layers = max(1, cfg.text.num_layers // 2)
     ours = ALBEFForVQA(cfg, decoder_layers=dec_layers).to(dev).eval()

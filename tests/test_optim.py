@@ -77,6 +77,19 @@ def test_state_dict_round_trip_and_interchangeable_with_adamw():
         assert torch.equal(pa, pb), name
 
 
+def test_param_groups_added_later_are_updated_in_the_backward():
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    opt = AdamWInBackward([{"params": [a.weight]}], lr=0.1)
+    opt.add_param_group({"params": [a.bias], "weight_decay": 0.0})
+    before = a.bias.detach().clone()
+    a(torch.ones(1, 3)).sum().backward()
+    assert a.bias.grad is None and not torch.equal(a.bias, before)
+    opt.remove_hooks()  # detached: gradients stay for another optimizer
+    b(torch.ones(1, 3)).sum().backward()
+    a(torch.ones(1, 3)).sum().backward()
+    assert a.weight.grad is not None
+
+
 @pytest.mark.parametrize("kwargs, word", [
     ({"grad_accum": 2}, "grad_accum"), ({"max_grad_norm": 1.0}, "max_grad_norm"),
     ({"precision": "fp16"}, "fp16"), ({"world_size": 2}, "DDP"), ({"fsdp": True}, "FSDP")])
@@ -97,12 +110,15 @@ def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path
     write_shapes(data, n=16, image_size=32, seed=1)
 
     def run(out, steps, *extra, resume=False):
-        PretrainRun(load_recipe(None, [
+        r = PretrainRun(load_recipe(None, [
             "model.preset=albef-tiny", "model.overrides={queue_size: 32}",
             f"data.train_files=[{data / 'pretrain.json'}]", f"data.image_root={data}", "data.num_workers=0",
             "data.min_seen_for_bad_check=16", "train.batch_size=4", f"train.max_steps={steps}", "train.lr=1e-3",
             "train.seed=3", "train.checkpoint_every=0", "train.device=cpu", f"output_dir={out}", *extra]),
-            resume=resume).fit()
+            resume=resume)
+        r.fit()
+        assert isinstance(r.optimizer, AdamWInBackward) == ("train.optimizer_in_backward=true" in extra)
+        assert all(p.grad is None for p in r.trainer.parameters())
         return load_checkpoint(out / "checkpoint_last.pt")
 
     def same(a, b):

@@ -197,8 +197,8 @@ def itm_diagnostic(model: ALBEF, g: GalleryEmbeddings, img2txt: list[list[int]],
 
     For every (image, own caption): the same image with one random caption of another image, and
     with the other images' caption that ITC ranks highest for it (the hard negative: the kind the
-    re-ranking must reject). Returns the win rates of the ITM logit the re-ranking uses and of the
-    ITC cosine against each (0.5 = chance). ITM re-ranking helps where its win rate against hard
+    re-ranking must reject). Returns the win rates of the ITM positive logit (the authors' re-ranking
+    score) and of the ITC cosine against each (0.5 = chance). ITM re-ranking helps where its win rate against hard
     negatives beats ITC's; a model whose ITM wins against hard negatives but not against random
     ones has learned which captions ITC tends to confuse, not to look at the image.
 

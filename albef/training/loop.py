@@ -179,6 +179,10 @@ class PretrainRun:
         if t.compile:
             for m in encoders:
                 m.compile()
+        if t.optimizer_in_backward:  # before any wrapping or sharding work
+            from albef.training.optim import check_in_backward
+
+            check_in_backward(t.grad_accum, t.max_grad_norm, t.precision, self.dist.world_size, t.fsdp)
         self.fsdp, self.replicated = t.fsdp, []
         if t.fsdp:
             from albef.training.fsdp import replicated_params, shard_trainer
@@ -196,10 +200,6 @@ class PretrainRun:
                                                 if self.dist.device.type == "cuda" else None,
                                                 broadcast_buffers=False)  # queues stay equal via all-gather
                         if self.dist.world_size > 1 else self.trainer)
-        if t.optimizer_in_backward:
-            from albef.training.optim import check_in_backward
-
-            check_in_backward(t.grad_accum, t.max_grad_norm, t.precision, self.dist.world_size, t.fsdp)
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, in_backward=t.optimizer_in_backward)
         cuda = self.dist.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if cuda else None
@@ -222,7 +222,7 @@ class PretrainRun:
         from albef.data.pretrain import PretrainCollator
         from albef.data.shards import ShardLoader
 
-        r, d, t = self.recipe, self.recipe.data, self.recipe.train
+        d, t = self.recipe.data, self.recipe.train
         if self.task.name not in ("pretrain", "retrieval"):
             raise ValueError(f"data.shards feeds image-caption tasks (pretrain, retrieval), not {self.task.name!r}")
         self.dataset, self.ann_bad = None, []  # shards were cleaned when they were written

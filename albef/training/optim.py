@@ -35,10 +35,14 @@ class AdamWInBackward(torch.optim.AdamW):
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, **kwargs: Any):
-        super().__init__(params, lr=lr, **kwargs)
+        self._handles: list = []
+        super().__init__(params, lr=lr, **kwargs)  # calls add_param_group for each group
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
         self._index_groups()
-        self._handles = [p.register_post_accumulate_grad_hook(self._update)
-                         for g in self.param_groups for p in g["params"]]
+        self._handles += [p.register_post_accumulate_grad_hook(self._update)
+                          for p in self.param_groups[-1]["params"] if p.requires_grad]
 
     def _index_groups(self) -> None:
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -61,6 +65,7 @@ class AdamWInBackward(torch.optim.AdamW):
         self._index_groups()  # loading replaces the group dicts
 
     def remove_hooks(self) -> None:
+        """Detach from the parameters (before building another optimizer over the same model)."""
         for h in self._handles:
             h.remove()
         self._handles = []

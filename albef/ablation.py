@@ -60,7 +60,17 @@ def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], sc
             cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | `albef ablation --row \"{name}\"` |")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    # only the marked block is replaced: the analysis written around the table survives a re-run
+    start, end = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
+    block = "\n".join([start, *lines, end])
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        text = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        text = block + "\n" + (("\n" + old) if old else "")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text if text.endswith("\n") else text + "\n")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

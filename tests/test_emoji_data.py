@@ -104,3 +104,17 @@ def test_ablation_table_reports_mean_and_spread(tmp_path):
     row = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| Full")][0]
     assert "| 2 | 2.00 ± 1.41 | 5.00 ± 0.00 | 2.00 ± 0.00 | 7.00 ± 1.41 |" in row
     assert list(ROWS)[0] == "MLM + ITM" and ROWS["MLM + ITM"]["itc"] is False
+
+
+def test_ablation_table_rewrite_keeps_the_analysis_around_it(tmp_path):
+    from albef.ablation import write_table
+
+    path = tmp_path / "t.md"
+    one = {"MLM + ITM": [{"txt_r1": 1.0, "txt_r5": 5.0, "img_r1": 2.0, "img_r5": 6.0}]}
+    write_table(one, path, [0], "full")
+    path.write_text(path.read_text() + "\n## What we see\n\nhand-written analysis\n")
+    two = {"MLM + ITM": [{"txt_r1": 3.0, "txt_r5": 5.0, "img_r1": 2.0, "img_r5": 6.0}]}
+    write_table(two, path, [0], "full")
+    text = path.read_text()
+    assert "hand-written analysis" in text and text.count("# Pretraining ablation") == 1
+    assert "| 3.00 ± 0.00 |" in text and "| 1.00 ± 0.00 |" not in text

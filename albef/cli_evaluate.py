@@ -117,22 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _device(name: str) -> torch.device:
-    """Grounding and the classification tasks run in one process (no sharding)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _grounding(args: argparse.Namespace) -> int:
     from albef.evaluation.grounding import evaluate_grounding, read_grounding, save_overlays
+    from albef.training.distributed import init_distributed, shutdown
 
-    device = _device(args.device)
-    model = load_inference_model(args.model, device)
-    records = read_grounding(args.data, args.image_root, model.config.text_cleaning)
-    metrics, preds = evaluate_grounding(model, records, Tokenizer(add_sep=model.config.add_sep),
-                                        test_transform(model.config.vision.image_size), args.mode, args.layer,
-                                        args.batch_size, device)
+    info = init_distributed(args.device)  # under torchrun the expressions are split across ranks
+    try:
+        model = load_inference_model(args.model, info.device)
+        records = read_grounding(args.data, args.image_root, model.config.text_cleaning)
+        metrics, preds = evaluate_grounding(model, records, Tokenizer(add_sep=model.config.add_sep),
+                                            test_transform(model.config.vision.image_size), args.mode, args.layer,
+                                            args.batch_size, info.device)
+    finally:
+        shutdown()
+    if not info.is_main:
+        return 0
     print(f"grounding ({args.mode} Grad-CAM) on {metrics['n']} expressions: accuracy {metrics['accuracy']:.2f}%")
     for split, acc in metrics["per_split"].items():
         print(f"  {split:10s} {acc:6.2f}%")
@@ -148,23 +147,32 @@ def _task(args: argparse.Namespace) -> int:
     from albef.data.classification import read_classification
     from albef.data.vqa import read_answer_list, read_vqa
     from albef.evaluation.tasks import evaluate_classification, evaluate_vqa
+    from albef.training.distributed import init_distributed, shutdown
 
-    device = _device(args.device)
-    model = load_inference_model(args.model, device)
-    tok = Tokenizer(add_sep=model.config.add_sep)
-    transform = test_transform(model.config.vision.image_size)
+    info = init_distributed(args.device)  # under torchrun the records are split across ranks
+    try:
+        model = load_inference_model(args.model, info.device)
+        tok = Tokenizer(add_sep=model.config.add_sep)
+        transform = test_transform(model.config.vision.image_size)
+        if args.what == "vqa":
+            records, _ = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning)
+            metrics, results = evaluate_vqa(model, records, read_answer_list(args.answers), tok, transform, args.k,
+                                            args.scoring, args.batch_size, args.num_workers, info.device)
+        else:
+            records, bad = read_classification(args.data, args.image_root, args.what, model.config.text_cleaning)
+            if bad:
+                raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
+            metrics = evaluate_classification(model, records, tok, transform, args.batch_size, args.num_workers,
+                                              info.device)
+    finally:
+        shutdown()
+    if not info.is_main:
+        return 0
     if args.what == "vqa":
-        records, _ = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning)
-        metrics, results = evaluate_vqa(model, records, read_answer_list(args.answers), tok, transform, args.k,
-                                        args.scoring, args.batch_size, args.num_workers, device)
         if args.results:
             Path(args.results).write_text(json.dumps(results))
         print(f"VQA on {metrics['n']} questions" + "".join(f"\n  {k:10s} {v:6.2f}%" for k, v in metrics.items() if k != "n"))
     else:
-        records, bad = read_classification(args.data, args.image_root, args.what, model.config.text_cleaning)
-        if bad:
-            raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
-        metrics = evaluate_classification(model, records, tok, transform, args.batch_size, args.num_workers, device)
         print(f"{args.what} accuracy on {metrics['n']} examples: {metrics['accuracy']:.2f}%")
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2))

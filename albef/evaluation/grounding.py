@@ -83,9 +83,12 @@ def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokeniz
     if mode not in ("itm", "itc"):
         raise ValueError("mode must be 'itm' (cross-attention Grad-CAM) or 'itc' (ViT self-attention)")
     model.eval()
+    from albef.training.distributed import gather_lists, rank_slice
+
+    mine = list(records)[rank_slice(len(records))]  # under torchrun: a share per rank, gathered below
     preds: list[GroundingPrediction] = []
-    for s in range(0, len(records), batch_size):
-        chunk = records[s:s + batch_size]
+    for s in range(0, len(mine), batch_size):
+        chunk = mine[s:s + batch_size]
         pil = [load_image(r.image) for r in chunk]
         px = torch.stack([transform(p) for p in pil]).to(device)
         tok = tokenizer([r.text for r in chunk], max_length=30, padding="longest").to(device)
@@ -96,6 +99,7 @@ def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokeniz
             best = int(scores.argmax())
             iou = float(box_iou(torch.tensor([r.candidates[best]]), torch.tensor([r.box]))[0])
             preds.append(GroundingPrediction(r, h, scores, best, iou))
+    preds = gather_lists(preds)
     per_split: dict[str, list[bool]] = defaultdict(list)
     for p in preds:
         per_split[p.record.split].append(p.correct)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from albef.data.retrieval import ImageListDataset, RetrievalEvalSet
 from albef.models.albef import ALBEF
 from albef.text import Tokenizer
+from albef.training.distributed import rank_slice
 
 
 @dataclass
@@ -77,14 +78,6 @@ def itm_pair_scores(model: ALBEF, g: GalleryEmbeddings, img: Tensor, txt: Tensor
     return out
 
 
-def _shard(n: int) -> slice:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return slice(0, n)
-    step = -(-n // dist.get_world_size())
-    r = dist.get_rank()
-    return slice(min(n, r * step), min(n, (r + 1) * step))
-
-
 @torch.no_grad()
 def rerank(model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, add_cosine: bool = False
            ) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,10 +94,10 @@ def rerank(model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, ad
     pairs = torch.cat([torch.stack([torch.arange(n_img, device=sims.device).repeat_interleave(k_t), top_t.reshape(-1)]),
                        torch.stack([top_i.reshape(-1), torch.arange(n_txt, device=sims.device).repeat_interleave(k_i)])], 1)
     codes = torch.unique(pairs[0] * n_txt + pairs[1])  # each (image, text) pair once
-    mine = codes[_shard(len(codes))]
+    mine = codes[rank_slice(len(codes))]
     scores = torch.zeros(len(codes), dtype=sims.dtype, device=sims.device)
     if len(mine):
-        lo = _shard(len(codes)).start
+        lo = rank_slice(len(codes)).start
         scores[lo:lo + len(mine)] = itm_pair_scores(model, g, mine // n_txt, mine % n_txt, batch_size).to(sims.dtype)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(scores)

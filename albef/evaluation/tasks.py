@@ -1,4 +1,8 @@
-"""Evaluation of the reasoning tasks: VQA (answer ranking) and SNLI-VE / NLVR2 (accuracy)."""
+"""Evaluation of the reasoning tasks: VQA (answer ranking) and SNLI-VE / NLVR2 (accuracy).
+
+Under torchrun each rank takes a contiguous share of the records; the results are gathered, so
+every rank returns what one process computes over all of them.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from albef.api import tokenize_answers
 from albef.data.pretrain import PretrainRecord, load_image
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers
 from albef.text import Tokenizer
+from albef.training.distributed import all_reduce_sum, gather_lists, rank_slice
 
 
 class _EvalDataset(Dataset):
@@ -53,19 +58,22 @@ def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokeni
     model.eval()
     ans = tokenize_answers(tokenizer, answer_list)
     ans_ids, ans_mask = ans.input_ids.to(device), ans.attention_mask.to(device)
-    results, scores = [], defaultdict(list)
-    for px, idx in _batches(records, transform, batch_size, num_workers):
-        recs = [records[int(i)] for i in idx]
+    records = list(records)
+    mine = records[rank_slice(len(records))]
+    picked = []  # this rank's best answer index per record, in order
+    for px, idx in _batches(mine, transform, batch_size, num_workers):
+        recs = [mine[int(i)] for i in idx]
         q = tokenizer([r.captions[0] for r in recs], max_length=max_question_len, padding="longest").to(device)
         states = model.encode_question(px.to(device), q.input_ids, q.attention_mask)
-        best = rank_answers(model, states, q.attention_mask, ans_ids, ans_mask, k, scoring)["ranked_ids"][:, 0]
-        for r, b in zip(recs, best.tolist()):
-            results.append({"question_id": r.question_id, "answer": answer_list[b]})
-            if r.answers:
-                acc = vqa_accuracy(answer_list[b], r.answers)
-                scores["overall"].append(acc)
-                if r.question_type:
-                    scores[r.question_type].append(acc)
+        picked += rank_answers(model, states, q.attention_mask, ans_ids, ans_mask, k, scoring)["ranked_ids"][:, 0].tolist()
+    results, scores = [], defaultdict(list)
+    for r, b in zip(records, gather_lists(picked)):
+        results.append({"question_id": r.question_id, "answer": answer_list[b]})
+        if r.answers:
+            acc = vqa_accuracy(answer_list[b], r.answers)
+            scores["overall"].append(acc)
+            if r.question_type:
+                scores[r.question_type].append(acc)
     metrics = {k_: 100.0 * sum(v) / len(v) for k_, v in scores.items()}
     metrics["n"] = len(results)
     return metrics, results
@@ -77,12 +85,15 @@ def evaluate_classification(model: ALBEFForClassification, records, tokenizer: T
                             max_length: int = 40) -> dict:
     """Accuracy (the authors' ``argmax == label``) over all records."""
     model.eval()
+    records = list(records)
+    mine = records[rank_slice(len(records))]
     correct = 0
-    for px, idx in _batches(records, transform, batch_size, num_workers):
-        recs = [records[int(i)] for i in idx]
+    for px, idx in _batches(mine, transform, batch_size, num_workers):
+        recs = [mine[int(i)] for i in idx]
         t = tokenizer([r.captions[0] for r in recs], max_length=max_length, padding="longest").to(device)
         px = px.to(device)
         images = px if model.num_images == 1 else [px[:, 0], px[:, 1]]
         pred = model(images, t.input_ids, t.attention_mask).argmax(-1).cpu()
         correct += int((pred == torch.tensor([r.label for r in recs])).sum())
+    correct = int(all_reduce_sum(torch.tensor(float(correct), device=device)))
     return {"accuracy": 100.0 * correct / max(1, len(records)), "n": len(records)}

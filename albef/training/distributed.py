@@ -60,6 +60,25 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def rank_slice(n: int) -> slice:
+    """This rank's contiguous share of ``n`` items (all of them without a process group); the
+    shares in rank order tile ``range(n)``, so :func:`gather_lists` restores the original order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return slice(0, n)
+    step = -(-n // dist.get_world_size())
+    r = dist.get_rank()
+    return slice(min(n, r * step), min(n, (r + 1) * step))
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's list (picklable items), concatenated in rank order; the list itself alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

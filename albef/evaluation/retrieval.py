@@ -167,7 +167,7 @@ def evaluate_retrieval(model: ALBEF, data: RetrievalEvalSet, tokenizer: Tokenize
         _, i2t, t2i = rerank(model, g, k, itm_batch_size, add_cosine)
         results["itm"] = retrieval_metrics(i2t, t2i, data.img2txt, data.txt2img)
         if diagnose:
-            results["diagnostic"] = itm_diagnostic(model, g, data.img2txt, batch_size=itm_batch_size)
+            results["diagnostic"] = itm_diagnostic(model, g, data.img2txt, batch_size=itm_batch_size, sims=sims)
     return results
 
 
@@ -185,7 +185,7 @@ def win_rate(a: Tensor, b: Tensor) -> float:
 
 @torch.no_grad()
 def itm_diagnostic(model: ALBEF, g: GalleryEmbeddings, img2txt: list[list[int]], seed: int = 0,
-                   batch_size: int = 256) -> dict[str, float]:
+                   batch_size: int = 256, sims: Tensor | None = None) -> dict[str, float]:
     """How often ITM and ITC each prefer an image's own caption to a wrong one, pair by pair.
 
     For every (image, own caption): the same image with one random caption of another image, and
@@ -202,7 +202,7 @@ def itm_diagnostic(model: ALBEF, g: GalleryEmbeddings, img2txt: list[list[int]],
     """
     n_txt = g.text_feat.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    sims = (g.image_feat @ g.text_feat.T).cpu()
+    sims = (g.image_feat @ g.text_feat.T if sims is None else sims).cpu()  # ITC cosines [N_img, N_txt]
     img, pos, rnd, hard = [], [], [], []
     for i, caps in enumerate(img2txt):
         own = torch.zeros(n_txt, dtype=torch.bool)

@@ -3,7 +3,7 @@
 Run with the reference environment (``bash bench/setup_reference.sh`` makes it):
 
     bench/.venv-ref/bin/python bench/compare.py --write bench/RESULTS.md      # CPU, ~15 min
-    bench/.venv-ref/bin/python bench/compare.py --device cuda --gpu           # GPU figures
+    bash bench/gpu.sh                                                          # GPU figures (see there)
 
 What is timed (medians of ``--reps`` rounds, ours and theirs alternating after a warm-up, same
 threads, same config, same batch, same resolution, same random inputs):
@@ -209,7 +209,7 @@ def rss_probe(args) -> None:
 
 
 # -- retrieval evaluation -----------------------------------------------------------------------
-def bench_retrieval(args, dev) -> dict:
+def bench_retrieval(args, dev, amp: torch.dtype | None = None) -> dict:
     from albef.convert import from_authors
     from albef.evaluation.retrieval import embed_gallery, rerank
     from albef.loading import load_albef
@@ -231,7 +231,7 @@ def bench_retrieval(args, dev) -> dict:
     out = {}
 
     def run_ours():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             g = embed_gallery(ours, images, texts, tok, max_length=35, batch_size=64, device=dev)
             out["ours"] = rerank(ours, g, k, add_cosine=True)[1:]
 
@@ -243,16 +243,16 @@ def bench_retrieval(args, dev) -> dict:
     a, b = alternate(run_ours, run_theirs, dev, args.reps_eval, warmup=0)
     i2t_a, t2i_a = (x.float().cpu() for x in out["ours"])
     i2t_b, t2i_b = (torch.as_tensor(x) for x in out["theirs"])
-    top = lambda s: s.argmax(1)  # noqa: E731
+    agree = torch.cat([i2t_a.argmax(1) == i2t_b.argmax(1), t2i_a.argmax(1) == t2i_b.argmax(1)]).float().mean()
     pairs = k * (n_img + len(texts))
     return {"what": "retrieval", "preset": args.preset, "res": args.res, "images": n_img, "texts": len(texts), "k": k,
             "ours_s": statistics.median(a), "theirs_s": statistics.median(b), "pairs": pairs,
             "max_abs_score_diff": max((i2t_a - i2t_b).abs().max().item(), (t2i_a - t2i_b).abs().max().item()),
-            "same_top1": bool((top(i2t_a) == top(i2t_b)).all() and (top(t2i_a) == top(t2i_b)).all())}
+            "top1_agreement": agree.item(), "ours_dtype": str(amp or torch.float32).removeprefix("torch.")}
 
 
 # -- VQA answer ranking --------------------------------------------------------------------------
-def bench_vqa(args, dev) -> dict:
+def bench_vqa(args, dev, amp: torch.dtype | None = None) -> dict:
     from albef.models.tasks import ALBEFForVQA, rank_answers
     from albef.text import Tokenizer
 
@@ -273,7 +273,7 @@ def bench_vqa(args, dev) -> dict:
     k = min(args.vqa_k, len(answers))
 
     def run_ours():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             states = ours.encode_question(images, q.input_ids.to(dev), q.attention_mask.to(dev))
             rank_answers(ours, states, q.attention_mask.to(dev), ans.input_ids.to(dev), ans.attention_mask.to(dev), k=k)
 
@@ -305,8 +305,18 @@ def machine() -> str:
 def versions() -> str:
     import importlib.metadata as md
 
-    v = {p: md.version(p) for p in ("torch", "salesforce-lavis", "transformers", "timm")}
-    return ", ".join(f"{k} {x}" for k, x in v.items()) + f", Python {platform.python_version()}"
+    v = {p: md.version(p) for p in ("torch", "salesforce-lavis", "transformers", "timm", "numpy")}
+    cuda = f", CUDA {torch.version.cuda}" if torch.cuda.is_available() else ""
+    return ", ".join(f"{k} {x}" for k, x in v.items()) + f", Python {platform.python_version()}{cuda}"
+
+
+def interpreter() -> str:
+    """The Python that ran this, as the command line to quote (relative inside the repository)."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.absolute().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return exe.name
 
 
 def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
@@ -328,8 +338,9 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
             setting = f"{r['preset']} res {r['res']}, {r['images']} images x {r['texts']} texts, k={r['k']}"
             cells = f"{r['pairs'] / r['ours_s']:.1f} ITM pairs/s | {r['pairs'] / r['theirs_s']:.1f} ITM pairs/s"
             other = (f"{r['theirs_s'] / r['ours_s']:.2f}x pairs/s; whole evaluation {r['ours_s']:.2f} / "
-                     f"{r['theirs_s']:.2f} s; same weights: max score difference {r['max_abs_score_diff']:.1e}, "
-                     f"same top-1 {'yes' if r['same_top1'] else 'NO'}")
+                     f"{r['theirs_s']:.2f} s; same weights: max score difference {r['max_abs_score_diff']:.1e} "
+                     f"(ours {r['ours_dtype']}, theirs float32), same top-1 for "
+                     f"{100 * r['top1_agreement']:.1f} % of queries")
         else:
             setting = (f"{r['preset']} res {r['res']}, {r['questions']} questions, {r['answers']} answers, "
                        f"k={r['k']}")
@@ -340,7 +351,7 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
             f"{', the reference as it ships' if args.device == 'cuda' else ''}). Matrix-multiply throughput measured "
             f"in the same run: {peak_flops / 1e9:.1f} GFLOP/s ({dtype}). Medians of {args.reps} (training) / "
             f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
-            f"`{shlex.join(['bench/.venv-ref/bin/python', 'bench/compare.py'] + sys.argv[1:])}`.")
+            f"`{shlex.join([interpreter(), 'bench/compare.py'] + sys.argv[1:])}`.")
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
@@ -393,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda") else None
     dtype = "bf16 autocast" if amp else "float32"
-    peak = matmul_flops_per_s(dev, amp or torch.float32, 4096 if dev.type == "cuda" else 1024)
+    peak = matmul_flops_per_s(dev, amp or torch.float32, 8192 if dev.type == "cuda" else 1024)
     results = []
     for what in args.what:
         if what == "pretrain":
@@ -403,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "batch": args.small_batch})
                 results.append(bench_pretrain(small, dev, amp))
         elif what == "retrieval":
-            results.append(bench_retrieval(args, dev))
+            results.append(bench_retrieval(args, dev, amp))
         else:
-            results.append(bench_vqa(args, dev))
+            results.append(bench_vqa(args, dev, amp))
         print(json.dumps(results[-1]), flush=True)
     text = table(results, args, peak, dtype)
     print(text)

@@ -74,7 +74,7 @@ def itm_pair_scores(model: ALBEF, g: GalleryEmbeddings, img: Tensor, txt: Tensor
         t = txt[sel]
         L = int(lengths[sel].max())
         fused = model.itm_cls(g.text_embeds[t, :L], g.text_mask[t, :L], ctx)
-        out[sel] = model.itm_logits(fused)[:, 1]
+        out[sel] = model.itm_logits(fused)[:, 1].to(out.dtype)  # autocast gives bf16 logits
     return out
 
 
@@ -122,13 +122,13 @@ def rerank_per_query(model: ALBEF, g: GalleryEmbeddings, k: int, add_cosine: boo
     for i in range(sims.shape[0]):
         vals, idx = sims[i].topk(min(k, sims.shape[1]))
         fused = model.fuse(g.text_embeds[idx], g.text_mask[idx], g.image_embeds[i].expand(len(idx), -1, -1))
-        i2t[i, idx] = model.itm_logits(fused)[:, 1] + (vals if add_cosine else 0)
+        i2t[i, idx] = (model.itm_logits(fused)[:, 1] + (vals if add_cosine else 0)).to(i2t.dtype)
     t2i = torch.full_like(sims.T, -100.0)
     for t in range(sims.shape[1]):
         vals, idx = sims[:, t].topk(min(k, sims.shape[0]))
         fused = model.fuse(g.text_embeds[t].expand(len(idx), -1, -1), g.text_mask[t].expand(len(idx), -1),
                            g.image_embeds[idx])
-        t2i[t, idx] = model.itm_logits(fused)[:, 1] + (vals if add_cosine else 0)
+        t2i[t, idx] = (model.itm_logits(fused)[:, 1] + (vals if add_cosine else 0)).to(t2i.dtype)
     return i2t, t2i
 
 

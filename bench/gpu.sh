@@ -17,7 +17,7 @@ fi
 OUT=${OUT:-/tmp/albef-gpu}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 sed -i 's/"tokenizers>=0.11.1,!=0.11.3,<0.14"/"tokenizers>=0.11.1"/' /tmp/site/transformers/dependency_versions_table.py
-export PYTHONPATH=/tmp/site:$PWD PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+export USE_FLAX=0 USE_TF=0 USE_TORCH=1 PYTHONPATH=/tmp/site:$PWD PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 cp bench/RESULTS.md "$OUT/RESULTS.md"
 C="python3 bench/compare.py --device cuda --threads 16 --write $OUT/RESULTS.md"

@@ -339,7 +339,9 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
             other = (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
                      f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x); MFU {mfu(r['ours_s']):.1f} % / "
                      f"{mfu(r['theirs_s']):.1f} %; {r['flops_per_step'] / 1e9:.0f} GFLOP/step; "
-                     f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s")
+                     f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s; steps "
+                     f"{min(r['ours_all']):.3f}-{max(r['ours_all']):.3f} / {min(r['theirs_all']):.3f}-"
+                     f"{max(r['theirs_all']):.3f} s")
             cells = f"{r['ours_s']:.3f} s/step | {r['theirs_s']:.3f} s/step"
         elif r["what"] == "retrieval":
             setting = f"{r['preset']} res {r['res']}, {r['images']} images x {r['texts']} texts, k={r['k']}"

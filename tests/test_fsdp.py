@@ -55,3 +55,20 @@ def test_fsdp_trains_like_ddp_and_resumes_on_one_process(tmp_path):
     for step in (6, 7, 8):
         for k in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
             assert resumed[step][k] == pytest.approx(ddp[step][k], abs=1e-4), (step, k)
+
+
+def test_fsdp_clips_gradients_like_one_process(tmp_path):
+    """train.max_grad_norm under FSDP: the norm spans the shards on both ranks and the replicated
+    parameters once, so 2 sharded ranks clip exactly as one process with the same global batch."""
+    data = tmp_path / "data"
+    write_shapes(data, n=64, image_size=32, seed=1)
+    clip = {"train__max_grad_norm": 0.5}  # below every step's norm, so every step is clipped
+    _torchrun(_args(data, tmp_path / "fsdp", 4, train__fsdp="true", **clip))
+    PretrainRun(load_recipe(None, _args(data, tmp_path / "one", 4, train__grad_accum=2, **clip))).fit()
+    fsdp, one = _metrics(tmp_path / "fsdp"), _metrics(tmp_path / "one")
+    for step in range(1, 5):
+        assert one[step]["grad_norm"] > 0.5, step
+        # the norm over both ranks' shards and the replicated parameters is the whole model's
+        assert fsdp[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4), step
+        for k in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
+            assert fsdp[step][k] == pytest.approx(one[step][k], abs=1e-4), (step, k)

@@ -82,3 +82,32 @@ def sync_replicated_grads(params: list[nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) over a model whose blocks are FSDP shards and
+    whose other parameters are replicated: the shards' squared norms are summed over the ranks,
+    the replicated gradients (equal on every rank after :func:`sync_replicated_grads`) counted
+    once. Returns the total norm before clipping.
+
+    >>> total = clip_grad_norm(trainer.model.parameters(), 1.0)  # doctest: +SKIP
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    shards = [local(g) for g in grads if is_sharded(g)]
+    plain = [g for g in grads if not is_sharded(g)]
+
+    def sq(ts: list[Tensor]) -> Tensor:
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in ts]).square().sum()
+
+    dev = local(grads[0]).device
+    sharded_sq = sq(shards).to(dev) if shards else torch.zeros((), device=dev)
+    if shards and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sharded_sq)
+    total = (sharded_sq + (sq(plain).to(dev) if plain else 0.0)).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ formula
+    for g in shards + plain:
+        g.mul_(coef.to(g.device, g.dtype))
+    return total

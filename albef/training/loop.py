@@ -187,8 +187,6 @@ class PretrainRun:
         if t.fsdp:
             from albef.training.fsdp import replicated_params, shard_trainer
 
-            if t.max_grad_norm:
-                raise ValueError("train.max_grad_norm is not supported with train.fsdp yet")
             if t.precision == "fp16":  # the GradScaler would unscale sharded and replicated grads together
                 raise ValueError("train.precision=fp16 is not supported with train.fsdp; use bf16")
             ensure_process_group(self.dist.device)
@@ -316,15 +314,21 @@ class PretrainRun:
             from albef.training.fsdp import sync_replicated_grads
 
             sync_replicated_grads(self.replicated)
-        if t.max_grad_norm:
+        extra = {}
+        if t.max_grad_norm and self.fsdp:  # no fp16 under FSDP, so nothing to unscale
+            from albef.training.fsdp import clip_grad_norm
+
+            extra["grad_norm"] = float(clip_grad_norm(self.trainer.model.parameters(), t.max_grad_norm))
+        elif t.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(), t.max_grad_norm)
+            extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(),
+                                                                      t.max_grad_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only
-        return {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha}
+        return {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha, **extra}  # grad_norm: before clipping
 
     def _account_bad(self, micro_batches: list) -> None:
         d = self.recipe.data

@@ -77,6 +77,10 @@ class TrainSection:
     checkpoint_every: int = 1000  # optimizer steps; 0: only at the end of each epoch
     log_every: int = 50
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
+    # parameter-name prefix -> learning-rate multiplier, longest prefix wins (e.g. a pretrained text
+    # side learning slower: {"text_encoder.embeddings": 0.1, "text_encoder.encoder.layer.0": 0.1}); the
+    # reference has one rate for all
+    lr_scale: dict[str, float] = field(default_factory=dict)
     hard_negative_eps: float | None = None  # None: the task's (pretraining 0, retrieval 1e-4)
     distill: bool = True  # momentum distillation in fine-tuning (VQA, SNLI-VE, NLVR2)
     # pretraining ablation switches (the paper's Table 1): all on is ALBEF

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from albef.training.loop import build_optimizer
+from albef.training.loop import build_optimizer, lr_scale_of
 from albef.training.optim import AdamWInBackward, check_in_backward
 
 
@@ -33,7 +33,7 @@ def _batches(n):
 def _train(model, opt, batches, lrs):
     for (x, y), lr in zip(batches, lrs):
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # as the training loop sets it
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         if isinstance(opt, AdamWInBackward):
@@ -133,3 +133,46 @@ def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path
     same(a, run(tmp_path / "b", 5, *lean))
     run(tmp_path / "c", 2, *lean)  # stopped after 2 steps, resumed to 5
     same(a, run(tmp_path / "c", 5, *lean, resume=True))
+
+
+def test_lr_scale_longest_prefix_wins():
+    scale = {"text_encoder": 0.1, "text_encoder.layer.3": 1.0, "vision.": 0.5}
+    assert lr_scale_of("text_encoder.layer.0.attention.query.weight", scale) == 0.1
+    assert lr_scale_of("text_encoder.layer.3.crossattention.key.weight", scale) == 1.0
+    assert lr_scale_of("text_encoder.layer.30.output.dense.weight", scale) == 0.1  # layer.3 is not a prefix of it
+    assert lr_scale_of("vision.blocks.0.norm1.weight", scale) == 0.5
+    assert lr_scale_of("itm_head.weight", scale) == 1.0
+    assert lr_scale_of("anything", None) == 1.0
+
+
+def test_lr_scale_scales_the_first_adamw_step():
+    """AdamW's first step moves each weight by lr (|m / sqrt(v)| = 1) after decoupled decay
+    lr * wd * p: with a multiplier s both are s times as large, and s = 0 freezes the tensor."""
+    torch.manual_seed(0)
+    model = Tied()
+    lr, wd = 1e-2, 0.1
+    opt = build_optimizer(model, lr, wd, lr_scale={"hidden": 0.5, "hidden.bias": 0.0})
+    assert sorted((g["lr_scale"], g["weight_decay"], len(g["params"])) for g in opt.param_groups) == [
+        (0.0, 0.0, 1), (0.5, wd, 1), (1.0, 0.0, 3), (1.0, wd, 1)]
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    (x, y), = _batches(1)
+    _train(model, opt, [(x, y)], [lr])
+    after = dict(model.named_parameters())
+    assert torch.equal(after["hidden.bias"], before["hidden.bias"])
+    for name, s in (("hidden.weight", 0.5), ("emb.weight", 1.0)):
+        step = (after[name] - before[name] * (1 - lr * s * wd)).abs()
+        moved = step > 0
+        assert moved.float().mean() > 0.5, name
+        torch.testing.assert_close(step[moved], torch.full_like(step[moved], lr * s), rtol=1e-3, atol=0)
+
+
+def test_lr_scale_unscaled_is_the_reference_grouping():
+    model = Tied()
+    groups = build_optimizer(model, 1e-3, 0.02).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.02]  # no decay first, as the reference
+    assert {id(p) for p in groups[1]["params"]} == {id(model.emb.weight), id(model.hidden.weight)}
+
+
+def test_lr_scale_unknown_prefix_is_an_error():
+    with pytest.raises(ValueError, match="text_encoder"):
+        build_optimizer(Tied(), 1e-3, 0.02, lr_scale={"text_encoder": 0.1})

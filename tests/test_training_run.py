@@ -133,3 +133,18 @@ def test_resume_refuses_another_global_batch(shapes, tmp_path):
     PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2))).fit()
     with pytest.raises(ValueError, match="global_batch 4, this run has 8"):
         PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__grad_accum=2)), resume=True)
+
+
+def test_lr_scale_zero_freezes_the_text_side_only(shapes, tmp_path):
+    """train.lr_scale from the command line: text_encoder at 0 stays where it started (so its
+    momentum copy equals it), while the vision side moves away from its momentum copy."""
+    out = tmp_path / "run"
+    assert cli_main(["pretrain", *_overrides(shapes, out, train__max_steps=3,
+                                             train__lr_scale="{text_encoder: 0.0}")]) == 0
+    trainer = load_trainer_from_checkpoint(out / "checkpoint_last.pt")
+    student, teacher = trainer.model.state_dict(), trainer.model_m.state_dict()
+    text = [k for k in student if k.startswith("text_encoder.") and k in teacher]
+    vision = [k for k in student if k.startswith("visual_encoder.") and k in teacher]
+    assert text and vision
+    assert all(torch.equal(student[k], teacher[k]) for k in text)
+    assert not all(torch.equal(student[k], teacher[k]) for k in vision)

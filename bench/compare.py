@@ -182,7 +182,9 @@ def bench_pretrain(args, dev, amp) -> dict:
         m_a.model.set_grad_checkpointing(False)
     flops = step_flops(ours)
     m_a.model.set_grad_checkpointing(args.grad_checkpointing)
-    a, b = alternate(ours, theirs, dev, args.reps)
+    # on a GPU the two sides share one caching allocator: more warm-up rounds let it settle (the
+    # first H200 run, with one, had our bf16 steps 2-5 three times slower than steps 6-10)
+    a, b = alternate(ours, theirs, dev, args.reps, warmup=3 if dev.type == "cuda" else 1)
     res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch,
            "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
            "ours_all": a, "theirs_all": b, "flops_per_step": flops}

@@ -25,7 +25,7 @@ C="python3 bench/compare.py --device cuda --threads 16 --write $OUT/RESULTS.md"
 timeout 120 $C --preset albef-tiny --res 64 --batch 8 --small-preset "" --reps 2 --reps-eval 1 --gallery 8 --k 8 \
   --questions 4 --answers 50 --vqa-k 8 --bf16 --write /tmp/smoke.md 2>&1 | tail -4 || { echo "SMOKE FAILED"; exit 1; }
 # the setting: albef-base res 256 batch 64, ours bf16 autocast, the reference as it ships (float32)
-timeout 300 $C --bf16 --preset albef-base --res 256 --batch 64 --small-preset "" --reps 10 --reps-eval 3 \
+timeout 300 $C --bf16 --preset albef-base --res 256 --batch 64 --small-preset "" --reps 30 --reps-eval 3 \
   --gallery 128 --k 128 --questions 64 --answers 3128 --vqa-k 128 --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.log" | tail -8
 # the same step with both sides in float32: the implementation alone, without the precision
 timeout 150 $C --what pretrain --preset albef-base --res 256 --batch 64 --small-preset "" --reps 10 \

@@ -173,6 +173,11 @@ def test_lr_scale_unscaled_is_the_reference_grouping():
     assert {id(p) for p in groups[1]["params"]} == {id(model.emb.weight), id(model.hidden.weight)}
 
 
-def test_lr_scale_unknown_prefix_is_an_error():
+def test_lr_scale_unknown_prefix_or_bad_value_is_an_error():
     with pytest.raises(ValueError, match="text_encoder"):
         build_optimizer(Tied(), 1e-3, 0.02, lr_scale={"text_encoder": 0.1})
+    for bad in (-0.1, "fast", float("inf")):
+        with pytest.raises(ValueError, match="multiplier"):
+            build_optimizer(Tied(), 1e-3, 0.02, lr_scale={"hidden": bad})
+    groups = build_optimizer(Tied(), 1e-3, 0.02, lr_scale={"hidden": "1e-1"}).param_groups  # YAML's string
+    assert sorted(g["lr_scale"] for g in groups) == [0.1, 0.1, 1.0, 1.0]

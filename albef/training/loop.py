@@ -10,6 +10,7 @@ computes what ``k`` processes compute together.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -67,14 +68,21 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backwar
 
     >>> opt = build_optimizer(model, lr=1e-4, weight_decay=0.02, lr_scale={"text_encoder": 0.1})  # doctest: +SKIP
     """
-    for prefix in lr_scale or {}:
+    checked = {}
+    for prefix, v in (lr_scale or {}).items():
+        try:
+            checked[prefix] = float(v)  # YAML may hand "1e-1" over as a string
+        except (TypeError, ValueError):
+            checked[prefix] = math.nan
+        if not checked[prefix] >= 0 or math.isinf(checked[prefix]):
+            raise ValueError(f"train.lr_scale[{prefix!r}] = {v!r}: give a finite multiplier >= 0")
         if not any(_under(n, prefix) for n, _ in model.named_parameters()):
             raise ValueError(f"train.lr_scale: no parameter name starts with {prefix!r} "
                              f"(names look like {next(n for n, _ in model.named_parameters())!r})")
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            key = (not (p.ndim == 1 or name.endswith(".bias")), lr_scale_of(name, lr_scale))
+            key = (not (p.ndim == 1 or name.endswith(".bias")), lr_scale_of(name, checked))
             groups.setdefault(key, []).append(p)
     # The fused kernel (one pass over each tensor instead of a chain of foreach ops) computes the
     # same update; on 2 CPU cores it takes the AdamW step of albef-base from 0.53 s to 0.13 s.

@@ -256,7 +256,8 @@ def bench_retrieval(args, dev, amp: torch.dtype | None = None) -> dict:
     pairs = k * (n_img + len(texts))
     return {"what": "retrieval", "preset": args.preset, "res": args.res, "images": n_img, "texts": len(texts), "k": k,
             "ours_s": statistics.median(a), "theirs_s": statistics.median(b), "pairs": pairs,
-            "max_abs_score_diff": max(scored_diff(i2t_a, i2t_b), scored_diff(t2i_a, t2i_b)),
+            "max_abs_score_diff": max((d for d in (scored_diff(i2t_a, i2t_b), scored_diff(t2i_a, t2i_b))
+                                       if d == d), default=float("nan")),  # NaN: no pair in common
             "top1_agreement": agree.item(), "ours_dtype": str(amp or torch.float32).removeprefix("torch.")}
 
 
@@ -323,7 +324,7 @@ def interpreter() -> str:
     """The Python that ran this, as the command line to quote (relative inside the repository)."""
     exe = Path(sys.executable)
     try:
-        return str(exe.absolute().relative_to(Path(__file__).resolve().parents[1]))
+        return str(exe.absolute().relative_to(Path(__file__).absolute().parents[1]))
     except ValueError:
         return exe.name
 

@@ -43,15 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     write_shapes(data, n=64, image_size=32, seed=1)
     failed = 0
     for precision in ("fp32", "bf16", "fp16"):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         full, part = root / f"{precision}-full", root / f"{precision}-part"
         PretrainRun(_recipe(data, full, precision, 4, device)).fit()
         PretrainRun(_recipe(data, part, precision, 2, device)).fit()
         PretrainRun(_recipe(data, part, precision, 4, device), resume=True).fit()
         a, b = _losses(full), _losses(part)
-        # CUDA's atomics (embedding and index backward) make runs differ in the last bits: equal
-        # to 1e-2 relative, not bit-equal as on the CPU
+        # CUDA's atomics (embedding and index backward) may make runs differ in the last bits; the
+        # H200 run was bit-equal. 1e-6 relative still catches a resume that restores the wrong state
         diff = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=math.inf) if len(a) == len(b) else math.inf
-        ok = len(a) == 4 and all(math.isfinite(x) for x in a) and diff < 1e-2
+        ok = len(a) == 4 and all(math.isfinite(x) for x in a) and diff < 1e-6
         failed += not ok
         print(json.dumps({"precision": precision, "losses": a, "resumed_losses": b, "max_rel_diff": diff, "ok": ok,
                           "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}), flush=True)

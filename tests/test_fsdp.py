@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
 
 from albef.data.cli import write_shapes
 from albef.recipes import load_recipe
+from albef.training.fsdp import clip_grad_norm
 from albef.training.loop import PretrainRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +76,35 @@ def test_fsdp_clips_gradients_like_one_process(tmp_path):
         assert fsdp[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4), step
         for k in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
             assert fsdp[step][k] == pytest.approx(one[step][k], abs=1e-4), (step, k)
+
+
+def _clip_worker(rank: int, world: int, init: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        ref = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        ref.load_state_dict(model.state_dict())
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))  # model[2] stays replicated
+        x = torch.randn(4, 6)  # the same on both ranks, so the averaged gradients are one process's
+        model(x).square().sum().backward()
+        ref(x).square().sum().backward()
+        assert isinstance(model[0].weight.grad, DTensor) and not isinstance(model[2].weight.grad, DTensor)
+        total = clip_grad_norm(model.parameters(), 0.1)
+        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        assert expected > 0.1  # the clipping is active
+        torch.testing.assert_close(total, expected)
+        for p, q in zip(model.parameters(), ref.parameters()):  # the clipped gradients themselves
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            torch.testing.assert_close(g, q.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clip_grad_norm_over_shards_equals_torch_on_the_whole_model(tmp_path):
+    mp.spawn(_clip_worker, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2)

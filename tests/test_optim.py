@@ -179,5 +179,7 @@ def test_lr_scale_unknown_prefix_or_bad_value_is_an_error():
     for bad in (-0.1, "fast", float("inf")):
         with pytest.raises(ValueError, match="multiplier"):
             build_optimizer(Tied(), 1e-3, 0.02, lr_scale={"hidden": bad})
+    with pytest.raises(ValueError, match="give the prefix whole"):  # a dotted override nests
+        build_optimizer(Tied(), 1e-3, 0.02, lr_scale={"hidden": {"bias": 0.1}})
     groups = build_optimizer(Tied(), 1e-3, 0.02, lr_scale={"hidden": "1e-1"}).param_groups  # YAML's string
     assert sorted(g["lr_scale"] for g in groups) == [0.1, 0.1, 1.0, 1.0]

@@ -148,3 +148,17 @@ def test_lr_scale_zero_freezes_the_text_side_only(shapes, tmp_path):
     assert text and vision
     assert all(torch.equal(student[k], teacher[k]) for k in text)
     assert not all(torch.equal(student[k], teacher[k]) for k in vision)
+
+
+def test_resume_refuses_another_lr_scale(shapes, tmp_path):
+    """The optimizer's groups follow train.lr_scale: a checkpoint resumes only with the same one."""
+    out = tmp_path / "run"
+    PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2,
+                                             train__lr_scale="{text_encoder: 0.1}"))).fit()
+    for other in ("{text_encoder: 0.5}", "{}"):
+        recipe = load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__lr_scale=other))
+        with pytest.raises(ValueError, match="lr_scale"):
+            PretrainRun(recipe, resume=True)
+    PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=4,
+                                             train__lr_scale="{text_encoder: 0.1}")), resume=True).fit()
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4]

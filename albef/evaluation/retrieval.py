@@ -78,6 +78,14 @@ def itm_pair_scores(model: ALBEF, g: GalleryEmbeddings, img: Tensor, txt: Tensor
     return out
 
 
+def cosines(g: GalleryEmbeddings) -> Tensor:
+    """ITC cosines of every image with every text, [N_img, N_txt], at least float32, also under autocast:
+    in bfloat16 near-equal scores would tie and shuffle the shortlists and the re-ranked order."""
+    up = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731 (float64 stays)
+    with torch.autocast(g.image_feat.device.type, enabled=False):
+        return up(g.image_feat) @ up(g.text_feat).T
+
+
 @torch.no_grad()
 def rerank(model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, add_cosine: bool = False
            ) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,7 +94,7 @@ def rerank(model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, ad
     ``add_cosine=True`` is LAVIS's score (ITM logit + cosine); the authors' is the logit alone.
     Split across ranks when a process group is initialised.
     """
-    sims = g.image_feat @ g.text_feat.T  # [N_img, N_txt]
+    sims = cosines(g)  # [N_img, N_txt]
     n_img, n_txt = sims.shape
     k_t, k_i = min(k, n_txt), min(k, n_img)
     top_t = sims.topk(k_t, dim=1).indices  # texts of each image
@@ -117,7 +125,7 @@ def rerank(model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, ad
 def rerank_per_query(model: ALBEF, g: GalleryEmbeddings, k: int, add_cosine: bool = False) -> tuple[Tensor, Tensor]:
     """The reference's loop: one fusion pass per query over its k candidates (for tests and
     benchmarks; :func:`rerank` gives the same matrices)."""
-    sims = g.image_feat @ g.text_feat.T
+    sims = cosines(g)
     i2t = torch.full_like(sims, -100.0)
     for i in range(sims.shape[0]):
         vals, idx = sims[i].topk(min(k, sims.shape[1]))
@@ -161,7 +169,7 @@ def evaluate_retrieval(model: ALBEF, data: RetrievalEvalSet, tokenizer: Tokenize
     """Metrics of ITC alone and (unless ``itc_only``) of ITC + ITM re-ranking; ``diagnose`` adds
     ``"diagnostic"``, the win rates of :func:`itm_diagnostic`."""
     g = embed_gallery(model, data.images, data.texts, tokenizer, transform, max_length, batch_size, num_workers, device)
-    sims = g.image_feat @ g.text_feat.T
+    sims = cosines(g)
     results = {"itc": retrieval_metrics(sims, sims.T, data.img2txt, data.txt2img)}
     if not itc_only:
         _, i2t, t2i = rerank(model, g, k, itm_batch_size, add_cosine)
@@ -202,7 +210,7 @@ def itm_diagnostic(model: ALBEF, g: GalleryEmbeddings, img2txt: list[list[int]],
     """
     n_txt = g.text_feat.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    sims = (g.image_feat @ g.text_feat.T if sims is None else sims).cpu()  # ITC cosines [N_img, N_txt]
+    sims = (cosines(g) if sims is None else sims).cpu()  # ITC cosines [N_img, N_txt]
     img, pos, rnd, hard = [], [], [], []
     for i, caps in enumerate(img2txt):
         own = torch.zeros(n_txt, dtype=torch.bool)

@@ -70,6 +70,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backwar
     """
     checked = {}
     for prefix, v in (lr_scale or {}).items():
+        if isinstance(v, dict):  # train.lr_scale.text_encoder.embeddings=0.1 nests at each dot
+            raise ValueError(f"train.lr_scale[{prefix!r}] is a mapping: give the prefix whole, "
+                             "e.g. train.lr_scale='{text_encoder.embeddings: 0.1}'")
         try:
             checked[prefix] = float(v)  # YAML may hand "1e-1" over as a string
         except (TypeError, ValueError):
@@ -273,6 +276,10 @@ class PretrainRun:
         ckpt = load_checkpoint(path)
         if ckpt["model_config"] != self.cfg.to_dict():
             raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
+        saved_scale = ckpt.get("recipe", {}).get("train", {}).get("lr_scale") or {}
+        if saved_scale != (self.recipe.train.lr_scale or {}):  # the optimizer's groups would not match
+            raise ValueError(f"{path} was written with train.lr_scale {saved_scale}, this run has "
+                             f"{self.recipe.train.lr_scale or {}}: keep it as it was to resume")
         load_train_state(self.trainer, self.optimizer, ckpt)
         if ckpt["scaler"]:  # empty when the run that saved it had no fp16 scaler
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -363,7 +370,9 @@ class PretrainRun:
         self.optimizer.zero_grad(set_to_none=True)
         self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only
-        return {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha, **extra}  # grad_norm: before clipping
+        # grad_norm: before clipping; left out when not finite (an fp16 overflow step the scaler skips)
+        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
+        return {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha, **extra}
 
     def _account_bad(self, micro_batches: list) -> None:
         d = self.recipe.data

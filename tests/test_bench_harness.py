@@ -1,0 +1,67 @@
+"""bench/compare.py's report helpers: the table, the Markdown block it replaces, score comparison.
+
+The comparison itself needs the reference's environment (bench/setup_reference.sh) and minutes;
+these check the parts that turn its measurements into bench/RESULTS.md, on made-up numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import compare as C  # noqa: E402
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(grad_checkpointing=False, optimizer_in_backward=False, threads=2, device="cpu", reps=5, reps_eval=3)
+    return argparse.Namespace(**{**base, **kw})
+
+
+RESULTS = [
+    {"what": "pretrain", "preset": "albef-base", "res": 224, "batch": 4, "ours_s": 2.0, "theirs_s": 4.0,
+     "ours_all": [1.9, 2.0, 2.5], "theirs_all": [3.9, 4.0, 4.2], "flops_per_step": 100e9,
+     "peak_mb_ours": 600.0, "peak_mb_theirs": 1000.0},
+    {"what": "retrieval", "preset": "albef-base", "res": 224, "images": 16, "texts": 80, "k": 16, "ours_s": 1.0,
+     "theirs_s": 3.0, "pairs": 1536, "max_abs_score_diff": 2e-7, "top1_agreement": 1.0, "ours_dtype": "float32"},
+    {"what": "vqa", "preset": "albef-base", "res": 224, "questions": 8, "answers": 200, "k": 128, "ours_s": 0.5,
+     "theirs_s": 1.0},
+]
+
+
+def test_table_reports_ratios_memory_mfu_and_ranges(monkeypatch):
+    monkeypatch.setattr(C, "versions", lambda: "torch x")
+    text = C.table(RESULTS, _args(grad_checkpointing=True), peak_flops=100e9, dtype="float32")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    pre, ret, vqa = rows["pretrain"], rows["retrieval"], rows["vqa"]
+    assert "| 0.50x |" in pre and "(0.60x)" in pre  # time and memory ratios ours / theirs
+    assert "MFU 50.0 % / 25.0 %" in pre  # 100 GFLOP in 2 s and 4 s against 100 GFLOP/s
+    assert "steps 1.900-2.500 / 3.900-4.200 s" in pre and "gradient checkpointing" in pre
+    assert "1536.0 ITM pairs/s | 512.0 ITM pairs/s" in ret and "3.00x pairs/s" in ret
+    assert "same top-1 for 100.0 % of queries" in ret
+    assert "| 0.50x |" in vqa and "16.00 / 8.00 questions/s" in vqa
+    assert "Medians of 5 (training) / 3 (evaluation)" in text
+
+
+def test_write_block_replaces_only_its_own_block(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# title\n\nprose before\n")
+    C.write_block(md, "compare-cpu", "first\n")
+    C.write_block(md, "compare-cuda", "gpu\n")
+    md.write_text(md.read_text() + "\nprose after\n")
+    C.write_block(md, "compare-cpu", "second\n")
+    text = md.read_text()
+    assert "first" not in text and text.count("second") == 1 and "gpu" in text
+    assert text.startswith("# title\n\nprose before\n") and text.endswith("prose after\n")
+    assert text.index("second") < text.index("gpu")  # replaced in place, not appended
+
+
+def test_scored_diff_compares_only_pairs_both_sides_rescored():
+    a = torch.tensor([[1.0, -100.0, 3.0], [-100.0, 2.0, 0.5]])
+    b = torch.tensor([[1.5, 7.0, -100.0], [-100.0, 2.25, 0.5]])
+    assert C.scored_diff(a, b) == pytest.approx(0.5)
+    assert torch.isnan(torch.tensor(C.scored_diff(a[:1, 1:2], b[:1, 2:3])))  # nothing in common

@@ -123,8 +123,9 @@ class Pipeline:
         return torch.cat(out)
 
     def similarity(self, images: Sequence[ImageLike] | Tensor, texts: Sequence[str] | str) -> Tensor:
-        """ITC cosine similarity of every image with every text: [N_images, N_texts]."""
-        return self.encode_image(images) @ self.encode_text(texts).T
+        """ITC cosine similarity of every image with every text: [N_images, N_texts], float32 (a
+        bfloat16 pipeline's features are compared in float32, so near-equal scores do not tie)."""
+        return self.encode_image(images).float() @ self.encode_text(texts).float().T
 
     @torch.inference_mode()
     def match(self, images: Sequence[ImageLike] | Tensor, texts: Sequence[str] | str) -> Tensor:
@@ -157,7 +158,7 @@ class Pipeline:
         t = self.processor.texts(query).to(self.device)
         text_embeds = self.model.encode_text(t.input_ids, t.attention_mask)
         text_feat = self.model.text_feat(text_embeds, t.attention_mask)[0]
-        sims = image_feat.to(self.device, text_feat.dtype) @ text_feat
+        sims = image_feat.to(self.device, torch.float32) @ text_feat.float()  # float32 scores: no bf16 ties
         k = min(k, len(sims))
         cand = sims.topk(k).indices
         if not rerank:

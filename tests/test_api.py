@@ -55,6 +55,19 @@ def test_retrieve_reranks_the_itc_shortlist_by_itm(pipe, gallery):
     assert [h.index for h in itc_only] == sims.topk(2).indices.tolist() and itc_only[0].itm is None
 
 
+def test_a_bfloat16_pipeline_scores_in_float32(tiny_model, gallery):
+    """bfloat16 features compared in bfloat16 would round the cosines to ~3 digits and tie the
+    shortlist; the scores come out in float32, equal to the float32 product of those features."""
+    pipe = Pipeline(tiny_model.to(torch.bfloat16), device="cpu")
+    texts = ["a green triangle", "a red circle"]
+    sims = pipe.similarity(gallery, texts)
+    assert sims.dtype == torch.float32
+    expected = pipe.encode_image(gallery).float() @ pipe.encode_text(texts).float().T
+    torch.testing.assert_close(sims, expected, rtol=0, atol=0)
+    hits = pipe.retrieve("a green triangle", gallery, k=4, top=4, rerank=False)
+    assert [h.index for h in hits] == sims[:, 0].topk(4).indices.tolist()
+
+
 def test_bad_inputs_get_clear_errors(pipe, tmp_path):
     (tmp_path / "x.png").write_text("not an image")
     with pytest.raises(ValueError, match="x.png: not a readable image"):

@@ -5,8 +5,9 @@
 # has no wheel for the machine's Python 3.12; the reference's BertTokenizer is the pure-Python one,
 # so the pin is relaxed to let transformers import beside the image's tokenizers (ours uses it).
 # Writes $OUT/RESULTS.md (bench/RESULTS.md with the CUDA blocks replaced), JSON and logs.
-# Usage: here `bash bench/gpu.sh --download` once (.whl/ is git-ignored: carry it to the machine), there `bash bench/gpu.sh` (~7 min), then `bash bench/gpu.sh
-# --fp32-eval` (~4 min) in a second call; copy the blocks of $OUT/RESULTS.md into bench/RESULTS.md.
+# Usage: here `bash bench/gpu.sh --download` once (.whl/ is git-ignored: carry it to the
+# machine); there `bash bench/gpu.sh` (~7 min), then `bash bench/gpu.sh --fp32-eval` (~4 min)
+# in a second call; copy the blocks of $OUT/RESULTS.md into bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--download" ]; then

@@ -14,6 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from albef.mdblock import write_block
+
 ROWS = {
     "MLM + ITM": {"itc": False, "itc_distill": False, "mlm_distill": False},
     "ITC + MLM + ITM": {"hard_negatives": False, "itc_distill": False, "mlm_distill": False},
@@ -59,18 +61,8 @@ def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], sc
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | `albef ablation --row \"{name}\"` |")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # only the marked block is replaced: the analysis written around the table survives a re-run
-    start, end = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
-    block = "\n".join([start, *lines, end])
-    old = path.read_text() if path.exists() else ""
-    if start in old and end in old:
-        text = old[: old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        text = block + "\n" + (("\n" + old) if old else "")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n")
-    tmp.replace(path)
+    write_block(path, "ablation-table", "\n".join(lines), at="start")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ import reference as R  # noqa: E402
 
 from albef.bench import proc_memory_mb  # noqa: E402
 from albef.config import ALBEFConfig, get_preset  # noqa: E402
+from albef.mdblock import write_block  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue small large riding sitting standing on the in of with next to "
          "street field table plate bike horse two people child green white car tree building water").split()
@@ -365,19 +366,6 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
             f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
             f"`{shlex.join([interpreter(), 'bench/compare.py'] + sys.argv[1:])}`.")
     return head + "\n\n" + "\n".join(rows) + "\n"
-
-
-def write_block(path: Path, marker: str, text: str) -> None:
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    old = path.read_text() if path.exists() else ""
-    block = f"{start}\n{text}{end}"
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from albef.data.retrieval import ImageListDataset, RetrievalEvalSet
 from albef.models.albef import ALBEF
 from albef.text import Tokenizer
-from albef.training.distributed import rank_slice
+from albef.training.distributed import all_reduce_sum, rank_slice
 
 
 @dataclass
@@ -102,13 +101,12 @@ def rerank(model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, ad
     pairs = torch.cat([torch.stack([torch.arange(n_img, device=sims.device).repeat_interleave(k_t), top_t.reshape(-1)]),
                        torch.stack([top_i.reshape(-1), torch.arange(n_txt, device=sims.device).repeat_interleave(k_i)])], 1)
     codes = torch.unique(pairs[0] * n_txt + pairs[1])  # each (image, text) pair once
-    mine = codes[rank_slice(len(codes))]
+    share = rank_slice(len(codes))  # this rank's pairs; the others' stay 0 until the sum
+    mine = codes[share]
     scores = torch.zeros(len(codes), dtype=sims.dtype, device=sims.device)
     if len(mine):
-        lo = rank_slice(len(codes)).start
-        scores[lo:lo + len(mine)] = itm_pair_scores(model, g, mine // n_txt, mine % n_txt, batch_size).to(sims.dtype)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(scores)
+        scores[share] = itm_pair_scores(model, g, mine // n_txt, mine % n_txt, batch_size).to(sims.dtype)
+    scores = all_reduce_sum(scores)
     if add_cosine:
         scores = scores + sims.reshape(-1)[codes]
     full = torch.full((n_img * n_txt,), -100.0, dtype=sims.dtype, device=sims.device)
@@ -177,7 +175,6 @@ def evaluate_retrieval(model: ALBEF, data: RetrievalEvalSet, tokenizer: Tokenize
         if diagnose:
             results["diagnostic"] = itm_diagnostic(model, g, data.img2txt, batch_size=itm_batch_size, sims=sims)
     return results
-
 
 
 def win_rate(a: Tensor, b: Tensor) -> float:

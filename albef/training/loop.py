@@ -52,6 +52,19 @@ def lr_scale_of(name: str, lr_scale: dict[str, float] | None) -> float:
     return lr_scale[max(hits, key=len)] if hits else 1.0
 
 
+def _multiplier(prefix: str, v: Any) -> float:
+    if isinstance(v, dict):  # train.lr_scale.text_encoder.embeddings=0.1 nests at each dot
+        raise ValueError(f"train.lr_scale[{prefix!r}] is a mapping: give the prefix whole, "
+                         "e.g. train.lr_scale='{text_encoder.embeddings: 0.1}'")
+    try:
+        x = float(v)  # YAML may hand "1e-1" over as a string
+    except (TypeError, ValueError):
+        x = math.nan
+    if not 0 <= x < math.inf:
+        raise ValueError(f"train.lr_scale[{prefix!r}] = {v!r}: give a finite multiplier >= 0")
+    return x
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backward: bool = False,
                     lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW with the reference's groups: no decay for 1-D tensors and biases, decay for the rest.
@@ -68,17 +81,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backwar
 
     >>> opt = build_optimizer(model, lr=1e-4, weight_decay=0.02, lr_scale={"text_encoder": 0.1})  # doctest: +SKIP
     """
-    checked = {}
-    for prefix, v in (lr_scale or {}).items():
-        if isinstance(v, dict):  # train.lr_scale.text_encoder.embeddings=0.1 nests at each dot
-            raise ValueError(f"train.lr_scale[{prefix!r}] is a mapping: give the prefix whole, "
-                             "e.g. train.lr_scale='{text_encoder.embeddings: 0.1}'")
-        try:
-            checked[prefix] = float(v)  # YAML may hand "1e-1" over as a string
-        except (TypeError, ValueError):
-            checked[prefix] = math.nan
-        if not checked[prefix] >= 0 or math.isinf(checked[prefix]):
-            raise ValueError(f"train.lr_scale[{prefix!r}] = {v!r}: give a finite multiplier >= 0")
+    checked = {prefix: _multiplier(prefix, v) for prefix, v in (lr_scale or {}).items()}
+    for prefix in checked:
         if not any(_under(n, prefix) for n, _ in model.named_parameters()):
             raise ValueError(f"train.lr_scale: no parameter name starts with {prefix!r} "
                              f"(names look like {next(n for n, _ in model.named_parameters())!r})")
@@ -356,23 +360,23 @@ class PretrainRun:
             from albef.training.fsdp import sync_replicated_grads
 
             sync_replicated_grads(self.replicated)
-        extra = {}
+        grad_norm = math.nan  # before clipping; logged only when clipping computes it
         if t.max_grad_norm and self.fsdp:  # no fp16 under FSDP, so nothing to unscale
             from albef.training.fsdp import clip_grad_norm
 
-            extra["grad_norm"] = float(clip_grad_norm(self.trainer.model.parameters(), t.max_grad_norm))
+            grad_norm = float(clip_grad_norm(self.trainer.model.parameters(), t.max_grad_norm))
         elif t.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(),
-                                                                      t.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainer.model.parameters(), t.max_grad_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only
-        # grad_norm: before clipping; left out when not finite (an fp16 overflow step the scaler skips)
-        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
-        return {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha, **extra}
+        row = {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha}
+        if math.isfinite(grad_norm):  # not on an fp16 overflow step (the scaler skips it)
+            row["grad_norm"] = grad_norm
+        return row
 
     def _account_bad(self, micro_batches: list) -> None:
         d = self.recipe.data

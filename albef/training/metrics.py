@@ -58,7 +58,7 @@ class MetricsLogger:
             if not clean or len(kept) != len(rows):
                 # Rewritten (atomically) rather than appended to, so a torn last line of a killed
                 # run cannot glue onto the next record.
-                _atomic_write(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
+                atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
             self._columns = _union_keys(kept)
             self._rewrite_csv(kept)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
@@ -102,7 +102,7 @@ class MetricsLogger:
         w = csv.DictWriter(buf := io.StringIO(), self._columns, restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-        _atomic_write(self.csv_path, buf.getvalue())
+        atomic_write_text(self.csv_path, buf.getvalue())
         self._csv = open(self.csv_path, "a", encoding="utf-8", newline="")
 
     def close(self) -> None:
@@ -150,7 +150,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
     return rows, clean
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)

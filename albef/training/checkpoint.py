@@ -3,8 +3,11 @@
 Example:
     >>> from albef.training.checkpoint import (
     ...     CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
-    >>> save_checkpoint({"model": model.state_dict(), "step": 100, "rng": rng_state()}, f"run/{CHECKPOINT_NAME}")
+    >>> model = torch.nn.Linear(2, 2)
+    >>> _ = save_checkpoint({"model": model.state_dict(), "step": 100, "rng": rng_state()}, f"run/{CHECKPOINT_NAME}")
     >>> ckpt = load_checkpoint(f"run/{CHECKPOINT_NAME}")
+    >>> ckpt["step"]
+    100
     >>> set_rng_state(ckpt["rng"])
 """
 
@@ -49,6 +52,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     """Write ``obj`` to ``path`` atomically: a crash leaves the old file or the new one, never half of one.
 
     Example:
+        >>> model = torch.nn.Linear(2, 2)
         >>> save_checkpoint({"step": 3, "model": model.state_dict()}, "run/checkpoint_last.pt")
         PosixPath('run/checkpoint_last.pt')
     """
@@ -94,8 +98,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     corrupt or unsafe one.
 
     Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> _ = save_checkpoint({"model": model.state_dict()}, "run/checkpoint_last.pt")
         >>> ckpt = load_checkpoint("run/checkpoint_last.pt")
         >>> model.load_state_dict(ckpt["model"])
+        <All keys matched successfully>
     """
     path = Path(path)
     if not path.is_file():
@@ -187,7 +194,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the RNGs captured by :func:`rng_state` (missing entries are left untouched).
 
     Example:
+        >>> _ = save_checkpoint({"rng": rng_state()}, "run/checkpoint_last.pt")
+        >>> first = torch.rand(3)
         >>> set_rng_state(load_checkpoint("run/checkpoint_last.pt")["rng"])
+        >>> torch.equal(torch.rand(3), first)
+        True
     """
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu())  # map_location may have moved it to a GPU

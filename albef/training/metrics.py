@@ -1,9 +1,12 @@
 """Training metrics: JSONL (source of truth) + CSV + TensorBoard, and a loss-curve plot.
 
 Example:
-    >>> with MetricsLogger("run", enabled=rank == 0) as log:
-    ...     log.log(step, {"loss_itc": 1.2, "loss_mlm": 3.4, "lr": 1e-4})
+    >>> rank = 0  # torch.distributed.get_rank() in a distributed run
+    >>> with MetricsLogger("run", enabled=rank == 0, tensorboard=False) as log:
+    ...     for step in (10, 20):
+    ...         log.log(step, {"loss_itc": 1.2, "loss_mlm": 3.4, "lr": 1e-4})
     >>> plot_losses("run/metrics.jsonl", "run/losses.png")
+    PosixPath('run/losses.png')
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ class MetricsLogger:
     (logged after the checkpoint by the killed run) are dropped so steps are not duplicated.
 
     Example:
-        >>> log = MetricsLogger("run", resume_step=ckpt["step"] if ckpt else None)
+        >>> ckpt = None  # or the checkpoint a resumed run starts from
+        >>> log = MetricsLogger("run", resume_step=ckpt["step"] if ckpt else None, tensorboard=False)
         >>> log.log(100, {"loss_itc": 0.9}); log.log(100, {"loss_itc": 1.1}, split="val"); log.close()
+        >>> len(Path("run/metrics.jsonl").read_text().splitlines())
+        2
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
@@ -175,7 +181,10 @@ def plot_losses(jsonl_path: str | Path, png_path: str | Path, keys: list[str] | 
     """Plot ``loss*`` keys (or ``keys``) of a metrics JSONL against step: train as lines, val as points.
 
     Example:
+        >>> with MetricsLogger("run", tensorboard=False) as log:
+        ...     log.log(1, {"loss_itc": 2.0, "loss_itm": 0.7}); log.log(2, {"loss_itc": 1.5, "loss_itm": 0.6})
         >>> plot_losses("run/metrics.jsonl", "run/losses.png", keys=["loss_itc", "loss_itm"])
+        PosixPath('run/losses.png')
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: never touch the global backend
     from matplotlib.figure import Figure

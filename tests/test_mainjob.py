@@ -41,4 +41,9 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     assert set(results["retrieval"]) == {"zero-shot (pretrained) ITC", "zero-shot (pretrained) ITC+ITM",
                                          "fine-tuned ITC", "fine-tuned ITC+ITM"}
     assert results["grounding"]["n"] > 0 and 0 <= results["vqa"]["overall"] <= 100
+    # each VQA type against its own baselines: the fixture's shape questions all answer "circle"
+    assert "| type | accuracy | chance | most common answer |" in text
+    base = results["vqa_baselines"]
+    assert base["shape"]["majority"] == "circle" and base["shape"]["majority_accuracy"] == 100.0
+    assert base["yes/no"]["chance"] == 50.0
     assert list((tmp_path / "out" / "overlays").glob("*.png"))

@@ -2,8 +2,10 @@
 
 A diagnostic for the main job, not a benchmark: the image side of ``albef-small`` at 64 px (the
 main job's ViT, random weights), a linear head on its [CLS], trained as a plain classifier on the
-images of one easy-VQA question type with the main job's augmentation, batch 32, AdamW. It isolates
-the image encoder from everything ALBEF adds (no text, no fusion, no momentum model).
+images of one easy-VQA question type with the authors' fine-tuning augmentation (crop scale
+0.5-1, flip, RandAugment; ``--no-randaugment`` and ``--crop-scale 1.0`` take them off), batch 32,
+AdamW. It isolates the image encoder from everything ALBEF adds (no text, no fusion, no momentum
+model).
 
     albef data easyvqa data/easyvqa
     .venv/bin/python bench/vit_shape_probe.py --data data/easyvqa --type shape --steps 300
@@ -29,6 +31,7 @@ from albef.models.vit import VisionTransformer
 
 
 def load(data: Path, split: str, qtype: str) -> list[tuple[str, str]]:
+    """(image path, label) pairs of one question type, one per image."""
     qs = json.loads((data / f"vqa_{split}.json").read_text())
     # one question of the type per image: a shape/colour question names the image's only shape
     seen, out = set(), []

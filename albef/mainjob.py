@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import sys
+from collections import Counter
 import time
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,7 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     vqa_model = load_inference_model(out / "vqa" / "checkpoint_last.pt")
     answers = read_answer_list(vqa_dir / "answer_list.json")
     vqa_metrics, _ = evaluate_vqa(vqa_model, vqa_records, answers, tok, test_transform(64), k=len(answers))
-    top = [a["answer"][0] for a in train_q]
-    majority = max(sorted(set(top)), key=top.count)  # sorted: ties break the same way in every process
+    majority = _most_common([a["answer"][0] for a in train_q])
     base = 100.0 * sum(q["answer"][0] == majority for q in test_q[: s["vqa_test"]]) / max(1, len(vqa_records))
     per_type = vqa_baselines(train_q, test_q[: s["vqa_test"]])
     times["VQA evaluation"] = time.perf_counter() - t0
@@ -170,11 +170,16 @@ def vqa_baselines(train_q: list[dict], test_q: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for t in sorted({q.get("question_type") for q in train_q} - {None}):
         answers = [q["answer"][0] for q in train_q if q.get("question_type") == t]
-        top = max(sorted(set(answers)), key=answers.count)
+        top = _most_common(answers)
         tested = [vqa_accuracy(top, q["answer"]) for q in test_q if q.get("question_type") == t]
         out[t] = {"answers": len(set(answers)), "chance": 100.0 / len(set(answers)), "majority": top,
                   "majority_accuracy": 100.0 * sum(tested) / len(tested) if tested else None}
     return out
+
+
+def _most_common(answers: list[str]) -> str:
+    counts = Counter(answers)
+    return min(counts, key=lambda a: (-counts[a], a))  # ties: the first alphabetically, in every process
 
 
 def _report(counts, vqa_counts, results, diagnostic, test, s, g, overlays, vqa, majority, base, per_type, times,

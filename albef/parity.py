@@ -29,6 +29,7 @@ from torch import Tensor
 from albef.config import ALBEFConfig, TextConfig, VisionConfig
 from albef.convert import adapt_pos_embed, from_authors, to_authors
 from albef.models.albef import ALBEF
+from albef.models.bert import set_unpad
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers
 from albef.training.finetune import ClassifierTrainer, VQATrainer
 from albef.training.objectives import soft_cross_entropy
@@ -157,11 +158,12 @@ def _pretrain_like(task: _Task, mlm: bool) -> None:
     per_alpha: dict[str, Any] = io["per_alpha"]
     results = {}
     for key, rec in per_alpha.items():
-        # full_hidden=True computes every position of the last layer (its hidden states are
-        # compared below); the default computes only what the losses read: check its numbers too
+        # full_hidden=True computes every position, padding included (its hidden states are
+        # compared below); the default computes only what the losses read — the real tokens, and
+        # in the last layer [CLS] and the masked ones: check its numbers too
         for full in (False, True):
             trainer, out = _pretrain_step(task, mlm, retrieval, rec, draws_in, inputs, io, key, per_alpha, full)
-            tag = "" if full else " [last layer: [CLS]/masked only]"
+            tag = "" if full else " [real tokens only; last layer: [CLS]/masked only]"
             clean = rec.get("float64_clean", {})
             task.check(f"per_alpha/{key}/loss_itc{tag}", out.loss_itc, clean.get("loss_itc", rec["loss_itc"]))
             task.check(f"per_alpha/{key}/loss_itm{tag}", out.loss_itm, rec["loss_itm"])
@@ -258,9 +260,20 @@ def _classifier(task: _Task, num_images: int) -> None:
     names = ["image_embeds"] if num_images == 1 else ["image0_embeds", "image1_embeds"]
     for name, e in zip(names, embeds):
         task.check(f"outputs/{name}", e, outputs[name])
-    hidden = model.text_encoder(inputs["input_ids"], inputs["attention_mask"], embeds)
-    task.check("outputs/encoder_last_hidden", hidden, outputs["encoder_last_hidden"])
+    _hidden_both_ways(task, "outputs/encoder_last_hidden", outputs["encoder_last_hidden"], inputs["attention_mask"],
+                      lambda: model.text_encoder(inputs["input_ids"], inputs["attention_mask"], embeds), model)
     _momentum_sums(task, trainer)
+
+
+def _hidden_both_ways(task: _Task, name: str, ref: Tensor, mask: Tensor, run: Callable[[], Tensor],
+                      model: torch.nn.Module) -> None:
+    """A whole hidden-state tensor: every position as the reference computes it (padding
+    included), and the real tokens of the default run, which skips padding."""
+    set_unpad(model, False)
+    task.check(name, run(), ref)
+    set_unpad(model, True)
+    real = mask.bool()
+    task.check(f"{name} [real tokens only]", run()[real], ref[real])
 
 
 def _vqa(task: _Task) -> None:
@@ -278,7 +291,10 @@ def _vqa(task: _Task) -> None:
         task.check(f"train/per_alpha/{key}/per_answer_loss", out.per_answer_loss, rec["per_answer_loss"])
         task.check(f"train/per_alpha/{key}/loss", out.loss, rec["loss"])
     task.check("train/outputs/image_embeds", model.visual_encoder(images), train["outputs"]["image_embeds"])
-    task.check("train/outputs/question_states", out.question_states, train["outputs"]["question_states"])
+    _hidden_both_ways(task, "train/outputs/question_states", train["outputs"]["question_states"],
+                      inp["question_attention_mask"],
+                      lambda: model.encode_question(images, inp["question_input_ids"], inp["question_attention_mask"]),
+                      model)
     logp = out.logits[:, :-1].log_softmax(-1)
     targets = inp["answer_targets"][:, 1:]
     tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)

@@ -8,6 +8,14 @@ checkpoints use them; the code is ours. Layers ``0 .. fusion_layer-1`` are text-
 Image context: cross-attention keys and values depend only on the image and the layer, so
 :meth:`TextEncoder.image_context` projects them once and every fusion pass over the same images
 (the ITM positives, both kinds of negatives, MLM) reuses them by index instead of re-projecting.
+
+Padding: a batch of captions is padded to its longest, and a third or more of its positions are
+often padding. No output reads a padding position (it is masked out as a key; ITC and ITM read
+[CLS], MLM the masked tokens), and every layer but attention works token by token, so the encoder
+runs on the real tokens alone (:class:`Packing`) and pads only around attention. The real tokens'
+values are the same; the hidden states at padding positions come back as zeros, where the
+reference leaves whatever its padded computation gave. ``TextEncoder.unpad = False`` computes
+every position as the reference does.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from albef.config import TextConfig
+from albef.models.dropout import Dropout, dropout
 
 ImageInput = Tensor | Sequence[Tensor]
 
@@ -49,6 +58,57 @@ class ImageContext:
         return self.keys[0].shape[0] if self.keys else 0
 
 
+@dataclass
+class Packing:
+    """The real tokens of a padded batch: the per-token work runs on [T, ...] instead of [B, L, ...].
+
+    Example:
+        >>> pk = Packing.of(torch.tensor([[1, 1, 0], [1, 0, 0]]))
+        >>> pk.index.tolist(), pk.pack(torch.arange(6).view(2, 3)).tolist()
+        ([0, 1, 3], [0, 1, 3])
+        >>> pk.pad(torch.tensor([5, 6, 7])).tolist()
+        [[5, 6, 0], [7, 0, 0]]
+    """
+
+    index: Tensor  # [T] flat positions b * L + i of the real tokens, ascending
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, attention_mask: Tensor) -> "Packing | None":
+        """None when no position is padding (nothing to gain)."""
+        index = attention_mask.reshape(-1).nonzero().squeeze(1)
+        if index.numel() == attention_mask.numel():
+            return None
+        return cls(index, attention_mask.shape[0], attention_mask.shape[1])
+
+    def pack(self, x: Tensor) -> Tensor:  # [B, L, ...] -> [T, ...]
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
+
+    def pad(self, x: Tensor) -> Tensor:  # [T, ...] -> [B, L, ...], zeros at padding
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.length, *x.shape[1:])
+
+    def locate(self, positions: Tensor) -> Tensor:
+        """[B, P] positions -> [B * P] rows of the packed tensor; a padding position maps to row 0
+        (its output is unspecified, as a padding position's always is)."""
+        rows = torch.zeros(self.batch * self.length, dtype=torch.long, device=self.index.device)
+        rows[self.index] = torch.arange(self.index.numel(), device=self.index.device)
+        offsets = torch.arange(self.batch, device=positions.device)[:, None] * self.length
+        return rows[(positions + offsets).reshape(-1)]
+
+
+def set_unpad(module: nn.Module, enabled: bool) -> None:
+    """Switch :class:`Packing` on or off in every text encoder inside ``module``.
+
+    Off, every padding position is computed as the reference computes it (parity checks of
+    whole hidden-state tensors); on (the default), only the real tokens are.
+    """
+    for m in module.modules():
+        if isinstance(m, TextEncoder):
+            m.unpad = enabled
+
+
 def padding_mask(attention_mask: Tensor) -> Tensor:
     """[B, L] 0/1 mask -> boolean [B, 1, 1, L] (True = attend), the form SDPA takes."""
     return attention_mask[:, None, None, :].bool()
@@ -72,30 +132,43 @@ class MultiHeadAttention(nn.Module):
         self.save_attention = False
         self.attention_map: Tensor | None = None
 
+    def _keep_map(self, attn: Tensor) -> None:
+        if attn.requires_grad:
+            attn.retain_grad()
+        elif torch.is_grad_enabled():  # frozen weights: still let Grad-CAM differentiate the map
+            attn.requires_grad_(True)
+        self.attention_map = attn
+
     def _heads(self, x: Tensor) -> Tensor:  # [B, L, H] -> [B, h, L, d]
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        return self._heads(self.key(context)), self._heads(self.value(context))
+    def project_kv(self, context: Tensor, packing: Packing | None = None) -> tuple[Tensor, Tensor]:
+        k, v = self.key(context), self.value(context)
+        if packing is not None:  # [T, H] -> [B, L, H]
+            k, v = packing.pad(k), packing.pad(v)
+        return self._heads(k), self._heads(v)
 
-    def forward(self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        q = self._heads(self.query(x))
-        k, v = self.project_kv(x) if kv is None else kv
+    def forward(self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
+                packing: Packing | None = None) -> Tensor:
+        """[B, L, H] -> [B, L, H]; with ``packing``, [T, H] real tokens -> [T, H]."""
+        q = self.query(x)
+        q = self._heads(q if packing is None else packing.pad(q))
+        k, v = self.project_kv(x, packing) if kv is None else kv
         p = self.dropout if self.training else 0.0
-        if self.save_attention:
+        # SDPA's CPU kernel has no dropout: with p > 0 it runs this same math with PyTorch's
+        # slower mask and a fully-masked-row check; spelled out, the mask is albef's (dropout.py)
+        if self.save_attention or (p > 0 and q.device.type == "cpu"):
             scores = q @ k.transpose(-2, -1) / self.head_dim**0.5
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             attn = scores.softmax(-1)  # [B, h, L, N]
-            if attn.requires_grad:
-                attn.retain_grad()
-            elif torch.is_grad_enabled():  # frozen weights: still let Grad-CAM differentiate the map
-                attn.requires_grad_(True)
-            self.attention_map = attn
-            out = F.dropout(attn, p) @ v
+            if self.save_attention:
+                self._keep_map(attn)
+            out = dropout(attn, p) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return out.transpose(1, 2).flatten(2)  # [B, L, H]
+        out = out.transpose(1, 2).flatten(2)  # [B, L, H]
+        return out if packing is None else packing.pack(out)
 
 
 class AddNorm(nn.Module):
@@ -105,7 +178,7 @@ class AddNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
@@ -117,8 +190,9 @@ class AttentionBlock(nn.Module):
         self.self = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, kv_width, cfg.attention_dropout)
         self.output = AddNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        return self.output(self.self(x, mask, kv), x)
+    def forward(self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
+                packing: Packing | None = None) -> Tensor:
+        return self.output(self.self(x, mask, kv, packing), x)
 
 
 class Intermediate(nn.Module):
@@ -139,17 +213,24 @@ class BertLayer(nn.Module):
         self.output = AddNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout)
 
     def forward(self, x: Tensor, mask: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
-                cross_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+                cross_mask: Tensor | None = None, positions: Tensor | None = None,
+                packing: Packing | None = None) -> Tensor:
         """[B, L, H] -> [B, L, H], or [B, P, H] for ``positions`` [B, P]: every token still serves
         as a key/value of the self-attention, but only those positions are computed on (queries,
-        cross-attention, feed-forward) — what a last layer needs when only a few outputs are read."""
+        cross-attention, feed-forward) — what a last layer needs when only a few outputs are read.
+        With ``packing`` the input is the real tokens [T, H], and so is the output unless
+        ``positions`` are given."""
         if positions is None:
-            x = self.attention(x, mask)
+            x = self.attention(x, mask, packing=packing)
         else:
-            kv = self.attention.self.project_kv(x)
-            x = self.attention(x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])), mask, kv)
+            kv = self.attention.self.project_kv(x, packing)
+            if packing is None:
+                x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            else:
+                x = x.index_select(0, packing.locate(positions)).view(*positions.shape, x.shape[-1])
+            x, packing = self.attention(x, mask, kv), None
         if self.crossattention is not None:
-            x = self.crossattention(x, cross_mask, cross_kv)
+            x = self.crossattention(x, cross_mask, cross_kv, packing)
         return self.output(self.intermediate(x), x)
 
 
@@ -167,7 +248,7 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = (nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
                                       if cfg.type_vocab_size else None)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, input_ids: Tensor) -> Tensor:  # [B, L] -> [B, L, H]
         L = input_ids.shape[1]
@@ -211,6 +292,7 @@ class TextEncoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.encoder = _Layers([BertLayer(cfg, i >= cfg.fusion_layer) for i in range(cfg.num_layers)])
         self.grad_checkpointing = False
+        self.unpad = True  # run on the real tokens only (see the module docstring)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -250,6 +332,9 @@ class TextEncoder(nn.Module):
         mask = self._self_mask(attention_mask)
         if positions is not None and self.causal:
             raise ValueError("positions are for bidirectional layers (the causal mask is per query row)")
+        packing = Packing.of(attention_mask) if self.unpad and not self._saving_attention() else None
+        if packing is not None:
+            x = packing.pack(x)  # [T, H]
         for i, layer in enumerate(layers):
             kv = None
             if layer.crossattention is not None:
@@ -257,10 +342,17 @@ class TextEncoder(nn.Module):
             cross_mask = None if context is None else context.mask
             pos = positions if i == len(layers) - 1 else None
             if self.grad_checkpointing and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, kv, cross_mask, pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, kv, cross_mask, pos, packing,
+                                                      use_reentrant=False)
             else:
-                x = layer(x, mask, kv, cross_mask, pos)
+                x = layer(x, mask, kv, cross_mask, pos, packing)
+        if packing is not None and positions is None:
+            x = packing.pad(x)
         return x
+
+    def _saving_attention(self) -> bool:
+        # Grad-CAM reads whole attention maps, padding rows included: compute them as the reference does
+        return any(m.save_attention for m in self.modules() if isinstance(m, MultiHeadAttention))
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Text-only layers: [B, L] ids -> [B, L, H]."""

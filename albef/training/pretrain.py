@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from albef.models.albef import ALBEF
+from albef.models.bert import set_unpad
 from albef.training.momentum import FeatureQueue, make_teacher, momentum_update
 from albef.training.objectives import (IGNORE_INDEX, hard_negative_weights, itc_loss, mask_tokens,
                                        mlm_loss, sample_hard_negatives)
@@ -89,7 +90,9 @@ class ALBEFPretrainer(nn.Module):
 
         The losses read the fused [CLS] (ITM) and the masked positions (MLM) only, so by default
         the last layer is computed for those alone (same values, less work);
-        ``full_hidden=True`` computes every position (``out.fused`` is then [N, L, H]; parity)."""
+        ``full_hidden=True`` computes every position, padding included, as the reference does
+        (``out.fused`` is then [N, L, H]; parity); by default the text encoders skip padding
+        (:class:`~albef.models.bert.Packing`), whose hidden states then come back as zeros."""
         super().__init__()
         cfg = model.config
         if mlm and model.mlm_head is None:
@@ -107,6 +110,8 @@ class ALBEFPretrainer(nn.Module):
         self.use_itc, self.hard_negatives = itc, hard_negatives
         self.itc_distill, self.mlm_distill = itc_distill, mlm_distill
         self.full_hidden = full_hidden
+        if full_hidden:
+            set_unpad(self, False)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
                 idx: Tensor | None = None, draws: PretrainDraws | None = None,

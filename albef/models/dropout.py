@@ -1,0 +1,54 @@
+"""Dropout whose CPU random draws cost a third of PyTorch's.
+
+On CPU, ``torch.nn.functional.dropout`` draws its mask with ``bernoulli_``: one Mersenne-Twister
+call and a float conversion per element, serially (about 7.5 ns an element on the project's
+machine; 14 % of an ``albef-small`` pretraining step, BERT's hidden and attention-probability
+dropout in student and teacher). Here one ``random_()`` on int64 gives two 31-bit uniforms per
+generator call, and an element is kept when its uniform is at least ``round(p * 2**31)``, so the
+drop probability is ``p`` to within 2.4e-10 (PyTorch's own draws are 24-bit floats). Same
+distribution, same generator (``torch.manual_seed`` makes it repeatable), other draws: a run is
+not bit-equal to one with PyTorch's dropout. Elsewhere (CUDA's fused Philox kernel, evaluation,
+``p = 0``) this is ``F.dropout``.
+
+Example:
+    >>> _ = torch.manual_seed(0)
+    >>> y = dropout(torch.ones(100_000), 0.1, training=True)
+    >>> y.unique().tolist() == [0.0, float(torch.tensor(1 / 0.9))]  # dropped, or scaled by 1 / (1 - p)
+    True
+    >>> abs(float((y == 0).float().mean()) - 0.1) < 0.005
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_BITS = 31
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
+    """Boolean mask, True with probability ``1 - p``, from the default generator."""
+    n = 1
+    for s in shape:
+        n *= s
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_()  # 63 random bits each
+    uniforms = words.view(torch.int32)[:n].bitwise_and_((1 << _BITS) - 1)  # two 31-bit halves
+    return (uniforms >= round(p * (1 << _BITS))).view(shape)
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout(x, p, training)`` with the cheaper CPU mask (see the module docstring)."""
+    if not training or p == 0.0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    if p == 1.0:
+        return x * 0.0
+    return x.mul(keep_mask(x.shape, p)).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` drawing its CPU mask with :func:`dropout`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)

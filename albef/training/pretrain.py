@@ -3,7 +3,10 @@
 :class:`ALBEFPretrainer` owns the training-only state (momentum teacher, feature queues) around
 an inference :class:`~albef.models.albef.ALBEF`. One ``forward`` is one reference step, in the
 reference's order: momentum update, momentum features, ITC against the queues as they were,
-enqueue, ITM on hard negatives, MLM. With image ids (``idx``) it is the retrieval fine-tuning
+enqueue, ITM on hard negatives, MLM. Two things are done earlier than there, for speed, with
+the same values: the MLM masks are drawn first (so the random draws differ from the
+reference's for one seed; ``draws`` replays any), and the masked captions share the text-only
+layers' pass with the originals, in student and teacher. With image ids (``idx``) it is the retrieval fine-tuning
 objective instead (id-aware ITC targets and queue, same-id entries never negatives); with
 ``mlm=False`` the MLM term is left out.
 
@@ -132,9 +135,16 @@ class ALBEFPretrainer(nn.Module):
                 model.temp.clamp_(0.001, 0.5)
         temp = model.temp
 
+        # The MLM inputs are drawn first: the masked captions go through the text-only layers
+        # in one batch with the originals (same weights, same padding), in student and teacher.
+        mlm_ids = labels = None
+        if self.mlm:
+            mlm_ids, labels = self._mlm_inputs(input_ids, draws, generator)
+        teacher_mlm = self.mlm and self.mlm_distill and alpha > 0
+
         image_embeds = model.encode_image(images)  # [B, 1+N, Dv]
         image_feat = model.image_feat(image_embeds)  # [B, E]
-        text_embeds = model.encode_text(input_ids, attention_mask)  # [B, L, H]
+        text_embeds, mlm_text = _text_layers(model, input_ids, mlm_ids, attention_mask)  # [B, L, H] each
         text_feat = model.text_feat(text_embeds, attention_mask)
 
         with torch.no_grad():
@@ -142,7 +152,8 @@ class ALBEFPretrainer(nn.Module):
                 momentum_update(model, teacher, self.momentum)
             image_embeds_m = teacher.encode_image(images)
             image_feat_m = teacher.image_feat(image_embeds_m)
-            text_embeds_m = teacher.encode_text(input_ids, attention_mask)
+            text_embeds_m, mlm_text_m = _text_layers(teacher, input_ids, mlm_ids if teacher_mlm else None,
+                                                     attention_mask)
             text_feat_m = teacher.text_feat(text_embeds_m, attention_mask)
 
         q = self.queue
@@ -193,32 +204,46 @@ class ALBEFPretrainer(nn.Module):
             weights_i2t=w_i2t, weights_t2i=w_t2i,
             draws=PretrainDraws(neg_image, neg_text), fused=fused, itm_logits=itm_logits, itm_labels=itm_labels)
         if self.mlm:
-            self._mlm(out, input_ids, attention_mask, context, draws, generator)
+            self._mlm(out, mlm_ids, labels, mlm_text, mlm_text_m, attention_mask, context)
         return out
 
-    def _mlm(self, out: PretrainOutput, input_ids: Tensor, attention_mask: Tensor, context,
-             draws: PretrainDraws, generator: torch.Generator | None) -> None:
-        model, teacher = self.model, self.model_m
+    def _mlm_inputs(self, input_ids: Tensor, draws: PretrainDraws,
+                    generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         if draws.mlm_input_ids is not None and draws.mlm_labels is not None:
-            ids, labels = draws.mlm_input_ids.to(input_ids.device), draws.mlm_labels.to(input_ids.device)
-        else:
-            ids, labels = mask_tokens(input_ids, model.config.text.vocab_size, MASK_ID, (PAD_ID, CLS_ID),
-                                      self.mlm_probability, generator)
+            return draws.mlm_input_ids.to(input_ids.device), draws.mlm_labels.to(input_ids.device)
+        return mask_tokens(input_ids, self.model.config.text.vocab_size, MASK_ID, (PAD_ID, CLS_ID),
+                           self.mlm_probability, generator)
+
+    def _mlm(self, out: PretrainOutput, ids: Tensor, labels: Tensor, text: Tensor, text_m: Tensor | None,
+             attention_mask: Tensor, context) -> None:
+        """``text`` / ``text_m``: the masked captions after the student's / teacher's text-only layers."""
+        model, teacher = self.model, self.model_m
         masked = labels != IGNORE_INDEX  # the vocabulary projection runs only where it is scored
         positions, keep = (None, masked) if self.full_hidden else masked_positions(masked)
-        hidden = model.encode_multimodal(ids, attention_mask, context, positions=positions)
+        hidden = model.fuse(text, attention_mask, context, positions=positions)
         logits = model.mlm_logits(hidden[keep])  # [n_masked, V], row-major like hidden[masked]
         logits_m = None
         alpha = out.alpha if self.mlm_distill else 0.0
         if alpha > 0:
             with torch.no_grad():
-                hidden_m = teacher.encode_multimodal(ids, attention_mask, out.image_embeds_m, positions=positions)
+                hidden_m = teacher.fuse(text_m, attention_mask, out.image_embeds_m, positions=positions)
                 logits_m = teacher.mlm_logits(hidden_m[keep])
         loss, ce, distill = mlm_loss(logits, labels[masked], logits_m, alpha)
         out.loss = out.loss + loss
         out.loss_mlm, out.mlm_ce, out.mlm_distill = loss, ce, distill
         out.mlm_logits, out.mlm_logits_m = logits, logits_m
         out.draws.mlm_input_ids, out.draws.mlm_labels = ids, labels
+
+
+def _text_layers(model: ALBEF, input_ids: Tensor, mlm_ids: Tensor | None,
+                 attention_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The text-only layers over the captions and, when given, their masked copies: one batch
+    of 2B rows instead of two passes of B (wider matrix products, one word-embedding gradient)."""
+    if mlm_ids is None:
+        return model.encode_text(input_ids, attention_mask), None
+    B = input_ids.shape[0]
+    both = model.encode_text(torch.cat([input_ids, mlm_ids]), attention_mask.repeat(2, 1))
+    return both[:B], both[B:]
 
 
 def masked_positions(masked: Tensor) -> tuple[Tensor, Tensor]:

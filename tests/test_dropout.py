@@ -67,3 +67,27 @@ def test_attention_dropout_drops_probabilities():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(att.eval()(x, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                                .transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("kind", ["causal", "none"])
+def test_attention_dropout_with_a_causal_mask_or_none(kind):
+    torch.manual_seed(0)
+    att = MultiHeadAttention(8, 2, 8, dropout=0.3).train()
+    x = torch.randn(2, 4, 8)
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()[None, None] if kind == "causal" else None
+    torch.manual_seed(3)
+    out = att(x, mask)
+    q, k, v = (att._heads(lin(x)) for lin in (att.query, att.key, att.value))
+    scores = q @ k.transpose(-2, -1) / 2.0
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    torch.manual_seed(3)
+    keep = keep_mask((2, 2, 4, 4), 0.3)
+    torch.testing.assert_close(out, ((scores.softmax(-1) * keep / 0.7) @ v).transpose(1, 2).flatten(2))
+
+
+def test_inplace_module_is_pytorchs():
+    torch.manual_seed(0)
+    x = torch.ones(1000)
+    y = Dropout(0.5, inplace=True).train()(x)
+    assert y is x and set(x.unique().tolist()) == {0.0, 2.0}

@@ -3,8 +3,10 @@ computation computes at every real token, in values and gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from albef.models import dropout as dropout_module
 from albef.models.albef import ALBEF
 from albef.models.bert import Packing, set_unpad
 from albef.models.tasks import ALBEFForVQA
@@ -28,6 +30,15 @@ def test_pack_pad_and_locate():
     assert Packing.of(torch.ones(2, 3, dtype=torch.long)) is None  # nothing to skip
 
 
+@pytest.fixture
+def dropout_keeping_all(tiny_config, monkeypatch):
+    """Dropout on (so training takes the CPU's explicit attention path, and every dropout scales
+    by 1 / (1 - p)) with a mask that keeps everything: the same in the padded and packed runs."""
+    monkeypatch.setattr(dropout_module, "keep_mask", lambda shape, p, device="cpu": torch.ones(shape, dtype=torch.bool))
+    tiny_config.text.hidden_dropout = tiny_config.text.attention_dropout = 0.1
+    return tiny_config
+
+
 def _pretrain_step(cfg, unpad: bool, checkpointing: bool = False):
     torch.manual_seed(0)
     trainer = ALBEFPretrainer(ALBEF(cfg)).double().train()
@@ -42,10 +53,12 @@ def _pretrain_step(cfg, unpad: bool, checkpointing: bool = False):
     return out, grads, mask
 
 
-def test_unpadded_pretraining_step_equals_the_padded_one(tiny_config):
-    ref, ref_grads, mask = _pretrain_step(tiny_config, unpad=False)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_unpadded_pretraining_step_equals_the_padded_one(tiny_config, dropout, request):
+    cfg = request.getfixturevalue("dropout_keeping_all") if dropout else tiny_config
+    ref, ref_grads, mask = _pretrain_step(cfg, unpad=False)
     for checkpointing in (False, True):
-        out, grads, _ = _pretrain_step(tiny_config, unpad=True, checkpointing=checkpointing)
+        out, grads, _ = _pretrain_step(cfg, unpad=True, checkpointing=checkpointing)
         for name in ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_logits", "mlm_logits", "mlm_logits_m",
                      "text_feat", "text_feat_m"):
             torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-12, atol=1e-12)
@@ -57,11 +70,14 @@ def test_unpadded_pretraining_step_equals_the_padded_one(tiny_config):
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_unpadded_causal_decoder_equals_the_padded_one(tiny_config):
+@pytest.mark.parametrize("dropout", [False, True])
+def test_unpadded_causal_decoder_equals_the_padded_one(tiny_config, dropout, request):
     """VQA: padded questions in the encoder, padded answers in the causal decoder."""
+    cfg = request.getfixturevalue("dropout_keeping_all") if dropout else tiny_config
+
     def step(unpad: bool):
         torch.manual_seed(0)
-        trainer = VQATrainer(ALBEFForVQA(tiny_config)).double().train()
+        trainer = VQATrainer(ALBEFForVQA(cfg)).double().train()
         set_unpad(trainer, unpad)
         q_ids, q_mask = text_batch(2, 7)
         a_ids, a_mask = text_batch(3, 5, generator=torch.Generator().manual_seed(2))
@@ -73,6 +89,7 @@ def test_unpadded_causal_decoder_equals_the_padded_one(tiny_config):
     ref, ref_grads = step(False)
     out, grads = step(True)
     torch.testing.assert_close(out.per_answer_loss, ref.per_answer_loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
@@ -85,7 +102,7 @@ def test_attention_maps_keep_their_padding_rows(tiny_model):
     attn = model.text_encoder.encoder.layer[3].crossattention.self
     attn.save_attention = True
     model.encode_multimodal(ids, mask, img)
-    unpadded_map = attn.attention_map
+    map_with_unpad_on = attn.attention_map
     set_unpad(model, False)
     model.encode_multimodal(ids, mask, img)
-    torch.testing.assert_close(unpadded_map, attn.attention_map)
+    torch.testing.assert_close(map_with_unpad_on, attn.attention_map)

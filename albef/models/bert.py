@@ -11,8 +11,9 @@ Image context: cross-attention keys and values depend only on the image and the 
 
 Padding: a batch of captions is padded to its longest, and a third or more of its positions are
 often padding. No output reads a padding position (it is masked out as a key; ITC and ITM read
-[CLS], MLM the masked tokens), and every layer but attention works token by token, so the encoder
-runs on the real tokens alone (:class:`Packing`) and pads only around attention. The real tokens'
+[CLS], MLM the masked tokens), and everything in a layer but attention works token by token, so
+the layers run on the real tokens alone (:class:`Packing`: projections, feed-forward, LayerNorm,
+dropout) and pad only around attention (the embeddings still run on the padded batch). The real tokens'
 values are the same; the hidden states at padding positions come back as zeros, where the
 reference leaves whatever its padded computation gave. ``TextEncoder.unpad = False`` computes
 every position as the reference does.
@@ -159,7 +160,7 @@ class MultiHeadAttention(nn.Module):
         # slower mask and a fully-masked-row check; spelled out, the mask is albef's (dropout.py)
         if self.save_attention or (p > 0 and q.device.type == "cpu"):
             scores = q @ k.transpose(-2, -1) / self.head_dim**0.5
-            if mask is not None:
+            if mask is not None:  # finite, so a row with no key left is uniform, not NaN (no real token has one)
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             attn = scores.softmax(-1)  # [B, h, L, N]
             if self.save_attention:
@@ -228,7 +229,8 @@ class BertLayer(nn.Module):
                 x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             else:
                 x = x.index_select(0, packing.locate(positions)).view(*positions.shape, x.shape[-1])
-            x, packing = self.attention(x, mask, kv), None
+            x = self.attention(x, mask, kv)  # [B, P, H]: padded rows from here on
+            packing = None
         if self.crossattention is not None:
             x = self.crossattention(x, cross_mask, cross_kv, packing)
         return self.output(self.intermediate(x), x)
@@ -351,8 +353,10 @@ class TextEncoder(nn.Module):
         return x
 
     def _saving_attention(self) -> bool:
-        # Grad-CAM reads whole attention maps, padding rows included: compute them as the reference does
-        return any(m.save_attention for m in self.modules() if isinstance(m, MultiHeadAttention))
+        # A requested attention map keeps its padding rows as the reference computes them (Grad-CAM
+        # masks them out, but the map is public); those rows depend on every earlier layer's padding
+        return any(blk.self.save_attention for layer in self.encoder.layer
+                   for blk in (layer.attention, layer.crossattention) if blk is not None)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Text-only layers: [B, L] ids -> [B, L, H]."""

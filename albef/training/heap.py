@@ -4,9 +4,11 @@ PyTorch's CPU tensors come from ``malloc``. glibc keeps the pages of freed block
 heap for reuse, and over a step's thousands of allocations of many sizes that slack grows to a
 few hundred MB the process holds without using (albef-base at res 224, batch 4: ~350 MB between
 steps). ``malloc_trim(0)`` returns every wholly free page; the next step faults back in what it
-needs. Measured on the project's 2-core machine at albef-base (gradient checkpointing and AdamW
-in the backward): peak RSS 4.85 -> 4.70 GB, step time unchanged within the run-to-run noise
-(``bench/RESULTS.md``). The training loop calls it after every optimizer step on the CPU.
+needs. Measured on the project's 2-core machine at albef-base, res 224, batch 4, with gradient
+checkpointing and AdamW in the backward (``bench/compare.py --grad-checkpointing
+--optimizer-in-backward``): peak RSS 4,845 -> 4,666 MB; step time unchanged within the
+run-to-run noise (4.32 / 4.53 s without, 4.57 / 4.56 s with, two processes each). The training
+loop calls it after every optimizer step on the CPU.
 Without glibc (macOS, Windows, musl) it does nothing.
 
 Example:

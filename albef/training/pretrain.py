@@ -3,10 +3,10 @@
 :class:`ALBEFPretrainer` owns the training-only state (momentum teacher, feature queues) around
 an inference :class:`~albef.models.albef.ALBEF`. One ``forward`` is one reference step, in the
 reference's order: momentum update, momentum features, ITC against the queues as they were,
-enqueue, ITM on hard negatives, MLM. Two things are done earlier than there, for speed, with
-the same values: the MLM masks are drawn first (so the random draws differ from the
-reference's for one seed; ``draws`` replays any), and the masked captions share the text-only
-layers' pass with the originals, in student and teacher. With image ids (``idx``) it is the retrieval fine-tuning
+enqueue, ITM on hard negatives, MLM. Two things happen earlier than there, for speed: the
+MLM masks are drawn first (so one seed gives other draws than the reference's; ``draws``
+replays any), and the masked captions share the text-only layers' pass with the originals, in
+student and teacher (same values up to float rounding, dropout aside). With image ids (``idx``) it is the retrieval fine-tuning
 objective instead (id-aware ITC targets and queue, same-id entries never negatives); with
 ``mlm=False`` the MLM term is left out.
 
@@ -94,7 +94,8 @@ class ALBEFPretrainer(nn.Module):
         The losses read the fused [CLS] (ITM) and the masked positions (MLM) only, so by default
         the last layer is computed for those alone (same values, less work);
         ``full_hidden=True`` computes every position, padding included, as the reference does
-        (``out.fused`` is then [N, L, H]; parity); by default the text encoders skip padding
+        (``out.fused`` is then [N, L, H]; parity): it switches the model's text encoders to
+        ``unpad = False`` for good. By default they skip padding
         (:class:`~albef.models.bert.Packing`), whose hidden states then come back as zeros."""
         super().__init__()
         cfg = model.config

@@ -353,8 +353,8 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
             f_a, f_b = r["flops_per_step"], r.get("flops_per_step_theirs", r["flops_per_step"])
             other = (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
                      f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x); MFU {100 * f_a / r['ours_s'] / peak_flops:.1f} % / "
-                     f"{100 * f_b / r['theirs_s'] / peak_flops:.1f} % of {f_a / 1e9:.0f} / {f_b / 1e9:.0f} GFLOP/step "
-                     f"(useful work, ours / theirs: {100 * f_a / r['theirs_s'] / peak_flops:.1f} % for theirs); "
+                     f"{100 * f_b / r['theirs_s'] / peak_flops:.1f} % (own FLOPs: {f_a / 1e9:.0f} / {f_b / 1e9:.0f} "
+                     f"GFLOP/step; theirs on our {f_a / 1e9:.0f}: {100 * f_a / r['theirs_s'] / peak_flops:.1f} %); "
                      f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s; steps "
                      f"{min(r['ours_all']):.3f}-{max(r['ours_all']):.3f} / {min(r['theirs_all']):.3f}-"
                      f"{max(r['theirs_all']):.3f} s")

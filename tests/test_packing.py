@@ -34,7 +34,7 @@ def test_pack_pad_and_locate():
 def dropout_keeping_all(tiny_config, monkeypatch):
     """Dropout on (so training takes the CPU's explicit attention path, and every dropout scales
     by 1 / (1 - p)) with a mask that keeps everything: the same in the padded and packed runs."""
-    monkeypatch.setattr(dropout_module, "keep_mask", lambda shape, p, device="cpu": torch.ones(shape, dtype=torch.bool))
+    monkeypatch.setattr(dropout_module, "keep_mask", lambda shape, p, dtype=torch.bool: torch.ones(shape, dtype=dtype))
     tiny_config.text.hidden_dropout = tiny_config.text.attention_dropout = 0.1
     return tiny_config
 

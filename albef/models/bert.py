@@ -22,7 +22,7 @@ every position as the reference does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,11 @@ class Packing:
     index: Tensor  # [T] flat positions b * L + i of the real tokens, ascending
     batch: int
     length: int
+    rows: Tensor = field(init=False)  # [T] b of each real token
+    cols: Tensor = field(init=False)  # [T] i of each real token
+
+    def __post_init__(self) -> None:
+        self.rows, self.cols = self.index // self.length, self.index % self.length
 
     @classmethod
     def of(cls, attention_mask: Tensor) -> "Packing | None":
@@ -89,6 +94,15 @@ class Packing:
     def pad(self, x: Tensor) -> Tensor:  # [T, ...] -> [B, L, ...], zeros at padding
         out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
         return out.view(self.batch, self.length, *x.shape[1:])
+
+    def pad_heads(self, x: Tensor, heads: int) -> Tensor:  # [T, H] -> [B, h, L, H / h], zeros at padding
+        # written straight into attention's layout: the head split costs no copy of its own
+        out = x.new_zeros(self.batch, heads, self.length, x.shape[-1] // heads)
+        out.transpose(1, 2)[self.rows, self.cols] = x.view(x.shape[0], heads, -1)
+        return out
+
+    def pack_heads(self, x: Tensor) -> Tensor:  # [B, h, L, d] -> [T, h * d]
+        return x.transpose(1, 2)[self.rows, self.cols].flatten(1)
 
     def locate(self, positions: Tensor) -> Tensor:
         """[B, P] positions -> [B * P] rows of the packed tensor; a padding position maps to row 0
@@ -145,15 +159,15 @@ class MultiHeadAttention(nn.Module):
 
     def project_kv(self, context: Tensor, packing: Packing | None = None) -> tuple[Tensor, Tensor]:
         k, v = self.key(context), self.value(context)
-        if packing is not None:  # [T, H] -> [B, L, H]
-            k, v = packing.pad(k), packing.pad(v)
+        if packing is not None:  # [T, H] -> [B, h, L, d]
+            return packing.pad_heads(k, self.num_heads), packing.pad_heads(v, self.num_heads)
         return self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
                 packing: Packing | None = None) -> Tensor:
         """[B, L, H] -> [B, L, H]; with ``packing``, [T, H] real tokens -> [T, H]."""
         q = self.query(x)
-        q = self._heads(q if packing is None else packing.pad(q))
+        q = self._heads(q) if packing is None else packing.pad_heads(q, self.num_heads)
         k, v = self.project_kv(x, packing) if kv is None else kv
         p = self.dropout if self.training else 0.0
         # SDPA's CPU kernel has no dropout: with p > 0 it runs this same math with PyTorch's
@@ -168,8 +182,7 @@ class MultiHeadAttention(nn.Module):
             out = dropout(attn, p) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        out = out.transpose(1, 2).flatten(2)  # [B, L, H]
-        return out if packing is None else packing.pack(out)
+        return out.transpose(1, 2).flatten(2) if packing is None else packing.pack_heads(out)  # [B, L, H] / [T, H]
 
 
 class AddNorm(nn.Module):

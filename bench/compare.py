@@ -10,7 +10,8 @@ threads, same config, same batch, same resolution, same random inputs):
 
 * ``pretrain``: one step = forward (ITC + ITM + MLM with distillation, momentum update and queue
   push), backward, AdamW. Peak memory: a fresh process per side (model, optimiser, two steps),
-  since the two share a process here — the CUDA allocator's peak on a GPU, the peak RSS on the CPU. FLOPs are counted on each side's own step with ``torch.utils.flop_counter`` (same inputs:
+  since the two share a process here — the CUDA allocator's peak on a GPU, the peak RSS on the
+  CPU. FLOPs are counted on each side's own step with ``torch.utils.flop_counter`` (same inputs:
   captions padded to the 30-token maximum; ours skips the padding and other work the losses do
   not read, so it counts fewer) and divided by the fp32 (or bf16 on GPU) matrix-multiply
   throughput measured in the same run (the higher of a measurement before and one after the

@@ -27,6 +27,11 @@ def test_pack_pad_and_locate():
     positions = torch.tensor([[2, 0], [0, 0], [1, 0]])
     rows = pk.locate(positions)
     torch.testing.assert_close(packed[rows].view(3, 2, 5), x.gather(1, positions[..., None].expand(-1, -1, 5)))
+    y = torch.randn(6, 4)  # T = 6 real tokens, H = 4 in 2 heads
+    heads = pk.pad_heads(y, 2)
+    assert heads.shape == (3, 2, 4, 2) and heads.is_contiguous()
+    torch.testing.assert_close(heads, pk.pad(y).view(3, 4, 2, 2).transpose(1, 2))
+    torch.testing.assert_close(pk.pack_heads(heads), y)
     assert Packing.of(torch.ones(2, 3, dtype=torch.long)) is None  # nothing to skip
 
 

@@ -13,9 +13,9 @@ Padding: a batch of captions is padded to its longest, and a third or more of it
 often padding. No output reads a padding position (it is masked out as a key; ITC and ITM read
 [CLS], MLM the masked tokens), and everything in a layer but attention works token by token, so
 the layers run on the real tokens alone (:class:`Packing`: projections, feed-forward, LayerNorm,
-dropout) and pad only around attention (the embeddings still run on the padded batch). The real tokens'
-values are the same; the hidden states at padding positions come back as zeros, where the
-reference leaves whatever its padded computation gave. ``TextEncoder.unpad = False`` computes
+dropout) and pad only around attention (the embeddings still run on the padded batch). The real
+tokens' values are the same; the hidden states at padding positions come back as zeros, where
+the reference leaves whatever its padded computation gave. ``TextEncoder.unpad = False`` computes
 every position as the reference does.
 """
 

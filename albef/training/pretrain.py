@@ -6,9 +6,9 @@ reference's order: momentum update, momentum features, ITC against the queues as
 enqueue, ITM on hard negatives, MLM. Two things happen earlier than there, for speed: the
 MLM masks are drawn first (so one seed gives other draws than the reference's; ``draws``
 replays any), and the masked captions share the text-only layers' pass with the originals, in
-student and teacher (same values up to float rounding, dropout aside). With image ids (``idx``) it is the retrieval fine-tuning
-objective instead (id-aware ITC targets and queue, same-id entries never negatives); with
-``mlm=False`` the MLM term is left out.
+student and teacher (same values up to float rounding, dropout aside). With image ids
+(``idx``) it is the retrieval fine-tuning objective instead (id-aware ITC targets and queue,
+same-id entries never negatives); with ``mlm=False`` the MLM term is left out.
 
 Example:
     >>> from albef.config import get_preset

@@ -217,7 +217,8 @@ class ALBEFPretrainer(nn.Module):
 
     def _mlm(self, out: PretrainOutput, ids: Tensor, labels: Tensor, text: Tensor, text_m: Tensor | None,
              attention_mask: Tensor, context) -> None:
-        """``text`` / ``text_m``: the masked captions after the student's / teacher's text-only layers."""
+        """``text`` / ``text_m``: the masked captions after the student's / teacher's text-only
+        layers; ``text_m`` is None when the teacher's MLM pass is off (no distillation)."""
         model, teacher = self.model, self.model_m
         masked = labels != IGNORE_INDEX  # the vocabulary projection runs only where it is scored
         positions, keep = (None, masked) if self.full_hidden else masked_positions(masked)
@@ -225,7 +226,7 @@ class ALBEFPretrainer(nn.Module):
         logits = model.mlm_logits(hidden[keep])  # [n_masked, V], row-major like hidden[masked]
         logits_m = None
         alpha = out.alpha if self.mlm_distill else 0.0
-        if alpha > 0:
+        if text_m is not None:  # decided once, in forward (teacher_mlm)
             with torch.no_grad():
                 hidden_m = teacher.fuse(text_m, attention_mask, out.image_embeds_m, positions=positions)
                 logits_m = teacher.mlm_logits(hidden_m[keep])

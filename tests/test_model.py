@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from albef.config import ALBEFConfig, get_preset
 from albef.convert import from_authors, to_authors
 from albef.models.albef import ALBEF
+from albef.models.bert import set_unpad
 from albef.models.vit import resize_pos_embed
 from albef.training.pretrain import ALBEFPretrainer, PretrainDraws
 
@@ -246,9 +247,13 @@ def test_last_layer_on_chosen_positions_equals_the_full_pass(tiny_model):
     torch.testing.assert_close(model.itm_cls(model.encode_text(ids, mask), mask, img), full[:, :1])
     masked = torch.tensor([[False, True, False, False, True, False], [False, False, True, False, False, False]])
     positions, keep = masked_positions(masked)
-    assert positions.tolist() == [[1, 4], [2, 0]] and keep.tolist() == [[True, True], [True, False]]
+    assert positions.tolist() == [[1, 4], [2, -1]] and keep.tolist() == [[True, True], [True, False]]
     part = model.encode_multimodal(ids, mask, img, positions=positions)
     torch.testing.assert_close(part[keep], full[masked])
+    assert (part[~keep] == 0).all()  # -1: a ragged row's missing slot, not computed
+    set_unpad(model, False)  # the same ragged positions on the padded layout
+    torch.testing.assert_close(model.encode_multimodal(ids, mask, img, positions=positions)[keep], full[masked])
+    set_unpad(model, True)
     g_full = torch.autograd.grad(full[masked].square().sum(), img)[0]
     g_part = torch.autograd.grad(model.encode_multimodal(ids, mask, img, positions=positions)[keep].square().sum(), img)[0]
     torch.testing.assert_close(g_part, g_full)

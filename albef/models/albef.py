@@ -81,7 +81,8 @@ class ALBEF(nn.Module):
              image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """Fusion layers over a text sequence from :meth:`encode_text`: [B, L, H].
 
-        ``positions`` [B, P] computes the last layer for those positions only ([B, P, H]);
+        ``positions`` [B, P] computes the last layer for those positions only ([B, P, H]; -1 pads
+        a row with fewer, and comes back as zeros);
         :meth:`itm_cls` is the [CLS]-only pass ITM scoring needs.
         """
         return self.text_encoder.fuse(text_embeds, attention_mask, image, image_mask, positions)

@@ -98,7 +98,7 @@ class Packing:
     def pad_heads(self, x: Tensor, heads: int) -> Tensor:  # [T, H] -> [B, h, L, H / h], zeros at padding
         # written straight into attention's layout: the head split costs no copy of its own
         out = x.new_zeros(self.batch, heads, self.length, x.shape[-1] // heads)
-        out.transpose(1, 2)[self.rows, self.cols] = x.view(x.shape[0], heads, -1)
+        out.transpose(1, 2)[self.rows, self.cols] = x.view(x.shape[0], heads, x.shape[-1] // heads)
         return out
 
     def pack_heads(self, x: Tensor) -> Tensor:  # [B, h, L, d] -> [T, h * d]
@@ -228,22 +228,27 @@ class BertLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
                 cross_mask: Tensor | None = None, positions: Tensor | None = None,
-                packing: Packing | None = None) -> Tensor:
+                packing: Packing | None = None, queries: Packing | None = None) -> Tensor:
         """[B, L, H] -> [B, L, H], or [B, P, H] for ``positions`` [B, P]: every token still serves
         as a key/value of the self-attention, but only those positions are computed on (queries,
         cross-attention, feed-forward) — what a last layer needs when only a few outputs are read.
         With ``packing`` the input is the real tokens [T, H], and so is the output unless
-        ``positions`` are given."""
+        ``positions`` are given. ``queries`` (``Packing.of(positions >= 0)``) packs a ragged
+        set of positions (-1 = none): the output is then the [S, H] positions that exist."""
         if positions is None:
             x = self.attention(x, mask, packing=packing)
         else:
             kv = self.attention.self.project_kv(x, packing)
+            index = positions.clamp(min=0)
             if packing is None:
-                x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+                x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, P, H]
+                x = x if queries is None else queries.pack(x)
             else:
-                x = x.index_select(0, packing.locate(positions)).view(*positions.shape, x.shape[-1])
-            x = self.attention(x, mask, kv)  # [B, P, H]: padded rows from here on
-            packing = None
+                rows = packing.locate(index)  # [B * P]
+                x = x.index_select(0, rows if queries is None else rows[queries.index])
+                x = x if queries is not None else x.view(*positions.shape, x.shape[-1])
+            x = self.attention(x, mask, kv, queries)  # [B, P, H] or [S, H] from here on
+            packing = queries
         if self.crossattention is not None:
             x = self.crossattention(x, cross_mask, cross_kv, packing)
         return self.output(self.intermediate(x), x)
@@ -348,6 +353,7 @@ class TextEncoder(nn.Module):
         if positions is not None and self.causal:
             raise ValueError("positions are for bidirectional layers (the causal mask is per query row)")
         packing = Packing.of(attention_mask) if self.unpad and not self._saving_attention() else None
+        queries = None if positions is None else Packing.of(positions >= 0)  # a ragged set of positions
         if packing is not None:
             x = packing.pack(x)  # [T, H]
         for i, layer in enumerate(layers):
@@ -355,13 +361,16 @@ class TextEncoder(nn.Module):
             if layer.crossattention is not None:
                 kv = (context.keys[i], context.values[i])
             cross_mask = None if context is None else context.mask
-            pos = positions if i == len(layers) - 1 else None
+            last = i == len(layers) - 1
+            pos, qs = (positions, queries) if last else (None, None)
             if self.grad_checkpointing and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, kv, cross_mask, pos, packing,
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, kv, cross_mask, pos, packing, qs,
                                                       use_reentrant=False)
             else:
-                x = layer(x, mask, kv, cross_mask, pos, packing)
-        if packing is not None and positions is None:
+                x = layer(x, mask, kv, cross_mask, pos, packing, qs)
+        if queries is not None:
+            x = queries.pad(x)  # [B, P, H], zeros where a row has no position
+        elif packing is not None and positions is None:
             x = packing.pad(x)
         return x
 
@@ -379,7 +388,8 @@ class TextEncoder(nn.Module):
     def fuse(self, hidden: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
              image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """Fusion layers from a text hidden state [B, L, H] -> [B, L, H]; with ``positions``
-        [B, P] only those outputs, [B, P, H] (e.g. ``zeros(B, 1)``: the [CLS] that ITM reads)."""
+        [B, P] only those outputs, [B, P, H] (e.g. ``zeros(B, 1)``: the [CLS] that ITM reads).
+        A ragged set pads ``positions`` with -1: nothing is computed there and the output is 0."""
         context = image if isinstance(image, ImageContext) else self.image_context(image, image_mask)
         return self._run(self.fusion_layers, hidden, attention_mask, context, positions)
 

@@ -188,10 +188,13 @@ class ALBEFPretrainer(nn.Module):
             image_rows = torch.cat([rows, neg_image[has_img], rows[has_txt]])
             itm_labels = torch.cat([torch.ones(B, dtype=torch.long, device=images.device),
                                     torch.zeros(len(text_rows) - B, dtype=torch.long, device=images.device)])
+        # ITM rows and MLM rows share one fusion pass: each fusion weight gets its gradient in one
+        # piece (not summed over two passes, which also kept every fusion-layer gradient alive until
+        # the second finished), and the matrix products are wider.
         context = model.image_context(image_embeds)
-        fuse = model.fuse if self.full_hidden else model.itm_cls
-        fused = fuse(text_embeds.index_select(0, text_rows), attention_mask.index_select(0, text_rows),
-                     context.select(image_rows))
+        mlm_rows = self._mlm_rows(labels) if self.mlm else None
+        fused, mlm_hidden = self._fuse(text_embeds.index_select(0, text_rows), attention_mask.index_select(0, text_rows),
+                                       image_rows, mlm_text, attention_mask, context, mlm_rows)
         itm_logits = model.itm_logits(fused)
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
 
@@ -205,7 +208,7 @@ class ALBEFPretrainer(nn.Module):
             weights_i2t=w_i2t, weights_t2i=w_t2i,
             draws=PretrainDraws(neg_image, neg_text), fused=fused, itm_logits=itm_logits, itm_labels=itm_labels)
         if self.mlm:
-            self._mlm(out, mlm_ids, labels, mlm_text, mlm_text_m, attention_mask, context)
+            self._mlm(out, mlm_ids, labels, mlm_hidden, mlm_rows, mlm_text_m, attention_mask)
         return out
 
     def _mlm_inputs(self, input_ids: Tensor, draws: PretrainDraws,
@@ -215,14 +218,42 @@ class ALBEFPretrainer(nn.Module):
         return mask_tokens(input_ids, self.model.config.text.vocab_size, MASK_ID, (PAD_ID, CLS_ID),
                            self.mlm_probability, generator)
 
-    def _mlm(self, out: PretrainOutput, ids: Tensor, labels: Tensor, text: Tensor, text_m: Tensor | None,
-             attention_mask: Tensor, context) -> None:
-        """``text`` / ``text_m``: the masked captions after the student's / teacher's text-only
-        layers; ``text_m`` is None when the teacher's MLM pass is off (no distillation)."""
-        model, teacher = self.model, self.model_m
-        masked = labels != IGNORE_INDEX  # the vocabulary projection runs only where it is scored
+    def _mlm_rows(self, labels: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(masked [B, L], positions [B, P] or None, keep)``: the vocabulary projection runs only
+        where a token is scored, and so (unless ``full_hidden``) does the last fusion layer."""
+        masked = labels != IGNORE_INDEX
         positions, keep = (None, masked) if self.full_hidden else masked_positions(masked)
-        hidden = model.fuse(text, attention_mask, context, positions=positions)
+        return masked, positions, keep
+
+    def _fuse(self, itm_text: Tensor, itm_mask: Tensor, image_rows: Tensor, mlm_text: Tensor | None,
+              attention_mask: Tensor, context, mlm_rows) -> tuple[Tensor, Tensor | None]:
+        """The student's fusion pass over the ITM pairs (``itm_text`` [N, L, H] with images
+        ``image_rows``) and, with ``mlm_text``, the masked captions with their own images, as one
+        batch. Returns the ITM rows' output ([N, 1, H], or [N, L, H] with ``full_hidden``) and the
+        MLM rows' (at ``mlm_rows``' positions, or every position)."""
+        model = self.model
+        N = itm_text.shape[0]
+        if mlm_text is None:
+            fuse = model.fuse if self.full_hidden else model.itm_cls
+            return fuse(itm_text, itm_mask, context.select(image_rows)), None
+        B = mlm_text.shape[0]
+        positions = mlm_rows[1]
+        if positions is not None:  # the ITM rows read their [CLS] alone: position 0, then none (-1)
+            itm = positions.new_full((N, positions.shape[1]), -1)
+            itm[:, 0] = 0
+            positions = torch.cat([itm, positions])
+        rows = torch.cat([image_rows, torch.arange(B, device=image_rows.device)])
+        hidden = model.fuse(torch.cat([itm_text, mlm_text]), torch.cat([itm_mask, attention_mask]),
+                            context.select(rows), positions=positions)
+        return (hidden[:N] if positions is None else hidden[:N, :1]), hidden[N:]
+
+    def _mlm(self, out: PretrainOutput, ids: Tensor, labels: Tensor, hidden: Tensor, mlm_rows,
+             text_m: Tensor | None, attention_mask: Tensor) -> None:
+        """``hidden``: the student's fused masked captions (from :meth:`_fuse`); ``text_m``: the
+        masked captions after the teacher's text-only layers, None when the teacher's MLM pass is
+        off (no distillation)."""
+        model, teacher = self.model, self.model_m
+        masked, positions, keep = mlm_rows
         logits = model.mlm_logits(hidden[keep])  # [n_masked, V], row-major like hidden[masked]
         logits_m = None
         alpha = out.alpha if self.mlm_distill else 0.0
@@ -250,11 +281,12 @@ def _text_layers(model: ALBEF, input_ids: Tensor, mlm_ids: Tensor | None,
 
 def masked_positions(masked: Tensor) -> tuple[Tensor, Tensor]:
     """``(positions [B, P], keep [B, P])`` with P the most masked tokens of a row: each row's masked
-    positions in ascending order, padded; ``hidden_at_positions[keep]`` equals ``hidden[masked]``."""
+    positions in ascending order, padded with -1 (``keep`` is ``positions >= 0``);
+    ``hidden_at_positions[keep]`` equals ``hidden[masked]``."""
     B, L = masked.shape
     counts = masked.sum(1)
     P = max(1, int(counts.max()))
     key = torch.arange(L, device=masked.device) + L * (~masked).long()  # masked first, in order
     positions = key.argsort(dim=1)[:, :P]
     keep = torch.arange(P, device=masked.device) < counts[:, None]
-    return positions, keep
+    return positions.masked_fill(~keep, -1), keep

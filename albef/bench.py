@@ -22,7 +22,6 @@ import torch
 
 from albef.config import get_preset
 from albef.models.albef import ALBEF
-from albef.training.heap import release_freed_memory
 from albef.training.pretrain import ALBEFPretrainer
 
 
@@ -96,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if dev.type == "cpu":
-            release_freed_memory()  # as the training loop does
         trainer.queue.enqueue(out.image_feat_m, out.text_feat_m)  # after the step, as the training loop does
         if dev.type == "cuda":
             torch.cuda.synchronize()

@@ -110,13 +110,14 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
                    sides: tuple[str, ...] = ("ours", "theirs"), grad_checkpointing: bool = False,
                    in_backward: bool = False, trim: bool = False):
     """(ours_step, theirs_step, ours_model, theirs_model): forward, backward and AdamW closures
-    (None for a side not in ``sides``). ``trim``: our step ends as our training loop's does on the
-    CPU, giving the freed heap back (albef/training/heap.py). Only for a process running our side
-    alone: the trim is process-wide, so in the shared timing process it would also hand back the
-    reference's freed pages and make its next step fault them in again."""
+    (None for a side not in ``sides``). ``trim``: our step ends as our training loop's does, which
+    on the CPU with checkpointing gives the freed heap back (albef/training/heap.py). Only for a
+    process running our side alone: the trim is process-wide, so in the shared timing process it
+    would also hand back the reference's freed pages and make its next step fault them in again;
+    the probe that measures our peak memory times its own steps to show what the trim costs."""
     from albef.models.albef import ALBEF
     from albef.text import Tokenizer
-    from albef.training.heap import release_freed_memory
+    from albef.training.heap import release_after_step
     from albef.training.loop import build_optimizer
     from albef.training.pretrain import ALBEFPretrainer
 
@@ -151,8 +152,8 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if trim and model is ours and dev.type == "cpu":
-                release_freed_memory()
+            if trim and model is ours:
+                release_after_step(dev.type == "cpu", grad_checkpointing)
             after()
         return go
 
@@ -171,8 +172,9 @@ def step_flops(step: Callable) -> float:
     return float(fc.get_total_flops())
 
 
-def peak_rss_of(side: str, args: argparse.Namespace) -> float:
-    """Peak RSS (MB) of a fresh process that builds one side and runs two steps."""
+def peak_rss_of(side: str, args: argparse.Namespace) -> tuple[float, float]:
+    """(peak RSS in MB, median step in s) of a fresh process that builds one side and runs four
+    steps (the first untimed)."""
     cmd = [sys.executable, __file__, "--rss-probe", side, "--preset", args.preset, "--res", str(args.res),
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     if args.bf16:
@@ -182,7 +184,8 @@ def peak_rss_of(side: str, args: argparse.Namespace) -> float:
     if args.optimizer_in_backward:
         cmd.append("--optimizer-in-backward")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, step_s = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), float(step_s)
 
 
 def bench_pretrain(args, dev, amp) -> dict:
@@ -205,8 +208,8 @@ def bench_pretrain(args, dev, amp) -> dict:
     del m_a, m_b, ours, theirs
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    res["peak_mb_ours"] = peak_rss_of("ours", args)
-    res["peak_mb_theirs"] = peak_rss_of("theirs", args)
+    res["peak_mb_ours"], res["alone_s_ours"] = peak_rss_of("ours", args)
+    res["peak_mb_theirs"], res["alone_s_theirs"] = peak_rss_of("theirs", args)
     return res
 
 
@@ -219,8 +222,10 @@ def rss_probe(args) -> None:
                                         grad_checkpointing=args.grad_checkpointing,
                                         in_backward=args.optimizer_in_backward, trim=True)
     fn = ours or theirs
-    fn(), fn()
-    print(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else proc_memory_mb("VmHWM"))
+    fn()
+    times = [timed(fn, dev) for _ in range(3)]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else proc_memory_mb("VmHWM")
+    print(peak, statistics.median(times))
 
 
 # -- retrieval evaluation -----------------------------------------------------------------------
@@ -359,6 +364,10 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
                      f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s; steps "
                      f"{min(r['ours_all']):.3f}-{max(r['ours_all']):.3f} / {min(r['theirs_all']):.3f}-"
                      f"{max(r['theirs_all']):.3f} s")
+            if "alone_s_ours" in r:  # the memory probes' own steps; ours there trims as our loop does
+                other += (f"; each side alone in its memory probe: {r['alone_s_ours']:.3f} / {r['alone_s_theirs']:.3f} "
+                          f"s/step" + (" (ours with the loop's heap trim)" if args.grad_checkpointing and
+                                        args.device == "cpu" else ""))
             cells = f"{r['ours_s']:.3f} s/step | {r['theirs_s']:.3f} s/step"
         elif r["what"] == "retrieval":
             setting = f"{r['preset']} res {r['res']}, {r['images']} images x {r['texts']} texts, k={r['k']}"

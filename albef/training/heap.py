@@ -2,14 +2,17 @@
 
 PyTorch's CPU tensors come from ``malloc``. glibc keeps the pages of freed blocks inside its
 heap for reuse, and over a step's thousands of allocations of many sizes that slack grows to a
-few hundred MB the process holds without using (albef-base at res 224, batch 4: ~350 MB between
-steps). ``malloc_trim(0)`` returns every wholly free page; the next step faults back in what it
-needs. Measured on the project's 2-core machine at albef-base, res 224, batch 4, with gradient
-checkpointing and AdamW in the backward (``bench/compare.py --grad-checkpointing
---optimizer-in-backward``): peak RSS 4,845 -> 4,666 MB; step time unchanged within the
-run-to-run noise (4.32 / 4.53 s without, 4.57 / 4.56 s with, two processes each). The training
-loop calls it after every optimizer step on the CPU.
-Without glibc (macOS, Windows, musl) it does nothing.
+few hundred MB the process holds without using. ``malloc_trim(0)`` returns every wholly free
+page; the next step faults back in (and the kernel zeroes) what it needs, which is the cost.
+
+It pays only where little is freed and refaulted each step, so the training loop trims after
+each CPU optimizer step only with gradient checkpointing (:func:`release_after_step`), the
+set-up that trades time for memory. Measured on the project's 2-core machine at albef-base,
+res 224, batch 4, two processes each (``/tmp``-style probes of the loop's step, peak RSS over
+7 steps): with checkpointing and AdamW in the backward, peak 4,836 / 4,856 MB -> 4,686 / 4,790
+MB at 3.71 / 3.80 -> 3.88 / 3.89 s a step (+4 %); without checkpointing it saved 40-80 MB
+(5,548 / 5,619 -> 5,481 / 5,504) for +8-10 % time (3.46 / 3.49 -> 3.77 / 3.84 s), so there it
+is off. Without glibc (macOS, Windows, musl) it does nothing.
 
 Example:
     >>> release_freed_memory() in (True, False)
@@ -39,3 +42,8 @@ def release_freed_memory() -> bool:
     """``malloc_trim(0)``; True if glibc released any memory, False if none or not glibc."""
     fn = _malloc_trim()
     return bool(fn(0)) if fn is not None else False
+
+
+def release_after_step(on_cpu: bool, grad_checkpointing: bool) -> bool:
+    """The training loop's policy (module docstring): trim on the CPU with checkpointing only."""
+    return on_cpu and grad_checkpointing and release_freed_memory()

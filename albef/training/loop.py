@@ -33,7 +33,7 @@ from albef.text import Tokenizer
 from albef.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from albef.training.distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, ensure_process_group,
                                         init_distributed)
-from albef.training.heap import release_freed_memory
+from albef.training.heap import release_after_step
 from albef.loading import load_albef, load_hf_bert, load_timm_vit, read_state_dict
 from albef.training.momentum import copy_student_to_teacher, momentum_update
 from albef.training.metrics import MetricsLogger, plot_losses
@@ -372,8 +372,7 @@ class PretrainRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if dev.type == "cpu":
-            release_freed_memory()  # the step's freed heap back to the OS: lower peak RSS (heap.py)
+        release_after_step(dev.type == "cpu", t.grad_checkpointing)  # freed heap back to the OS (heap.py)
         self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only
         row = {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha}

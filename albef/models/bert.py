@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from albef.config import TextConfig
 from albef.models.dropout import Dropout, dropout
+from albef.models.recompute import gelu_linear
 
 ImageInput = Tensor | Sequence[Tensor]
 
@@ -194,8 +195,10 @@ class AddNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
         self.dropout = Dropout(dropout)
 
-    def forward(self, h: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+    def forward(self, h: Tensor, residual: Tensor, gelu: bool = False) -> Tensor:
+        """``gelu``: ``h`` is a pre-activation; GELU(h) is taken here, and not kept for the backward
+        (:func:`~albef.models.recompute.gelu_linear`)."""
+        return self.LayerNorm(self.dropout(gelu_linear(self.dense, h) if gelu else self.dense(h)) + residual)
 
 
 class AttentionBlock(nn.Module):
@@ -251,7 +254,7 @@ class BertLayer(nn.Module):
             packing = queries
         if self.crossattention is not None:
             x = self.crossattention(x, cross_mask, cross_kv, packing)
-        return self.output(self.intermediate(x), x)
+        return self.output(self.intermediate.dense(x), x, gelu=True)  # = output(intermediate(x), x)
 
 
 class Embeddings(nn.Module):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from albef.config import VisionConfig
+from albef.models.recompute import gelu_linear, norm_linear
 
 
 class PatchEmbed(nn.Module):
@@ -29,9 +30,12 @@ class Attention(nn.Module):
         self.save_attention = False
         self.attention_map: Tensor | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
+        """[B, N, C] -> [B, N, C]. With ``norm`` the input is taken before it: ``norm(x)`` is then
+        recomputed in the backward instead of kept (:mod:`albef.models.recompute`)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x) if norm is None else norm_linear(norm, self.qkv, x)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.save_attention:
             attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # [B, h, N, N]
             if attn.requires_grad:
@@ -49,11 +53,13 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
+        """``fc2(GELU(fc1(x)))`` (``norm`` as in :meth:`Attention.forward`); the backward keeps
+        ``fc1``'s output alone, not the GELU's too."""
+        h = self.fc1(x) if norm is None else norm_linear(norm, self.fc1, x)
+        return gelu_linear(self.fc2, h)
 
 
 class Block(nn.Module):
@@ -65,8 +71,8 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(x, self.norm1)  # attn(norm1(x)), norm1's output not kept for the backward
+        return x + self.mlp(x, self.norm2)
 
 
 class VisionTransformer(nn.Module):

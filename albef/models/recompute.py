@@ -1,0 +1,86 @@
+"""A linear layer after a cheap function, keeping the function's input instead of its output.
+
+``F.linear(f(x), W, b)`` through autograd keeps ``f(x)`` for the weight gradient, and ``f``
+(GELU, LayerNorm) keeps ``x`` for its own: two activations where one would do. Here only ``x``
+is kept and ``f(x)`` is recomputed in the backward — a GELU or LayerNorm, cheap next to the
+matrix products around it. In a ViT-B block that drops the GELU output and both LayerNorm
+outputs: 14 of its 38 MB of activations at batch 4, res 224 in float32 (38 %).
+
+Under autocast the product runs in the autocast dtype, as ``F.linear`` would; the backward
+recomputes ``f(x)`` in ``x``'s precision and rounds it to the product's dtype.
+
+Example:
+    >>> lin = torch.nn.Linear(8, 4)
+    >>> h = torch.randn(3, 8, requires_grad=True)
+    >>> y = linear_after(F.gelu, h, lin.weight, lin.bias)
+    >>> torch.allclose(y, lin(F.gelu(h)))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _LinearAfter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f: Callable, x: Tensor, weight: Tensor, bias: Tensor | None, *f_params: Tensor) -> Tensor:
+        with torch.no_grad():
+            a = f(x, *f_params)
+        ctx.f = f
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, *(() if bias is None else (bias,)), *f_params)
+        return F.linear(a, weight, bias)  # autocast (if on) casts as it does for nn.Linear
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, *rest = ctx.saved_tensors
+        bias = rest.pop(0) if ctx.has_bias else None
+        f_params = rest
+        need_x, need_w, need_b = ctx.needs_input_grad[1:4]
+        need_p = ctx.needs_input_grad[4:]
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(need_x)
+            ps = [p.detach().requires_grad_(n) for p, n in zip(f_params, need_p)]
+            a = ctx.f(xd, *ps)
+        dt = dy.dtype  # the product's dtype (the autocast dtype, or the weights')
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        grad_w = (dy2.t() @ a.detach().reshape(-1, a.shape[-1]).to(dt)).to(weight.dtype) if need_w else None
+        grad_b = dy2.sum(0).to(bias.dtype) if need_b else None
+        wanted = [t for t, n in zip([xd, *ps], [need_x, *need_p]) if n]
+        grads = iter(())
+        if wanted:
+            da = (dy @ weight.to(dt)).to(a.dtype)
+            grads = iter(torch.autograd.grad(a, wanted, da))
+        grad_x = next(grads) if need_x else None
+        grad_ps = [next(grads) if n else None for n in need_p]
+        return (None, grad_x, grad_w, grad_b, *grad_ps)
+
+
+def linear_after(f: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tensor | None,
+                 *f_params: Tensor) -> Tensor:
+    """``F.linear(f(x, *f_params), weight, bias)``, saving ``x`` instead of ``f(x)`` for the
+    backward. ``f`` must be deterministic (it runs again in the backward) and cheap."""
+    if not torch.is_grad_enabled():
+        return F.linear(f(x, *f_params), weight, bias)
+    return _LinearAfter.apply(f, x, weight, bias, *f_params)
+
+
+def _layer_norm(eps: float) -> Callable[..., Tensor]:
+    def f(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return F.layer_norm(x, w.shape, w, b, eps)
+    return f
+
+
+def norm_linear(norm: torch.nn.LayerNorm, linear: torch.nn.Linear, x: Tensor) -> Tensor:
+    """``linear(norm(x))`` keeping ``x`` alone (the LayerNorm output is recomputed)."""
+    return linear_after(_layer_norm(norm.eps), x, linear.weight, linear.bias, norm.weight, norm.bias)
+
+
+def gelu_linear(linear: torch.nn.Linear, h: Tensor) -> Tensor:
+    """``linear(gelu(h))`` keeping the pre-activation ``h`` alone."""
+    return linear_after(F.gelu, h, linear.weight, linear.bias)

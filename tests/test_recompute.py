@@ -1,0 +1,83 @@
+"""linear_after: same values and gradients as the plain ops, and it keeps x, not f(x)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from albef.models.recompute import gelu_linear, linear_after, norm_linear
+
+
+def _grads(y, inputs):
+    g = torch.randn_like(y, generator=torch.Generator().manual_seed(1))
+    return torch.autograd.grad(y, inputs, g)
+
+
+@pytest.mark.parametrize("which", ["gelu", "norm"])
+def test_values_and_gradients_match_the_plain_ops(which):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 5).double()
+    norm = torch.nn.LayerNorm(12, eps=1e-6).double()
+    with torch.no_grad():  # not the identity init, so that the norm's parameters matter
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
+    if which == "gelu":
+        ours, plain = gelu_linear(lin, x), lin(F.gelu(x))
+        inputs = [x, lin.weight, lin.bias]
+    else:
+        ours, plain = norm_linear(norm, lin, x), lin(norm(x))
+        inputs = [x, lin.weight, lin.bias, norm.weight, norm.bias]
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(_grads(ours, inputs), _grads(plain, inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradcheck_with_some_inputs_frozen():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, dtype=torch.float64)  # frozen LayerNorm weight
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    f = lambda x, g, b: F.layer_norm(x, (6,), g, b, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(lambda x, w, b: linear_after(f, x, w, None, g, b), (x, w, b))
+
+
+def test_keeps_the_input_not_the_function_output():
+    lin = torch.nn.Linear(64, 8)
+    h = torch.randn(32, 64, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gelu_linear(lin, h)
+    assert any(t is h for t in kept)
+    assert all(t.shape != h.shape or t is h for t in kept)  # no second [32, 64] tensor: GELU(h) is not kept
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lin(F.gelu(h))
+    assert sum(t.shape == h.shape for t in kept) == 2  # the plain ops keep h and GELU(h)
+
+
+def test_under_autocast_matches_plain_autocast():
+    torch.manual_seed(0)
+    lin, norm = torch.nn.Linear(16, 8), torch.nn.LayerNorm(16)
+    x = torch.randn(5, 16, requires_grad=True)
+    params = [x, lin.weight, lin.bias, norm.weight, norm.bias]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, plain = norm_linear(norm, lin, x), lin(norm(x))
+    assert ours.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, plain)
+    for a, b, p in zip(_grads(ours, params), _grads(plain, params), params):
+        assert a.dtype == p.dtype  # parameters' gradients in their own dtype, as autocast gives them
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # bf16 products either way
+
+
+def test_no_grad_is_the_plain_function():
+    lin = torch.nn.Linear(4, 2)
+    h = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(gelu_linear(lin, h), lin(F.gelu(h)))

@@ -231,13 +231,15 @@ class BertLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
                 cross_mask: Tensor | None = None, positions: Tensor | None = None,
-                packing: Packing | None = None, queries: Packing | None = None) -> Tensor:
+                packing: Packing | None = None, queries: Packing | None = None, recompute: bool = True) -> Tensor:
         """[B, L, H] -> [B, L, H], or [B, P, H] for ``positions`` [B, P]: every token still serves
         as a key/value of the self-attention, but only those positions are computed on (queries,
         cross-attention, feed-forward) — what a last layer needs when only a few outputs are read.
         With ``packing`` the input is the real tokens [T, H], and so is the output unless
         ``positions`` are given. ``queries`` (``Packing.of(positions >= 0)``) packs a ragged
-        set of positions (-1 = none): the output is then the [S, H] positions that exist."""
+        set of positions (-1 = none): the output is then the [S, H] positions that exist.
+        ``recompute``: the feed-forward keeps its pre-activation alone for the backward (off in a
+        checkpointed layer, which keeps nothing anyway)."""
         if positions is None:
             x = self.attention(x, mask, packing=packing)
         else:
@@ -254,6 +256,8 @@ class BertLayer(nn.Module):
             packing = queries
         if self.crossattention is not None:
             x = self.crossattention(x, cross_mask, cross_kv, packing)
+        if not recompute:
+            return self.output(self.intermediate(x), x)
         return self.output(self.intermediate.dense(x), x, gelu=True)  # = output(intermediate(x), x)
 
 
@@ -367,7 +371,7 @@ class TextEncoder(nn.Module):
             last = i == len(layers) - 1
             pos, qs = (positions, queries) if last else (None, None)
             if self.grad_checkpointing and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, kv, cross_mask, pos, packing, qs,
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, kv, cross_mask, pos, packing, qs, False,
                                                       use_reentrant=False)
             else:
                 x = layer(x, mask, kv, cross_mask, pos, packing, qs)

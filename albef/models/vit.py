@@ -70,8 +70,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(x, self.norm1)  # attn(norm1(x)), norm1's output not kept for the backward
+    def forward(self, x: Tensor, recompute: bool = True) -> Tensor:
+        """``recompute``: the LayerNorm and GELU outputs are not kept for the backward but
+        recomputed there (:mod:`albef.models.recompute`); off inside a checkpointed block, which
+        keeps nothing anyway and would recompute them twice."""
+        if not recompute:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+        x = x + self.attn(x, self.norm1)  # attn(norm1(x))
         return x + self.mlp(x, self.norm2)
 
 
@@ -113,7 +119,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed[:, : x.shape[1] + 1]
         for blk in self.blocks:
             if self.grad_checkpointing and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, False, use_reentrant=False)
             else:
                 x = blk(x)
         return self.norm(x)

@@ -9,7 +9,8 @@ What is timed (medians of ``--reps`` rounds, ours and theirs alternating after a
 threads, same config, same batch, same resolution, same random inputs):
 
 * ``pretrain``: one step = forward (ITC + ITM + MLM with distillation, momentum update and queue
-  push), backward, AdamW. Peak memory: a fresh process per side (model, optimiser, two steps),
+  push), backward, AdamW. Peak memory: a fresh process per side (model, optimiser, four steps,
+  the last three timed),
   since the two share a process here — the CUDA allocator's peak on a GPU, the peak RSS on the
   CPU. FLOPs are counted on each side's own step with ``torch.utils.flop_counter`` (same inputs:
   captions padded to the 30-token maximum; ours skips the padding and other work the losses do
@@ -17,8 +18,8 @@ threads, same config, same batch, same resolution, same random inputs):
   throughput measured in the same run (the higher of a measurement before and one after the
   benchmarks): model FLOP utilisation; the reference's time is also stated against our count,
   the rate of the work the losses need. Our memory probe ends each step as our training loop
-  does on the CPU, giving the freed heap back to the OS; the timing rounds, which share one
-  process, do not (see ``pretrain_sides``).
+  does: on the CPU with gradient checkpointing that gives the freed heap back to the OS; the
+  timing rounds, which share one process, never do (see ``pretrain_sides``).
 * ``retrieval``: the whole evaluation of a gallery (embed images and texts, ITC similarities,
   top-k ITM re-ranking in both directions), ours ``embed_gallery`` + ``rerank`` (LAVIS's
   score = ITM logit + cosine, ``add_cosine=True``) against LAVIS's ``compute_sim_matrix`` (one

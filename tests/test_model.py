@@ -142,6 +142,48 @@ def test_batch_size_one_trains(tiny_config):
         opt.step()
 
 
+def test_shared_fusion_pass_equals_separate_passes(tiny_config):
+    """The student's ITM pairs and masked captions share one fusion pass: same logits and same
+    gradients as the reference's separate passes (positives+negatives, then MLM) over all tokens."""
+    torch.manual_seed(0)
+    trainer = ALBEFPretrainer(ALBEF(tiny_config)).double()
+    model = trainer.model
+    ids, mask = text_batch(4, 10)
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    out = trainer(images, ids, mask, 0.4, generator=torch.Generator().manual_seed(5), enqueue=False)
+    d = out.draws
+    assert (d.mlm_labels != -100).sum(1).unique().numel() > 1  # ragged: rows mask different counts
+    rows = torch.arange(4)
+    has_img, has_txt = d.neg_image_idx >= 0, d.neg_text_idx >= 0
+    text_rows = torch.cat([rows, rows[has_img], d.neg_text_idx[has_txt]])
+    image_rows = torch.cat([rows, d.neg_image_idx[has_img], rows[has_txt]])
+    image_embeds, text_embeds = model.encode_image(images), model.encode_text(ids, mask)
+    itm = model.itm_logits(model.fuse(text_embeds[text_rows], mask[text_rows], image_embeds[image_rows]))
+    masked = d.mlm_labels != -100
+    mlm = model.mlm_logits(model.fuse(model.encode_text(d.mlm_input_ids, mask), mask, image_embeds)[masked])
+    torch.testing.assert_close(out.itm_logits, itm)
+    torch.testing.assert_close(out.mlm_logits, mlm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    probe = torch.randn(mlm.shape, dtype=torch.float64)
+    shared = torch.autograd.grad(out.itm_logits.sum() + (out.mlm_logits * probe).sum(), params, allow_unused=True)
+    separate = torch.autograd.grad(itm.sum() + (mlm * probe).sum(), params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), shared, separate):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_batch_with_no_masked_token_trains(tiny_config):
+    """Every MLM position slot is then -1 (none), in the student's shared pass and the teacher's."""
+    trainer = ALBEFPretrainer(ALBEF(tiny_config))
+    ids, mask = text_batch(4, 10)
+    no_mask = PretrainDraws(mlm_input_ids=ids.clone(), mlm_labels=torch.full_like(ids, -100))
+    out = trainer(torch.randn(4, 3, 32, 32), ids, mask, 0.4, draws=no_mask, generator=torch.Generator().manual_seed(0))
+    assert out.loss_mlm.item() == 0.0 and out.mlm_logits.shape[0] == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert trainer.model.itm_head.weight.grad.abs().sum() > 0
+
+
 def test_replayed_draws_reproduce_a_step(tiny_config):
     a = ALBEFPretrainer(ALBEF(tiny_config))
     state = {k: v.clone() for k, v in a.state_dict().items()}

@@ -81,3 +81,40 @@ def test_no_grad_is_the_plain_function():
     h = torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(gelu_linear(lin, h), lin(F.gelu(h)))
+
+
+@pytest.mark.parametrize("affine", ["both", "no_bias", "none"])
+def test_layer_norm_without_affine_parameters(affine):
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(6, elementwise_affine=affine != "none", bias=affine == "both").double()
+    lin = torch.nn.Linear(6, 3).double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    inputs = [x, lin.weight] + [p for p in norm.parameters()]
+    ours, plain = norm_linear(norm, lin, x), lin(norm(x))
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(_grads(ours, inputs), _grads(plain, inputs)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("frozen", ["x", "weight", "both"])
+def test_gelu_under_autocast_with_frozen_inputs(frozen):
+    """bf16 products, and only the gradients asked for (a frozen input gets none)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    lin.weight.requires_grad_(frozen == "x")
+    h = torch.randn(5, 16, requires_grad=frozen != "x")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, plain = gelu_linear(lin, h), lin(F.gelu(h))
+    torch.testing.assert_close(ours, plain)
+    wanted = [t for t in (h, lin.weight, lin.bias) if t.requires_grad]
+    for a, b, t in zip(_grads(ours, wanted), _grads(plain, wanted), wanted):
+        assert a.dtype == t.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_double_backward_is_refused():
+    lin = torch.nn.Linear(4, 2).double()
+    h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(gelu_linear(lin, h).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

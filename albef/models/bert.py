@@ -360,7 +360,9 @@ class TextEncoder(nn.Module):
         if positions is not None and self.causal:
             raise ValueError("positions are for bidirectional layers (the causal mask is per query row)")
         packing = Packing.of(attention_mask) if self.unpad and not self._saving_attention() else None
-        queries = None if positions is None else Packing.of(positions >= 0)  # a ragged set of positions
+        # a ragged set of positions (-1 = none) is packed; one position per row never is: -1 there is
+        # zeroed at the end instead, which spares ITM's [CLS] pass a host sync on a GPU (nonzero)
+        queries = None if positions is None or positions.shape[1] == 1 else Packing.of(positions >= 0)
         if packing is not None:
             x = packing.pack(x)  # [T, H]
         for i, layer in enumerate(layers):
@@ -377,7 +379,9 @@ class TextEncoder(nn.Module):
                 x = layer(x, mask, kv, cross_mask, pos, packing, qs)
         if queries is not None:
             x = queries.pad(x)  # [B, P, H], zeros where a row has no position
-        elif packing is not None and positions is None:
+        elif positions is not None:
+            x = x.masked_fill((positions < 0).unsqueeze(-1), 0.0)
+        elif packing is not None:
             x = packing.pad(x)
         return x
 

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 class _LinearAfter(torch.autograd.Function):
@@ -37,6 +38,7 @@ class _LinearAfter(torch.autograd.Function):
         return F.linear(a, weight, bias)  # autocast (if on) casts as it does for nn.Linear
 
     @staticmethod
+    @once_differentiable  # the recomputation is detached: a double backward would miss terms
     def backward(ctx, dy: Tensor):
         x, weight, *rest = ctx.saved_tensors
         bias = rest.pop(0) if ctx.has_bias else None
@@ -70,15 +72,16 @@ def linear_after(f: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tens
     return _LinearAfter.apply(f, x, weight, bias, *f_params)
 
 
-def _layer_norm(eps: float) -> Callable[..., Tensor]:
-    def f(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return F.layer_norm(x, w.shape, w, b, eps)
-    return f
-
-
 def norm_linear(norm: torch.nn.LayerNorm, linear: torch.nn.Linear, x: Tensor) -> Tensor:
     """``linear(norm(x))`` keeping ``x`` alone (the LayerNorm output is recomputed)."""
-    return linear_after(_layer_norm(norm.eps), x, linear.weight, linear.bias, norm.weight, norm.bias)
+    # (weight, bias), (weight,) with bias=False, or () without elementwise_affine
+    params = [p for p in (norm.weight, norm.bias) if p is not None]
+    shape, eps = norm.normalized_shape, norm.eps
+
+    def f(x: Tensor, *ps: Tensor) -> Tensor:
+        return F.layer_norm(x, shape, ps[0] if ps else None, ps[1] if len(ps) == 2 else None, eps)
+
+    return linear_after(f, x, linear.weight, linear.bias, *params)
 
 
 def gelu_linear(linear: torch.nn.Linear, h: Tensor) -> Tensor:

@@ -3,10 +3,11 @@
 :class:`ALBEFPretrainer` owns the training-only state (momentum teacher, feature queues) around
 an inference :class:`~albef.models.albef.ALBEF`. One ``forward`` is one reference step, in the
 reference's order: momentum update, momentum features, ITC against the queues as they were,
-enqueue, ITM on hard negatives, MLM. Two things happen earlier than there, for speed: the
-MLM masks are drawn first (so one seed gives other draws than the reference's; ``draws``
-replays any), and the masked captions share the text-only layers' pass with the originals, in
-student and teacher (same values up to float rounding, dropout aside). With image ids
+enqueue, ITM on hard negatives, MLM. Three things differ, for speed: the MLM masks are drawn
+first (so one seed gives other draws than the reference's; ``draws`` replays any); the masked
+captions share the text-only layers' pass with the originals, in student and teacher; and the
+student's ITM pairs and masked captions share one fusion pass (same values up to float
+rounding; dropout draws differ). With image ids
 (``idx``) it is the retrieval fine-tuning objective instead (id-aware ITC targets and queue,
 same-id entries never negatives); with ``mlm=False`` the MLM term is left out.
 
@@ -71,7 +72,9 @@ class PretrainOutput:
     weights_i2t: Tensor  # hard-negative weights, [B, B]
     weights_t2i: Tensor
     draws: PretrainDraws  # what was actually used
-    fused: Tensor  # [B + n_neg_img + n_neg_txt, L, H]: positives, (text, neg image), (neg text, image)
+    # [B + n_neg_img + n_neg_txt, 1, H] (the [CLS]; [.., L, H] with full_hidden): positives,
+    # (text, neg image), (neg text, image)
+    fused: Tensor
     itm_logits: Tensor
     itm_labels: Tensor
     mlm_logits: Tensor | None = None  # [n_masked, V] at labels != -100 (row-major)

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from albef.models.albef import ALBEF
-from albef.models.bert import set_unpad
+from albef.models.bert import ImageContext, set_unpad
 from albef.training.momentum import FeatureQueue, make_teacher, momentum_update
 from albef.training.objectives import (IGNORE_INDEX, hard_negative_weights, itc_loss, mask_tokens,
                                        mlm_loss, sample_hard_negatives)
 
 CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0
+MLMRows = tuple[Tensor, "Tensor | None", Tensor]  # (masked [B, L], positions [B, P] or None, keep)
 
 
 @dataclass
@@ -221,7 +222,7 @@ class ALBEFPretrainer(nn.Module):
         return mask_tokens(input_ids, self.model.config.text.vocab_size, MASK_ID, (PAD_ID, CLS_ID),
                            self.mlm_probability, generator)
 
-    def _mlm_rows(self, labels: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _mlm_rows(self, labels: Tensor) -> MLMRows:
         """``(masked [B, L], positions [B, P] or None, keep)``: the vocabulary projection runs only
         where a token is scored, and so (unless ``full_hidden``) does the last fusion layer."""
         masked = labels != IGNORE_INDEX
@@ -229,7 +230,7 @@ class ALBEFPretrainer(nn.Module):
         return masked, positions, keep
 
     def _fuse(self, itm_text: Tensor, itm_mask: Tensor, image_rows: Tensor, mlm_text: Tensor | None,
-              attention_mask: Tensor, context, mlm_rows) -> tuple[Tensor, Tensor | None]:
+              attention_mask: Tensor, context: ImageContext, mlm_rows: MLMRows | None) -> tuple[Tensor, Tensor | None]:
         """The student's fusion pass over the ITM pairs (``itm_text`` [N, L, H] with images
         ``image_rows``) and, with ``mlm_text``, the masked captions with their own images, as one
         batch. Returns the ITM rows' output ([N, 1, H], or [N, L, H] with ``full_hidden``) and the
@@ -250,7 +251,7 @@ class ALBEFPretrainer(nn.Module):
                             context.select(rows), positions=positions)
         return (hidden[:N] if positions is None else hidden[:N, :1]), hidden[N:]
 
-    def _mlm(self, out: PretrainOutput, ids: Tensor, labels: Tensor, hidden: Tensor, mlm_rows,
+    def _mlm(self, out: PretrainOutput, ids: Tensor, labels: Tensor, hidden: Tensor, mlm_rows: MLMRows,
              text_m: Tensor | None, attention_mask: Tensor) -> None:
         """``hidden``: the student's fused masked captions (from :meth:`_fuse`); ``text_m``: the
         masked captions after the teacher's text-only layers, None when the teacher's MLM pass is

@@ -66,6 +66,8 @@ class TrainSection:
     alpha_ramp_epochs: float = 1.0
     max_grad_norm: float | None = None
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; the CPU runs fp32)
+    # recompute each encoder block in the backward; on the CPU the loop then also hands the step's
+    # freed heap back to the OS after each optimizer step (albef.training.heap)
     grad_checkpointing: bool = False
     # AdamW inside the backward, gradients freed at once (single process, no accumulation/clipping);
     # with grad_checkpointing the lowest-memory set-up (albef.training.optim)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from albef.config import TextConfig
 from albef.models.dropout import Dropout, dropout
-from albef.models.recompute import gelu_linear
+from albef.models.recompute import gelu_linear, layer_norm_linear
 
 ImageInput = Tensor | Sequence[Tensor]
 
@@ -433,4 +433,5 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:  # [.., H] -> [.., V]
-        return F.linear(self.transform(hidden), word_embeddings, self.bias)
+        t = self.transform  # = F.linear(t(hidden), word_embeddings, bias); see layer_norm_linear
+        return layer_norm_linear(t.LayerNorm, F.gelu(t.dense(hidden)), word_embeddings, self.bias)

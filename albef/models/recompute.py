@@ -74,6 +74,14 @@ def linear_after(f: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tens
 
 def norm_linear(norm: torch.nn.LayerNorm, linear: torch.nn.Linear, x: Tensor) -> Tensor:
     """``linear(norm(x))`` keeping ``x`` alone (the LayerNorm output is recomputed)."""
+    return layer_norm_linear(norm, x, linear.weight, linear.bias)
+
+
+def layer_norm_linear(norm: torch.nn.LayerNorm, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(norm(x), weight, bias)`` keeping ``x`` alone, for a weight that is not a Linear's
+    (BERT's MLM decoder is the word-embedding table). The weight's gradient comes out as a fresh
+    contiguous tensor, not the transposed view that ``F.linear``'s backward gives, so a second
+    use of the same weight (the embedding lookup) is added to it in place."""
     # (weight, bias), (weight,) with bias=False, or () without elementwise_affine
     params = [p for p in (norm.weight, norm.bias) if p is not None]
     shape, eps = norm.normalized_shape, norm.eps
@@ -81,7 +89,7 @@ def norm_linear(norm: torch.nn.LayerNorm, linear: torch.nn.Linear, x: Tensor) ->
     def f(x: Tensor, *ps: Tensor) -> Tensor:
         return F.layer_norm(x, shape, ps[0] if ps else None, ps[1] if len(ps) == 2 else None, eps)
 
-    return linear_after(f, x, linear.weight, linear.bias, *params)
+    return linear_after(f, x, weight, bias, *params)
 
 
 def gelu_linear(linear: torch.nn.Linear, h: Tensor) -> Tensor:

@@ -118,3 +118,29 @@ def test_double_backward_is_refused():
     (g,) = torch.autograd.grad(gelu_linear(lin, h).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def test_mlm_head_with_a_tied_table_matches_the_plain_ops():
+    """The decoder is the word-embedding table, also used by the lookup: the two gradients of the
+    table are summed (in place, see layer_norm_linear) to what the plain ops give."""
+    from albef.config import get_preset
+    from albef.models.bert import MLMHead
+
+    torch.manual_seed(0)
+    cfg = get_preset("albef-tiny").text
+    head = MLMHead(cfg).double()
+    table = torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, cfg.vocab_size, (3, 5))
+
+    def run(plain: bool):
+        hidden = F.embedding(ids, table).sum(1)  # [3, H], a use of the table before the decoder
+        if plain:
+            t = head.transform
+            return F.linear(t.LayerNorm(F.gelu(t.dense(hidden))), table, head.bias)
+        return head(hidden, table)
+
+    inputs = [table, head.bias, *head.transform.parameters()]
+    ours, plain = run(False), run(True)
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(_grads(ours, inputs), _grads(plain, inputs)):
+        torch.testing.assert_close(a, b)

@@ -80,6 +80,7 @@ class Packing:
 
     def __post_init__(self) -> None:
         self.rows, self.cols = self.index // self.length, self.index % self.length
+        self._head_rows: dict[int, Tensor] = {}  # heads -> [T * heads] rows of [B * heads * L, d]
 
     @classmethod
     def of(cls, attention_mask: Tensor) -> "Packing | None":
@@ -103,7 +104,16 @@ class Packing:
         return out
 
     def pack_heads(self, x: Tensor) -> Tensor:  # [B, h, L, d] -> [T, h * d]
-        return x.transpose(1, 2)[self.rows, self.cols].flatten(1)
+        B, h, L, d = x.shape
+        if x.transpose(1, 2).is_contiguous():  # [B, L, h, d] in memory (SDPA's output): token rows
+            return self.pack(x.transpose(1, 2).reshape(B, L, h * d))
+        # rows of d, one per (token, head): a plain row gather, where indexing the transposed view
+        # with (rows, cols) took 2.5x as long forward and backward
+        rows = self._head_rows.get(h)
+        if rows is None:
+            heads = torch.arange(h, device=x.device)
+            rows = self._head_rows[h] = ((self.rows[:, None] * h + heads) * L + self.cols[:, None]).reshape(-1)
+        return x.reshape(B * h * L, d).index_select(0, rows).view(-1, h * d)
 
     def locate(self, positions: Tensor) -> Tensor:
         """[B, P] positions -> [B * P] rows of the packed tensor; a padding position maps to row 0

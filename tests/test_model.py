@@ -142,15 +142,25 @@ def test_batch_size_one_trains(tiny_config):
         opt.step()
 
 
-def test_shared_fusion_pass_equals_separate_passes(tiny_config):
+@pytest.mark.parametrize("every_image_has_a_negative_text", [True, False])
+def test_shared_fusion_pass_equals_separate_passes(tiny_config, every_image_has_a_negative_text):
     """The student's ITM pairs and masked captions share one fusion pass: same logits and same
-    gradients as the reference's separate passes (positives+negatives, then MLM) over all tokens."""
+    gradients as the reference's separate passes (positives+negatives, then MLM) over all tokens.
+    With a negative text for every image those rows read the images' keys/values untiled
+    (ImageContext.tile), like the positives and the masked captions; else they are gathered."""
     torch.manual_seed(0)
     trainer = ALBEFPretrainer(ALBEF(tiny_config)).double()
     model = trainer.model
     ids, mask = text_batch(4, 10)
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     out = trainer(images, ids, mask, 0.4, generator=torch.Generator().manual_seed(5), enqueue=False)
+    if not every_image_has_a_negative_text:  # replay with one negative text and one negative image missing
+        d = out.draws
+        neg_text, neg_image = d.neg_text_idx.clone(), d.neg_image_idx.clone()
+        neg_text[0], neg_image[2] = -1, -1
+        out = trainer(images, ids, mask, 0.4, enqueue=False,
+                      draws=PretrainDraws(neg_image, neg_text, d.mlm_input_ids, d.mlm_labels))
+        assert len(out.itm_labels) == 4 + 3 + 3
     d = out.draws
     assert (d.mlm_labels != -100).sum(1).unique().numel() > 1  # ragged: rows mask different counts
     rows = torch.arange(4)

@@ -46,18 +46,30 @@ class ImageContext:
     keys: list[Tensor]
     values: list[Tensor]
     mask: Tensor | None = None
+    tiles: int = 0  # see tile()
+    extra: Tensor | None = None
 
     def select(self, index: Tensor) -> "ImageContext":
         """Rows ``index`` of the batch (differentiable: gradients flow back to the projections)."""
+        if self.tiles:
+            raise ValueError("select() of a tiled ImageContext")
         return ImageContext(
             [k.index_select(0, index) for k in self.keys],
             [v.index_select(0, index) for v in self.values],
             None if self.mask is None else self.mask.index_select(0, index),
         )
 
+    def tile(self, tiles: int, extra: Tensor) -> "ImageContext":
+        """The batch ``tiles`` times over in order, then rows ``extra``: what ``select(cat([arange(B)]
+        * tiles + [extra]))`` gives, without copying the tiled keys/values. Attention regroups those
+        rows' queries by image instead (cross-attention queries do not attend to each other), and
+        gradients reach the keys/values without a scatter."""
+        return ImageContext(self.keys, self.values, self.mask, tiles, extra)
+
     @property
     def batch_size(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
+        n = self.keys[0].shape[0] if self.keys else 0
+        return n * self.tiles + len(self.extra) if self.tiles else n
 
 
 @dataclass
@@ -174,12 +186,20 @@ class MultiHeadAttention(nn.Module):
             return packing.pad_heads(k, self.num_heads), packing.pad_heads(v, self.num_heads)
         return self._heads(k), self._heads(v)
 
-    def forward(self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
+    def forward(self, x: Tensor, mask: Tensor | None, kv: tuple | None = None,
                 packing: Packing | None = None) -> Tensor:
-        """[B, L, H] -> [B, L, H]; with ``packing``, [T, H] real tokens -> [T, H]."""
+        """[B, L, H] -> [B, L, H]; with ``packing``, [T, H] real tokens -> [T, H]. ``kv``: given
+        keys and values, ``(k, v)``, or ``(k, v, tiles, extra)`` (:meth:`ImageContext.tile`)."""
         q = self.query(x)
         q = self._heads(q) if packing is None else packing.pad_heads(q, self.num_heads)
-        k, v = self.project_kv(x, packing) if kv is None else kv
+        k, v = self.project_kv(x, packing) if kv is None else kv[:2]
+        if kv is not None and len(kv) == 4:
+            out = self._attend_tiled(q, k, v, mask, *kv[2:])
+        else:
+            out = self._attend(q, k, v, mask)
+        return out.transpose(1, 2).flatten(2) if packing is None else packing.pack_heads(out)  # [B, L, H] / [T, H]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:  # -> [B, h, L, d]
         p = self.dropout if self.training else 0.0
         # SDPA's CPU kernel has no dropout: with p > 0 it runs this same math with PyTorch's
         # slower mask and a fully-masked-row check; spelled out, the mask is albef's (dropout.py)
@@ -190,10 +210,24 @@ class MultiHeadAttention(nn.Module):
             attn = scores.softmax(-1)  # [B, h, L, N]
             if self.save_attention:
                 self._keep_map(attn)
-            out = dropout(attn, p) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return out.transpose(1, 2).flatten(2) if packing is None else packing.pack_heads(out)  # [B, L, H] / [T, H]
+            return dropout(attn, p) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
+    def _attend_tiled(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, tiles: int,
+                      extra: Tensor) -> Tensor:
+        """Rows ``t * B + b`` (t < tiles) read image b: their queries are laid side by side per
+        image, [B, h, tiles * L, d], against the B images' keys/values as they are."""
+        if self.save_attention:
+            raise ValueError("attention maps are not kept for a tiled image batch")
+        B = k.shape[0]
+        n, (_, h, L, d) = tiles * B, q.shape
+        qa = q[:n].view(tiles, B, h, L, d).permute(1, 2, 0, 3, 4).reshape(B, h, tiles * L, d)
+        out = self._attend(qa, k, v, mask).view(B, h, tiles, L, d).permute(2, 0, 1, 3, 4).reshape(n, h, L, d)
+        if extra.numel() == 0:
+            return out
+        m = None if mask is None else mask.index_select(0, extra)
+        rest = self._attend(q[n:], k.index_select(0, extra), v.index_select(0, extra), m)
+        return torch.cat([out, rest])
 
 
 class AddNorm(nn.Module):
@@ -217,7 +251,7 @@ class AttentionBlock(nn.Module):
         self.self = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, kv_width, cfg.attention_dropout)
         self.output = AddNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
+    def forward(self, x: Tensor, mask: Tensor | None, kv: tuple | None = None,
                 packing: Packing | None = None) -> Tensor:
         return self.output(self.self(x, mask, kv, packing), x)
 
@@ -239,7 +273,7 @@ class BertLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = AddNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, cross_kv: tuple[Tensor, Tensor] | None = None,
+    def forward(self, x: Tensor, mask: Tensor, cross_kv: tuple | None = None,
                 cross_mask: Tensor | None = None, positions: Tensor | None = None,
                 packing: Packing | None = None, queries: Packing | None = None, recompute: bool = True) -> Tensor:
         """[B, L, H] -> [B, L, H], or [B, P, H] for ``positions`` [B, P]: every token still serves
@@ -379,6 +413,8 @@ class TextEncoder(nn.Module):
             kv = None
             if layer.crossattention is not None:
                 kv = (context.keys[i], context.values[i])
+                if context.tiles:
+                    kv += (context.tiles, context.extra)
             cross_mask = None if context is None else context.mask
             last = i == len(layers) - 1
             pos, qs = (positions, queries) if last else (None, None)

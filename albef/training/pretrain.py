@@ -198,7 +198,7 @@ class ALBEFPretrainer(nn.Module):
         context = model.image_context(image_embeds)
         mlm_rows = self._mlm_rows(labels) if self.mlm else None
         fused, mlm_hidden = self._fuse(text_embeds.index_select(0, text_rows), attention_mask.index_select(0, text_rows),
-                                       image_rows, mlm_text, attention_mask, context, mlm_rows)
+                                       image_rows, int(has_img.sum()), mlm_text, attention_mask, context, mlm_rows)
         itm_logits = model.itm_logits(fused)
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
 
@@ -229,27 +229,43 @@ class ALBEFPretrainer(nn.Module):
         positions, keep = (None, masked) if self.full_hidden else masked_positions(masked)
         return masked, positions, keep
 
-    def _fuse(self, itm_text: Tensor, itm_mask: Tensor, image_rows: Tensor, mlm_text: Tensor | None,
-              attention_mask: Tensor, context: ImageContext, mlm_rows: MLMRows | None) -> tuple[Tensor, Tensor | None]:
-        """The student's fusion pass over the ITM pairs (``itm_text`` [N, L, H] with images
-        ``image_rows``) and, with ``mlm_text``, the masked captions with their own images, as one
-        batch. Returns the ITM rows' output ([N, 1, H], or [N, L, H] with ``full_hidden``) and the
-        MLM rows' (at ``mlm_rows``' positions, or every position)."""
+    def _fuse(self, itm_text: Tensor, itm_mask: Tensor, image_rows: Tensor, n_neg_img: int,
+              mlm_text: Tensor | None, attention_mask: Tensor, context: ImageContext,
+              mlm_rows: MLMRows | None) -> tuple[Tensor, Tensor | None]:
+        """The student's fusion pass over the ITM pairs (``itm_text`` [N, L, H]: positives,
+        ``n_neg_img`` texts with negative images, then texts that are negatives of the images;
+        images ``image_rows``) and, with ``mlm_text``, the masked captions with their own images,
+        as one batch. Returns the ITM rows' output in that order ([N, 1, H], or [N, L, H] with
+        ``full_hidden``) and the MLM rows' (at ``mlm_rows``' positions, or every position)."""
         model = self.model
         N = itm_text.shape[0]
         if mlm_text is None:
             fuse = model.fuse if self.full_hidden else model.itm_cls
             return fuse(itm_text, itm_mask, context.select(image_rows)), None
         B = mlm_text.shape[0]
+        # Rows that read the B images in order go first, B at a time, so that the cross-attention
+        # uses the images' keys/values as they are (ImageContext.tile: no gathered copies, no
+        # scatter in the backward): positives, masked captions, and the negative texts when every
+        # image has one. The negative images follow.
+        tiled = N - B - n_neg_img == B
+        pos, neg_img, neg_txt = slice(0, B), slice(B, B + n_neg_img), slice(B + n_neg_img, N)
+        itm_order = [pos, neg_txt, neg_img] if tiled else [pos, neg_img, neg_txt]
+
+        def arrange(itm: Tensor, mlm: Tensor) -> Tensor:  # ITM rows in itm_order, MLM rows second
+            parts = [itm[sl] for sl in itm_order]
+            return torch.cat([parts[0], mlm, *parts[1:]])
+
         positions = mlm_rows[1]
         if positions is not None:  # the ITM rows read their [CLS] alone: position 0, then none (-1)
             itm = positions.new_full((N, positions.shape[1]), -1)
             itm[:, 0] = 0
-            positions = torch.cat([itm, positions])
-        rows = torch.cat([image_rows, torch.arange(B, device=image_rows.device)])
-        hidden = model.fuse(torch.cat([itm_text, mlm_text]), torch.cat([itm_mask, attention_mask]),
-                            context.select(rows), positions=positions)
-        return (hidden[:N] if positions is None else hidden[:N, :1]), hidden[N:]
+            positions = arrange(itm, positions)
+        extra = image_rows[neg_img] if tiled else image_rows[B:]
+        hidden = model.fuse(arrange(itm_text, mlm_text), arrange(itm_mask, attention_mask),
+                            context.tile(3 if tiled else 2, extra), positions=positions)
+        rest = hidden[2 * B:]  # back to positives, negative images, negative texts
+        itm_hidden = torch.cat([hidden[:B], rest[B:], rest[:B]]) if tiled else torch.cat([hidden[:B], rest])
+        return (itm_hidden if positions is None else itm_hidden[:, :1]), hidden[B:2 * B]
 
     def _mlm(self, out: PretrainOutput, ids: Tensor, labels: Tensor, hidden: Tensor, mlm_rows: MLMRows,
              text_m: Tensor | None, attention_mask: Tensor) -> None:

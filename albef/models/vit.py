@@ -55,11 +55,11 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
-        """``fc2(GELU(fc1(x)))`` (``norm`` as in :meth:`Attention.forward`); the backward keeps
-        ``fc1``'s output alone, not the GELU's too."""
+    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None, recompute: bool = True) -> Tensor:
+        """``fc2(GELU(fc1(x)))`` (``norm`` as in :meth:`Attention.forward`); with ``recompute`` the
+        backward keeps ``fc1``'s output alone, not the GELU's too."""
         h = self.fc1(x) if norm is None else norm_linear(norm, self.fc1, x)
-        return gelu_linear(self.fc2, h)
+        return gelu_linear(self.fc2, h) if recompute else self.fc2(F.gelu(h))
 
 
 class Block(nn.Module):
@@ -76,7 +76,7 @@ class Block(nn.Module):
         keeps nothing anyway and would recompute them twice."""
         if not recompute:
             x = x + self.attn(self.norm1(x))
-            return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+            return x + self.mlp(self.norm2(x), recompute=False)
         x = x + self.attn(x, self.norm1)  # attn(norm1(x))
         return x + self.mlp(x, self.norm2)
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from albef.config import ALBEFConfig
 from albef.models.bert import ImageContext, ImageInput, MLMHead, TextEncoder
+from albef.models.tied import TiedGrad
 from albef.models.vit import VisionTransformer
 
 
@@ -49,9 +50,10 @@ class ALBEF(nn.Module):
         """[B, 3, H, W] -> image sequence [B, 1 + N, D_v] ([CLS] first)."""
         return self.visual_encoder(images)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """[B, L] -> text sequence [B, L, H] from the text-only layers."""
-        return self.text_encoder.encode_text(input_ids, attention_mask)
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, tie: TiedGrad | None = None) -> Tensor:
+        """[B, L] -> text sequence [B, L, H] from the text-only layers. ``tie``: shared with
+        :meth:`mlm_logits` over the same forward, one word-embedding gradient (:mod:`albef.models.tied`)."""
+        return self.text_encoder.encode_text(input_ids, attention_mask, tie)
 
     def image_feat(self, image_embeds: Tensor) -> Tensor:
         """L2-normalised ITC embedding of the image [CLS]: [B, embed_dim]."""
@@ -103,11 +105,11 @@ class ALBEF(nn.Module):
         """ITM logits [B, 2] (index 1 = match) from the fused [CLS]."""
         return self.itm_head(fused[:, 0])
 
-    def mlm_logits(self, hidden: Tensor) -> Tensor:
+    def mlm_logits(self, hidden: Tensor, tie: TiedGrad | None = None) -> Tensor:
         """MLM logits [..., vocab] for hidden states [..., H] (pass only the positions needed)."""
         if self.mlm_head is None:
             raise RuntimeError("this model was built without an MLM head")
-        return self.mlm_head(hidden, self.text_encoder.embeddings.word_embeddings.weight)
+        return self.mlm_head(hidden, self.text_encoder.embeddings.word_embeddings.weight, tie)
 
     # -- conveniences ---------------------------------------------------------------------
     def similarity(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

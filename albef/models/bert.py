@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from albef.config import TextConfig
 from albef.models.dropout import Dropout, dropout
 from albef.models.recompute import gelu_linear, layer_norm_linear
+from albef.models.tied import TiedGrad, embedding_lookup
 
 ImageInput = Tensor | Sequence[Tensor]
 
@@ -321,12 +322,12 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
 
-    def forward(self, input_ids: Tensor) -> Tensor:  # [B, L] -> [B, L, H]
+    def forward(self, input_ids: Tensor, tie: TiedGrad | None = None) -> Tensor:  # [B, L] -> [B, L, H]
         L = input_ids.shape[1]
         if L > self.position_embeddings.num_embeddings:
             raise ValueError(f"text of {L} tokens exceeds max_position_embeddings "
                              f"{self.position_embeddings.num_embeddings}; truncate it in the tokenizer")
-        x = self.word_embeddings(input_ids)
+        x = embedding_lookup(input_ids, self.word_embeddings.weight, self.word_embeddings.padding_idx, tie)
         if self.token_type_embeddings is not None:
             x = x + self.token_type_embeddings.weight[0]
         x = x + self.position_embeddings.weight[:L]
@@ -437,9 +438,9 @@ class TextEncoder(nn.Module):
         return any(blk.self.save_attention for layer in self.encoder.layer
                    for blk in (layer.attention, layer.crossattention) if blk is not None)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Text-only layers: [B, L] ids -> [B, L, H]."""
-        x = self.embeddings(input_ids)
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, tie: TiedGrad | None = None) -> Tensor:
+        """Text-only layers: [B, L] ids -> [B, L, H]. ``tie``: see :mod:`albef.models.tied`."""
+        x = self.embeddings(input_ids, tie)
         return self._run(self.encoder.layer[: self.cfg.fusion_layer], x, attention_mask, None)
 
     def fuse(self, hidden: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
@@ -478,6 +479,6 @@ class MLMHead(nn.Module):
         self.transform = PredictionTransform(cfg)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:  # [.., H] -> [.., V]
+    def forward(self, hidden: Tensor, word_embeddings: Tensor, tie: TiedGrad | None = None) -> Tensor:  # [.., H] -> [.., V]
         t = self.transform  # = F.linear(t(hidden), word_embeddings, bias); see layer_norm_linear
-        return layer_norm_linear(t.LayerNorm, F.gelu(t.dense(hidden)), word_embeddings, self.bias)
+        return layer_norm_linear(t.LayerNorm, F.gelu(t.dense(hidden)), word_embeddings, self.bias, tie)

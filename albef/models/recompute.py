@@ -26,13 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from albef.models.tied import TiedGrad
+
 
 class _LinearAfter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f: Callable, x: Tensor, weight: Tensor, bias: Tensor | None, *f_params: Tensor) -> Tensor:
+    def forward(ctx, f: Callable, x: Tensor, weight: Tensor, bias: Tensor | None, tie: TiedGrad | None,
+                *f_params: Tensor) -> Tensor:
         with torch.no_grad():
             a = f(x, *f_params)
-        ctx.f = f
+        ctx.f, ctx.tie = f, tie
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *(() if bias is None else (bias,)), *f_params)
         return F.linear(a, weight, bias)  # autocast (if on) casts as it does for nn.Linear
@@ -44,14 +47,18 @@ class _LinearAfter(torch.autograd.Function):
         bias = rest.pop(0) if ctx.has_bias else None
         f_params = rest
         need_x, need_w, need_b = ctx.needs_input_grad[1:4]
-        need_p = ctx.needs_input_grad[4:]
+        need_p = ctx.needs_input_grad[5:]
         with torch.enable_grad():
             xd = x.detach().requires_grad_(need_x)
             ps = [p.detach().requires_grad_(n) for p, n in zip(f_params, need_p)]
             a = ctx.f(xd, *ps)
         dt = dy.dtype  # the product's dtype (the autocast dtype, or the weights')
         dy2 = dy.reshape(-1, dy.shape[-1])
-        grad_w = (dy2.t() @ a.detach().reshape(-1, a.shape[-1]).to(dt)).to(weight.dtype) if need_w else None
+        grad_w = None
+        if need_w:
+            a2 = a.detach().reshape(-1, a.shape[-1]).to(dt)
+            if ctx.tie is None or not ctx.tie.defer(dy2, a2):  # deferred: the tied lookup adds dy2.T @ a2
+                grad_w = (dy2.t() @ a2).to(weight.dtype)
         grad_b = dy2.sum(0).to(bias.dtype) if need_b else None
         wanted = [t for t, n in zip([xd, *ps], [need_x, *need_p]) if n]
         grads = iter(())
@@ -60,16 +67,18 @@ class _LinearAfter(torch.autograd.Function):
             grads = iter(torch.autograd.grad(a, wanted, da))
         grad_x = next(grads) if need_x else None
         grad_ps = [next(grads) if n else None for n in need_p]
-        return (None, grad_x, grad_w, grad_b, *grad_ps)
+        return (None, grad_x, grad_w, grad_b, None, *grad_ps)
 
 
 def linear_after(f: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tensor | None,
-                 *f_params: Tensor) -> Tensor:
+                 *f_params: Tensor, tie: TiedGrad | None = None) -> Tensor:
     """``F.linear(f(x, *f_params), weight, bias)``, saving ``x`` instead of ``f(x)`` for the
-    backward. ``f`` must be deterministic (it runs again in the backward) and cheap."""
+    backward. ``f`` must be deterministic (it runs again in the backward) and cheap. With ``tie``
+    (``weight`` is also an embedding table looked up with it) the weight's gradient may be left to
+    the lookup's backward (:mod:`albef.models.tied`)."""
     if not torch.is_grad_enabled():
         return F.linear(f(x, *f_params), weight, bias)
-    return _LinearAfter.apply(f, x, weight, bias, *f_params)
+    return _LinearAfter.apply(f, x, weight, bias, tie, *f_params)
 
 
 def norm_linear(norm: torch.nn.LayerNorm, linear: torch.nn.Linear, x: Tensor) -> Tensor:
@@ -77,11 +86,13 @@ def norm_linear(norm: torch.nn.LayerNorm, linear: torch.nn.Linear, x: Tensor) ->
     return layer_norm_linear(norm, x, linear.weight, linear.bias)
 
 
-def layer_norm_linear(norm: torch.nn.LayerNorm, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def layer_norm_linear(norm: torch.nn.LayerNorm, x: Tensor, weight: Tensor, bias: Tensor | None,
+                      tie: TiedGrad | None = None) -> Tensor:
     """``F.linear(norm(x), weight, bias)`` keeping ``x`` alone, for a weight that is not a Linear's
     (BERT's MLM decoder is the word-embedding table). The weight's gradient comes out as a fresh
     contiguous tensor, not the transposed view that ``F.linear``'s backward gives, so a second
-    use of the same weight (the embedding lookup) is added to it in place."""
+    use of the same weight (the embedding lookup) is added to it in place; with ``tie`` the
+    lookup's backward makes the one gradient itself (:mod:`albef.models.tied`)."""
     # (weight, bias), (weight,) with bias=False, or () without elementwise_affine
     params = [p for p in (norm.weight, norm.bias) if p is not None]
     shape, eps = norm.normalized_shape, norm.eps
@@ -89,7 +100,7 @@ def layer_norm_linear(norm: torch.nn.LayerNorm, x: Tensor, weight: Tensor, bias:
     def f(x: Tensor, *ps: Tensor) -> Tensor:
         return F.layer_norm(x, shape, ps[0] if ps else None, ps[1] if len(ps) == 2 else None, eps)
 
-    return linear_after(f, x, weight, bias, *params)
+    return linear_after(f, x, weight, bias, *params, tie=tie)
 
 
 def gelu_linear(linear: torch.nn.Linear, h: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from albef.models.albef import ALBEF
 from albef.models.bert import ImageContext, set_unpad
+from albef.models.tied import TiedGrad
 from albef.training.momentum import FeatureQueue, make_teacher, momentum_update
 from albef.training.objectives import (IGNORE_INDEX, hard_negative_weights, itc_loss, mask_tokens,
                                        mlm_loss, sample_hard_negatives)
@@ -149,7 +150,9 @@ class ALBEFPretrainer(nn.Module):
 
         image_embeds = model.encode_image(images)  # [B, 1+N, Dv]
         image_feat = model.image_feat(image_embeds)  # [B, E]
-        text_embeds, mlm_text = _text_layers(model, input_ids, mlm_ids, attention_mask)  # [B, L, H] each
+        # The lookup and the MLM decoder share the word-embedding table: one gradient, made at the end
+        tie = TiedGrad() if self.mlm else None
+        text_embeds, mlm_text = _text_layers(model, input_ids, mlm_ids, attention_mask, tie)  # [B, L, H] each
         text_feat = model.text_feat(text_embeds, attention_mask)
 
         with torch.no_grad():
@@ -212,7 +215,7 @@ class ALBEFPretrainer(nn.Module):
             weights_i2t=w_i2t, weights_t2i=w_t2i,
             draws=PretrainDraws(neg_image, neg_text), fused=fused, itm_logits=itm_logits, itm_labels=itm_labels)
         if self.mlm:
-            self._mlm(out, mlm_ids, labels, mlm_hidden, mlm_rows, mlm_text_m, attention_mask)
+            self._mlm(out, mlm_ids, labels, mlm_hidden, mlm_rows, mlm_text_m, attention_mask, tie)
         return out
 
     def _mlm_inputs(self, input_ids: Tensor, draws: PretrainDraws,
@@ -268,13 +271,13 @@ class ALBEFPretrainer(nn.Module):
         return (itm_hidden if positions is None else itm_hidden[:, :1]), hidden[B:2 * B]
 
     def _mlm(self, out: PretrainOutput, ids: Tensor, labels: Tensor, hidden: Tensor, mlm_rows: MLMRows,
-             text_m: Tensor | None, attention_mask: Tensor) -> None:
+             text_m: Tensor | None, attention_mask: Tensor, tie: TiedGrad | None) -> None:
         """``hidden``: the student's fused masked captions (from :meth:`_fuse`); ``text_m``: the
         masked captions after the teacher's text-only layers, None when the teacher's MLM pass is
         off (no distillation)."""
         model, teacher = self.model, self.model_m
         masked, positions, keep = mlm_rows
-        logits = model.mlm_logits(hidden[keep])  # [n_masked, V], row-major like hidden[masked]
+        logits = model.mlm_logits(hidden[keep], tie)  # [n_masked, V], row-major like hidden[masked]
         logits_m = None
         alpha = out.alpha if self.mlm_distill else 0.0
         if text_m is not None:  # decided once, in forward (teacher_mlm)
@@ -289,13 +292,13 @@ class ALBEFPretrainer(nn.Module):
 
 
 def _text_layers(model: ALBEF, input_ids: Tensor, mlm_ids: Tensor | None,
-                 attention_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+                 attention_mask: Tensor, tie: TiedGrad | None = None) -> tuple[Tensor, Tensor | None]:
     """The text-only layers over the captions and, when given, their masked copies: one batch
     of 2B rows instead of two passes of B (wider matrix products, one word-embedding gradient)."""
     if mlm_ids is None:
-        return model.encode_text(input_ids, attention_mask), None
+        return model.encode_text(input_ids, attention_mask, tie), None
     B = input_ids.shape[0]
-    both = model.encode_text(torch.cat([input_ids, mlm_ids]), attention_mask.repeat(2, 1))
+    both = model.encode_text(torch.cat([input_ids, mlm_ids]), attention_mask.repeat(2, 1), tie)
     return both[:B], both[B:]
 
 

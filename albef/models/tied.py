@@ -1,0 +1,99 @@
+"""One gradient for a table used twice: BERT's word embeddings, which are also the MLM decoder.
+
+Through plain autograd the decoder's weight gradient is made as soon as the backward starts (a
+dense vocab x H table, 94 MB at BERT-base in float32) and held to the end of the backward, where
+the lookup's gradient, a second dense vocab x H table that is zero except at the rows read, is
+added to it. With a :class:`TiedGrad` shared by the two uses, the decoder hands its factors over
+instead (the logits' gradient [n, V] and the decoder's input [n, H]: 2 MB for albef-base's 18
+masked tokens) and the lookup's backward builds the single table: its own rows, plus the product.
+At albef-base batch 4 that removes both 94 MB tables from the backward's peak.
+
+The decoder defers only while the lookup's backward is still to come and only when the factors
+are smaller than the table (n < V*H/(V+H), about 750 rows for BERT's vocabulary); otherwise it
+makes its gradient as usual. If a backward ends with factors that no lookup took (the decoder's
+input did not come from that lookup), it raises rather than lose them.
+
+Example:
+    >>> table = torch.nn.Parameter(torch.randn(10, 4))
+    >>> tie = TiedGrad()
+    >>> h = embedding_lookup(torch.tensor([[1, 2]]), table, None, tie)  # [1, 2, 4]
+    >>> logits = tie.linear(h, table)                                   # [1, 2, 10], decoder = table
+    >>> logits.sum().backward()
+    >>> table.grad.shape
+    torch.Size([10, 4])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+class TiedGrad:
+    """The decoder's weight-gradient factors for one lookup's backward (one per forward)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Tensor, Tensor]] = []
+        self.open = True  # until the lookup's backward has run
+
+    def defer(self, dy: Tensor, a: Tensor) -> bool:
+        """Take ``dy.T @ a`` ([V, H]) for the lookup's backward to add; False if it should be made now."""
+        n, V, H = dy.shape[0], dy.shape[1], a.shape[1]
+        if not self.open or n * (V + H) >= V * H:
+            return False
+        if not self.pending:  # checked once the backward has finished
+            torch.autograd.Variable._execution_engine.queue_callback(self._check_taken)
+        self.pending.append((dy, a))
+        return True
+
+    def _check_taken(self) -> None:
+        if self.pending:
+            self.pending.clear()
+            raise RuntimeError(
+                "the tied decoder's weight gradient was deferred to an embedding lookup that was not "
+                "in this backward (the decoder's input did not come from that lookup); pass tie=None")
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``F.linear(x, weight, bias)`` whose weight gradient goes to the lookup (for tests and
+        decoders without a recomputed LayerNorm; :func:`albef.models.recompute.linear_after` takes
+        ``tie=`` too)."""
+        from albef.models.recompute import linear_after  # imports this module
+        return linear_after(_identity, x, weight, bias, tie=self)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int, tie: TiedGrad) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.num_weights, ctx.padding_idx, ctx.tie = weight.shape[0], padding_idx, tie
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        (ids,) = ctx.saved_tensors
+        tie = ctx.tie
+        tie.open = False
+        # the same kernel (and so the same sums) as F.embedding's own backward
+        grad = torch.ops.aten.embedding_dense_backward(dy, ids, ctx.num_weights, ctx.padding_idx, False)
+        for d, a in tie.pending:  # the decoder's term, added as autograd would have: grad + dy.T @ a
+            if d.dtype == grad.dtype:
+                grad.addmm_(d.t(), a)
+            else:
+                grad.add_((d.t() @ a).to(grad.dtype))
+        tie.pending.clear()
+        return None, grad, None, None
+
+
+def embedding_lookup(ids: Tensor, weight: Tensor, padding_idx: int | None, tie: TiedGrad | None) -> Tensor:
+    """``F.embedding(ids, weight, padding_idx)``; with ``tie``, its backward also adds the tied
+    decoder's deferred weight gradient."""
+    if tie is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        return F.embedding(ids, weight, padding_idx)
+    return _Lookup.apply(ids, weight, -1 if padding_idx is None else padding_idx, tie)

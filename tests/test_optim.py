@@ -58,6 +58,33 @@ def test_in_backward_equals_adamw_bit_for_bit():
     assert moved == 6  # every tensor was updated (weight decay on the matrices, Adam on all)
 
 
+@pytest.mark.parametrize("bucket_mb", [0.0, 1e-4, 64.0])  # each tensor alone, a few together, all at the end
+def test_updates_grouped_in_buckets_equal_adamw_and_finish_with_the_backward(bucket_mb):
+    torch.manual_seed(0)
+    a, b = Tied(), Tied()
+    b.load_state_dict(a.state_dict())
+    batches, lrs = _batches(3), [1e-2, 5e-3, 1e-3]
+    _train(a, build_optimizer(a, 1e-2, 0.1), batches, lrs)
+    opt = build_optimizer(b, 1e-2, 0.1, in_backward=True)
+    opt.bucket_bytes = int(bucket_mb * 2**20)
+    calls = []
+    real = torch.optim.AdamW.step
+    torch.optim.AdamW.step = lambda self, *a, **k: calls.append(sum(p.grad is not None for g in self.param_groups for p in g["params"])) or real(self, *a, **k)
+    try:
+        _train(b, opt, batches, lrs)  # asserts every gradient is freed when backward() returns
+    finally:
+        torch.optim.AdamW.step = real
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    in_backward = [n for n in calls if n]  # the explicit step() after each backward finds no gradient
+    assert sum(in_backward) == 3 * 6  # every tensor once per step
+    calls_per_step = {0.0: 6, 64.0: 1}  # one call per tensor / one at the end of the backward
+    if bucket_mb in calls_per_step:
+        assert len(in_backward) == 3 * calls_per_step[bucket_mb]
+    else:
+        assert 3 < len(in_backward) < 18
+
+
 def test_state_dict_round_trip_and_interchangeable_with_adamw():
     torch.manual_seed(1)
     batches, lrs = _batches(4), [1e-2] * 4

@@ -1,10 +1,10 @@
-"""AdamW applied inside the backward pass, one parameter at a time (``train.optimizer_in_backward``).
+"""AdamW applied inside the backward pass (``train.optimizer_in_backward``).
 
 An ordinary step keeps every gradient alive until ``optimizer.step()``: 0.84 GB at albef-base,
-which is the peak once the activations are checkpointed. Here each parameter is updated the
-moment its gradient is complete and the gradient is freed, so the gradients never all exist.
-The update is AdamW's own (the fused kernel treats every tensor independently, so updating one
-tensor at a time gives the same numbers as one call over all of them).
+the peak of a CPU step. Here parameters are updated as soon as their gradients are complete, a
+few tensors (``bucket_mb``) at a time, and the gradients freed, so they never all exist. The
+update is AdamW's own (the fused kernel treats every tensor independently, so updating some
+tensors at a time gives the same numbers as one call over all of them).
 
 Example:
     >>> model = torch.nn.Linear(4, 2)
@@ -34,31 +34,54 @@ class AdamWInBackward(torch.optim.AdamW):
     the backward (DDP, FSDP): :func:`check_in_backward` says so.
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, **kwargs: Any):
+    def __init__(self, params: Any, lr: float = 1e-3, bucket_mb: float = 32.0, **kwargs: Any):
+        """``bucket_mb``: parameters whose gradients are complete are updated together once their
+        gradients reach this size (and at the end of the backward): one fused AdamW call per
+        bucket instead of one per tensor (the per-call cost was ~3 % of an albef-base CPU step),
+        at most this much gradient memory held beyond the tensor being finished."""
         self._handles: list = []
+        self._ready: list[Tensor] = []
+        self._ready_bytes = 0
+        self.bucket_bytes = int(bucket_mb * 2**20)
         super().__init__(params, lr=lr, **kwargs)  # calls add_param_group for each group
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         self._index_groups()
-        self._handles += [p.register_post_accumulate_grad_hook(self._update)
+        self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
                           for p in self.param_groups[-1]["params"] if p.requires_grad]
 
     def _index_groups(self) -> None:
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
+    def _on_grad(self, p: Tensor) -> None:
+        if not self._ready:  # whatever is left is updated when this backward ends
+            torch.autograd.Variable._execution_engine.queue_callback(self._update_ready)
+        self._ready.append(p)
+        self._ready_bytes += p.grad.numel() * p.grad.element_size()
+        if self._ready_bytes >= self.bucket_bytes:
+            self._update_ready()
+
     @torch.no_grad()
-    def _update(self, p: Tensor) -> None:
-        own = self._group_of[p]
+    def _update_ready(self) -> None:
+        """AdamW.step over the parameters whose gradients are complete, each with its group's
+        hyper-parameters; their gradients are then freed."""
+        ready, self._ready, self._ready_bytes = self._ready, [], 0
+        if not ready:
+            return
+        mine: dict[int, list[Tensor]] = {id(g): [] for g in self.param_groups}
+        for p in ready:
+            mine[id(self._group_of[p])].append(p)
         saved = [g["params"] for g in self.param_groups]
-        try:  # AdamW.step over this one parameter, with its group's hyper-parameters
+        try:
             for g in self.param_groups:
-                g["params"] = [p] if g is own else []
+                g["params"] = mine[id(g)]
             super().step()
         finally:
             for g, params in zip(self.param_groups, saved):
                 g["params"] = params
-        p.grad = None
+        for p in ready:
+            p.grad = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -69,9 +69,10 @@ class TrainSection:
     # recompute each encoder block in the backward; on the CPU the loop then also hands the step's
     # freed heap back to the OS after each optimizer step (albef.training.heap)
     grad_checkpointing: bool = False
-    # AdamW inside the backward, gradients freed at once (single process, no accumulation/clipping);
-    # with grad_checkpointing the lowest-memory set-up (albef.training.optim)
-    optimizer_in_backward: bool = False
+    # AdamW inside the backward, gradients freed as they are complete: the same update without
+    # ever holding every gradient (albef.training.optim). "auto": wherever it gives the ordinary
+    # update (one process, no accumulation, clipping or fp16 loss scaling); true / false to force
+    optimizer_in_backward: bool | str = "auto"
     compile: bool = False
     fsdp: bool = False  # shard the transformer blocks of student and teacher (albef.training.fsdp)
     seed: int = 42

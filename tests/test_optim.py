@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from albef.training.loop import build_optimizer, lr_scale_of
-from albef.training.optim import AdamWInBackward, check_in_backward
+from albef.training.optim import AdamWInBackward, check_in_backward, resolve_in_backward
 
 
 class Tied(nn.Module):
@@ -128,6 +128,19 @@ def test_refuses_what_needs_every_gradient_first(kwargs, word):
     check_in_backward(1, None, "bf16", 1, False)  # allowed
 
 
+def test_auto_is_on_wherever_it_gives_the_ordinary_update():
+    ok = {"grad_accum": 1, "max_grad_norm": None, "precision": "bf16", "world_size": 1, "fsdp": False}
+    assert resolve_in_backward("auto", **ok) and resolve_in_backward(True, **ok)
+    assert not resolve_in_backward(False, **ok)
+    for change in ({"grad_accum": 2}, {"max_grad_norm": 1.0}, {"precision": "fp16"}, {"world_size": 2}, {"fsdp": True}):
+        args = {**ok, **change}
+        assert resolve_in_backward("auto", **args) is False and resolve_in_backward(False, **args) is False
+        with pytest.raises(ValueError, match="cannot be used with"):
+            resolve_in_backward(True, **args)
+    with pytest.raises(ValueError, match="true, false or auto"):
+        resolve_in_backward("yes", **ok)
+
+
 def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path):
     from albef.data.cli import write_shapes
     from albef.recipes import load_recipe
@@ -145,7 +158,7 @@ def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path
             "train.seed=3", "train.checkpoint_every=0", "train.device=cpu", f"output_dir={out}", *extra]),
             resume=resume)
         r.fit()
-        assert isinstance(r.optimizer, AdamWInBackward) == ("train.optimizer_in_backward=true" in extra)
+        assert isinstance(r.optimizer, AdamWInBackward) == ("train.optimizer_in_backward=false" not in extra)
         assert all(p.grad is None for p in r.trainer.parameters())
         return load_checkpoint(out / "checkpoint_last.pt")
 
@@ -156,7 +169,7 @@ def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path
         assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
 
     lean = ("train.optimizer_in_backward=true", "train.grad_checkpointing=true")
-    a = run(tmp_path / "a", 5)
+    a = run(tmp_path / "a", 5, "train.optimizer_in_backward=false")
     same(a, run(tmp_path / "b", 5, *lean))
     run(tmp_path / "c", 2, *lean)  # stopped after 2 steps, resumed to 5
     same(a, run(tmp_path / "c", 5, *lean, resume=True))

@@ -221,10 +221,10 @@ class PretrainRun:
         if t.compile:
             for m in encoders:
                 m.compile()
-        if t.optimizer_in_backward:  # before any wrapping or sharding work
-            from albef.training.optim import check_in_backward
+        from albef.training.optim import resolve_in_backward  # before any wrapping or sharding work
 
-            check_in_backward(t.grad_accum, t.max_grad_norm, t.precision, self.dist.world_size, t.fsdp)
+        self.in_backward = resolve_in_backward(t.optimizer_in_backward, t.grad_accum, t.max_grad_norm, t.precision,
+                                               self.dist.world_size, t.fsdp)
         self.fsdp, self.replicated = t.fsdp, []
         if t.fsdp:
             from albef.training.fsdp import replicated_params, shard_trainer
@@ -240,7 +240,7 @@ class PretrainRun:
                                                 if self.dist.device.type == "cuda" else None,
                                                 broadcast_buffers=False)  # queues stay equal via all-gather
                         if self.dist.world_size > 1 else self.trainer)
-        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, in_backward=t.optimizer_in_backward,
+        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, in_backward=self.in_backward,
                                          lr_scale=t.lr_scale)
         cuda = self.dist.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if cuda else None

@@ -94,9 +94,27 @@ class AdamWInBackward(torch.optim.AdamW):
         self._handles = []
 
 
-def check_in_backward(grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int,
-                      fsdp: bool) -> None:
-    """Refuse the combinations in which a gradient is not final when its hook fires."""
+def resolve_in_backward(setting: bool | str, grad_accum: int, max_grad_norm: float | None, precision: str,
+                        world_size: int, fsdp: bool) -> bool:
+    """``train.optimizer_in_backward``: ``"auto"`` (the default) turns it on wherever it gives the
+    ordinary update (one process, no accumulation, clipping or fp16 loss scaling); ``True`` is
+    refused elsewhere, with the reason; ``False`` is the ordinary step after the backward.
+
+    >>> resolve_in_backward("auto", 1, None, "fp32", 1, False), resolve_in_backward("auto", 2, None, "fp32", 1, False)
+    (True, False)
+    """
+    if setting == "auto":
+        return not in_backward_problems(grad_accum, max_grad_norm, precision, world_size, fsdp)
+    if not isinstance(setting, bool):
+        raise ValueError(f"train.optimizer_in_backward must be true, false or auto, not {setting!r}")
+    if setting:
+        check_in_backward(grad_accum, max_grad_norm, precision, world_size, fsdp)
+    return setting
+
+
+def in_backward_problems(grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int,
+                         fsdp: bool) -> list[str]:
+    """The settings under which a gradient is not final when its hook fires."""
     problems = []
     if grad_accum > 1:
         problems.append(f"train.grad_accum={grad_accum} (the update would use a partial gradient)")
@@ -106,6 +124,13 @@ def check_in_backward(grad_accum: int, max_grad_norm: float | None, precision: s
         problems.append("train.precision=fp16 (the loss scaler unscales all gradients together; use bf16)")
     if world_size > 1 or fsdp:
         problems.append("more than one process (DDP/FSDP reduce the gradients after the hook fires)")
+    return problems
+
+
+def check_in_backward(grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int,
+                      fsdp: bool) -> None:
+    """Refuse the combinations in which a gradient is not final when its hook fires."""
+    problems = in_backward_problems(grad_accum, max_grad_norm, precision, world_size, fsdp)
     if problems:
         raise ValueError("train.optimizer_in_backward cannot be used with " + "; ".join(problems)
                          + ". Turn it off, or change those settings.")

@@ -66,9 +66,9 @@ class TrainSection:
     alpha_ramp_epochs: float = 1.0
     max_grad_norm: float | None = None
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; the CPU runs fp32)
-    # recompute each encoder block in the backward; on the CPU the loop then also hands the step's
-    # freed heap back to the OS after each optimizer step (albef.training.heap)
-    grad_checkpointing: bool = False
+    # recompute encoder blocks in the backward: true (all), "vision" (the ViT's only) or false; on
+    # the CPU the loop then also hands the step's freed heap back to the OS (albef.training.heap)
+    grad_checkpointing: bool | str = False
     # AdamW inside the backward, gradients freed as they are complete: the same update without
     # ever holding every gradient (albef.training.optim). "auto": wherever it gives the ordinary
     # update (one process, no accumulation, clipping or fp16 loss scaling); true / false to force

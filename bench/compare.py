@@ -55,6 +55,8 @@ import reference as R  # noqa: E402
 from albef.bench import proc_memory_mb  # noqa: E402
 from albef.config import ALBEFConfig, get_preset  # noqa: E402
 from albef.mdblock import write_block  # noqa: E402
+from albef.models.albef import checkpointed_parts  # noqa: E402
+from albef.training.optim import resolve_in_backward  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue small large riding sitting standing on the in of with next to "
          "street field table plate bike horse two people child green white car tree building water").split()
@@ -108,7 +110,7 @@ def matmul_flops_per_s(dev: torch.device, dtype: torch.dtype, n: int) -> float:
 
 # -- pretraining step ---------------------------------------------------------------------------
 def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.dtype | None,
-                   sides: tuple[str, ...] = ("ours", "theirs"), grad_checkpointing: bool = False,
+                   sides: tuple[str, ...] = ("ours", "theirs"), grad_checkpointing: bool | str = False,
                    in_backward: bool = False, trim: bool = False):
     """(ours_step, theirs_step, ours_model, theirs_model): forward, backward and AdamW closures
     (None for a side not in ``sides``). ``trim``: our step ends as our training loop's does, which
@@ -126,8 +128,9 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
     torch.manual_seed(0)
     ours = ALBEFPretrainer(ALBEF(cfg)).to(dev).train() if "ours" in sides else None
     theirs = R.build_pretrain(L, cfg).to(dev).train() if "theirs" in sides else None
-    if ours is not None and grad_checkpointing:  # memory for time: blocks recomputed in the backward
-        ours.model.set_grad_checkpointing(True)
+    if ours is not None:  # memory for time: blocks recomputed in the backward
+        ours.model.set_grad_checkpointing(grad_checkpointing)
+    checkpointing = any(checkpointed_parts(grad_checkpointing))
     images = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=dev)
     texts = captions(batch, seed=1)
     tok = Tokenizer(add_sep=True)(texts, max_length=cfg.max_text_len, padding="longest")
@@ -154,7 +157,7 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
             opt.step()
             opt.zero_grad(set_to_none=True)
             if trim and model is ours:
-                release_after_step(dev.type == "cpu", grad_checkpointing)
+                release_after_step(dev.type == "cpu", checkpointing)
             after()
         return go
 
@@ -180,10 +183,7 @@ def peak_rss_of(side: str, args: argparse.Namespace) -> tuple[float, float]:
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
     if args.bf16:
         cmd.append("--bf16")
-    if args.grad_checkpointing:
-        cmd.append("--grad-checkpointing")
-    if args.optimizer_in_backward:
-        cmd.append("--optimizer-in-backward")
+    cmd += ["--grad-checkpointing", args.grad_checkpointing, "--optimizer-in-backward", args.optimizer_in_backward]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     peak, step_s = out.stdout.strip().splitlines()[-1].split()
     return float(peak), float(step_s)
@@ -192,11 +192,10 @@ def peak_rss_of(side: str, args: argparse.Namespace) -> tuple[float, float]:
 def bench_pretrain(args, dev, amp) -> dict:
     cfg = config(args.preset, args.res)
     ours, theirs, m_a, m_b = pretrain_sides(cfg, args.batch, dev, amp, grad_checkpointing=args.grad_checkpointing,
-                                            in_backward=args.optimizer_in_backward)
+                                            in_backward=in_backward(args, amp))
     n_a = sum(p.numel() for p in m_a.parameters())
     n_b = sum(p.numel() for p in m_b.parameters())
-    if args.grad_checkpointing:  # model FLOPs: the recomputation is not useful work
-        m_a.model.set_grad_checkpointing(False)
+    m_a.model.set_grad_checkpointing(False)  # model FLOPs: the recomputation is not useful work
     flops, flops_theirs = step_flops(ours), step_flops(theirs)
     m_a.model.set_grad_checkpointing(args.grad_checkpointing)
     # on a GPU the two sides share one caching allocator: more warm-up rounds let it settle (the
@@ -214,6 +213,23 @@ def bench_pretrain(args, dev, amp) -> dict:
     return res
 
 
+def in_backward(args, amp: torch.dtype | None) -> bool:
+    """Ours updates in the backward as the training loop would for this one-process step."""
+    setting = {"true": True, "false": False}.get(args.optimizer_in_backward, args.optimizer_in_backward)
+    return resolve_in_backward(setting, 1, None, "bf16" if amp else "fp32", 1, False)
+
+
+def setup_words(args) -> list[str]:
+    """Our training set-up in the table's words (empty: the ordinary step)."""
+    words = []
+    vision, text = checkpointed_parts(args.grad_checkpointing)
+    if vision or text:
+        words.append("gradient checkpointing" + ("" if text else " of the ViT"))
+    if in_backward(args, None):
+        words.append("AdamW in the backward" + (" (the loop's default)" if args.optimizer_in_backward == "auto" else ""))
+    return words
+
+
 def rss_probe(args) -> None:
     """One side alone: CUDA allocator peak on a GPU, peak resident set on the CPU."""
     torch.set_num_threads(args.threads)
@@ -221,7 +237,7 @@ def rss_probe(args) -> None:
     amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda" and args.rss_probe == "ours") else None
     ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,),
                                         grad_checkpointing=args.grad_checkpointing,
-                                        in_backward=args.optimizer_in_backward, trim=True)
+                                        in_backward=in_backward(args, amp), trim=True)
     fn = ours or theirs
     fn()
     times = [timed(fn, dev) for _ in range(3)]
@@ -353,8 +369,7 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
     for r in results:
         ratio = r["ours_s"] / r["theirs_s"]
         if r["what"] == "pretrain":
-            lean = [name for name, on in (("gradient checkpointing", args.grad_checkpointing),
-                                          ("AdamW in the backward", args.optimizer_in_backward)) if on]
+            lean = setup_words(args)
             setting = f"{r['preset']} res {r['res']} batch {r['batch']}" + (
                 f", ours with {' and '.join(lean)}" if lean else "")
             f_a, f_b = r["flops_per_step"], r.get("flops_per_step_theirs", r["flops_per_step"])
@@ -367,8 +382,8 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
                      f"{max(r['theirs_all']):.3f} s")
             if "alone_s_ours" in r:  # the memory probes' own steps; ours there trims as our loop does
                 other += (f"; each side alone in its memory probe: {r['alone_s_ours']:.3f} / {r['alone_s_theirs']:.3f} "
-                          f"s/step" + (" (ours with the loop's heap trim)" if args.grad_checkpointing and
-                                        args.device == "cpu" else ""))
+                          f"s/step" + (" (ours with the loop's heap trim)" if any(checkpointed_parts(
+                                        args.grad_checkpointing)) and args.device == "cpu" else ""))
             cells = f"{r['ours_s']:.3f} s/step | {r['theirs_s']:.3f} s/step"
         elif r["what"] == "retrieval":
             setting = f"{r['preset']} res {r['res']}, {r['images']} images x {r['texts']} texts, k={r['k']}"
@@ -411,10 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for ours (the reference runs as it ships)")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="pretraining: ours recomputes each block in the backward (train.grad_checkpointing)")
-    p.add_argument("--optimizer-in-backward", action="store_true",
-                   help="pretraining: ours updates each parameter in the backward (train.optimizer_in_backward)")
+    p.add_argument("--grad-checkpointing", nargs="?", const="all", default="none", choices=["none", "vision", "all"],
+                   help="pretraining: ours recomputes encoder blocks in the backward (train.grad_checkpointing)")
+    p.add_argument("--optimizer-in-backward", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
+                   help="pretraining: ours updates the parameters in the backward (train.optimizer_in_backward; "
+                        "auto: as the training loop, on for one process)")
     p.add_argument("--write", type=Path, help="replace the comparison block of this Markdown file")
     p.add_argument("--marker", default=None, help="block name in --write (default: compare-DEVICE)")
     p.add_argument("--json", type=Path, help="also write the raw results here")

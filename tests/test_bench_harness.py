@@ -18,7 +18,7 @@ import compare as C  # noqa: E402
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(grad_checkpointing=False, optimizer_in_backward=False, threads=2, device="cpu", reps=5, reps_eval=3)
+    base = dict(grad_checkpointing="none", optimizer_in_backward="false", threads=2, device="cpu", reps=5, reps_eval=3)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -35,7 +35,7 @@ RESULTS = [
 
 def test_table_reports_ratios_memory_mfu_and_ranges(monkeypatch):
     monkeypatch.setattr(C, "versions", lambda: "torch x")
-    text = C.table(RESULTS, _args(grad_checkpointing=True), peak_flops=100e9, dtype="float32")
+    text = C.table(RESULTS, _args(grad_checkpointing="all"), peak_flops=100e9, dtype="float32")
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     pre, ret, vqa = rows["pretrain"], rows["retrieval"], rows["vqa"]
     assert "| 0.50x |" in pre and "(0.60x)" in pre  # time and memory ratios ours / theirs
@@ -45,6 +45,14 @@ def test_table_reports_ratios_memory_mfu_and_ranges(monkeypatch):
     assert "same top-1 for 100.0 % of queries" in ret
     assert "| 0.50x |" in vqa and "16.00 / 8.00 questions/s" in vqa
     assert "Medians of 5 (training) / 3 (evaluation)" in text
+
+
+@pytest.mark.parametrize("ckpt, in_backward, words", [
+    ("none", "auto", ["AdamW in the backward (the loop's default)"]),
+    ("vision", "auto", ["gradient checkpointing of the ViT", "AdamW in the backward (the loop's default)"]),
+    ("all", "false", ["gradient checkpointing"]), ("none", "false", [])])
+def test_our_set_up_is_named_in_the_table(ckpt, in_backward, words):
+    assert C.setup_words(_args(grad_checkpointing=ckpt, optimizer_in_backward=in_backward)) == words
 
 
 def test_write_block_replaces_only_its_own_block(tmp_path):

@@ -183,6 +183,15 @@ def test_shared_fusion_pass_equals_separate_passes(tiny_config, every_image_has_
             torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("setting, parts", [(True, (True, True)), ("all", (True, True)), ("vision", (True, False)),
+                                           (False, (False, False)), ("none", (False, False))])
+def test_grad_checkpointing_settings(tiny_model, setting, parts):
+    tiny_model.set_grad_checkpointing(setting)
+    assert (tiny_model.visual_encoder.grad_checkpointing, tiny_model.text_encoder.grad_checkpointing) == parts
+    with pytest.raises(ValueError, match="'vision'"):
+        tiny_model.set_grad_checkpointing("text")
+
+
 def test_a_batch_with_no_masked_token_trains(tiny_config):
     """Every MLM position slot is then -1 (none), in the student's shared pass and the teacher's."""
     trainer = ALBEFPretrainer(ALBEF(tiny_config))

@@ -160,6 +160,9 @@ def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path
         r.fit()
         assert isinstance(r.optimizer, AdamWInBackward) == ("train.optimizer_in_backward=false" not in extra)
         assert all(p.grad is None for p in r.trainer.parameters())
+        if "train.grad_checkpointing=vision" in extra:  # the ViTs recompute, the text encoders keep
+            for owner in (r.trainer.model, r.trainer.model_m):
+                assert owner.visual_encoder.grad_checkpointing and not owner.text_encoder.grad_checkpointing
         return load_checkpoint(out / "checkpoint_last.pt")
 
     def same(a, b):
@@ -171,6 +174,7 @@ def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path
     lean = ("train.optimizer_in_backward=true", "train.grad_checkpointing=true")
     a = run(tmp_path / "a", 5, "train.optimizer_in_backward=false")
     same(a, run(tmp_path / "b", 5, *lean))
+    same(a, run(tmp_path / "d", 5, "train.grad_checkpointing=vision"))  # and AdamW in the backward (auto)
     run(tmp_path / "c", 2, *lean)  # stopped after 2 steps, resumed to 5
     same(a, run(tmp_path / "c", 5, *lean, resume=True))
 

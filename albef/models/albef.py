@@ -137,6 +137,21 @@ class ALBEF(nn.Module):
 
         return from_pretrained(directory, device, dtype, expect=cls)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual_encoder.grad_checkpointing = enable
-        self.text_encoder.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Recompute encoder blocks in the backward (see :func:`checkpointed_parts`)."""
+        self.visual_encoder.grad_checkpointing, self.text_encoder.grad_checkpointing = checkpointed_parts(enable)
+
+
+def checkpointed_parts(setting: bool | str) -> tuple[bool, bool]:
+    """``(vision, text)`` for ``train.grad_checkpointing``: ``True``/``"all"`` every encoder block,
+    ``"vision"`` the ViT's only (most of a step's activations at batch sizes a CPU trains with),
+    ``False``/``"none"`` none.
+
+    >>> checkpointed_parts("vision")
+    (True, False)
+    """
+    parts = {True: (True, True), "all": (True, True), "vision": (True, False), False: (False, False),
+             "none": (False, False)}
+    if isinstance(setting, (bool, str)) and setting in parts:
+        return parts[setting]
+    raise ValueError(f"grad_checkpointing must be true, false, 'all', 'vision' or 'none', not {setting!r}")

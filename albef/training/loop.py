@@ -28,6 +28,8 @@ from albef.config import ALBEFConfig
 from albef.data.annotations import BadSample, check_bad_share
 from albef.data.sampler import GlobalBatchSampler
 from albef.data.transforms import train_transform
+from albef.models.albef import checkpointed_parts
+from albef.models.vit import VisionTransformer
 from albef.recipes import PretrainRecipe
 from albef.text import Tokenizer
 from albef.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -215,9 +217,10 @@ class PretrainRun:
         encoders = [m for owner in (model, getattr(self.trainer, "model_m", None)) if owner is not None
                     for m in (getattr(owner, n, None) for n in ("visual_encoder", "text_encoder", "text_decoder"))
                     if m is not None]
-        if t.grad_checkpointing:
-            for m in encoders:
-                m.grad_checkpointing = True
+        vision_ckpt, text_ckpt = checkpointed_parts(t.grad_checkpointing)
+        self.checkpointing = vision_ckpt or text_ckpt
+        for m in encoders:
+            m.grad_checkpointing = vision_ckpt if isinstance(m, VisionTransformer) else text_ckpt
         if t.compile:
             for m in encoders:
                 m.compile()
@@ -372,7 +375,7 @@ class PretrainRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        release_after_step(dev.type == "cpu", t.grad_checkpointing)  # freed heap back to the OS (heap.py)
+        release_after_step(dev.type == "cpu", self.checkpointing)  # freed heap back to the OS (heap.py)
         self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only
         row = {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha}

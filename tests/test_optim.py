@@ -85,6 +85,35 @@ def test_updates_grouped_in_buckets_equal_adamw_and_finish_with_the_backward(buc
         assert 3 < len(in_backward) < 18
 
 
+def test_a_backward_that_raised_does_not_leak_into_the_next():
+    """Parameters whose hooks fired before the error were updated; the next backward updates
+    every parameter exactly once (a stale list would have stepped some twice)."""
+    torch.manual_seed(0)
+    model = Tied()
+    opt = build_optimizer(model, 1e-2, 0.1, in_backward=True)
+    opt.bucket_bytes = 2**30  # everything waits for the end of the backward, which the error skips
+    (x, y), = _batches(1)
+
+    def loss(fail: bool):
+        h = model.hidden(model.norm(model.emb(x)))
+        if fail:
+            h.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("boom")))
+        logits = h.relu() @ model.emb.weight.T + model.out_bias
+        return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    loss(False).backward()
+    steps = lambda: {n: int(opt.state[p]["step"]) for n, p in model.named_parameters() if p in opt.state}
+    assert set(steps().values()) == {1}
+    with pytest.raises(RuntimeError, match="boom"):
+        loss(True).backward()
+    opt.zero_grad()
+    before = steps()
+    loss(False).backward()
+    after = steps()
+    assert all(after[n] == before.get(n, 0) + 1 for n in after), (before, after)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_state_dict_round_trip_and_interchangeable_with_adamw():
     torch.manual_seed(1)
     batches, lrs = _batches(4), [1e-2] * 4

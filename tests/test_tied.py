@@ -65,12 +65,49 @@ def test_pretraining_step_gradients_are_bit_equal_to_plain_autograd(tiny_config,
         assert torch.equal(a[name], b[name]), name
 
 
-def test_a_backward_without_the_lookup_is_an_error_not_a_lost_gradient():
-    w = torch.randn(10, 4, requires_grad=True)
+def test_a_backward_that_does_not_reach_the_lookup_keeps_the_decoders_gradient():
+    """The lookup's output is not in the loss, or the backward asks for other inputs only: the
+    decoder makes its own gradient (the engine says the lookup's step will not run)."""
+    x = torch.randn(2, 4, dtype=torch.float64)
+    w = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    plain = torch.autograd.grad(F.linear(x, w).square().sum(), w)[0]
     tie = TiedGrad()
     embedding_lookup(torch.tensor([1, 2]), w, None, tie)  # its output is not in the loss
-    with pytest.raises(RuntimeError, match="not in this backward"):
-        tie.linear(torch.randn(2, 4), w).sum().backward()
+    tie.linear(x, w).square().sum().backward()
+    torch.testing.assert_close(w.grad, plain, rtol=0, atol=0)
+
+    w.grad = None
+    xs = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    tie = TiedGrad()
+    h = embedding_lookup(torch.tensor([1, 2]), w, None, tie)
+    loss = tie.linear(h * xs, w).square().sum()
+    (gx,) = torch.autograd.grad(loss, xs, retain_graph=True)  # not the table: no error, nothing deferred
+    assert not tie.pending and torch.isfinite(gx).all()
+    loss.backward()  # the table's gradient, whole, in a later backward over the same graph
+    h2 = F.embedding(torch.tensor([1, 2]), w)
+    torch.testing.assert_close(w.grad, torch.autograd.grad(F.linear(h2 * xs, w).square().sum(), w)[0])
+
+
+def test_a_backward_that_raised_leaves_nothing_for_the_next():
+    ids, x = torch.tensor([1, 2]), torch.randn(2, 4, dtype=torch.float64)
+    w = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(F.linear(F.embedding(ids, w) * x, w).square().sum(), w)[0]
+    tie = TiedGrad()
+    h = embedding_lookup(ids, w, None, tie)
+    fail = [True]
+
+    def once(g):  # between the decoder's step and the lookup's
+        if fail.pop() if fail else False:
+            raise RuntimeError("boom")
+        return g
+    h.register_hook(once)
+    loss = tie.linear(h * x, w).square().sum()
+    with pytest.raises(RuntimeError, match="boom"):
+        loss.backward(retain_graph=True)
+    assert tie.pending  # the decoder had deferred
+    w.grad = None
+    loss.backward()
+    torch.testing.assert_close(w.grad, expected)  # the dead backward's factors were not added
 
 
 @pytest.mark.parametrize("decoder_first", [True, False])

@@ -151,7 +151,7 @@ def checkpointed_parts(setting: bool | str) -> tuple[bool, bool]:
     (True, False)
     """
     parts = {True: (True, True), "all": (True, True), "vision": (True, False), False: (False, False),
-             "none": (False, False)}
-    if isinstance(setting, (bool, str)) and setting in parts:
+             "none": (False, False), None: (False, False)}  # None: YAML's null
+    if (setting is None or isinstance(setting, (bool, str))) and setting in parts:
         return parts[setting]
     raise ValueError(f"grad_checkpointing must be true, false, 'all', 'vision' or 'none', not {setting!r}")

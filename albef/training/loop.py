@@ -72,8 +72,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backwar
                     lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW with the reference's groups: no decay for 1-D tensors and biases, decay for the rest.
 
-    ``in_backward``: :class:`albef.training.optim.AdamWInBackward` (the same update, applied to each
-    parameter during the backward, gradients freed at once).
+    ``in_backward``: :class:`albef.training.optim.AdamWInBackward` (the same update, applied during
+    the backward as gradients complete, a few tensors at a time, and those gradients freed).
 
     ``lr_scale`` (``train.lr_scale``): parameter-name prefix -> multiplier of the scheduled learning
     rate (the longest prefix wins), kept in each group as ``lr_scale``; e.g.

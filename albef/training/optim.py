@@ -31,7 +31,9 @@ class AdamWInBackward(torch.optim.AdamW):
 
     It needs the complete gradient of a parameter when its hook fires, so it cannot be combined
     with gradient accumulation, clipping, loss scaling or gradients reduced across processes after
-    the backward (DDP, FSDP): :func:`check_in_backward` says so.
+    the backward (DDP, FSDP): :func:`check_in_backward` says so. A backward that raises midway
+    leaves the parameters updated before the error updated (an ordinary step would have updated
+    none) and the rest with their gradients on ``.grad``.
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, bucket_mb: float = 32.0, **kwargs: Any):
@@ -42,6 +44,7 @@ class AdamWInBackward(torch.optim.AdamW):
         self._handles: list = []
         self._ready: list[Tensor] = []
         self._ready_bytes = 0
+        self._task: int | None = None  # the backward whose gradients _ready holds
         self.bucket_bytes = int(bucket_mb * 2**20)
         super().__init__(params, lr=lr, **kwargs)  # calls add_param_group for each group
 
@@ -55,12 +58,24 @@ class AdamWInBackward(torch.optim.AdamW):
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
     def _on_grad(self, p: Tensor) -> None:
-        if not self._ready:  # whatever is left is updated when this backward ends
-            torch.autograd.Variable._execution_engine.queue_callback(self._update_ready)
+        task = torch._C._current_graph_task_id()
+        if task != self._task:  # this backward's first: what is left is updated when it ends
+            # (a list left by a backward that raised is dropped; its gradients stay on .grad for
+            # step() or zero_grad(), as an ordinary optimizer's would)
+            self._ready, self._ready_bytes, self._task = [], 0, task
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._ready.append(p)
         self._ready_bytes += p.grad.numel() * p.grad.element_size()
         if self._ready_bytes >= self.bucket_bytes:
             self._update_ready()
+
+    def _end_of_backward(self) -> None:
+        self._update_ready()
+        self._task = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._ready, self._ready_bytes, self._task = [], 0, None
+        super().zero_grad(set_to_none)
 
     @torch.no_grad()
     def _update_ready(self) -> None:
@@ -103,6 +118,8 @@ def resolve_in_backward(setting: bool | str, grad_accum: int, max_grad_norm: flo
     >>> resolve_in_backward("auto", 1, None, "fp32", 1, False), resolve_in_backward("auto", 2, None, "fp32", 1, False)
     (True, False)
     """
+    if setting is None:  # YAML's null
+        setting = False
     if setting == "auto":
         return not in_backward_problems(grad_accum, max_grad_norm, precision, world_size, fsdp)
     if not isinstance(setting, bool):

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from albef.config import ALBEFConfig
 from albef.models.bert import MLMHead, TextEncoder
-from albef.models.tied import TiedGrad
 from albef.models.vit import VisionTransformer
 
 
@@ -53,9 +52,8 @@ class ALBEFForVQA(nn.Module):
     def answer_logits(self, answer_ids: Tensor, answer_mask: Tensor, question_states: Tensor,
                       question_mask: Tensor) -> Tensor:
         """Next-token logits [N, La, V] of answers given (repeated) question states."""
-        dec, tie = self.text_decoder, TiedGrad()  # one gradient for the lookup and the decoder (models.tied)
-        hidden = dec.fuse(dec.encode_text(answer_ids, answer_mask, tie), answer_mask, question_states, question_mask)
-        return self.decoder_head(hidden, dec.embeddings.word_embeddings.weight, tie)
+        hidden = self.text_decoder(answer_ids, answer_mask, question_states, question_mask)
+        return self.decoder_head(hidden, self.text_decoder.embeddings.word_embeddings.weight)
 
 
 def answer_nll(logits: Tensor, answer_ids: Tensor, pad_id: int = 0, label_smoothing: float = 0.0,

@@ -9,8 +9,8 @@ What is timed (medians of ``--reps`` rounds, ours and theirs alternating after a
 threads, same config, same batch, same resolution, same random inputs):
 
 * ``pretrain``: one step = forward (ITC + ITM + MLM with distillation, momentum update and queue
-  push), backward, AdamW. Peak memory: a fresh process per side (model, optimiser, four steps,
-  the last three timed),
+  push), backward, AdamW. Peak memory: fresh processes per side (model, optimiser, four steps,
+  the last three timed; ``--memory-probes`` of them, alternating, median reported),
   since the two share a process here — the CUDA allocator's peak on a GPU, the peak RSS on the
   CPU. FLOPs are counted on each side's own step with ``torch.utils.flop_counter`` (same inputs:
   captions padded to the 30-token maximum; ours skips the padding and other work the losses do
@@ -204,13 +204,24 @@ def bench_pretrain(args, dev, amp) -> dict:
     res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch,
            "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
            "ours_all": a, "theirs_all": b, "flops_per_step": flops, "flops_per_step_theirs": flops_theirs}
-    # peak memory of each side alone, in a fresh process (both share this one)
+    # peak memory of each side alone, in fresh processes (both share this one), alternating; the
+    # median is reported: a CPU process's peak RSS moves from run to run with the heap's layout
+    # (the reference's ranged 6.1-6.6 GB across single probes at albef-base)
     del m_a, m_b, ours, theirs
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    res["peak_mb_ours"], res["alone_s_ours"] = peak_rss_of("ours", args)
-    res["peak_mb_theirs"], res["alone_s_theirs"] = peak_rss_of("theirs", args)
-    return res
+    probes = [{side: peak_rss_of(side, args) for side in ("ours", "theirs")} for _ in range(args.memory_probes)]
+    return {**res, **probe_medians(probes)}
+
+
+def probe_medians(probes: list[dict[str, tuple[float, float]]]) -> dict:
+    """Memory probes ``[{side: (peak MB, step s)}]`` -> each side's medians and every value."""
+    out = {}
+    for side in ("ours", "theirs"):
+        peaks, steps = [p[side][0] for p in probes], [p[side][1] for p in probes]
+        out.update({f"peak_mb_{side}": statistics.median(peaks), f"alone_s_{side}": statistics.median(steps),
+                    f"peak_mb_{side}_all": peaks, f"alone_s_{side}_all": steps})
+    return out
 
 
 def in_backward(args, amp: torch.dtype | None) -> bool:
@@ -373,8 +384,11 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
             setting = f"{r['preset']} res {r['res']} batch {r['batch']}" + (
                 f", ours with {' and '.join(lean)}" if lean else "")
             f_a, f_b = r["flops_per_step"], r.get("flops_per_step_theirs", r["flops_per_step"])
+            probes = r.get("peak_mb_ours_all", [])
+            spread = (f", median of {len(probes)} probes each: {min(probes):.0f}-{max(probes):.0f} / "
+                      f"{min(r['peak_mb_theirs_all']):.0f}-{max(r['peak_mb_theirs_all']):.0f}" if len(probes) > 1 else "")
             other = (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
-                     f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x); MFU {100 * f_a / r['ours_s'] / peak_flops:.1f} % / "
+                     f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x{spread}); MFU {100 * f_a / r['ours_s'] / peak_flops:.1f} % / "
                      f"{100 * f_b / r['theirs_s'] / peak_flops:.1f} % (own FLOPs: {f_a / 1e9:.0f} / {f_b / 1e9:.0f} "
                      f"GFLOP/step; theirs on our {f_a / 1e9:.0f}: {100 * f_a / r['theirs_s'] / peak_flops:.1f} %); "
                      f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s; steps "
@@ -400,7 +414,8 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
         rows.append(f"| {r['what']} | {setting} | {cells} | {ratio:.2f}x | {other} |")
     head = (f"Machine: {machine()}; {args.threads} threads; {versions()}; device {args.device} ({dtype} for ours"
             f"{', the reference as it ships' if args.device == 'cuda' else ''}). Matrix-multiply throughput measured "
-            f"in the same run (best of before and after): {peak_flops / 1e9:.1f} GFLOP/s ({dtype}). Medians of {args.reps} (training) / "
+            f"in the same run (best of before and after): {peak_flops / 1e9:.1f} GFLOP/s ({dtype}). Medians of {args.reps} (training"
+            f"{f'; {args.small_reps} for the CPU-sized preset' if getattr(args, 'small_preset', '') and args.small_reps != args.reps else ''}) / "
             f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
             f"`{shlex.join([interpreter(), 'bench/compare.py'] + sys.argv[1:])}`.")
     return head + "\n\n" + "\n".join(rows) + "\n"
@@ -422,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answers", type=int, default=200)
     p.add_argument("--vqa-k", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--small-reps", type=int, default=11,
+                   help="rounds for the CPU-sized preset (its steps are short; more rounds steady its median)")
+    p.add_argument("--memory-probes", type=int, default=None,
+                   help="fresh processes per side for peak memory, median reported (default 3 on the CPU, 1 on a GPU, "
+                        "where the allocator's peak does not vary)")
     p.add_argument("--reps-eval", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -441,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         rss_probe(args)
         return 0
     dev = torch.device(args.device)
+    if args.memory_probes is None:
+        args.memory_probes = 1 if dev.type == "cuda" else 3
     amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda") else None
     dtype = "bf16 autocast" if amp else "float32"
     # measured at the start and again at the end, the higher kept: a shared machine's speed drifts,
@@ -453,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_pretrain(args, dev, amp))
             if args.small_preset:
                 small = argparse.Namespace(**{**vars(args), "preset": args.small_preset, "res": args.small_res,
-                                              "batch": args.small_batch})
+                                              "batch": args.small_batch, "reps": args.small_reps})
                 results.append(bench_pretrain(small, dev, amp))
         elif what == "retrieval":
             results.append(bench_retrieval(args, dev, amp))

@@ -45,6 +45,22 @@ def test_table_reports_ratios_memory_mfu_and_ranges(monkeypatch):
     assert "same top-1 for 100.0 % of queries" in ret
     assert "| 0.50x |" in vqa and "16.00 / 8.00 questions/s" in vqa
     assert "Medians of 5 (training) / 3 (evaluation)" in text
+    small = C.table(RESULTS, _args(small_preset="albef-small", small_reps=11), 100e9, "float32")
+    assert "Medians of 5 (training; 11 for the CPU-sized preset) / 3 (evaluation)" in small
+
+
+def test_memory_probes_report_medians_and_their_spread(monkeypatch):
+    monkeypatch.setattr(C, "versions", lambda: "torch x")
+    probes = [{"ours": (610.0, 2.1), "theirs": (1200.0, 4.4)}, {"ours": (590.0, 2.0), "theirs": (1000.0, 4.0)},
+              {"ours": (600.0, 2.3), "theirs": (1100.0, 4.1)}]
+    m = C.probe_medians(probes)
+    assert (m["peak_mb_ours"], m["peak_mb_theirs"], m["alone_s_ours"], m["alone_s_theirs"]) == (600.0, 1100.0, 2.1, 4.1)
+    assert m["peak_mb_theirs_all"] == [1200.0, 1000.0, 1100.0]  # in probe order
+    pre = C.table([{**RESULTS[0], **m}], _args(), peak_flops=100e9, dtype="float32").splitlines()[-1]
+    assert "peak memory 600 / 1100 MB (0.55x, median of 3 probes each: 590-610 / 1000-1200)" in pre
+    assert "each side alone in its memory probe: 2.100 / 4.100 s/step" in pre
+    one = C.table([{**RESULTS[0], **C.probe_medians(probes[:1])}], _args(), 100e9, "float32").splitlines()[-1]
+    assert "(0.51x);" in one and "probes" not in one  # a single probe has no spread to show
 
 
 @pytest.mark.parametrize("ckpt, in_backward, words", [

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from albef.data.annotations import BadSample, resolve_image
+from albef.seeding import mix_seed
 from albef.text import Tokenizer, clean_caption
 
 # An image this large is almost certainly a mistake or an attack (a decompression bomb);
@@ -54,8 +55,9 @@ def parse_pretrain_entry(image_root: str | None, max_words: int = 30, cleaning: 
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    # A simple reversible mix: distinct (seed, epoch, index) give distinct seeds in practice.
-    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**63 - 1)
+    """The seed of one sample's caption choice and augmentation in an epoch (the same whichever
+    worker or rank loads it)."""
+    return mix_seed("sample", seed, epoch, index)
 
 
 def load_image(path: str) -> Image.Image:

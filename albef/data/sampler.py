@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from albef.seeding import mix_seed
+
 
 class GlobalBatchSampler(Sampler[list[int]]):
     """Yields this rank's micro-batches (lists of dataset indices) for one epoch.
@@ -53,7 +55,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed("sample-order", self.seed, self.epoch)))
         else:
             perm = torch.arange(self.n)
         b = self.micro_batch

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from albef.data.annotations import BadSample
 from albef.data.pretrain import sample_seed
+from albef.seeding import mix_seed
 
 log = logging.getLogger("albef.data")
 INDEX_NAME = "shards.json"
@@ -135,11 +136,11 @@ class ShardStream(IterableDataset):
         """Shard lists to read one after the other, each with its own shuffle buffer."""
         slot, n_slots = self.rank * n_workers + worker, self.world_size * n_workers
         if self.resampled:  # with replacement, a different draw per (epoch, resume point, rank, worker)
-            rng = random.Random(hash((self.seed, self.epoch, self.start_step, slot)))
+            rng = random.Random(mix_seed("shard-draws", self.seed, self.epoch, self.start_step, slot))
             yield (rng.choice(self.urls) for _ in itertools.count())
             return
         order = list(self.urls)
-        random.Random(hash((self.seed, self.epoch))).shuffle(order)
+        random.Random(mix_seed("shard-order", self.seed, self.epoch)).shuffle(order)
         mine = order[slot::n_slots] or [order[slot % len(order)]]
         if slot == 0 and self.epoch == 0 and len(self.urls) % n_slots:
             log.warning("%d shards over %d rank x worker slots: the slots hold different numbers of samples, "
@@ -151,7 +152,8 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(hash((self.seed, self.epoch, self.rank, worker, self.resampled and self.start_step)))
+        rng = random.Random(mix_seed("shard-buffer", self.seed, self.epoch, self.rank, worker,
+                                     self.start_step if self.resampled else 0))
         bad: list[BadSample] = []
         for urls in self._passes(worker, n_workers):
             buffer: list[dict] = []

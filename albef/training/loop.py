@@ -31,6 +31,7 @@ from albef.data.transforms import train_transform
 from albef.models.albef import checkpointed_parts
 from albef.models.vit import VisionTransformer
 from albef.recipes import PretrainRecipe
+from albef.seeding import mix_seed
 from albef.text import Tokenizer
 from albef.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from albef.training.distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, ensure_process_group,
@@ -137,7 +138,9 @@ def load_train_state(trainer: nn.Module, optimizer: torch.optim.Optimizer, ckpt:
 
 
 def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
-    return (seed * 1_000_003 + epoch * 100_003 + step * 1_009 + micro) % (2**63 - 1)
+    """The seed of one micro-batch's random draws (dropout, MLM masks, hard negatives); ``micro``
+    numbers the micro-batches of a step across ranks."""
+    return mix_seed("micro-batch", seed, epoch, step, micro)
 
 
 @dataclass

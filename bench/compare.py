@@ -2,7 +2,7 @@
 
 Run with the reference environment (``bash bench/setup_reference.sh`` makes it):
 
-    bench/.venv-ref/bin/python bench/compare.py --write bench/RESULTS.md      # CPU, ~15 min
+    bench/.venv-ref/bin/python bench/compare.py --write bench/RESULTS.md      # CPU, ~11-15 min
     bash bench/gpu.sh                                                          # GPU figures (see there)
 
 What is timed (medians of ``--reps`` rounds, ours and theirs alternating after a warm-up, same
@@ -201,7 +201,7 @@ def bench_pretrain(args, dev, amp) -> dict:
     # on a GPU the two sides share one caching allocator: more warm-up rounds let it settle (the
     # first H200 run, with one, had our bf16 steps 2-5 three times slower than steps 6-10)
     a, b = alternate(ours, theirs, dev, args.reps, warmup=3 if dev.type == "cuda" else 1)
-    res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch,
+    res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch, "reps": args.reps,
            "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
            "ours_all": a, "theirs_all": b, "flops_per_step": flops, "flops_per_step_theirs": flops_theirs}
     # peak memory of each side alone, in fresh processes (both share this one), alternating; the
@@ -412,10 +412,11 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
             cells = f"{r['ours_s']:.3f} s | {r['theirs_s']:.3f} s"
             other = f"{r['questions'] / r['ours_s']:.2f} / {r['questions'] / r['theirs_s']:.2f} questions/s"
         rows.append(f"| {r['what']} | {setting} | {cells} | {ratio:.2f}x | {other} |")
+    small_rows = any(r["what"] == "pretrain" and r.get("reps", args.reps) != args.reps for r in results)
     head = (f"Machine: {machine()}; {args.threads} threads; {versions()}; device {args.device} ({dtype} for ours"
             f"{', the reference as it ships' if args.device == 'cuda' else ''}). Matrix-multiply throughput measured "
             f"in the same run (best of before and after): {peak_flops / 1e9:.1f} GFLOP/s ({dtype}). Medians of {args.reps} (training"
-            f"{f'; {args.small_reps} for the CPU-sized preset' if getattr(args, 'small_preset', '') and args.small_reps != args.reps else ''}) / "
+            f"{f'; {args.small_reps} for the CPU-sized preset' if small_rows else ''}) / "
             f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
             f"`{shlex.join([interpreter(), 'bench/compare.py'] + sys.argv[1:])}`.")
     return head + "\n\n" + "\n".join(rows) + "\n"
@@ -456,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--rss-probe", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for name in ("reps", "small_reps", "reps_eval", "memory_probes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     torch.set_num_threads(args.threads)
     if args.rss_probe:
         rss_probe(args)

@@ -7,6 +7,7 @@ these check the parts that turn its measurements into bench/RESULTS.md, on made-
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def test_table_reports_ratios_memory_mfu_and_ranges(monkeypatch):
     assert "same top-1 for 100.0 % of queries" in ret
     assert "| 0.50x |" in vqa and "16.00 / 8.00 questions/s" in vqa
     assert "Medians of 5 (training) / 3 (evaluation)" in text
-    small = C.table(RESULTS, _args(small_preset="albef-small", small_reps=11), 100e9, "float32")
+    small_row = {**RESULTS[0], "preset": "albef-small", "reps": 11}
+    small = C.table([RESULTS[0], small_row], _args(small_reps=11), 100e9, "float32")
     assert "Medians of 5 (training; 11 for the CPU-sized preset) / 3 (evaluation)" in small
 
 
@@ -89,3 +91,36 @@ def test_scored_diff_compares_only_pairs_both_sides_rescored():
     b = torch.tensor([[1.5, 7.0, -100.0], [-100.0, 2.25, 0.5]])
     assert C.scored_diff(a, b) == pytest.approx(0.5)
     assert torch.isnan(torch.tensor(C.scored_diff(a[:1, 1:2], b[:1, 2:3])))  # nothing in common
+
+
+class _FakeTrainer(torch.nn.Linear):
+    """What bench_pretrain reads of our trainer: parameters and model.set_grad_checkpointing."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+        self.model = argparse.Namespace(set_grad_checkpointing=lambda setting: None)
+
+
+def test_main_runs_the_probes_and_rounds_each_preset_asks_for(monkeypatch, tmp_path):
+    """main() without the reference: the small preset gets --small-reps rounds, each preset
+    --memory-probes probe pairs (3 by default on the CPU), the medians land in the JSON."""
+    probes = []
+
+    def fake_probe(side, args):
+        probes.append((args.preset, side))
+        return (100.0 if side == "ours" else 200.0) + len(probes), 1.0
+
+    monkeypatch.setattr(C, "pretrain_sides", lambda *a, **k: (lambda: None, lambda: None, _FakeTrainer(), _FakeTrainer()))
+    monkeypatch.setattr(C, "peak_rss_of", fake_probe)
+    monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: 1e9)
+    monkeypatch.setattr(C, "versions", lambda: "torch x")
+    out = tmp_path / "r.json"
+    assert C.main(["--what", "pretrain", "--reps", "2", "--small-reps", "4", "--json", str(out)]) == 0
+    base, small = json.loads(out.read_text())["results"]
+    assert (len(base["ours_all"]), len(small["ours_all"])) == (2, 4)
+    assert probes == [(p, s) for p in ("albef-base", "albef-small") for _ in range(3) for s in ("ours", "theirs")]
+    assert base["peak_mb_ours_all"] == [101.0, 103.0, 105.0] and base["peak_mb_ours"] == 103.0
+    assert small["peak_mb_theirs"] == 210.0  # probes 8, 10, 12 of the run
+    for bad in (["--memory-probes", "0"], ["--small-reps", "0"]):
+        with pytest.raises(SystemExit):
+            C.main(["--what", "pretrain", *bad])

@@ -15,7 +15,7 @@ from albef.cli import main as cli_main
 from albef.data.annotations import BadDataError
 from albef.data.cli import write_shapes
 from albef.recipes import load_recipe
-from albef.training.checkpoint import load_checkpoint
+from albef.training.checkpoint import load_checkpoint, save_checkpoint
 from albef.training.loop import PretrainRun, load_trainer_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,23 @@ def test_resume_refuses_another_global_batch(shapes, tmp_path):
     PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2))).fit()
     with pytest.raises(ValueError, match="global_batch 4, this run has 8"):
         PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__grad_accum=2)), resume=True)
+
+
+def test_resume_across_a_change_of_seed_rule_warns(shapes, tmp_path, caplog):
+    """A checkpoint from before albef/seeding.py (no seed_rule in its geometry) resumes, saying
+    that the draws from there on are not the uninterrupted run's; one of this version does not."""
+    out = tmp_path / "run"
+    PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2))).fit()
+    path = out / "checkpoint_last.pt"
+    with caplog.at_level("WARNING", logger="albef.train"):
+        PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=3)), resume=True)
+    assert "seed rule" not in caplog.text
+    ckpt = load_checkpoint(path)
+    assert ckpt["geometry"].pop("seed_rule") == 2
+    save_checkpoint(ckpt, path)
+    with caplog.at_level("WARNING", logger="albef.train"):
+        PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=3)), resume=True)
+    assert "seed rule 1 (this one: 2)" in caplog.text
 
 
 def test_lr_scale_zero_freezes_the_text_side_only(shapes, tmp_path):

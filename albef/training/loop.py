@@ -31,7 +31,7 @@ from albef.data.transforms import train_transform
 from albef.models.albef import checkpointed_parts
 from albef.models.vit import VisionTransformer
 from albef.recipes import PretrainRecipe
-from albef.seeding import mix_seed
+from albef.seeding import SEED_RULE, mix_seed
 from albef.text import Tokenizer
 from albef.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from albef.training.distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, ensure_process_group,
@@ -303,7 +303,7 @@ class PretrainRun:
     def _geometry(self) -> dict[str, Any]:
         t = self.recipe.train
         geometry = {"global_batch": self.sampler.global_batch, "steps_per_epoch": self.sampler.steps_per_epoch,
-                    "max_steps": t.max_steps, "schedule": t.schedule}
+                    "max_steps": t.max_steps, "schedule": t.schedule, "seed_rule": SEED_RULE}
         if self.recipe.data.shards:  # the shard streams are dealt per rank and loader worker
             geometry["stream_slots"] = [self.dist.world_size, self.recipe.data.num_workers, t.batch_size]
         return geometry
@@ -311,6 +311,11 @@ class PretrainRun:
     def _check_geometry(self, saved: dict | None, path: Path) -> None:
         """The data order and the schedule depend on the global batch: resuming with another one
         would silently train on a different stream; ranks x batch x accumulation may change."""
+        rule = (saved or {}).get("seed_rule", 1)  # checkpoints from before albef/seeding.py: 1
+        if rule != SEED_RULE and self.dist.is_main:
+            log.warning("%s was written by a version with seed rule %s (this one: %s): the run resumes, but from "
+                        "here on its sample order, augmentation and dropout are not what the uninterrupted run "
+                        "would have drawn", path, rule, SEED_RULE)
         if not saved:  # checkpoints from before this check
             return
         now = self._geometry()

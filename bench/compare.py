@@ -6,7 +6,8 @@ Run with the reference environment (``bash bench/setup_reference.sh`` makes it):
     bash bench/gpu.sh                                                          # GPU figures (see there)
 
 What is timed (medians of ``--reps`` rounds, ours and theirs alternating after a warm-up, same
-threads, same config, same batch, same resolution, same random inputs):
+threads, same config, same batch, same resolution, same random inputs; each benchmark in a fresh
+process of its own, see ``run_isolated``):
 
 * ``pretrain``: one step = forward (ITC + ITM + MLM with distillation, momentum update and queue
   push), backward, AdamW. Peak memory: fresh processes per side (model, optimiser, four steps,
@@ -43,6 +44,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -422,6 +424,31 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
+JOBS = ("pretrain", "pretrain-small", "retrieval", "vqa")
+
+
+def run_job(job: str, args: argparse.Namespace, dev: torch.device, amp: torch.dtype | None) -> dict:
+    if job == "pretrain":
+        return bench_pretrain(args, dev, amp)
+    if job == "pretrain-small":
+        return bench_pretrain(argparse.Namespace(**{**vars(args), "preset": args.small_preset, "res": args.small_res,
+                                                    "batch": args.small_batch, "reps": args.small_reps}), dev, amp)
+    return bench_retrieval(args, dev, amp) if job == "retrieval" else bench_vqa(args, dev, amp)
+
+
+def run_isolated(argv: list[str], job: str) -> dict:
+    """One benchmark in a fresh process, both sides in it as before. In one shared process a
+    benchmark inherited the heap that the ones before it had grown, and that changed the
+    reference's speed more than ours: its albef-small step took 1.18-1.26 s right after the
+    albef-base comparison and 1.31-1.42 s in a process of its own (ours 0.59-0.61 s in both), so
+    the ratios depended on the order of the benchmarks (``--in-process`` gives that order back)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, __file__, *argv, "--job", job, "--json", str(out)], check=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return json.loads(out.read_text())["results"][0]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--what", nargs="+", default=["pretrain", "retrieval", "vqa"],
@@ -455,7 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", type=Path, help="replace the comparison block of this Markdown file")
     p.add_argument("--marker", default=None, help="block name in --write (default: compare-DEVICE)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every benchmark in this one process (default: each in a fresh one; see run_isolated)")
     p.add_argument("--rss-probe", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    p.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)  # one benchmark, for run_isolated
     args = p.parse_args(argv)
     for name in ("reps", "small_reps", "reps_eval", "memory_probes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -472,20 +502,19 @@ def main(argv: list[str] | None = None) -> int:
     # measured at the start and again at the end, the higher kept: a shared machine's speed drifts,
     # and one slow moment at the start once gave an MFU over 100 %
     n = 8192 if dev.type == "cuda" else 1024
-    peak = matmul_flops_per_s(dev, amp or torch.float32, n)
+    peak = 0.0 if args.job else matmul_flops_per_s(dev, amp or torch.float32, n)
+    jobs = [args.job] if args.job else [j for what in args.what for j in
+                                        ([what, "pretrain-small"] if what == "pretrain" and args.small_preset else [what])]
     results = []
-    for what in args.what:
-        if what == "pretrain":
-            results.append(bench_pretrain(args, dev, amp))
-            if args.small_preset:
-                small = argparse.Namespace(**{**vars(args), "preset": args.small_preset, "res": args.small_res,
-                                              "batch": args.small_batch, "reps": args.small_reps})
-                results.append(bench_pretrain(small, dev, amp))
-        elif what == "retrieval":
-            results.append(bench_retrieval(args, dev, amp))
+    for job in jobs:
+        if len(jobs) > 1 and not args.in_process:
+            results.append(run_isolated(sys.argv[1:] if argv is None else list(argv), job))
         else:
-            results.append(bench_vqa(args, dev, amp))
+            results.append(run_job(job, args, dev, amp))
         print(json.dumps(results[-1]), flush=True)
+    if args.job:  # a child of run_isolated: its parent writes the table
+        args.json.write_text(json.dumps({"results": results}))
+        return 0
     peak = max(peak, matmul_flops_per_s(dev, amp or torch.float32, n))
     text = table(results, args, peak, dtype)
     print(text)

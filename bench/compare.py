@@ -440,7 +440,7 @@ def run_isolated(argv: list[str], job: str) -> dict:
     """One benchmark in a fresh process, both sides in it as before. In one shared process a
     benchmark inherited the heap that the ones before it had grown, and that changed the
     reference's speed more than ours: its albef-small step took 1.18-1.26 s right after the
-    albef-base comparison and 1.31-1.42 s in a process of its own (ours 0.59-0.61 s in both), so
+    albef-base comparison and 1.32-1.42 s in a process of its own (ours 0.59-0.61 s in both), so
     the ratios depended on the order of the benchmarks (``--in-process`` gives that order back)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"

@@ -441,7 +441,9 @@ def run_isolated(argv: list[str], job: str) -> dict:
     benchmark inherited the heap that the ones before it had grown, and that changed the
     reference's speed more than ours: its albef-small step took 1.18-1.26 s right after the
     albef-base comparison and 1.32-1.42 s in a process of its own (ours 0.59-0.61 s in both), so
-    the ratios depended on the order of the benchmarks (``--in-process`` gives that order back)."""
+    the ratios depended on the order of the benchmarks (``--in-process`` gives that order back).
+    The reference's MLM logits over every position (59 MB at albef-small) and their softmax and
+    gradients are mapped afresh each step unless an already grown heap has room for them."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         subprocess.run([sys.executable, __file__, *argv, "--job", job, "--json", str(out)], check=True,

@@ -1,8 +1,8 @@
-"""albef vs the reference (LAVIS 1.0.2's ALBEF), side by side in one process, same inputs.
+"""albef vs the reference (LAVIS 1.0.2's ALBEF), side by side in one process per benchmark, same inputs.
 
 Run with the reference environment (``bash bench/setup_reference.sh`` makes it):
 
-    bench/.venv-ref/bin/python bench/compare.py --write bench/RESULTS.md      # CPU, ~11-15 min
+    bench/.venv-ref/bin/python bench/compare.py --write bench/RESULTS.md      # CPU, ~12 min
     bash bench/gpu.sh                                                          # GPU figures (see there)
 
 What is timed (medians of ``--reps`` rounds, ours and theirs alternating after a warm-up, same
@@ -442,7 +442,7 @@ def run_isolated(argv: list[str], job: str) -> dict:
     reference's speed more than ours: its albef-small step took 1.18-1.26 s right after the
     albef-base comparison and 1.32-1.42 s in a process of its own (ours 0.59-0.61 s in both), so
     the ratios depended on the order of the benchmarks (``--in-process`` gives that order back).
-    The reference's MLM logits over every position (59 MB at albef-small) and their softmax and
+    The reference's MLM logits over every position (49 MB at albef-small) and their softmax and
     gradients are mapped afresh each step unless an already grown heap has room for them."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -509,11 +509,11 @@ def main(argv: list[str] | None = None) -> int:
                                         ([what, "pretrain-small"] if what == "pretrain" and args.small_preset else [what])]
     results = []
     for job in jobs:
-        if len(jobs) > 1 and not args.in_process:
+        if len(jobs) > 1 and not args.in_process:  # the child prints its result
             results.append(run_isolated(sys.argv[1:] if argv is None else list(argv), job))
         else:
             results.append(run_job(job, args, dev, amp))
-        print(json.dumps(results[-1]), flush=True)
+            print(json.dumps(results[-1]), flush=True)
     if args.job:  # a child of run_isolated: its parent writes the table
         args.json.write_text(json.dumps({"results": results}))
         return 0

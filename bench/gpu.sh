@@ -23,7 +23,10 @@ sed -i 's/"tokenizers>=0.11.1,!=0.11.3,<0.14"/"tokenizers>=0.11.1"/' /tmp/site/t
 export USE_FLAX=0 USE_TF=0 USE_TORCH=1 PYTHONPATH=/tmp/site:$PWD PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 cp bench/RESULTS.md "$OUT/RESULTS.md"
-C="python3 bench/compare.py --device cuda --threads 16 --write $OUT/RESULTS.md"
+# --in-process: one process per command, as measured before: CUDA's caching allocator keeps what a
+# run frees, so no step maps fresh memory either way, and a process per benchmark would cost the
+# lease a CUDA start-up each
+C="python3 bench/compare.py --device cuda --threads 16 --in-process --write $OUT/RESULTS.md"
 fail=0
 # a tiny run first: a CUDA-only failure shows in seconds, not after the long runs
 timeout 120 $C --preset albef-tiny --res 64 --batch 8 --small-preset "" --reps 2 --reps-eval 1 --gallery 8 --k 8 \

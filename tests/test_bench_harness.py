@@ -146,3 +146,24 @@ def test_each_benchmark_runs_in_a_process_of_its_own(monkeypatch, tmp_path):
     calls.clear()
     monkeypatch.setattr(C, "run_job", lambda job, *a: {**RESULTS[2], "job": job})
     assert C.main(["--what", "vqa", "--json", str(out)]) == 0 and calls == []  # alone: in place
+
+
+def test_a_child_runs_its_one_job_and_writes_only_its_json(monkeypatch, tmp_path):
+    """The child side of run_isolated: the parent's command line (with --write and a --json of
+    its own) plus --job and a later --json; it runs that job alone, measures no matmul rate and
+    leaves the Markdown file and the user's JSON to the parent."""
+    md, user_json, child_json = tmp_path / "RESULTS.md", tmp_path / "user.json", tmp_path / "child.json"
+    md.write_text("untouched\n")
+    jobs = []
+    monkeypatch.setattr(C, "run_job", lambda job, *a: jobs.append(job) or {**RESULTS[1], "job": job})
+    monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: pytest.fail("a child measured the matmul rate"))
+    parent = ["--what", "pretrain", "retrieval", "--write", str(md), "--json", str(user_json)]
+    assert C.main([*parent, "--job", "retrieval", "--json", str(child_json)]) == 0
+    assert jobs == ["retrieval"]
+    assert json.loads(child_json.read_text())["results"][0]["job"] == "retrieval"
+    assert md.read_text() == "untouched\n" and not user_json.exists()
+    seen = []
+    monkeypatch.setattr(C.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or Path(cmd[-1]).write_text(
+        json.dumps({"results": [{"job": cmd[cmd.index("--job") + 1]}]})))
+    assert C.run_isolated(parent, "vqa") == {"job": "vqa"}
+    assert seen[0][2:-4] == parent and seen[0][-4:-1] == ["--job", "vqa", "--json"]

@@ -313,9 +313,10 @@ class PretrainRun:
         would silently train on a different stream; ranks x batch x accumulation may change."""
         rule = (saved or {}).get("seed_rule", 1)  # checkpoints from before albef/seeding.py: 1
         if rule != SEED_RULE and self.dist.is_main:
-            log.warning("%s was written by a version with seed rule %s (this one: %s): the run resumes, but from "
-                        "here on its sample order, augmentation and dropout are not what the uninterrupted run "
-                        "would have drawn", path, rule, SEED_RULE)
+            log.warning("%s was written by a version with seed rule %s, or before checkpoints recorded it (this "
+                        "one: %s): the run resumes, but from here on its sample order, augmentation and dropout "
+                        "are not what the uninterrupted run would have drawn (the rest of a half-done epoch may "
+                        "repeat some samples and skip others)", path, rule, SEED_RULE)
         if not saved:  # checkpoints from before this check
             return
         now = self._geometry()

@@ -1,4 +1,4 @@
-"""``albef bench``: time one full pretraining step (forward, backward, AdamW).
+"""``albef bench``: time one full pretraining step (forward, backward, AdamW as the training loop sets it up).
 
 Random images and random captions (lengths drawn between 8 and ``--text-len`` word pieces, padded
 to the longest in the batch, as the data pipeline does) through :class:`ALBEFPretrainer` with
@@ -22,6 +22,8 @@ import torch
 
 from albef.config import get_preset
 from albef.models.albef import ALBEF
+from albef.training.loop import build_optimizer
+from albef.training.optim import resolve_in_backward
 from albef.training.pretrain import ALBEFPretrainer
 
 
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="step: a pretraining step; rerank: ITM re-ranking, batched vs the reference's per-query loop")
     p.add_argument("--gallery", type=int, default=32, help="rerank: images in the gallery (5 captions each)")
     p.add_argument("--k", type=int, default=16, help="rerank: shortlist size")
+    p.add_argument("--optimizer-in-backward", choices=["auto", "true", "false"], default="auto",
+                   help="the training loop's train.optimizer_in_backward (auto: on, for this one-process step, "
+                        "unless --dtype float16)")
     p.add_argument("--flops", action="store_true",
                    help="count the FLOPs of one step (torch.utils.flop_counter) instead of timing")
     args = p.parse_args(argv)
@@ -74,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.queue_size = max(B, (cfg.queue_size // B) * B)
     rss_before = _peak_rss_mb()
     trainer = ALBEFPretrainer(ALBEF(cfg)).to(dev).train()
-    opt = torch.optim.AdamW([q for q in trainer.parameters() if q.requires_grad], lr=1e-4, weight_decay=0.02)
+    use_amp = dev.type == "cuda" and args.dtype != "float32"
+    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, "fp32") if use_amp else "fp32"
+    setting = {"true": True, "false": False}.get(args.optimizer_in_backward, args.optimizer_in_backward)
+    in_backward = resolve_in_backward(setting, 1, None, precision, 1, False)
+    opt = build_optimizer(trainer, lr=1e-4, weight_decay=0.02, in_backward=in_backward)  # the training loop's
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, args.image_size, args.image_size, generator=g).to(dev)
     lengths = torch.randint(8, args.text_len + 1, (B,), generator=g)
@@ -83,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     ids[:, 0] = 101
     mask = (torch.arange(args.text_len)[None] < lengths[:, None]).long()
     ids, mask = (ids * mask).to(dev), mask.to(dev)
-    use_amp = dev.type == "cuda" and args.dtype != "float32"
     amp_dtype = getattr(torch, args.dtype)
 
     def step() -> float:
@@ -121,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     result = {"preset": args.preset, "image_size": args.image_size, "batch_size": B, "threads": args.threads,
               "device": str(dev), "dtype": args.dtype if use_amp else "float32", "median_step_s": round(median, 4),
               "samples_per_s": round(B / median, 3), "peak_memory_mb": round(peak, 1),
-              "rss_before_model_mb": round(rss_before, 1), "steps": args.steps, "torch": torch.__version__}
+              "rss_before_model_mb": round(rss_before, 1), "steps": args.steps, "optimizer_in_backward": in_backward,
+              "torch": torch.__version__}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.preset} res {args.image_size} batch {B} on {dev} ({result['dtype']}, {args.threads} threads): "
               f"median step {median:.3f}s over {args.steps} steps, {B / median:.2f} samples/s, "
-              f"peak memory {peak:.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'process RSS'})")
+              f"peak memory {peak:.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'process RSS'}); "
+              f"AdamW {'in the backward' if in_backward else 'after the backward'}")
     return 0
 
 

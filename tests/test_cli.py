@@ -25,3 +25,7 @@ def test_bench_prints_a_json_record(capsys):
                        "--steps", "1", "--threads", "1", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["batch_size"] == 2 and rec["median_step_s"] > 0 and rec["peak_memory_mb"] > 0
+    assert rec["optimizer_in_backward"] is True  # the training loop's set-up for one process
+    assert bench.main(["--preset", "albef-tiny", "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                       "--threads", "1", "--json", "--optimizer-in-backward", "false"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["optimizer_in_backward"] is False

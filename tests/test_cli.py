@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pytest
+
+import albef
 from albef import bench, demo
 from albef.cli import main
 
@@ -29,3 +34,13 @@ def test_bench_prints_a_json_record(capsys):
     assert bench.main(["--preset", "albef-tiny", "--image-size", "32", "--batch-size", "2", "--steps", "1",
                        "--threads", "1", "--json", "--optimizer-in-backward", "false"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["optimizer_in_backward"] is False
+
+
+def test_import_albef_loads_the_inference_api_on_first_use():
+    """`import albef` (and so every CLI command's start) skips torchvision until the API is used."""
+    code = ("import sys, albef; assert 'torchvision' not in sys.modules and 'Pipeline' in dir(albef); "
+            "from albef import Pipeline; assert 'torchvision' in sys.modules and Pipeline is albef.Pipeline; "
+            "import albef.api; assert Pipeline is albef.api.Pipeline")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'Pipline'"):
+        albef.Pipline  # noqa: B018

@@ -23,7 +23,7 @@ import torch
 from albef.config import get_preset
 from albef.models.albef import ALBEF
 from albef.training.loop import build_optimizer
-from albef.training.optim import resolve_in_backward
+from albef.training.optim import one_process_in_backward
 from albef.training.pretrain import ALBEFPretrainer
 
 
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = ALBEFPretrainer(ALBEF(cfg)).to(dev).train()
     use_amp = dev.type == "cuda" and args.dtype != "float32"
     precision = {"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, "fp32") if use_amp else "fp32"
-    setting = {"true": True, "false": False}.get(args.optimizer_in_backward, args.optimizer_in_backward)
-    in_backward = resolve_in_backward(setting, 1, None, precision, 1, False)
+    in_backward = one_process_in_backward(args.optimizer_in_backward, precision)
     opt = build_optimizer(trainer, lr=1e-4, weight_decay=0.02, in_backward=in_backward)  # the training loop's
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, args.image_size, args.image_size, generator=g).to(dev)

@@ -58,7 +58,7 @@ from albef.bench import proc_memory_mb  # noqa: E402
 from albef.config import ALBEFConfig, get_preset  # noqa: E402
 from albef.mdblock import write_block  # noqa: E402
 from albef.models.albef import checkpointed_parts  # noqa: E402
-from albef.training.optim import resolve_in_backward  # noqa: E402
+from albef.training.optim import one_process_in_backward  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue small large riding sitting standing on the in of with next to "
          "street field table plate bike horse two people child green white car tree building water").split()
@@ -228,8 +228,7 @@ def probe_medians(probes: list[dict[str, tuple[float, float]]]) -> dict:
 
 def in_backward(args, amp: torch.dtype | None) -> bool:
     """Ours updates in the backward as the training loop would for this one-process step."""
-    setting = {"true": True, "false": False}.get(args.optimizer_in_backward, args.optimizer_in_backward)
-    return resolve_in_backward(setting, 1, None, "bf16" if amp else "fp32", 1, False)
+    return one_process_in_backward(args.optimizer_in_backward, "bf16" if amp else "fp32")
 
 
 def setup_words(args) -> list[str]:

@@ -129,6 +129,17 @@ def resolve_in_backward(setting: bool | str, grad_accum: int, max_grad_norm: flo
     return setting
 
 
+def one_process_in_backward(flag: str, precision: str) -> bool:
+    """A command-line ``auto``/``true``/``false`` for one process without accumulation or clipping
+    (``albef bench``, the benchmark harness), resolved as :func:`resolve_in_backward` does.
+
+    >>> one_process_in_backward("auto", "fp32"), one_process_in_backward("auto", "fp16")
+    (True, False)
+    """
+    setting = {"true": True, "false": False}.get(flag, flag)
+    return resolve_in_backward(setting, 1, None, precision, 1, False)
+
+
 def in_backward_problems(grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int,
                          fsdp: bool) -> list[str]:
     """The settings under which a gradient is not final when its hook fires."""

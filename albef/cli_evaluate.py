@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                    help='JSON: [{"image", "text", "ref_id", "box": [x,y,w,h], "candidates": [[x,y,w,h], ...]}]')
     g.add_argument("--image-root")
     g.add_argument("--mode", choices=["itm", "itc"], default="itm")
-    g.add_argument("--layer", type=int, help="itm: fusion layer (default the third); itc: ViT block (default last)")
+    g.add_argument("--layer", type=int, help="itm: fusion layer (default the third); itc: ViT block (default 8 of 12 as the authors; two thirds of the depth)")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--overlays", help="write heat-map overlay PNGs of some examples here")
     g.add_argument("--n-overlays", type=int, default=8)
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--data", required=True, nargs="+", help='JSON: [{"image", "question", "question_id"}]')
     v.add_argument("--answers", required=True, help="answer_list.json")
     v.add_argument("--image-root")
+    v.add_argument("--vqa-root", help='root of "dataset": "vqa" entries\' images (COCO); default --image-root')
+    v.add_argument("--vg-root", help='root of "dataset": "vg" entries\' images (Visual Genome); default --image-root')
     v.add_argument("--k", type=int, default=128)
     v.add_argument("--scoring", choices=["albef", "corrected", "lavis"], default="albef")
     v.add_argument("--results", help="write the answers here (the official server's format)")
@@ -155,7 +157,8 @@ def _task(args: argparse.Namespace) -> int:
         tok = Tokenizer(add_sep=model.config.add_sep)
         transform = test_transform(model.config.vision.image_size)
         if args.what == "vqa":
-            records, _ = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning)
+            records, _ = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning,
+                                  vqa_root=args.vqa_root, vg_root=args.vg_root)
             metrics, results = evaluate_vqa(model, records, read_answer_list(args.answers), tok, transform, args.k,
                                             args.scoring, args.batch_size, args.num_workers, info.device)
         else:

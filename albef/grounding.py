@@ -50,12 +50,20 @@ def gradcam_itm(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask:
     return (cam * grad).mean(1).mean(1)
 
 
+def default_gradcam_block(model: ALBEF) -> int:
+    """The authors' ITC-mode block: 8 of a 12-block ViT (``--block_num 8``), the same relative
+    depth (two thirds) for other depths."""
+    return (2 * len(model.visual_encoder.blocks)) // 3
+
+
 def gradcam_itc(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 block: int | None = None) -> Tensor:
     """ITC-mode Grad-CAM [B, grid, grid]: the [CLS] row of a ViT block's self-attention, weighted by
-    the gradient of the pair's contrastive similarity (default block: the last)."""
+    the gradient of the pair's contrastive similarity (default block: :func:`default_gradcam_block`)."""
     vit = model.visual_encoder
-    block = len(vit.blocks) - 1 if block is None else block
+    block = default_gradcam_block(model) if block is None else block
+    if not 0 <= block < len(vit.blocks):
+        raise ValueError(f"block {block} does not exist: the ViT has blocks 0-{len(vit.blocks) - 1}")
     attn = vit.blocks[block].attn
     attn.save_attention = True
     try:

@@ -35,6 +35,10 @@ class ModelSection:
 class DataSection:
     train_files: list[str] = field(default_factory=list)
     image_root: str | None = None
+    # VQA only, the authors' two roots: "dataset": "vqa" entries' images under vqa_root (COCO),
+    # "vg" entries' under vg_root (Visual Genome); None: image_root
+    vqa_root: str | None = None
+    vg_root: str | None = None
     max_words: int = 30
     text_cleaning: str | None = None  # None: the model config's
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -84,7 +88,9 @@ class TrainSection:
     # side learning slower: {"text_encoder.embeddings": 0.1, "text_encoder.encoder.layer.0": 0.1}); the
     # reference has one rate for all
     lr_scale: dict[str, float] = field(default_factory=dict)
-    hard_negative_eps: float | None = None  # None: the task's (pretraining 0, retrieval 1e-4)
+    # added to the hard-negative sampling weights after the softmax: 0 is the authors' (their retrieval
+    # model adds 1e-4 *inside* the softmax, which changes nothing); 1e-4 is BLIP's softmax(sim) + 1e-4
+    hard_negative_eps: float = 0.0
     distill: bool = True  # momentum distillation in fine-tuning (VQA, SNLI-VE, NLVR2)
     # pretraining ablation switches (the paper's Table 1): all on is ALBEF
     itc: bool = True

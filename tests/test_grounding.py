@@ -80,3 +80,30 @@ def test_evaluate_grounding_cli_writes_metrics_and_overlays(grounding_data, tiny
     assert json.loads((tmp_path / "r.json").read_text())["n"] == 3
     assert len(list((tmp_path / "ov").glob("*.png"))) == 3
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_gradcam_itc_defaults_to_the_authors_block():
+    """The authors' ITC mode: block 8 of the 12-block ViT (--block_num 8); loss = diag(sim) / temp,
+    cam = attention [CLS] row x relu(its gradient), mean over heads."""
+    from albef import ALBEF
+    from albef.config import ALBEFConfig, get_preset
+
+    d = get_preset("albef-tiny").to_dict()
+    d["vision"]["depth"] = 12
+    model = ALBEF(ALBEFConfig.from_dict(d)).eval()
+    ids = torch.tensor([[101, 1037, 2417, 0], [101, 2000, 2001, 2002]])
+    mask = (ids > 0).long()
+    px = torch.randn(2, 3, 32, 32)
+    attn = model.visual_encoder.blocks[8].attn
+    attn.save_attention = True
+    image_feat = model.image_feat(model.encode_image(px))
+    text_feat = torch.nn.functional.normalize(model.text_proj(model.encode_text(ids, mask)[:, 0]), dim=-1)
+    ((image_feat @ text_feat.T) / model.temp).diag().sum().backward()
+    a, g = attn.attention_map.detach(), attn.attention_map.grad
+    attn.save_attention = False
+    model.zero_grad()
+    expected = (a[:, :, 0, 1:] * g[:, :, 0, 1:].clamp(min=0)).mean(1).view(2, 4, 4)
+    torch.testing.assert_close(gradcam_itc(model, px, ids, mask), expected)
+    assert not torch.allclose(gradcam_itc(model, px, ids, mask, block=11), expected)
+    with pytest.raises(ValueError, match="blocks 0-11"):
+        gradcam_itc(model, px, ids, mask, block=12)

@@ -247,7 +247,7 @@ def test_replayed_draws_reproduce_a_step(tiny_config):
 
 
 def test_retrieval_objective_excludes_same_id_negatives(tiny_config):
-    trainer = ALBEFPretrainer(ALBEF(tiny_config, mlm_head=False), mlm=False, with_idx=True, hard_negative_eps=1e-4)
+    trainer = ALBEFPretrainer(ALBEF(tiny_config, mlm_head=False), mlm=False, with_idx=True)
     ids, mask = text_batch(4, 8)
     idx = torch.tensor([1, 1, 2, 3])
     for seed in range(10):

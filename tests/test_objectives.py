@@ -73,11 +73,31 @@ def test_hard_negatives_never_pick_a_positive(trial):
                 assert picks[b] == -1
 
 
-def test_hard_negative_weights_follow_reference_formula():
+def test_hard_negative_weights_default_is_the_authors_retrieval_formula():
+    # salesforce/ALBEF model_retrieval.py: softmax(sim[:, :bs] + 1e-4), then same-id entries set to 0
+    sim = torch.randn(6, 6, dtype=torch.float64) * 5
+    idx = torch.tensor([1, 1, 2, 3, 3, 3])
+    same = idx.view(-1, 1) == idx.view(1, -1)
+    authors = torch.exp(sim + 1e-4) / torch.exp(sim + 1e-4).sum(1, keepdim=True)
+    authors[same] = 0
+    torch.testing.assert_close(hard_negative_weights(sim, same), authors, rtol=1e-12, atol=0)
+    # and the retrieval and grounding tasks use that default
+    from albef.config import get_preset
+    from albef.recipes import load_recipe
+    from albef.training.tasks import get_task
+
+    for task in ("retrieval", "grounding", "pretrain"):
+        trainer = get_task(task).build_trainer(get_preset("albef-tiny"), load_recipe(None, [f"task={task}"]))
+        assert trainer.hard_negative_eps == 0.0
+
+
+def test_hard_negative_weights_blip_option():
+    # BLIP's form, train.hard_negative_eps=1e-4: softmax(sim) + 1e-4 outside, then the positives zeroed
     sim = torch.randn(4, 4)
     eye = torch.eye(4, dtype=torch.bool)
     w = hard_negative_weights(sim, eye, eps=1e-4)
-    expected = (sim.softmax(1) + 1e-4).masked_fill(eye, 0)
+    expected = torch.exp(sim) / torch.exp(sim).sum(1, keepdim=True) + 1e-4
+    expected[eye] = 0
     torch.testing.assert_close(w, expected)
 
 

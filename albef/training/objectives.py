@@ -69,8 +69,9 @@ def _against(feat: Tensor, batch_m: Tensor, queue: Tensor) -> Tensor:
 def hard_negative_weights(sim: Tensor, positive: Tensor, eps: float = 0.0) -> Tensor:
     """Sampling weights over the batch: ``softmax(sim) + eps``, zero on positives.
 
-    The reference's weights (softmax, then the diagonal or same-id entries set to 0; the
-    retrieval model adds 1e-4 first). Non-finite weights (fp16 overflow, NaN features) become 0;
+    ``eps=0`` gives the authors' weights: softmax, then the diagonal (pretraining) or the
+    same-id entries (retrieval) set to 0; their retrieval model's ``softmax(sim + 1e-4)`` is the
+    same distribution. ``eps=1e-4`` is BLIP's ``softmax(sim) + 1e-4``. Non-finite weights (fp16 overflow, NaN features) become 0;
     a row left with no mass but with allowed entries falls back to uniform over them, so that
     sampling never fails. Rows with no allowed entry stay all-zero.
     """

@@ -33,7 +33,7 @@ class PretrainTask:
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
         t = recipe.train
-        return ALBEFPretrainer(ALBEF(cfg), hard_negative_eps=_eps(recipe, 0.0), itc=t.itc,
+        return ALBEFPretrainer(ALBEF(cfg), hard_negative_eps=t.hard_negative_eps, itc=t.itc,
                                hard_negatives=t.hard_negatives, itc_distill=t.itc_distill, mlm_distill=t.mlm_distill)
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
@@ -55,15 +55,15 @@ class PretrainTask:
 
 class RetrievalTask(PretrainTask):
     """Retrieval fine-tuning: id-aware ITC (all captions of an image are positives) + ITM on hard
-    negatives that exclude same-image entries; the authors add 1e-4 to the negative weights and
-    do not clamp the temperature. Also the grounding fine-tuning objective (ITC + ITM)."""
+    negatives that exclude same-image entries, weighted ``softmax(sim)`` as the authors' (their
+    ``softmax(sim + 1e-4)`` is the same distribution); the temperature is not clamped. Also the grounding fine-tuning objective (ITC + ITM)."""
 
     name = "retrieval"
     loss_keys = ("loss", "loss_itc", "loss_itm")
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
         return ALBEFPretrainer(ALBEF(cfg, mlm_head=False), mlm=False, with_idx=True,
-                               hard_negative_eps=_eps(recipe, 1e-4), clamp_temp=False)
+                               hard_negative_eps=recipe.train.hard_negative_eps, clamp_temp=False)
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
@@ -71,11 +71,6 @@ class RetrievalTask(PretrainTask):
                                             grounding=recipe.task == "grounding")
         return (RetrievalTrainDataset(records, transform, seed=recipe.train.seed),
                 PretrainCollator(tokenizer, cfg.max_text_len), bad)
-
-
-def _eps(recipe: Any, default: float) -> float:
-    eps = recipe.train.hard_negative_eps
-    return default if eps is None else eps
 
 
 
@@ -92,7 +87,10 @@ class VQATask:
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
-        ds, bad = build_vqa_train_dataset(d.train_files, d.image_root, transform, recipe.train.seed, cleaning)
+        # "dataset": "vqa" entries' images under data.vqa_root, "vg" under data.vg_root (each
+        # defaulting to data.image_root), as the authors' vqa_dataset joins them
+        ds, bad = build_vqa_train_dataset(d.train_files, d.image_root, transform, recipe.train.seed, cleaning,
+                                          vqa_root=d.vqa_root, vg_root=d.vg_root)
         return ds, VQACollator(tokenizer, cfg.max_text_len), bad
 
     def micro_step(self, module, batch, alpha, generator, first):

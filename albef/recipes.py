@@ -70,6 +70,9 @@ class TrainSection:
     alpha_ramp_epochs: float = 1.0
     max_grad_norm: float | None = None
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; the CPU runs fp32)
+    # fp32 matmuls and convolutions in TF32 on Ampere and newer GPUs: what the authors' float32 runs
+    # did (PyTorch 1.8, whose default it was); false for full float32. No effect on the CPU
+    tf32: bool = True
     # recompute encoder blocks in the backward: true (all), "vision" (the ViT's only) or false; on
     # the CPU the loop then also hands the step's freed heap back to the OS (albef.training.heap)
     grad_checkpointing: bool | str = False

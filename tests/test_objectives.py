@@ -25,6 +25,33 @@ def test_itc_alpha0_empty_queue_is_symmetric_infonce():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_itc_logits_are_float32_under_bf16_autocast():
+    """The similarities and softmaxes stay in float32 inside autocast: from float32 features the loss
+    is the float64 closed form to float32 accuracy (a bf16 product would be off by ~1e-2), and
+    bf16 features give float32 logits."""
+    B, D, Q = 8, 16, 64
+    g = torch.Generator().manual_seed(0)
+    f = lambda n: F.normalize(torch.randn(n, D, generator=g), dim=1)  # noqa: E731
+    iq, tq = f(Q).T.contiguous(), f(Q).T.contiguous()
+    img, txt, img_m, txt_m = f(B), f(B), f(B), f(B)
+    temp = torch.tensor(0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = itc_loss(img, txt, img_m, txt_m, iq, tq, temp, alpha=0.4)
+        low = itc_loss(*(x.bfloat16() for x in (img, txt, img_m, txt_m)), iq, tq, temp, alpha=0.4)
+    d = lambda x: x.double()  # noqa: E731
+    onehot = torch.eye(B, B + Q, dtype=torch.float64)
+    losses = []
+    for a, b_m, b_q, a_m in ((img, txt_m, tq, img_m), (txt, img_m, iq, txt_m)):
+        sim = d(a) @ torch.cat([d(b_m).T, d(b_q)], 1) / 0.07
+        sim_m = d(a_m) @ torch.cat([d(b_m).T, d(b_q)], 1) / 0.07
+        targets = 0.4 * sim_m.softmax(1) + 0.6 * onehot
+        losses.append(-(sim.log_softmax(1) * targets).sum(1).mean())
+    expected = (losses[0] + losses[1]) / 2
+    assert out.sim_i2t.dtype == low.sim_i2t.dtype == low.loss.dtype == torch.float32
+    assert abs(out.loss.double() - expected) < 1e-5
+    assert abs(low.loss.double() - expected) < 5e-2  # only the features' bf16 rounding
+
+
 def test_itc_targets_mix_softmax_and_positives():
     B, D, Q = 3, 4, 6
     f = lambda n: F.normalize(torch.randn(n, D), dim=1)  # noqa: E731

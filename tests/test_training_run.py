@@ -179,3 +179,28 @@ def test_resume_refuses_another_lr_scale(shapes, tmp_path):
     PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=4,
                                              train__lr_scale="{text_encoder: 0.1}")), resume=True).fit()
     assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4]
+
+
+def test_authors_recipes_run_in_float32_with_tf32_on_gpu():
+    """The recipes that mirror the authors' configs train as they did: float32 (PyTorch 1.8's TF32
+    matmuls on Ampere GPUs); bf16 is an override."""
+    from pathlib import Path
+
+    from albef.recipes import load_recipe
+    from albef.training.loop import set_tf32
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    full = [p for p in root.glob("*.yaml") if "cpu" not in p.name]
+    assert len(full) >= 9
+    for p in full:
+        r = load_recipe(p)
+        assert (r.train.precision, r.train.tf32) == ("fp32", True), p.name
+    assert load_recipe(full[0], ["train.precision=bf16"]).train.precision == "bf16"
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -143,6 +143,13 @@ def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
     return mix_seed("micro-batch", seed, epoch, step, micro)
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions (Ampere and newer). PyTorch 1.7-1.11, the
+    authors' 1.8 among them, enabled both by default; later versions enable neither."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 @dataclass
 class RunState:
     epoch: int = 0
@@ -249,6 +256,8 @@ class PretrainRun:
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, in_backward=self.in_backward,
                                          lr_scale=t.lr_scale)
         cuda = self.dist.device.type == "cuda"
+        if cuda:
+            set_tf32(t.tf32)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if cuda else None
         if t.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, not {t.precision!r}")

@@ -38,7 +38,25 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_f
     same id is a positive and the row is normalised to sum to 1 (retrieval fine-tuning).
     Queues are [embed_dim, Q] and are read as given; the backward reads them too, so enqueue after
     ``backward()`` or pass copies (:class:`ALBEFPretrainer` does when it enqueues itself).
+
+    Under bf16/fp16 autocast the similarities, softmaxes and losses are computed in float32 from
+    the (low-precision) features: a bf16 logit keeps 8 bits, so ``sim / 0.07`` would be rounded
+    by up to 0.06 and the 65,536-way softmax with it. The cost is a [B, B+Q] float32 product.
     """
+    with torch.autocast(image_feat.device.type, enabled=False):
+        image_feat, text_feat, image_feat_m, text_feat_m = map(_full, (image_feat, text_feat, image_feat_m,
+                                                                       text_feat_m))
+        return _itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, _full(temp),
+                    alpha, idx, idx_queue)
+
+
+def _full(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _itc(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor,
+         image_queue: Tensor, text_queue: Tensor, temp: Tensor, alpha: float,
+         idx: Tensor | None, idx_queue: Tensor | None) -> ITCOutput:
     sim_i2t = _against(image_feat, text_feat_m, text_queue) / temp  # [B, B+Q]
     sim_t2i = _against(text_feat, image_feat_m, image_queue) / temp
     with torch.no_grad():

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
     if not recipe.data.train_files and not recipe.data.shards:
         p.error("no training data: set data.train_files (JSON) or data.shards (WebDataset) in the recipe "
                 "or as an override")
+    try:
+        recipe.model.check_sources()
+    except FileNotFoundError as e:
+        p.error(str(e))
     from albef.training.loop import PretrainRun  # heavy imports after argument checks
     from albef.training.distributed import shutdown
 

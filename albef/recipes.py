@@ -23,12 +23,37 @@ class ModelSection:
     preset: str = "albef-base"
     overrides: dict[str, Any] = field(default_factory=dict)  # nested dict merged into the preset
     init: str | None = None  # checkpoint to start from (authors' .pth, a run's checkpoint, a model folder)
+    # the authors' pretraining starts the text side from bert-base-uncased and the ViT from DeiT-B/16
     text_init: str | None = None  # a Hugging Face BERT folder for the text side, or "minilm"
     vision_init: str | None = None  # a timm/DeiT ViT state dict for the image side
 
     def build_config(self) -> ALBEFConfig:
         base = get_preset(self.preset).to_dict()
         return ALBEFConfig.from_dict(_merge(base, self.overrides))
+
+    def check_sources(self) -> None:
+        """Fail before any work when a file the recipe starts from is not there, naming it and what
+        it must hold. Weights are never downloaded: the recipe names local files."""
+        if self.init and not Path(self.init).exists():
+            raise FileNotFoundError(
+                f"model.init: {self.init} not found. It must be an authors' checkpoint (.pth, e.g. ALBEF.pth), "
+                "a run's checkpoint_last.pt or an albef model folder; set model.init=PATH or model.init=null")
+        if self.vision_init and not Path(self.vision_init).is_file():
+            raise FileNotFoundError(
+                f"model.vision_init: {self.vision_init} not found. It must be a timm/DeiT ViT state dict "
+                "(.pth, bare or {'model': ...}, or .safetensors) of the preset's ViT, e.g. DeiT-B/16's "
+                "deit_base_patch16_224-b5f2ef4d.pth for albef-base; set model.vision_init=PATH, or "
+                "model.vision_init=null to start the ViT from random weights")
+        if self.text_init and self.text_init != "minilm":
+            folder = Path(self.text_init)
+            weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin")]
+            if not (folder / "config.json").is_file() or not any(w.is_file() for w in weights):
+                what = "not found" if not folder.exists() else "is not a complete Hugging Face BERT folder"
+                raise FileNotFoundError(
+                    f"model.text_init: {folder} {what}. It must be a Hugging Face BERT folder holding config.json "
+                    "and model.safetensors or pytorch_model.bin (bert-base-uncased for albef-base, e.g. saved "
+                    "with transformers' save_pretrained); set model.text_init=PATH, or model.text_init=null to "
+                    "start the text side from random weights")
 
 
 @dataclass

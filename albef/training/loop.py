@@ -179,6 +179,7 @@ class PretrainRun:
     def __init__(self, recipe: PretrainRecipe, resume: bool | str = False):
         self.recipe = recipe
         r, d, t = recipe, recipe.data, recipe.train
+        r.model.check_sources()  # before any work or folder
         self.dist: DistInfo = init_distributed(t.device)
         self.out = Path(r.output_dir)
         if self.dist.is_main:

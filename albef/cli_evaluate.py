@@ -22,9 +22,29 @@ from albef.data.transforms import test_transform
 from albef.text import Tokenizer
 
 
-def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """An albef model folder, or a training run's checkpoint (its student)."""
+MODEL_HELP = ("an albef model folder, a run's checkpoint (.pt), or a run folder: its checkpoint_best.pt "
+              "(best validation epoch), else checkpoint_last.pt")
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A run folder (it holds training checkpoints) becomes its best checkpoint, the epoch with the
+    best validation metric, or its last when the run had no validation; anything else is kept."""
+    from albef.training.checkpoint import BEST_NAME, CHECKPOINT_NAME
+
     path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists():
+        for name in (BEST_NAME, CHECKPOINT_NAME):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """An albef model folder, a training run's checkpoint (its student), or a run folder (its
+    ``checkpoint_best.pt``, else ``checkpoint_last.pt``)."""
+    path = resolve_model_path(path)
+    if path.suffix == ".pt":
+        print(f"model: {path}", file=sys.stderr)
     if path.is_dir():
         from albef.hub import from_pretrained
 
@@ -48,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef evaluate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     r = sub.add_parser("retrieval", help="TR/IR R@1/5/10 with ITC alone and ITC + ITM re-ranking")
-    r.add_argument("--model", required=True, help="albef model folder or a run's checkpoint_last.pt")
+    r.add_argument("--model", required=True, help=MODEL_HELP)
     r.add_argument("--data", required=True, nargs="+", help='eval JSON: [{"image", "caption": [...]}]')
     r.add_argument("--image-root")
     r.add_argument("--k", type=int, default=256, help="shortlist size re-ranked by ITM (COCO 256, Flickr 128)")
@@ -60,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="auto")
     r.add_argument("--out", help="write the metrics as JSON here")
     g = sub.add_parser("grounding", help="box accuracy (IoU >= 0.5) of Grad-CAM-ranked candidate boxes")
-    g.add_argument("--model", required=True)
+    g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--data", required=True, nargs="+",
                    help='JSON: [{"image", "text", "ref_id", "box": [x,y,w,h], "candidates": [[x,y,w,h], ...]}]')
     g.add_argument("--image-root")
@@ -72,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default="auto")
     g.add_argument("--out")
     v = sub.add_parser("vqa", help="answer ranking; writes [{question_id, answer}] and accuracy where answers exist")
-    v.add_argument("--model", required=True)
+    v.add_argument("--model", required=True, help=MODEL_HELP)
     v.add_argument("--data", required=True, nargs="+", help='JSON: [{"image", "question", "question_id"}]')
     v.add_argument("--answers", required=True, help="answer_list.json")
     v.add_argument("--image-root")
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--results", help="write the answers here (the official server's format)")
     for name, help_ in (("ve", "SNLI-VE accuracy"), ("nlvr", "NLVR2 accuracy")):
         c = sub.add_parser(name, help=help_)
-        c.add_argument("--model", required=True)
+        c.add_argument("--model", required=True, help=MODEL_HELP)
         c.add_argument("--data", required=True, nargs="+")
         c.add_argument("--image-root")
     for q in (v, *[sub.choices[n] for n in ("ve", "nlvr")]):
@@ -157,8 +177,11 @@ def _task(args: argparse.Namespace) -> int:
         tok = Tokenizer(add_sep=model.config.add_sep)
         transform = test_transform(model.config.vision.image_size)
         if args.what == "vqa":
-            records, _ = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning,
-                                  vqa_root=args.vqa_root, vg_root=args.vg_root)
+            # test questions keep up to 50 words, the authors' test split (30 in training)
+            records, bad = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning,
+                                    max_words=50, vqa_root=args.vqa_root, vg_root=args.vg_root)
+            if bad:  # a dropped question would be missing from the results file
+                raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
             metrics, results = evaluate_vqa(model, records, read_answer_list(args.answers), tok, transform, args.k,
                                             args.scoring, args.batch_size, args.num_workers, info.device)
         else:

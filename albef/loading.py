@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from albef.convert import from_authors, unwrap_checkpoint
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForTextAssignment, ALBEFForVQA
-from albef.training.momentum import copy_student_to_teacher
 from albef.models.vit import resize_pos_embed
 from albef.training.checkpoint import load_checkpoint
 from albef.training.pretrain import ALBEFPretrainer
@@ -44,8 +43,22 @@ class LoadReport:
     dropped: dict[str, str] = field(default_factory=dict)  # source key -> allow-list rule
     initialised: dict[str, str] = field(default_factory=dict)  # target key -> how
 
+    @property
+    def teacher_loaded(self) -> list[str]:
+        """Momentum-teacher tensors (``model_m.*``) loaded from the checkpoint's momentum copies."""
+        return [k for k in self.loaded if k.startswith("model_m.")]
+
+    @property
+    def teacher_from_student(self) -> list[str]:
+        """Momentum-teacher tensors the checkpoint lacks, set equal to the student's after loading."""
+        return [k for k, why in self.initialised.items() if why == TEACHER_FROM_STUDENT]
+
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
+        if self.teacher_loaded or self.teacher_from_student:
+            lines.append(f"  teacher: {len(self.teacher_loaded)} tensors loaded from the checkpoint's momentum "
+                         f"copies, {len(self.teacher_from_student)} copied from the student"
+                         + (f" ({_abbrev(self.teacher_from_student)})" if self.teacher_from_student else ""))
         if self.resized:
             lines.append(f"  resized: {', '.join(self.resized)}")
         for title, d in (("dropped", self.dropped), ("initialised", self.initialised)):
@@ -99,8 +112,13 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
     (:class:`ALBEFPretrainer`, the fine-tuning trainers). A task model also accepts a
     *pretrained* checkpoint, converted the authors' way: the VQA decoder built from the fusion
     layers and the MLM head, the NLVR2 fusion layers duplicated, the pretraining heads dropped and
-    the classifier head fresh. Missing momentum copies are set equal to the loaded student
-    (after loading: the order the authors' NLVR2 script got wrong).
+    the classifier head fresh. Teacher (``model_m``) tensors the checkpoint has are loaded from its
+    momentum copies; only those it lacks (a task head, all of them for a checkpoint without
+    momentum copies) are set equal to the student's tensor of the same name, after loading: the
+    authors' ``copy_params()`` at construction followed by ``load_state_dict(strict=False)``, except
+    that a teacher the checkpoint lacks entirely starts from the *loaded* student (the authors'
+    NLVR2 script copies before loading, so its teacher starts from the unloaded model).
+    ``report.teacher_loaded`` and ``report.teacher_from_student`` list the two kinds.
     """
     converted = from_authors(state_dict) if not _is_ours(state_dict) else dict(state_dict)
     trainer = target if isinstance(getattr(target, "model", None), nn.Module) else None
@@ -136,9 +154,14 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
                 continue
         to_load[key] = value
     missing = [k for k in expected if k not in to_load]
-    momentum_missing = has_teacher and any(k.startswith("model_m.") for k in missing)
+    teacher_missing: list[str] = []
     for key in missing:
-        how = _init_rule(key, momentum_missing, from_pretraining)
+        how = _init_rule(key, has_teacher, from_pretraining)
+        if how == TEACHER_FROM_STUDENT:
+            if _student_twin(key) not in expected:
+                how = None
+            else:
+                teacher_missing.append(key)
         if how is None:
             errors.append(f"missing key {key!r} (shape {tuple(expected[key].shape)}): not in the checkpoint")
         else:
@@ -154,8 +177,10 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
         for key, how in report.initialised.items():
             if key.endswith("token_type_embeddings.weight"):
                 expected[key].zero_()
-    if momentum_missing:
-        copy_student_to_teacher(trainer.model, trainer.model_m)
+        # only the teacher tensors the checkpoint lacks come from the (loaded or fresh) student;
+        # state-dict entries share storage with the modules, so shared weights stay shared
+        for key in teacher_missing:
+            expected[key].copy_(expected[_student_twin(key)])
     report.loaded = sorted(to_load)
     return report
 
@@ -225,9 +250,16 @@ def _is_decoder_cross_kv(key: str) -> bool:
     return ".text_decoder." in key and re.search(r"crossattention\.self\.(key|value)\.", key) is not None
 
 
-def _init_rule(key: str, momentum_missing: bool, from_pretraining: bool = False) -> str | None:
-    if key.startswith("model_m.") and momentum_missing:
-        return "momentum copy set equal to the loaded student"
+TEACHER_FROM_STUDENT = "teacher tensor not in the checkpoint: set equal to the student's, after loading"
+
+
+def _student_twin(teacher_key: str) -> str:
+    return "model." + teacher_key.removeprefix("model_m.")
+
+
+def _init_rule(key: str, has_teacher: bool, from_pretraining: bool = False) -> str | None:
+    if key.startswith("model_m.") and has_teacher:
+        return TEACHER_FROM_STUDENT
     if from_pretraining and _is_decoder_cross_kv(key):
         return DECODER_CROSS_KV
     if from_pretraining and (".cls_head." in key or ".ta_head." in key):
@@ -267,7 +299,9 @@ def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -
     report = LoadReport(str(weights))
     to_load, errors = {}, []
     for key, value in sd.items():
-        k = key.removeprefix("bert.")
+        # bert-base-uncased's own files name LayerNorm parameters gamma/beta (TensorFlow's names)
+        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias",
+                                                                      key.removeprefix("bert.")))
         if k.startswith("cls.predictions.") and mlm_head is not None:
             name = k.removeprefix("cls.predictions.")
             if name in ("decoder.weight", "decoder.bias"):

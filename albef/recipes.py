@@ -60,6 +60,10 @@ class ModelSection:
 class DataSection:
     train_files: list[str] = field(default_factory=list)
     image_root: str | None = None
+    # validation split, scored after every epoch (the authors' val_file); the best epoch is kept as
+    # checkpoint_best.pt (retrieval, grounding, ve, nlvr)
+    val_files: list[str] = field(default_factory=list)
+    val_image_root: str | None = None  # None: image_root
     # VQA only, the authors' two roots: "dataset": "vqa" entries' images under vqa_root (COCO),
     # "vg" entries' under vg_root (Visual Genome); None: image_root
     vqa_root: str | None = None
@@ -126,6 +130,12 @@ class TrainSection:
     itc_distill: bool = True
     mlm_distill: bool = True
     label_smoothing: float = 0.0  # VQA answer loss: 0 (authors), 0.1 (LAVIS)
+    # validation (data.val_files): the metric that picks the best epoch (None: the task's, as the
+    # authors: retrieval r_mean of ITC + ITM, grounding / ve / nlvr accuracy), the ITM re-ranking
+    # shortlist of retrieval (the authors' k_test: 256 COCO, 128 Flickr30K), the evaluation batch
+    select_metric: str | None = None
+    k_test: int = 256
+    val_batch_size: int = 64
 
 
 @dataclass

@@ -4,6 +4,11 @@ Train: ``{"image", "question", "answer": [str] | str, "dataset": "vqa" | "vg"}``
 weight is its share of the annotators' answers for ``vqa`` entries (``count / n``), 0.5 for ``vg``
 entries, as the authors compute it. Test: ``{"image", "question", "question_id"}`` (an ``answer``
 field, when present, is used for local accuracy). ``answer_list.json``: the candidate answers.
+
+Images, as in the authors' ``vqa_dataset``: an entry's ``image`` is joined to ``vqa_root`` (COCO)
+when its ``dataset`` is ``"vqa"`` and to ``vg_root`` (Visual Genome) when it is ``"vg"``. An entry
+without ``dataset`` (test files) is a VQA entry, as is any other value (the same rule as the answer
+weights). A root left ``None`` falls back to ``image_root``.
 """
 
 from __future__ import annotations
@@ -43,9 +48,15 @@ def answer_weights(answers: Sequence[str], dataset: str) -> tuple[tuple[str, ...
 
 
 def read_vqa(files: str | Sequence[str], image_root: str | None, train: bool, cleaning: str = "albef",
-             max_words: int = 30) -> tuple[list[VQARecord], list[BadSample]]:
+             max_words: int = 30, vqa_root: str | None = None, vg_root: str | None = None
+             ) -> tuple[list[VQARecord], list[BadSample]]:
+    """Read VQA entries. ``"dataset": "vg"`` entries' images are under ``vg_root``, all others'
+    (``"vqa"``, or no ``dataset`` field) under ``vqa_root``; either root, when ``None``, is
+    ``image_root``."""
+    roots = {"vqa": image_root if vqa_root is None else vqa_root, "vg": image_root if vg_root is None else vg_root}
+
     def parse(entry: dict, where: str) -> VQARecord:
-        image = resolve_image(entry.get("image"), image_root)
+        image = resolve_image(entry.get("image"), roots["vg" if entry.get("dataset") == "vg" else "vqa"])
         q = clean_question(entry.get("question") or "", cleaning, max_words)
         if not q.strip():
             raise ValueError("'question' is missing or empty after cleaning")
@@ -109,6 +120,6 @@ class VQACollator:
 
 
 def build_vqa_train_dataset(files: Sequence[str], image_root: str | None, transform: Callable, seed: int,
-                            cleaning: str = "albef"):
-    records, bad = read_vqa(files, image_root, train=True, cleaning=cleaning)
+                            cleaning: str = "albef", vqa_root: str | None = None, vg_root: str | None = None):
+    records, bad = read_vqa(files, image_root, train=True, cleaning=cleaning, vqa_root=vqa_root, vg_root=vg_root)
     return VQADataset(records, transform, seed=seed), bad

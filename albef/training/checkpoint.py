@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
+BEST_NAME = "checkpoint_best.pt"  # the epoch with the best validation metric
 
 # What torch.load raises on a truncated or garbled file (a half-written zip can even surface as
 # OSError(EINVAL) or KeyError from the zip reader). Permission / missing-file errors are excluded below.

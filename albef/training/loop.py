@@ -33,7 +33,7 @@ from albef.models.vit import VisionTransformer
 from albef.recipes import PretrainRecipe
 from albef.seeding import SEED_RULE, mix_seed
 from albef.text import Tokenizer
-from albef.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from albef.training.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from albef.training.distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, ensure_process_group,
                                         init_distributed)
 from albef.training.heap import release_after_step
@@ -42,6 +42,7 @@ from albef.training.momentum import copy_student_to_teacher, momentum_update
 from albef.training.metrics import MetricsLogger, plot_losses
 from albef.training.schedule import LRSchedule, alpha_at
 from albef.training.tasks import get_task
+from albef.training.validation import Validator
 
 log = logging.getLogger("albef.train")
 
@@ -157,6 +158,8 @@ class RunState:
     global_step: int = 0
     samples_seen: int = 0
     bad_seen: int = 0
+    best_metric: float | None = None  # the validation metric of the best epoch so far
+    best_epoch: int | None = None  # its number, counted from 1
 
 
 def load_trainer_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -190,6 +193,8 @@ class PretrainRun:
         self.tokenizer = Tokenizer(add_sep=self.cfg.add_sep)
 
         self.task = get_task(r.task)
+        # read before any training, so that a bad validation file fails now and not after an epoch
+        self.validator = Validator.from_recipe(r, self.cfg, self.tokenizer)
         transform = train_transform(self.cfg.vision.image_size, tuple(d.crop_scale), d.randaugment)
         if d.shards:
             self._shard_source(transform)
@@ -222,8 +227,14 @@ class PretrainRun:
                 report = loader(model, source)
                 if self.dist.is_main:
                     log.info("%s", report)
-        if (r.model.text_init or r.model.vision_init) and getattr(self.trainer, "model_m", None) is not None:
-            copy_student_to_teacher(model, self.trainer.model_m)
+        teacher = getattr(self.trainer, "model_m", None)
+        if (r.model.text_init or r.model.vision_init) and teacher is not None:
+            if not r.model.init:  # the authors: load BERT / DeiT into the student, then teacher = student
+                copy_student_to_teacher(model, teacher)
+            else:  # on top of a checkpoint: only the encoders just replaced, the loaded teacher stays
+                for source, part in ((r.model.text_init, "text_encoder"), (r.model.vision_init, "visual_encoder")):
+                    if source and hasattr(teacher, part):
+                        copy_student_to_teacher(getattr(model, part), getattr(teacher, part))
         self.trainer.to(self.dist.device)
         encoders = [m for owner in (model, getattr(self.trainer, "model_m", None)) if owner is not None
                     for m in (getattr(owner, n, None) for n in ("visual_encoder", "text_encoder", "text_decoder"))
@@ -339,17 +350,37 @@ class PretrainRun:
             log.warning("train.max_steps changed from %s to %s: the cosine schedule now ends elsewhere than in "
                         "the run that wrote %s", saved["max_steps"], now["max_steps"], path)
 
-    def save(self) -> None:
+    def save(self, best: bool = False) -> None:
+        """``checkpoint_last.pt``; with ``best`` the same state also as ``checkpoint_best.pt``."""
         if self.recipe.train.fsdp or self.dist.is_main:  # a collective under FSDP
             model_sd, optim_sd = full_train_state(self.trainer, self.optimizer)
         if self.dist.is_main:
-            save_checkpoint({"format": "albef-train/1", "model": model_sd,
+            ckpt = {"format": "albef-train/1", "model": model_sd,
                              "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
                              "state": vars(self.state).copy(), "rng": rng_state(), "geometry": self._geometry(),
                              "scheduler": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch},
-                             "recipe": self.recipe.to_dict(), "model_config": self.cfg.to_dict()},
-                            self.out / CHECKPOINT_NAME)
+                             "recipe": self.recipe.to_dict(), "model_config": self.cfg.to_dict()}
+            save_checkpoint(ckpt, self.out / CHECKPOINT_NAME)
+            if best:
+                save_checkpoint(ckpt, self.out / BEST_NAME)
         barrier()
+
+    def validate(self) -> bool:
+        """Score the student on the validation split (every rank a share), log the metrics and say
+        whether this epoch is the best so far. False without ``data.val_files``."""
+        if self.validator is None:
+            return False
+        s = self.state
+        metrics = self.validator(self.trainer.model, self.dist.device)
+        score = metrics[self.validator.metric]
+        improved = s.best_metric is None or score > s.best_metric  # the authors' strict ">"
+        if improved:
+            s.best_metric, s.best_epoch = score, s.epoch
+        self.metrics.log(s.global_step, {**metrics, "epoch": s.epoch, "best_epoch": s.best_epoch}, split="val")
+        if self.dist.is_main:
+            tqdm.write(f"epoch {s.epoch} validation: {self.validator.metric} {score:.2f}"
+                       + (" (best)" if improved else f" (best {s.best_metric:.2f} at epoch {s.best_epoch})"))
+        return improved
 
     # -- one optimizer step -----------------------------------------------------------------
     def _step(self, micro_batches: list, epoch: int, step: int) -> dict[str, float]:
@@ -463,7 +494,7 @@ class PretrainRun:
                     self.save()
             if s.step_in_epoch >= spe:
                 s.epoch, s.step_in_epoch = s.epoch + 1, 0
-                self.save()
+                self.save(best=self.validate())
         bar.close()
         self.save()
         self.metrics.close()
@@ -472,6 +503,9 @@ class PretrainRun:
                 plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
             except ValueError as e:  # no logged step yet
                 log.warning("no loss plot: %s", e)
-        return {"global_step": s.global_step, "epoch": s.epoch, "bad_samples": s.bad_seen,
-                "samples_seen": s.samples_seen, **last}
+        summary = {"global_step": s.global_step, "epoch": s.epoch, "bad_samples": s.bad_seen,
+                   "samples_seen": s.samples_seen, **last}
+        if self.validator is not None:
+            summary.update(best_epoch=s.best_epoch, **{f"best_{self.validator.metric}": s.best_metric})
+        return summary
 

@@ -70,6 +70,10 @@ class DataSection:
     vg_root: str | None = None
     max_words: int = 30
     text_cleaning: str | None = None  # None: the model config's
+    # training text cut at model.max_text_len tokens: None as the authors (pretraining, text
+    # assignment and VQA questions cut; retrieval, grounding, SNLI-VE and NLVR2 captions not), true
+    # for every task (bounded memory), false for none
+    truncate_text: bool | None = None
     crop_scale: tuple[float, float] = (0.2, 1.0)
     randaugment: bool = True
     num_workers: int = 4

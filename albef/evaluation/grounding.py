@@ -91,7 +91,9 @@ def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokeniz
         chunk = mine[s:s + batch_size]
         pil = [load_image(r.image) for r in chunk]
         px = torch.stack([transform(p) for p in pil]).to(device)
-        tok = tokenizer([r.text for r in chunk], max_length=30, padding="longest").to(device)
+        # not cut, as the authors' test tokenization (only BERT's position limit)
+        tok = tokenizer([r.text for r in chunk], max_length=model.config.text.max_position_embeddings,
+                        padding="longest").to(device)
         fn = gradcam_itm if mode == "itm" else gradcam_itc
         heat = fn(model, px, tok.input_ids, tok.attention_mask, layer).float().cpu()
         for r, img, h in zip(chunk, pil, heat):

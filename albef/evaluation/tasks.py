@@ -42,6 +42,11 @@ def _batches(records, transform, batch_size: int, num_workers: int):
     return DataLoader(_EvalDataset(records, transform), batch_size=batch_size, num_workers=num_workers)
 
 
+def _position_limit(model: torch.nn.Module) -> int:
+    # the authors cut VQA test questions, SNLI-VE and NLVR2 texts nowhere: only BERT's positions bound them
+    return model.config.text.max_position_embeddings
+
+
 def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
     """The VQA metric: ``min(1, #annotators who gave the answer / 3)``; exact match for one answer."""
     if len(answers) == 1:
@@ -52,7 +57,7 @@ def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
 @torch.no_grad()
 def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokenizer: Tokenizer, transform,
                  k: int = 128, scoring: str = "albef", batch_size: int = 32, num_workers: int = 0,
-                 device: torch.device | str = "cpu", max_question_len: int = 35) -> tuple[dict, list[dict]]:
+                 device: torch.device | str = "cpu", max_question_len: int | None = None) -> tuple[dict, list[dict]]:
     """Answers ``[{"question_id", "answer"}]`` (the evaluation server's format) and, where the
     records carry answers, accuracy overall and per question type."""
     model.eval()
@@ -63,7 +68,8 @@ def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokeni
     picked = []  # this rank's best answer index per record, in order
     for px, idx in _batches(mine, transform, batch_size, num_workers):
         recs = [mine[int(i)] for i in idx]
-        q = tokenizer([r.captions[0] for r in recs], max_length=max_question_len, padding="longest").to(device)
+        q = tokenizer([r.captions[0] for r in recs], max_length=max_question_len or _position_limit(model),
+                      padding="longest").to(device)
         states = model.encode_question(px.to(device), q.input_ids, q.attention_mask)
         picked += rank_answers(model, states, q.attention_mask, ans_ids, ans_mask, k, scoring)["ranked_ids"][:, 0].tolist()
     results, scores = [], defaultdict(list)
@@ -82,7 +88,7 @@ def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokeni
 @torch.no_grad()
 def evaluate_classification(model: ALBEFForClassification, records, tokenizer: Tokenizer, transform,
                             batch_size: int = 64, num_workers: int = 0, device: torch.device | str = "cpu",
-                            max_length: int = 40) -> dict:
+                            max_length: int | None = None) -> dict:
     """Accuracy (the authors' ``argmax == label``) over all records."""
     model.eval()
     records = list(records)
@@ -90,7 +96,8 @@ def evaluate_classification(model: ALBEFForClassification, records, tokenizer: T
     correct = 0
     for px, idx in _batches(mine, transform, batch_size, num_workers):
         recs = [mine[int(i)] for i in idx]
-        t = tokenizer([r.captions[0] for r in recs], max_length=max_length, padding="longest").to(device)
+        t = tokenizer([r.captions[0] for r in recs], max_length=max_length or _position_limit(model),
+                      padding="longest").to(device)
         px = px.to(device)
         images = px if model.num_images == 1 else [px[:, 0], px[:, 1]]
         pred = model(images, t.input_ids, t.attention_mask).argmax(-1).cpu()

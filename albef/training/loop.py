@@ -41,7 +41,7 @@ from albef.loading import load_albef, load_hf_bert, load_timm_vit, read_state_di
 from albef.training.momentum import copy_student_to_teacher, momentum_update
 from albef.training.metrics import MetricsLogger, plot_losses
 from albef.training.schedule import LRSchedule, alpha_at
-from albef.training.tasks import get_task
+from albef.training.tasks import get_task, text_max_length
 from albef.training.validation import Validator
 
 log = logging.getLogger("albef.train")
@@ -295,7 +295,7 @@ class PretrainRun:
             raise ValueError(f"data.shards feeds image-caption tasks (pretrain, retrieval), not {self.task.name!r}")
         self.dataset, self.ann_bad = None, []  # shards were cleaned when they were written
         self.sampler = self.loader = ShardLoader(
-            d.shards, transform, PretrainCollator(self.tokenizer, self.cfg.max_text_len), t.batch_size,
+            d.shards, transform, PretrainCollator(self.tokenizer, text_max_length(self.task.name, self.cfg, d.truncate_text)), t.batch_size,
             self.dist.world_size, self.dist.rank, t.grad_accum, t.seed, d.epoch_samples, d.resampled,
             d.shuffle_buffer, d.num_workers)
 

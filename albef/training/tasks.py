@@ -25,6 +25,20 @@ from albef.training.finetune import ClassifierTrainer, TextAssignmentTrainer, VQ
 from albef.training.pretrain import ALBEFPretrainer
 
 
+#: the tasks whose training text the authors cut at ``max_text_len`` tokens (Pretrain.py,
+#: Pretrain_nlvr.py: captions at 25; VQA.py: questions at 25); the others' training captions are
+#: not cut (their tokenizer call has ``max_length`` but no ``truncation``)
+TRUNCATED_TASKS = ("pretrain", "nlvr_pretrain", "vqa")
+
+
+def text_max_length(task: str, cfg: ALBEFConfig, truncate: bool | None = None) -> int:
+    """The token limit of a task's training text: ``cfg.max_text_len`` where the authors cut, else
+    only BERT's position limit. ``truncate`` (``data.truncate_text``) True cuts every task at
+    ``max_text_len``, False none of them."""
+    cut = task in TRUNCATED_TASKS if truncate is None else truncate
+    return cfg.max_text_len if cut else cfg.text.max_position_embeddings
+
+
 class PretrainTask:
     """ITC + ITM + MLM with momentum distillation on image–caption pairs."""
 
@@ -39,7 +53,8 @@ class PretrainTask:
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
         records, bad = read_annotations(d.train_files, parse_pretrain_entry(d.image_root, d.max_words, cleaning))
-        return PretrainDataset(records, transform, seed=recipe.train.seed), PretrainCollator(tokenizer, cfg.max_text_len), bad
+        return (PretrainDataset(records, transform, seed=recipe.train.seed),
+                PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad)
 
     def micro_step(self, module: nn.Module, batch: Any, alpha: float, generator: torch.Generator, first: bool
                    ) -> tuple[Tensor, dict[str, Tensor | None], Any]:
@@ -70,7 +85,7 @@ class RetrievalTask(PretrainTask):
         records, bad = read_retrieval_train(d.train_files, d.image_root, d.max_words, cleaning,
                                             grounding=recipe.task == "grounding")
         return (RetrievalTrainDataset(records, transform, seed=recipe.train.seed),
-                PretrainCollator(tokenizer, cfg.max_text_len), bad)
+                PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad)
 
 
 
@@ -91,7 +106,7 @@ class VQATask:
         # defaulting to data.image_root), as the authors' vqa_dataset joins them
         ds, bad = build_vqa_train_dataset(d.train_files, d.image_root, transform, recipe.train.seed, cleaning,
                                           vqa_root=d.vqa_root, vg_root=d.vg_root)
-        return ds, VQACollator(tokenizer, cfg.max_text_len), bad
+        return ds, VQACollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad
 
     def micro_step(self, module, batch, alpha, generator, first):
         out = module(batch.images, batch.question_ids, batch.question_mask, batch.answer_ids, batch.answer_mask,
@@ -118,7 +133,8 @@ class ClassifyTask:
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
         records, bad = read_classification(d.train_files, d.image_root, self.name, cleaning, d.max_words)
-        return PretrainDataset(records, transform, seed=recipe.train.seed), PretrainCollator(tokenizer, cfg.max_text_len), bad
+        return (PretrainDataset(records, transform, seed=recipe.train.seed),
+                PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad)
 
     def images(self, batch: Any):
         return batch.images if self.num_images == 1 else [batch.images[:, 0], batch.images[:, 1]]

@@ -75,7 +75,13 @@ class DataSection:
     # for every task (bounded memory), false for none
     truncate_text: bool | None = None
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    # RandomResizedCrop(crop_scale) before the flip; None: the task's, as the authors (grounding resizes
+    # the whole image instead, every other task crops)
+    random_crop: bool | None = None
     randaugment: bool = True
+    # reproduce RandomAugment's two uint8 wrap-arounds of the reference (Sharpness, AutoContrast)
+    # bit for bit; off: clipped values and PIL's autocontrast (albef.data.transforms)
+    randaugment_wrap: bool = False
     num_workers: int = 4
     max_bad_fraction: float = 0.01
     min_seen_for_bad_check: int = 1000

@@ -107,3 +107,26 @@ def test_gradcam_itc_defaults_to_the_authors_block():
     assert not torch.allclose(gradcam_itc(model, px, ids, mask, block=11), expected)
     with pytest.raises(ValueError, match="blocks 0-11"):
         gradcam_itc(model, px, ids, mask, block=12)
+
+
+def test_grounding_trains_on_whole_resized_images(tmp_path):
+    """The authors' grounding transform resizes (no random crop: it could cut the referred object
+    out); the other fine-tuning tasks crop."""
+    from torchvision import transforms as T
+
+    from albef.data.cli import write_shapes
+    from albef.recipes import load_recipe
+    from albef.training.loop import PretrainRun
+
+    write_shapes(tmp_path, n=8, image_size=32, seed=1)
+    (tmp_path / "g.json").write_text(json.dumps([{"image": f"images/{i:06d}.png", "text": "a shape", "ref_id": i}
+                                                 for i in range(8)]))
+    steps = {}
+    for task, train in (("grounding", "g.json"), ("retrieval", "retrieval_train.json")):
+        recipe = load_recipe(None, [f"task={task}", "model.preset=albef-tiny", "model.overrides={queue_size: 16}",
+                                    f"data.train_files=[{tmp_path / train}]", f"data.image_root={tmp_path}",
+                                    "data.num_workers=0", "train.batch_size=4", "train.device=cpu",
+                                    f"output_dir={tmp_path / task}"])
+        steps[task] = [type(t) for t in PretrainRun(recipe).dataset.transform.transforms]
+    assert steps["grounding"][:2] == [T.Resize, T.RandomHorizontalFlip]
+    assert steps["retrieval"][:2] == [T.RandomResizedCrop, T.RandomHorizontalFlip]

@@ -1,15 +1,20 @@
-"""Tests for albef.data.transforms against hand-computed expectations."""
+"""Tests for albef.data.transforms against hand-computed expectations and, for
+RandomAugment's ops, against the reference's OpenCV/numpy formulas written out
+here (salesforce/ALBEF ``dataset/randaugment.py``)."""
 
 from __future__ import annotations
 
 import math
+import platform
 import random
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 
 from albef.data.transforms import (
     CLIP_MEAN,
@@ -139,7 +144,9 @@ def test_translate_moves_pixel_by_seven_and_fills_grey(negate, shift):
 
 @pytest.mark.parametrize("negate", [False, True])
 def test_shear_moves_pixel_proportionally_to_other_axis(negate):
-    aug, f, h, w = RandomAugment(1, 7), (-0.21 if negate else 0.21), 6, 10
+    # NEAREST keeps the dot a single pixel, so the geometry can be read off directly.
+    aug = RandomAugment(1, 7, interpolation=InterpolationMode.NEAREST)
+    f, h, w = (-0.21 if negate else 0.21), 6, 10
     for y in range(h):
         for x in range(w):
             nx = round(x + f * y)  # reference matrix [[1, f, 0], [0, 1, 0]]
@@ -152,18 +159,31 @@ def test_shear_moves_pixel_proportionally_to_other_axis(negate):
     assert corner.getpixel((w - 1 if negate else 0, h - 1)) == (128,) * 3
 
 
-def test_rotate_keeps_centre_and_turns_counter_clockwise():
+def test_rotate_turns_counter_clockwise_about_opencv_centre():
+    # The reference rotates about (W/2, H/2) in OpenCV's coordinates, where pixel
+    # (x, y) has its centre at (x, y): for a 20 x 20 image that is pixel (10, 10),
+    # which must stay put exactly, even under bilinear sampling.
     aug = RandomAugment(1, 7)
-    out = aug.apply_op(_dot(9, 9, 4, 4), "Rotate")
-    assert _white(out) == [(4, 4)]
-    assert out.getpixel((0, 0)) == (128,) * 3  # corners rotate out of view
-    # A pixel 4 right of centre, turned 21 degrees counter-clockwise, lands at
-    # (4 - 4 sin 21, 4 + 4 cos 21) = (2.57, 7.73); nearest sampling may smear it
-    # over neighbouring pixels, so allow one pixel of slack.
+    black = np.zeros((20, 20, 3), np.uint8)
+    a = black.copy()
+    a[10, 10] = 255
+    out = np.asarray(aug.apply_op(Image.fromarray(a), "Rotate"))
+    assert out[10, 10].tolist() == [255] * 3
+    assert out[0, 0].tolist() == [128] * 3  # corners rotate out of view: grey border
+    # A pixel 4 right of the centre, turned 21 degrees counter-clockwise, lands at
+    # (10 - 4 sin 21, 10 + 4 cos 21) = (8.57, 13.73); bilinear sampling spreads it
+    # over its neighbours, whose centroid stays within half a pixel of that.
+    a = black.copy()
+    a[10, 14] = 255
     dy, dx = 4 * math.sin(math.radians(21)), 4 * math.cos(math.radians(21))
-    for negate, ey in ((False, 4 - dy), (True, 4 + dy)):
-        hits = _white(aug.apply_op(_dot(9, 9, 4, 8), "Rotate", negate=negate))
-        assert hits and all(abs(y - ey) < 1 and abs(x - 4 - dx) < 1 for y, x in hits)
+    for negate, ey in ((False, 10 - dy), (True, 10 + dy)):
+        out = np.asarray(aug.apply_op(Image.fromarray(a), "Rotate", negate=negate))[..., 0]
+        y0, x0 = round(ey) - 2, round(10 + dx) - 2
+        win = out[y0:y0 + 5, x0:x0 + 5].astype(float)
+        ys, xs = np.mgrid[y0:y0 + 5, x0:x0 + 5]
+        assert win.sum() > 200  # most of the 255 units of the dot
+        cy, cx = (win * ys).sum() / win.sum(), (win * xs).sum() / win.sum()
+        assert abs(cy - ey) < 0.5 and abs(cx - 10 - dx) < 0.5
 
 
 def test_argument_validation():
@@ -178,6 +198,8 @@ def test_argument_validation():
             RandomAugment(2, m)
     with pytest.raises(ValueError):
         RandomAugment(1, 7).apply_op(_const(0), "Cutout")
+    with pytest.raises(ValueError):
+        RandomAugment(2, 7, interpolation=InterpolationMode.BOX)
     assert RandomAugment(0, 7)(_const(9)).getpixel((0, 0)) == (9,) * 3
 
 
@@ -203,3 +225,214 @@ def test_ops_sampled_with_replacement_and_random_sign():
     # 0, 1 or 2 applications: 100, 136, int(136 * 1.36) = 184 (same op twice).
     assert seen == {100, 136, 184}
     assert shifts == {3, 10, 17}
+
+
+# --- RandomAugment against the reference's OpenCV/numpy formulas -------------------------
+# Each ``_ref_*`` below is the reference's op written out with cv2/numpy, independent of albef.
+
+_KERNEL = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
+_GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+def _textures() -> list[np.ndarray]:
+    """Deterministic textured RGB images, odd and even sizes (plus one greyscale)."""
+    out = []
+    for h, w in [(31, 31), (32, 48), (37, 52), (50, 23), (64, 64)]:
+        y, x = np.mgrid[0:h, 0:w]
+        out.append(np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (h + w - 2)], -1))
+        chk = ((x // 4 + y // 3) % 2) * 200 + 30  # hard edges; channel minimum 30
+        out.append(np.stack([chk, 255 - chk, (chk + 2 * x) % 256], -1))
+        wave = 127.5 + 100 * np.sin(x / 3.0) * np.cos(y / 4.0)
+        out.append(np.stack([wave, 255 - wave, wave / 2], -1))
+    out.append(np.random.default_rng(0).integers(0, 256, (40, 33, 3)))
+    return [a.astype(np.uint8) for a in out]
+
+
+def _ref_warp(a: np.ndarray, name: str, negate: bool, m: int = 7, flags: int = cv2.INTER_LINEAR) -> np.ndarray:
+    h, w = a.shape[:2]
+    sign = -1 if negate else 1
+    if name in ("ShearX", "ShearY"):
+        f = sign * (m / 10) * 0.3
+        mat = np.float32([[1, f, 0], [0, 1, 0]] if name == "ShearX" else [[1, 0, 0], [f, 1, 0]])
+    elif name in ("TranslateX", "TranslateY"):
+        off = sign * (m / 10) * 10.0
+        mat = np.float32([[1, 0, -off], [0, 1, 0]] if name == "TranslateX" else [[1, 0, 0], [0, 1, -off]])
+    else:
+        mat = cv2.getRotationMatrix2D((w / 2, h / 2), sign * (m / 10) * 30, 1)
+    return cv2.warpAffine(a, mat, (w, h), flags=flags, borderValue=(128, 128, 128))
+
+
+def _ref_sharpness_float(a: np.ndarray, factor: float) -> np.ndarray:
+    """The reference's blend before its final uint8 cast (border pixels unchanged)."""
+    degenerate = cv2.filter2D(a, -1, _KERNEL).astype(np.float32)[1:-1, 1:-1]
+    out = a.astype(np.float32)
+    out[1:-1, 1:-1] = degenerate + factor * (out[1:-1, 1:-1] - degenerate)
+    return out
+
+
+def _uint8_cast_x86(x: np.ndarray) -> np.ndarray:
+    """numpy's unclipped float -> uint8 cast as it behaves on x86: truncate, keep the low byte."""
+    return (np.trunc(x).astype(np.int64) % 256).astype(np.uint8)
+
+
+def _ref_autocontrast(a: np.ndarray, uint8_scalars: bool = True) -> np.ndarray:
+    """The reference's AutoContrast; ``uint8_scalars=False`` uses Python ints for low/high."""
+    channels = []
+    for ch in cv2.split(a):
+        high, low = ch.max(), ch.min()  # numpy uint8 scalars in the reference
+        if not uint8_scalars:
+            high, low = int(high), int(low)
+        if high <= low:
+            table = np.arange(256)
+        else:
+            scale = 255 / (high - low)
+            with np.errstate(over="ignore"):
+                offset = -low * scale  # with uint8 scalars -low wraps to 256 - low
+            table = np.arange(256) * scale + offset
+        channels.append(table.clip(0, 255).astype(np.uint8)[ch])
+    return cv2.merge(channels)
+
+
+def _ref_equalize(a: np.ndarray) -> np.ndarray:
+    channels = []
+    for ch in cv2.split(a):
+        hist = cv2.calcHist([ch], [0], None, [256], [0, 256])
+        step = np.sum(hist[hist != 0][:-1]) // 255
+        if step == 0:
+            channels.append(ch)
+            continue
+        n = np.empty_like(hist)
+        n[0], n[1:] = step // 2, hist[:-1]
+        channels.append((np.cumsum(n) // step).clip(0, 255).astype(np.uint8)[ch])
+    return cv2.merge(channels)
+
+
+def _albef(a: np.ndarray, name: str, negate: bool = False, **kw) -> np.ndarray:
+    return np.asarray(RandomAugment(1, kw.pop("m", 7), **kw).apply_op(Image.fromarray(a), name, negate=negate))
+
+
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("name", _GEOMETRIC)
+def test_geometric_ops_match_reference_opencv_warp(name, negate):
+    # The reference's matrices (float32), built here from its formulas and warped with OpenCV's
+    # INTER_LINEAR and grey border: albef's warp must give the same pixels. PIL's bilinear with
+    # the right geometry differs by up to 4-5 grey levels (mean up to 0.8), a rotation centre half
+    # a pixel off or edge pixels replicated instead of grey by up to 64-92: exact equality catches
+    # each of them.
+    images = _textures()
+    images.append(images[4][..., 1].copy())  # greyscale ("L") image
+    for a in images:
+        ref = _ref_warp(a, name, negate).astype(int)
+        got = _albef(a, name, negate).astype(int)
+        assert got.shape == ref.shape
+        diff = np.abs(got - ref)
+        assert diff.max() == 0, (a.shape, diff.max(), diff.mean())
+
+
+def test_nearest_option_matches_reference_geometry_with_opencv_nearest():
+    # The interpolation option changes only the sampling, not the geometry.
+    for a in _textures():
+        for name in _GEOMETRIC:
+            for negate in (False, True):
+                ref = _ref_warp(a, name, negate, flags=cv2.INTER_NEAREST)
+                near = _albef(a, name, negate, interpolation=InterpolationMode.NEAREST)
+                differ = (near != ref).any(-1).mean()
+                assert differ == 0, (a.shape, name, differ)
+
+
+@pytest.mark.parametrize("m", [0, 3, 7, 10])
+def test_brightness_matches_reference_table(m):
+    factor = (m / 10) * 1.8 + 0.1
+    table = (np.arange(256, dtype=np.float32) * factor).clip(0, 255).astype(np.uint8)
+    every_value = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for a in _textures() + [np.stack([every_value, every_value.T, 255 - every_value], -1)]:
+        assert (_albef(a, "Brightness", m=m) == table[a]).all()
+
+
+@pytest.mark.parametrize("m", [3, 5, 7, 10])
+def test_sharpness_matches_reference_where_in_range_and_clips_elsewhere(m):
+    factor = (m / 10) * 1.8 + 0.1
+    for a in _textures():
+        blend = _ref_sharpness_float(a, factor)
+        in_range = (blend >= 0) & (blend < 256)
+        got = _albef(a, "Sharpness", m=m)
+        assert (got[in_range] == blend[in_range].astype(np.uint8)).all()
+        assert (got == np.clip(blend, 0, 255).astype(np.uint8)).all()  # default: clamp
+
+
+def test_sharpness_wrap_reproduces_reference_uint8_wraparound():
+    a = np.zeros((12, 14, 3), np.uint8)
+    a[3:9, 4:10] = 255  # a bright square: overshoot above 255 inside, below 0 outside its edges
+    a[5:7, 6:8] = 40
+    factor = 0.7 * 1.8 + 0.1
+    blend = _ref_sharpness_float(a, factor)
+    assert blend.min() < 0 and blend.max() > 255  # the image does trigger the wrap
+    ref = _uint8_cast_x86(blend)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert (blend.astype(np.uint8) == ref).all()  # the reference's own cast, on this machine
+    wrapped = _albef(a, "Sharpness", sharpness_wrap=True)
+    assert (wrapped == ref).all()
+    clamped = _albef(a, "Sharpness")
+    assert (clamped == np.clip(blend, 0, 255).astype(np.uint8)).all()
+    below, above = blend < 0, blend >= 256
+    assert (clamped[below] == 0).all() and (clamped[above] == 255).all()
+    assert (wrapped[below] > 200).all() and (wrapped[above] < 100).all()  # salt and pepper
+
+
+def test_equalize_matches_reference():
+    for a in _textures() + [np.full((9, 9, 3), 77, np.uint8)]:
+        assert (_albef(a, "Equalize") == _ref_equalize(a)).all()
+
+
+def test_autocontrast_matches_reference_and_documents_its_uint8_wrap():
+    for a in _textures():
+        ref = _ref_autocontrast(a)
+        got = _albef(a, "AutoContrast")
+        # Default: the reference's formula with signed low/high (PIL's autocontrast).
+        assert (got == _ref_autocontrast(a, uint8_scalars=False)).all()
+        # Identical to the reference wherever a channel's minimum is 0 ...
+        for c in range(3):
+            if a[..., c].min() == 0:
+                assert (got[..., c] == ref[..., c]).all()
+        # ... and the flag reproduces the reference everywhere.
+        assert (_albef(a, "AutoContrast", autocontrast_wrap=True) == ref).all()
+    chk = _textures()[1]  # channel minimum 30: the reference turns the channel white
+    assert (_ref_autocontrast(chk)[..., 0] == 255).all()
+    assert set(np.unique(_albef(chk, "AutoContrast")[..., 0])) == {0, 255}
+
+
+def test_train_transform_without_crop_is_a_bicubic_resize_of_the_whole_image():
+    a = np.zeros((60, 100, 3), np.uint8)
+    a[:12, :20] = 255  # a small object in the top-left corner
+    a[30:, :, 1] = np.arange(100, dtype=np.uint8)[None, :] * 2
+    img = Image.fromarray(a)
+    resized = np.asarray(img.resize((32, 32), Image.Resampling.BICUBIC)).astype(np.float32) / 255
+    expected = {False: resized, True: resized[:, ::-1]}
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    tf = train_transform(32, randaugment=False, crop=False)
+    seen = set()
+    for seed in range(10):
+        torch.manual_seed(seed)
+        got = tf(img).numpy().transpose(1, 2, 0) * std + mean
+        matches = [flip for flip, e in expected.items() if np.allclose(got, e, atol=1e-5)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+        corner = got[:4, -4:] if matches[0] else got[:4, :4]
+        assert corner.min() > 0.95  # the corner object is never cut out
+    assert seen == {False, True}  # both flip outcomes checked
+    full = train_transform(32, crop=False)
+    assert [type(t) for t in full.transforms] == [T.Resize, T.RandomHorizontalFlip, RandomAugment,
+                                                  T.ToTensor, T.Normalize]
+    resize = full.transforms[0]
+    assert resize.size == (32, 32) and resize.interpolation == InterpolationMode.BICUBIC
+    assert (full.transforms[2].n, full.transforms[2].m) == (2, 7)
+
+
+def test_recipe_randaugment_wrap_reaches_both_flags():
+    from albef.data.transforms import train_transform
+
+    def aug(**kw):
+        return next(t for t in train_transform(32, **kw).transforms if isinstance(t, RandomAugment))
+
+    assert (aug().sharpness_wrap, aug().autocontrast_wrap) == (False, False)
+    assert (aug(uint8_wrap=True).sharpness_wrap, aug(uint8_wrap=True).autocontrast_wrap) == (True, True)

@@ -1,9 +1,37 @@
 """Image transforms of the ALBEF reference (salesforce/ALBEF ``dataset/``).
 
-The reference RandAugment works on numpy arrays through OpenCV; this port keeps
-its op list, magnitudes and sampling scheme but uses torchvision on PIL images,
-and draws every random number from torch's global RNG so that
-``torch.manual_seed`` (and DataLoader worker seeding) makes it reproducible.
+The reference RandAugment works on numpy arrays through OpenCV; this one keeps
+its op list, magnitudes and sampling scheme on PIL images, with the geometric
+ops through OpenCV's own ``warpAffine`` (its bilinear fixed-point sampling is
+what the reference trained with), and draws every random number from torch's
+global RNG so that ``torch.manual_seed`` (and DataLoader worker seeding) makes
+it reproducible.
+
+How close each op is to the reference's pixels (default arguments), checked
+against the reference's formulas in ``tests/test_transforms.py``:
+
+* Identity, Brightness (same float32 lookup table, truncated), Equalize (PIL's
+  equalize is the formula the reference re-implements) and Sharpness (same
+  ``[[1,1,1],[1,5,1],[1,1,1]]/13`` smoothing rounded to uint8, border pixels
+  left unchanged, same float32 blend truncated to uint8) are bit-exact, except
+  for Sharpness's out-of-range values, see below.
+* ShearX/ShearY/TranslateX/TranslateY/Rotate: the reference's matrices
+  (float32; rotation about ``(W/2, H/2)`` in OpenCV's pixel-centre
+  coordinates), bilinear, grey (128) border: bit-exact.
+* AutoContrast is PIL's ``ImageOps.autocontrast``, the behaviour the
+  reference's docstring promises; bit-exact wherever a channel's minimum is 0.
+
+Two reference artefacts are not reproduced by default; each has a flag that
+reproduces it bit for bit:
+
+* ``sharpness_wrap``: the reference casts the sharpened float image to uint8
+  without clipping, so values below 0 or above 255 (next to strong edges)
+  wrap around (``-3 -> 253``, ``300 -> 44``, as numpy does on x86) and show up
+  as salt-and-pepper pixels. Default: clip to [0, 255].
+* ``autocontrast_wrap``: the reference computes ``offset = -low * scale`` with
+  ``low`` a numpy uint8 scalar, so ``-low`` wraps to ``256 - low`` and every
+  channel whose minimum is above 0 (and not constant) becomes all 255. Channels
+  with minimum 0 are unaffected. Default: PIL's autocontrast.
 """
 
 from __future__ import annotations
@@ -11,9 +39,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import cv2
+import numpy as np
 import torch
 import torchvision.transforms.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -28,6 +58,71 @@ MAX_LEVEL = 10
 _FILL = 128  # the reference's grey border value (128, 128, 128)
 _TRANSLATE_CONST = 10  # pixels at MAX_LEVEL
 _SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
+_CV2_INTERPOLATION = {
+    InterpolationMode.NEAREST: cv2.INTER_NEAREST,
+    InterpolationMode.BILINEAR: cv2.INTER_LINEAR,
+    InterpolationMode.BICUBIC: cv2.INTER_CUBIC,
+}
+
+
+def _f32(x: float) -> float:
+    """Round to float32, as the reference's ``np.float32`` warp matrices do."""
+    return float(np.float32(x))
+
+
+def _warp(img: Image.Image, m: Sequence[Sequence[float]], interpolation: InterpolationMode,
+          fill: int) -> Image.Image:
+    """``cv2.warpAffine(img, m, (W, H), flags, borderValue=fill)``: the reference's own call.
+
+    ``m`` maps source to destination in OpenCV coordinates (pixel (x, y) centred at (x, y)).
+    OpenCV's bilinear warp samples positions rounded to 1/32 pixel in fixed point; PIL's differs
+    from it by up to 5 grey levels, so the warp is OpenCV's, not a port of it.
+    """
+    a = np.asarray(img)
+    out = cv2.warpAffine(a, np.asarray(m, dtype=np.float32), (img.width, img.height),
+                         flags=_CV2_INTERPOLATION[interpolation], borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=(fill,) * 4)
+    return Image.fromarray(out.reshape(a.shape), mode=img.mode)
+
+
+def _sharpness(img: Image.Image, factor: float, wrap: bool) -> Image.Image:
+    """The reference's Sharpness: blend with a 3x3 smoothing, border pixels kept."""
+    a = np.asarray(img)
+    h, w = a.shape[:2]
+    if h < 3 or w < 3:
+        return img.copy()
+    out = a.copy()
+    f = np.float32(factor)
+    block = max(1, 16384 // a[0].size)  # rows per step; small temporaries are cheaper
+    for r0 in range(1, h - 1, block):
+        r1 = min(h - 1, r0 + block)
+        x = a[r0 - 1:r1 + 1].astype(np.int16)
+        col = x[:-2] + x[1:-1] + x[2:]  # vertical 3-sums
+        centre = x[1:-1, 1:-1]
+        s = col[:, :-2] + col[:, 1:-1] + col[:, 2:] + 4 * centre  # kernel [[1,1,1],[1,5,1],[1,1,1]]
+        # s / 13 rounded to nearest, as cv2.filter2D into uint8 (s / 13 is never a tie).
+        degenerate = np.rint(s.astype(np.float32) / np.float32(13))
+        blend = degenerate + f * (centre.astype(np.float32) - degenerate)  # float32, as the reference
+        if wrap:  # numpy's unclipped float -> uint8 cast on x86: truncate, then modulo 256
+            inner = np.trunc(blend).astype(np.int32) & 255
+        else:
+            inner = np.clip(blend, 0, 255)
+        out[r0:r1, 1:-1] = inner.astype(np.uint8)
+    return Image.fromarray(out, mode=img.mode)
+
+
+def _autocontrast_wrapped(img: Image.Image) -> Image.Image:
+    """The reference's AutoContrast including its uint8 wrap of ``-low``."""
+    lut: list[int] = []
+    for band in img.split():
+        lo, hi = band.getextrema()
+        if hi <= lo:
+            lut += range(256)
+            continue
+        scale = 255 / (hi - lo)
+        offset = ((256 - lo) % 256) * scale  # -np.uint8(lo) == (256 - lo) % 256
+        lut += np.clip(np.arange(256) * scale + offset, 0, 255).astype(np.uint8).tolist()
+    return img.point(lut)
 
 
 class RandomAugment(torch.nn.Module):
@@ -36,6 +131,11 @@ class RandomAugment(torch.nn.Module):
     Magnitude ``m`` (0..10) maps to: Brightness/Sharpness factor ``m/10*1.8+0.1``;
     shear factor ``m/10*0.3``; translation ``m`` pixels; rotation ``m/10*30``
     degrees. Geometric ops get a random sign and a grey (128) border.
+
+    ``interpolation`` (NEAREST, BILINEAR or BICUBIC) is the geometric ops'
+    sampling; the reference's is BILINEAR. ``sharpness_wrap`` and
+    ``autocontrast_wrap`` reproduce two uint8 wrap-around artefacts of the
+    reference bit for bit; both are off by default (see the module docstring).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -49,7 +149,9 @@ class RandomAugment(torch.nn.Module):
         n: int = 2,
         m: int = 7,
         ops: Sequence[str] = DEFAULT_OPS,
-        interpolation: InterpolationMode = InterpolationMode.NEAREST,
+        interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+        sharpness_wrap: bool = False,
+        autocontrast_wrap: bool = False,
     ) -> None:
         super().__init__()
         unknown = [op for op in ops if op not in DEFAULT_OPS]
@@ -61,8 +163,11 @@ class RandomAugment(torch.nn.Module):
             raise ValueError(f"n must be >= 0, got {n}")
         if not 0 <= m <= MAX_LEVEL:
             raise ValueError(f"m must be in [0, {MAX_LEVEL}], got {m}")
+        if interpolation not in _CV2_INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {list(_CV2_INTERPOLATION)}, got {interpolation}")
         self.n, self.m, self.ops = n, m, tuple(ops)
         self.interpolation = interpolation
+        self.sharpness_wrap, self.autocontrast_wrap = sharpness_wrap, autocontrast_wrap
 
     def forward(self, img: Image.Image) -> Image.Image:
         # Same draw order as the reference: all op choices first, then per op a
@@ -80,8 +185,9 @@ class RandomAugment(torch.nn.Module):
         """Apply op ``name`` deterministically at magnitude ``self.m``.
 
         ``negate`` flips the direction of geometric ops. With ``negate=False``
-        ShearX moves pixel (y, x) to (y, x + f*y) and TranslateX moves content
-        ``m`` pixels to the left, exactly as the reference's OpenCV matrices.
+        ShearX moves pixel (y, x) to (y, x + f*y), TranslateX moves content
+        ``m`` pixels to the left and Rotate turns counter-clockwise, exactly as
+        the reference's OpenCV matrices.
 
         Example:
             >>> RandomAugment(1, 7).apply_op(Image.new("RGB", (8, 8), (100,) * 3),
@@ -90,59 +196,75 @@ class RandomAugment(torch.nn.Module):
         """
         level = self.m / MAX_LEVEL
         sign = -1.0 if negate else 1.0
-        fill = [_FILL] * len(img.getbands())  # torchvision wants one value per band
+        bands = len(img.getbands())
         if name == "Identity":
             return img
         if name == "AutoContrast":
-            return F.autocontrast(img)
+            return _autocontrast_wrapped(img) if self.autocontrast_wrap else F.autocontrast(img)
         if name == "Equalize":
             return F.equalize(img)
-        if name in ("Brightness", "Sharpness"):
+        if name == "Brightness":
             factor = level * 1.8 + 0.1
-            fn = F.adjust_brightness if name == "Brightness" else F.adjust_sharpness
-            return fn(img, factor)
+            # The reference's lookup table: float32 product, clipped, truncated.
+            table = (np.arange(256, dtype=np.float32) * np.float32(factor)).clip(0, 255)
+            return img.point(table.astype(np.uint8).tolist() * bands)
+        if name == "Sharpness":
+            return _sharpness(img, level * 1.8 + 0.1, self.sharpness_wrap)
         if name in ("ShearX", "ShearY"):
-            # torchvision's shear matrix is [[1, -tan(s)], ...], hence the minus.
-            # The centre (0.5, 0.5) is the middle of pixel (0, 0) in PIL's
-            # coordinates, matching OpenCV's origin at the first pixel centre.
-            deg = -math.degrees(math.atan(sign * level * 0.3))
-            shear = [deg, 0.0] if name == "ShearX" else [0.0, deg]
-            return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear,
-                            interpolation=self.interpolation, fill=fill, center=[0.5, 0.5])
+            f = _f32(sign * level * 0.3)
+            m = [[1.0, f, 0.0], [0.0, 1.0, 0.0]] if name == "ShearX" else [[1.0, 0.0, 0.0], [f, 1.0, 0.0]]
+            return _warp(img, m, self.interpolation, _FILL)
         if name in ("TranslateX", "TranslateY"):
-            # Reference matrix [[1, 0, -offset], ...] shifts content by -offset.
-            offset = -sign * level * _TRANSLATE_CONST
-            translate = [offset, 0.0] if name == "TranslateX" else [0.0, offset]
-            return F.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0],
-                            interpolation=self.interpolation, fill=fill)
+            # The reference samples the source ``offset`` pixels further on.
+            t = -_f32(sign * level * float(_TRANSLATE_CONST))
+            m = [[1.0, 0.0, t], [0.0, 1.0, 0.0]] if name == "TranslateX" else [[1.0, 0.0, 0.0], [0.0, 1.0, t]]
+            return _warp(img, m, self.interpolation, _FILL)
         if name == "Rotate":
-            # Positive angle is counter-clockwise in both OpenCV and torchvision.
-            return F.rotate(img, sign * level * 30.0, interpolation=self.interpolation, fill=fill)
+            # cv2.getRotationMatrix2D((W/2, H/2), angle, 1); positive = counter-clockwise.
+            rad = math.radians(sign * level * 30)
+            al, be = math.cos(rad), math.sin(rad)
+            cx, cy = img.width / 2, img.height / 2
+            m = [[al, be, (1 - al) * cx - be * cy], [-be, al, be * cx + (1 - al) * cy]]
+            return _warp(img, m, self.interpolation, _FILL)
         raise ValueError(f"unknown RandomAugment op {name!r}")
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, m={self.m}, ops={list(self.ops)}"
+        return (f"n={self.n}, m={self.m}, ops={list(self.ops)}, interpolation={self.interpolation.value}, "
+                f"sharpness_wrap={self.sharpness_wrap}, autocontrast_wrap={self.autocontrast_wrap}")
 
 
 def train_transform(
-    image_size: int, scale: tuple[float, float] = (0.2, 1.0), randaugment: bool = True
+    image_size: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    randaugment: bool = True,
+    *,
+    crop: bool = True,
+    uint8_wrap: bool = False,
 ) -> T.Compose:
     """Training pipeline: random crop, flip, RandAugment(2, 7), CLIP normalisation.
 
     Use ``scale=(0.2, 1.0)`` for pretraining and ``(0.5, 1.0)`` for fine-tuning.
+    ``crop=False`` replaces the random crop with a bicubic resize of the whole
+    image to ``image_size`` x ``image_size`` (``scale`` is then unused): the
+    reference's grounding fine-tuning pipeline, which must not crop the
+    referred object out of the image. ``uint8_wrap`` turns on both of
+    RandomAugment's reference artefacts (``sharpness_wrap``, ``autocontrast_wrap``).
     Note: the horizontal flip silently contradicts captions that mention
     "left"/"right"; the reference flips anyway and so do we.
 
     Example:
         >>> train_transform(64)(Image.new("RGB", (100, 80))).shape
         torch.Size([3, 64, 64])
+        >>> train_transform(64, crop=False)(Image.new("RGB", (300, 20))).shape  # no crop: squashed
+        torch.Size([3, 64, 64])
     """
-    steps: list = [
-        T.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-    ]
+    if crop:
+        first = T.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC)
+    else:
+        first = T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)
+    steps: list = [first, T.RandomHorizontalFlip()]
     if randaugment:
-        steps.append(RandomAugment(2, 7))
+        steps.append(RandomAugment(2, 7, sharpness_wrap=uint8_wrap, autocontrast_wrap=uint8_wrap))
     steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
     return T.Compose(steps)
 

@@ -195,7 +195,10 @@ class PretrainRun:
         self.task = get_task(r.task)
         # read before any training, so that a bad validation file fails now and not after an epoch
         self.validator = Validator.from_recipe(r, self.cfg, self.tokenizer)
-        transform = train_transform(self.cfg.vision.image_size, tuple(d.crop_scale), d.randaugment)
+        # grounding resizes the whole image (the authors' transform): a crop could cut the referred object out
+        crop = d.random_crop if d.random_crop is not None else r.task != "grounding"
+        transform = train_transform(self.cfg.vision.image_size, tuple(d.crop_scale), d.randaugment, crop=crop,
+                                    uint8_wrap=d.randaugment_wrap)
         if d.shards:
             self._shard_source(transform)
         else:

@@ -40,9 +40,10 @@ def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[s
                   None, seed, lr=s["pretrain_lr"], randaugment=s["randaugment"])
     for k, v in flags.items():
         setattr(pre.train, k, v)
-    _train(pre)
+    _train(pre, overwrite=True)  # an unfinished (row, seed) pair starts over; finished ones are not re-run
     _train(_recipe("retrieval", out / "retrieval", [str(emoji / "retrieval_train.json")], emoji, s["retrieval"],
-                   s["batch"], str(out / "pretrain" / "checkpoint_last.pt"), seed, randaugment=s["randaugment"]))
+                   s["batch"], str(out / "pretrain" / "checkpoint_last.pt"), seed, randaugment=s["randaugment"]),
+           overwrite=True)
     test = read_retrieval_eval(emoji / "retrieval_test.json", str(emoji))
     model = load_inference_model(out / "retrieval" / "checkpoint_last.pt")
     return evaluate_retrieval(model, test, Tokenizer(), test_transform(64), k=s["k"])["itm"]

@@ -3,6 +3,7 @@
 Example:
     >>> from albef import Pipeline
     >>> pipe = Pipeline.from_pretrained("runs/main/model")                        # doctest: +SKIP
+    >>> pipe = Pipeline.from_pretrained("runs/main/retrieval")  # a run folder: best, else last  # doctest: +SKIP
     >>> pipe.similarity(["cat.png", "dog.png"], ["a cat", "a dog"])              # doctest: +SKIP
     tensor([[0.41, 0.02], [0.05, 0.38]])
     >>> pipe.retrieve("a cat", gallery=["cat.png", "dog.png", "car.png"], top=2)  # doctest: +SKIP
@@ -95,8 +96,14 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "Pipeline":
-        model = ALBEF.from_pretrained(directory, device="cpu", dtype=dtype)
-        return cls(model, Processor.for_model(model, directory), device)
+        """An albef model folder, a training run's checkpoint (its student, built from the config the
+        checkpoint stores) or a run folder (its ``checkpoint_best.pt``, else ``checkpoint_last.pt``).
+        A bare state dict or an authors' checkpoint is an error saying to ``albef convert`` it."""
+        from albef.hub import load_model, resolve_model_path
+
+        path = resolve_model_path(directory)
+        model = load_model(path, device="cpu", dtype=dtype, expect=ALBEF)
+        return cls(model, Processor.for_model(model, path if path.is_dir() else None), device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -219,11 +226,14 @@ class VQAPipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None, **kwargs) -> "VQAPipeline":
-        from albef.hub import from_pretrained
+        """A VQA model folder, a VQA run's checkpoint or its run folder (as :meth:`Pipeline.from_pretrained`)."""
+        from albef.hub import load_model, resolve_model_path
         from albef.models.tasks import ALBEFForVQA
 
-        model = from_pretrained(directory, expect=ALBEFForVQA)
-        return cls(model, Processor.for_model(model, directory, max_text_len=35), device, **kwargs)
+        path = resolve_model_path(directory)
+        model = load_model(path, expect=ALBEFForVQA)
+        return cls(model, Processor.for_model(model, path if path.is_dir() else None, max_text_len=35), device,
+                   **kwargs)
 
     def set_answers(self, answer_list: Sequence[str]) -> None:
         if not answer_list:

@@ -4,21 +4,31 @@ The model's sizes are read from the tensors (depths, widths, fusion layer, image
 attention heads follow the 64-wide heads of ViT-B and BERT-base. ``--image-size`` resizes the
 position table (e.g. 384 for fine-tuning from a 256-pixel pretraining checkpoint). Loading is
 strict; the report says what was dropped (momentum copies, queues) and why.
+
+A training run's checkpoint (``checkpoint_last.pt``, ``checkpoint_best.pt``, or the run folder:
+best, else last) and an albef model folder store their model config: it is used as it is (the
+student of a checkpoint is written), and a ``--preset``, ``--vision-heads``, ``--text-heads`` or
+``--task`` that contradicts it is an error naming the differing fields.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from albef.config import ALBEFConfig, get_preset
 from albef.convert import from_authors
-from albef.hub import save_pretrained
-from albef.loading import load_albef, read_state_dict
+from albef.hub import CONFIG, WEIGHTS
+from albef.hub import _build as build_model
+from albef.hub import _describe as describe_model
+from albef.hub import from_pretrained, is_training_checkpoint, peek_checkpoint, resolve_model_path, save_pretrained
+from albef.loading import LoadReport, load_albef, read_state_dict
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
 
@@ -62,24 +72,117 @@ def config_from_state_dict(sd: dict[str, Tensor], preset: str = "albef-base", im
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="the authors' checkpoint (.pth), wrapped {'model': ...} or bare")
+    p.add_argument("src", help="the authors' checkpoint (.pth), wrapped {'model': ...} or bare; or a training "
+                               "run's checkpoint (.pt) or run folder, whose stored model config is used")
     p.add_argument("dst", help="output folder (config.json, model.safetensors, tokenizer files)")
-    p.add_argument("--preset", default="albef-base", help="preset for what tensors cannot tell (dropout, text settings)")
+    p.add_argument("--preset", help="preset for what tensors cannot tell (dropout, text settings; default "
+                                    "albef-base); a training checkpoint's stored config wins, and a preset that "
+                                    "contradicts it is an error")
     p.add_argument("--image-size", type=int, help="resize the position table to this resolution")
     p.add_argument("--vision-heads", type=int, help="ViT attention heads (default: width / 64)")
     p.add_argument("--text-heads", type=int, help="BERT attention heads (default: hidden / 64)")
     p.add_argument("--task", choices=["auto", "albef", "vqa", "ve", "nlvr"], default="auto",
                    help="which model the checkpoint holds (auto: from its keys)")
     args = p.parse_args(argv)
-    sd = read_state_dict(args.src)
+    src = resolve_model_path(args.src)
+    stored = _stored(src)
+    if stored is not None:
+        return _convert_stored(p, args, src, *stored)
+    sd = read_state_dict(src)
     task = detect_task(sd) if args.task == "auto" else args.task
-    cfg = config_from_state_dict(sd, args.preset, args.image_size, args.vision_heads, args.text_heads, task)
+    cfg = config_from_state_dict(sd, args.preset or "albef-base", args.image_size, args.vision_heads,
+                                 args.text_heads, task)
     model = build_for_task(task, cfg, sd)
-    report = load_albef(model, sd, args.src)
+    report = load_albef(model, sd, str(src))
     save_pretrained(model, args.dst)
     print(report)
     print(f"wrote {args.dst}: {type(model).__name__} (task {task}, image size {cfg.vision.image_size}, "
           f"{cfg.text.num_layers} text layers, fusion from {cfg.text.fusion_layer})")
+    return 0
+
+
+# the training wrapper's hyper-parameters: the inference model ignores them, so a preset may differ there
+TRAINING_ONLY = ("queue_size", "momentum", "alpha", "mlm_probability")
+# a training recipe's task -> the model convert writes
+RECIPE_TASKS = {"pretrain": "albef", "retrieval": "albef", "grounding": "albef", "vqa": "vqa", "ve": "ve",
+                "nlvr": "nlvr"}
+
+
+def _stored(src: Path) -> tuple[ALBEFConfig, str, str, str | None] | None:
+    """(config, task, where it comes from, the run's preset) of a source that stores its model config: a training
+    checkpoint or an albef model folder; None for a state dict (the config is then inferred)."""
+    if src.is_dir() and (src / CONFIG).exists():
+        meta = json.loads((src / CONFIG).read_text())
+        task = {"classification": "nlvr" if meta.get("num_images") == 2 else "ve"}.get(meta.get("task"),
+                                                                                     meta.get("task", "albef"))
+        return ALBEFConfig.from_dict(meta["config"]), task, f"its {CONFIG}", None
+    if not src.is_file() or src.suffix == ".safetensors":
+        return None
+    obj = peek_checkpoint(src)
+    if not is_training_checkpoint(obj):
+        return None
+    recipe = obj["recipe"]
+    m = recipe.get("model", {})
+    where = f"the run's model.preset={m.get('preset')}"
+    where += f", model.overrides={json.dumps(m['overrides'])}" if m.get("overrides") else ""
+    task = RECIPE_TASKS.get(recipe.get("task"), recipe.get("task"))
+    return ALBEFConfig.from_dict(obj["model_config"]), task, where, m.get("preset")
+
+
+def config_conflicts(cfg: ALBEFConfig, task: str, preset: str | None = None, vision_heads: int | None = None,
+                     text_heads: int | None = None, want_task: str = "auto",
+                     stored_preset: str | None = None) -> list[str]:
+    """The options that contradict a stored config, one ``field (option value, stored value)`` each.
+    Training-only hyper-parameters (queue size, momentum, alpha, MLM probability) are not compared, nor
+    the image size (``--image-size`` asks for a resize of the position table). The preset the run
+    itself named (``stored_preset``, its overrides applied) agrees by definition."""
+    out = []
+    if preset is not None and preset != stored_preset:
+        ref = get_preset(preset).to_dict()
+        have = cfg.to_dict()
+        for key in ref:
+            if key in TRAINING_ONLY:
+                continue
+            for name, a, b in (((f"{key}.{k}", ref[key][k], have[key][k]) for k in ref[key])
+                               if isinstance(ref[key], dict) else [(key, ref[key], have[key])]):
+                if a != b:
+                    out.append(f"{name} (--preset {preset}: {a!r}, stored: {b!r})")
+    for name, flag, value, stored in (("vision.num_heads", "--vision-heads", vision_heads, cfg.vision.num_heads),
+                                      ("text.num_heads", "--text-heads", text_heads, cfg.text.num_heads)):
+        if value is not None and value != stored:
+            out.append(f"{name} ({flag} {value}, stored: {stored})")
+    if want_task != "auto" and want_task != task:
+        out.append(f"task (--task {want_task}, stored: {task})")
+    return out
+
+
+def _convert_stored(p: argparse.ArgumentParser, args: argparse.Namespace, src: Path, cfg: ALBEFConfig, task: str,
+                    where: str, stored_preset: str | None) -> int:
+    bad = config_conflicts(cfg, task, args.preset, args.vision_heads, args.text_heads, args.task, stored_preset)
+    if bad:
+        p.error(f"{src} stores its model config ({where}); the options contradict it in:\n  " + "\n  ".join(bad)
+                + "\nthe stored config is what the weights were trained with: drop those options")
+    if src.is_dir():
+        model = from_pretrained(src)
+        report = LoadReport(str(src / WEIGHTS), loaded=sorted(model.state_dict()))
+    else:
+        from albef.training.loop import load_trainer_from_checkpoint
+
+        trainer = load_trainer_from_checkpoint(src, "cpu")
+        model, keys = trainer.model.eval(), list(trainer.state_dict())
+        report = LoadReport(str(src), loaded=[k for k in keys if k.startswith("model.")],
+                            dropped={k: "momentum teacher and queues: training state" for k in keys
+                                     if not k.startswith("model.")})
+    if args.image_size and args.image_size != cfg.vision.image_size:  # the one change asked for: a resize
+        cfg = ALBEFConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"],
+                                                                  "image_size": args.image_size}})
+        resized = build_model({**describe_model(model), "config": cfg.to_dict()})
+        report = load_albef(resized, {"model." + k: v for k, v in model.state_dict().items()}, str(src))
+        model = resized
+    save_pretrained(model, args.dst)
+    print(report)
+    print(f"wrote {args.dst}: {type(model).__name__} (task {task}, model config stored in {src}: {where}; image size "
+          f"{cfg.vision.image_size}, {cfg.text.num_layers} text layers, fusion from {cfg.text.fusion_layer})")
     return 0
 
 

@@ -28,30 +28,24 @@ MODEL_HELP = ("an albef model folder, a run's checkpoint (.pt), or a run folder:
 
 def resolve_model_path(path: str | Path) -> Path:
     """A run folder (it holds training checkpoints) becomes its best checkpoint, the epoch with the
-    best validation metric, or its last when the run had no validation; anything else is kept."""
-    from albef.training.checkpoint import BEST_NAME, CHECKPOINT_NAME
+    best validation metric, or its last when the run had no validation; anything else is kept.
+    (:func:`albef.hub.resolve_model_path`, the rule every model-loading command shares.)"""
+    from albef.hub import resolve_model_path as resolve
 
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").exists():
-        for name in (BEST_NAME, CHECKPOINT_NAME):
-            if (path / name).is_file():
-                return path / name
-    return path
+    return resolve(path)
 
 
 def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """An albef model folder, a training run's checkpoint (its student), or a run folder (its
-    ``checkpoint_best.pt``, else ``checkpoint_last.pt``)."""
+    ``checkpoint_best.pt``, else ``checkpoint_last.pt``); a bare state dict or an authors'
+    checkpoint is an error naming the file and the ``albef convert`` to run
+    (:func:`albef.hub.load_model`)."""
+    from albef.hub import load_model
+
     path = resolve_model_path(path)
     if path.suffix == ".pt":
         print(f"model: {path}", file=sys.stderr)
-    if path.is_dir():
-        from albef.hub import from_pretrained
-
-        return from_pretrained(path, device)
-    from albef.training.loop import load_trainer_from_checkpoint
-
-    return load_trainer_from_checkpoint(path, device).model.eval()
+    return load_model(path, device)
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -167,6 +161,7 @@ def _grounding(args: argparse.Namespace) -> int:
 
 def _task(args: argparse.Namespace) -> int:
     from albef.data.classification import read_classification
+    from albef.data.annotations import require_entries
     from albef.data.vqa import read_answer_list, read_vqa
     from albef.evaluation.tasks import evaluate_classification, evaluate_vqa
     from albef.training.distributed import init_distributed, shutdown
@@ -186,6 +181,7 @@ def _task(args: argparse.Namespace) -> int:
                                             args.scoring, args.batch_size, args.num_workers, info.device)
         else:
             records, bad = read_classification(args.data, args.image_root, args.what, model.config.text_cleaning)
+            require_entries(len(records), args.data, f"{args.what} evaluation")
             if bad:
                 raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
             metrics = evaluate_classification(model, records, tok, transform, args.batch_size, args.num_workers,

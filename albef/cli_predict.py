@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from albef.api import Pipeline
+from albef.hub import MODEL_PATHS, NotAModelError
 from albef.viz import overlay
 
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("score", help="ITC cosine and ITM probability of every image with every text")
     g = sub.add_parser("gradcam", help="Grad-CAM overlay PNG of a phrase on an image")
     for q in (s, g):
-        q.add_argument("--model", required=True, help="albef model folder (albef convert / a training run)")
+        q.add_argument("--model", required=True, help=MODEL_PATHS)
         q.add_argument("--image", action="append", required=True)
         q.add_argument("--text", action="append", required=True)
         q.add_argument("--device")
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--layer", type=int, help="fusion layer whose cross-attention is used (default: the third)")
     g.add_argument("--box", action="append", help="candidate box x,y,w,h (repeatable): the best is drawn in green")
     a = sub.add_parser("answer", help="answer a question about an image from an answer list (a VQA model)")
-    a.add_argument("--model", required=True, help="a VQA model folder")
+    a.add_argument("--model", required=True, help="a VQA model: " + MODEL_PATHS)
     a.add_argument("--image", required=True)
     a.add_argument("--question", required=True)
     a.add_argument("--answers", required=True, help="JSON list of candidate answers (answer_list.json)")
@@ -42,13 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         from albef.api import VQAPipeline
 
         answers = json.loads(Path(args.answers).read_text())
-        vqa = VQAPipeline.from_pretrained(args.model, device=args.device, answer_list=answers, k=args.k)
+        try:
+            vqa = VQAPipeline.from_pretrained(args.model, device=args.device, answer_list=answers, k=args.k)
+        except (NotAModelError, FileNotFoundError) as e:
+            raise SystemExit(f"albef predict: {e}") from None
         res = vqa.answer([args.image], [args.question])[0]
         print(res.answer)
         for ans, score in res.candidates[:5]:
             print(f"  {score:7.4f}  {ans}")
         return 0
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    try:
+        pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    except (NotAModelError, FileNotFoundError) as e:
+        raise SystemExit(f"albef predict: {e}") from None
     if args.what == "score":
         sims = pipe.similarity(args.image, args.text)
         print(f"{'image':30s} {'text':40s} {'itc':>7s} {'itm':>7s}")

@@ -26,11 +26,56 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--answers", default=None, help=f"JSON answer list for VQA (default: {DEFAULTS['answers']})")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "albef" / "index"),
                    help="where image embeddings are cached (re-used while folder and model are unchanged)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME", type=_host_name,
+                   help="a host name the server answers besides localhost, 127.0.0.1 and [::1] (any port); "
+                        "repeatable; needed when it is reached by another name or address (with --host 0.0.0.0); "
+                        "'*' answers any name (behind a proxy that checks it). Other Host headers get 421")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                   help="largest upload in pixels, read from the file's header before decoding (default: "
+                        "16000000; the model sees at most 384 px a side, so this only has to admit 12-16 Mpx "
+                        "phone photos and 4K/5K screenshots)")
+    p.add_argument("--max-upload-mb", type=_positive_float, default=None, metavar="MB",
+                   help="largest upload file; a longer request body is refused with 413 as it arrives (default: 16)")
+    p.add_argument("--max-decodes", type=_positive_int, default=None, metavar="N",
+                   help="images decoded at once; more uploads wait their turn (default: 2, about one per core; "
+                        "each holds up to 4 bytes x --max-pixels while it decodes)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _host_name(text: str) -> str:
+    from albef.serve.guard import normalise_host
+
+    try:
+        return normalise_host(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a host name: {e}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _allowed_hosts(args: argparse.Namespace) -> list[str]:
+    """``--allowed-host`` names, plus ``--host`` itself when it is one address rather than all."""
+    extra = list(getattr(args, "allowed_host", None) or [])
+    host = getattr(args, "host", "127.0.0.1")
+    if host not in ("0.0.0.0", "::", ""):
+        extra.append(host)
+    return extra
 
 
 def _model_id(path: Path) -> str:
@@ -42,6 +87,7 @@ def build_app(args: argparse.Namespace):
     """The FastAPI app for parsed arguments (tests call this without starting a server)."""
     from albef.api import Pipeline, Processor, VQAPipeline
     from albef.cli_evaluate import load_inference_model
+    from albef.hub import NotAModelError, resolve_model_path
     from albef.data.vqa import read_answer_list
     from albef.models.albef import ALBEF
     from albef.serve.app import create_app
@@ -52,11 +98,15 @@ def build_app(args: argparse.Namespace):
         hint = ("run the main job first (bash scripts/run.sh) or pass --model"
                 if args.model == DEFAULTS["model"] else "check the path")
         raise SystemExit(f"albef serve: no model at {model_path}: {hint}")
-    model = load_inference_model(model_path)
+    try:
+        model = load_inference_model(model_path)
+    except NotAModelError as e:
+        raise SystemExit(f"albef serve: {e}") from None
     if not isinstance(model, ALBEF):
         raise SystemExit(f"albef serve: {model_path} holds a {type(model).__name__}; --model needs a retrieval/"
                          "pretraining model (ALBEF); give a VQA model with --vqa-model")
-    pipe = Pipeline(model, Processor.for_model(model, model_path if model_path.is_dir() else None), args.device)
+    folder = resolve_model_path(model_path)  # a run folder holds checkpoints, not tokenizer files
+    pipe = Pipeline(model, Processor.for_model(model, folder if folder.is_dir() else None), args.device)
     index = GalleryIndex.build(pipe, args.images, args.cache_dir, model_id=_model_id(model_path),
                                progress=not args.no_progress)
     vqa = None
@@ -69,7 +119,11 @@ def build_app(args: argparse.Namespace):
             raise SystemExit(f"albef serve: VQA needs an answer list; {answers} does not exist (pass --answers FILE)")
         vqa = VQAPipeline(load_inference_model(vqa_path), device=args.device, answer_list=read_answer_list(answers),
                           k=min(128, len(read_answer_list(answers))))
-    return create_app(pipe, index, vqa, model_name=str(model_path))
+    return create_app(pipe, index, vqa, model_name=str(model_path), allowed_hosts=_allowed_hosts(args),
+                      max_pixels=getattr(args, "max_pixels", None),
+                      max_upload_bytes=(round(args.max_upload_mb * 2**20) if getattr(args, "max_upload_mb", None)
+                                        else None),
+                      max_decodes=getattr(args, "max_decodes", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app = build_app(args)
-    print(f"albef serve: open http://{args.host}:{args.port}", flush=True)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    print(f"albef serve: open http://{'[' + shown + ']' if ':' in shown else shown}:{args.port}", flush=True)
+    if args.host in ("0.0.0.0", "::", "") and not args.allowed_host:
+        print("albef serve: listening on every address, but answering only to localhost names; add "
+              "--allowed-host NAME for each name or address it is reached by", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

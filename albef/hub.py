@@ -99,3 +99,100 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
     model.load_state_dict(state, strict=True)
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()
+
+
+# -- any model path: a model folder, a run's checkpoint, a run folder ---------------------------
+
+MODEL_PATHS = ("an albef model folder, a run's checkpoint (.pt), or a run folder: its checkpoint_best.pt "
+               "(best validation epoch), else checkpoint_last.pt")
+
+
+class NotAModelError(ValueError):
+    """A weights file albef cannot build a model from by itself (no stored model config)."""
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A run folder (it holds training checkpoints) becomes its best checkpoint, the epoch with the
+    best validation metric, or its last when the run had no validation; anything else is kept."""
+    from albef.training.checkpoint import BEST_NAME, CHECKPOINT_NAME
+
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG).exists():
+        for name in (BEST_NAME, CHECKPOINT_NAME):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+def peek_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents without reading its tensors (memory-mapped), to tell what it is;
+    files that cannot be mapped are read whole by :func:`load_checkpoint` (its clear errors)."""
+    from albef.training.checkpoint import load_checkpoint
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) or broken file: the full loader says which
+        return load_checkpoint(path)
+    if not isinstance(obj, dict):
+        return load_checkpoint(path)  # its "expected a dict checkpoint" error
+    return obj
+
+
+def is_training_checkpoint(obj: object) -> bool:
+    """A checkpoint of an albef training run: the trainer's state with its model config and recipe."""
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "model_config" in obj and "recipe" in obj
+
+
+def describe_weights(obj: object) -> str:
+    """What a file that is not a training checkpoint holds, in words (for error messages)."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return ("an authors' checkpoint ({'model': state_dict, ...}) without albef's stored model config"
+                if "model_config" not in obj else "a checkpoint with a model config but no training recipe")
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = [str(k) for k in obj]
+        if any(k.startswith(("model.", "model_m.", "queue.")) for k in keys):
+            return "a bare state dict of an albef trainer (tensors only, no model config)"
+        if any(".bert." in k or "_m." in k or k in ("image_queue", "text_queue") or k.startswith("module.")
+               for k in keys):
+            return "an authors' checkpoint (a bare state dict in their key layout, no model config)"
+        return "a bare state dict (tensors only, e.g. torch.save(model.state_dict()); no model config)"
+    return "not a checkpoint albef knows (no 'model_config' and 'recipe' of a training run)"
+
+
+def not_a_model_error(path: str | Path, what: str) -> NotAModelError:
+    return NotAModelError(
+        f"{path} is {what}, not an albef model folder or training checkpoint, so albef cannot tell which "
+        f"model it holds. Convert it first, naming the preset it was built with: "
+        f"`albef convert {path} DIR --preset albef-base` (or albef-small / albef-tiny), then pass DIR")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               expect: type | None = None) -> torch.nn.Module:
+    """An inference model (eval mode) from an albef model folder, a training run's checkpoint (its
+    student, built from the config stored in the checkpoint) or a run folder (its
+    ``checkpoint_best.pt``, else ``checkpoint_last.pt``).
+
+    A bare state dict or an authors' checkpoint holds no model config: :class:`NotAModelError`
+    names the file and the ``albef convert`` that makes a model folder of it.
+    """
+    path = resolve_model_path(path)
+    if path.is_dir():
+        if not (path / CONFIG).exists():
+            raise FileNotFoundError(f"{path} is neither an albef model folder (no {CONFIG}) nor a run folder "
+                                    "(no checkpoint_best.pt / checkpoint_last.pt)")
+        return from_pretrained(path, device, dtype, expect)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected {MODEL_PATHS}")
+    if path.suffix == ".safetensors":
+        raise not_a_model_error(path, "a bare state dict (a .safetensors file without albef's config.json)")
+    obj = peek_checkpoint(path)
+    if not is_training_checkpoint(obj):
+        raise not_a_model_error(path, describe_weights(obj))
+    del obj
+    from albef.training.loop import load_trainer_from_checkpoint
+
+    model = load_trainer_from_checkpoint(path, "cpu").model
+    if expect is not None and not isinstance(model, expect):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a {expect.__name__}")
+    model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval()

@@ -62,16 +62,16 @@ def _recipe(task: str, out: Path, train_files: list[str], root: Path, steps: int
     })
 
 
-def _train(recipe: PretrainRecipe) -> tuple[dict, float]:
+def _train(recipe: PretrainRecipe, overwrite: bool = False) -> tuple[dict, float]:
     from albef.training.loop import PretrainRun
 
     t0 = time.perf_counter()
-    summary = PretrainRun(recipe).fit()
+    summary = PretrainRun(recipe, overwrite=overwrite).fit()
     return summary, time.perf_counter() - t0
 
 
 def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fetcher=None,
-             easyvqa_builder=None, randaugment: bool | None = None) -> Path:
+             easyvqa_builder=None, randaugment: bool | None = None, overwrite: bool = False) -> Path:
     from albef.cli_evaluate import format_table, load_inference_model
     from albef.data.emoji import build_emoji, fetch
     from albef.data.easyvqa import build_easyvqa
@@ -83,6 +83,10 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     from albef.evaluation.tasks import evaluate_vqa
     from albef.text import Tokenizer
 
+    if not overwrite and ((out / "report.md").exists() or any((out / stage / "checkpoint_last.pt").exists()
+                                                              for stage in ("pretrain", "retrieval", "vqa"))):
+        raise FileExistsError(f"{out} already holds a main job's results: pass --overwrite to run it again "
+                              "there (its runs are replaced), or --out ANOTHER_FOLDER")
     s = dict(SCALES[scale])
     if randaugment is not None:  # the RandAugment comparison in docs/ablation.md
         s["randaugment"] = randaugment
@@ -96,10 +100,10 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
 
     pre, times["pretrain"] = _train(_recipe("pretrain", out / "pretrain", [str(emoji_dir / "pretrain.json")], emoji_dir,
                                             s["pretrain"], s["batch"], None, seed, lr=s["pretrain_lr"],
-                                            randaugment=s["randaugment"]))
+                                            randaugment=s["randaugment"]), overwrite)
     ret, times["retrieval fine-tuning"] = _train(_recipe(
         "retrieval", out / "retrieval", [str(emoji_dir / "retrieval_train.json")], emoji_dir, s["retrieval"],
-        s["batch"], str(out / "pretrain" / "checkpoint_last.pt"), seed, randaugment=s["randaugment"]))
+        s["batch"], str(out / "pretrain" / "checkpoint_last.pt"), seed, randaugment=s["randaugment"]), overwrite)
 
     t0 = time.perf_counter()
     test = read_retrieval_eval(emoji_dir / "retrieval_test.json", str(emoji_dir))
@@ -126,7 +130,7 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     (out / "vqa_train_subset.json").write_text(json.dumps(train_q[: s["vqa"] * s["batch"]]))
     vqa_sum, times["VQA fine-tuning"] = _train(_recipe(
         "vqa", out / "vqa", [str(out / "vqa_train_subset.json")], vqa_dir, s["vqa"], s["batch"],
-        str(out / "pretrain" / "checkpoint_last.pt"), seed, lr=2e-4, randaugment=s["randaugment"]))
+        str(out / "pretrain" / "checkpoint_last.pt"), seed, lr=2e-4, randaugment=s["randaugment"]), overwrite)
     t0 = time.perf_counter()
     test_q = json.loads((vqa_dir / "vqa_test.json").read_text())
     rng.shuffle(test_q)
@@ -250,12 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", choices=list(SCALES), default="full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="run again into an --out that holds a main job")
     p.add_argument("--randaugment", action=argparse.BooleanOptionalAction, default=None,
                    help="RandAugment in every training stage (default: the scale's; off for the full job)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_main(Path(args.out), Path(args.data), args.scale, args.seed, randaugment=args.randaugment)
+    try:
+        run_main(Path(args.out), Path(args.data), args.scale, args.seed, randaugment=args.randaugment,
+                 overwrite=args.overwrite)
+    except FileExistsError as e:
+        p.error(str(e))
     return 0
 
 

@@ -9,6 +9,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +163,9 @@ class PretrainRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PretrainRecipe":
-        return _build(cls, d, "")
+        recipe = _build(cls, d, "")
+        _check(recipe)
+        return recipe
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -184,24 +188,102 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
         sub = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(sub):
             kwargs[k] = _build(sub, v, f"{where}{k}.")
-        elif isinstance(fields[k].default, tuple) and isinstance(v, list):
-            kwargs[k] = tuple(v)
         else:
             kwargs[k] = _coerce(v, str(fields[k].type), f"{where}{k}")
     return cls(**kwargs)
 
 
+#: strings a key accepts (for ``bool | str`` keys: the string besides true / false)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("pretrain", "retrieval", "grounding", "vqa", "ve", "nlvr", "nlvr_pretrain"),
+    "data.text_cleaning": ("albef", "blip"),
+    "train.schedule": ("albef", "cosine"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.grad_checkpointing": ("vision",),
+    "train.optimizer_in_backward": ("auto",),
+}
+
+
 def _coerce(v: Any, type_name: str, key: str) -> Any:
-    # YAML reads "3e-4" (no dot) as a string; numbers are what the recipe means.
-    for name, conv in (("float", float), ("int", int)):
-        if type_name.startswith(name) and isinstance(v, str):
-            try:
-                return conv(v)
-            except ValueError:
-                raise ValueError(f"recipe key {key}: {v!r} is not a valid {name}") from None
-    if type_name.startswith("float") and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    return v
+    """``v`` as the field's type, or an error naming the key and what it accepts. Booleans are
+    YAML's own (``true``/``false``): a string such as ``"false"`` is refused, never read as true."""
+    options = [t.strip() for t in type_name.split("|")]
+    for t in options:
+        if t == "None" and v is None:
+            return None
+        if t == "bool" and isinstance(v, bool):
+            return v
+        if t == "int" and not isinstance(v, bool):
+            if isinstance(v, int):
+                return v
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            if isinstance(v, str) and re.fullmatch(r"[+-]?\d+", v.strip()):
+                return int(v)
+        if t == "float" and not isinstance(v, bool):
+            if isinstance(v, (int, float)):
+                return float(v)
+            if isinstance(v, str):  # YAML reads "3e-4" (no dot) as a string
+                try:
+                    return float(v)
+                except ValueError:
+                    pass
+        if t == "str" and isinstance(v, str) and (key not in CHOICES or v in CHOICES[key]):
+            return v
+        if t.startswith("list[") and isinstance(v, (list, str)):
+            return [v] if isinstance(v, str) else v
+        if t.startswith("tuple[") and isinstance(v, (list, tuple)):
+            return tuple(v)
+        if t.startswith("dict[") and isinstance(v, dict):
+            return v
+    raise ValueError(f"recipe key {key}: {'empty' if v is None else repr(v)} is not allowed; give {_allowed(options, key)}")
+
+
+def _allowed(options: list[str], key: str) -> str:
+    words = {"bool": "true or false (unquoted)", "int": "an integer", "float": "a number", "None": "null",
+             "str": " / ".join(CHOICES[key]) if key in CHOICES else "a string"}
+    return " or ".join(words.get(t, t) for t in options)
+
+
+def _check(recipe: "PretrainRecipe") -> None:
+    """Values a run cannot use, refused before any data is read or folder made."""
+    d, t = recipe.data, recipe.train
+    problems = []
+
+    def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+        if not ok:
+            problems.append(f"{key} = {value!r}: must be {allowed}")
+
+    finite = math.isfinite
+    for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                   ("train.log_every", t.log_every), ("train.k_test", t.k_test), ("train.val_batch_size", t.val_batch_size),
+                   ("data.max_words", d.max_words), ("data.shuffle_buffer", d.shuffle_buffer)):
+        need(v >= 1, key, "an integer >= 1", v)
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null (every epoch) or an integer >= 1",
+         t.max_steps)
+    for key, v in (("train.checkpoint_every", t.checkpoint_every), ("train.warmup_epochs", t.warmup_epochs),
+                   ("train.warmup_steps", t.warmup_steps), ("data.num_workers", d.num_workers),
+                   ("data.min_seen_for_bad_check", d.min_seen_for_bad_check)):
+        need(v >= 0, key, "an integer >= 0" + (" (0: only at each epoch's end)" if "checkpoint" in key else ""), v)
+    need(finite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
+    for key, v in (("train.min_lr", t.min_lr), ("train.warmup_lr", t.warmup_lr), ("train.weight_decay", t.weight_decay),
+                   ("train.alpha_ramp_epochs", t.alpha_ramp_epochs), ("train.hard_negative_eps", t.hard_negative_eps)):
+        need(finite(v) and v >= 0, key, "a number >= 0", v)
+    need(0 <= t.alpha <= 1, "train.alpha", "a number in [0, 1]", t.alpha)
+    need(0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)", t.label_smoothing)
+    need(t.max_grad_norm is None or (finite(t.max_grad_norm) and t.max_grad_norm > 0), "train.max_grad_norm",
+         "null (no clipping) or a number > 0", t.max_grad_norm)
+    need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1] (0.01 = 1 %)",
+         d.max_bad_fraction)
+    lo_hi = tuple(d.crop_scale)
+    need(len(lo_hi) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lo_hi)
+         and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.crop_scale", "[low, high] with 0 < low <= high <= 1", list(lo_hi))
+    need(d.epoch_samples is None or d.epoch_samples >= 1, "data.epoch_samples", "null or an integer >= 1",
+         d.epoch_samples)
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", "auto, cpu, cuda or cuda:N",
+         t.device)
+    if problems:
+        raise ValueError("recipe values out of range:\n  " + "\n  ".join(problems))
 
 
 def apply_override(d: dict[str, Any], assignment: str) -> None:

@@ -31,6 +31,10 @@ __all__ = [
     "pre_question_blip",
     "clean_caption",
     "clean_question",
+    "clean_text",
+    "check_text",
+    "has_tokens",
+    "BadTextError",
     "TokenizedText",
     "Tokenizer",
     "DEFAULT_VOCAB_FILE",
@@ -110,18 +114,78 @@ def _dispatch(table: dict, kind: str, text: str, style: str, max_words: int) -> 
     return fn(text, max_words)
 
 
+class BadTextError(ValueError):
+    """Text the tokenizer cannot take (not a string, a lone surrogate) or that holds nothing for it."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# The tokenizers' own normalizer (as :class:`Tokenizer` sets it): it drops control and format
+# characters (NUL, zero-width spaces, ...) and turns whitespace into spaces, so a text it leaves
+# blank gives no token at all.
+_NORMALIZER = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=False,
+                                         lowercase=False)
+
+
+def check_text(text: object, what: str = "text") -> str:
+    """``text`` if the tokenizer can take it; else :class:`BadTextError` saying why.
+
+    Rejected: a value that is not a ``str`` (a number, ``None``, a list inside a caption list)
+    and a string holding a lone UTF-16 surrogate (``"\\udcc3"``: a JSON ``\\udXXX`` escape without
+    its pair, or undecodable bytes read with ``surrogateescape``), which the Rust tokenizer cannot
+    convert and would fail on in the middle of a batch.
+
+    >>> check_text("a dog")
+    'a dog'
+    """
+    if not isinstance(text, str):
+        raise BadTextError(f"{what} must be a string, not {'null' if text is None else type(text).__name__}")
+    m = _SURROGATE.search(text)
+    if m:
+        raise BadTextError(f"{what} holds a lone surrogate {ascii(m.group())} at character {m.start()} "
+                           "(undecodable bytes or an unpaired \\udXXX JSON escape); the tokenizer cannot take it: "
+                           "fix the text (re-encode the file as UTF-8)")
+    return text
+
+
+def has_tokens(text: str) -> bool:
+    """Whether the tokenizer gets at least one token from ``text`` (not blank once its normalizer
+    drops control and format characters)."""
+    return bool(text.strip()) and bool(_NORMALIZER.normalize_str(text).strip())
+
+
 def clean_caption(text: str, style: str = "albef", max_words: int = 30) -> str:
-    """Clean a caption with the ``"albef"`` (default) or ``"blip"`` (LAVIS) rules.
+    """Clean a caption with the ``"albef"`` (default) or ``"blip"`` (LAVIS) rules; text the
+    tokenizer cannot take is a :class:`BadTextError` (see :func:`check_text`).
 
     >>> clean_caption("Two dogs, playing!", style="blip")
     'two dogs, playing'
     """
-    return _dispatch(_CAPTION_CLEANERS, "caption", text, style, max_words)
+    return _dispatch(_CAPTION_CLEANERS, "caption", check_text(text, "caption"), style, max_words)
 
 
 def clean_question(text: str, style: str = "albef", max_words: int = 30) -> str:
-    """Clean a question with the ``"albef"`` (default) or ``"blip"`` (LAVIS) rules."""
-    return _dispatch(_QUESTION_CLEANERS, "question", text, style, max_words)
+    """Clean a question with the ``"albef"`` (default) or ``"blip"`` (LAVIS) rules; text the
+    tokenizer cannot take is a :class:`BadTextError` (see :func:`check_text`)."""
+    return _dispatch(_QUESTION_CLEANERS, "question", check_text(text, "question"), style, max_words)
+
+
+def clean_text(text: object, what: str = "'caption'", style: str = "albef", max_words: int = 30,
+               question: bool = False) -> str:
+    """The cleaning step of every annotation reader, training and evaluation: the cleaned text,
+    or :class:`BadTextError` naming ``what`` (the field) when it is missing, not a string, holds a
+    lone surrogate, or cleans to nothing the tokenizer keeps (punctuation only, NUL or other
+    control characters only). A reader skips the entry (training) or fails naming it (evaluation).
+
+    >>> clean_text("A dog!")
+    'a dog'
+    """
+    if text is None:
+        raise BadTextError(f"{what} is missing")
+    check_text(text, what)
+    cleaned = (clean_question if question else clean_caption)(text, style, max_words)
+    if not has_tokens(cleaned):
+        raise BadTextError(f"{what} is empty after cleaning ({text[:40]!r}); give it some words")
+    return cleaned
 
 
 @dataclass

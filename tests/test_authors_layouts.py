@@ -155,7 +155,7 @@ def test_vqa_trains_and_evaluates_on_the_authors_layout(vqa_layout, tmp_path):
     # batch 2 of 4 entries: the sampler's step may hold either dataset, so train on each alone too
     for files in ([d / "vqa_train.json", d / "vg_qa.json"], [d / "vg_qa.json"]):
         assert finetune(["vqa", f"data.train_files=[{','.join(map(str, files))}]", f"data.vqa_root={vqa_root}",
-                         f"data.vg_root={vg_root}", f"output_dir={out}", *TINY]) == 0
+                         f"data.vg_root={vg_root}", f"output_dir={out}", *TINY, "--overwrite"]) == 0
         assert not (out / "bad_samples.txt").exists()
     assert cli_main(["evaluate", "vqa", "--model", str(out / "checkpoint_last.pt"), "--data", str(d / "vqa_test.json"),
                      "--answers", str(d / "answer_list.json"), "--vqa-root", str(vqa_root), "--vg-root", str(vg_root),

@@ -22,6 +22,7 @@ from albef.serve import app as serve_app  # noqa: E402
 from albef.serve.app import create_app  # noqa: E402
 from albef.serve.index import GalleryIndex  # noqa: E402
 
+BASE = "http://localhost"  # the server answers only to its configured host names (TestClient's default is "testserver")
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (240, 220, 20), (20, 20, 20), (250, 250, 250)]
 
 
@@ -59,7 +60,7 @@ def vqa(tiny_config):
 
 @pytest.fixture
 def client(pipe, index, vqa):
-    return TestClient(create_app(pipe, index, vqa, model_name="tiny"))
+    return TestClient(create_app(pipe, index, vqa, model_name="tiny"), base_url=BASE)
 
 
 def test_index_skips_unreadable_files_and_reuses_its_cache(pipe, gallery, index, tmp_path):
@@ -148,7 +149,9 @@ def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(client, mo
 def test_oversized_upload_is_refused_before_decoding(client, monkeypatch):
     monkeypatch.setattr(serve_app, "MAX_UPLOAD_BYTES", 100)
     r = client.post("/api/match", data={"text": "red"}, files={"image": ("big.png", png_bytes(), "image/png")})
-    assert r.status_code == 413 and "MB" in r.json()["error"]
+    size = len(png_bytes())
+    assert r.status_code == 413  # small sizes are named in bytes, large ones in MB (the limit's own unit)
+    assert r.json()["error"] == f"big.png is {size} bytes; the upload limit is 100 bytes"
 
 
 def test_missing_image_and_bad_index(client):
@@ -177,7 +180,7 @@ def test_ask_answers_from_the_list_and_without_vqa_says_how_to_enable_it(client,
     assert r["answer"] in {"red", "green", "blue", "yes", "no"} and len(r["candidates"]) == 3
     scores = [c["score"] for c in r["candidates"]]
     assert scores == sorted(scores, reverse=True)
-    no_vqa = TestClient(create_app(pipe, index, None))
+    no_vqa = TestClient(create_app(pipe, index, None), base_url=BASE)
     r = no_vqa.post("/api/ask", data={"question": "what color is it?", "index": "0"})
     assert r.status_code == 404 and "--vqa-model" in r.json()["error"]
 
@@ -225,7 +228,7 @@ def test_build_app_from_a_saved_model(tmp_path, gallery, monkeypatch):
         build_app(args)
     args_ok = parser().parse_args(["--model", str(tmp_path / "model"), "--images", str(gallery), "--cache-dir",
                                    str(tmp_path / "c"), "--no-progress"])
-    c = TestClient(build_app(args_ok))
+    c = TestClient(build_app(args_ok), base_url=BASE)
     assert c.get("/api/info").json()["images"] == len(COLOURS)
 
 

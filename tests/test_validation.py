@@ -103,14 +103,16 @@ def test_resume_keeps_the_best_so_far(data, tmp_path):
 
 
 @pytest.mark.parametrize("task, train", [("vqa", "ve_train.json"), ("nlvr_pretrain", "pretrain.json")])
-def test_tasks_without_a_validation_metric_refuse_val_files(data, tmp_path, task, train):
-    with pytest.raises(ValueError, match="has no validation metric"):
+def test_tasks_without_a_validation_metric_refuse_val_files(data, tmp_path, capsys, task, train):
+    with pytest.raises(SystemExit):
         cli_main(_args(task, data, tmp_path / "x", train, "ve_train.json"))
+    assert "has no validation metric" in capsys.readouterr().err
 
 
-def test_a_missing_validation_file_fails_before_training(data, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+def test_a_missing_validation_file_fails_before_training(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
         cli_main(_args("ve", data, tmp_path / "x", "ve_train.json", "nowhere.json"))
+    assert "nowhere.json" in capsys.readouterr().err
     assert not (tmp_path / "x" / "checkpoint_last.pt").exists()
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from albef.data.annotations import BadSample, read_annotations, resolve_image
 from albef.data.pretrain import PretrainRecord
-from albef.text import clean_caption
+from albef.text import clean_text
 
 LABELS = {"ve": {"entailment": 2, "neutral": 1, "contradiction": 0}, "nlvr": {"True": 1, "False": 0}}
 
@@ -57,9 +57,7 @@ def read_classification(files: str | Sequence[str], image_root: str | None, task
             image: str | tuple[str, ...] = tuple(resolve_image(i, image_root) for i in imgs)
         else:
             image = resolve_image(_ve_file_name(entry.get("image")), image_root)
-        sentence = clean_caption(entry.get("sentence") or "", cleaning, max_words)
-        if not sentence:
-            raise ValueError("'sentence' is missing or empty after cleaning")
+        sentence = clean_text(entry.get("sentence"), "'sentence'", cleaning, max_words)
         label = str(entry.get("label"))
         if label not in labels:
             raise ValueError(f"label {entry.get('label')!r} is not one of {sorted(labels)}")

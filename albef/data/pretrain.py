@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from albef.data.annotations import BadSample, resolve_image
 from albef.seeding import mix_seed
-from albef.text import Tokenizer, clean_caption
+from albef.text import BadTextError, Tokenizer, check_text, clean_text
 
 # An image this large is almost certainly a mistake or an attack (a decompression bomb);
 # PIL's own default limit warns at ~89M pixels and fails at twice that.
@@ -43,15 +43,29 @@ def parse_pretrain_entry(image_root: str | None, max_words: int = 30, cleaning: 
     def parse(entry: dict, where: str) -> PretrainRecord:
         image = resolve_image(entry.get("image"), image_root)
         caption = entry.get("caption")
-        captions = caption if isinstance(caption, list) else [caption]
-        if not captions or not all(isinstance(c, str) for c in captions):
-            raise ValueError("'caption' must be a string or a list of strings")
-        cleaned = tuple(c for c in (clean_caption(c, cleaning, max_words) for c in captions) if c)
-        if not cleaned:
-            raise ValueError("caption is empty after cleaning")
-        return PretrainRecord(image, cleaned, where)
+        if isinstance(caption, list):
+            if not caption:
+                raise ValueError("'caption' must be a string or a list of strings, not an empty list")
+            # text the tokenizer cannot take rejects the entry; an empty caption of a list is dropped
+            for i, c in enumerate(caption):
+                check_text(c, f"'caption'[{i}]")
+            cleaned = tuple(c for c in _cleaned_or_empty(caption, cleaning, max_words) if c)
+            if not cleaned:
+                raise ValueError("every 'caption' is empty after cleaning")
+            return PretrainRecord(image, cleaned, where)
+        return PretrainRecord(image, (clean_text(caption, "'caption'", cleaning, max_words),), where)
 
     return parse
+
+
+def _cleaned_or_empty(captions: Sequence[str], cleaning: str, max_words: int) -> list[str]:
+    out = []
+    for c in captions:
+        try:
+            out.append(clean_text(c, "caption", cleaning, max_words))
+        except BadTextError:
+            out.append("")
+    return out
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

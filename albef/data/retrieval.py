@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from albef.data.annotations import BadSample, read_annotations, resolve_image
+from albef.data.annotations import BadSample, read_annotations, require_entries, resolve_image
 from albef.data.pretrain import PretrainDataset, PretrainRecord, load_image
-from albef.text import clean_caption
+from albef.text import check_text, clean_text
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,7 @@ def read_retrieval_train(files: str | Sequence[str], image_root: str | None, max
 
     def parse(entry: dict, where: str) -> RetrievalRecord:
         image = resolve_image(entry.get("image"), image_root)
-        caption = entry.get(text_key)
-        if not isinstance(caption, str):
-            raise ValueError(f"'{text_key}' must be a string")
-        cleaned = clean_caption(caption, cleaning, max_words)
-        if not cleaned:
-            raise ValueError("caption is empty after cleaning")
+        cleaned = clean_text(entry.get(text_key), f"'{text_key}'", cleaning, max_words)
         if grounding:
             key = entry["image"].split("/")[-1]
         elif "image_id" in entry:
@@ -78,13 +73,16 @@ def read_retrieval_eval(files: str | Sequence[str], image_root: str | None, max_
     def parse(entry: dict, where: str) -> tuple[str, list[str]]:
         image = resolve_image(entry.get("image"), image_root)
         caps = entry.get("caption")
-        caps = caps if isinstance(caps, list) else [caps]
-        cleaned = [clean_caption(c, cleaning, max_words) for c in caps if isinstance(c, str)]
-        if not cleaned or not all(cleaned):
-            raise ValueError("every caption must be a non-empty string after cleaning")
-        return image, cleaned
+        if not isinstance(caps, list):
+            return image, [clean_text(caps, "'caption'", cleaning, max_words)]
+        if not caps:
+            raise ValueError("'caption' is an empty list; every image needs a caption")
+        # every caption is a text query of the benchmark: none is dropped
+        return image, [clean_text(check_text(c, f"'caption'[{i}]"), f"'caption'[{i}]", cleaning, max_words)
+                       for i, c in enumerate(caps)]
 
     records, bad = read_annotations(files, parse)
+    require_entries(len(records), files, "retrieval evaluation")
     if bad:
         raise ValueError("the evaluation set has bad entries (fix them: skipping would change the benchmark):\n  "
                          + "\n  ".join(map(str, bad[:20])))

@@ -14,7 +14,6 @@ weights). A root left ``None`` falls back to ``image_root``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,9 @@ import torch
 from torch import Tensor
 
 from albef.api import tokenize_answers
-from albef.data.annotations import BadSample, read_annotations, resolve_image
+from albef.data.annotations import BadSample, read_annotations, read_json_file, require_entries, resolve_image
 from albef.data.pretrain import PretrainDataset, PretrainRecord
-from albef.text import Tokenizer, clean_question
+from albef.text import BadTextError, Tokenizer, check_text, clean_text, has_tokens
 
 
 @dataclass(frozen=True)
@@ -57,23 +56,32 @@ def read_vqa(files: str | Sequence[str], image_root: str | None, train: bool, cl
 
     def parse(entry: dict, where: str) -> VQARecord:
         image = resolve_image(entry.get("image"), roots["vg" if entry.get("dataset") == "vg" else "vqa"])
-        q = clean_question(entry.get("question") or "", cleaning, max_words)
-        if not q.strip():
-            raise ValueError("'question' is missing or empty after cleaning")
+        q = clean_text(entry.get("question"), "'question'", cleaning, max_words, question=True)
         ans = entry.get("answer")
-        ans = [ans] if isinstance(ans, str) else list(ans or [])
-        if train and (not ans or not all(isinstance(a, str) and a for a in ans)):
+        ans = [] if ans is None else [ans] if not isinstance(ans, list) else ans
+        for i, a in enumerate(ans):  # answers are tokenized (training) or compared (evaluation) as they are
+            check_text(a, "'answer'" if len(ans) == 1 else f"'answer'[{i}]")
+        if train and (not ans or not all(has_tokens(a) for a in ans)):
             raise ValueError("a training entry needs 'answer': a non-empty string or list of strings")
         answers, weights = answer_weights(ans, entry.get("dataset", "vqa")) if ans else ((), ())
         return VQARecord(image, (q,), where, answers, weights, entry.get("question_id", where), entry.get("question_type"))
 
-    return read_annotations(files, parse)
+    records, bad = read_annotations(files, parse)
+    if not train:
+        require_entries(len(records), files, "VQA evaluation")
+    return records, bad
 
 
 def read_answer_list(path: str | Path) -> list[str]:
-    answers = json.loads(Path(path).read_text())
+    answers = read_json_file(path)
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"{path}: expected a JSON list of answer strings")
+    for i, a in enumerate(answers):  # every candidate is tokenized: one the tokenizer can't take fails it all
+        try:
+            if not has_tokens(check_text(a, "answer")):
+                raise BadTextError(f"answer {a!r} is empty for the tokenizer")
+        except BadTextError as e:
+            raise ValueError(f"{path}[{i}]: {e}; fix or remove it") from None
     return answers
 
 

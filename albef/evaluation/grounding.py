@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from albef.data.annotations import read_annotations, resolve_image
+from albef.data.annotations import read_annotations, require_entries, resolve_image
 from albef.data.pretrain import load_image
 from albef.grounding import box_iou, box_scores, gradcam_itc, gradcam_itm, upsample_heatmap
 from albef.models.albef import ALBEF
-from albef.text import Tokenizer, clean_caption
+from albef.text import Tokenizer, clean_text
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,7 @@ def _box(b: object, what: str) -> tuple[float, float, float, float]:
 def read_grounding(files: str | Sequence[str], image_root: str | None, cleaning: str = "albef",
                    max_words: int = 30) -> list[GroundingRecord]:
     def parse(entry: dict, where: str) -> GroundingRecord:
-        text = clean_caption(entry.get("text") or "", cleaning, max_words)
-        if not text:
-            raise ValueError("'text' is missing or empty after cleaning")
+        text = clean_text(entry.get("text"), "'text'", cleaning, max_words)
         cands = entry.get("candidates")
         if not isinstance(cands, list) or not cands:
             raise ValueError("'candidates' must be a non-empty list of boxes")
@@ -57,6 +55,7 @@ def read_grounding(files: str | Sequence[str], image_root: str | None, cleaning:
                                str(entry.get("split", "test")))
 
     records, bad = read_annotations(files, parse)
+    require_entries(len(records), files, "grounding evaluation")
     if bad:
         raise ValueError("the grounding set has bad entries (fix them: skipping would change the benchmark):\n  "
                          + "\n  ".join(map(str, bad[:20])))
@@ -82,6 +81,8 @@ def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokeniz
     """Accuracy (IoU ≥ 0.5) overall and per split, and every prediction."""
     if mode not in ("itm", "itc"):
         raise ValueError("mode must be 'itm' (cross-attention Grad-CAM) or 'itc' (ViT self-attention)")
+    if not records:
+        raise ValueError("no grounding records: nothing to evaluate (the evaluation file holds no entry)")
     model.eval()
     from albef.training.distributed import gather_lists, rank_slice
 

@@ -166,6 +166,9 @@ def evaluate_retrieval(model: ALBEF, data: RetrievalEvalSet, tokenizer: Tokenize
                        max_length: int = 30, diagnose: bool = False) -> dict[str, dict[str, float]]:
     """Metrics of ITC alone and (unless ``itc_only``) of ITC + ITM re-ranking; ``diagnose`` adds
     ``"diagnostic"``, the win rates of :func:`itm_diagnostic`."""
+    if not data.images or not data.texts:
+        raise ValueError("the retrieval evaluation set is empty: nothing to evaluate (give it entries with "
+                         "an image and captions)")
     g = embed_gallery(model, data.images, data.texts, tokenizer, transform, max_length, batch_size, num_workers, device)
     sims = cosines(g)
     results = {"itc": retrieval_metrics(sims, sims.T, data.img2txt, data.txt2img)}

@@ -42,6 +42,11 @@ def _batches(records, transform, batch_size: int, num_workers: int):
     return DataLoader(_EvalDataset(records, transform), batch_size=batch_size, num_workers=num_workers)
 
 
+def _require(records: Sequence, what: str) -> None:
+    if not records:  # the readers name the files (albef.data.annotations.require_entries)
+        raise ValueError(f"no {what} records: nothing to evaluate (the evaluation file holds no entry)")
+
+
 def _position_limit(model: torch.nn.Module) -> int:
     # the authors cut VQA test questions, SNLI-VE and NLVR2 texts nowhere: only BERT's positions bound them
     return model.config.text.max_position_embeddings
@@ -60,6 +65,8 @@ def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokeni
                  device: torch.device | str = "cpu", max_question_len: int | None = None) -> tuple[dict, list[dict]]:
     """Answers ``[{"question_id", "answer"}]`` (the evaluation server's format) and, where the
     records carry answers, accuracy overall and per question type."""
+    records = list(records)
+    _require(records, "VQA")
     model.eval()
     ans = tokenize_answers(tokenizer, answer_list)
     ans_ids, ans_mask = ans.input_ids.to(device), ans.attention_mask.to(device)
@@ -90,8 +97,9 @@ def evaluate_classification(model: ALBEFForClassification, records, tokenizer: T
                             batch_size: int = 64, num_workers: int = 0, device: torch.device | str = "cpu",
                             max_length: int | None = None) -> dict:
     """Accuracy (the authors' ``argmax == label``) over all records."""
-    model.eval()
     records = list(records)
+    _require(records, "classification")
+    model.eval()
     mine = records[rank_slice(len(records))]
     correct = 0
     for px, idx in _batches(mine, transform, batch_size, num_workers):

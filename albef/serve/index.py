@@ -86,7 +86,8 @@ class GalleryIndex:
                     pixels.append(pipe.processor.transform(pipe.processor.load(p)))
                     batch.append(str(p.relative_to(folder)))
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    bad.append({"file": str(p.relative_to(folder)), "error": f"{type(e).__name__}: {e}"})
+                    rel = str(p.relative_to(folder))  # messages name the file as the page shows it, not where it is
+                    bad.append({"file": rel, "error": f"{type(e).__name__}: {e}".replace(str(p), rel)})
                     log.warning("skipping %s: not a readable image (%s)", p, e)
             if pixels:
                 with torch.inference_mode():

@@ -33,7 +33,9 @@ from albef.models.vit import VisionTransformer
 from albef.recipes import PretrainRecipe
 from albef.seeding import SEED_RULE, mix_seed
 from albef.text import Tokenizer
-from albef.training.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from albef.training.checkpoint import (BEST_NAME, CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, check_output_dir,
+                                      clean_stale_temp_files, delete_run_files, load_checkpoint, rng_state,
+                                      save_checkpoint, set_rng_state)
 from albef.training.distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, ensure_process_group,
                                         init_distributed)
 from albef.training.heap import release_after_step
@@ -177,16 +179,27 @@ def load_trainer_from_checkpoint(path: str | Path, device: str | torch.device = 
 
 
 class PretrainRun:
-    """Everything one pretraining run needs; :meth:`fit` runs it."""
+    """Everything one pretraining run needs; :meth:`fit` runs it.
 
-    def __init__(self, recipe: PretrainRecipe, resume: bool | str = False):
+    ``resume``: True continues the run in ``output_dir`` (from its ``checkpoint_last.pt``, or
+    ``checkpoint_prev.pt`` when the last is unreadable), a path continues from that checkpoint.
+    ``overwrite``: start over in a folder that holds a run, deleting its checkpoints and logs;
+    without it (or ``resume``) such a folder is an error, before any work.
+    """
+
+    def __init__(self, recipe: PretrainRecipe, resume: bool | str = False, overwrite: bool = False):
         self.recipe = recipe
         r, d, t = recipe, recipe.data, recipe.train
-        r.model.check_sources()  # before any work or folder
-        self.dist: DistInfo = init_distributed(t.device)
         self.out = Path(r.output_dir)
+        check_output_dir(self.out, resume, overwrite)  # before any work or folder
+        r.model.check_sources()
+        self.dist: DistInfo = init_distributed(t.device)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for tmp in clean_stale_temp_files(self.out):  # left by writes that a kill interrupted
+                log.warning("removed %s, a partial write of a killed run", tmp)
+            if overwrite:
+                delete_run_files(self.out)
         torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
         self.cfg = r.model.build_config()
         cleaning = d.text_cleaning or self.cfg.text_cleaning
@@ -283,10 +296,13 @@ class PretrainRun:
                                    if t.max_steps else None)
         self.state = RunState()
         if resume:
-            self._resume(self.out / CHECKPOINT_NAME if resume is True else Path(resume))
+            self._resume(self.out / CHECKPOINT_NAME if resume is True else Path(resume), explicit=resume is not True)
         self.metrics = MetricsLogger(self.out, enabled=self.dist.is_main,
                                      resume_step=self.state.global_step + 1)  # fresh runs drop stale rows
         self.bad_names: list[BadSample] = []
+        # the step of the newest checkpoint_last.pt (None: none written or resumed from yet)
+        usable = resume and self.state.global_step and not getattr(self, "_last_unusable", False)
+        self._saved_step: int | None = self.state.global_step if usable else None
 
     def _shard_source(self, transform) -> None:
         """WebDataset shards instead of a JSON list (``data.shards``): pretraining and retrieval."""
@@ -303,12 +319,23 @@ class PretrainRun:
             d.shuffle_buffer, d.num_workers)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _resume(self, path: Path) -> None:
-        if not path.exists():
+    def _resume(self, path: Path, explicit: bool = False) -> None:
+        previous = path.with_name(PREVIOUS_NAME) if path.name == CHECKPOINT_NAME else None
+        if not path.exists() and not (previous and previous.exists()):
+            if explicit:
+                raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
             if self.dist.is_main:
-                log.warning("no checkpoint at %s: starting from scratch", path)
+                log.warning("no checkpoint in %s yet: starting from scratch", path.parent)
             return
-        ckpt = load_checkpoint(path)
+        try:
+            ckpt = load_checkpoint(path)
+        except (CheckpointError, FileNotFoundError) as e:
+            if previous is None or not previous.exists():
+                raise
+            if self.dist.is_main:  # a kill between the two renames, or a damaged file
+                log.warning("%s; resuming from %s, the checkpoint before it", e, previous)
+            path, ckpt = previous, load_checkpoint(previous)
+            self._last_unusable = True  # the next save replaces the damaged last, keeps this one
         if ckpt["model_config"] != self.cfg.to_dict():
             raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
         saved_scale = ckpt.get("recipe", {}).get("train", {}).get("lr_scale") or {}
@@ -363,7 +390,11 @@ class PretrainRun:
                              "state": vars(self.state).copy(), "rng": rng_state(), "geometry": self._geometry(),
                              "scheduler": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch},
                              "recipe": self.recipe.to_dict(), "model_config": self.cfg.to_dict()}
-            save_checkpoint(ckpt, self.out / CHECKPOINT_NAME)
+            # checkpoint_prev.pt keeps the last checkpoint of an earlier step (a save at the same step,
+            # e.g. the epoch's end right after a checkpoint_every one, replaces the last in place)
+            rotate = self._saved_step is not None and self._saved_step != self.state.global_step
+            save_checkpoint(ckpt, self.out / CHECKPOINT_NAME, previous=self.out / PREVIOUS_NAME if rotate else None)
+            self._saved_step = self.state.global_step
             if best:
                 save_checkpoint(ckpt, self.out / BEST_NAME)
         barrier()

@@ -436,3 +436,11 @@ def test_recipe_randaugment_wrap_reaches_both_flags():
 
     assert (aug().sharpness_wrap, aug().autocontrast_wrap) == (False, False)
     assert (aug(uint8_wrap=True).sharpness_wrap, aug(uint8_wrap=True).autocontrast_wrap) == (True, True)
+
+
+def test_flip_can_be_turned_off():
+    from albef.data.transforms import train_transform
+
+    kinds = [type(t) for t in train_transform(32, flip=False).transforms]
+    assert T.RandomHorizontalFlip not in kinds and T.RandomResizedCrop in kinds
+    assert T.RandomHorizontalFlip in [type(t) for t in train_transform(32).transforms]

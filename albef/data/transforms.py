@@ -240,6 +240,7 @@ def train_transform(
     *,
     crop: bool = True,
     uint8_wrap: bool = False,
+    flip: bool = True,
 ) -> T.Compose:
     """Training pipeline: random crop, flip, RandAugment(2, 7), CLIP normalisation.
 
@@ -249,6 +250,8 @@ def train_transform(
     reference's grounding fine-tuning pipeline, which must not crop the
     referred object out of the image. ``uint8_wrap`` turns on both of
     RandomAugment's reference artefacts (``sharpness_wrap``, ``autocontrast_wrap``).
+    ``flip=False`` drops the horizontal flip: for captions that say left or right, which the
+    flip makes false half the time.
     Note: the horizontal flip silently contradicts captions that mention
     "left"/"right"; the reference flips anyway and so do we.
 
@@ -262,7 +265,7 @@ def train_transform(
         first = T.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC)
     else:
         first = T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)
-    steps: list = [first, T.RandomHorizontalFlip()]
+    steps: list = [first, T.RandomHorizontalFlip()] if flip else [first]
     if randaugment:
         steps.append(RandomAugment(2, 7, sharpness_wrap=uint8_wrap, autocontrast_wrap=uint8_wrap))
     steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]

@@ -204,6 +204,7 @@ def bench_pretrain(args, dev, amp) -> dict:
     # first H200 run, with one, had our bf16 steps 2-5 three times slower than steps 6-10)
     a, b = alternate(ours, theirs, dev, args.reps, warmup=3 if dev.type == "cuda" else 1)
     res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch, "reps": args.reps,
+           "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
            "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
            "ours_all": a, "theirs_all": b, "flops_per_step": flops, "flops_per_step_theirs": flops_theirs}
     # peak memory of each side alone, in fresh processes (both share this one), alternating; the
@@ -246,7 +247,7 @@ def rss_probe(args) -> None:
     """One side alone: CUDA allocator peak on a GPU, peak resident set on the CPU."""
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda" and args.rss_probe == "ours") else None
+    amp = torch.bfloat16 if (args.bf16 and args.rss_probe == "ours") else None
     ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,),
                                         grad_checkpointing=args.grad_checkpointing,
                                         in_backward=in_backward(args, amp), trim=True)
@@ -376,20 +377,28 @@ def interpreter() -> str:
         return exe.name
 
 
-def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
+def table(results: list[dict], args, peak_flops: float, dtype: str, gemm: dict | None = None, n: int = 0) -> str:
     rows = ["| benchmark | setting | ours | reference | ours/ref time | other |", "|---|---|---|---|---|---|"]
     for r in results:
         ratio = r["ours_s"] / r["theirs_s"]
         if r["what"] == "pretrain":
             lean = setup_words(args)
             setting = f"{r['preset']} res {r['res']} batch {r['batch']}" + (
-                f", ours with {' and '.join(lean)}" if lean else "")
+                f", ours with {' and '.join(lean)}" if lean else "") + (
+                ", **ours in bf16 autocast**, the reference in float32 as it ships"
+                if r.get("ours_dtype") == "bfloat16" else "")
             f_a, f_b = r["flops_per_step"], r.get("flops_per_step_theirs", r["flops_per_step"])
             probes = r.get("peak_mb_ours_all", [])
             spread = (f", median of {len(probes)} probes each: {min(probes):.0f}-{max(probes):.0f} / "
                       f"{min(r['peak_mb_theirs_all']):.0f}-{max(r['peak_mb_theirs_all']):.0f}" if len(probes) > 1 else "")
-            other = (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
-                     f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x{spread}); MFU {100 * f_a / r['ours_s'] / peak_flops:.1f} % / "
+            bf16 = r.get("ours_dtype") == "bfloat16"
+            pk_a = gemm[torch.bfloat16] if bf16 and gemm else peak_flops  # ours' MFU against its own dtype's rate
+            fp32 = next((q for q in results if q["what"] == "pretrain" and q.get("ours_dtype") != "bfloat16"
+                         and (q["preset"], q["res"], q["batch"]) == (r["preset"], r["res"], r["batch"])), None)
+            speedup = (f"ours bf16 step {fp32['ours_s'] / r['ours_s']:.2f}x faster than ours float32 "
+                       f"({fp32['ours_s']:.3f} s, row above); " if bf16 and fp32 else "")
+            other = speedup + (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
+                     f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x{spread}); MFU {100 * f_a / r['ours_s'] / pk_a:.1f} % / "
                      f"{100 * f_b / r['theirs_s'] / peak_flops:.1f} % (own FLOPs: {f_a / 1e9:.0f} / {f_b / 1e9:.0f} "
                      f"GFLOP/step; theirs on our {f_a / 1e9:.0f}: {100 * f_a / r['theirs_s'] / peak_flops:.1f} %); "
                      f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s; steps "
@@ -416,17 +425,23 @@ def table(results: list[dict], args, peak_flops: float, dtype: str) -> str:
     small_rows = any(r["what"] == "pretrain" and r.get("reps", args.reps) != args.reps for r in results)
     head = (f"Machine: {machine()}; {args.threads} threads; {versions()}; device {args.device} ({dtype} for ours"
             f"{', the reference as it ships' if args.device == 'cuda' else ''}). Matrix-multiply throughput measured "
-            f"in the same run (best of before and after): {peak_flops / 1e9:.1f} GFLOP/s ({dtype}). Medians of {args.reps} (training"
+            f"in the same run (best of before and after, {n}x{n}): "
+            + (", ".join(f"{v / 1e9:.1f} GFLOP/s {str(d).removeprefix('torch.')}" for d, v in gemm.items()) if gemm
+               else f"{peak_flops / 1e9:.1f} GFLOP/s ({dtype})")
+            + f" (MFU against the {dtype} rate). Medians of {args.reps} (training"
             f"{f'; {args.small_reps} for the CPU-sized preset' if small_rows else ''}) / "
             f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
             f"`{shlex.join([interpreter(), 'bench/compare.py'] + sys.argv[1:])}`.")
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
-JOBS = ("pretrain", "pretrain-small", "retrieval", "vqa")
+JOBS = ("pretrain", "pretrain-small", "retrieval", "vqa", "pretrain@bf16", "pretrain-small@bf16")
 
 
 def run_job(job: str, args: argparse.Namespace, dev: torch.device, amp: torch.dtype | None) -> dict:
+    if job.endswith("@bf16"):  # the same benchmark with ours in bf16 autocast (memory probes too)
+        return run_job(job.removesuffix("@bf16"), argparse.Namespace(**{**vars(args), "bf16": True}), dev,
+                       torch.bfloat16)
     if job == "pretrain":
         return bench_pretrain(args, dev, amp)
     if job == "pretrain-small":
@@ -475,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for ours (the reference runs as it ships)")
+    p.add_argument("--bf16-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: the pretraining rows again with ours in bf16 autocast (the reference in float32)")
     p.add_argument("--grad-checkpointing", nargs="?", const="all", default="none", choices=["none", "vision", "all"],
                    help="pretraining: ours recomputes encoder blocks in the backward (train.grad_checkpointing)")
     p.add_argument("--optimizer-in-backward", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
@@ -502,10 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "bf16 autocast" if amp else "float32"
     # measured at the start and again at the end, the higher kept: a shared machine's speed drifts,
     # and one slow moment at the start once gave an MFU over 100 %
-    n = 8192 if dev.type == "cuda" else 1024
-    peak = 0.0 if args.job else matmul_flops_per_s(dev, amp or torch.float32, n)
+    n = 8192 if dev.type == "cuda" else 2048
+    gemm = {} if args.job else {d: matmul_flops_per_s(dev, d, n) for d in (torch.float32, torch.bfloat16)}
+    pretrain_jobs = ["pretrain", "pretrain-small"] if args.small_preset else ["pretrain"]
+    if args.bf16_rows and dev.type == "cpu":
+        pretrain_jobs += [f"{j}@bf16" for j in pretrain_jobs]
     jobs = [args.job] if args.job else [j for what in args.what for j in
-                                        ([what, "pretrain-small"] if what == "pretrain" and args.small_preset else [what])]
+                                        (pretrain_jobs if what == "pretrain" else [what])]
     results = []
     for job in jobs:
         if len(jobs) > 1 and not args.in_process:  # the child prints its result
@@ -516,8 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.job:  # a child of run_isolated: its parent writes the table
         args.json.write_text(json.dumps({"results": results}))
         return 0
-    peak = max(peak, matmul_flops_per_s(dev, amp or torch.float32, n))
-    text = table(results, args, peak, dtype)
+    gemm = {d: max(v, matmul_flops_per_s(dev, d, n)) for d, v in gemm.items()}
+    peak = gemm[amp or torch.float32]
+    text = table(results, args, peak, dtype, gemm, n)
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "matmul_flops_per_s": peak}, indent=1))

@@ -115,7 +115,8 @@ def test_main_runs_the_probes_and_rounds_each_preset_asks_for(monkeypatch, tmp_p
     monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: 1e9)
     monkeypatch.setattr(C, "versions", lambda: "torch x")
     out = tmp_path / "r.json"
-    assert C.main(["--what", "pretrain", "--reps", "2", "--small-reps", "4", "--in-process", "--json", str(out)]) == 0
+    assert C.main(["--what", "pretrain", "--reps", "2", "--small-reps", "4", "--in-process", "--json", str(out),
+                   "--no-bf16-rows"]) == 0
     base, small = json.loads(out.read_text())["results"]
     assert (len(base["ours_all"]), len(small["ours_all"])) == (2, 4)
     assert probes == [(p, s) for p in ("albef-base", "albef-small") for _ in range(3) for s in ("ours", "theirs")]
@@ -133,7 +134,8 @@ def test_each_benchmark_runs_in_a_process_of_its_own(monkeypatch, tmp_path):
 
     def fake_isolated(argv, job):
         calls.append((tuple(argv), job))
-        return {**RESULTS[{"pretrain": 0, "pretrain-small": 0, "retrieval": 1, "vqa": 2}[job]], "job": job}
+        return {**RESULTS[{"pretrain": 0, "pretrain-small": 0, "retrieval": 1, "vqa": 2}[job.removesuffix("@bf16")]],
+                "job": job, **({"ours_dtype": "bfloat16"} if job.endswith("@bf16") else {})}
 
     monkeypatch.setattr(C, "run_isolated", fake_isolated)
     monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: 1e9)
@@ -141,7 +143,8 @@ def test_each_benchmark_runs_in_a_process_of_its_own(monkeypatch, tmp_path):
     out = tmp_path / "r.json"
     argv = ["--reps", "2", "--json", str(out)]
     assert C.main(argv) == 0
-    assert calls == [(tuple(argv), j) for j in ("pretrain", "pretrain-small", "retrieval", "vqa")]
+    assert calls == [(tuple(argv), j) for j in ("pretrain", "pretrain-small", "pretrain@bf16", "pretrain-small@bf16",
+                                                "retrieval", "vqa")]
     assert [r["job"] for r in json.loads(out.read_text())["results"]] == [j for _, j in calls]
     calls.clear()
     monkeypatch.setattr(C, "run_job", lambda job, *a: {**RESULTS[2], "job": job})

@@ -16,7 +16,7 @@ if ! "$VENV/bin/python" -c "import lavis" 2>/dev/null; then
   $PIP --no-deps "salesforce-lavis==1.0.2"
 fi
 $PIP "timm==0.4.12" "transformers==4.26.1" "numpy<2" "pandas<2.3" omegaconf iopath "fairscale==0.4.4" \
-  "pillow>=10" safetensors pyyaml tqdm
+  "pillow>=10" safetensors pyyaml tqdm "opencv-python-headless>=4.8,<4.11"  # albef's RandomAugment; <4.11 runs on numpy 1
 # albef itself, without its pins (tokenizers comes at the version transformers 4.26 accepts)
 $PIP --no-deps -e .
 "$VENV/bin/python" -c "import albef, transformers, timm; print('reference venv ready:', '$VENV')"

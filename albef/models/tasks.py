@@ -75,8 +75,8 @@ def answer_nll(logits: Tensor, answer_ids: Tensor, pad_id: int = 0, label_smooth
 
 @torch.no_grad()
 def rank_answers(model: ALBEFForVQA, question_states: Tensor, question_mask: Tensor, answer_ids: Tensor,
-                 answer_mask: Tensor, k: int, scoring: str = "albef", label_smoothing: float = 0.0
-                 ) -> dict[str, Tensor]:
+                 answer_mask: Tensor, k: int, scoring: str = "albef", label_smoothing: float = 0.0,
+                 head_chunk: int = 512) -> dict[str, Tensor]:
     """Rank a fixed answer list for each question (the authors' two-stage procedure).
 
     Stage 1: the first answer token's probability picks ``k`` candidates. Stage 2: each
@@ -85,21 +85,52 @@ def rank_answers(model: ALBEFForVQA, question_states: Tensor, question_mask: Ten
     and softmaxes over the k; ``"corrected"`` counts it once (``−NLL``); ``"lavis"`` is
     ``−NLL`` too, with LAVIS's label smoothing passed in. Returns ``ranked_ids`` [B, k]
     (answer-list indices, best first), ``scores`` and the intermediate values.
+
+    The scores are those of running the decoder on every candidate against its question's states
+    repeated k times (what the authors and LAVIS do), with the shared work done once
+    (:class:`_PrefixDecoder`): each question's cross-attention keys/values are projected once per
+    layer; a causal decoder's state at a position depends only on the tokens up to it, so the
+    candidates of a question form a prefix tree and each distinct prefix (the start token: the
+    stage-1 pass itself) is decoded once, one position at a time over all questions, without
+    padding; the last token of an answer predicts nothing and is never decoded. The vocabulary
+    head runs on the distinct prefixes, ``head_chunk`` of them at a time. The model is used as in
+    evaluation (no dropout).
     """
     if scoring not in ("albef", "corrected", "lavis"):
         raise ValueError(f"scoring must be 'albef', 'corrected' or 'lavis', not {scoring!r}")
-    B = question_states.shape[0]
+    B, dev = question_states.shape[0], question_states.device
     k = min(k, answer_ids.shape[0])
-    start = answer_ids[:1, :1].expand(B, 1)  # [CLS] as the start token
-    first_logits = model.answer_logits(start, torch.ones_like(start), question_states, question_mask)[:, 0]
+    dec = _PrefixDecoder(model, question_states, question_mask)
+    # level 0: the start token of each question (every distinct first token of the list, usually [CLS] alone)
+    starts, start_of = answer_ids[:, 0].unique(return_inverse=True)  # [S], [n_answers]
+    S = len(starts)
+    root_q = torch.arange(B, device=dev).repeat_interleave(S)
+    root_h = dec.level(starts.repeat(B), root_q, [])  # [B * S, H]
+    root_logits = model.decoder_head(root_h, model.text_decoder.embeddings.word_embeddings.weight)
+    first_logits = root_logits.view(B, S, -1)[:, start_of[0]]  # answer_ids[0, 0] starts every answer
     prob_first = first_logits.softmax(-1).index_select(1, answer_ids[:, 1])  # [B, n_answers]
     topk_probs, topk_ids = prob_first.topk(k, dim=1)
-    cand_ids = answer_ids[topk_ids.reshape(-1)]  # question-major [B*k, La]
-    cand_mask = answer_mask[topk_ids.reshape(-1)]
-    q = question_states.repeat_interleave(k, 0)
-    qm = question_mask.repeat_interleave(k, 0)
-    logits = model.answer_logits(cand_ids, cand_mask, q, qm)
-    nll = answer_nll(logits, cand_ids, label_smoothing=label_smoothing).view(B, k)
+
+    cand = topk_ids.reshape(-1)  # question-major [B*k]
+    cand_ids = answer_ids[cand]
+    lengths = answer_mask[cand].sum(1)  # real tokens; position t < length - 1 predicts token t + 1
+    cand_q = torch.arange(B, device=dev).repeat_interleave(k)
+    depth = int(lengths.max()) - 1  # positions that predict something: 0 .. depth - 1
+    nodes = torch.zeros(B * k, max(depth, 1), dtype=torch.long, device=dev)  # each candidate's prefix at each position
+    nodes[:, 0] = cand_q * S + start_of[cand]
+    nll = torch.zeros(B * k, dtype=torch.promote_types(root_logits.dtype, torch.float32), device=dev)
+    for t in range(depth):
+        live = (lengths - 1 > t).nonzero().squeeze(1)  # candidates with a target at position t + 1
+        h = None
+        if t > 0:  # the distinct prefixes (question, tokens 0..t) of those candidates, question-major
+            keys = torch.cat([cand_q[live, None], cand_ids[live, : t + 1]], 1)
+            uniq, inverse = keys.unique(dim=0, return_inverse=True)
+            nodes[live, t] = inverse
+            rep = live.new_empty(len(uniq)).scatter_(0, inverse, live)  # a candidate through each prefix
+            h = dec.level(uniq[:, -1], uniq[:, 0], [nodes[rep, s] for s in range(t)])
+        nll[live] += _token_nll(model, nodes[live, t], cand_ids[live, t + 1], label_smoothing, head_chunk,
+                                hidden=h, logits=root_logits if h is None else None)
+    nll = nll.view(B, k)
     if scoring == "albef":
         score = topk_probs.log() - nll
         probs, order = score.softmax(-1).topk(k, dim=1)
@@ -109,6 +140,78 @@ def rank_answers(model: ALBEFForVQA, question_states: Tensor, question_mask: Ten
     return {"ranked_ids": topk_ids.gather(1, order), "scores": probs, "first_token_logits": first_logits,
             "prob_first_token": prob_first, "topk_probs": topk_probs, "topk_ids": topk_ids,
             "candidate_nll": nll, "log_probs_sum": score}
+
+
+def _token_nll(model: ALBEFForVQA, node: Tensor, target: Tensor, label_smoothing: float, chunk: int,
+               hidden: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
+    """Per-token loss of ``answer_nll`` (cross-entropy, label smoothing, a padding target counting 0)
+    of ``target`` [M] under the next-token distribution of prefix ``node`` [M]: rows of ``logits``,
+    or of the head over ``hidden`` [N, H], computed ``chunk`` prefixes at a time."""
+    n = len(hidden) if hidden is not None else len(logits)
+    out = None
+    for a in range(0, n, chunk):
+        part = logits[a: a + chunk] if hidden is None else model.decoder_head(
+            hidden[a: a + chunk], model.text_decoder.embeddings.word_embeddings.weight)
+        logp = part.to(torch.promote_types(part.dtype, torch.float32)).log_softmax(-1)  # as cross_entropy under autocast
+        if out is None:
+            out = logp.new_zeros(len(node))
+        sel = ((node >= a) & (node < a + len(part))).nonzero().squeeze(1)
+        rows = node[sel] - a
+        loss = -logp[rows, target[sel]]
+        if label_smoothing:
+            loss = (1 - label_smoothing) * loss - label_smoothing * logp.mean(-1)[rows]
+        out[sel] = loss.masked_fill(target[sel] == 0, 0.0)
+    return out
+
+
+class _PrefixDecoder:
+    """The answer decoder run one position at a time over a prefix tree of answers.
+
+    ``level(tokens, question, ancestors)`` decodes the prefixes of the next position: ``tokens``
+    [N] their last tokens, ``question`` [N] (ascending) the question each belongs to,
+    ``ancestors[s]`` [N] the index of each one's prefix at position s among that position's
+    (earlier ``level`` calls). The self-attention keys/values of each position are kept for the
+    next; the cross-attention keys/values of every layer are the question states' projections,
+    made once (:meth:`TextEncoder.image_context`), and each question's new prefixes are
+    attended to them together.
+    """
+
+    def __init__(self, model: ALBEFForVQA, question_states: Tensor, question_mask: Tensor):
+        self.enc = model.text_decoder
+        self.context = self.enc.image_context(question_states, question_mask)
+        self.B = question_states.shape[0]
+        self.kv: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.enc.encoder.layer]  # [layer][position]
+
+    def level(self, tokens: Tensor, question: Tensor, ancestors: list[Tensor]) -> Tensor:
+        emb, t, N = self.enc.embeddings, len(ancestors), len(tokens)
+        if t >= emb.position_embeddings.num_embeddings:
+            raise ValueError(f"answers longer than max_position_embeddings {emb.position_embeddings.num_embeddings}")
+        x = emb.word_embeddings.weight[tokens]
+        if emb.token_type_embeddings is not None:
+            x = x + emb.token_type_embeddings.weight[0]
+        x = emb.dropout(emb.LayerNorm(x + emb.position_embeddings.weight[t]))  # [N, H]
+        # each question's prefixes side by side as the queries of one cross-attention row
+        counts = torch.bincount(question, minlength=self.B)
+        slot = torch.arange(N, device=x.device) - (counts.cumsum(0) - counts)[question]
+        width = int(counts.max())
+        for i, layer in enumerate(self.enc.encoder.layer):
+            sa = layer.attention.self
+            h, d = sa.num_heads, sa.head_dim
+            q, k, v = (lin(x).view(N, h, 1, d) for lin in (sa.query, sa.key, sa.value))
+            keys = torch.cat([kk[a] for (kk, _), a in zip(self.kv[i], ancestors)] + [k], 2)  # [N, h, t + 1, d]
+            values = torch.cat([vv[a] for (_, vv), a in zip(self.kv[i], ancestors)] + [v], 2)
+            self.kv[i].append((k, v))
+            x = layer.attention.output(F.scaled_dot_product_attention(q, keys, values).view(N, h * d), x)
+            ca = layer.crossattention.self
+            cq = ca.query(x)
+            grid = cq.new_zeros(self.B, width, h * d)
+            grid[question, slot] = cq
+            out = F.scaled_dot_product_attention(grid.view(self.B, width, h, d).transpose(1, 2), self.context.keys[i],
+                                                 self.context.values[i], attn_mask=self.context.mask)
+            out = out.transpose(1, 2).reshape(self.B, width, h * d)[question, slot]
+            x = layer.crossattention.output(out, x)
+            x = layer.output(layer.intermediate.dense(x), x, gelu=True)
+        return x
 
 
 def share_cross_attention_kv(encoder: TextEncoder) -> None:

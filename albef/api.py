@@ -8,6 +8,7 @@ Example:
     tensor([[0.41, 0.02], [0.05, 0.38]])
     >>> pipe.retrieve("a cat", gallery=["cat.png", "dog.png", "car.png"], top=2)  # doctest: +SKIP
     [RetrievalHit(index=0, itc=0.41, itm=0.97), RetrievalHit(index=2, itc=0.08, itm=0.03)]
+    >>> pipe = Pipeline.from_pretrained("runs/main/model", precision="auto")  # bf16 autocast where native  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from albef.data.pretrain import load_image
 from albef.data.transforms import test_transform
 from albef.grounding import box_scores, gradcam_itm, upsample_heatmap
 from albef.models.albef import ALBEF
+from albef.precision import autocast, resolve_precision
 from albef.text import TokenizedText, Tokenizer, clean_caption
 
 ImageLike = str | Path | Image.Image | Tensor
@@ -83,27 +85,49 @@ class GroundingResult:
     best_box: int | None  # index of the best box
 
 
+def _up(x: Tensor, amp: bool) -> Tensor:
+    """Autocast's bf16/fp16 outputs returned as float32 (a pipeline whose weights are bf16 keeps them)."""
+    return x.float() if amp and x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 class Pipeline:
-    """A model and its processor on a device, with batched, gradient-free entry points."""
+    """A model and its processor on a device, with batched, gradient-free entry points.
+
+    ``precision``: ``"fp32"`` (default), ``"bf16"`` (autocast to bfloat16 around the forward
+    passes, float32 weights; features and scores come back float32) or ``"auto"`` (bf16 where the
+    GPU or CPU has native bfloat16, see :mod:`albef.precision`; ``"fp16"`` on CUDA only).
+    """
 
     def __init__(self, model: ALBEF, processor: Processor | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, precision: str = "fp32"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(precision, self.device, "precision")
         self.model = model.to(self.device).eval()
         self.processor = processor or Processor.for_model(model)
         self.batch_size = batch_size
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "Pipeline":
+                        dtype: torch.dtype | None = None, precision: str = "fp32") -> "Pipeline":
         """An albef model folder, a training run's checkpoint (its student, built from the config the
         checkpoint stores) or a run folder (its ``checkpoint_best.pt``, else ``checkpoint_last.pt``).
-        A bare state dict or an authors' checkpoint is an error saying to ``albef convert`` it."""
+        A bare state dict or an authors' checkpoint is an error saying to ``albef convert`` it.
+        ``dtype`` casts the weights; ``precision`` autocasts the forward passes (see the class)."""
         from albef.hub import load_model, resolve_model_path
 
         path = resolve_model_path(directory)
         model = load_model(path, device="cpu", dtype=dtype, expect=ALBEF)
-        return cls(model, Processor.for_model(model, path if path.is_dir() else None), device)
+        return cls(model, Processor.for_model(model, path if path.is_dir() else None), device, precision=precision)
+
+    @property
+    def amp(self) -> bool:
+        """Whether the forward passes run under autocast (``precision`` bf16 / fp16)."""
+        return self.precision != "fp32"
+
+    def autocast(self):
+        """The autocast context of ``precision`` (a no-op for fp32), for code that calls
+        ``pipe.model`` directly (e.g. the gallery index)."""
+        return autocast(self.device, self.precision)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -116,8 +140,9 @@ class Pipeline:
     def encode_image(self, images: Sequence[ImageLike] | Tensor) -> Tensor:
         """L2-normalised ITC embeddings [N, embed_dim]."""
         px = self._pixels(images)
-        return torch.cat([self.model.image_feat(self.model.encode_image(px[i:i + self.batch_size]))
-                          for i in range(0, len(px), self.batch_size)])
+        with self.autocast():
+            return _up(torch.cat([self.model.image_feat(self.model.encode_image(px[i:i + self.batch_size]))
+                                  for i in range(0, len(px), self.batch_size)]), self.amp)
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str] | str) -> Tensor:
@@ -126,8 +151,10 @@ class Pipeline:
         out = []
         for i in range(0, len(texts), self.batch_size):
             t = self.processor.texts(texts[i:i + self.batch_size]).to(self.device)
-            out.append(self.model.text_feat(self.model.encode_text(t.input_ids, t.attention_mask), t.attention_mask))
-        return torch.cat(out)
+            with self.autocast():
+                out.append(self.model.text_feat(self.model.encode_text(t.input_ids, t.attention_mask),
+                                                t.attention_mask))
+        return _up(torch.cat(out), self.amp)
 
     def similarity(self, images: Sequence[ImageLike] | Tensor, texts: Sequence[str] | str) -> Tensor:
         """ITC cosine similarity of every image with every text: [N_images, N_texts], float32 (a
@@ -144,9 +171,11 @@ class Pipeline:
         probs = []
         for i in range(0, len(px), self.batch_size):
             sl = slice(i, i + self.batch_size)
-            text = self.model.encode_text(t.input_ids[sl], t.attention_mask[sl])
-            fused = self.model.itm_cls(text, t.attention_mask[sl], self.model.encode_image(px[sl]))
-            probs.append(self.model.itm_logits(fused).float().softmax(-1)[:, 1])
+            with self.autocast():
+                text = self.model.encode_text(t.input_ids[sl], t.attention_mask[sl])
+                fused = self.model.itm_cls(text, t.attention_mask[sl], self.model.encode_image(px[sl]))
+                logits = self.model.itm_logits(fused)
+            probs.append(logits.float().softmax(-1)[:, 1])
         return torch.cat(probs)
 
     @torch.inference_mode()
@@ -154,8 +183,11 @@ class Pipeline:
                  rerank: bool = True) -> list[RetrievalHit]:
         """Text → image: ITC shortlist of ``k`` gallery images, re-ranked by ITM in one batch."""
         px = self._pixels(gallery)
-        embeds = torch.cat([self.model.encode_image(px[i:i + self.batch_size]) for i in range(0, len(px), self.batch_size)])
-        return self.retrieve_embedded(query, self.model.image_feat(embeds), embeds, k, top, rerank)
+        with self.autocast():
+            embeds = torch.cat([self.model.encode_image(px[i:i + self.batch_size])
+                                for i in range(0, len(px), self.batch_size)])
+            feats = self.model.image_feat(embeds)
+        return self.retrieve_embedded(query, feats, embeds, k, top, rerank)
 
     @torch.inference_mode()
     def retrieve_embedded(self, query: str, image_feat: Tensor, image_embeds: Tensor, k: int = 16, top: int = 5,
@@ -163,16 +195,19 @@ class Pipeline:
         """:meth:`retrieve` over a gallery embedded beforehand: ITC features [N, E] and image
         sequences [N, 1 + patches, D] (any device or dtype; only the shortlist's rows are moved)."""
         t = self.processor.texts(query).to(self.device)
-        text_embeds = self.model.encode_text(t.input_ids, t.attention_mask)
-        text_feat = self.model.text_feat(text_embeds, t.attention_mask)[0]
+        with self.autocast():
+            text_embeds = self.model.encode_text(t.input_ids, t.attention_mask)
+            text_feat = self.model.text_feat(text_embeds, t.attention_mask)[0]
         sims = image_feat.to(self.device, torch.float32) @ text_feat.float()  # float32 scores: no bf16 ties
         k = min(k, len(sims))
         cand = sims.topk(k).indices
         if not rerank:
             return [RetrievalHit(int(i), float(sims[i]), None) for i in cand[:top]]
         embeds = image_embeds[cand.to(image_embeds.device)].to(self.device, self.dtype)
-        fused = self.model.itm_cls(text_embeds.expand(k, -1, -1), t.attention_mask.expand(k, -1), embeds)
-        p = self.model.itm_logits(fused).float().softmax(-1)[:, 1]
+        with self.autocast():
+            fused = self.model.itm_cls(text_embeds.expand(k, -1, -1), t.attention_mask.expand(k, -1), embeds)
+            logits = self.model.itm_logits(fused)
+        p = logits.float().softmax(-1)[:, 1]
         order = p.argsort(descending=True)[:top]
         return [RetrievalHit(int(cand[j]), float(sims[cand[j]]), float(p[j])) for j in order]
 
@@ -182,7 +217,8 @@ class Pipeline:
         pil = image if isinstance(image, Tensor) else self.processor.load(image)
         px = self._pixels([pil])
         t = self.processor.texts(text).to(self.device)
-        heat = gradcam_itm(self.model, px, t.input_ids, t.attention_mask, layer)[0].float()
+        with self.autocast():
+            heat = gradcam_itm(self.model, px, t.input_ids, t.attention_mask, layer)[0].float()
         H, W = (pil.shape[-2:] if isinstance(pil, Tensor) else (pil.height, pil.width))
         heat_img = upsample_heatmap(heat, H, W)
         if boxes is None:
@@ -215,8 +251,9 @@ class VQAPipeline:
     """
 
     def __init__(self, model: "ALBEFForVQA", processor: Processor | None = None, device: str | torch.device | None = None,
-                 answer_list: Sequence[str] | None = None, k: int = 128, scoring: str = "albef"):
+                 answer_list: Sequence[str] | None = None, k: int = 128, scoring: str = "albef", precision: str = "fp32"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(precision, self.device, "precision")  # as Pipeline's
         self.model = model.to(self.device).eval()
         self.processor = processor or Processor.for_model(model, max_text_len=35)
         self.k, self.scoring = k, scoring
@@ -226,7 +263,8 @@ class VQAPipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None, **kwargs) -> "VQAPipeline":
-        """A VQA model folder, a VQA run's checkpoint or its run folder (as :meth:`Pipeline.from_pretrained`)."""
+        """A VQA model folder, a VQA run's checkpoint or its run folder (as :meth:`Pipeline.from_pretrained`);
+        ``precision=`` among ``kwargs`` as for :class:`Pipeline`."""
         from albef.hub import load_model, resolve_model_path
         from albef.models.tasks import ALBEFForVQA
 
@@ -257,11 +295,12 @@ class VQAPipeline:
         px = self.processor.images(images).to(self.device, next(self.model.parameters()).dtype)
         q = self.processor.tokenizer([clean_question(x, self.processor.cleaning, 30) for x in questions],
                                      max_length=35, padding="longest").to(self.device)
-        states = self.model.encode_question(px, q.input_ids, q.attention_mask)
-        r = rank_answers(self.model, states, q.attention_mask, self._answer_ids, self._answer_mask,
-                         k or self.k, scoring=self.scoring)
+        with autocast(self.device, self.precision):
+            states = self.model.encode_question(px, q.input_ids, q.attention_mask)
+            r = rank_answers(self.model, states, q.attention_mask, self._answer_ids, self._answer_mask,
+                             k or self.k, scoring=self.scoring)
         out = []
-        for ids, scores in zip(r["ranked_ids"].tolist(), r["scores"].tolist()):
+        for ids, scores in zip(r["ranked_ids"].tolist(), r["scores"].float().tolist()):
             cands = [(self.answers[i], s) for i, s in zip(ids, scores)]
             out.append(Answer(cands[0][0], cands[0][1], cands))
         return out

@@ -5,8 +5,13 @@ to the longest in the batch, as the data pipeline does) through :class:`ALBEFPre
 distillation on (α = 0.4, so the teacher's MLM pass is included). Prints the median step time,
 samples/s and peak memory (CUDA: allocator peak; CPU: peak resident set size of the process).
 
+``--precision`` autocasts the step (bf16 on CUDA and on the CPU, fp16 on CUDA; weights and AdamW
+state stay float32, as in training); several values time them in the same process, alternating in
+``--rounds`` rounds, and print the ratio of their median step times.
+
 Example:
     albef bench --preset albef-base --image-size 224 --batch-size 4 --threads 2
+    albef bench --preset albef-small --image-size 64 --batch-size 32 --queue-size 1024 --precision fp32 bf16
 """
 
 from __future__ import annotations
@@ -55,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="autocast dtype on CUDA (CPU runs float32)")
+                   help="autocast dtype (the same as --precision fp32 / bf16 / fp16)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="autocast precision of the step (default: --dtype's); several: timed alternately")
+    p.add_argument("--rounds", type=int, default=3, help="with several --precision values: alternating rounds")
+    p.add_argument("--queue-size", type=int, help="ITC queue entries (default: the preset's, a multiple of the batch)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     p.add_argument("--what", choices=["step", "rerank"], default="step",
                    help="step: a pretraining step; rerank: ITM re-ranking, batched vs the reference's per-query loop")
@@ -76,12 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_preset(args.preset)
     cfg.vision.image_size = args.image_size
     B = args.batch_size
-    cfg.queue_size = max(B, (cfg.queue_size // B) * B)
+    queue = args.queue_size or cfg.queue_size
+    cfg.queue_size = max(B, (queue // B) * B)
     rss_before = _peak_rss_mb()
     trainer = ALBEFPretrainer(ALBEF(cfg)).to(dev).train()
-    use_amp = dev.type == "cuda" and args.dtype != "float32"
-    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, "fp32") if use_amp else "fp32"
-    in_backward = one_process_in_backward(args.optimizer_in_backward, precision)
+    from albef.precision import autocast_dtype, resolve_precision
+
+    asked = args.precision or [{"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, "fp32")]
+    precisions = list(dict.fromkeys(resolve_precision(x, dev, "--precision") for x in asked))
+    in_backward = one_process_in_backward(args.optimizer_in_backward, "fp16" if "fp16" in precisions else "fp32")
     opt = build_optimizer(trainer, lr=1e-4, weight_decay=0.02, in_backward=in_backward)  # the training loop's
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, args.image_size, args.image_size, generator=g).to(dev)
@@ -91,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     ids[:, 0] = 101
     mask = (torch.arange(args.text_len)[None] < lengths[:, None]).long()
     ids, mask = (ids * mask).to(dev), mask.to(dev)
-    amp_dtype = getattr(torch, args.dtype)
-
-    def step() -> float:
+    def step(precision: str = precisions[0]) -> float:
+        amp_dtype = autocast_dtype(precision)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = trainer(images, ids, mask, alpha=0.4, generator=g if dev.type == "cpu" else None, enqueue=False)
         out.loss.backward()
         opt.step()
@@ -118,15 +129,18 @@ def main(argv: list[str] | None = None) -> int:
               if args.json else f"{args.preset} res {args.image_size}: {per_sample / 1e9:.1f} GFLOP per sample "
               f"(student forward + backward, teacher forward; captions up to {args.text_len} tokens)")
         return 0
+    if len(precisions) > 1:
+        return _alternate(args, precisions, step, dev, in_backward)
     for _ in range(args.warmup):
         step()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [step() for _ in range(args.steps)]
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precisions[0], "float32")
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb()
     result = {"preset": args.preset, "image_size": args.image_size, "batch_size": B, "threads": args.threads,
-              "device": str(dev), "dtype": args.dtype if use_amp else "float32", "median_step_s": round(median, 4),
+              "device": str(dev), "dtype": dtype, "precision": precisions[0], "median_step_s": round(median, 4),
               "samples_per_s": round(B / median, 3), "peak_memory_mb": round(peak, 1),
               "rss_before_model_mb": round(rss_before, 1), "steps": args.steps, "optimizer_in_backward": in_backward,
               "torch": torch.__version__}
@@ -137,6 +151,36 @@ def main(argv: list[str] | None = None) -> int:
               f"median step {median:.3f}s over {args.steps} steps, {B / median:.2f} samples/s, "
               f"peak memory {peak:.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'process RSS'}); "
               f"AdamW {'in the backward' if in_backward else 'after the backward'}")
+    return 0
+
+
+def _alternate(args: argparse.Namespace, precisions: list[str], step, dev: torch.device, in_backward: bool) -> int:
+    """Time each precision in turn, ``args.rounds`` times (``args.warmup`` untimed steps before each
+    block, ``args.steps`` timed): the same model, optimizer and inputs, so only the autocast differs."""
+    times: dict[str, list[float]] = {x: [] for x in precisions}
+    for _ in range(args.rounds):
+        for x in precisions:
+            for _ in range(args.warmup):
+                step(x)
+            times[x] += [step(x) for _ in range(args.steps)]
+    med = {x: statistics.median(t) for x, t in times.items()}
+    base = med[precisions[0]]
+    result = {"preset": args.preset, "image_size": args.image_size, "batch_size": args.batch_size,
+              "threads": args.threads, "device": str(dev), "rounds": args.rounds, "steps": args.steps,
+              "median_step_s": {x: round(m, 4) for x, m in med.items()},
+              "samples_per_s": {x: round(args.batch_size / m, 3) for x, m in med.items()},
+              "speedup_vs_" + precisions[0]: {x: round(base / m, 3) for x, m in med.items()},
+              "optimizer_in_backward": in_backward, "torch": torch.__version__}
+    if dev.type == "cpu":
+        from albef.precision import cpu_bf16_features
+
+        result["cpu_bf16"] = list(cpu_bf16_features())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.preset} res {args.image_size} batch {args.batch_size} on {dev} ({args.threads} threads), "
+              f"{args.rounds} alternating rounds of {args.steps} steps: "
+              + ", ".join(f"{x} median step {m:.3f}s ({base / m:.2f}x)" for x, m in med.items()))
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 
 from albef.data.retrieval import read_retrieval_eval
 from albef.data.transforms import test_transform
+from albef.precision import add_precision_option, autocast, resolve_precision
 from albef.text import Tokenizer
 
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--num-workers", type=int, default=0)
         q.add_argument("--device", default="auto")
         q.add_argument("--out", help="write the metrics as JSON here")
+    for q in sub.choices.values():
+        add_precision_option(q)
     args = p.parse_args(argv)
     if args.what == "grounding":
         return _grounding(args)
@@ -116,16 +119,19 @@ def main(argv: list[str] | None = None) -> int:
 
     info = init_distributed(args.device)
     try:
+        precision = resolve_precision(args.precision, info.device, "--precision")
         model = load_inference_model(args.model, info.device)
         data = read_retrieval_eval(args.data, args.image_root, 30, model.config.text_cleaning)
         tok = Tokenizer(add_sep=model.config.add_sep)
-        results = evaluate_retrieval(model, data, tok, test_transform(model.config.vision.image_size), args.k,
-                                     args.itc_only, args.lavis_score, args.batch_size, args.itm_batch_size,
-                                     args.num_workers, info.device)
+        with autocast(info.device, precision):  # the cosines and scores stay float32 (evaluation.retrieval)
+            results = evaluate_retrieval(model, data, tok, test_transform(model.config.vision.image_size), args.k,
+                                         args.itc_only, args.lavis_score, args.batch_size, args.itm_batch_size,
+                                         args.num_workers, info.device)
     finally:
         shutdown()
     if info.is_main:
-        print(f"{len(data.images)} images, {len(data.texts)} texts, k = {args.k}")
+        print(f"{len(data.images)} images, {len(data.texts)} texts, k = {args.k}"
+              + (f", {precision} autocast" if precision != "fp32" else ""))
         print(format_table({("ITC" if k == "itc" else "ITC+ITM"): v for k, v in results.items()}))
         if args.out:
             Path(args.out).write_text(json.dumps({"k": args.k, "n_images": len(data.images),
@@ -139,11 +145,13 @@ def _grounding(args: argparse.Namespace) -> int:
 
     info = init_distributed(args.device)  # under torchrun the expressions are split across ranks
     try:
+        precision = resolve_precision(args.precision, info.device, "--precision")
         model = load_inference_model(args.model, info.device)
         records = read_grounding(args.data, args.image_root, model.config.text_cleaning)
-        metrics, preds = evaluate_grounding(model, records, Tokenizer(add_sep=model.config.add_sep),
-                                            test_transform(model.config.vision.image_size), args.mode, args.layer,
-                                            args.batch_size, info.device)
+        with autocast(info.device, precision):
+            metrics, preds = evaluate_grounding(model, records, Tokenizer(add_sep=model.config.add_sep),
+                                                test_transform(model.config.vision.image_size), args.mode,
+                                                args.layer, args.batch_size, info.device)
     finally:
         shutdown()
     if not info.is_main:
@@ -168,24 +176,28 @@ def _task(args: argparse.Namespace) -> int:
 
     info = init_distributed(args.device)  # under torchrun the records are split across ranks
     try:
+        precision = resolve_precision(args.precision, info.device, "--precision")
         model = load_inference_model(args.model, info.device)
         tok = Tokenizer(add_sep=model.config.add_sep)
         transform = test_transform(model.config.vision.image_size)
+        amp = autocast(info.device, precision)
         if args.what == "vqa":
             # test questions keep up to 50 words, the authors' test split (30 in training)
             records, bad = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning,
                                     max_words=50, vqa_root=args.vqa_root, vg_root=args.vg_root)
             if bad:  # a dropped question would be missing from the results file
                 raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
-            metrics, results = evaluate_vqa(model, records, read_answer_list(args.answers), tok, transform, args.k,
-                                            args.scoring, args.batch_size, args.num_workers, info.device)
+            with amp:
+                metrics, results = evaluate_vqa(model, records, read_answer_list(args.answers), tok, transform, args.k,
+                                                args.scoring, args.batch_size, args.num_workers, info.device)
         else:
             records, bad = read_classification(args.data, args.image_root, args.what, model.config.text_cleaning)
             require_entries(len(records), args.data, f"{args.what} evaluation")
             if bad:
                 raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
-            metrics = evaluate_classification(model, records, tok, transform, args.batch_size, args.num_workers,
-                                              info.device)
+            with amp:
+                metrics = evaluate_classification(model, records, tok, transform, args.batch_size, args.num_workers,
+                                                  info.device)
     finally:
         shutdown()
     if not info.is_main:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 
-def _pipeline(model: str, device: str | None):
+def _pipeline(model: str, device: str | None, precision: str = "fp32"):
     from albef.api import Pipeline, Processor
     from albef.cli_evaluate import load_inference_model
 
@@ -23,7 +23,7 @@ def _pipeline(model: str, device: str | None):
     if not path.exists():
         raise SystemExit(f"no model at {path}")
     m = load_inference_model(path)
-    return Pipeline(m, Processor.for_model(m, path if path.is_dir() else None), device)
+    return Pipeline(m, Processor.for_model(m, path if path.is_dir() else None), device, precision=precision)
 
 
 def _files(images: str) -> list[Path]:
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--chunk", type=int, default=1024, help="images embedded (and held) at a time")
     b.add_argument("--nlist", type=int)
     b.add_argument("--device")
+    from albef.precision import add_precision_option
+
+    add_precision_option(b)
     g = sub.add_parser("bench", help="recall / memory / time of the index kinds on a generated gallery")
     g.add_argument("--n", type=int, default=200_000)
     g.add_argument("--dim", type=int, default=256)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from albef.ann import build_index
 
-    pipe = _pipeline(args.model, args.device)
+    pipe = _pipeline(args.model, args.device, args.precision)
     meta = build_index(pipe, _files(args.images), args.out, args.kind, args.chunk, args.nlist, model_id=args.model)
     print(f"indexed {meta['count']} images ({len(meta['bad'])} unreadable) into {args.out} "
           f"[{meta['kind']}; embedding {meta['embed_s']} s, index {meta['index_s']} s]")
@@ -142,12 +145,15 @@ def search_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rerank", action="store_true")
     p.add_argument("--nprobe", type=int)
     p.add_argument("--device")
+    from albef.precision import add_precision_option
+
+    add_precision_option(p)
     args = p.parse_args(argv)
     if not args.query.strip():
         raise SystemExit("albef search: the query is empty")
     from albef.ann import search
 
-    hits = search(_pipeline(args.model, args.device), args.index, args.query, args.k, args.top,
+    hits = search(_pipeline(args.model, args.device, args.precision), args.index, args.query, args.k, args.top,
                   rerank=not args.no_rerank, nprobe=args.nprobe)
     print(json.dumps(hits, indent=1))
     return 0

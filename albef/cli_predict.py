@@ -12,6 +12,7 @@ import sys
 
 from albef.api import Pipeline
 from albef.hub import MODEL_PATHS, NotAModelError
+from albef.precision import add_precision_option
 from albef.viz import overlay
 
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--answers", required=True, help="JSON list of candidate answers (answer_list.json)")
     a.add_argument("--k", type=int, default=128, help="first-token shortlist size")
     a.add_argument("--device")
+    for q in (s, g, a):
+        add_precision_option(q)
     args = p.parse_args(argv)
     if args.what == "answer":
         import json
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
         answers = json.loads(Path(args.answers).read_text())
         try:
-            vqa = VQAPipeline.from_pretrained(args.model, device=args.device, answer_list=answers, k=args.k)
+            vqa = VQAPipeline.from_pretrained(args.model, device=args.device, answer_list=answers, k=args.k,
+                                              precision=args.precision)
         except (NotAModelError, FileNotFoundError) as e:
             raise SystemExit(f"albef predict: {e}") from None
         res = vqa.answer([args.image], [args.question])[0]
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {score:7.4f}  {ans}")
         return 0
     try:
-        pipe = Pipeline.from_pretrained(args.model, device=args.device)
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
     except (NotAModelError, FileNotFoundError) as e:
         raise SystemExit(f"albef predict: {e}") from None
     if args.what == "score":

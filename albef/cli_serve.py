@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
                    help="images decoded at once; more uploads wait their turn (default: 2, about one per core; "
                         "each holds up to 4 bytes x --max-pixels while it decodes)")
     p.add_argument("--device", default=None)
+    from albef.precision import add_precision_option
+
+    add_precision_option(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -106,8 +109,11 @@ def build_app(args: argparse.Namespace):
         raise SystemExit(f"albef serve: {model_path} holds a {type(model).__name__}; --model needs a retrieval/"
                          "pretraining model (ALBEF); give a VQA model with --vqa-model")
     folder = resolve_model_path(model_path)  # a run folder holds checkpoints, not tokenizer files
-    pipe = Pipeline(model, Processor.for_model(model, folder if folder.is_dir() else None), args.device)
-    index = GalleryIndex.build(pipe, args.images, args.cache_dir, model_id=_model_id(model_path),
+    precision = getattr(args, "precision", "fp32")
+    pipe = Pipeline(model, Processor.for_model(model, folder if folder.is_dir() else None), args.device,
+                    precision=precision)
+    index = GalleryIndex.build(pipe, args.images, args.cache_dir,  # embedded in the pipeline's precision
+                               model_id=_model_id(model_path) + (f"|{pipe.precision}" if pipe.amp else ""),
                                progress=not args.no_progress)
     vqa = None
     vqa_path = Path(args.vqa_model or DEFAULTS["vqa_model"])
@@ -118,7 +124,7 @@ def build_app(args: argparse.Namespace):
         if not answers.exists():
             raise SystemExit(f"albef serve: VQA needs an answer list; {answers} does not exist (pass --answers FILE)")
         vqa = VQAPipeline(load_inference_model(vqa_path), device=args.device, answer_list=read_answer_list(answers),
-                          k=min(128, len(read_answer_list(answers))))
+                          k=min(128, len(read_answer_list(answers))), precision=precision)
     return create_app(pipe, index, vqa, model_name=str(model_path), allowed_hosts=_allowed_hosts(args),
                       max_pixels=getattr(args, "max_pixels", None),
                       max_upload_bytes=(round(args.max_upload_mb * 2**20) if getattr(args, "max_upload_mb", None)

@@ -80,6 +80,8 @@ class DataSection:
     # RandomResizedCrop(crop_scale) before the flip; None: the task's, as the authors (grounding resizes
     # the whole image instead, every other task crops)
     random_crop: bool | None = None
+    # the horizontal flip of the authors' training transforms; false where captions say left/right
+    hflip: bool = True
     randaugment: bool = True
     # reproduce RandomAugment's two uint8 wrap-arounds of the reference (Sharpness, AutoContrast)
     # bit for bit; off: clipped values and PIL's autocontrast (albef.data.transforms)
@@ -110,7 +112,9 @@ class TrainSection:
     alpha: float = 0.4
     alpha_ramp_epochs: float = 1.0
     max_grad_norm: float | None = None
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; the CPU runs fp32)
+    # fp32 | bf16 | fp16 | auto: autocast (float32 weights and AdamW state). bf16 on CUDA and the CPU
+    # (fast where the CPU has AVX512_BF16 / AMX); fp16 CUDA only; auto: bf16 on native-bf16 hardware, else fp32
+    precision: str = "fp32"
     # fp32 matmuls and convolutions in TF32 on Ampere and newer GPUs: what the authors' float32 runs
     # did (PyTorch 1.8, whose default it was); false for full float32. No effect on the CPU
     tf32: bool = True
@@ -198,7 +202,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("pretrain", "retrieval", "grounding", "vqa", "ve", "nlvr", "nlvr_pretrain"),
     "data.text_cleaning": ("albef", "blip"),
     "train.schedule": ("albef", "cosine"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.grad_checkpointing": ("vision",),
     "train.optimizer_in_backward": ("auto",),
 }

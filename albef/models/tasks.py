@@ -68,7 +68,8 @@ def answer_nll(logits: Tensor, answer_ids: Tensor, pad_id: int = 0, label_smooth
     ce = F.cross_entropy(shifted.transpose(1, 2), labels, reduction="none", label_smoothing=label_smoothing).sum(1)
     if teacher_logits is None or alpha == 0:
         return ce
-    distill = -(F.log_softmax(shifted, -1) * F.softmax(teacher_logits[:, :-1], -1)).sum(-1)
+    full = torch.promote_types(shifted.dtype, torch.float32)  # float32 under CPU autocast (float64 stays)
+    distill = -(F.log_softmax(shifted.to(full), -1) * F.softmax(teacher_logits[:, :-1].to(full), -1)).sum(-1)
     distill = (distill * (labels != -100)).sum(1)
     return (1 - alpha) * ce + alpha * distill
 
@@ -108,7 +109,8 @@ def rank_answers(model: ALBEFForVQA, question_states: Tensor, question_mask: Ten
     root_h = dec.level(starts.repeat(B), root_q, [])  # [B * S, H]
     root_logits = model.decoder_head(root_h, model.text_decoder.embeddings.word_embeddings.weight)
     first_logits = root_logits.view(B, S, -1)[:, start_of[0]]  # answer_ids[0, 0] starts every answer
-    prob_first = first_logits.softmax(-1).index_select(1, answer_ids[:, 1])  # [B, n_answers]
+    prob_first = first_logits.to(torch.promote_types(first_logits.dtype, torch.float32)).softmax(-1)
+    prob_first = prob_first.index_select(1, answer_ids[:, 1])  # [B, n_answers]
     topk_probs, topk_ids = prob_first.topk(k, dim=1)
 
     cand = topk_ids.reshape(-1)  # question-major [B*k]

@@ -90,11 +90,11 @@ class GalleryIndex:
                     bad.append({"file": rel, "error": f"{type(e).__name__}: {e}".replace(str(p), rel)})
                     log.warning("skipping %s: not a readable image (%s)", p, e)
             if pixels:
-                with torch.inference_mode():
+                with torch.inference_mode(), pipe.autocast():  # the pipeline's --precision
                     px = torch.stack(pixels).to(pipe.device, pipe.dtype)
                     e = pipe.model.encode_image(px)
                     feats.append(pipe.model.image_feat(e).float().cpu())
-                    embeds.append(e.half().cpu())
+                embeds.append(e.half().cpu())
                 names += batch
             bar.update(len(files[start:start + batch_size]))
         bar.close()

@@ -29,7 +29,9 @@ def soft_target_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | No
     ce = F.cross_entropy(logits, labels)
     if teacher_logits is None or alpha == 0:
         return ce
-    distill = -(F.log_softmax(logits, -1) * F.softmax(teacher_logits, -1)).sum(-1).mean()
+    # at least float32 also under autocast (CPU autocast keeps log_softmax / softmax in bfloat16)
+    up = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731 (float64 stays)
+    distill = -(F.log_softmax(up(logits), -1) * F.softmax(up(teacher_logits), -1)).sum(-1).mean()
     return (1 - alpha) * ce + alpha * distill
 
 

@@ -30,6 +30,7 @@ from albef.data.sampler import GlobalBatchSampler
 from albef.data.transforms import train_transform
 from albef.models.albef import checkpointed_parts
 from albef.models.vit import VisionTransformer
+from albef.precision import autocast_dtype, resolve_precision
 from albef.recipes import PretrainRecipe
 from albef.seeding import SEED_RULE, mix_seed
 from albef.text import Tokenizer
@@ -211,7 +212,7 @@ class PretrainRun:
         # grounding resizes the whole image (the authors' transform): a crop could cut the referred object out
         crop = d.random_crop if d.random_crop is not None else r.task != "grounding"
         transform = train_transform(self.cfg.vision.image_size, tuple(d.crop_scale), d.randaugment, crop=crop,
-                                    uint8_wrap=d.randaugment_wrap)
+                                    uint8_wrap=d.randaugment_wrap, flip=d.hflip)
         if d.shards:
             self._shard_source(transform)
         else:
@@ -264,13 +265,15 @@ class PretrainRun:
                 m.compile()
         from albef.training.optim import resolve_in_backward  # before any wrapping or sharding work
 
-        self.in_backward = resolve_in_backward(t.optimizer_in_backward, t.grad_accum, t.max_grad_norm, t.precision,
+        # fp32 | bf16 | fp16 for this device (auto: bf16 only on native-bf16 hardware), logged by the main rank
+        self.precision = resolve_precision(t.precision, self.dist.device, "train.precision", report=self.dist.is_main)
+        self.in_backward = resolve_in_backward(t.optimizer_in_backward, t.grad_accum, t.max_grad_norm, self.precision,
                                                self.dist.world_size, t.fsdp)
         self.fsdp, self.replicated = t.fsdp, []
         if t.fsdp:
             from albef.training.fsdp import replicated_params, shard_trainer
 
-            if t.precision == "fp16":  # the GradScaler would unscale sharded and replicated grads together
+            if self.precision == "fp16":  # the GradScaler would unscale sharded and replicated grads together
                 raise ValueError("train.precision=fp16 is not supported with train.fsdp; use bf16")
             ensure_process_group(self.dist.device)
             shard_trainer(self.trainer, self.dist.device.type)
@@ -286,10 +289,9 @@ class PretrainRun:
         cuda = self.dist.device.type == "cuda"
         if cuda:
             set_tf32(t.tf32)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if cuda else None
-        if t.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be fp32, bf16 or fp16, not {t.precision!r}")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.precision == "fp16")
+        # autocast on CUDA and on the CPU (bf16); weights, gradients and AdamW state stay float32
+        self.amp_dtype = autocast_dtype(self.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.precision == "fp16")
         self.schedule = LRSchedule(t.lr, t.min_lr, t.warmup_lr, t.warmup_epochs, t.epochs, style=t.schedule,
                                    warmup_steps=t.warmup_steps, steps_per_epoch=self.sampler.steps_per_epoch,
                                    total_steps=min(t.max_steps, t.epochs * self.sampler.steps_per_epoch)

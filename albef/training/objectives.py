@@ -13,8 +13,9 @@ IGNORE_INDEX = -100
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over rows of ``-Σ_j targets[j] · log_softmax(logits)[j]``."""
-    return -(F.log_softmax(logits, dim=-1) * targets).sum(-1).mean()
+    """Mean over rows of ``-Σ_j targets[j] · log_softmax(logits)[j]``, in float32 from bf16/fp16
+    inputs: CUDA autocast runs log_softmax in float32, CPU autocast would keep it in bfloat16."""
+    return -(F.log_softmax(_full(logits), dim=-1) * _full(targets)).sum(-1).mean()
 
 
 @dataclass
@@ -155,5 +156,5 @@ def mlm_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, alph
     ce = F.cross_entropy(logits, labels)
     if teacher_logits is None or alpha == 0:
         return ce, ce, None
-    distill = soft_cross_entropy(logits, F.softmax(teacher_logits, dim=-1))
+    distill = soft_cross_entropy(logits, F.softmax(_full(teacher_logits), dim=-1))  # float32 targets
     return (1 - alpha) * ce + alpha * distill, ce, distill

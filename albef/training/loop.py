@@ -297,14 +297,14 @@ class PretrainRun:
                                    total_steps=min(t.max_steps, t.epochs * self.sampler.steps_per_epoch)
                                    if t.max_steps else None)
         self.state = RunState()
-        if resume:
-            self._resume(self.out / CHECKPOINT_NAME if resume is True else Path(resume), explicit=resume is not True)
+        # the step of the newest usable checkpoint_last.pt, which the next save keeps as checkpoint_prev.pt
+        # (None: nothing written yet, or a damaged last that the next save replaces)
+        self._saved_step: int | None = None
+        if resume and self._resume(self.out / CHECKPOINT_NAME if resume is True else Path(resume)):
+            self._saved_step = self.state.global_step
         self.metrics = MetricsLogger(self.out, enabled=self.dist.is_main,
                                      resume_step=self.state.global_step + 1)  # fresh runs drop stale rows
         self.bad_names: list[BadSample] = []
-        # the step of the newest checkpoint_last.pt (None: none written or resumed from yet)
-        usable = resume and self.state.global_step and not getattr(self, "_last_unusable", False)
-        self._saved_step: int | None = self.state.global_step if usable else None
 
     def _shard_source(self, transform) -> None:
         """WebDataset shards instead of a JSON list (``data.shards``): pretraining and retrieval."""
@@ -316,19 +316,21 @@ class PretrainRun:
             raise ValueError(f"data.shards feeds image-caption tasks (pretrain, retrieval), not {self.task.name!r}")
         self.dataset, self.ann_bad = None, []  # shards were cleaned when they were written
         self.sampler = self.loader = ShardLoader(
-            d.shards, transform, PretrainCollator(self.tokenizer, text_max_length(self.task.name, self.cfg, d.truncate_text)), t.batch_size,
+            d.shards, transform, PretrainCollator(self.tokenizer, text_max_length(self.task.name, self.cfg, d.truncate_text)),
+            t.batch_size,
             self.dist.world_size, self.dist.rank, t.grad_accum, t.seed, d.epoch_samples, d.resampled,
             d.shuffle_buffer, d.num_workers)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _resume(self, path: Path, explicit: bool = False) -> None:
+    def _resume(self, path: Path) -> bool:
+        """Load the run's state from ``path`` (``checkpoint_prev.pt`` beside it when it is unreadable);
+        True when ``path`` itself was loaded. An explicit path was checked by :func:`check_output_dir`."""
         previous = path.with_name(PREVIOUS_NAME) if path.name == CHECKPOINT_NAME else None
         if not path.exists() and not (previous and previous.exists()):
-            if explicit:
-                raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
             if self.dist.is_main:
                 log.warning("no checkpoint in %s yet: starting from scratch", path.parent)
-            return
+            return False
+        loaded_path = True
         try:
             ckpt = load_checkpoint(path)
         except (CheckpointError, FileNotFoundError) as e:
@@ -336,8 +338,7 @@ class PretrainRun:
                 raise
             if self.dist.is_main:  # a kill between the two renames, or a damaged file
                 log.warning("%s; resuming from %s, the checkpoint before it", e, previous)
-            path, ckpt = previous, load_checkpoint(previous)
-            self._last_unusable = True  # the next save replaces the damaged last, keeps this one
+            path, ckpt, loaded_path = previous, load_checkpoint(previous), False
         if ckpt["model_config"] != self.cfg.to_dict():
             raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
         saved_scale = ckpt.get("recipe", {}).get("train", {}).get("lr_scale") or {}
@@ -352,6 +353,7 @@ class PretrainRun:
         set_rng_state(ckpt["rng"])
         if self.dist.is_main:
             log.info("resumed from %s at epoch %d step %d", path, self.state.epoch, self.state.step_in_epoch)
+        return loaded_path
 
     def _geometry(self) -> dict[str, Any]:
         t = self.recipe.train

@@ -103,6 +103,26 @@ def alternate(ours: Callable, theirs: Callable, dev: torch.device, reps: int, wa
     return a, b
 
 
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+# dense tensor-core peaks from the vendor's datasheets (FLOP/s), for MFU against the chip rather
+# than against the matrix multiply measured in the run
+DATASHEET_PEAK = {"H200": {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
+                  "H100 80GB HBM3": {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
+                  "A100": {"bfloat16": 312e12, "tf32": 156e12, "float32": 19.5e12}}
+
+
+def datasheet_peak(dtype: str) -> float | None:
+    """The GPU's dense peak for ``dtype`` ("bfloat16", "tf32", "float32"), None when unknown."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v[dtype] for k, v in DATASHEET_PEAK.items() if k in name), None)
+
+
 def matmul_flops_per_s(dev: torch.device, dtype: torch.dtype, n: int) -> float:
     x, y = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     x @ y
@@ -113,7 +133,7 @@ def matmul_flops_per_s(dev: torch.device, dtype: torch.dtype, n: int) -> float:
 # -- pretraining step ---------------------------------------------------------------------------
 def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.dtype | None,
                    sides: tuple[str, ...] = ("ours", "theirs"), grad_checkpointing: bool | str = False,
-                   in_backward: bool = False, trim: bool = False):
+                   in_backward: bool = False, trim: bool = False, ref_amp: torch.dtype | None = None):
     """(ours_step, theirs_step, ours_model, theirs_model): forward, backward and AdamW closures
     (None for a side not in ``sides``). ``trim``: our step ends as our training loop's does, which
     on the CPU with checkpointing gives the freed heap back (albef/training/heap.py). Only for a
@@ -150,10 +170,11 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
         else:  # LAVIS's runner: torch.optim.AdamW with its defaults
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
 
-        use_amp = amp is not None and model is ours  # the reference runs as it ships (float32)
+        # the reference runs as it ships (float32) unless ``ref_amp`` puts it under autocast too
+        side_amp = amp if model is ours else ref_amp
 
         def go():  # both training loops: forward, backward, step, then drop the gradients
-            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=use_amp):
+            with torch.autocast(dev.type, dtype=side_amp or torch.float32, enabled=side_amp is not None):
                 loss, after = run(model)
             loss.backward()
             opt.step()
@@ -171,10 +192,18 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
 
 
 def step_flops(step: Callable) -> float:
+    """FLOPs of one step (NaN, with the error on stderr, where the counter cannot run it: the
+    timings still stand)."""
+    import traceback
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc:
-        step()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            step()
+    except RuntimeError:
+        traceback.print_exc()
+        return float("nan")
     return float(fc.get_total_flops())
 
 
@@ -183,8 +212,7 @@ def peak_rss_of(side: str, args: argparse.Namespace) -> tuple[float, float]:
     steps (the first untimed)."""
     cmd = [sys.executable, __file__, "--rss-probe", side, "--preset", args.preset, "--res", str(args.res),
            "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
-    if args.bf16:
-        cmd.append("--bf16")
+    cmd += ["--bf16"] * args.bf16 + ["--ref-bf16"] * args.ref_bf16 + ["--tf32"] * args.tf32
     cmd += ["--grad-checkpointing", args.grad_checkpointing, "--optimizer-in-backward", args.optimizer_in_backward]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     peak, step_s = out.stdout.strip().splitlines()[-1].split()
@@ -194,7 +222,7 @@ def peak_rss_of(side: str, args: argparse.Namespace) -> tuple[float, float]:
 def bench_pretrain(args, dev, amp) -> dict:
     cfg = config(args.preset, args.res)
     ours, theirs, m_a, m_b = pretrain_sides(cfg, args.batch, dev, amp, grad_checkpointing=args.grad_checkpointing,
-                                            in_backward=in_backward(args, amp))
+                                            in_backward=in_backward(args, amp), ref_amp=ref_amp(args, dev))
     n_a = sum(p.numel() for p in m_a.parameters())
     n_b = sum(p.numel() for p in m_b.parameters())
     m_a.model.set_grad_checkpointing(False)  # model FLOPs: the recomputation is not useful work
@@ -205,6 +233,7 @@ def bench_pretrain(args, dev, amp) -> dict:
     a, b = alternate(ours, theirs, dev, args.reps, warmup=3 if dev.type == "cuda" else 1)
     res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch, "reps": args.reps,
            "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
+           "theirs_dtype": str(ref_amp(args, dev) or torch.float32).removeprefix("torch."),
            "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
            "ours_all": a, "theirs_all": b, "flops_per_step": flops, "flops_per_step_theirs": flops_theirs}
     # peak memory of each side alone, in fresh processes (both share this one), alternating; the
@@ -227,6 +256,11 @@ def probe_medians(probes: list[dict[str, tuple[float, float]]]) -> dict:
     return out
 
 
+def ref_amp(args, dev: torch.device) -> torch.dtype | None:
+    """The reference's autocast dtype: None (float32, as it ships) unless ``--ref-bf16``."""
+    return torch.bfloat16 if args.ref_bf16 else None
+
+
 def in_backward(args, amp: torch.dtype | None) -> bool:
     """Ours updates in the backward as the training loop would for this one-process step."""
     return one_process_in_backward(args.optimizer_in_backward, "bf16" if amp else "fp32")
@@ -247,10 +281,11 @@ def rss_probe(args) -> None:
     """One side alone: CUDA allocator peak on a GPU, peak resident set on the CPU."""
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    set_tf32(args.tf32)
     amp = torch.bfloat16 if (args.bf16 and args.rss_probe == "ours") else None
     ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,),
                                         grad_checkpointing=args.grad_checkpointing,
-                                        in_backward=in_backward(args, amp), trim=True)
+                                        in_backward=in_backward(args, amp), trim=True, ref_amp=ref_amp(args, dev))
     fn = ours or theirs
     fn()
     times = [timed(fn, dev) for _ in range(3)]
@@ -292,6 +327,10 @@ def bench_retrieval(args, dev, amp: torch.dtype | None = None) -> dict:
             g = embed_gallery(ours, images, texts, tok, max_length=35, batch_size=64, device=dev)
             out["ours"] = rerank(ours, g, k, add_cosine=True)[1:]
 
+    # LAVIS evaluates retrieval in float32 only: under autocast its compute_sim_matrix stops on
+    # writing bf16 scores into its float32 matrix
+    r_amp = None
+
     def run_theirs():
         with torch.no_grad():
             with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
@@ -306,7 +345,8 @@ def bench_retrieval(args, dev, amp: torch.dtype | None = None) -> dict:
             "ours_s": statistics.median(a), "theirs_s": statistics.median(b), "pairs": pairs,
             "max_abs_score_diff": max((d for d in (scored_diff(i2t_a, i2t_b), scored_diff(t2i_a, t2i_b))
                                        if d == d), default=float("nan")),  # NaN: no pair in common
-            "top1_agreement": agree.item(), "ours_dtype": str(amp or torch.float32).removeprefix("torch.")}
+            "top1_agreement": agree.item(), "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
+            "theirs_dtype": str(r_amp or torch.float32).removeprefix("torch.")}
 
 
 # -- VQA answer ranking --------------------------------------------------------------------------
@@ -335,15 +375,18 @@ def bench_vqa(args, dev, amp: torch.dtype | None = None) -> dict:
             states = ours.encode_question(images, q.input_ids.to(dev), q.attention_mask.to(dev))
             rank_answers(ours, states, q.attention_mask.to(dev), ans.input_ids.to(dev), ans.attention_mask.to(dev), k=k)
 
+    r_amp = ref_amp(args, dev)
+
     def run_theirs():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=r_amp or torch.float32, enabled=r_amp is not None):
             theirs.predict_answers({"image": images, "text_input": questions}, answer_list=answers,
                                    num_ans_candidates=k, inference_method="rank")
 
     a, b = alternate(run_ours, run_theirs, dev, args.reps_eval)
     return {"what": "vqa", "preset": args.preset, "res": args.res, "questions": args.questions,
             "answers": len(answers), "k": k, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
-            "ours_dtype": str(amp or torch.float32).removeprefix("torch.")}
+            "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
+            "theirs_dtype": str(r_amp or torch.float32).removeprefix("torch.")}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -378,33 +421,48 @@ def interpreter() -> str:
         return exe.name
 
 
+def precision_words(r: dict) -> str:
+    """The row's precisions in the table's words (empty: both float32)."""
+    ours, theirs = r.get("ours_dtype"), r.get("theirs_dtype", "float32")
+    if ours == "bfloat16" and theirs == "bfloat16":
+        return ", **both in bf16 autocast**"
+    if ours == "bfloat16":
+        return ", **ours in bf16 autocast**, the reference in float32 as it ships"
+    return ", ours in float32, **the reference in bf16 autocast**" if theirs == "bfloat16" else ""
+
+
 def table(results: list[dict], args, peak_flops: float, dtype: str, gemm: dict | None = None, n: int = 0) -> str:
+    tf32, ref_bf16 = getattr(args, "tf32", False), getattr(args, "ref_bf16", False)
     rows = ["| benchmark | setting | ours | reference | ours/ref time | other |", "|---|---|---|---|---|---|"]
     for r in results:
         ratio = r["ours_s"] / r["theirs_s"]
         if r["what"] == "pretrain":
             lean = setup_words(args)
             setting = f"{r['preset']} res {r['res']} batch {r['batch']}" + (
-                f", ours with {' and '.join(lean)}" if lean else "") + (
-                ", **ours in bf16 autocast**, the reference in float32 as it ships"
-                if r.get("ours_dtype") == "bfloat16" else "")
+                f", ours with {' and '.join(lean)}" if lean else "") + precision_words(r)
             f_a, f_b = r["flops_per_step"], r.get("flops_per_step_theirs", r["flops_per_step"])
             probes = r.get("peak_mb_ours_all", [])
             spread = (f", median of {len(probes)} probes each: {min(probes):.0f}-{max(probes):.0f} / "
                       f"{min(r['peak_mb_theirs_all']):.0f}-{max(r['peak_mb_theirs_all']):.0f}" if len(probes) > 1 else "")
             bf16 = r.get("ours_dtype") == "bfloat16"
-            pk_a = gemm[torch.bfloat16] if bf16 and gemm else peak_flops  # ours' MFU against its own dtype's rate
+            pk_a = gemm[torch.bfloat16] if bf16 and gemm else peak_flops  # each side's MFU against its own dtype's rate
+            pk_b = gemm[torch.bfloat16] if r.get("theirs_dtype") == "bfloat16" and gemm else peak_flops
             fp32 = next((q for q in results if q["what"] == "pretrain" and q.get("ours_dtype") != "bfloat16"
                          and (q["preset"], q["res"], q["batch"]) == (r["preset"], r["res"], r["batch"])), None)
             speedup = (f"ours bf16 step {fp32['ours_s'] / r['ours_s']:.2f}x faster than ours float32 "
                        f"({fp32['ours_s']:.3f} s, row above); " if bf16 and fp32 else "")
             other = speedup + (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
                      f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x{spread}); MFU {100 * f_a / r['ours_s'] / pk_a:.1f} % / "
-                     f"{100 * f_b / r['theirs_s'] / peak_flops:.1f} % (own FLOPs: {f_a / 1e9:.0f} / {f_b / 1e9:.0f} "
-                     f"GFLOP/step; theirs on our {f_a / 1e9:.0f}: {100 * f_a / r['theirs_s'] / peak_flops:.1f} %); "
+                     f"{100 * f_b / r['theirs_s'] / pk_b:.1f} % (own FLOPs: {f_a / 1e9:.0f} / {f_b / 1e9:.0f} "
+                     f"GFLOP/step; theirs on our {f_a / 1e9:.0f}: {100 * f_a / r['theirs_s'] / pk_b:.1f} %); "
                      f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s; steps "
                      f"{min(r['ours_all']):.3f}-{max(r['ours_all']):.3f} / {min(r['theirs_all']):.3f}-"
                      f"{max(r['theirs_all']):.3f} s")
+            sheet = datasheet_peak("bfloat16" if bf16 else "tf32" if tf32 else "float32")
+            if sheet and args.device == "cuda":  # the chip's own peak, the usual denominator of MFU
+                kind = "bf16" if bf16 else "TF32" if tf32 else "float32"
+                other += (f"; MFU of the datasheet's dense {kind} peak ({sheet / 1e12:.0f} TFLOP/s): "
+                          f"{100 * f_a / r['ours_s'] / sheet:.1f} % / {100 * f_b / r['theirs_s'] / sheet:.1f} %")
             if "alone_s_ours" in r:  # the memory probes' own steps; ours there trims as our loop does
                 other += (f"; each side alone in its memory probe: {r['alone_s_ours']:.3f} / {r['alone_s_theirs']:.3f} "
                           f"s/step" + (" (ours with the loop's heap trim)" if any(checkpointed_parts(
@@ -412,21 +470,23 @@ def table(results: list[dict], args, peak_flops: float, dtype: str, gemm: dict |
             cells = f"{r['ours_s']:.3f} s/step | {r['theirs_s']:.3f} s/step"
         elif r["what"] == "retrieval":
             setting = f"{r['preset']} res {r['res']}, {r['images']} images x {r['texts']} texts, k={r['k']}" + (
-                ", **ours in bf16 autocast**" if r.get("ours_dtype") == "bfloat16" else "")
+                precision_words(r))
             cells = f"{r['pairs'] / r['ours_s']:.1f} ITM pairs/s | {r['pairs'] / r['theirs_s']:.1f} ITM pairs/s"
             other = (f"{r['theirs_s'] / r['ours_s']:.2f}x pairs/s; whole evaluation {r['ours_s']:.2f} / "
                      f"{r['theirs_s']:.2f} s; same weights: max score difference over shared pairs {r['max_abs_score_diff']:.1e} "
-                     f"(ours {r['ours_dtype']}, theirs float32), same top-1 for "
+                     f"(ours {r['ours_dtype']}, theirs {r.get('theirs_dtype', 'float32')}), same top-1 for "
                      f"{100 * r['top1_agreement']:.1f} % of queries")
         else:
             setting = (f"{r['preset']} res {r['res']}, {r['questions']} questions, {r['answers']} answers, "
-                       f"k={r['k']}" + (", **ours in bf16 autocast**" if r.get("ours_dtype") == "bfloat16" else ""))
+                       f"k={r['k']}" + precision_words(r))
             cells = f"{r['ours_s']:.3f} s | {r['theirs_s']:.3f} s"
             other = f"{r['questions'] / r['ours_s']:.2f} / {r['questions'] / r['theirs_s']:.2f} questions/s"
         rows.append(f"| {r['what']} | {setting} | {cells} | {ratio:.2f}x | {other} |")
     small_rows = any(r["what"] == "pretrain" and r.get("reps", args.reps) != args.reps for r in results)
+    theirs = "bf16 autocast for the reference" if ref_bf16 else "the reference as it ships"
     head = (f"Machine: {machine()}; {args.threads} threads; {versions()}; device {args.device} ({dtype} for ours"
-            f"{', the reference as it ships' if args.device == 'cuda' else ''}). Matrix-multiply throughput measured "
+            f"{f', {theirs}' if args.device == 'cuda' else ''}{'; TF32 matrix multiplies on both sides' if tf32 else ''}"
+            "). Matrix-multiply throughput measured "
             f"in the same run (best of before and after, {n}x{n}): "
             + (", ".join(f"{v / 1e9:.1f} GFLOP/s {str(d).removeprefix('torch.')}" for d, v in gemm.items()) if gemm
                else f"{peak_flops / 1e9:.1f} GFLOP/s ({dtype})")
@@ -493,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for ours (the reference runs as it ships)")
+    p.add_argument("--ref-bf16", action="store_true",
+                   help="the reference in bf16 autocast too (LAVIS's own mixed-precision path), for equal precision")
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA: TF32 matrix multiplies and convolutions for both sides (PyTorch 1.8's default on Ampere+)")
     p.add_argument("--bf16-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: each row again with ours in bf16 autocast (the reference in float32 as it ships)")
     p.add_argument("--grad-checkpointing", nargs="?", const="all", default="none", choices=["none", "vision", "all"],
@@ -516,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_probe(args)
         return 0
     dev = torch.device(args.device)
+    set_tf32(args.tf32)
     if args.memory_probes is None:
         args.memory_probes = 1 if dev.type == "cuda" else 3
     amp = torch.bfloat16 if (args.bf16 and dev.type == "cuda") else None

@@ -36,6 +36,11 @@ class _LinearAfter(torch.autograd.Function):
         with torch.no_grad():
             a = f(x, *f_params)
         ctx.f, ctx.tie = f, tie
+        # the backward recomputes f under the forward's autocast state, as torch.utils.checkpoint
+        # does: CUDA autocast runs layer_norm in float32, and without autocast CUDA's layer_norm
+        # refuses a bf16 input with float32 weights
+        dev = x.device.type
+        ctx.amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *(() if bias is None else (bias,)), *f_params)
         return F.linear(a, weight, bias)  # autocast (if on) casts as it does for nn.Linear
@@ -48,7 +53,8 @@ class _LinearAfter(torch.autograd.Function):
         f_params = rest
         need_x, need_w, need_b = ctx.needs_input_grad[1:4]
         need_p = ctx.needs_input_grad[5:]
-        with torch.enable_grad():
+        dev, amp_dtype, amp_on = ctx.amp
+        with torch.enable_grad(), torch.autocast(dev, dtype=amp_dtype, enabled=amp_on):
             xd = x.detach().requires_grad_(need_x)
             ps = [p.detach().requires_grad_(n) for p, n in zip(f_params, need_p)]
             a = ctx.f(xd, *ps)

@@ -137,7 +137,7 @@ def refine_exact(vectors: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: 
     the candidates' rows are read) and keep the best ``k``: the IVF-PQ shortlist made exact."""
     out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     out_i = np.full((len(queries), k), -1, dtype=np.int64)
-    for qi, (q, ids) in enumerate(zip(queries, cand)):
+    for qi, (q, ids) in enumerate(zip(queries, cand, strict=True)):
         ids = np.sort(ids[ids >= 0])  # ascending rows: a sequential read of the memmap
         s = np.asarray(vectors[ids], dtype=np.float32) @ q
         top = np.argsort(-s)[:k]
@@ -180,12 +180,12 @@ def search(pipe, directory: str | Path, query: str, k: int = 100, top: int = 10,
     vectors = (np.memmap(feats, dtype=np.float32, mode="r", shape=(meta["count"], meta["dim"]))
                if feats.exists() else None)
     sims, ids = ann_search(index, q, min(k, meta["count"]), vectors)
-    cand = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
+    cand = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
     hits = [{"row": i, "file": meta["files"][i], "itc": s, "itm": None} for i, s in cand]
     if not rerank or not hits:
         return hits[:top]
     probs = pipe.match([h["file"] for h in hits], [query] * len(hits))
-    for h, p in zip(hits, probs.tolist()):
+    for h, p in zip(hits, probs.tolist(), strict=True):
         h["itm"] = p
     return sorted(hits, key=lambda h: -h["itm"])[:top]
 
@@ -193,7 +193,7 @@ def search(pipe, directory: str | Path, query: str, k: int = 100, top: int = 10,
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean over queries of |approx top-k ∩ exact top-k| / k."""
     k = exact_ids.shape[1]
-    return float(np.mean([len(set(a[:k]) & set(e)) / k for a, e in zip(approx_ids, exact_ids)]))
+    return float(np.mean([len(set(a[:k]) & set(e)) / k for a, e in zip(approx_ids, exact_ids, strict=True)]))
 
 
 def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:

@@ -8,7 +8,8 @@ Example:
     tensor([[0.41, 0.02], [0.05, 0.38]])
     >>> pipe.retrieve("a cat", gallery=["cat.png", "dog.png", "car.png"], top=2)  # doctest: +SKIP
     [RetrievalHit(index=0, itc=0.41, itm=0.97), RetrievalHit(index=2, itc=0.08, itm=0.03)]
-    >>> pipe = Pipeline.from_pretrained("runs/main/model", precision="auto")  # bf16 autocast where native  # doctest: +SKIP
+    >>> # precision="auto": bf16 autocast where the device has it natively
+    >>> pipe = Pipeline.from_pretrained("runs/main/model", precision="auto")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -27,6 +29,9 @@ from albef.grounding import box_scores, gradcam_itm, upsample_heatmap
 from albef.models.albef import ALBEF
 from albef.precision import autocast, resolve_precision
 from albef.text import TokenizedText, Tokenizer, clean_caption
+
+if TYPE_CHECKING:  # for the annotation only; VQAPipeline.from_pretrained imports it where used
+    from albef.models.tasks import ALBEFForVQA
 
 ImageLike = str | Path | Image.Image | Tensor
 
@@ -43,7 +48,7 @@ class Processor:
         self.cleaning = cleaning
 
     @classmethod
-    def for_model(cls, model: ALBEF, directory: str | Path | None = None, max_text_len: int = 30) -> "Processor":
+    def for_model(cls, model: ALBEF, directory: str | Path | None = None, max_text_len: int = 30) -> Processor:
         tok = Tokenizer.from_dir(directory) if directory else Tokenizer(add_sep=model.config.add_sep)
         return cls(model.config.vision.image_size, tok, max_text_len, model.config.text_cleaning)
 
@@ -64,7 +69,7 @@ class Processor:
     def texts(self, texts: Sequence[str] | str) -> TokenizedText:
         texts = [texts] if isinstance(texts, str) else list(texts)
         cleaned = [clean_caption(t, self.cleaning, 30) for t in texts]
-        empty = [t for t, c in zip(texts, cleaned) if not c]
+        empty = [t for t, c in zip(texts, cleaned, strict=True) if not c]
         if empty:
             raise ValueError(f"text is empty after cleaning: {empty[0]!r}")
         return self.tokenizer(cleaned, max_length=self.max_text_len, padding="longest")
@@ -108,7 +113,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, precision: str = "fp32") -> "Pipeline":
+                        dtype: torch.dtype | None = None, precision: str = "fp32") -> Pipeline:
         """An albef model folder, a training run's checkpoint (its student, built from the config the
         checkpoint stores) or a run folder (its ``checkpoint_best.pt``, else ``checkpoint_last.pt``).
         A bare state dict or an authors' checkpoint is an error saying to ``albef convert`` it.
@@ -167,7 +172,8 @@ class Pipeline:
         px = self._pixels(images)
         t = self.processor.texts(texts).to(self.device)
         if len(px) != len(t.input_ids):
-            raise ValueError(f"match pairs images with texts one to one: got {len(px)} images, {len(t.input_ids)} texts")
+            raise ValueError(f"match pairs images with texts one to one: got {len(px)} images, "
+                             f"{len(t.input_ids)} texts")
         probs = []
         for i in range(0, len(px), self.batch_size):
             sl = slice(i, i + self.batch_size)
@@ -250,8 +256,9 @@ class VQAPipeline:
         'red'
     """
 
-    def __init__(self, model: "ALBEFForVQA", processor: Processor | None = None, device: str | torch.device | None = None,
-                 answer_list: Sequence[str] | None = None, k: int = 128, scoring: str = "albef", precision: str = "fp32"):
+    def __init__(self, model: ALBEFForVQA, processor: Processor | None = None, device: str | torch.device | None = None,
+                 answer_list: Sequence[str] | None = None, k: int = 128, scoring: str = "albef",
+                 precision: str = "fp32"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device, "precision")  # as Pipeline's
         self.model = model.to(self.device).eval()
@@ -262,7 +269,7 @@ class VQAPipeline:
             self.set_answers(answer_list)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None, **kwargs) -> "VQAPipeline":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None, **kwargs) -> VQAPipeline:
         """A VQA model folder, a VQA run's checkpoint or its run folder (as :meth:`Pipeline.from_pretrained`);
         ``precision=`` among ``kwargs`` as for :class:`Pipeline`."""
         from albef.hub import load_model, resolve_model_path
@@ -300,7 +307,7 @@ class VQAPipeline:
             r = rank_answers(self.model, states, q.attention_mask, self._answer_ids, self._answer_mask,
                              k or self.k, scoring=self.scoring)
         out = []
-        for ids, scores in zip(r["ranked_ids"].tolist(), r["scores"].float().tolist()):
-            cands = [(self.answers[i], s) for i, s in zip(ids, scores)]
+        for ids, scores in zip(r["ranked_ids"].tolist(), r["scores"].float().tolist(), strict=True):
+            cands = [(self.answers[i], s) for i, s in zip(ids, scores, strict=True)]
             out.append(Answer(cands[0][0], cands[0][1], cands))
         return out

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        trainer.queue.enqueue(out.image_feat_m, out.text_feat_m)  # after the step, as the training loop does
+        trainer.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)  # after the step, as the loop does
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

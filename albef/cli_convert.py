@@ -24,10 +24,17 @@ from torch import Tensor
 
 from albef.config import ALBEFConfig, get_preset
 from albef.convert import from_authors
-from albef.hub import CONFIG, WEIGHTS
+from albef.hub import (
+    CONFIG,
+    WEIGHTS,
+    from_pretrained,
+    is_training_checkpoint,
+    peek_checkpoint,
+    resolve_model_path,
+    save_pretrained,
+)
 from albef.hub import _build as build_model
 from albef.hub import _describe as describe_model
-from albef.hub import from_pretrained, is_training_checkpoint, peek_checkpoint, resolve_model_path, save_pretrained
 from albef.loading import LoadReport, load_albef, read_state_dict
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
@@ -52,7 +59,8 @@ def config_from_state_dict(sd: dict[str, Tensor], preset: str = "albef-base", im
     v["depth"] = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"model\.visual_encoder\.blocks\.(\d+)\.", k)))
     v["num_heads"] = vision_heads or max(1, v["width"] // 64)
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"model\.text_encoder\.encoder\.layer\.(\d+)\.", k))}
-    cross = {int(m.group(1)) for k in sd if (m := re.match(r"model\.text_encoder\.encoder\.layer\.(\d+)\.crossattention", k))}
+    cross = {int(m.group(1)) for k in sd
+             if (m := re.match(r"model\.text_encoder\.encoder\.layer\.(\d+)\.crossattention", k))}
     n_layers, fusion = max(layers) + 1, min(cross) if cross else max(layers) + 1
     if task == "nlvr":  # the NLVR2 encoder duplicates each fusion layer: store the base depth
         n_layers = fusion + (n_layers - fusion) // 2
@@ -64,7 +72,8 @@ def config_from_state_dict(sd: dict[str, Tensor], preset: str = "albef-base", im
              encoder_width=v["width"],
              type_vocab_size=sd["model.text_encoder.embeddings.token_type_embeddings.weight"].shape[0]
              if "model.text_encoder.embeddings.token_type_embeddings.weight" in sd else 0)
-    base["embed_dim"] = sd["model.vision_proj.weight"].shape[0] if "model.vision_proj.weight" in sd else base["embed_dim"]
+    if "model.vision_proj.weight" in sd:
+        base["embed_dim"] = sd["model.vision_proj.weight"].shape[0]
     if "queue.image_queue" in sd:
         base["queue_size"] = sd["queue.image_queue"].shape[1]
     return ALBEFConfig.from_dict(base)
@@ -202,7 +211,8 @@ def _cls_classes(sd: dict[str, Tensor]) -> int:
 
 def build_for_task(task: str, cfg: ALBEFConfig, sd: dict[str, Tensor]) -> torch.nn.Module:
     if task == "vqa":
-        n_dec = 1 + max(int(m.group(1)) for k in sd if (m := re.search(r"text_decoder\.(?:bert\.)?encoder\.layer\.(\d+)\.", k)))
+        n_dec = 1 + max(int(m.group(1)) for k in sd
+                        if (m := re.search(r"text_decoder\.(?:bert\.)?encoder\.layer\.(\d+)\.", k)))
         return ALBEFForVQA(cfg, n_dec)
     if task in ("ve", "nlvr"):
         return ALBEFForClassification(cfg, _cls_classes(sd), 2 if task == "nlvr" else 1)

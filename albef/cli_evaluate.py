@@ -1,7 +1,8 @@
-"""``albef evaluate retrieval|grounding``: benchmark a model on an evaluation file.
+"""``albef evaluate retrieval|grounding|vqa|ve|nlvr``: score a model on an evaluation file.
 
     albef evaluate retrieval --model DIR --data coco_test.json --image-root /data/coco --k 256
     albef evaluate grounding --model DIR --data refcoco+_val.json --image-root /data/coco --overlays out/
+    albef evaluate vqa --model DIR --data vqa_test.json --answers answer_list.json --results answers.json
     torchrun --nproc_per_node 8 -m albef.cli evaluate retrieval ...   # re-ranking split over ranks
 
 Zero-shot Flickr30K as in the paper: evaluate the COCO-fine-tuned model on Flickr30K's test split
@@ -21,7 +22,6 @@ from albef.data.retrieval import read_retrieval_eval
 from albef.data.transforms import test_transform
 from albef.precision import add_precision_option, autocast, resolve_precision
 from albef.text import Tokenizer
-
 
 MODEL_HELP = ("an albef model folder, a run's checkpoint (.pt), or a run folder: its checkpoint_best.pt "
               "(best validation epoch), else checkpoint_last.pt")
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                    help='JSON: [{"image", "text", "ref_id", "box": [x,y,w,h], "candidates": [[x,y,w,h], ...]}]')
     g.add_argument("--image-root")
     g.add_argument("--mode", choices=["itm", "itc"], default="itm")
-    g.add_argument("--layer", type=int, help="itm: fusion layer (default the third); itc: ViT block (default 8 of 12 as the authors; two thirds of the depth)")
+    g.add_argument("--layer", type=int, help="itm: fusion layer (default the third); itc: ViT block "
+                                             "(default 8 of 12 as the authors; two thirds of the depth)")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--overlays", help="write heat-map overlay PNGs of some examples here")
     g.add_argument("--n-overlays", type=int, default=8)
@@ -168,8 +169,8 @@ def _grounding(args: argparse.Namespace) -> int:
 
 
 def _task(args: argparse.Namespace) -> int:
-    from albef.data.classification import read_classification
     from albef.data.annotations import require_entries
+    from albef.data.classification import read_classification
     from albef.data.vqa import read_answer_list, read_vqa
     from albef.evaluation.tasks import evaluate_classification, evaluate_vqa
     from albef.training.distributed import init_distributed, shutdown
@@ -205,7 +206,8 @@ def _task(args: argparse.Namespace) -> int:
     if args.what == "vqa":
         if args.results:
             Path(args.results).write_text(json.dumps(results))
-        print(f"VQA on {metrics['n']} questions" + "".join(f"\n  {k:10s} {v:6.2f}%" for k, v in metrics.items() if k != "n"))
+        print(f"VQA on {metrics['n']} questions"
+              + "".join(f"\n  {k:10s} {v:6.2f}%" for k, v in metrics.items() if k != "n"))
     else:
         print(f"{args.what} accuracy on {metrics['n']} examples: {metrics['accuracy']:.2f}%")
     if args.out:

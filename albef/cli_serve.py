@@ -83,15 +83,16 @@ def _allowed_hosts(args: argparse.Namespace) -> list[str]:
 
 def _model_id(path: Path) -> str:
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return str(path.resolve()) + "".join(f"|{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    return str(path.resolve()) + "".join(f"|{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                         for f in files if f.is_file())
 
 
 def build_app(args: argparse.Namespace):
     """The FastAPI app for parsed arguments (tests call this without starting a server)."""
     from albef.api import Pipeline, Processor, VQAPipeline
     from albef.cli_evaluate import load_inference_model
-    from albef.hub import NotAModelError, resolve_model_path
     from albef.data.vqa import read_answer_list
+    from albef.hub import NotAModelError, resolve_model_path
     from albef.models.albef import ALBEF
     from albef.serve.app import create_app
     from albef.serve.index import GalleryIndex

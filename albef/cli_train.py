@@ -19,7 +19,6 @@ from pathlib import Path
 
 from albef.recipes import load_recipe
 
-
 FINETUNE_TASKS = ("retrieval", "grounding", "vqa", "ve", "nlvr", "nlvr_pretrain")
 
 
@@ -75,8 +74,8 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
         recipe.model.check_sources()
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         p.error(str(e))
-    from albef.training.loop import PretrainRun  # heavy imports after argument checks
     from albef.training.distributed import shutdown
+    from albef.training.loop import PretrainRun  # heavy imports after argument checks
 
     try:
         try:  # what construction refuses (data, init or checkpoint files, validation set) is a usage error

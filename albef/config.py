@@ -123,7 +123,7 @@ class ALBEFConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ALBEFConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ALBEFConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -134,7 +134,7 @@ class ALBEFConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ALBEFConfig":
+    def load(cls, path: str | Path) -> ALBEFConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except json.JSONDecodeError as e:

@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        trainer.queue.enqueue(out.image_feat_m, out.text_feat_m)  # after the step, as the training loop does
-        bar.set_postfix(itc=f"{out.loss_itc.item():.3f}", itm=f"{out.loss_itm.item():.3f}",
-                        mlm=f"{out.loss_mlm.item():.3f}", alpha=f"{alpha:.2f}")
+        trainer.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)  # after the step, as the loop does
+        bar.set_postfix(itc=f"{out.itc.loss.item():.3f}", itm=f"{out.itm.loss.item():.3f}",
+                        mlm=f"{out.mlm.loss.item():.3f}", alpha=f"{alpha:.2f}")
     elapsed = time.perf_counter() - start
 
     after = recall_at_1(trainer.model, test_images, test_tok.input_ids, test_tok.attention_mask, test_caps)

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,13 +167,14 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
             report.initialised[key] = how
     if errors:
         hint = ""
-        if all("mlm_head." in e for e in errors if e.startswith("missing")) and any(e.startswith("missing") for e in errors):
+        missing = [e for e in errors if e.startswith("missing")]
+        if missing and all("mlm_head." in e for e in missing):
             hint = "\n(a fine-tuned checkpoint has no MLM head: build the model with ALBEF(config, mlm_head=False))"
         raise CheckpointLoadError(f"{source} does not fit the model:\n  " + "\n  ".join(errors) + hint)
     with torch.no_grad():
         for key, value in to_load.items():
             expected[key].copy_(value)
-        for key, how in report.initialised.items():
+        for key in report.initialised:
             if key.endswith("token_type_embeddings.weight"):
                 expected[key].zero_()
         # only the teacher tensors the checkpoint lacks come from the (loaded or fresh) student;
@@ -207,7 +207,8 @@ def expand_pretrained_for_task(sd: dict[str, Tensor], model: nn.Module) -> dict[
                     out[twin + "text_decoder." + key.removeprefix(enc)] = value
                 elif key.startswith(twin + "mlm_head."):
                     out[twin + "decoder_head." + key.removeprefix(twin + "mlm_head.")] = out.pop(key)
-    elif (isinstance(model, ALBEFForClassification) and model.num_images == 2) or isinstance(model, ALBEFForTextAssignment):
+    elif ((isinstance(model, ALBEFForClassification) and model.num_images == 2)
+          or isinstance(model, ALBEFForTextAssignment)):
         f = model.config.text.fusion_layer
         layers = {int(m.group(1)) for k in sd if (m := re.match(r"^model\.text_encoder\.encoder\.layer\.(\d+)\.", k))}
         if layers and max(layers) + 1 == len(model.text_encoder.encoder.layer):
@@ -376,7 +377,8 @@ def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:
             value = resize_pos_embed(value, target[k].shape[-2] - 1)
             report.resized.append(f"pos_embed -> {tuple(target[k].shape)}")
         if value.shape != target[k].shape:
-            errors.append(f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(target[k].shape)}")
+            errors.append(f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, "
+                          f"model {tuple(target[k].shape)}")
             continue
         to_load[k] = value
     missing = [k for k in target if k not in to_load]

@@ -6,6 +6,10 @@ and the outputs the reference computed in float64. Every recorded output is reco
 compared; one line is printed per output. Errors are reported as the largest absolute
 difference and the normwise relative error ``max|ours − ref| / max|ref|``.
 
+Models are built as everywhere, fast (:mod:`albef.models.fast`); whole hidden-state tensors, whose
+padding positions only the plain model computes as the reference does, are compared from the
+plain model, and from the fast one at the real tokens. ``--plain`` checks the plain model alone.
+
 Example:
     >>> from albef.parity import run_parity
     >>> checks = run_parity("../shared/parity", dtypes=("float64",))   # doctest: +SKIP
@@ -29,7 +33,7 @@ from torch import Tensor
 from albef.config import ALBEFConfig, TextConfig, VisionConfig
 from albef.convert import adapt_pos_embed, from_authors, to_authors
 from albef.models.albef import ALBEF
-from albef.models.bert import set_unpad
+from albef.models.fast import is_fast, make_fast, make_plain
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers
 from albef.training.finetune import ClassifierTrainer, VQATrainer
 from albef.training.objectives import soft_cross_entropy
@@ -53,7 +57,8 @@ class Check:
 
     def line(self) -> str:
         status = "ok  " if self.ok else "FAIL"
-        return f"{status} {self.dtype:7s} {self.name:70s} max_abs={self.max_abs:.3e} rel={self.rel:.3e} (tol {self.tol:.0e})"
+        return (f"{status} {self.dtype:7s} {self.name:70s} max_abs={self.max_abs:.3e} rel={self.rel:.3e} "
+                f"(tol {self.tol:.0e})")
 
 
 def compare(name: str, ours: Any, ref: Any, dtype: str) -> Check:
@@ -74,7 +79,7 @@ def compare(name: str, ours: Any, ref: Any, dtype: str) -> Check:
 
 def config_from_parity(meta: dict[str, Any]) -> ALBEFConfig:
     """Our config for a parity folder's ``config.json`` (run resolution, recorded BERT config)."""
-    c, b, v, h = meta["config"], meta["bert_text_encoder"], meta["vit"], meta["heads"]
+    b, v, h = meta["bert_text_encoder"], meta["vit"], meta["heads"]
     vision = VisionConfig(image_size=v["img_size_run"], patch_size=v["patch_size"], width=v["embed_dim"],
                           depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=v["mlp_ratio"],
                           qkv_bias=v["qkv_bias"], layer_norm_eps=v["layer_norm_eps"])
@@ -114,8 +119,9 @@ def _sums(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 class _Task:
     """Everything one ``<task>_io.pt`` needs: the model state and the comparisons."""
 
-    def __init__(self, root: Path, meta: dict[str, Any], task: str, dtype: str):
+    def __init__(self, root: Path, meta: dict[str, Any], task: str, dtype: str, fast: bool = True):
         self.root, self.meta, self.dtype = root, meta, dtype
+        self.fast = fast  # check the fast model too (else the plain one alone)
         self.torch_dtype = DTYPES[dtype]
         self.cfg = config_from_parity(meta)
         self.io = _load(root / f"{task}_io.pt")
@@ -134,13 +140,12 @@ class _Task:
 
 
 def _pretrain_step(task: _Task, mlm: bool, retrieval: bool, rec: dict, draws_in: dict, inputs: dict, io: dict,
-                   key: str, per_alpha: dict, full_hidden: bool):
-    model = ALBEF(task.cfg, mlm_head=mlm)
-    trainer = ALBEFPretrainer(model, mlm=mlm, with_idx=retrieval, full_hidden=full_hidden,
-                              hard_negative_eps=0.0).to(task.torch_dtype)
+                   key: str, per_alpha: dict, fast: bool):
+    model = ALBEF(task.cfg, mlm_head=mlm, fast=fast)
+    trainer = ALBEFPretrainer(model, mlm=mlm, with_idx=retrieval, hard_negative_eps=0.0).to(task.torch_dtype)
     trainer.load_state_dict(task.state_dict(), strict=True)
     before = io.get("momentum_param_sums_before_update")
-    if before is not None and key == next(iter(per_alpha)) and full_hidden:
+    if before is not None and key == next(iter(per_alpha)) and not fast:
         task.check("momentum_param_sums_before_update (all tensors)", _stack_sums(trainer, before),
                    _stack_ref(before))
     draws = PretrainDraws(draws_in["neg_image_idx"], draws_in["neg_text_idx"],
@@ -158,38 +163,42 @@ def _pretrain_like(task: _Task, mlm: bool) -> None:
     per_alpha: dict[str, Any] = io["per_alpha"]
     results = {}
     for key, rec in per_alpha.items():
-        # full_hidden=True computes every position, padding included (its hidden states are
-        # compared below); the default computes only what the losses read — the real tokens, and
+        # the plain model computes every position, padding included (its hidden states are
+        # compared below); the fast one computes only what the losses read — the real tokens, and
         # in the last layer [CLS] and the masked ones: check its numbers too
-        for full in (False, True):
-            trainer, out = _pretrain_step(task, mlm, retrieval, rec, draws_in, inputs, io, key, per_alpha, full)
-            tag = "" if full else " [real tokens only; last layer: [CLS]/masked only]"
+        for fast in (True, False) if task.fast else (False,):
+            trainer, out = _pretrain_step(task, mlm, retrieval, rec, draws_in, inputs, io, key, per_alpha, fast)
+            tag = " [real tokens only; last layer: [CLS]/masked only]" if fast else ""
             clean = rec.get("float64_clean", {})
-            task.check(f"per_alpha/{key}/loss_itc{tag}", out.loss_itc, clean.get("loss_itc", rec["loss_itc"]))
-            task.check(f"per_alpha/{key}/loss_itm{tag}", out.loss_itm, rec["loss_itm"])
+            task.check(f"per_alpha/{key}/loss_itc{tag}", out.itc.loss, clean.get("loss_itc", rec["loss_itc"]))
+            task.check(f"per_alpha/{key}/loss_itm{tag}", out.itm.loss, rec["loss_itm"])
             task.check(f"per_alpha/{key}/loss{tag}", out.loss, clean.get("loss", rec["loss"]))
             if mlm:
-                task.check(f"per_alpha/{key}/loss_mlm{tag}", out.loss_mlm, rec["loss_mlm"])
-                task.check(f"per_alpha/{key}/mlm_ce{tag}", out.mlm_ce, rec["mlm_ce"])
-            if not full:
-                task.check(f"outputs/itm_logits{tag}", out.itm_logits, outputs["itm_logits"])
+                task.check(f"per_alpha/{key}/loss_mlm{tag}", out.mlm.loss, rec["loss_mlm"])
+                task.check(f"per_alpha/{key}/mlm_ce{tag}", out.mlm.ce, rec["mlm_ce"])
+            if fast:
+                task.check(f"outputs/itm_logits{tag}", out.itm.logits, outputs["itm_logits"])
                 if mlm:
-                    task.check(f"outputs/mlm_logits_masked{tag}", out.mlm_logits, outputs["mlm_logits_masked"])
+                    task.check(f"outputs/mlm_logits_masked{tag}", out.mlm.logits, outputs["mlm_logits_masked"])
         results[key] = (trainer, out)
-        task.check(f"per_alpha/{key}/sim_i2t_targets", out.targets_i2t, clean.get("sim_i2t_targets", rec["sim_i2t_targets"]))
-        task.check(f"per_alpha/{key}/sim_t2i_targets", out.targets_t2i, clean.get("sim_t2i_targets", rec["sim_t2i_targets"]))
+        for name, ours in (("sim_i2t_targets", out.itc.targets_i2t), ("sim_t2i_targets", out.itc.targets_t2i)):
+            task.check(f"per_alpha/{key}/{name}", ours, clean.get(name, rec[name]))
 
     # Everything under outputs/ is alpha-independent: read it from the run with distillation on.
     trainer, out = max(results.values(), key=lambda r: r[1].alpha)
     B = inputs["input_ids"].shape[0]
-    for name, ours in [("image_embeds", out.image_embeds), ("text_embeds", out.text_embeds),
-                       ("image_feat", out.image_feat), ("text_feat", out.text_feat),
-                       ("image_embeds_m", out.image_embeds_m), ("text_embeds_m", out.text_embeds_m),
-                       ("image_feat_m", out.image_feat_m), ("text_feat_m", out.text_feat_m),
-                       ("sim_i2t", out.sim_i2t), ("sim_t2i", out.sim_t2i), ("sim_i2t_m", out.sim_i2t_m),
-                       ("sim_t2i_m", out.sim_t2i_m), ("fused_pos_last_hidden", out.fused[:B]),
-                       ("fused_neg_last_hidden", out.fused[B:]), ("itm_logits", out.itm_logits),
-                       ("itm_labels", out.itm_labels), ("loss_itm", out.loss_itm),
+    s, m, itc, itm = out.student, out.teacher, out.itc, out.itm
+    with torch.no_grad():  # every position of the scored pairs' fusion pass (the plain model's run)
+        text, mask = s.text_embeds[itm.text_rows], inputs["attention_mask"][itm.text_rows]
+        fused = trainer.model.fuse(text, mask, s.image_embeds[itm.image_rows])
+    for name, ours in [("image_embeds", s.image_embeds), ("text_embeds", s.text_embeds),
+                       ("image_feat", s.image_feat), ("text_feat", s.text_feat),
+                       ("image_embeds_m", m.image_embeds), ("text_embeds_m", m.text_embeds),
+                       ("image_feat_m", m.image_feat), ("text_feat_m", m.text_feat),
+                       ("sim_i2t", itc.sim_i2t), ("sim_t2i", itc.sim_t2i), ("sim_i2t_m", itc.sim_i2t_m),
+                       ("sim_t2i_m", itc.sim_t2i_m), ("fused_pos_last_hidden", fused[:B]),
+                       ("fused_neg_last_hidden", fused[B:]), ("itm_logits", itm.logits),
+                       ("itm_labels", itm.labels), ("loss_itm", itm.loss),
                        ("image_queue_after", trainer.queue.image_queue), ("text_queue_after", trainer.queue.text_queue),
                        ("queue_ptr_after", trainer.queue.queue_ptr)]:
         task.check(f"outputs/{name}", ours, outputs[name])
@@ -202,14 +211,15 @@ def _pretrain_like(task: _Task, mlm: bool) -> None:
         task.check("outputs/multi_positive_targets (recomputed from the recorded ids)", pos / pos.sum(1, keepdim=True),
                    outputs["multi_positive_targets"])
     # The reference hands these rows to multinomial; compare the distributions they define.
-    for name, w in [("weights_t2i", out.weights_t2i), ("weights_i2t", out.weights_i2t)]:
+    for name, w in [("weights_t2i", itm.weights_t2i), ("weights_i2t", itm.weights_i2t)]:
         ref = draws_in[name]
         task.check(f"draws/{name} (row-normalised)", w / w.sum(1, keepdim=True), ref / ref.sum(1, keepdim=True))
     if mlm:
-        task.check("outputs/mlm_masked_positions", out.draws.mlm_labels.ne(-100).nonzero(), outputs["mlm_masked_positions"])
-        task.check("outputs/mlm_logits_masked", out.mlm_logits, outputs["mlm_logits_masked"])
-        task.check("outputs/mlm_logits_m_masked", out.mlm_logits_m, outputs["mlm_logits_m_masked"])
-        distill = soft_cross_entropy(out.mlm_logits, out.mlm_logits_m.softmax(-1))
+        task.check("outputs/mlm_masked_positions", out.draws.mlm_labels.ne(-100).nonzero(),
+                   outputs["mlm_masked_positions"])
+        task.check("outputs/mlm_logits_masked", out.mlm.logits, outputs["mlm_logits_masked"])
+        task.check("outputs/mlm_logits_m_masked", out.mlm.logits_m, outputs["mlm_logits_m_masked"])
+        distill = soft_cross_entropy(out.mlm.logits, out.mlm.logits_m.softmax(-1))
         for key, rec in per_alpha.items():
             if "mlm_distill" in rec:
                 task.check(f"per_alpha/{key}/mlm_distill", distill, rec["mlm_distill"])
@@ -246,7 +256,7 @@ def _classifier(task: _Task, num_images: int) -> None:
     images = [task.t(inputs["image"])] if num_images == 1 else [task.t(inputs["image0"]), task.t(inputs["image1"])]
     num_classes = outputs["logits"].shape[1]
     for key, rec in io["per_alpha"].items():
-        model = ALBEFForClassification(task.cfg, num_classes, num_images)
+        model = ALBEFForClassification(task.cfg, num_classes, num_images, fast=task.fast)
         # LAVIS 1.0.2's NLVR2 teacher runs the student text encoder (see ALBEF.md section 9)
         trainer = ClassifierTrainer(model, task.cfg.momentum, lavis_teacher_text_encoder=num_images == 2)
         trainer.to(task.torch_dtype).load_state_dict(task.state_dict(), strict=True)
@@ -258,7 +268,7 @@ def _classifier(task: _Task, num_images: int) -> None:
         task.check("outputs/logits", out.logits, outputs["logits"])
     embeds = model.encode_images(images)
     names = ["image_embeds"] if num_images == 1 else ["image0_embeds", "image1_embeds"]
-    for name, e in zip(names, embeds):
+    for name, e in zip(names, embeds, strict=True):
         task.check(f"outputs/{name}", e, outputs[name])
     _hidden_both_ways(task, "outputs/encoder_last_hidden", outputs["encoder_last_hidden"], inputs["attention_mask"],
                       lambda: model.text_encoder(inputs["input_ids"], inputs["attention_mask"], embeds), model)
@@ -268,12 +278,22 @@ def _classifier(task: _Task, num_images: int) -> None:
 def _hidden_both_ways(task: _Task, name: str, ref: Tensor, mask: Tensor, run: Callable[[], Tensor],
                       model: torch.nn.Module) -> None:
     """A whole hidden-state tensor: every position as the reference computes it (padding
-    included), and the real tokens of the default run, which skips padding."""
-    set_unpad(model, False)
-    task.check(name, run(), ref)
-    set_unpad(model, True)
-    real = mask.bool()
-    task.check(f"{name} [real tokens only]", run()[real], ref[real])
+    included), from the plain model, and the real tokens from the fast one, which skips padding."""
+    task.check(name, run_plain(model, run), ref)
+    if task.fast:
+        real = mask.bool()
+        task.check(f"{name} [real tokens only]", run()[real], ref[real])
+
+
+def run_plain(model: torch.nn.Module, run: Callable[[], Tensor]) -> Tensor:
+    """``run()`` with ``model`` plain, whether it was fast or not (and left as it was)."""
+    fast = is_fast(model)
+    make_plain(model)
+    try:
+        return run()
+    finally:
+        if fast:
+            make_fast(model)
 
 
 def _vqa(task: _Task) -> None:
@@ -281,7 +301,7 @@ def _vqa(task: _Task) -> None:
     inp, train = io["inputs"], io["train"]
     images = task.t(inp["image"])
     for key, rec in train["per_alpha"].items():
-        model = ALBEFForVQA(task.cfg)
+        model = ALBEFForVQA(task.cfg, fast=task.fast)
         trainer = VQATrainer(model, task.cfg.momentum, label_smoothing=0.1)  # LAVIS smooths; the authors don't
         trainer.to(task.torch_dtype).load_state_dict(task.state_dict(), strict=True)
         trainer.train()
@@ -305,7 +325,8 @@ def _vqa(task: _Task) -> None:
     q, qm = out.question_states.detach(), inp["question_attention_mask"]
     ids, mask, k = inp["answer_list_input_ids"], inp["answer_list_attention_mask"], int(inp["k_test"])
     lavis = rank_answers(model, q, qm, ids, mask, k, scoring="lavis", label_smoothing=0.1)
-    for name, ours in [("first_token_logits", lavis["first_token_logits"]), ("prob_first_token", lavis["prob_first_token"]),
+    for name, ours in [("first_token_logits", lavis["first_token_logits"]),
+                       ("prob_first_token", lavis["prob_first_token"]),
                        ("topk_probs", lavis["topk_probs"]), ("topk_ids", lavis["topk_ids"]),
                        ("candidate_loss", lavis["candidate_nll"]), ("log_probs_sum", lavis["log_probs_sum"]),
                        ("pred_answer_idx", lavis["ranked_ids"][:, 0])]:
@@ -340,8 +361,9 @@ TASKS: dict[str, Callable[[_Task], None]] = {
 
 
 def run_parity(root: str | Path, dtypes: tuple[str, ...] = ("float64", "float32"),
-               tasks: tuple[str, ...] | None = None) -> list[Check]:
-    """Recompute every supported task's vectors in each dtype; return the comparisons."""
+               tasks: tuple[str, ...] | None = None, plain: bool = False) -> list[Check]:
+    """Recompute every supported task's vectors in each dtype; return the comparisons. ``plain``:
+    the plain model alone (not the fast one that models are built as)."""
     root = Path(root)
     meta_path = root / "config.json"
     if not meta_path.exists():
@@ -353,7 +375,7 @@ def run_parity(root: str | Path, dtypes: tuple[str, ...] = ("float64", "float32"
     checks: list[Check] = []
     for dtype in dtypes:
         for name in present:
-            task = _Task(root, meta, name, dtype)
+            task = _Task(root, meta, name, dtype, fast=not plain)
             TASKS[name](task)
             checks += [Check(f"{name}: {c.name}", c.dtype, c.max_abs, c.rel, c.tol) for c in task.checks]
     return checks
@@ -364,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="parity folder (config.json, <task>_state_dict.pt, <task>_io.pt)")
     p.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     p.add_argument("--task", action="append", choices=list(TASKS), help="only these tasks (repeatable)")
+    p.add_argument("--plain", action="store_true",
+                   help="check the plain model alone (albef.models without the speedups of albef.models.fast)")
     args = p.parse_args(argv)
     dtypes = tuple(DTYPES) if args.dtype == "both" else (args.dtype,)
     torch.manual_seed(0)
-    checks = run_parity(args.dir, dtypes, tuple(args.task) if args.task else None)
+    checks = run_parity(args.dir, dtypes, tuple(args.task) if args.task else None, plain=args.plain)
     for c in checks:
         print(c.line())
     failed = [c for c in checks if not c.ok]

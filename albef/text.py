@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
@@ -201,7 +201,7 @@ class TokenizedText:
     def keys(self) -> Iterator[str]:
         return iter(("input_ids", "attention_mask"))
 
-    def to(self, device: torch.device | str) -> "TokenizedText":
+    def to(self, device: torch.device | str) -> TokenizedText:
         return TokenizedText(self.input_ids.to(device), self.attention_mask.to(device))
 
 
@@ -337,7 +337,7 @@ class Tokenizer:
         return directory
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "Tokenizer":
+    def from_dir(cls, directory: str | Path) -> Tokenizer:
         """Load a tokenizer written by :meth:`save` (packaged vocab if ``vocab.txt`` is absent)."""
         directory = Path(directory)
         config_path = directory / "tokenizer_config.json"

@@ -186,7 +186,7 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
 
     def run_ours(m):  # as albef.training.loop: the momentum features are enqueued after the step
         out = m(images, ids, mask, alpha=cfg.alpha, enqueue=False)
-        return out.loss, lambda: m.queue.enqueue(out.image_feat_m, out.text_feat_m)
+        return out.loss, lambda: m.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)
 
     return (step(ours, run_ours), step(theirs, lambda m: (m(samples).loss, lambda: None)), ours, theirs)
 

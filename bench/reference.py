@@ -32,7 +32,7 @@ def _stub_package(name: str, path: Path) -> None:
         sys.modules[name] = mod
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def import_lavis():
     """The LAVIS ALBEF modules, with the tokenizer redirected to the local vocabulary."""
     root = Path(importlib.util.find_spec("lavis").submodule_search_locations[0])
@@ -62,8 +62,8 @@ def import_lavis():
     mod = importlib.util.module_from_spec(spec)
     sys.modules["lavis.models.albef_models"] = mod
     spec.loader.exec_module(mod)
-    from lavis.models.albef_models import albef_pretrain, albef_retrieval, albef_vqa
     from lavis.models import med, vit
+    from lavis.models.albef_models import albef_pretrain, albef_retrieval, albef_vqa
 
     return types.SimpleNamespace(AlbefBase=mod.AlbefBase, compute_sim_matrix=mod.compute_sim_matrix,
                                  AlbefPretrain=albef_pretrain.AlbefPretrain,

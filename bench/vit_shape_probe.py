@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> float:
 
     rng, t0 = random.Random(args.seed), time.perf_counter()
     vit.train()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         x, y = batch(rng.sample(train, 32), t_train)
         loss = F.cross_entropy(head(vit(x)[:, 0]), y)
         opt.zero_grad(set_to_none=True)

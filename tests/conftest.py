@@ -1,14 +1,24 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from albef.config import get_preset
 from albef.models.albef import ALBEF
 
-PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
+from helpers import PARITY_DIR, missing_parity
+
+# TEMPORARY re-export: test_model.py, test_packing.py and test_tied.py still do `from conftest import
+# text_batch`; switch them to `from helpers import text_batch`, then delete this line.
+from helpers import text_batch as text_batch
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whatever needs the reference vectors (the ``parity_dir`` fixture) is a ``parity`` test."""
+    for item in items:
+        if "parity_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.parity)
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +38,9 @@ def tiny_model(tiny_config):
     return ALBEF(tiny_config)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def parity_dir():
+    """The reference vectors' folder; without it the test skips, or fails under ALBEF_REQUIRE_PARITY."""
     if not (PARITY_DIR / "config.json").exists():
-        pytest.skip(f"reference vectors not found at {PARITY_DIR}")
+        missing_parity(PARITY_DIR)
     return PARITY_DIR
-
-
-def text_batch(B: int, L: int, vocab: int = 30522, generator: torch.Generator | None = None):
-    """Random ids with [CLS] first and a ragged [PAD] tail, and their mask."""
-    g = generator or torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, vocab, (B, L), generator=g)
-    ids[:, 0] = 101
-    lengths = torch.randint(2, L + 1, (B,), generator=g)
-    lengths[0] = L
-    mask = (torch.arange(L)[None] < lengths[:, None]).long()
-    return ids * mask, mask

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 faiss = pytest.importorskip("faiss")
@@ -59,7 +58,7 @@ def test_embedding_in_chunks_equals_one_pass_and_skips_bad_files(pipe, files, tm
     np.testing.assert_allclose(np.asarray(feats), whole, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", pytest.param("ivfpq", marks=pytest.mark.slow), "hnsw"])
 def test_approximate_indexes_find_most_of_the_exact_neighbours(kind, tmp_path):
     rng = np.random.default_rng(2)
     centres = rng.standard_normal((50, 32)).astype(np.float32)
@@ -107,6 +106,7 @@ def test_index_cli_builds_and_searches(pipe, files, tmp_path, capsys):
         search(pipe, tmp_path / "missing", "x")
 
 
+@pytest.mark.slow
 def test_pq_shortlist_refined_exactly_from_disk_beats_pq_alone(tmp_path):
     from albef.ann import ann_search
 

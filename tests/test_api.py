@@ -86,6 +86,7 @@ def test_box_scores_and_iou_by_hand():
     torch.testing.assert_close(iou, torch.tensor([1.0, 6 / (24 + 24 - 6)]))
 
 
+@pytest.mark.slow
 def test_ground_and_predict_cli(tiny_model, gallery, tmp_path, capsys):
     pipe = Pipeline(tiny_model, device="cpu")
     res = pipe.ground(gallery[0], "a red circle", boxes=[[0, 0, 16, 16], [16, 16, 16, 16]])

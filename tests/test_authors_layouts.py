@@ -122,8 +122,8 @@ def test_nlvr_and_retrieval_join_image_root_like_the_authors(tmp_path):
              ["dev/dev-850-0-img0.png", "dev/dev-850-0-img1.png"]]
     for i, p in enumerate(x for pair in pairs for x in pair):
         _image(nlvr_root / p, i)
-    _json(tmp_path / "nlvr_train.json", [{"images": pair, "sentence": "The left image has two dogs.",
-                                          "label": label} for pair, label in zip(pairs, ["True", "False"])])
+    _json(tmp_path / "nlvr_train.json", [{"images": pair, "sentence": "The left image has two dogs.", "label": label}
+                                         for pair, label in zip(pairs, ["True", "False"], strict=True)])
     recs, bad = read_classification(tmp_path / "nlvr_train.json", str(nlvr_root), "nlvr")
     assert not bad and [r.image for r in recs] == [tuple(str(nlvr_root / p) for p in pair) for pair in pairs]
     assert [r.label for r in recs] == [1, 0]
@@ -149,6 +149,7 @@ def test_ve_trains_and_evaluates_on_the_authors_layout(ve_layout, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["n"] == len(VE_IDS)
 
 
+@pytest.mark.slow
 def test_vqa_trains_and_evaluates_on_the_authors_layout(vqa_layout, tmp_path):
     root, vqa_root, vg_root = vqa_layout
     d, out = root / "data", tmp_path / "run_vqa"
@@ -179,6 +180,7 @@ def test_missing_ve_image_names_its_full_path(ve_layout, tmp_path):
                   "--image-root", str(images), "--device", "cpu"])
 
 
+@pytest.mark.slow
 def test_missing_vg_image_names_its_full_path(vqa_layout, tmp_path):
     root, vqa_root, vg_root = vqa_layout
     missing = vg_root / VG[0]

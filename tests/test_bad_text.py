@@ -103,6 +103,7 @@ def test_readers_skip_and_name_every_kind_of_bad_training_text(tmp_path):
     assert "'answer' must be a string, not int" in bad[1].reason
 
 
+@pytest.mark.slow
 def test_a_surrogate_caption_is_skipped_named_and_the_run_resumes(tmp_path, caplog, capsys):
     data = tmp_path / "data"
     path = write_shapes(data, n=128, image_size=16, seed=4)
@@ -193,7 +194,8 @@ def test_a_non_utf8_json_line_is_skipped_and_named(tmp_path):
     assert bad[0].where == f"{path}:2" and f"byte {offset}" in bad[0].reason and "UTF-8" in bad[0].reason
 
 
-@pytest.mark.parametrize("text", ['[{"image": "a.png", "caption": "a dog"}]', '{"image": "a.png", "caption": "a dog"}\n'])
+@pytest.mark.parametrize("text", ['[{"image": "a.png", "caption": "a dog"}]',
+                                  '{"image": "a.png", "caption": "a dog"}\n'])
 def test_a_byte_order_mark_is_accepted(tmp_path, text):
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
@@ -211,7 +213,8 @@ def test_a_top_level_object_is_an_error_saying_what_was_found(tmp_path, shapes, 
         read_annotations(wrapped, parse_pretrain_entry(None))
     single = tmp_path / "single.json"
     single.write_text(json.dumps({"image": "a.png", "caption": "a dog"}, indent=2))
-    with pytest.raises(ValueError, match=r"single.json: .*keys 'image', 'caption'; if it is one entry, wrap it in \[ \]"):
+    with pytest.raises(ValueError,
+                       match=r"single.json: .*keys 'image', 'caption'; if it is one entry, wrap it in \[ \]"):
         read_annotations(single, parse_pretrain_entry(None))
     one_line = tmp_path / "one.jsonl"  # one entry on one line is JSON Lines
     one_line.write_text(json.dumps({"image": "a.png", "caption": "a dog"}) + "\n")

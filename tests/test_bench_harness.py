@@ -110,7 +110,8 @@ def test_main_runs_the_probes_and_rounds_each_preset_asks_for(monkeypatch, tmp_p
         probes.append((args.preset, side))
         return (100.0 if side == "ours" else 200.0) + len(probes), 1.0
 
-    monkeypatch.setattr(C, "pretrain_sides", lambda *a, **k: (lambda: None, lambda: None, _FakeTrainer(), _FakeTrainer()))
+    monkeypatch.setattr(C, "pretrain_sides",
+                        lambda *a, **k: (lambda: None, lambda: None, _FakeTrainer(), _FakeTrainer()))
     monkeypatch.setattr(C, "peak_rss_of", fake_probe)
     monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: 1e9)
     monkeypatch.setattr(C, "versions", lambda: "torch x")

@@ -19,6 +19,7 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert main(["nope"]) == 2
 
 
+@pytest.mark.slow
 def test_demo_runs_and_reports_recall(capsys):
     assert demo.main(["--steps", "3", "--batch-size", "4", "--queue-size", "8"]) == 0
     out = capsys.readouterr().out
@@ -36,6 +37,7 @@ def test_bench_prints_a_json_record(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["optimizer_in_backward"] is False
 
 
+@pytest.mark.slow
 def test_import_albef_loads_the_inference_api_on_first_use():
     """`import albef` (and so every CLI command's start) skips torchvision until the API is used."""
     code = ("import sys, albef; assert 'torchvision' not in sys.modules and 'Pipeline' in dir(albef); "

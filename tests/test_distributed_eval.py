@@ -18,6 +18,8 @@ from albef.hub import save_pretrained
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # each case: torchrun with 2 gloo ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,8 +34,8 @@ def data(tmp_path_factory):
          "question_id": i, "question_type": ["color", "shape"][i % 2]} for i in range(9)]))
     (d / "answers.json").write_text(json.dumps(["yes", "no", "red", "blue", "round"]))
     labels = ["entailment", "neutral", "contradiction"]
-    (d / "ve.json").write_text(json.dumps([{"image": imgs[i], "sentence": f"a {words[i % 5]} shape", "label": labels[i % 3]}
-                                          for i in range(9)]))
+    (d / "ve.json").write_text(json.dumps([{"image": imgs[i], "sentence": f"a {words[i % 5]} shape",
+                                            "label": labels[i % 3]} for i in range(9)]))
     cells = [[0, 0, 16, 16], [16, 0, 16, 16], [0, 16, 16, 16], [16, 16, 16, 16]]
     (d / "g.json").write_text(json.dumps([
         {"image": imgs[i], "text": f"the {words[i % 5]} one", "ref_id": i, "box": cells[i % 4], "candidates": cells,
@@ -62,7 +64,8 @@ def test_two_gloo_processes_give_the_same_results(data, tmp_path, what):
     assert cli_main([*args, *extra("one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "albef.cli", *args, *extra("two")], env=env, capture_output=True, text=True, timeout=300)
+                           "-m", "albef.cli", *args, *extra("two")],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # one report: the two processes formed a group (alone, each would print and evaluate everything)
     assert proc.stdout.count("accuracy" if what != "vqa" else "VQA on") == 1, proc.stdout

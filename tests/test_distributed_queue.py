@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from albef.training.momentum import FeatureQueue
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

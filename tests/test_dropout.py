@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.models.bert import MultiHeadAttention
-from albef.models.dropout import Dropout, dropout, keep_mask
+from albef.models.fast.bert import FastMultiHeadAttention
+from albef.models.fast.dropout import Dropout, dropout, keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -53,31 +53,31 @@ def test_attention_dropout_drops_probabilities():
     """Training on CPU: softmax(q k^T / sqrt(d)), masked keys at zero, then the mask the
     generator gives next, scaled by 1 / (1 - p), times v."""
     torch.manual_seed(0)
-    att = MultiHeadAttention(8, 2, 8, dropout=0.4).train()
+    att = FastMultiHeadAttention(8, 2, 8, dropout=0.4).train()
     x = torch.randn(3, 5, 8)
     pad = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
     mask = pad[:, None, None, :].bool()
     torch.manual_seed(7)
-    out = att(x, mask)
-    q, k, v = (att._heads(lin(x)) for lin in (att.query, att.key, att.value))
+    out = att(x, x, mask)
+    q, k, v = (att.heads(lin(x)) for lin in (att.query, att.key, att.value))
     probs = (q @ k.transpose(-2, -1) / 2.0).masked_fill(~mask, float("-inf")).softmax(-1)
     torch.manual_seed(7)
     keep = keep_mask(probs.shape, 0.4)
     expected = ((probs * keep / 0.6) @ v).transpose(1, 2).flatten(2)
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(att.eval()(x, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(att.eval()(x, x, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                                .transpose(1, 2).flatten(2))
 
 
 @pytest.mark.parametrize("kind", ["causal", "none"])
 def test_attention_dropout_with_a_causal_mask_or_none(kind):
     torch.manual_seed(0)
-    att = MultiHeadAttention(8, 2, 8, dropout=0.3).train()
+    att = FastMultiHeadAttention(8, 2, 8, dropout=0.3).train()
     x = torch.randn(2, 4, 8)
     mask = torch.ones(4, 4, dtype=torch.bool).tril()[None, None] if kind == "causal" else None
     torch.manual_seed(3)
-    out = att(x, mask)
-    q, k, v = (att._heads(lin(x)) for lin in (att.query, att.key, att.value))
+    out = att(x, x, mask)
+    q, k, v = (att.heads(lin(x)) for lin in (att.query, att.key, att.value))
     scores = q @ k.transpose(-2, -1) / 2.0
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -28,7 +28,8 @@ def _fixture(cache: Path, n: int = 40) -> dict[str, Path]:
     emoji = []
     for i in range(n):
         e = {"name": f"THING {i}", "short_names": [f"obj_{i}"], "unified": f"U{i}", "image": f"u{i}.png",
-             "sheet_x": i % 8, "sheet_y": i // 8, "category": "Objects", "has_img_google": True, "has_img_twitter": True}
+             "sheet_x": i % 8, "sheet_y": i // 8, "category": "Objects", "has_img_google": True,
+             "has_img_twitter": True}
         if i % 5 == 0:  # a skin-tone variant that must stay with its base emoji
             e["skin_variations"] = {"1F3FB": {"unified": f"U{i}-1", "image": f"u{i}-1.png", "sheet_x": 0, "sheet_y": 0,
                                               "has_img_google": True, "has_img_twitter": True}}
@@ -59,7 +60,8 @@ def _fixture(cache: Path, n: int = 40) -> dict[str, Path]:
 
 
 def test_split_by_emoji_never_leaks_and_variants_stay_together(tmp_path):
-    counts = build_emoji(tmp_path, seed=3, windows=10, fetcher=lambda cache: _fixture(cache.mkdir(parents=True) or cache))
+    counts = build_emoji(tmp_path, seed=3, windows=10,
+                         fetcher=lambda cache: _fixture(cache.mkdir(parents=True) or cache))
     assert counts["concepts"] == 40  # the Component entry is left out
     splits = json.loads((tmp_path / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"]) and not set(splits["train"]) & set(splits["val"])

@@ -18,6 +18,8 @@ from albef.recipes import load_recipe
 from albef.training.fsdp import clip_grad_norm
 from albef.training.loop import PretrainRun
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # torchrun or torch.multiprocessing, 2 gloo ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,7 +101,7 @@ def _clip_worker(rank: int, world: int, init: str) -> None:
         expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
         assert expected > 0.1  # the clipping is active
         torch.testing.assert_close(total, expected)
-        for p, q in zip(model.parameters(), ref.parameters()):  # the clipped gradients themselves
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):  # the clipped gradients themselves
             g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             torch.testing.assert_close(g, q.grad)
         dist.barrier()  # neither rank tears the group down while the other still uses it

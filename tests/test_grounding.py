@@ -21,9 +21,12 @@ def grounding_data(tmp_path):
         Image.new("RGB", (32, 32), (40, 40, 40)).save(tmp_path / f"img{i}.png")
     cells = [[0, 0, 16, 16], [16, 0, 16, 16], [0, 16, 16, 16], [16, 16, 16, 16]]
     entries = [
-        {"image": "img0.png", "text": "the top right one", "ref_id": 1, "box": [16, 0, 16, 16], "candidates": cells, "split": "val"},
-        {"image": "img0.png", "text": "the bottom left one", "ref_id": 2, "box": [0, 16, 16, 16], "candidates": cells, "split": "val"},
-        {"image": "img1.png", "text": "the top left one", "ref_id": 3, "box": [2, 2, 16, 16], "candidates": cells, "split": "testA"},
+        {"image": "img0.png", "text": "the top right one", "ref_id": 1, "box": [16, 0, 16, 16], "candidates": cells,
+         "split": "val"},
+        {"image": "img0.png", "text": "the bottom left one", "ref_id": 2, "box": [0, 16, 16, 16], "candidates": cells,
+         "split": "val"},
+        {"image": "img1.png", "text": "the top left one", "ref_id": 3, "box": [2, 2, 16, 16], "candidates": cells,
+         "split": "testA"},
     ]
     (tmp_path / "g.json").write_text(json.dumps(entries))
     return tmp_path

@@ -97,12 +97,14 @@ def test_the_authors_pretraining_recipes_name_deit_and_bert():
 def test_student_and_teacher_start_from_the_deit_and_bert_files(shapes, tmp_path):
     deit = fake_deit(tmp_path / "deit_base_patch16_224-b5f2ef4d.pth")
     bert = fake_bert_folder(tmp_path / "bert-base-uncased")
-    recipe = load_recipe(None, _overrides(shapes, tmp_path / "run", vision_init=tmp_path / "deit_base_patch16_224-b5f2ef4d.pth",
+    recipe = load_recipe(None, _overrides(shapes, tmp_path / "run",
+                                          vision_init=tmp_path / "deit_base_patch16_224-b5f2ef4d.pth",
                                           text_init=tmp_path / "bert-base-uncased"))
     run = PretrainRun(recipe)
     for model in (run.trainer.model, run.trainer.model_m):
         vit = model.visual_encoder.state_dict()
-        for k in ("cls_token", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "norm.weight"):
+        for k in ("cls_token", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias",
+                  "norm.weight"):
             assert torch.equal(vit[k], deit[k]), k
         # 2 x 2 -> 4 x 4 patch grid: the [CLS] position is kept, the grid is interpolated
         assert vit["pos_embed"].shape == (1, 17, 32)
@@ -112,12 +114,14 @@ def test_student_and_teacher_start_from_the_deit_and_bert_files(shapes, tmp_path
         assert torch.equal(text["embeddings.LayerNorm.weight"], bert["bert.embeddings.LayerNorm.gamma"])
         for i in range(LAYERS):  # fusion layers (2, 3) too: self-attention and feed-forward from BERT
             b = f"bert.encoder.layer.{i}."
-            assert torch.equal(text[f"encoder.layer.{i}.attention.self.query.weight"], bert[b + "attention.self.query.weight"])
+            assert torch.equal(text[f"encoder.layer.{i}.attention.self.query.weight"],
+                               bert[b + "attention.self.query.weight"])
             assert torch.equal(text[f"encoder.layer.{i}.output.LayerNorm.bias"], bert[b + "output.LayerNorm.beta"])
         mlm = model.mlm_head.state_dict()
         assert torch.equal(mlm["transform.LayerNorm.weight"], bert["cls.predictions.transform.LayerNorm.gamma"])
     # and a step trains from there
-    assert cli_main(["pretrain", *_overrides(shapes, tmp_path / "cli", vision_init=tmp_path / "deit_base_patch16_224-b5f2ef4d.pth",
+    assert cli_main(["pretrain", *_overrides(shapes, tmp_path / "cli",
+                                             vision_init=tmp_path / "deit_base_patch16_224-b5f2ef4d.pth",
                                              text_init=tmp_path / "bert-base-uncased")]) == 0
     assert (tmp_path / "cli" / "checkpoint_last.pt").exists()
 

@@ -19,7 +19,7 @@ from albef.parity import config_from_parity
 from albef.training.momentum import copy_student_to_teacher
 from albef.training.pretrain import ALBEFPretrainer
 
-from conftest import text_batch
+from helpers import text_batch
 
 
 @pytest.fixture
@@ -168,9 +168,11 @@ def _reference_bert(sd: dict, ids: torch.Tensor, mask: torch.Tensor, n_layers: i
         p = f"encoder.layer.{i}"
         B, _, H = x.shape
         d = H // heads
-        q, k, v = (lin(x, f"{p}.attention.self.{n}").view(B, L, heads, d).transpose(1, 2) for n in ("query", "key", "value"))
+        q, k, v = (lin(x, f"{p}.attention.self.{n}").view(B, L, heads, d).transpose(1, 2)
+                   for n in ("query", "key", "value"))
         a = ((q @ k.transpose(-1, -2)) / math.sqrt(d) + bias).softmax(-1) @ v
-        x = ln(lin(a.transpose(1, 2).reshape(B, L, H), f"{p}.attention.output.dense") + x, f"{p}.attention.output.LayerNorm")
+        x = ln(lin(a.transpose(1, 2).reshape(B, L, H), f"{p}.attention.output.dense") + x,
+               f"{p}.attention.output.LayerNorm")
         h = F.gelu(lin(x, f"{p}.intermediate.dense"))
         x = ln(lin(h, f"{p}.output.dense") + x, f"{p}.output.LayerNorm")
     return x

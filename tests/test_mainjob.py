@@ -6,6 +6,7 @@ import json
 import types
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from albef.data.easyvqa import build_easyvqa
@@ -26,6 +27,7 @@ def _fake_easyvqa(src: Path):
                                  get_answers=lambda: ["red", "yes", "circle", "no"])
 
 
+@pytest.mark.slow
 def test_main_job_smoke(tmp_path, monkeypatch):
     import albef.data.easyvqa as E
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,8 @@ import torch.nn.functional as F
 from albef.config import ALBEFConfig, get_preset
 from albef.convert import from_authors, to_authors
 from albef.models.albef import ALBEF
-from albef.models.bert import set_unpad
+from albef.models.fast import make_plain
+from albef.models.fusion import Positions
 from albef.models.vit import resize_pos_embed
 from albef.training.pretrain import ALBEFPretrainer, PretrainDraws
 
@@ -23,9 +26,11 @@ def test_presets_and_config_round_trip(tmp_path):
         assert ALBEFConfig.load(tmp_path / "config.json") == cfg
     base = get_preset("albef-base")
     assert (base.vision.width, base.vision.depth, base.text.num_layers, base.text.fusion_layer) == (768, 12, 12, 6)
-    assert (base.embed_dim, base.queue_size, base.momentum, base.temp, base.vision.image_size) == (256, 65536, 0.995, 0.07, 256)
+    heads = (base.embed_dim, base.queue_size, base.momentum, base.temp, base.vision.image_size)
+    assert heads == (256, 65536, 0.995, 0.07, 256)
     with pytest.raises(ValueError, match="fusion_layer"):
-        ALBEFConfig.from_dict({**get_preset("albef-tiny").to_dict(), "text": {**get_preset("albef-tiny").to_dict()["text"], "fusion_layer": 9}})
+        tiny = get_preset("albef-tiny").to_dict()
+        ALBEFConfig.from_dict({**tiny, "text": {**tiny["text"], "fusion_layer": 9}})
     with pytest.raises(ValueError, match="unknown ALBEF config keys"):
         ALBEFConfig.from_dict({"nope": 1})
 
@@ -45,6 +50,10 @@ def test_multimodal_equals_text_then_fuse(tiny_model):
     full = model.encode_multimodal(ids, mask, image_embeds)
     staged = model.fuse(model.encode_text(ids, mask), mask, image_embeds)
     torch.testing.assert_close(full, staged)
+    plain = make_plain(copy.deepcopy(model))  # the fast model's real tokens are the plain model's
+    real = mask.bool()
+    torch.testing.assert_close(full[real], plain.encode_multimodal(ids, mask, image_embeds)[real])
+    torch.testing.assert_close(staged[real], plain.fuse(plain.encode_text(ids, mask), mask, image_embeds)[real])
     # a precomputed image context, indexed, gives the same as re-projecting the chosen images
     ctx = model.image_context(image_embeds)
     order = torch.tensor([2, 0, 1])
@@ -111,7 +120,7 @@ def test_backward_reaches_every_trainable_parameter_and_no_momentum_one(tiny_con
             assert not p.requires_grad and p.grad is None, name
         else:
             assert p.requires_grad and p.grad is not None, name
-    assert out.itm_logits.shape == (12, 2) and out.itm_labels.tolist() == [1] * 4 + [0] * 8
+    assert out.itm.logits.shape == (12, 2) and out.itm.labels.tolist() == [1] * 4 + [0] * 8
     assert torch.isfinite(out.loss)
 
 
@@ -136,7 +145,7 @@ def test_batch_size_one_trains(tiny_config):
     for _ in range(3):
         out = _step(trainer, B=1)
         assert torch.isfinite(out.loss)
-        assert out.itm_labels.tolist() == [1]  # no negative exists in a batch of one
+        assert out.itm.labels.tolist() == [1]  # no negative exists in a batch of one
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -145,12 +154,14 @@ def test_batch_size_one_trains(tiny_config):
 @pytest.mark.parametrize("every_image_has_a_negative_text", [True, False])
 def test_shared_fusion_pass_equals_separate_passes(tiny_config, every_image_has_a_negative_text):
     """The student's ITM pairs and masked captions share one fusion pass: same logits and same
-    gradients as the reference's separate passes (positives+negatives, then MLM) over all tokens.
-    With a negative text for every image those rows read the images' keys/values untiled
-    (ImageContext.tile), like the positives and the masked captions; else they are gathered."""
+    gradients as the reference's separate passes (positives+negatives, then MLM) over all tokens,
+    made by the plain model. With a negative text for every image those rows read the images'
+    keys/values untiled (ImageContext.tile), like the positives and the masked captions; else they
+    are gathered."""
     torch.manual_seed(0)
     trainer = ALBEFPretrainer(ALBEF(tiny_config)).double()
     model = trainer.model
+    plain = make_plain(copy.deepcopy(model))
     ids, mask = text_batch(4, 10)
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     out = trainer(images, ids, mask, 0.4, generator=torch.Generator().manual_seed(5), enqueue=False)
@@ -160,24 +171,27 @@ def test_shared_fusion_pass_equals_separate_passes(tiny_config, every_image_has_
         neg_text[0], neg_image[2] = -1, -1
         out = trainer(images, ids, mask, 0.4, enqueue=False,
                       draws=PretrainDraws(neg_image, neg_text, d.mlm_input_ids, d.mlm_labels))
-        assert len(out.itm_labels) == 4 + 3 + 3
+        assert len(out.itm.labels) == 4 + 3 + 3
     d = out.draws
     assert (d.mlm_labels != -100).sum(1).unique().numel() > 1  # ragged: rows mask different counts
     rows = torch.arange(4)
     has_img, has_txt = d.neg_image_idx >= 0, d.neg_text_idx >= 0
     text_rows = torch.cat([rows, rows[has_img], d.neg_text_idx[has_txt]])
     image_rows = torch.cat([rows, d.neg_image_idx[has_img], rows[has_txt]])
-    image_embeds, text_embeds = model.encode_image(images), model.encode_text(ids, mask)
-    itm = model.itm_logits(model.fuse(text_embeds[text_rows], mask[text_rows], image_embeds[image_rows]))
+    torch.testing.assert_close(out.itm.text_rows, text_rows)
+    torch.testing.assert_close(out.itm.image_rows, image_rows)
+    image_embeds, text_embeds = plain.encode_image(images), plain.encode_text(ids, mask)
+    itm = plain.itm_logits(plain.fuse(text_embeds[text_rows], mask[text_rows], image_embeds[image_rows]))
     masked = d.mlm_labels != -100
-    mlm = model.mlm_logits(model.fuse(model.encode_text(d.mlm_input_ids, mask), mask, image_embeds)[masked])
-    torch.testing.assert_close(out.itm_logits, itm)
-    torch.testing.assert_close(out.mlm_logits, mlm)
+    mlm = plain.mlm_logits(plain.fuse(plain.encode_text(d.mlm_input_ids, mask), mask, image_embeds)[masked])
+    torch.testing.assert_close(out.itm.logits, itm)
+    torch.testing.assert_close(out.mlm.logits, mlm)
     params = [p for p in model.parameters() if p.requires_grad]
     probe = torch.randn(mlm.shape, dtype=torch.float64)
-    shared = torch.autograd.grad(out.itm_logits.sum() + (out.mlm_logits * probe).sum(), params, allow_unused=True)
-    separate = torch.autograd.grad(itm.sum() + (mlm * probe).sum(), params, allow_unused=True)
-    for (name, _), a, b in zip(model.named_parameters(), shared, separate):
+    shared = torch.autograd.grad(out.itm.logits.sum() + (out.mlm.logits * probe).sum(), params, allow_unused=True)
+    separate = torch.autograd.grad(itm.sum() + (mlm * probe).sum(), [p for p in plain.parameters() if p.requires_grad],
+                                   allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), shared, separate, strict=True):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, msg=name)
@@ -198,7 +212,7 @@ def test_a_batch_with_no_masked_token_trains(tiny_config):
     ids, mask = text_batch(4, 10)
     no_mask = PretrainDraws(mlm_input_ids=ids.clone(), mlm_labels=torch.full_like(ids, -100))
     out = trainer(torch.randn(4, 3, 32, 32), ids, mask, 0.4, draws=no_mask, generator=torch.Generator().manual_seed(0))
-    assert out.loss_mlm.item() == 0.0 and out.mlm_logits.shape[0] == 0 and torch.isfinite(out.loss)
+    assert out.mlm.loss.item() == 0.0 and out.mlm.logits.shape[0] == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert trainer.model.itm_head.weight.grad.abs().sum() > 0
 
@@ -218,7 +232,7 @@ def test_pretraining_step_under_bf16_autocast(tiny_config):
 
     ref, ref_grads = step(False)
     out, grads = step(True)
-    assert out.itm_logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert out.itm.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
@@ -238,9 +252,11 @@ def test_replayed_draws_reproduce_a_step(tiny_config):
     b.load_state_dict(state)
     d = out1.draws
     torch.manual_seed(123)  # replay must not depend on any random state
-    out2 = b(images, ids, mask, 0.4, draws=PretrainDraws(d.neg_image_idx, d.neg_text_idx, d.mlm_input_ids, d.mlm_labels))
-    for name in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
-        torch.testing.assert_close(getattr(out2, name), getattr(out1, name), rtol=0, atol=0)
+    replay = PretrainDraws(d.neg_image_idx, d.neg_text_idx, d.mlm_input_ids, d.mlm_labels)
+    out2 = b(images, ids, mask, 0.4, draws=replay)
+    losses = out1.losses()
+    for name, loss in out2.losses().items():
+        torch.testing.assert_close(loss, losses[name], rtol=0, atol=0)
     # and a different draw gives a different step
     out3 = b(images, ids, mask, 0.4, generator=torch.Generator().manual_seed(6))
     assert not torch.equal(out3.draws.mlm_labels, d.mlm_labels)
@@ -254,7 +270,7 @@ def test_retrieval_objective_excludes_same_id_negatives(tiny_config):
         out = trainer(torch.randn(4, 3, 32, 32), ids, mask, 0.4, idx=idx, generator=torch.Generator().manual_seed(seed))
         for b, j in enumerate(out.draws.neg_image_idx.tolist()):
             assert idx[b] != idx[j]
-        assert out.loss_mlm is None
+        assert out.mlm is None and "loss_mlm" not in out.losses()
     assert trainer.queue.idx_queue[0, :4].tolist() == [1, 1, 2, 3]
 
 
@@ -276,14 +292,14 @@ def test_authors_key_conversion_round_trips(tiny_config):
 def test_mlm_logits_only_at_masked_positions_equal_full_projection(tiny_config):
     trainer = ALBEFPretrainer(ALBEF(tiny_config))
     out = _step(trainer)
-    model = trainer.model
+    plain = make_plain(copy.deepcopy(trainer.model))
     labels = out.draws.mlm_labels
     ids, mask = text_batch(4, 10)
-    hidden = model.encode_multimodal(out.draws.mlm_input_ids, mask, out.image_embeds)
-    full = model.mlm_logits(hidden)
-    torch.testing.assert_close(out.mlm_logits, full[labels != -100])
+    hidden = plain.encode_multimodal(out.draws.mlm_input_ids, mask, out.student.image_embeds)
+    full = plain.mlm_logits(hidden)
+    torch.testing.assert_close(out.mlm.logits, full[labels != -100])
     ce = F.cross_entropy(full.view(-1, full.shape[-1]), labels.view(-1))  # reference: CE over all, ignore -100
-    torch.testing.assert_close(out.mlm_ce, ce)
+    torch.testing.assert_close(out.mlm.ce, ce)
 
 
 def test_mean_text_pooling_option(tiny_config):
@@ -312,36 +328,39 @@ def test_ablation_switches(tiny_config):
         return trainer(images, ids, mask, 0.4, generator=torch.Generator().manual_seed(1))
 
     no_itc = run(itc=False)
-    torch.testing.assert_close(no_itc.loss, no_itc.loss_itm + no_itc.loss_mlm)
+    torch.testing.assert_close(no_itc.loss, no_itc.itm.loss + no_itc.mlm.loss)
     uniform = run(hard_negatives=False)
-    torch.testing.assert_close(uniform.weights_t2i, 1.0 - torch.eye(4))
+    torch.testing.assert_close(uniform.itm.weights_t2i, 1.0 - torch.eye(4))
     onehot = run(itc_distill=False)
-    torch.testing.assert_close(onehot.targets_i2t[:, :4], torch.eye(4))
-    assert run(mlm_distill=False).mlm_distill is None and run().mlm_distill is not None
+    torch.testing.assert_close(onehot.itc.targets_i2t[:, :4], torch.eye(4))
+    assert run(mlm_distill=False).mlm.distill is None and run().mlm.distill is not None
 
 
 def test_last_layer_on_chosen_positions_equals_the_full_pass(tiny_model):
-    """``positions`` computes the last layer for a few tokens: same values and gradients as
-    computing every token and picking them (what ITM's [CLS] and MLM's masked tokens use)."""
-    from albef.training.pretrain import masked_positions
-
+    """``positions`` (fast model) computes the last layer for a few tokens: same values and
+    gradients as the plain model computing every token and picking them (what ITM's [CLS] and
+    MLM's masked tokens use)."""
     model = tiny_model.eval().double()
+    plain = make_plain(copy.deepcopy(model))
     ids = torch.tensor([[101, 1037, 2417, 4418, 2006, 0], [101, 2000, 2001, 2002, 2003, 2004]])
     mask = (ids > 0).long()
     img = model.encode_image(torch.randn(2, 3, 32, 32, dtype=torch.float64))
-    full = model.encode_multimodal(ids, mask, img)
+    full = plain.encode_multimodal(ids, mask, img)
     torch.testing.assert_close(model.itm_cls(model.encode_text(ids, mask), mask, img), full[:, :1])
+    torch.testing.assert_close(plain.itm_cls(plain.encode_text(ids, mask), mask, img), full[:, :1])
     masked = torch.tensor([[False, True, False, False, True, False], [False, False, True, False, False, False]])
-    positions, keep = masked_positions(masked)
+    positions, keep = Positions.of(masked)
     assert positions.tolist() == [[1, 4], [2, -1]] and keep.tolist() == [[True, True], [True, False]]
     part = model.encode_multimodal(ids, mask, img, positions=positions)
     torch.testing.assert_close(part[keep], full[masked])
+    torch.testing.assert_close(Positions(positions, keep).read(full), full[masked])
     assert (part[~keep] == 0).all()  # -1: a ragged row's missing slot, not computed
-    set_unpad(model, False)  # the same ragged positions on the padded layout
-    torch.testing.assert_close(model.encode_multimodal(ids, mask, img, positions=positions)[keep], full[masked])
-    set_unpad(model, True)
+    unpadded = torch.ones_like(mask)  # the same ragged positions on a batch with no padding to skip
+    torch.testing.assert_close(model.encode_multimodal(ids, unpadded, img, positions=positions)[keep],
+                               plain.encode_multimodal(ids, unpadded, img)[masked])
     g_full = torch.autograd.grad(full[masked].square().sum(), img)[0]
-    g_part = torch.autograd.grad(model.encode_multimodal(ids, mask, img, positions=positions)[keep].square().sum(), img)[0]
+    part = model.encode_multimodal(ids, mask, img, positions=positions)
+    g_part = torch.autograd.grad(part[keep].square().sum(), img)[0]
     torch.testing.assert_close(g_part, g_full)
-    none = masked_positions(torch.zeros(2, 6, dtype=torch.bool))
-    assert none[0].shape == (2, 1) and not none[1].any()
+    none = Positions.of(torch.zeros(2, 6, dtype=torch.bool))
+    assert none.index.shape == (2, 1) and not none.keep.any()

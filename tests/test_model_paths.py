@@ -61,7 +61,7 @@ def test_convert_uses_the_config_stored_in_a_training_checkpoint(run, tmp_path, 
     assert from_pretrained(tmp_path / "m").config == stored
     expected = _scores(_student(ckpt), _images(d))
     got = _scores(Pipeline.from_pretrained(tmp_path / "m", device="cpu"), _images(d))
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     # the run folder (no checkpoint_best.pt: its checkpoint_last.pt), and the run's own preset, agree
     assert cli_main(["convert", str(out), str(tmp_path / "m2"), "--preset", "albef-tiny"]) == 0
@@ -90,7 +90,7 @@ def test_predict_and_pipeline_take_a_checkpoint_or_a_run_folder(run, tmp_path, c
     for src in (ckpt, out):
         pipe = Pipeline.from_pretrained(src, device="cpu")
         assert pipe.model.config.text_pooling == "mean"
-        for a, b in zip(_scores(pipe, _images(d)), expected):
+        for a, b in zip(_scores(pipe, _images(d)), expected, strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
     # a run folder's checkpoint_best.pt comes first (the broken last one is never read)
     best = tmp_path / "run"

@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from albef.training.momentum import FeatureQueue, momentum_update
-from albef.training.objectives import (hard_negative_weights, itc_loss, mask_tokens, mlm_loss,
-                                       sample_hard_negatives, soft_cross_entropy)
+from albef.training.objectives import (
+    hard_negative_weights,
+    itc_loss,
+    mask_tokens,
+    mlm_loss,
+    sample_hard_negatives,
+    soft_cross_entropy,
+)
 
 
 def test_itc_alpha0_empty_queue_is_symmetric_infonce():
@@ -129,7 +135,8 @@ def test_hard_negative_weights_blip_option():
 
 
 def test_hard_negatives_batch_size_one_and_bad_weights():
-    assert sample_hard_negatives(hard_negative_weights(torch.randn(1, 1), torch.eye(1, dtype=torch.bool))).tolist() == [-1]
+    weights = hard_negative_weights(torch.randn(1, 1), torch.eye(1, dtype=torch.bool))
+    assert sample_hard_negatives(weights).tolist() == [-1]
     eye = torch.eye(3, dtype=torch.bool)
     for bad in (float("nan"), float("inf"), -float("inf")):
         sim = torch.randn(3, 3)
@@ -168,7 +175,7 @@ def test_mask_tokens_is_reproducible_from_the_generator():
     ids = torch.randint(1000, 2000, (4, 12))
     a = mask_tokens(ids, 30522, 103, (0, 101), 0.15, torch.Generator().manual_seed(3))
     b = mask_tokens(ids, 30522, 103, (0, 101), 0.15, torch.Generator().manual_seed(3))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_mlm_loss_distillation_mix_and_empty_mask():
@@ -241,14 +248,15 @@ def test_enqueue_inside_forward_equals_enqueue_after_backward():
             trainer.zero_grad()
             out.loss.backward()
             if not inside:
-                trainer.queue.enqueue(out.image_feat_m, out.text_feat_m)
+                trainer.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)
             losses.append(out.loss.detach())
         grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
-        results.append((torch.stack(losses), grads, trainer.queue.image_queue.clone(), trainer.queue.text_queue.clone()))
+        results.append((torch.stack(losses), grads, trainer.queue.image_queue.clone(),
+                        trainer.queue.text_queue.clone()))
     (la, ga, qia, qta), (lb, gb, qib, qtb) = results
     torch.testing.assert_close(la, lb, rtol=0, atol=0)
     assert len(ga) == len(gb) > 0
-    for x, y in zip(ga, gb):
+    for x, y in zip(ga, gb, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     torch.testing.assert_close(qia, qib, rtol=0, atol=0)
     torch.testing.assert_close(qta, qtb, rtol=0, atol=0)

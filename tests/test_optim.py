@@ -31,7 +31,7 @@ def _batches(n):
 
 
 def _train(model, opt, batches, lrs):
-    for (x, y), lr in zip(batches, lrs):
+    for (x, y), lr in zip(batches, lrs, strict=True):
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # as the training loop sets it
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -52,7 +52,7 @@ def test_in_backward_equals_adamw_bit_for_bit():
     _train(a, build_optimizer(a, 1e-2, 0.1), batches, lrs)
     _train(b, build_optimizer(b, 1e-2, 0.1, in_backward=True), batches, lrs)
     moved = 0
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
         moved += int(not torch.equal(pa, init[name]))
     assert moved == 6  # every tensor was updated (weight decay on the matrices, Adam on all)
@@ -69,12 +69,17 @@ def test_updates_grouped_in_buckets_equal_adamw_and_finish_with_the_backward(buc
     opt.bucket_bytes = int(bucket_mb * 2**20)
     calls = []
     real = torch.optim.AdamW.step
-    torch.optim.AdamW.step = lambda self, *a, **k: calls.append(sum(p.grad is not None for g in self.param_groups for p in g["params"])) or real(self, *a, **k)
+
+    def counting_step(self, *args, **kwargs):  # how many gradients each AdamW step finds
+        calls.append(sum(p.grad is not None for g in self.param_groups for p in g["params"]))
+        return real(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = counting_step
     try:
         _train(b, opt, batches, lrs)  # asserts every gradient is freed when backward() returns
     finally:
         torch.optim.AdamW.step = real
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
     in_backward = [n for n in calls if n]  # the explicit step() after each backward finds no gradient
     assert sum(in_backward) == 3 * 6  # every tensor once per step
@@ -102,7 +107,10 @@ def test_a_backward_that_raised_does_not_leak_into_the_next():
         return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
 
     loss(False).backward()
-    steps = lambda: {n: int(opt.state[p]["step"]) for n, p in model.named_parameters() if p in opt.state}
+
+    def steps() -> dict[str, int]:
+        return {n: int(opt.state[p]["step"]) for n, p in model.named_parameters() if p in opt.state}
+
     assert set(steps().values()) == {1}
     with pytest.raises(RuntimeError, match="boom"):
         loss(True).backward()
@@ -130,7 +138,7 @@ def test_state_dict_round_trip_and_interchangeable_with_adamw():
     opt2 = build_optimizer(resumed, 1e-2, 0.1, in_backward=True)  # ... then in the backward
     opt2.load_state_dict(opt.state_dict())
     _train(resumed, opt2, batches[2:], lrs[2:])
-    for (name, pa), pb in zip(straight.named_parameters(), resumed.parameters()):
+    for (name, pa), pb in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(pa, pb), name
 
 
@@ -170,6 +178,7 @@ def test_auto_is_on_wherever_it_gives_the_ordinary_update():
         resolve_in_backward("yes", **ok)
 
 
+@pytest.mark.slow
 def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path):
     from albef.data.cli import write_shapes
     from albef.recipes import load_recipe

@@ -1,14 +1,20 @@
-"""Running the text encoders on the real tokens only (``Packing``) computes what the padded
-computation computes at every real token, in values and gradients."""
+"""The fast model (albef.models.fast: real tokens only, shared image context, last layer on a few
+positions, recomputed activations, tied gradient) computes what the plain model computes at every
+real token, in values and gradients."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from albef.models import dropout as dropout_module
 from albef.models.albef import ALBEF
-from albef.models.bert import Packing, set_unpad
+from albef.models.bert import MLMHead, TextEncoder
+from albef.models.fast import dropout as dropout_module
+from albef.models.fast import is_fast, make_fast, make_plain
+from albef.models.fast.packing import Packing
 from albef.models.tasks import ALBEFForVQA
 from albef.training.finetune import VQATrainer
 from albef.training.pretrain import ALBEFPretrainer
@@ -35,19 +41,44 @@ def test_pack_pad_and_locate():
     assert Packing.of(torch.ones(2, 3, dtype=torch.long)) is None  # nothing to skip
 
 
+def test_make_fast_and_make_plain_swap_classes_not_state(tiny_config):
+    torch.manual_seed(0)
+    plain = ALBEF(tiny_config, fast=False)
+    assert not is_fast(plain) and type(plain.text_encoder) is TextEncoder and type(plain.mlm_head) is MLMHead
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    torch.manual_seed(0)
+    built_fast = ALBEF(tiny_config)  # the default
+    assert is_fast(built_fast) and built_fast.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in built_fast.state_dict().items())  # same draws, same init
+    fast = make_fast(plain)
+    assert fast is plain and is_fast(fast) and isinstance(fast, ALBEF)
+    assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
+    assert not is_fast(make_plain(fast)) and type(fast.text_encoder) is TextEncoder
+
+
 @pytest.fixture
 def dropout_keeping_all(tiny_config, monkeypatch):
-    """Dropout on (so training takes the CPU's explicit attention path, and every dropout scales
-    by 1 / (1 - p)) with a mask that keeps everything: the same in the padded and packed runs."""
+    """Dropout on (so fast training takes the CPU's explicit attention path, and every dropout
+    scales by 1 / (1 - p)) with masks that keep everything, in the fast model's dropout and in
+    PyTorch's (the plain model's modules and SDPA): the same in both runs."""
     monkeypatch.setattr(dropout_module, "keep_mask", lambda shape, p, dtype=torch.bool: torch.ones(shape, dtype=dtype))
+    sdpa, plain_dropout = F.scaled_dot_product_attention, F.dropout
+
+    def keep_all(x, p=0.5, training=True, inplace=False):
+        return x * (1.0 / (1.0 - p)) if training and p > 0 else plain_dropout(x, p, training, inplace)
+
+    def attention_keeping_all(q, k, v, attn_mask=None, dropout_p=0.0, **kw):
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw) * (1.0 / (1.0 - dropout_p))
+
+    monkeypatch.setattr(F, "dropout", keep_all)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention_keeping_all)
     tiny_config.text.hidden_dropout = tiny_config.text.attention_dropout = 0.1
     return tiny_config
 
 
-def _pretrain_step(cfg, unpad: bool, checkpointing: bool = False):
+def _pretrain_step(cfg, fast: bool, checkpointing: bool = False):
     torch.manual_seed(0)
-    trainer = ALBEFPretrainer(ALBEF(cfg)).double().train()
-    set_unpad(trainer, unpad)
+    trainer = ALBEFPretrainer(ALBEF(cfg, fast=fast)).double().train()
     trainer.model.set_grad_checkpointing(checkpointing)
     ids, mask = text_batch(4, 12)
     assert (mask == 0).sum() > 10  # the batch really is padded
@@ -59,31 +90,32 @@ def _pretrain_step(cfg, unpad: bool, checkpointing: bool = False):
 
 
 @pytest.mark.parametrize("dropout", [False, True])
-def test_unpadded_pretraining_step_equals_the_padded_one(tiny_config, dropout, request):
+def test_fast_pretraining_step_equals_the_plain_one(tiny_config, dropout, request):
     cfg = request.getfixturevalue("dropout_keeping_all") if dropout else tiny_config
-    ref, ref_grads, mask = _pretrain_step(cfg, unpad=False)
+    ref, ref_grads, mask = _pretrain_step(cfg, fast=False)
     for checkpointing in (False, True):
-        out, grads, _ = _pretrain_step(cfg, unpad=True, checkpointing=checkpointing)
-        for name in ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_logits", "mlm_logits", "mlm_logits_m",
-                     "text_feat", "text_feat_m"):
-            torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-12, atol=1e-12)
+        out, grads, _ = _pretrain_step(cfg, fast=True, checkpointing=checkpointing)
+        for get in (lambda o: o.loss, lambda o: o.itc.loss, lambda o: o.itm.loss, lambda o: o.mlm.loss,
+                    lambda o: o.itm.logits, lambda o: o.mlm.logits, lambda o: o.mlm.logits_m,
+                    lambda o: o.student.text_feat, lambda o: o.teacher.text_feat):
+            torch.testing.assert_close(get(out), get(ref), rtol=1e-12, atol=1e-12)
         real = mask.bool()
-        torch.testing.assert_close(out.text_embeds[real], ref.text_embeds[real], rtol=1e-12, atol=1e-12)
-        assert (out.text_embeds[~real] == 0).all() and (ref.text_embeds[~real] != 0).any()
+        s, r = out.student.text_embeds, ref.student.text_embeds
+        torch.testing.assert_close(s[real], r[real], rtol=1e-12, atol=1e-12)
+        assert (s[~real] == 0).all() and (r[~real] != 0).any()
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("dropout", [False, True])
-def test_unpadded_causal_decoder_equals_the_padded_one(tiny_config, dropout, request):
+def test_fast_causal_decoder_equals_the_plain_one(tiny_config, dropout, request):
     """VQA: padded questions in the encoder, padded answers in the causal decoder."""
     cfg = request.getfixturevalue("dropout_keeping_all") if dropout else tiny_config
 
-    def step(unpad: bool):
+    def step(fast: bool):
         torch.manual_seed(0)
-        trainer = VQATrainer(ALBEFForVQA(cfg)).double().train()
-        set_unpad(trainer, unpad)
+        trainer = VQATrainer(ALBEFForVQA(cfg, fast=fast)).double().train()
         q_ids, q_mask = text_batch(2, 7)
         a_ids, a_mask = text_batch(3, 5, generator=torch.Generator().manual_seed(2))
         out = trainer(torch.randn(2, 3, 32, 32, dtype=torch.float64), q_ids, q_mask, a_ids, a_mask,
@@ -99,15 +131,53 @@ def test_unpadded_causal_decoder_equals_the_padded_one(tiny_config, dropout, req
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_fused_rows_equal_the_plain_models(tiny_model):
+    """FusionRows through the fast model (groups in image order tiled, the rest gathered, the last
+    layer on the read positions only) and through the plain one (one padded pass, then read)."""
+    from albef.models.fusion import FusionRows, Positions
+
+    fast = tiny_model.double().train()
+    plain = make_plain(copy.deepcopy(fast))
+    ids, mask = text_batch(3, 8)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    masked = torch.rand(3, 8, generator=torch.Generator().manual_seed(4)) < 0.4
+    masked &= mask.bool()
+
+    def run(model):
+        image_embeds, text = model.encode_image(images), model.encode_text(ids, mask)
+        rows = FusionRows()
+        rows.add("in_order", text, mask)
+        rows.add("others", text[[2, 0]], mask[[2, 0]], images=torch.tensor([1, 1]))
+        rows.add("again_in_order", text.flip(0), mask.flip(0), images=torch.arange(3))
+        rows.add("tokens", text, mask, read=Positions.of(masked))
+        out = model.fuse_rows(rows, image_embeds)
+        g = torch.Generator().manual_seed(1)
+        return out, sum((v * torch.randn(v.shape, generator=g, dtype=v.dtype)).sum() for v in out.values())
+
+    out, loss = run(fast)
+    ref, ref_loss = run(plain)
+    assert list(out) == ["in_order", "others", "again_in_order", "tokens"]
+    for name in out:
+        torch.testing.assert_close(out[name], ref[name], rtol=1e-12, atol=1e-12, msg=name)
+    assert out["tokens"].shape[0] == masked.sum()
+    loss.backward()
+    ref_loss.backward()
+    plain_params = dict(plain.named_parameters())
+    for name, p in fast.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_attention_maps_keep_their_padding_rows(tiny_model):
-    """Grad-CAM reads whole maps: with a map requested the encoder computes every position."""
+    """Grad-CAM reads whole maps: with a map requested the fast encoder computes every position,
+    and the map is the plain model's."""
     model = tiny_model.eval()
     ids, mask = text_batch(2, 7)
     img = model.encode_image(torch.randn(2, 3, 32, 32))
     attn = model.text_encoder.encoder.layer[3].crossattention.self
     attn.save_attention = True
     model.encode_multimodal(ids, mask, img)
-    map_with_unpad_on = attn.attention_map
-    set_unpad(model, False)
+    fast_map = attn.attention_map
+    make_plain(model)
     model.encode_multimodal(ids, mask, img)
-    torch.testing.assert_close(map_with_unpad_on, attn.attention_map)
+    torch.testing.assert_close(fast_map, attn.attention_map)

@@ -12,6 +12,7 @@ from albef import parity
 from albef.cli import main as cli_main
 
 
+@pytest.mark.slow
 def test_parity_vectors_pass_in_float64_and_float32(parity_dir, capsys):
     assert cli_main(["parity", str(parity_dir)]) == 0
     out = capsys.readouterr().out
@@ -21,6 +22,17 @@ def test_parity_vectors_pass_in_float64_and_float32(parity_dir, capsys):
     assert any("float32 retrieval: outputs/itm_logits" in line for line in lines)
     # float64 must agree far below the 1e-8 bar, not just under it
     checks = parity.run_parity(parity_dir, dtypes=("float64",), tasks=("pretrain",))
+    assert max(c.rel for c in checks) < 1e-12
+
+
+def test_parity_of_the_plain_model(parity_dir, capsys):
+    """``--plain``: every check on the plain model alone (the fast model's own checks left out)."""
+    assert cli_main(["parity", str(parity_dir), "--plain", "--dtype", "float64"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert lines and not any(line.startswith("FAIL") for line in lines)
+    assert any("pretrain: outputs/fused_pos_last_hidden" in line for line in lines)
+    assert not any("real tokens only" in line for line in lines)
+    checks = parity.run_parity(parity_dir, dtypes=("float64",), tasks=("pretrain",), plain=True)
     assert max(c.rel for c in checks) < 1e-12
 
 

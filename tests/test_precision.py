@@ -67,7 +67,7 @@ def test_bf16_training_on_the_cpu_is_close_to_fp32_and_keeps_float32_state(shape
     assert runs["fp32"].amp_dtype is None and runs["bf16"].amp_dtype is torch.bfloat16
     assert len(losses["fp32"]) == len(losses["bf16"]) == STEPS
     worst = 0.0
-    for a, b in zip(losses["fp32"], losses["bf16"]):
+    for a, b in zip(losses["fp32"], losses["bf16"], strict=True):
         for k in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
             assert b[k] == pytest.approx(a[k], rel=LOSS_RTOL), (a["step"], k, a[k], b[k])
             worst = max(worst, abs(a[k] - b[k]) / abs(a[k]))

@@ -27,7 +27,8 @@ def test_annotations_skip_and_name_bad_entries(tmp_path):
         {"image": "w.png", "caption": 3},
     ]))
     lines = tmp_path / "b.jsonl"
-    lines.write_text('{"image": "p.png", "caption": "a bird"}\n{broken json\n\n{"image": "q.png", "caption": "a fish"}\n')
+    lines.write_text('{"image": "p.png", "caption": "a bird"}\n{broken json\n\n'
+                     '{"image": "q.png", "caption": "a fish"}\n')
     records, bad = read_annotations([good, lines], parse_pretrain_entry(str(tmp_path)))
     assert [r.captions for r in records] == [("a dog",), ("two cats",), ("a bird",), ("a fish",)]
     assert records[0].image == str(tmp_path / "x.png")

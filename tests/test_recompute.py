@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from albef.models.recompute import gelu_linear, linear_after, norm_linear
+from albef.models.fast.recompute import gelu_linear, linear_after, norm_linear
 
 
 def _grads(y, inputs):
@@ -29,7 +29,7 @@ def test_values_and_gradients_match_the_plain_ops(which):
         ours, plain = norm_linear(norm, lin, x), lin(norm(x))
         inputs = [x, lin.weight, lin.bias, norm.weight, norm.bias]
     torch.testing.assert_close(ours, plain)
-    for a, b in zip(_grads(ours, inputs), _grads(plain, inputs)):
+    for a, b in zip(_grads(ours, inputs), _grads(plain, inputs), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -71,7 +71,7 @@ def test_under_autocast_matches_plain_autocast():
         ours, plain = norm_linear(norm, lin, x), lin(norm(x))
     assert ours.dtype == plain.dtype == torch.bfloat16
     torch.testing.assert_close(ours, plain)
-    for a, b, p in zip(_grads(ours, params), _grads(plain, params), params):
+    for a, b, p in zip(_grads(ours, params), _grads(plain, params), params, strict=True):
         assert a.dtype == p.dtype  # parameters' gradients in their own dtype, as autocast gives them
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # bf16 products either way
 
@@ -92,7 +92,7 @@ def test_layer_norm_without_affine_parameters(affine):
     inputs = [x, lin.weight] + [p for p in norm.parameters()]
     ours, plain = norm_linear(norm, lin, x), lin(norm(x))
     torch.testing.assert_close(ours, plain)
-    for a, b in zip(_grads(ours, inputs), _grads(plain, inputs)):
+    for a, b in zip(_grads(ours, inputs), _grads(plain, inputs), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -107,7 +107,7 @@ def test_gelu_under_autocast_with_frozen_inputs(frozen):
         ours, plain = gelu_linear(lin, h), lin(F.gelu(h))
     torch.testing.assert_close(ours, plain)
     wanted = [t for t in (h, lin.weight, lin.bias) if t.requires_grad]
-    for a, b, t in zip(_grads(ours, wanted), _grads(plain, wanted), wanted):
+    for a, b, t in zip(_grads(ours, wanted), _grads(plain, wanted), wanted, strict=True):
         assert a.dtype == t.dtype
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
@@ -120,27 +120,50 @@ def test_double_backward_is_refused():
         g.sum().backward()
 
 
-def test_mlm_head_with_a_tied_table_matches_the_plain_ops():
+def test_mlm_head_with_a_tied_table_matches_the_plain_head():
     """The decoder is the word-embedding table, also used by the lookup: the two gradients of the
-    table are summed (in place, see layer_norm_linear) to what the plain ops give."""
+    table are summed (in place, see layer_norm_linear) to what the plain head gives."""
+    import copy
+
     from albef.config import get_preset
     from albef.models.bert import MLMHead
+    from albef.models.fast import make_fast
 
     torch.manual_seed(0)
     cfg = get_preset("albef-tiny").text
-    head = MLMHead(cfg).double()
+    plain_head = MLMHead(cfg).double()
+    head = make_fast(copy.deepcopy(plain_head))
     table = torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, cfg.vocab_size, (3, 5))
 
     def run(plain: bool):
         hidden = F.embedding(ids, table).sum(1)  # [3, H], a use of the table before the decoder
-        if plain:
-            t = head.transform
-            return F.linear(t.LayerNorm(F.gelu(t.dense(hidden))), table, head.bias)
-        return head(hidden, table)
+        return plain_head(hidden, table) if plain else head(hidden, table)
 
-    inputs = [table, head.bias, *head.transform.parameters()]
     ours, plain = run(False), run(True)
     torch.testing.assert_close(ours, plain)
-    for a, b in zip(_grads(ours, inputs), _grads(plain, inputs)):
+    ours_grads = _grads(ours, [table, head.bias, *head.transform.parameters()])
+    plain_grads = _grads(plain, [table, plain_head.bias, *plain_head.transform.parameters()])
+    for a, b in zip(ours_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_backward_recomputes_under_the_forward_autocast():
+    """The recomputation in the backward runs under the autocast state of the forward, as
+    torch.utils.checkpoint's does: CUDA autocast runs layer_norm in float32, and CUDA's layer_norm
+    without autocast refuses a bf16 input with float32 weights (bf16 training stopped there)."""
+    seen = []
+
+    def f(x):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return F.gelu(x)
+
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_after(f, x, lin.weight, lin.bias)
+    y.float().sum().backward()  # outside autocast, as the training loop's backward
+    assert seen == [(True, torch.bfloat16)] * 2
+    seen.clear()
+    linear_after(f, x, lin.weight, lin.bias).sum().backward()
+    assert seen == [(False, torch.get_autocast_dtype("cpu"))] * 2

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from albef.cli import main as cli_main
 from albef.data.cli import write_shapes
-from albef.evaluation.retrieval import GalleryEmbeddings, embed_gallery, rerank, rerank_per_query, retrieval_metrics
+from albef.evaluation.retrieval import embed_gallery, rerank, rerank_per_query, retrieval_metrics
 from albef.models.albef import ALBEF
 from albef.text import Tokenizer
 
@@ -53,7 +53,8 @@ def gallery64():
 
     cfg = get_preset("albef-tiny")
     model = ALBEF(cfg).double().eval()
-    texts = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "top")]
+    texts = [f"a {c} {s} on the {p}"
+             for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "top")]
     g = embed_gallery(model, torch.randn(9, 3, 32, 32, dtype=torch.float64), texts, Tokenizer())
     return model, g
 
@@ -86,6 +87,8 @@ def shapes_eval(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_gloo_processes_give_the_same_metrics(shapes_eval, tmp_path):
     args = ["evaluate", "retrieval", "--model", str(shapes_eval / "model"), "--data",
             str(shapes_eval / "retrieval_test.json"), "--image-root", str(shapes_eval), "--k", "4", "--device", "cpu"]

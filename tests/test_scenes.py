@@ -199,8 +199,9 @@ def test_twins_differ_from_the_caption_in_one_way(built):
                 assert len(new) == 1, tw
                 if t["kind"] == "attribute":  # a colour word changed, the rest of the name kept
                     old = a if tw == sc.caption(new[0], ca, rel, b, cb) else b
-                    diff = [(u, v) for u, v in zip(old.split(), new[0].split()) if u != v]
-                    assert len(old.split()) == len(new[0].split()) and len(diff) == 1
+                    assert len(old.split()) == len(new[0].split())
+                    diff = [(u, v) for u, v in zip(old.split(), new[0].split(), strict=True) if u != v]
+                    assert len(diff) == 1
                     assert set(diff[0]) <= set(sc.COLOURS)
                 else:  # an object twin keeps to the pool of what it replaces
                     old = a if tw == sc.caption(new[0], ca, rel, b, cb) else b

@@ -103,7 +103,7 @@ def test_search_ranks_the_shortlist_by_itm_like_the_pipeline(client, pipe, galle
     assert len(hits) == 3 and [h["itm"] for h in hits] == sorted((h["itm"] for h in hits), reverse=True)
     expected = pipe.retrieve("a red square", [gallery / n for n in index.names], k=4, top=3)
     assert [h["index"] for h in hits] == [e.index for e in expected]
-    for h, e in zip(hits, expected):
+    for h, e in zip(hits, expected, strict=True):
         assert h["itm"] == pytest.approx(e.itm, abs=2e-3) and h["itc"] == pytest.approx(e.itc, abs=1e-3)
     itc_only = client.get("/api/search", params={"q": "a red square", "rerank": "false"}).json()["results"]
     assert all(h["itm"] is None for h in itc_only)
@@ -172,7 +172,8 @@ def test_gradcam_returns_a_png_overlay_and_the_grid(client, pipe, gallery, index
     g = pipe.model.config.vision.grid_size
     grid = torch.tensor(r["grid"])
     assert grid.shape == (g, g) and (grid >= 0).all()
-    torch.testing.assert_close(grid, pipe.ground(gallery / index.names[0], "a red square").heatmap, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grid, pipe.ground(gallery / index.names[0], "a red square").heatmap,
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_ask_answers_from_the_list_and_without_vqa_says_how_to_enable_it(client, pipe, index):
@@ -202,7 +203,7 @@ def test_concurrent_requests_give_the_sequential_answers(client):
         parallel = [f.result() for f in s_futs]
         parallel_cams = [f.result() for f in c_futs]
     assert json.dumps(parallel) == json.dumps(sequential)
-    for a, b in zip(parallel_cams, cams):
+    for a, b in zip(parallel_cams, cams, strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b))
 
 

@@ -23,7 +23,8 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)")
+pytestmark = [pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)"),
+              pytest.mark.slow]  # every test needs the module's server (about 7 s to start)
 
 SERVER = '''
 import sys

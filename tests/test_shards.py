@@ -98,7 +98,7 @@ def test_resume_mid_epoch(data, resampled):
     resumed = _epoch(_loader(data / "good-shards", world=1, **kw), 0, start=4)
     assert len(resumed) == len(full) - 4
     if not resampled:  # exact epochs: the very same micro-batches
-        for a, b in zip(full[4:], resumed):
+        for a, b in zip(full[4:], resumed, strict=True):
             assert a.index.tolist() == b.index.tolist()
             torch.testing.assert_close(a.images, b.images)
     else:  # a fresh draw for the rest of the epoch, still from the data set
@@ -125,6 +125,7 @@ def _overrides(shards: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.mark.slow
 def test_training_over_shards_resumes_exactly(data, tmp_path):
     total, stop = 9, 4  # 6 steps per epoch at batch 8: the resumed part crosses an epoch boundary
     kw = {"train__grad_accum": 2}
@@ -140,6 +141,8 @@ def test_training_over_shards_resumes_exactly(data, tmp_path):
         torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=0, msg=k)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_gloo_processes_over_shards_complete_and_resume(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "ddp"

@@ -29,7 +29,8 @@ def task_data(tmp_path_factory):
     labels = ["entailment", "neutral", "contradiction"]
     (d / "ve.json").write_text(json.dumps([{"image": imgs[i], "sentence": f"a shape number {i}", "label": labels[i % 3]}
                                           for i in range(16)]))
-    (d / "nlvr.json").write_text(json.dumps([{"images": [imgs[i], imgs[(i + 1) % 16]], "sentence": "the left one is red",
+    (d / "nlvr.json").write_text(json.dumps([{"images": [imgs[i], imgs[(i + 1) % 16]],
+                                              "sentence": "the left one is red",
                                               "label": "True" if i % 2 else "False"} for i in range(16)]))
     return d
 
@@ -43,7 +44,8 @@ def test_label_mappings_and_answer_weights(task_data):
     assert answer_weights(["yes"], "vg") == (("yes",), (0.5,))
     records, _ = read_vqa(task_data / "vqa.json", str(task_data), train=True)
     assert records[0].answers == ("red", "blue") and records[3].weights == (0.5,)
-    assert vqa_accuracy("red", ["red"]) == 1 and vqa_accuracy("red", ["red", "red", "blue", "x"]) == pytest.approx(2 / 3)
+    assert vqa_accuracy("red", ["red"]) == 1
+    assert vqa_accuracy("red", ["red", "red", "blue", "x"]) == pytest.approx(2 / 3)
 
 
 def _finetune(task: str, data: Path, out: Path, *extra: str) -> list[dict]:
@@ -121,7 +123,8 @@ def test_easyvqa_converter_on_a_local_fixture(tmp_path, monkeypatch):
     train = json.loads((tmp_path / "out" / "vqa_train.json").read_text())
     assert train[1] == {"image": "images/train/1.png", "question": "is there a circle?", "answer": ["yes"],
                         "dataset": "vqa", "question_id": 1, "question_type": "yes/no"}
-    assert (tmp_path / "out" / "images" / "test" / "1.png").exists() and "MIT" in (tmp_path / "out" / "LICENSE.md").read_text()
+    assert (tmp_path / "out" / "images" / "test" / "1.png").exists()
+    assert "MIT" in (tmp_path / "out" / "LICENSE.md").read_text()
     records, bad = read_vqa(tmp_path / "out" / "vqa_test.json", str(tmp_path / "out"), train=False)
     assert not bad and records[0].question_type == "shape"
     assert E.build_easyvqa(tmp_path / "out") == counts  # idempotent

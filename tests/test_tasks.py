@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,12 +11,11 @@ from albef.hub import from_pretrained, save_pretrained
 from albef.loading import load_albef
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, answer_nll, rank_answers
-from albef.parity import config_from_parity
 from albef.text import Tokenizer
 from albef.training.finetune import ClassifierTrainer, VQATrainer
 from albef.training.pretrain import ALBEFPretrainer
 
-from conftest import text_batch
+from helpers import text_batch
 
 
 def _pretrained(cfg):
@@ -33,7 +30,7 @@ def test_vqa_from_pretrained_builds_the_decoder_from_fusion_layers(tiny_config):
     f = tiny_config.text.fusion_layer
     enc, dec = pre.model.text_encoder.encoder.layer, vqa.model.text_decoder.encoder.layer
     for i in range(tiny_config.text.num_layers - f):
-        for (na, a), (nb, b) in zip(enc[f + i].state_dict().items(), dec[i].state_dict().items()):
+        for (na, a), (nb, b) in zip(enc[f + i].state_dict().items(), dec[i].state_dict().items(), strict=True):
             assert na == nb and torch.equal(a, b), (i, na)
     assert torch.equal(vqa.model.decoder_head.bias, pre.model.mlm_head.bias)
     assert torch.equal(vqa.model_m.decoder_head.bias, pre.model_m.mlm_head.bias)

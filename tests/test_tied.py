@@ -1,4 +1,4 @@
-"""One word-embedding gradient for the lookup and the tied MLM decoder (albef.models.tied)."""
+"""One word-embedding gradient for the lookup and the tied MLM decoder (albef.models.fast.tied)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import albef.models.tied as tied
+import albef.models.fast.tied as tied
 from albef.models.albef import ALBEF
-from albef.models.tied import TiedGrad, embedding_lookup
+from albef.models.fast.recompute import tied_linear
+from albef.models.fast.tied import TiedGrad, embedding_lookup
 from albef.training.pretrain import ALBEFPretrainer
 
 from conftest import text_batch
@@ -26,7 +27,7 @@ def _plain_and_tied(n_rows: int, dtype=torch.float64, backwards: int = 1):
         w = table.clone().requires_grad_()
         h = embedding_lookup(ids, w, 0, tie)  # [1, 4, 4]; id 0 is padding
         x = (h.flatten(0, 1).sum(0) * torch.arange(1, n_rows + 1, dtype=dtype)[:, None]).tanh()  # [n, 4]
-        logits = tie.linear(x, w) if tie is not None else F.linear(x, w)
+        logits = tied_linear(x, w, tie) if tie is not None else F.linear(x, w)
         if tie is not None:  # record whether the decoder's term was handed over
             orig = tie.defer
             tie.defer = lambda dy, a, orig=orig: deferred.append(orig(dy, a)) or deferred[-1]
@@ -76,14 +77,14 @@ def test_a_backward_that_does_not_reach_the_lookup_keeps_the_decoders_gradient()
     plain = torch.autograd.grad(F.linear(x, w).square().sum(), w)[0]
     tie = TiedGrad()
     embedding_lookup(torch.tensor([1, 2]), w, None, tie)  # its output is not in the loss
-    tie.linear(x, w).square().sum().backward()
+    tied_linear(x, w, tie).square().sum().backward()
     torch.testing.assert_close(w.grad, plain, rtol=0, atol=0)
 
     w.grad = None
     xs = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     tie = TiedGrad()
     h = embedding_lookup(torch.tensor([1, 2]), w, None, tie)
-    loss = tie.linear(h * xs, w).square().sum()
+    loss = tied_linear(h * xs, w, tie).square().sum()
     (gx,) = torch.autograd.grad(loss, xs, retain_graph=True)  # not the table: no error, nothing deferred
     assert not tie.pending and torch.isfinite(gx).all()
     loss.backward()  # the table's gradient, whole, in a later backward over the same graph
@@ -104,7 +105,7 @@ def test_a_backward_that_raised_leaves_nothing_for_the_next():
             raise RuntimeError("boom")
         return g
     h.register_hook(once)
-    loss = tie.linear(h * x, w).square().sum()
+    loss = tied_linear(h * x, w, tie).square().sum()
     with pytest.raises(RuntimeError, match="boom"):
         loss.backward(retain_graph=True)
     assert tie.pending  # the decoder had deferred
@@ -122,11 +123,11 @@ def test_lookup_and_decoder_side_by_side_in_either_order(decoder_first):
     for tie in (None, TiedGrad()):
         w = table.clone().requires_grad_()
         if decoder_first:  # created first, so its backward runs last
-            logits = tie.linear(x, w) if tie else F.linear(x, w)
+            logits = tied_linear(x, w, tie) if tie else F.linear(x, w)
             h = embedding_lookup(ids, w, None, tie)
         else:
             h = embedding_lookup(ids, w, None, tie)
-            logits = tie.linear(x, w) if tie else F.linear(x, w)
+            logits = tied_linear(x, w, tie) if tie else F.linear(x, w)
         (logits.square().sum() + h.sum()).backward()
         grads.append(w.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-15)
@@ -146,3 +147,18 @@ def test_without_grad_or_tie_it_is_the_plain_lookup():
         assert torch.equal(embedding_lookup(ids, w, 0, TiedGrad()), F.embedding(ids, w, 0))
     out = embedding_lookup(ids, w, 0, None)
     assert out.grad_fn.name() == "EmbeddingBackward0"
+
+
+def test_a_model_copied_after_a_step_gets_a_fresh_tie(tiny_config):
+    """The fast model keeps the latest tie between encode_text and mlm_logits; a deep copy (the
+    momentum teacher) or a pickle of it must not carry that forward's autograd node along."""
+    import copy
+    import pickle
+
+    model = ALBEF(tiny_config)
+    ids, mask = text_batch(2, 6)
+    model.mlm_logits(model.encode_text(ids, mask)).sum().backward()
+    assert model._tie.lookup is not None
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin._tie is not model._tie and twin._tie.lookup is None and not twin._tie.pending
+        twin.mlm_logits(twin.encode_text(ids, mask)).sum().backward()  # and it trains

@@ -45,6 +45,8 @@ def _losses(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_gloo_processes_equal_one_process_with_accumulation(shapes, tmp_path):
     """Same global batch (8) and seed: 2 ranks x 4 == 1 process x 4 x 2 accumulation steps."""
     steps = 5
@@ -61,7 +63,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(shapes, tmp_path
 
     a, b = _losses(ddp), _losses(single)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for k in ("loss", "loss_itc", "loss_itm", "loss_mlm", "lr", "alpha"):
             assert ra[k] == pytest.approx(rb[k], abs=1e-5), (ra["step"], k)
     qa = load_checkpoint(ddp / "checkpoint_last.pt")["model"]
@@ -71,6 +73,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(shapes, tmp_path
     assert int(qa["queue.queue_ptr"]) == (steps * 8) % 32
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(shapes, tmp_path):
     total, stop = 20, 7  # 16 steps per epoch: the resumed part crosses an epoch boundary
     straight = tmp_path / "straight"

@@ -40,7 +40,7 @@ def _dot(h: int, w: int, y: int, x: int) -> Image.Image:
 
 def _white(img: Image.Image) -> list[tuple[int, int]]:
     ys, xs = np.nonzero(np.asarray(img)[..., 0] == 255)
-    return list(zip(ys.tolist(), xs.tolist()))
+    return list(zip(ys.tolist(), xs.tolist(), strict=True))
 
 
 def _noise(seed: int = 0, size: int = 48) -> Image.Image:

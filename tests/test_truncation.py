@@ -72,6 +72,7 @@ def test_ve_and_nlvr_evaluation_text_is_not_cut(monkeypatch):
     from albef.data.classification import ClassificationRecord
 
     rec = ClassificationRecord("x.png", (LONG,), "test", 0)
-    monkeypatch.setattr(T, "_batches", lambda records, transform, bs, nw: [(torch.zeros(1, 3, 32, 32), torch.tensor([0]))])
+    monkeypatch.setattr(T, "_batches",
+                        lambda records, transform, bs, nw: [(torch.zeros(1, 3, 32, 32), torch.tensor([0]))])
     T.evaluate_classification(model, [rec], Tokenizer(), None)
     assert seen[-1] == len(Tokenizer()(LONG).input_ids[0])

@@ -73,6 +73,8 @@ def test_retrieval_validation_is_the_two_stage_r_mean_of_albef_evaluate(data, tm
     assert row["best_epoch"] == 1 and (out / "checkpoint_best.pt").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_gloo_ranks_validate_like_one_process(data, tmp_path):
     """Under torchrun each rank scores a share of the validation pairs; the gathered metrics are the
     one-process run's (same global batch through accumulation)."""

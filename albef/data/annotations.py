@@ -141,7 +141,8 @@ def read_annotations(files: str | Path | Iterable[str | Path], parse: Callable[[
                 bad.append(BadSample(where, str(e)))
     if bad and not records:  # said here, with the reasons, rather than as "the dataset is empty" later
         raise ValueError(f"no valid entry in {file_names(files)}: all {len(bad)} are bad; fix them:\n  "
-                         + "\n  ".join(map(str, bad[:20])) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+                         + "\n  ".join(map(str, bad[:20]))
+                         + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
     return records, bad
 
 

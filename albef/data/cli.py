@@ -4,8 +4,9 @@ PNG files of coloured shapes and, with paths relative to DIR: ``pretrain.json``
 (``[{"image", "caption"}]``), ``retrieval_train.json`` (``[{"image", "caption", "image_id"}]``,
 two phrasings per image), ``retrieval_test.json`` (``[{"image", "caption": [...]}]``) from
 the last ``--test`` images, and ``ve_{train,test}.json`` / ``nlvr_{train,test}.json`` whose
-labels follow from the pictures' colours — the data of the CPU recipes and of the tests. ``--corrupt K`` adds K broken entries
-(a truncated PNG, a text file named .png, a missing file) to exercise bad-data handling.
+labels follow from the pictures' colours — the data of the CPU recipes and of the tests.
+``--corrupt K`` adds K broken entries (a truncated PNG, a text file named .png, a missing file)
+to exercise bad-data handling.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, c
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, captions = render_shapes(n, image_size, torch.Generator().manual_seed(seed))
     entries = []
-    for i, (img, cap) in enumerate(zip(images, captions)):
+    for i, (img, cap) in enumerate(zip(images, captions, strict=True)):
         rel = f"images/{i:06d}.png"
         arr = (img.permute(1, 2, 0) * 255).round().byte().numpy()
         Image.fromarray(arr).save(out / rel)
@@ -75,7 +76,7 @@ def _write_reasoning(out: Path, entries: list[dict], split: str, seed: int) -> N
         return [x for x in colors if x != c][int(torch.randint(len(colors) - 1, (), generator=g))]
 
     ve, nlvr = [], []
-    for e, color in zip(entries, facts):
+    for e, color in zip(entries, facts, strict=True):
         ve.append({"image": e["image"], "sentence": f"there is a {color} shape", "label": "entailment"})
         ve.append({"image": e["image"], "sentence": f"there is a {other(color)} shape", "label": "contradiction"})
         ve.append({"image": e["image"], "sentence": "the shape was drawn by a child", "label": "neutral"})

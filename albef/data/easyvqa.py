@@ -61,7 +61,7 @@ def build_easyvqa(out: str | Path) -> dict[str, int]:
                 shutil.copyfile(src, dst)
         entries = [{"image": f"images/{split}/{i}.png", "question": q, "answer": [a], "dataset": "vqa",
                     "question_id": n, "question_type": question_type(a)}
-                   for n, (q, a, i) in enumerate(zip(questions, answers, image_ids))]
+                   for n, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))]
         target = out / f"vqa_{split}.json"
         if not target.exists():
             target.write_text(json.dumps(entries))

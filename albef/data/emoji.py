@@ -121,7 +121,8 @@ def build_emoji(out: str | Path, seed: int = 0, windows: int = 400, fetcher=fetc
         (out / name).write_text(json.dumps(data, indent=0))
 
     train = by_split["train"]
-    dump("pretrain.json", [{"image": img, "caption": captions_of(e)} for e in train for img in all_images[e["unified"]]])
+    dump("pretrain.json", [{"image": img, "caption": captions_of(e)}
+                           for e in train for img in all_images[e["unified"]]])
     dump("retrieval_train.json", [{"image": img, "caption": c, "image_id": e["unified"]}
                                   for e in train for img in all_images[e["unified"]] for c in captions_of(e)])
     for split in ("val", "test"):

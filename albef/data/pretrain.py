@@ -114,7 +114,8 @@ class PretrainDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, self.epoch, i))
                 caption = rec.captions[int(torch.randint(len(rec.captions), ()))]
-                pixels = torch.stack([self.transform(im) for im in images]) if len(images) > 1 else self.transform(images[0])
+                pixels = (torch.stack([self.transform(im) for im in images]) if len(images) > 1
+                          else self.transform(images[0]))
             item = {"image": pixels, "caption": caption, "index": i, "bad": bad}
             if getattr(rec, "label", None) is not None:
                 item["label"] = rec.label
@@ -135,7 +136,7 @@ class PretrainBatch:
     idx: Tensor | None = None  # image ids (retrieval fine-tuning)
     labels: Tensor | None = None  # class labels (SNLI-VE, NLVR2)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PretrainBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PretrainBatch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 

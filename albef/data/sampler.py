@@ -55,7 +55,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed("sample-order", self.seed, self.epoch)))
+            g = torch.Generator().manual_seed(mix_seed("sample-order", self.seed, self.epoch))
+            perm = torch.randperm(self.n, generator=g)
         else:
             perm = torch.arange(self.n)
         b = self.micro_batch

@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 

@@ -64,7 +64,8 @@ def read_vqa(files: str | Sequence[str], image_root: str | None, train: bool, cl
         if train and (not ans or not all(has_tokens(a) for a in ans)):
             raise ValueError("a training entry needs 'answer': a non-empty string or list of strings")
         answers, weights = answer_weights(ans, entry.get("dataset", "vqa")) if ans else ((), ())
-        return VQARecord(image, (q,), where, answers, weights, entry.get("question_id", where), entry.get("question_type"))
+        return VQARecord(image, (q,), where, answers, weights, entry.get("question_id", where),
+                         entry.get("question_type"))
 
     records, bad = read_annotations(files, parse)
     if not train:
@@ -108,7 +109,7 @@ class VQABatch:
     bad: list[BadSample] = field(default_factory=list)
     n_replaced: int = 0
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "VQABatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> VQABatch:
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                  for f in dataclasses.fields(self) if f.name not in ("index", "bad", "n_replaced")}
         return dataclasses.replace(self, **moved)

@@ -77,7 +77,8 @@ class GroundingPrediction:
 
 def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokenizer: Tokenizer, transform,
                        mode: str = "itm", layer: int | None = None, batch_size: int = 16,
-                       device: torch.device | str = "cpu", alpha: float = 0.5) -> tuple[dict, list[GroundingPrediction]]:
+                       device: torch.device | str = "cpu",
+                       alpha: float = 0.5) -> tuple[dict, list[GroundingPrediction]]:
     """Accuracy (IoU ≥ 0.5) overall and per split, and every prediction."""
     if mode not in ("itm", "itc"):
         raise ValueError("mode must be 'itm' (cross-attention Grad-CAM) or 'itc' (ViT self-attention)")
@@ -97,7 +98,7 @@ def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokeniz
                         padding="longest").to(device)
         fn = gradcam_itm if mode == "itm" else gradcam_itc
         heat = fn(model, px, tok.input_ids, tok.attention_mask, layer).float().cpu()
-        for r, img, h in zip(chunk, pil, heat):
+        for r, img, h in zip(chunk, pil, heat, strict=True):
             scores = box_scores(upsample_heatmap(h, img.height, img.width), torch.tensor(r.candidates), alpha)
             best = int(scores.argmax())
             iou = float(box_iou(torch.tensor([r.candidates[best]]), torch.tensor([r.box]))[0])

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from albef.data.retrieval import ImageListDataset, RetrievalEvalSet
 from albef.models.albef import ALBEF
+from albef.models.fusion import FusionRows
 from albef.text import Tokenizer
 from albef.training.distributed import all_reduce_sum, rank_slice
 
@@ -51,7 +52,8 @@ def embed_gallery(model: ALBEF, images: Sequence[str] | Tensor, texts: Sequence[
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
     text_embeds = torch.cat([model.encode_text(ids[i:i + batch_size], mask[i:i + batch_size])
                              for i in range(0, len(ids), batch_size)])
-    return GalleryEmbeddings(image_embeds, model.image_feat(image_embeds), text_embeds, mask, model.text_feat(text_embeds, mask))
+    return GalleryEmbeddings(image_embeds, model.image_feat(image_embeds), text_embeds, mask,
+                             model.text_feat(text_embeds, mask))
 
 
 @torch.no_grad()
@@ -69,11 +71,12 @@ def itm_pair_scores(model: ALBEF, g: GalleryEmbeddings, img: Tensor, txt: Tensor
     for s in range(0, len(order), batch_size):
         sel = order[s:s + batch_size]
         images, inverse = torch.unique(img[sel], return_inverse=True)
-        ctx = model.image_context(g.image_embeds[images]).select(inverse)  # keys/values once per image
         t = txt[sel]
         L = int(lengths[sel].max())
-        fused = model.itm_cls(g.text_embeds[t, :L], g.text_mask[t, :L], ctx)
-        out[sel] = model.itm_logits(fused)[:, 1].to(out.dtype)  # autocast gives bf16 logits
+        pairs = FusionRows()  # a fast model projects the keys/values once per image of the batch
+        pairs.add("pairs", g.text_embeds[t, :L], g.text_mask[t, :L], images=inverse)
+        cls = model.fuse_rows(pairs, g.image_embeds[images])["pairs"]  # [n, H]
+        out[sel] = model.itm_head(cls)[:, 1].to(out.dtype)  # autocast gives bf16 logits
     return out
 
 
@@ -98,8 +101,9 @@ def rerank(model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, ad
     k_t, k_i = min(k, n_txt), min(k, n_img)
     top_t = sims.topk(k_t, dim=1).indices  # texts of each image
     top_i = sims.T.topk(k_i, dim=1).indices  # images of each text
-    pairs = torch.cat([torch.stack([torch.arange(n_img, device=sims.device).repeat_interleave(k_t), top_t.reshape(-1)]),
-                       torch.stack([top_i.reshape(-1), torch.arange(n_txt, device=sims.device).repeat_interleave(k_i)])], 1)
+    rows_img = torch.arange(n_img, device=sims.device).repeat_interleave(k_t)
+    rows_txt = torch.arange(n_txt, device=sims.device).repeat_interleave(k_i)
+    pairs = torch.cat([torch.stack([rows_img, top_t.reshape(-1)]), torch.stack([top_i.reshape(-1), rows_txt])], 1)
     codes = torch.unique(pairs[0] * n_txt + pairs[1])  # each (image, text) pair once
     share = rank_slice(len(codes))  # this rank's pairs; the others' stay 0 until the sum
     mine = codes[share]

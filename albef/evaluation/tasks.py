@@ -78,9 +78,10 @@ def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokeni
         q = tokenizer([r.captions[0] for r in recs], max_length=max_question_len or _position_limit(model),
                       padding="longest").to(device)
         states = model.encode_question(px.to(device), q.input_ids, q.attention_mask)
-        picked += rank_answers(model, states, q.attention_mask, ans_ids, ans_mask, k, scoring)["ranked_ids"][:, 0].tolist()
+        ranked = rank_answers(model, states, q.attention_mask, ans_ids, ans_mask, k, scoring)["ranked_ids"]
+        picked += ranked[:, 0].tolist()
     results, scores = [], defaultdict(list)
-    for r, b in zip(records, gather_lists(picked)):
+    for r, b in zip(records, gather_lists(picked), strict=True):
         results.append({"question_id": r.question_id, "answer": answer_list[b]})
         if r.answers:
             acc = vqa_accuracy(answer_list[b], r.answers)

@@ -1,7 +1,8 @@
 """The ALBEF model: image encoder, text/fusion encoder, projections and heads.
 
 This is the inference model; the momentum teacher, the feature queues and the losses live in
-:mod:`albef.training`. Parameter names match the authors' downstream checkpoints
+:mod:`albef.training`. It is built with the speedups of :mod:`albef.models.fast` applied
+(``fast=False``: the plain model, as the paper draws it). Parameter names match the authors' downstream checkpoints
 (``visual_encoder.*``, ``text_encoder.*``, ``vision_proj``, ``text_proj``, ``itm_head``) so
 conversion is a thin renaming (:mod:`albef.convert`); the MLM head is ``mlm_head.*`` (the
 authors' ``text_encoder.cls.predictions.*``).
@@ -25,13 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from albef.config import ALBEFConfig
-from albef.models.bert import ImageContext, ImageInput, MLMHead, TextEncoder
-from albef.models.tied import TiedGrad
+from albef.models.bert import ImageInput, MLMHead, TextEncoder
+from albef.models.fusion import FusionRows
 from albef.models.vit import VisionTransformer
 
 
 class ALBEF(nn.Module):
-    def __init__(self, config: ALBEFConfig, mlm_head: bool = True):
+    def __init__(self, config: ALBEFConfig, mlm_head: bool = True, fast: bool = True):
+        """``fast``: apply :func:`albef.models.fast.make_fast` (same parameters, same values)."""
         super().__init__()
         self.config = config
         self.visual_encoder = VisionTransformer(config.vision)
@@ -44,16 +46,17 @@ class ALBEF(nn.Module):
         for lin in (self.vision_proj, self.text_proj, self.itm_head):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
+        if fast:
+            apply_speedups(self)
 
     # -- unimodal -------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] -> image sequence [B, 1 + N, D_v] ([CLS] first)."""
         return self.visual_encoder(images)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, tie: TiedGrad | None = None) -> Tensor:
-        """[B, L] -> text sequence [B, L, H] from the text-only layers. ``tie``: shared with
-        :meth:`mlm_logits` over the same forward, one word-embedding gradient (:mod:`albef.models.tied`)."""
-        return self.text_encoder.encode_text(input_ids, attention_mask, tie)
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, L] -> text sequence [B, L, H] from the text-only layers."""
+        return self.text_encoder.encode_text(input_ids, attention_mask)
 
     def image_feat(self, image_embeds: Tensor) -> Tensor:
         """L2-normalised ITC embedding of the image [CLS]: [B, embed_dim]."""
@@ -75,41 +78,40 @@ class ALBEF(nn.Module):
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     # -- multimodal -----------------------------------------------------------------------
-    def image_context(self, image_embeds: ImageInput, image_mask: Tensor | None = None) -> ImageContext:
-        """Cross-attention keys/values of the images, to reuse across several fusion passes."""
-        return self.text_encoder.image_context(image_embeds, image_mask)
+    def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput,
+             image_mask: Tensor | None = None) -> Tensor:
+        """Fusion layers over a text sequence from :meth:`encode_text`: [B, L, H]."""
+        return self.text_encoder.fuse(text_embeds, attention_mask, image, image_mask)
 
-    def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-             image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
-        """Fusion layers over a text sequence from :meth:`encode_text`: [B, L, H].
+    def fuse_rows(self, rows: FusionRows, image_embeds: Tensor) -> dict[str, Tensor]:
+        """One fusion pass over named groups of rows (:mod:`albef.models.fusion`), each reading
+        rows of ``image_embeds``: every group's outputs, [n, H] ([CLS]) or [count, H] (its positions)."""
+        names = list(rows.groups)
+        text, mask = rows.cat(names)
+        images = image_embeds.index_select(0, rows.image_index(names, len(image_embeds), image_embeds.device))
+        fused = self.fuse(text, mask, images)  # [N, L, H]
+        return {name: rows.groups[name].output(h) for name, h in rows.split(fused, names).items()}
 
-        ``positions`` [B, P] computes the last layer for those positions only ([B, P, H]; -1 pads
-        a row with fewer, and comes back as zeros);
-        :meth:`itm_cls` is the [CLS]-only pass ITM scoring needs.
-        """
-        return self.text_encoder.fuse(text_embeds, attention_mask, image, image_mask, positions)
-
-    def itm_cls(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
+    def itm_cls(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput,
                 image_mask: Tensor | None = None) -> Tensor:
-        """The fused [CLS] alone, [B, 1, H]: ``fuse(...)[:, :1]`` without the last layer's work on
-        the other tokens (about a sixth of the ITM cost of BERT-base's six fusion layers)."""
-        positions = torch.zeros(text_embeds.shape[0], 1, dtype=torch.long, device=text_embeds.device)
-        return self.fuse(text_embeds, attention_mask, image, image_mask, positions)
+        """The fused [CLS] alone, [B, 1, H], what :meth:`itm_logits` reads (the fast model computes
+        the last layer for it alone)."""
+        return self.fuse(text_embeds, attention_mask, image, image_mask)[:, :1]
 
-    def encode_multimodal(self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-                          image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def encode_multimodal(self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput,
+                          image_mask: Tensor | None = None) -> Tensor:
         """All text layers with the image: equal to ``fuse(encode_text(...))``."""
-        return self.text_encoder(input_ids, attention_mask, image, image_mask, positions)
+        return self.text_encoder(input_ids, attention_mask, image, image_mask)
 
     def itm_logits(self, fused: Tensor) -> Tensor:
         """ITM logits [B, 2] (index 1 = match) from the fused [CLS]."""
         return self.itm_head(fused[:, 0])
 
-    def mlm_logits(self, hidden: Tensor, tie: TiedGrad | None = None) -> Tensor:
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
         """MLM logits [..., vocab] for hidden states [..., H] (pass only the positions needed)."""
         if self.mlm_head is None:
             raise RuntimeError("this model was built without an MLM head")
-        return self.mlm_head(hidden, self.text_encoder.embeddings.word_embeddings.weight, tie)
+        return self.mlm_head(hidden, self.text_encoder.embeddings.word_embeddings.weight)
 
     # -- conveniences ---------------------------------------------------------------------
     def similarity(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -131,7 +133,7 @@ class ALBEF(nn.Module):
         return save_pretrained(self, directory, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory, device="cpu", dtype=None) -> "ALBEF":
+    def from_pretrained(cls, directory, device="cpu", dtype=None) -> ALBEF:
         """Load a folder written by :meth:`save_pretrained` (strict)."""
         from albef.hub import from_pretrained
 
@@ -140,6 +142,14 @@ class ALBEF(nn.Module):
     def set_grad_checkpointing(self, enable: bool | str = True) -> None:
         """Recompute encoder blocks in the backward (see :func:`checkpointed_parts`)."""
         self.visual_encoder.grad_checkpointing, self.text_encoder.grad_checkpointing = checkpointed_parts(enable)
+
+
+def apply_speedups(model: nn.Module) -> None:
+    """:func:`albef.models.fast.make_fast`, imported when a model is built: the speed layer is
+    written on top of these classes, so this module cannot import it at load time."""
+    from albef.models.fast import make_fast
+
+    make_fast(model)
 
 
 def checkpointed_parts(setting: bool | str) -> tuple[bool, bool]:

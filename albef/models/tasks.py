@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from albef.config import ALBEFConfig
-from albef.models.bert import MLMHead, TextEncoder
+from albef.models.albef import apply_speedups
+from albef.models.bert import MLMHead, TextEncoder, padding_mask
 from albef.models.vit import VisionTransformer
 
 
@@ -31,12 +32,14 @@ class ALBEFForVQA(nn.Module):
     Example:
         >>> from albef.config import get_preset
         >>> vqa = ALBEFForVQA(get_preset("albef-tiny"))
-        >>> q = vqa.encode_question(torch.randn(1, 3, 32, 32), torch.tensor([[101, 2054]]), torch.ones(1, 2, dtype=torch.long))
+        >>> ids, mask = torch.tensor([[101, 2054]]), torch.ones(1, 2, dtype=torch.long)
+        >>> q = vqa.encode_question(torch.randn(1, 3, 32, 32), ids, mask)
         >>> q.shape
         torch.Size([1, 2, 32])
     """
 
-    def __init__(self, config: ALBEFConfig, decoder_layers: int | None = None):
+    def __init__(self, config: ALBEFConfig, decoder_layers: int | None = None, fast: bool = True):
+        """``fast``: apply :func:`albef.models.fast.make_fast` (same parameters, same values)."""
         super().__init__()
         self.config = config
         self.visual_encoder = VisionTransformer(config.vision)
@@ -44,6 +47,8 @@ class ALBEFForVQA(nn.Module):
         dec = decoder_config(config, decoder_layers)
         self.text_decoder = TextEncoder(dec, causal=True)
         self.decoder_head = MLMHead(dec)
+        if fast:
+            apply_speedups(self)
 
     def encode_question(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B, Lq, H] question states: the multimodal encoder over the question and the image."""
@@ -154,7 +159,8 @@ def _token_nll(model: ALBEFForVQA, node: Tensor, target: Tensor, label_smoothing
     for a in range(0, n, chunk):
         part = logits[a: a + chunk] if hidden is None else model.decoder_head(
             hidden[a: a + chunk], model.text_decoder.embeddings.word_embeddings.weight)
-        logp = part.to(torch.promote_types(part.dtype, torch.float32)).log_softmax(-1)  # as cross_entropy under autocast
+        # at least float32, as cross_entropy under autocast
+        logp = part.to(torch.promote_types(part.dtype, torch.float32)).log_softmax(-1)
         if out is None:
             out = logp.new_zeros(len(node))
         sel = ((node >= a) & (node < a + len(part))).nonzero().squeeze(1)
@@ -174,13 +180,16 @@ class _PrefixDecoder:
     ``ancestors[s]`` [N] the index of each one's prefix at position s among that position's
     (earlier ``level`` calls). The self-attention keys/values of each position are kept for the
     next; the cross-attention keys/values of every layer are the question states' projections,
-    made once (:meth:`TextEncoder.image_context`), and each question's new prefixes are
-    attended to them together.
+    made once, and each question's new prefixes are attended to them together.
     """
 
     def __init__(self, model: ALBEFForVQA, question_states: Tensor, question_mask: Tensor):
         self.enc = model.text_decoder
-        self.context = self.enc.image_context(question_states, question_mask)
+        self.cross_kv = []  # [layer] (keys, values) [B, h, Lq, d] of the question states
+        for layer in self.enc.encoder.layer:
+            ca = layer.crossattention.self
+            self.cross_kv.append((ca.heads(ca.key(question_states)), ca.heads(ca.value(question_states))))
+        self.cross_mask = padding_mask(question_mask)  # [B, 1, 1, Lq]
         self.B = question_states.shape[0]
         self.kv: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.enc.encoder.layer]  # [layer][position]
 
@@ -200,19 +209,20 @@ class _PrefixDecoder:
             sa = layer.attention.self
             h, d = sa.num_heads, sa.head_dim
             q, k, v = (lin(x).view(N, h, 1, d) for lin in (sa.query, sa.key, sa.value))
-            keys = torch.cat([kk[a] for (kk, _), a in zip(self.kv[i], ancestors)] + [k], 2)  # [N, h, t + 1, d]
-            values = torch.cat([vv[a] for (_, vv), a in zip(self.kv[i], ancestors)] + [v], 2)
+            past = list(zip(self.kv[i], ancestors, strict=True))  # each earlier position's keys/values, its prefix
+            keys = torch.cat([kk[a] for (kk, _), a in past] + [k], 2)  # [N, h, t + 1, d]
+            values = torch.cat([vv[a] for (_, vv), a in past] + [v], 2)
             self.kv[i].append((k, v))
             x = layer.attention.output(F.scaled_dot_product_attention(q, keys, values).view(N, h * d), x)
             ca = layer.crossattention.self
             cq = ca.query(x)
             grid = cq.new_zeros(self.B, width, h * d)
             grid[question, slot] = cq
-            out = F.scaled_dot_product_attention(grid.view(self.B, width, h, d).transpose(1, 2), self.context.keys[i],
-                                                 self.context.values[i], attn_mask=self.context.mask)
+            out = F.scaled_dot_product_attention(grid.view(self.B, width, h, d).transpose(1, 2), *self.cross_kv[i],
+                                                 attn_mask=self.cross_mask)
             out = out.transpose(1, 2).reshape(self.B, width, h * d)[question, slot]
             x = layer.crossattention.output(out, x)
-            x = layer.output(layer.intermediate.dense(x), x, gelu=True)
+            x = layer.output(layer.intermediate(x), x)
         return x
 
 
@@ -233,7 +243,8 @@ class ALBEFForClassification(nn.Module):
     shares its cross-attention keys/values, and even/odd copies attend to image 0/1.
     """
 
-    def __init__(self, config: ALBEFConfig, num_classes: int, num_images: int = 1):
+    def __init__(self, config: ALBEFConfig, num_classes: int, num_images: int = 1, fast: bool = True):
+        """``fast``: apply :func:`albef.models.fast.make_fast` (same parameters, same values)."""
         super().__init__()
         self.config = config
         self.num_images = num_images
@@ -248,6 +259,8 @@ class ALBEFForClassification(nn.Module):
             share_cross_attention_kv(self.text_encoder)
         H = t.hidden_size
         self.cls_head = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, num_classes))
+        if fast:
+            apply_speedups(self)
 
     def encode_images(self, images: Tensor | list[Tensor]) -> list[Tensor]:
         if self.num_images == 1:
@@ -266,10 +279,10 @@ class ALBEFForTextAssignment(nn.Module):
     the second, or neither (labels 0, 1, 2)? The NLVR2 encoder layout with a 3-way linear head;
     ``vision_proj`` only ranks the negative images (it gets no gradient, so it is frozen)."""
 
-    def __init__(self, config: ALBEFConfig):
+    def __init__(self, config: ALBEFConfig, fast: bool = True):
         super().__init__()
         self.config = config
-        base = ALBEFForClassification(config, 2, num_images=2)
+        base = ALBEFForClassification(config, 2, num_images=2, fast=fast)
         self.visual_encoder, self.text_encoder = base.visual_encoder, base.text_encoder
         self.vision_proj = nn.Linear(config.vision.width, config.embed_dim).requires_grad_(False)
         self.ta_head = nn.Linear(config.text.hidden_size, 3)

@@ -1,13 +1,17 @@
-"""The ViT image encoder, with timm's parameter names so DeiT/timm and ALBEF weights load as-is."""
+"""The ViT image encoder, with timm's parameter names so DeiT/timm and ALBEF weights load as-is.
+
+The plain model; :func:`albef.models.fast.make_fast` recomputes its LayerNorm and GELU outputs in
+the backward instead of keeping them (:mod:`albef.models.fast.vit`).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from albef.config import VisionConfig
-from albef.models.recompute import gelu_linear, norm_linear
 
 
 class PatchEmbed(nn.Module):
@@ -25,17 +29,17 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        # Grad-CAM (ITC mode) reads the attention map of a chosen block; the fast path never
-        # materialises it.
+        # Grad-CAM (ITC mode) reads the attention map of a chosen block; SDPA never materialises it
         self.save_attention = False
         self.attention_map: Tensor | None = None
 
-    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
-        """[B, N, C] -> [B, N, C]. With ``norm`` the input is taken before it: ``norm(x)`` is then
-        recomputed in the backward instead of kept (:mod:`albef.models.recompute`)."""
-        B, N, C = x.shape
-        qkv = self.qkv(x) if norm is None else norm_linear(norm, self.qkv, x)
-        q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x: Tensor) -> Tensor:  # [B, N, C] -> [B, N, C]
+        return self.proj(self.attend(self.qkv(x)))
+
+    def attend(self, qkv: Tensor) -> Tensor:
+        """The heads' attention over projected queries, keys and values: [B, N, 3C] -> [B, N, C]."""
+        B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, h, N, d]
         if self.save_attention:
             attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # [B, h, N, N]
             if attn.requires_grad:
@@ -46,7 +50,7 @@ class Attention(nn.Module):
             out = attn @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return out.transpose(1, 2).reshape(B, N, C)
 
 
 class Mlp(nn.Module):
@@ -55,14 +59,13 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None, recompute: bool = True) -> Tensor:
-        """``fc2(GELU(fc1(x)))`` (``norm`` as in :meth:`Attention.forward`); with ``recompute`` the
-        backward keeps ``fc1``'s output alone, not the GELU's too."""
-        h = self.fc1(x) if norm is None else norm_linear(norm, self.fc1, x)
-        return gelu_linear(self.fc2, h) if recompute else self.fc2(F.gelu(h))
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
@@ -70,15 +73,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
-    def forward(self, x: Tensor, recompute: bool = True) -> Tensor:
-        """``recompute``: the LayerNorm and GELU outputs are not kept for the backward but
-        recomputed there (:mod:`albef.models.recompute`); off inside a checkpointed block, which
-        keeps nothing anyway and would recompute them twice."""
-        if not recompute:
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x), recompute=False)
-        x = x + self.attn(x, self.norm1)  # attn(norm1(x))
-        return x + self.mlp(x, self.norm2)
+    def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class VisionTransformer(nn.Module):
@@ -98,7 +95,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # recompute each block in the backward (memory for time)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -113,16 +110,17 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 1 + N, D]
+        x = self.embed(images)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else blk(x)
+        return self.norm(x)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Patches with [CLS] first, plus positions: [B, 3, H, W] -> [B, 1 + N, D]."""
         x = self.patch_embed(images)  # [B, N, D]
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed[:, : x.shape[1] + 1]
-        for blk in self.blocks:
-            if self.grad_checkpointing and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(blk, x, False, use_reentrant=False)
-            else:
-                x = blk(x)
-        return self.norm(x)
+        return torch.cat([cls, x], dim=1) + self.pos_embed[:, : x.shape[1] + 1]
 
 
 def resize_pos_embed(pos_embed: Tensor, num_patches: int, num_extra_tokens: int = 1) -> Tensor:

@@ -34,16 +34,17 @@ import io
 import logging
 import threading
 import unicodedata
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Callable, Iterable
+from typing import Annotated
 
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from albef.api import Pipeline, VQAPipeline
 from albef.serve.guard import DEFAULT_ALLOWED_HOSTS, RequestGuard

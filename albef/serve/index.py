@@ -61,7 +61,7 @@ class GalleryIndex:
 
     @classmethod
     def build(cls, pipe: Pipeline, folder: str | Path, cache_dir: str | Path | None = None, model_id: str = "",
-              batch_size: int = 32, progress: bool = True) -> "GalleryIndex":
+              batch_size: int = 32, progress: bool = True) -> GalleryIndex:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"image folder {folder} does not exist; pass --images FOLDER "

@@ -2,10 +2,11 @@
 
 Every transformer block of the student — ViT blocks, BERT layers, the VQA decoder's layers — is
 sharded across the ranks, and its momentum teacher's blocks the same way, so the EMA update is a
-local operation on matching shards (done by the loop between steps, when every block is sharded). What stays outside the blocks (patch and word embeddings,
-projections, heads, the temperature) is small and stays replicated like under DDP; its gradients
-are averaged by :func:`sync_replicated_grads`. The ITC queues are buffers, replicated on every rank
-and filled with the all-gathered momentum features, exactly as with DDP.
+local operation on matching shards (done by the loop between steps, when every block is sharded).
+What stays outside the blocks (patch and word embeddings, projections, heads, the temperature) is
+small and stays replicated like under DDP; its gradients are averaged by
+:func:`sync_replicated_grads`. The ITC queues are buffers, replicated on every rank and filled with
+the all-gathered momentum features, exactly as with DDP.
 
 Checkpoints hold full (unsharded) state dicts, gathered with ``torch.distributed.checkpoint``'s
 state-dict API, so a run saved on N ranks resumes on any number of ranks, with or without FSDP.

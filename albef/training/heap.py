@@ -5,15 +5,12 @@ heap for reuse, and over a step's thousands of allocations of many sizes that sl
 few hundred MB the process holds without using. ``malloc_trim(0)`` returns every wholly free
 page; the next step faults back in (and the kernel zeroes) what it needs, which is the cost.
 
-It pays only where little is freed and refaulted each step, so the training loop trims after
-each CPU optimizer step only with gradient checkpointing (:func:`release_after_step`), the
-set-up that trades time for memory. Measured on the project's 2-core machine at albef-base,
-res 224, batch 4, two processes each (a script timing the loop's step - forward, backward,
-fused AdamW, the trim - and reading VmHWM over 7 steps): with checkpointing and AdamW in the
-backward, peak 4,836 / 4,856 MB -> 4,686 / 4,790 MB at 3.71 / 3.80 -> 3.88 / 3.89 s a step
-(+2-5 %); without checkpointing it saved 67 / 115 MB (5,548 / 5,619 -> 5,481 / 5,504) for
-+8-10 % time (3.46 / 3.49 -> 3.77 / 3.84 s), so there it is off. Without glibc (macOS,
-Windows, musl) it does nothing.
+It pays only in the set-up that already trades time for memory: with gradient checkpointing the
+trim lowers the peak RSS for a few per cent of a step, while without it the saving is smaller
+and the refaults cost more of the step. So the training loop trims after each CPU optimizer step
+only with gradient checkpointing (:func:`release_after_step`); the memory probe of
+``bench/compare.py`` trims as the loop does. Without glibc (macOS, Windows, musl) it does
+nothing.
 
 Example:
     >>> release_freed_memory() in (True, False)

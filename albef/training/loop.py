@@ -28,21 +28,37 @@ from albef.config import ALBEFConfig
 from albef.data.annotations import BadSample, check_bad_share
 from albef.data.sampler import GlobalBatchSampler
 from albef.data.transforms import train_transform
+from albef.loading import load_albef, load_hf_bert, load_timm_vit, read_state_dict
 from albef.models.albef import checkpointed_parts
 from albef.models.vit import VisionTransformer
 from albef.precision import autocast_dtype, resolve_precision
 from albef.recipes import PretrainRecipe
 from albef.seeding import SEED_RULE, mix_seed
 from albef.text import Tokenizer
-from albef.training.checkpoint import (BEST_NAME, CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, check_output_dir,
-                                      clean_stale_temp_files, delete_run_files, load_checkpoint, rng_state,
-                                      save_checkpoint, set_rng_state)
-from albef.training.distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, ensure_process_group,
-                                        init_distributed)
+from albef.training.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    PREVIOUS_NAME,
+    CheckpointError,
+    check_output_dir,
+    clean_stale_temp_files,
+    delete_run_files,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from albef.training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    ensure_process_group,
+    init_distributed,
+)
 from albef.training.heap import release_after_step
-from albef.loading import load_albef, load_hf_bert, load_timm_vit, read_state_dict
-from albef.training.momentum import copy_student_to_teacher, momentum_update
 from albef.training.metrics import MetricsLogger, plot_losses
+from albef.training.momentum import copy_student_to_teacher, momentum_update
 from albef.training.schedule import LRSchedule, alpha_at
 from albef.training.tasks import get_task, text_max_length
 from albef.training.validation import Validator
@@ -316,7 +332,8 @@ class PretrainRun:
             raise ValueError(f"data.shards feeds image-caption tasks (pretrain, retrieval), not {self.task.name!r}")
         self.dataset, self.ann_bad = None, []  # shards were cleaned when they were written
         self.sampler = self.loader = ShardLoader(
-            d.shards, transform, PretrainCollator(self.tokenizer, text_max_length(self.task.name, self.cfg, d.truncate_text)),
+            d.shards, transform,
+            PretrainCollator(self.tokenizer, text_max_length(self.task.name, self.cfg, d.truncate_text)),
             t.batch_size,
             self.dist.world_size, self.dist.rank, t.grad_accum, t.seed, d.epoch_samples, d.resampled,
             d.shuffle_buffer, d.num_workers)
@@ -442,7 +459,8 @@ class PretrainRun:
                     # the EMA on matching shards, before any FSDP unit gathers
                     momentum_update(self.trainer.model, self.trainer.model_m, self.trainer.momentum)
                     first = False
-                with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
                     loss, logs, payload = self.task.micro_step(self.ddp, batch, alpha, gen, first=first)
                 self.scaler.scale(loss / len(micro_batches)).backward()  # outside autocast, as PyTorch advises
             payloads.append(payload)
@@ -466,7 +484,7 @@ class PretrainRun:
         release_after_step(dev.type == "cpu", self.checkpointing)  # freed heap back to the OS (heap.py)
         self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only
-        row = {**dict(zip(keys, losses.tolist())), "lr": lr, "alpha": alpha}
+        row = {**dict(zip(keys, losses.tolist(), strict=True)), "lr": lr, "alpha": alpha}
         if math.isfinite(grad_norm):  # not on an fp16 overflow step (the scaler skips it)
             row["grad_norm"] = grad_norm
         return row

@@ -211,7 +211,7 @@ def plot_losses(jsonl_path: str | Path, png_path: str | Path, keys: list[str] | 
             pts = sorted((r["step"], r[key]) for r in rows
                          if r.get("split", "train") == split and _finite(r.get(key)))
             if pts:
-                steps, vals = zip(*pts)
+                steps, vals = zip(*pts, strict=True)
                 ax.plot(steps, vals, label=split, **style)
                 all_vals += vals
         # Losses often fall by orders of magnitude early; linear axes then flatten everything after.

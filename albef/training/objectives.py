@@ -90,7 +90,8 @@ def hard_negative_weights(sim: Tensor, positive: Tensor, eps: float = 0.0) -> Te
 
     ``eps=0`` gives the authors' weights: softmax, then the diagonal (pretraining) or the
     same-id entries (retrieval) set to 0; their retrieval model's ``softmax(sim + 1e-4)`` is the
-    same distribution. ``eps=1e-4`` is BLIP's ``softmax(sim) + 1e-4``. Non-finite weights (fp16 overflow, NaN features) become 0;
+    same distribution. ``eps=1e-4`` is BLIP's ``softmax(sim) + 1e-4``. Non-finite weights (fp16
+    overflow, NaN features) become 0;
     a row left with no mass but with allowed entries falls back to uniform over them, so that
     sampling never fails. Rows with no allowed entry stay all-zero.
     """
@@ -143,7 +144,8 @@ def mask_tokens(input_ids: Tensor, vocab_size: int, mask_token_id: int, protecte
     return ids, labels
 
 
-def mlm_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, alpha: float) -> tuple[Tensor, Tensor, Tensor | None]:
+def mlm_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None,
+             alpha: float) -> tuple[Tensor, Tensor, Tensor | None]:
     """Distilled MLM loss over the masked positions only.
 
     ``logits`` / ``teacher_logits``: [n_masked, V]; ``labels``: [n_masked].

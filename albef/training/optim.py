@@ -93,7 +93,7 @@ class AdamWInBackward(torch.optim.AdamW):
                 g["params"] = mine[id(g)]
             super().step()
         finally:
-            for g, params in zip(self.param_groups, saved):
+            for g, params in zip(self.param_groups, saved, strict=True):
                 g["params"] = params
         for p in ready:
             p.grad = None

@@ -24,7 +24,6 @@ from albef.text import Tokenizer
 from albef.training.finetune import ClassifierTrainer, TextAssignmentTrainer, VQATrainer
 from albef.training.pretrain import ALBEFPretrainer
 
-
 #: the tasks whose training text the authors cut at ``max_text_len`` tokens (Pretrain.py,
 #: Pretrain_nlvr.py: captions at 25; VQA.py: questions at 25); the others' training captions are
 #: not cut (their tokenizer call has ``max_length`` but no ``truncation``)
@@ -60,18 +59,20 @@ class PretrainTask:
                    ) -> tuple[Tensor, dict[str, Tensor | None], Any]:
         out = module(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, idx=batch.idx,
                      generator=generator, update_momentum=first, enqueue=False)
-        logs = {k: getattr(out, k) for k in self.loss_keys}
-        return out.loss, logs, (out.image_feat_m, out.text_feat_m, batch.idx)
+        losses = out.losses()
+        payload = (out.teacher.image_feat, out.teacher.text_feat, batch.idx)  # enqueued by end_step
+        return out.loss, {k: losses[k] for k in self.loss_keys}, payload
 
     def end_step(self, trainer: nn.Module, payloads: list) -> None:
-        image_feat, text_feat, idx = zip(*payloads)
+        image_feat, text_feat, idx = zip(*payloads, strict=True)
         trainer.queue.enqueue(torch.cat(image_feat), torch.cat(text_feat), None if idx[0] is None else torch.cat(idx))
 
 
 class RetrievalTask(PretrainTask):
     """Retrieval fine-tuning: id-aware ITC (all captions of an image are positives) + ITM on hard
     negatives that exclude same-image entries, weighted ``softmax(sim)`` as the authors' (their
-    ``softmax(sim + 1e-4)`` is the same distribution); the temperature is not clamped. Also the grounding fine-tuning objective (ITC + ITM)."""
+    ``softmax(sim + 1e-4)`` is the same distribution); the temperature is not clamped. Also the
+    grounding fine-tuning objective (ITC + ITM)."""
 
     name = "retrieval"
     loss_keys = ("loss", "loss_itc", "loss_itm")

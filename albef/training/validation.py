@@ -14,8 +14,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ class Validator:
     size: int
 
     @classmethod
-    def from_recipe(cls, recipe: Any, cfg: ALBEFConfig, tokenizer: Tokenizer) -> "Validator | None":
+    def from_recipe(cls, recipe: Any, cfg: ALBEFConfig, tokenizer: Tokenizer) -> Validator | None:
         """None when the recipe names no ``data.val_files``; an error for a task that has no
         validation metric (pretraining, text assignment, VQA, whose answers the authors score on
         the evaluation server)."""
@@ -99,7 +100,8 @@ class Validator:
     def __call__(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         was_training = model.training
         try:
-            metrics = {k: float(v) for k, v in self.evaluate(model, device).items()}  # numpy scalars would not pickle safely
+            # plain floats: numpy scalars would not pickle safely
+            metrics = {k: float(v) for k, v in self.evaluate(model, device).items()}
         finally:
             model.train(was_training)
         if self.metric not in metrics:

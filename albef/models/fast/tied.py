@@ -11,15 +11,18 @@ At albef-base batch 4 that removes both 94 MB tables from the backward's peak.
 The decoder defers only when the lookup's backward step is still to come in the same backward
 (the autograd engine says which nodes it will run) and the factors are smaller than the table
 (n < V*H/(V+H), about 750 rows for BERT's vocabulary); otherwise it makes its gradient as usual.
-Gradients equal plain autograd's bit for bit on the CPU in float32 (tested; a BLAS that splits the
-inner dimension of ``addmm_`` may round the last bit otherwise). Compiled autograd does not see
+The decoder's side is :func:`albef.models.fast.recompute.linear_after` with ``tie=`` (which
+imports this module, not the other way round). Gradients equal plain autograd's bit for bit on
+the CPU in float32 (tested; a BLAS that splits the inner dimension of ``addmm_`` may round the
+last bit otherwise). Compiled autograd does not see
 the hand-over; do not combine the two.
 
 Example:
+    >>> from albef.models.fast.recompute import tied_linear
     >>> table = torch.nn.Parameter(torch.randn(10, 4))
     >>> tie = TiedGrad()
     >>> h = embedding_lookup(torch.tensor([[1, 2]]), table, None, tie)  # [1, 2, 4]
-    >>> logits = tie.linear(h, table)                                   # [1, 2, 10], decoder = table
+    >>> logits = tied_linear(h, table, tie)                             # [1, 2, 10], decoder = table
     >>> logits.sum().backward()
     >>> table.grad.shape
     torch.Size([10, 4])
@@ -74,16 +77,13 @@ class TiedGrad:
             raise RuntimeError("internal error: the tied decoder's weight gradient was deferred to an "
                                "embedding lookup that did not run in this backward")
 
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """``F.linear(x, weight, bias)`` whose weight gradient goes to the lookup (for tests and
-        decoders without a recomputed LayerNorm; :func:`albef.models.recompute.linear_after` takes
-        ``tie=`` too)."""
-        from albef.models.recompute import linear_after  # imports this module
-        return linear_after(_identity, x, weight, bias, tie=self)
+    # A tie belongs to one forward: a copy of its owner (the momentum teacher is a deep copy of the
+    # student) or a pickled model gets a fresh one, not this forward's autograd node
+    def __getstate__(self) -> dict:
+        return {}
 
-
-def _identity(x: Tensor) -> Tensor:
-    return x
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 class _Lookup(torch.autograd.Function):

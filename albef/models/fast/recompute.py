@@ -19,14 +19,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from albef.models.tied import TiedGrad
+from albef.models.fast.tied import TiedGrad
 
 
 class _LinearAfter(torch.autograd.Function):
@@ -56,7 +56,7 @@ class _LinearAfter(torch.autograd.Function):
         dev, amp_dtype, amp_on = ctx.amp
         with torch.enable_grad(), torch.autocast(dev, dtype=amp_dtype, enabled=amp_on):
             xd = x.detach().requires_grad_(need_x)
-            ps = [p.detach().requires_grad_(n) for p, n in zip(f_params, need_p)]
+            ps = [p.detach().requires_grad_(n) for p, n in zip(f_params, need_p, strict=True)]
             a = ctx.f(xd, *ps)
         dt = dy.dtype  # the product's dtype (the autocast dtype, or the weights')
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -66,7 +66,7 @@ class _LinearAfter(torch.autograd.Function):
             if ctx.tie is None or not ctx.tie.defer(dy2, a2):  # deferred: the tied lookup adds dy2.T @ a2
                 grad_w = (dy2.t() @ a2).to(weight.dtype)
         grad_b = dy2.sum(0).to(bias.dtype) if need_b else None
-        wanted = [t for t, n in zip([xd, *ps], [need_x, *need_p]) if n]
+        wanted = [t for t, n in zip([xd, *ps], [need_x, *need_p], strict=True) if n]
         grads = iter(())
         if wanted:
             da = (dy @ weight.to(dt)).to(a.dtype)
@@ -81,7 +81,7 @@ def linear_after(f: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tens
     """``F.linear(f(x, *f_params), weight, bias)``, saving ``x`` instead of ``f(x)`` for the
     backward. ``f`` must be deterministic (it runs again in the backward) and cheap. With ``tie``
     (``weight`` is also an embedding table looked up with it) the weight's gradient may be left to
-    the lookup's backward (:mod:`albef.models.tied`)."""
+    the lookup's backward (:mod:`albef.models.fast.tied`)."""
     if not torch.is_grad_enabled():
         return F.linear(f(x, *f_params), weight, bias)
     return _LinearAfter.apply(f, x, weight, bias, tie, *f_params)
@@ -98,7 +98,7 @@ def layer_norm_linear(norm: torch.nn.LayerNorm, x: Tensor, weight: Tensor, bias:
     (BERT's MLM decoder is the word-embedding table). The weight's gradient comes out as a fresh
     contiguous tensor, not the transposed view that ``F.linear``'s backward gives, so a second
     use of the same weight (the embedding lookup) is added to it in place; with ``tie`` the
-    lookup's backward makes the one gradient itself (:mod:`albef.models.tied`)."""
+    lookup's backward makes the one gradient itself (:mod:`albef.models.fast.tied`)."""
     # (weight, bias), (weight,) with bias=False, or () without elementwise_affine
     params = [p for p in (norm.weight, norm.bias) if p is not None]
     shape, eps = norm.normalized_shape, norm.eps
@@ -112,3 +112,13 @@ def layer_norm_linear(norm: torch.nn.LayerNorm, x: Tensor, weight: Tensor, bias:
 def gelu_linear(linear: torch.nn.Linear, h: Tensor) -> Tensor:
     """``linear(gelu(h))`` keeping the pre-activation ``h`` alone."""
     return linear_after(F.gelu, h, linear.weight, linear.bias)
+
+
+def tied_linear(x: Tensor, weight: Tensor, tie: TiedGrad, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` whose weight gradient may go to the tied lookup's backward
+    (for decoders without a LayerNorm before them, and tests)."""
+    return linear_after(_identity, x, weight, bias, tie=tie)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x

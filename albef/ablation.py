@@ -1,9 +1,10 @@
-"""``albef ablation``: the paper's pretraining ablation (Table 1) in miniature, on the emoji split.
+"""``albef ablation``: the paper's pretraining ablation (Table 1) in miniature, on the emoji scenes.
 
-Each row pretrains with the same data, steps and seed as the main job's pretraining stage, with
-objectives switched as in the paper, then fine-tunes retrieval the same way and reports TR/IR
-R@1/R@5 on the held-out emoji (ITC + ITM re-ranking), mean ± standard deviation over seeds.
-Results go to ``docs/ablation.md`` (and ``OUT/ablation.json``), with the command of each row.
+Each row pretrains with the main job's data, preset and seed (scale ``ablation``: fewer steps),
+with the objectives switched as in the paper, and is scored on the held-out scenes: the relation
+test (ITM and ITC accuracy against the twins), scene retrieval R@1 with ITC + ITM re-ranking, and
+Grad-CAM pointing; mean ± standard deviation over seeds. Results go to ``docs/ablation.md`` (and
+``OUT/ablation.json``), with the command of each row.
 """
 
 from __future__ import annotations
@@ -23,38 +24,41 @@ ROWS = {
     "ITC_MoD + MLM + ITM_hard": {"mlm_distill": False},
     "Full (ITC_MoD + MLM_MoD + ITM_hard)": {},
 }
-METRICS = ("txt_r1", "txt_r5", "img_r1", "img_r5")
+METRICS = {"twins_itm": "relation test, ITM %", "twins_itc": "relation test, ITC %",
+           "txt_r1": "scene TR@1 (ITC+ITM)", "img_r1": "scene IR@1 (ITC+ITM)", "pointing": "pointing game %"}
 
 
 def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[str, float]:
     from albef.cli_evaluate import load_inference_model
-    from albef.data.retrieval import read_retrieval_eval
-    from albef.data.transforms import test_transform
-    from albef.evaluation.retrieval import evaluate_retrieval
-    from albef.mainjob import SCALES, _recipe, _train
-    from albef.text import Tokenizer
+    from albef.mainjob import SCALES, _recipe, _train, build_data, evaluate_scenes, pretraining_data
 
     s = SCALES[scale]
-    emoji = data / "emoji"
-    pre = _recipe("pretrain", out / "pretrain", [str(emoji / "pretrain.json")], emoji, s["pretrain"], s["batch"],
-                  None, seed, lr=s["pretrain_lr"], randaugment=s["randaugment"])
+    build_data(data, s)
+    out.mkdir(parents=True, exist_ok=True)
+    pre = _recipe("pretrain", out / "pretrain", [str(pretraining_data(data, out, s["emoji_pretrain"], seed))], data,
+                  s["pretrain"], s["batch"], None, seed, lr=s["pretrain_lr"], randaugment=s["randaugment"],
+                  group_size=2)
     for k, v in flags.items():
         setattr(pre.train, k, v)
     _train(pre, overwrite=True)  # an unfinished (row, seed) pair starts over; finished ones are not re-run
-    _train(_recipe("retrieval", out / "retrieval", [str(emoji / "retrieval_train.json")], emoji, s["retrieval"],
-                   s["batch"], str(out / "pretrain" / "checkpoint_last.pt"), seed, randaugment=s["randaugment"]),
-           overwrite=True)
-    test = read_retrieval_eval(emoji / "retrieval_test.json", str(emoji))
-    model = load_inference_model(out / "retrieval" / "checkpoint_last.pt")
-    return evaluate_retrieval(model, test, Tokenizer(), test_transform(64), k=s["k"])["itm"]
+    r = evaluate_scenes(load_inference_model(out / "pretrain" / "checkpoint_last.pt"), data / "scenes", s["k"],
+                        out / "overlays")
+    itm = r["retrieval"]["all"]["itm"]
+    return {"twins_itm": r["twins"]["itm"]["overall"], "twins_itc": r["twins"]["itc"]["overall"],
+            "txt_r1": itm["txt_r1"], "img_r1": itm["img_r1"], "pointing": r["pointing"]["pointing_game"]["accuracy"]}
 
 
 def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], scale: str) -> None:
-    lines = ["# Pretraining ablation in miniature (emoji, held-out retrieval)", "",
-             f"albef-small (MiniLM text side) at 64 px; each row: the main job's pretraining and retrieval "
-             f"stages (scale `{scale}`), seeds {seeds}; ITC + ITM re-ranking on the held-out emoji; "
-             "mean ± standard deviation over seeds.", "",
-             "| row | seeds | TR@1 | TR@5 | IR@1 | IR@5 | command |", "|---|---|---|---|---|---|---|"]
+    from albef.mainjob import SCALES
+
+    s = SCALES[scale]
+    lines = ["# Pretraining ablation in miniature (emoji scenes)", "",
+             f"albef-small (MiniLM text side, ViT from random weights) at 128 px; each row: the main job's "
+             f"pretraining (scale `{scale}`: {s['pretrain']} steps of batch {s['batch']}), seeds {seeds}, scored "
+             "on the held-out scenes; mean ± standard deviation over seeds. Chance: relation test 50 %, "
+             "scene R@1 100 / test images, pointing game the boxes' share of the image (see runs/main/report.md).",
+             "", "| row | seeds | " + " | ".join(METRICS.values()) + " | command |",
+             "|---|---|" + "---|" * len(METRICS) + "---|"]
     for name, runs in results.items():
         cells = []
         for m in METRICS:
@@ -68,7 +72,7 @@ def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], sc
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef ablation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="data", help="where `albef main` put the emoji data")
+    p.add_argument("--data", default="data", help="where `albef main` put its data (built if missing)")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--row", action="append", choices=list(ROWS), help="only these rows (repeatable)")

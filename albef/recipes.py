@@ -87,6 +87,9 @@ class DataSection:
     # bit for bit; off: clipped values and PIL's autocontrast (albef.data.transforms)
     randaugment_wrap: bool = False
     num_workers: int = 4
+    # shuffle runs of this many consecutive entries as units, so they share a batch
+    # (albef.data.sampler; the scenes' siblings: 2); 1 shuffles entries, as the authors
+    group_size: int = 1
     max_bad_fraction: float = 0.01
     min_seen_for_bad_check: int = 1000
     # WebDataset shards instead of train_files (see albef.data.shards): a brace pattern, a folder
@@ -261,8 +264,11 @@ def _check(recipe: "PretrainRecipe") -> None:
     finite = math.isfinite
     for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
                    ("train.log_every", t.log_every), ("train.k_test", t.k_test), ("train.val_batch_size", t.val_batch_size),
-                   ("data.max_words", d.max_words), ("data.shuffle_buffer", d.shuffle_buffer)):
+                   ("data.max_words", d.max_words), ("data.shuffle_buffer", d.shuffle_buffer),
+                   ("data.group_size", d.group_size)):
         need(v >= 1, key, "an integer >= 1", v)
+    need(t.batch_size % max(1, d.group_size) == 0, "data.group_size", f"a divisor of train.batch_size "
+         f"({t.batch_size}): a group is kept in one micro-batch", d.group_size)
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null (every epoch) or an integer >= 1",
          t.max_steps)
     for key, v in (("train.checkpoint_every", t.checkpoint_every), ("train.warmup_epochs", t.warmup_epochs),

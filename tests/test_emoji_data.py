@@ -24,10 +24,10 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _fixture(cache: Path, n: int = 40) -> dict[str, Path]:
+def _fixture(cache: Path, n: int = 40, name=lambda i: f"THING {i}") -> dict[str, Path]:
     emoji = []
     for i in range(n):
-        e = {"name": f"THING {i}", "short_names": [f"obj_{i}"], "unified": f"U{i}", "image": f"u{i}.png",
+        e = {"name": name(i), "short_names": [f"obj_{i}"], "unified": f"U{i}", "image": f"u{i}.png",
              "sheet_x": i % 8, "sheet_y": i // 8, "category": "Objects", "has_img_google": True,
              "has_img_twitter": True}
         if i % 5 == 0:  # a skin-tone variant that must stay with its base emoji
@@ -96,15 +96,17 @@ def test_grounding_boxes_point_at_the_named_cell(tmp_path):
             assert unified in splits[split]
 
 
+def _row(**kw) -> dict:
+    return {"twins_itm": 80.0, "twins_itc": 50.0, "txt_r1": 1.0, "img_r1": 2.0, "pointing": 30.0, **kw}
+
+
 def test_ablation_table_reports_mean_and_spread(tmp_path):
     from albef.ablation import ROWS, write_table
 
-    runs = {"Full (ITC_MoD + MLM_MoD + ITM_hard)": [
-        {"txt_r1": 1.0, "txt_r5": 5.0, "img_r1": 2.0, "img_r5": 6.0},
-        {"txt_r1": 3.0, "txt_r5": 5.0, "img_r1": 2.0, "img_r5": 8.0}]}
-    write_table(runs, tmp_path / "t.md", [0, 1], "full")
+    runs = {"Full (ITC_MoD + MLM_MoD + ITM_hard)": [_row(txt_r1=1.0, pointing=20.0), _row(txt_r1=3.0, pointing=40.0)]}
+    write_table(runs, tmp_path / "t.md", [0, 1], "ablation")
     row = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| Full")][0]
-    assert "| 2 | 2.00 ± 1.41 | 5.00 ± 0.00 | 2.00 ± 0.00 | 7.00 ± 1.41 |" in row
+    assert "| 2 | 80.00 ± 0.00 | 50.00 ± 0.00 | 2.00 ± 1.41 | 2.00 ± 0.00 | 30.00 ± 14.14 |" in row
     assert list(ROWS)[0] == "MLM + ITM" and ROWS["MLM + ITM"]["itc"] is False
 
 
@@ -112,11 +114,9 @@ def test_ablation_table_rewrite_keeps_the_analysis_around_it(tmp_path):
     from albef.ablation import write_table
 
     path = tmp_path / "t.md"
-    one = {"MLM + ITM": [{"txt_r1": 1.0, "txt_r5": 5.0, "img_r1": 2.0, "img_r5": 6.0}]}
-    write_table(one, path, [0], "full")
+    write_table({"MLM + ITM": [_row(txt_r1=1.0)]}, path, [0], "ablation")
     path.write_text(path.read_text() + "\n## What we see\n\nhand-written analysis\n")
-    two = {"MLM + ITM": [{"txt_r1": 3.0, "txt_r5": 5.0, "img_r1": 2.0, "img_r5": 6.0}]}
-    write_table(two, path, [0], "full")
+    write_table({"MLM + ITM": [_row(txt_r1=3.0)]}, path, [0], "ablation")
     text = path.read_text()
     assert "hand-written analysis" in text and text.count("# Pretraining ablation") == 1
     assert "| 3.00 ± 0.00 |" in text and "| 1.00 ± 0.00 |" not in text

@@ -27,41 +27,62 @@ def _fake_easyvqa(src: Path):
                                  get_answers=lambda: ["red", "yes", "circle", "no"])
 
 
+def _letters(i: int) -> str:  # emoji names the scene grammar takes: letters only
+    return f"thing {chr(97 + i // 26)}{chr(97 + i % 26)}"
+
+
 @pytest.mark.slow
 def test_main_job_smoke(tmp_path, monkeypatch):
     import albef.data.easyvqa as E
 
     fake = _fake_easyvqa(tmp_path / "evqa_src")
     monkeypatch.setattr(E, "_easy_vqa", lambda: fake)
-    report = run_main(tmp_path / "out", tmp_path / "data", scale="smoke",
-                      emoji_fetcher=lambda cache: _fixture(cache.mkdir(parents=True, exist_ok=True) or cache, n=64),
+    fetch = lambda cache: _fixture(cache.mkdir(parents=True, exist_ok=True) or cache, n=64, name=_letters)  # noqa: E731
+    report = run_main(tmp_path / "out", tmp_path / "data", scale="smoke", emoji_fetcher=fetch,
                       easyvqa_builder=build_easyvqa)
     text = report.read_text()
-    for section in ("## Retrieval", "ITC+ITM", "## Grounding", "## VQA", "## Loss curves", "| total |"):
+    for section in ("## Relation and attribute test", "## Scene retrieval", "## Grad-CAM pointing",
+                    "## Held-out single emoji", "## VQA", "## Loss curves", "| total |"):
         assert section in text, section
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["retrieval"]) == {"zero-shot (pretrained) ITC", "zero-shot (pretrained) ITC+ITM",
-                                         "fine-tuned ITC", "fine-tuned ITC+ITM"}
-    assert results["grounding"]["n"] > 0 and 0 <= results["vqa"]["overall"] <= 100
+    sc = results["scenes"]
+    assert set(sc["retrieval"]) == {"all", "seen", "unseen_pair", "unseen_emoji"}
+    assert sc["twins"]["chance"] == 50.0 and sc["twins"]["n"]["swap"] > 0
+    assert 0 < sc["pointing"]["pointing_game"]["chance"] < 100 and sc["pointing"]["n"] > 0
+    assert 0 <= results["vqa"]["metrics"]["overall"] <= 100
     # each VQA type against its own baselines: the fixture's shape questions all answer "circle"
-    assert "| type | accuracy | chance | always the most common answer |" in text
-    base = results["vqa_baselines"]
+    base = results["vqa"]["baselines"]
     assert base["shape"]["majority"] == "circle" and base["shape"]["majority_accuracy"] == 100.0
-    assert base["yes/no"]["chance"] == 50.0
-    assert list((tmp_path / "out" / "overlays").glob("*.png"))
+    assert list((tmp_path / "out" / "overlays").rglob("*.png"))
+
+    # the held-out emoji stay held out: no scene draws an emoji of the emoji test or val split, and
+    # pretraining sees no single image of an emoji the scenes hold out
+    data = tmp_path / "data"
+    evals = {Path(e["image"]).name for f in ("retrieval_test.json", "retrieval_val.json")
+             for e in json.loads((data / "emoji" / f).read_text())}
+    drawn = {o["emoji_image"] for s in json.loads((data / "scenes" / "scenes.json").read_text()) for o in s["objects"]}
+    assert drawn and not drawn & evals
+    held = set(json.loads((data / "scenes" / "splits.json").read_text())["unseen_emoji"])
+    held_images = {o["emoji_image"] for s in json.loads((data / "scenes" / "scenes.json").read_text())
+                   for o in s["objects"] if o["name"] in held}
+    rows = json.loads((tmp_path / "out" / "pretrain_data.json").read_text())
+    assert held_images and not {Path(r["image"]).name for r in rows if r["image"].startswith("emoji/")} & held_images
+
+    # a second run refuses the folder unless told to overwrite
+    with pytest.raises(FileExistsError):
+        run_main(tmp_path / "out", data, scale="smoke", emoji_fetcher=fetch, easyvqa_builder=build_easyvqa)
 
 
-def test_randaugment_is_off_for_the_main_job_and_kept_for_the_ablation(tmp_path, monkeypatch):
+def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):
     import albef.mainjob as M
 
-    # the ablation table in docs/ablation.md was measured with RandAugment: its scale must keep it
-    assert M.SCALES["ablation"]["randaugment"] and not M.SCALES["full"]["randaugment"]
-    args = ("pretrain", tmp_path, ["a.json"], tmp_path, 2, 4, None, 0)
-    assert M._recipe(*args, randaugment=False).data.randaugment is False
-    assert M._recipe(*args, randaugment=True).data.randaugment is True
     seen = {}
-    monkeypatch.setattr(M, "run_main", lambda *a, **k: seen.update(k))
-    M.main(["--randaugment", "--out", str(tmp_path)])
-    assert seen["randaugment"] is True
+    monkeypatch.setattr(M, "run_main", lambda *a, **k: seen.update(scale=a[2], device=k["device"]))
+    monkeypatch.setattr(M.torch.cuda, "is_available", lambda: False)
     M.main(["--out", str(tmp_path)])
-    assert seen["randaugment"] is None  # None: the scale decides
+    assert seen == {"scale": "full", "device": "cpu"}
+    monkeypatch.setattr(M.torch.cuda, "is_available", lambda: True)
+    M.main(["--out", str(tmp_path)])
+    assert seen == {"scale": "gpu", "device": "cuda"}
+    M.main(["--out", str(tmp_path), "--scale", "smoke", "--device", "cpu"])
+    assert seen == {"scale": "smoke", "device": "cpu"}

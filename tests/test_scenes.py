@@ -394,3 +394,74 @@ def test_retrieval_runs_on_the_scenes(built, tiny_model):
     data = read_retrieval_eval(built / "retrieval_test_unseen_pair.json", str(built))
     out = evaluate_retrieval(tiny_model, data, Tokenizer(), test_transform(32), k=4)
     assert set(out) == {"itc", "itm"} and all(0 <= out[h]["r_mean"] <= 100 for h in out)
+
+
+# -- siblings and the grouped sampler (the main job's hard negatives) ------------------------------
+def test_siblings_exchange_the_two_emoji_in_the_same_layout(tmp_path, catalogue):
+    out = tmp_path / "sib"
+    sc.build_scenes(out, catalogue, attribution="x\n", **{**BUILD, "n_train": 20}, siblings=True)
+    train = [s for s in _load(out, "scenes.json") if s["split"] == "train"]
+    assert len(train) == 20
+    pre = _load(out, "pretrain.json")
+    assert [e["image"] for e in pre] == [s["image"] for s in train]  # siblings stay next to each other
+    for s, t in zip(train[0::2], train[1::2], strict=True):
+        assert (t["a"], t["b"], t["relation"]) == (s["b"], s["a"], s["relation"])
+        assert (t["count_a"], t["count_b"]) == (s["count_a"], s["count_b"])  # counts stay with the slots
+        assert [o["name"] for o in t["objects"]] == [s["b"] if o["group"] == "a" else s["a"] for o in s["objects"]]
+        # the same slots: each box of the sibling sits in the slot of the same object of the scene
+        for o, p in zip(s["objects"], t["objects"], strict=True):
+            cx = lambda b: (b[0] + b[2] / 2, b[1] + b[3] / 2)  # noqa: E731
+            assert max(abs(u - v) for u, v in zip(cx(o["box"]), cx(p["box"]), strict=True)) <= 1 + SIZE * 0.3 / 2
+        if s["count_a"] == s["count_b"] == 1:  # then the sibling's caption is the scene's swap twin
+            assert t["caption"] == sc.caption(s["b"], 1, s["relation"], s["a"], 1)
+        _check_relation(next(o["box"] for o in t["objects"] if o["group"] == "a"),
+                        next(o["box"] for o in t["objects"] if o["group"] == "b"), t["relation"])
+
+
+def test_grouped_sampler_keeps_groups_whole_and_covers_each_once():
+    from albef.data.sampler import GlobalBatchSampler
+
+    s = GlobalBatchSampler(40, micro_batch=4, world_size=1, rank=0, grad_accum=1, seed=5, group_size=2)
+    batches = list(s)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(40)) and len(batches) == s.steps_per_epoch == 10
+    for b in batches:
+        assert all(b[j + 1] == b[j] + 1 and b[j] % 2 == 0 for j in range(0, len(b), 2))
+    assert flat != list(range(40))  # shuffled, as units
+    again = GlobalBatchSampler(40, micro_batch=4, world_size=1, rank=0, grad_accum=1, seed=5, group_size=2)
+    assert list(again) == batches
+    # two ranks with a global batch of 8 see what one process does with accumulation 2
+    one = GlobalBatchSampler(40, 4, 1, 0, grad_accum=2, seed=5, group_size=2)
+    two = [GlobalBatchSampler(40, 4, 2, r, grad_accum=1, seed=5, group_size=2) for r in (0, 1)]
+    per_step = [b0 + b1 for b0, b1 in zip(*[list(t) for t in two], strict=True)]
+    ones = list(one)
+    assert per_step == [ones[2 * k] + ones[2 * k + 1] for k in range(len(per_step))]
+    with pytest.raises(ValueError, match="group_size"):
+        GlobalBatchSampler(40, micro_batch=3, group_size=2)
+
+
+def test_recipe_refuses_a_group_that_does_not_divide_the_batch():
+    from albef.recipes import PretrainRecipe
+
+    with pytest.raises(ValueError, match="group_size"):
+        PretrainRecipe.from_dict({"data": {"group_size": 3}, "train": {"batch_size": 8}})
+
+
+def test_pointing_game_hits_and_chance(built, tiny_model, monkeypatch):
+    import albef.evaluation.grounding as eg
+    from albef.data.transforms import test_transform
+
+    records = read_grounding(built / "grounding_test.json", str(built))
+    grid = SIZE  # a map at pixel resolution: its maximum is exactly where the queued box is
+    queue = []
+    monkeypatch.setattr(eg, "gradcam_itm", lambda model, images, ids, mask, layer=None: torch.stack(
+        [ev.oracle_heatmap(queue.pop(0), SIZE, SIZE, grid) for _ in range(len(images))]))
+    queue[:] = [r.box for r in records]
+    right, _ = ev.evaluate_pointing(tiny_model, records, Tokenizer(), test_transform(32), batch_size=4)
+    pg = right["pointing_game"]
+    area = 100.0 * sum(r.box[2] * r.box[3] / SIZE**2 for r in records) / len(records)
+    assert pg["chance"] == pytest.approx(area) and 0 < pg["chance"] < 15
+    assert pg["accuracy"] == 100.0
+    queue[:] = [next(c for c in r.candidates if c != r.box) for r in records]
+    wrong, _ = ev.evaluate_pointing(tiny_model, records, Tokenizer(), test_transform(32), batch_size=4)
+    assert wrong["pointing_game"]["accuracy"] == 0.0  # the boxes never overlap

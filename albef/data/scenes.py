@@ -334,10 +334,15 @@ def make_splits(names: Sequence[str], seed: int, unseen_emoji: float | int = 0.1
 
 def generate_scenes(catalogue: Sequence[Emoji], seed: int = 0, n_train: int = 8000, n_test: int = 300,
                     image_size: int = 128, object_frac: tuple[float, float] = (0.22, 0.30),
-                    unseen_emoji: float | int = 0.1, p_two: float = 0.5) -> tuple[list[Scene], dict[str, list]]:
+                    unseen_emoji: float | int = 0.1, p_two: float = 0.5, siblings: bool = False
+                    ) -> tuple[list[Scene], dict[str, list]]:
     """The scenes (train, then ``n_test`` per test subset) and the splits; nothing is drawn yet.
 
-    Deterministic from ``seed`` and the catalogue's names.
+    ``siblings``: the training scenes come in pairs, each followed by its :func:`sibling` (the same
+    layout with the two emoji exchanged), so that a sampler keeping consecutive pairs together
+    (``data.group_size: 2``) puts a scene and the caption that only the relation tells apart in
+    one batch: ITC, blind to order, ranks that caption high, and ALBEF's hard-negative mining
+    hands it to ITM. Deterministic from ``seed`` and the catalogue's names.
     """
     by_name = {e.name: e for e in catalogue}
     if len(by_name) != len(catalogue):
@@ -365,7 +370,7 @@ def generate_scenes(catalogue: Sequence[Emoji], seed: int = 0, n_train: int = 80
     scenes: list[Scene] = []
     cycle: list[str] = []
     train_pairs: list[tuple[str, str]] = []
-    for k in range(n_train):
+    for k in range(0, n_train, 2 if siblings else 1):
         if not cycle:
             cycle = list(seen)
             rng.shuffle(cycle)
@@ -376,6 +381,8 @@ def generate_scenes(catalogue: Sequence[Emoji], seed: int = 0, n_train: int = 80
                 break
         train_pairs.append((min(a, b), max(a, b)))
         scenes.append(scene("train", k, a, b))
+        if siblings and k + 1 < n_train:
+            scenes.append(sibling(scenes[-1], f"train-{k + 1:05d}", by_name))
 
     keys: set[tuple] = set()
 
@@ -420,6 +427,24 @@ def generate_scenes(catalogue: Sequence[Emoji], seed: int = 0, n_train: int = 80
     return scenes, splits
 
 
+def sibling(s: Scene, scene_id: str, by_name: dict[str, Emoji]) -> Scene:
+    """The same layout with the two emoji exchanged: B's image in A's slots and A's in B's. The
+    counts stay with the slots, so "a cat left of two hearts" gives "a heart left of two cats";
+    with one object each, the sibling's caption is the scene's ``swap`` twin.
+
+    Example:
+        >>> e = {n: Emoji(n, f"{n}.png") for n in ("cat", "dog")}
+        >>> s = Scene("t-0", "train", "cat", "dog", 1, 2, "left", "t-0.png",
+        ...           [SceneObject("cat", [0, 0, 9, 9], "a", "cat.png", "")])
+        >>> sibling(s, "t-1", e).caption
+        'a dog to the left of two cats'
+    """
+    objs = [SceneObject(s.b if o.group == "a" else s.a, list(o.box), o.group, by_name[s.b if o.group == "a" else s.a].image,
+                        by_name[s.b if o.group == "a" else s.a].source) for o in s.objects]
+    return Scene(scene_id, s.split, s.b, s.a, s.count_a, s.count_b, s.relation,
+                 str(Path(s.image).with_name(f"{scene_id}.png")), objs)
+
+
 def render(scene: Scene, background: tuple[int, int, int] = (255, 255, 255), image_size: int = 128,
            cache: dict | None = None) -> Image.Image:
     """Draw a scene; the objects' boxes are set to the pasted pixels (slots become boxes)."""
@@ -436,19 +461,25 @@ def render(scene: Scene, background: tuple[int, int, int] = (255, 255, 255), ima
 def build_scenes(out: str | Path, catalogue: Sequence[Emoji] | None = None, emoji_dir: str | Path | None = None,
                  seed: int = 0, n_train: int = 8000, n_test: int = 300, image_size: int = 128,
                  object_frac: tuple[float, float] = (0.22, 0.30), unseen_emoji: float | int = 0.1,
-                 p_two: float = 0.5, attribution: str | None = None) -> dict[str, int]:
+                 p_two: float = 0.5, attribution: str | None = None, max_emoji: int | None = None,
+                 siblings: bool = False) -> dict[str, int]:
     """Generate, draw and write the scene data set under ``out``; returns counts.
 
     The emoji come from ``catalogue`` or, when it is None, from :func:`emoji_catalogue` of
-    ``emoji_dir`` (a folder of :func:`albef.data.emoji.build_emoji`). ``attribution``: the licence
-    text to keep beside the scenes (default: ``emoji_dir/LICENSE.md``, or albef.data.emoji's).
+    ``emoji_dir`` (a folder of :func:`albef.data.emoji.build_emoji`). ``max_emoji``: draw the scenes
+    from that many of them (a seeded sample), so that each is seen often in a short training run.
+    ``siblings``: see :func:`generate_scenes`. ``attribution``: the licence text to keep beside the
+    scenes (default: ``emoji_dir/LICENSE.md``, or albef.data.emoji's).
     """
     out = Path(out)
     if catalogue is None:
         if emoji_dir is None:
             raise ValueError("give a catalogue or the emoji folder to read one from")
         catalogue = emoji_catalogue(emoji_dir)
-    scenes, splits = generate_scenes(catalogue, seed, n_train, n_test, image_size, object_frac, unseen_emoji, p_two)
+    if max_emoji is not None and len(catalogue) > max_emoji:
+        catalogue = sorted(random.Random(seed + 3).sample(list(catalogue), max_emoji), key=lambda e: e.name)
+    scenes, splits = generate_scenes(catalogue, seed, n_train, n_test, image_size, object_frac, unseen_emoji, p_two,
+                                     siblings)
     all_names = [e.name for e in catalogue]
     rng = random.Random(seed + 2)
     cache: dict = {}
@@ -490,6 +521,7 @@ def build_scenes(out: str | Path, catalogue: Sequence[Emoji] | None = None, emoj
     dump("splits.json", splits)
     config = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
               "object_frac": list(object_frac), "unseen_emoji": unseen_emoji, "p_two": p_two,
+              "max_emoji": max_emoji, "siblings": siblings,
               "emoji": len(catalogue), "recommended_model_overrides": RECOMMENDED}
     dump("config.json", config)
     (out / "ATTRIBUTION.md").write_text(_attribution(catalogue, emoji_dir, attribution))

@@ -11,6 +11,8 @@
   (:func:`albef.grounding.gradcam_itm`) scores every object box of the scene
   (:func:`albef.grounding.box_scores`, through :func:`albef.evaluation.grounding.evaluate_grounding`);
   correct when the best box is the named object's. Chance is the mean of 1 / number of objects.
+  Also the pointing game (Zhang et al., 2016): a hit when the map's maximum lies in the named
+  object's box; chance is the box's share of the image (a point drawn uniformly).
 * :func:`oracle_pointing` — the same scoring of a *perfect* patch-level map (each patch's share of
   the named object's box): the ceiling the patch grid leaves to Grad-CAM, used to choose the image
   and patch size.
@@ -187,7 +189,42 @@ def evaluate_pointing(model, records: Sequence, tokenizer, transform, layer: int
 
     metrics, preds = evaluate_grounding(model, records, tokenizer, transform, "itm", layer, batch_size, device,
                                         alpha)
-    return {**metrics, **_chance(records)}, preds
+    return {**metrics, **_chance(records), "pointing_game": pointing_game(preds)}, preds
+
+
+def pointing_game(preds: Sequence) -> dict:
+    """Hits (%) of the maps' maxima in the named boxes, overall and per split, with chance (the mean
+    share of the image the boxes cover). ``preds``: :class:`~albef.evaluation.grounding.GroundingPrediction`.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> rec = NS(image=None, box=[0, 0, 4, 4], split="seen", image_hw=(8, 8))
+        >>> heat = torch.zeros(2, 2); heat[0, 0] = 1.0                    # top-left patch
+        >>> pointing_game([NS(record=rec, heatmap=heat)])["accuracy"], pointing_game([NS(record=rec, heatmap=heat)])["chance"]
+        (100.0, 25.0)
+    """
+    from PIL import Image
+
+    from albef.grounding import upsample_heatmap
+
+    hits: dict[str, list[float]] = defaultdict(list)
+    areas: dict[str, list[float]] = defaultdict(list)
+    for p in preds:
+        r = p.record
+        hw = getattr(r, "image_hw", None)
+        if hw is None:
+            with Image.open(r.image) as im:
+                hw = (im.height, im.width)
+        H, W = hw
+        heat = upsample_heatmap(p.heatmap, H, W)
+        y, x = divmod(int(heat.argmax()), W)
+        bx, by, bw, bh = r.box
+        hits[r.split].append(100.0 * (bx <= x < bx + bw and by <= y < by + bh))
+        areas[r.split].append(100.0 * bw * bh / (H * W))
+    n = max(1, sum(len(v) for v in hits.values()))
+    return {"accuracy": sum(sum(v) for v in hits.values()) / n, "chance": sum(sum(v) for v in areas.values()) / n,
+            "per_split": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+            "chance_per_split": {k: sum(v) / len(v) for k, v in sorted(areas.items())}}
 
 
 def _chance(records: Sequence) -> dict:

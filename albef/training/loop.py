@@ -240,7 +240,7 @@ class PretrainRun:
                     log.warning("skipped annotation %s", b)
             check_bad_share(len(self.ann_bad), n_entries, d.max_bad_fraction, self.ann_bad, "annotation entries")
             self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.dist.world_size, self.dist.rank,
-                                              t.grad_accum, t.seed)
+                                              t.grad_accum, t.seed, group_size=d.group_size)
             self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
                                      collate_fn=collate, pin_memory=self.dist.device.type == "cuda")
 

@@ -35,7 +35,7 @@ def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[s
     s = SCALES[scale]
     build_data(data, s)
     out.mkdir(parents=True, exist_ok=True)
-    pre = _recipe("pretrain", out / "pretrain", [str(pretraining_data(data, out, s["emoji_pretrain"], seed))], data,
+    pre = _recipe("pretrain", out / "pretrain", [str(pretraining_data(data, out, s, seed))], data,
                   s["pretrain"], s["batch"], None, seed, lr=s["pretrain_lr"], randaugment=s["randaugment"],
                   group_size=2)
     for k, v in flags.items():

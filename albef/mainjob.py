@@ -33,15 +33,15 @@ from albef.recipes import PretrainRecipe
 SCALES = {
     # "full": the README's main job, ~15 minutes on 2 CPU cores with set-up
     "full": {"pretrain": 500, "pretrain_lr": 5e-4, "vqa": 120, "vqa_test": 1000, "k": 16, "batch": 32,
-             "scenes": 8000, "scene_test": 200, "max_emoji": 120, "emoji_pretrain": 2000, "randaugment": False},
+             "scenes": 8000, "scene_test": 200, "max_emoji": 40, "emoji_pretrain": 1000, "scene_emoji_repeats": 10, "randaugment": False},
     # a lent GPU: the same job with five times the pretraining (albef main --scale gpu)
     "gpu": {"pretrain": 2500, "pretrain_lr": 5e-4, "vqa": 300, "vqa_test": 2000, "k": 16, "batch": 64,
-            "scenes": 20000, "scene_test": 300, "max_emoji": 120, "emoji_pretrain": 4000, "randaugment": False},
+            "scenes": 20000, "scene_test": 300, "max_emoji": 40, "emoji_pretrain": 2000, "scene_emoji_repeats": 20, "randaugment": False},
     # the ablation's budget per run (15 runs)
     "ablation": {"pretrain": 300, "pretrain_lr": 5e-4, "vqa": 0, "vqa_test": 0, "k": 16, "batch": 32,
-                 "scenes": 8000, "scene_test": 200, "max_emoji": 120, "emoji_pretrain": 2000, "randaugment": False},
+                 "scenes": 8000, "scene_test": 200, "max_emoji": 40, "emoji_pretrain": 1000, "scene_emoji_repeats": 10, "randaugment": False},
     "smoke": {"pretrain": 2, "pretrain_lr": 1e-4, "vqa": 2, "vqa_test": 16, "k": 4, "batch": 4,
-              "scenes": 40, "scene_test": 4, "max_emoji": 24, "emoji_pretrain": 16, "randaugment": False},
+              "scenes": 40, "scene_test": 4, "max_emoji": 24, "emoji_pretrain": 16, "scene_emoji_repeats": 2, "randaugment": False},
 }
 IMAGE_SIZE = 128  # albef-small's own: an object spans several 16 px patches (albef.data.scenes)
 
@@ -105,18 +105,25 @@ def build_data(data: Path, s: dict, emoji_fetcher=None, easyvqa_builder=None) ->
     return counts
 
 
-def pretraining_data(data: Path, out: Path, n_emoji: int, seed: int) -> Path:
-    """The scenes (siblings next to each other) then ``n_emoji`` single emoji images, none of an
-    emoji the scenes hold out; paths relative to ``data``."""
+def pretraining_data(data: Path, out: Path, s: dict, seed: int) -> Path:
+    """The scenes (siblings next to each other), then single emoji images: each emoji the scenes
+    train on, both styles, ``scene_emoji_repeats`` times (its name and its look, alone), and
+    ``emoji_pretrain`` images of other emoji, none of one the scenes hold out; paths relative to
+    ``data``."""
     scenes = json.loads((data / "scenes" / "pretrain.json").read_text())
-    held = set(json.loads((data / "scenes" / "splits.json").read_text())["unseen_emoji"])
-    held_images = {o["emoji_image"] for sc in json.loads((data / "scenes" / "scenes.json").read_text())
-                   for o in sc["objects"] if o["name"] in held}
-    emoji = [e for e in json.loads((data / "emoji" / "pretrain.json").read_text())
-             if Path(e["image"]).name not in held_images]
-    random.Random(seed).shuffle(emoji)
+    splits = json.loads((data / "scenes" / "splits.json").read_text())
+    image_of = {o["name"]: o["emoji_image"] for sc in json.loads((data / "scenes" / "scenes.json").read_text())
+                for o in sc["objects"]}
+    held = {image_of[n] for n in splits["unseen_emoji"] if n in image_of}
+    seen = {image_of[n] for n in splits["seen"] if n in image_of}
+    emoji = json.loads((data / "emoji" / "pretrain.json").read_text())
+    mine = [e for e in emoji if Path(e["image"]).name in seen]
+    other = [e for e in emoji if Path(e["image"]).name not in seen | held]
+    random.Random(seed).shuffle(other)
+    singles = mine * s["scene_emoji_repeats"] + other[: s["emoji_pretrain"]]
+    random.Random(seed + 1).shuffle(singles)
     rows = [{**e, "image": f"scenes/{e['image']}"} for e in scenes]
-    rows += [{**e, "image": f"emoji/{e['image']}"} for e in emoji[:n_emoji - n_emoji % 2]]
+    rows += [{**e, "image": f"emoji/{e['image']}"} for e in singles[: len(singles) - len(singles) % 2]]
     path = out / "pretrain_data.json"
     path.write_text(json.dumps(rows))
     return path
@@ -170,7 +177,7 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     counts = build_data(data, s, emoji_fetcher, easyvqa_builder)
     times["data"] = time.perf_counter() - t0
 
-    pre_file = pretraining_data(data, out, s["emoji_pretrain"], seed)
+    pre_file = pretraining_data(data, out, s, seed)
     _, times["pretraining"] = _train(_recipe(
         "pretrain", out / "pretrain", [str(pre_file)], data, s["pretrain"], s["batch"], None, seed,
         lr=s["pretrain_lr"], randaugment=s["randaugment"], device=device, group_size=2), overwrite)

@@ -12,7 +12,9 @@
   (:func:`albef.grounding.box_scores`, through :func:`albef.evaluation.grounding.evaluate_grounding`);
   correct when the best box is the named object's. Chance is the mean of 1 / number of objects.
   Also the pointing game (Zhang et al., 2016): a hit when the map's maximum lies in the named
-  object's box; chance is the box's share of the image (a point drawn uniformly).
+  object's box. Two chances: a point drawn uniformly (the box's share of the image), and a map
+  that finds objects but not which one is named (a point on one of the scene's objects at random:
+  1 / objects, the bar that says the name was read).
 * :func:`oracle_pointing` — the same scoring of a *perfect* patch-level map (each patch's share of
   the named object's box): the ceiling the patch grid leaves to Grad-CAM, used to choose the image
   and patch size.
@@ -194,11 +196,11 @@ def evaluate_pointing(model, records: Sequence, tokenizer, transform, layer: int
 
 def pointing_game(preds: Sequence) -> dict:
     """Hits (%) of the maps' maxima in the named boxes, overall and per split, with chance (the mean
-    share of the image the boxes cover). ``preds``: :class:`~albef.evaluation.grounding.GroundingPrediction`.
+    share of the image the boxes cover) and ``chance_object`` (the mean of 1 / objects). ``preds``: :class:`~albef.evaluation.grounding.GroundingPrediction`.
 
     Example:
         >>> from types import SimpleNamespace as NS
-        >>> rec = NS(image=None, box=[0, 0, 4, 4], split="seen", image_hw=(8, 8))
+        >>> rec = NS(image=None, box=[0, 0, 4, 4], split="seen", image_hw=(8, 8), candidates=[[0, 0, 4, 4]])
         >>> heat = torch.zeros(2, 2); heat[0, 0] = 1.0                    # top-left patch
         >>> pointing_game([NS(record=rec, heatmap=heat)])["accuracy"], pointing_game([NS(record=rec, heatmap=heat)])["chance"]
         (100.0, 25.0)
@@ -209,6 +211,7 @@ def pointing_game(preds: Sequence) -> dict:
 
     hits: dict[str, list[float]] = defaultdict(list)
     areas: dict[str, list[float]] = defaultdict(list)
+    objects: list[float] = []
     for p in preds:
         r = p.record
         hw = getattr(r, "image_hw", None)
@@ -221,8 +224,10 @@ def pointing_game(preds: Sequence) -> dict:
         bx, by, bw, bh = r.box
         hits[r.split].append(100.0 * (bx <= x < bx + bw and by <= y < by + bh))
         areas[r.split].append(100.0 * bw * bh / (H * W))
+        objects.append(100.0 / len(r.candidates))
     n = max(1, sum(len(v) for v in hits.values()))
     return {"accuracy": sum(sum(v) for v in hits.values()) / n, "chance": sum(sum(v) for v in areas.values()) / n,
+            "chance_object": sum(objects) / n,
             "per_split": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
             "chance_per_split": {k: sum(v) / len(v) for k, v in sorted(areas.items())}}
 

@@ -9,8 +9,17 @@ from albef.config import ALBEFConfig, TextConfig, VisionConfig, get_preset
 from albef.models import ALBEF
 
 __version__ = "0.1.0"
-__all__ = ["ALBEF", "ALBEFConfig", "Pipeline", "Processor", "VQAPipeline", "TextConfig", "VisionConfig", "get_preset",
-           "__version__"]
+__all__ = [
+    "ALBEF",
+    "ALBEFConfig",
+    "Pipeline",
+    "Processor",
+    "VQAPipeline",
+    "TextConfig",
+    "VisionConfig",
+    "get_preset",
+    "__version__",
+]
 
 # The inference API needs torchvision's transforms, whose import alone takes ~1.5 s (it loads
 # torch._dynamo and triton): loaded on first use, so `import albef` and the CLI start without it.

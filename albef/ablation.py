@@ -24,8 +24,13 @@ ROWS = {
     "ITC_MoD + MLM + ITM_hard": {"mlm_distill": False},
     "Full (ITC_MoD + MLM_MoD + ITM_hard)": {},
 }
-METRICS = {"twins_itm": "relation test, ITM %", "twins_itc": "relation test, ITC %",
-           "txt_r1": "scene TR@1 (ITC+ITM)", "img_r1": "scene IR@1 (ITC+ITM)", "pointing": "pointing game %"}
+METRICS = {
+    "twins_itm": "relation test, ITM %",
+    "twins_itc": "relation test, ITC %",
+    "txt_r1": "scene TR@1 (ITC+ITM)",
+    "img_r1": "scene IR@1 (ITC+ITM)",
+    "pointing": "pointing game %",
+}
 
 
 def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[str, float]:
@@ -35,37 +40,57 @@ def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[s
     s = SCALES[scale]
     build_data(data, s)
     out.mkdir(parents=True, exist_ok=True)
-    pre = _recipe("pretrain", out / "pretrain", [str(pretraining_data(data, out, s, seed))], data,
-                  s["pretrain"], s["batch"], None, seed, lr=s["pretrain_lr"], randaugment=s["randaugment"],
-                  group_size=2)
+    pre = _recipe(
+        "pretrain",
+        out / "pretrain",
+        [str(pretraining_data(data, out, s, seed))],
+        data,
+        s["pretrain"],
+        s["batch"],
+        None,
+        seed,
+        lr=s["pretrain_lr"],
+        randaugment=s["randaugment"],
+        group_size=2,
+    )
     for k, v in flags.items():
         setattr(pre.train, k, v)
     _train(pre, overwrite=True)  # an unfinished (row, seed) pair starts over; finished ones are not re-run
-    r = evaluate_scenes(load_inference_model(out / "pretrain" / "checkpoint_last.pt"), data / "scenes", s["k"],
-                        out / "overlays")
+    r = evaluate_scenes(
+        load_inference_model(out / "pretrain" / "checkpoint_last.pt"), data / "scenes", s["k"], out / "overlays"
+    )
     itm = r["retrieval"]["all"]["itm"]
-    return {"twins_itm": r["twins"]["itm"]["overall"], "twins_itc": r["twins"]["itc"]["overall"],
-            "txt_r1": itm["txt_r1"], "img_r1": itm["img_r1"], "pointing": r["pointing"]["pointing_game"]["accuracy"]}
+    return {
+        "twins_itm": r["twins"]["itm"]["overall"],
+        "twins_itc": r["twins"]["itc"]["overall"],
+        "txt_r1": itm["txt_r1"],
+        "img_r1": itm["img_r1"],
+        "pointing": r["pointing"]["pointing_game"]["accuracy"],
+    }
 
 
 def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], scale: str) -> None:
     from albef.mainjob import SCALES
 
     s = SCALES[scale]
-    lines = ["# Pretraining ablation in miniature (emoji scenes)", "",
-             f"albef-small (MiniLM text side, ViT from random weights) at 128 px; each row: the main job's "
-             f"pretraining (scale `{scale}`: {s['pretrain']} steps of batch {s['batch']}), seeds {seeds}, scored "
-             "on the held-out scenes; mean ± standard deviation over seeds. Chance: relation test 50 %, "
-             "scene R@1 100 / test images, pointing game the boxes' share of the image (see runs/main/report.md).",
-             "", "| row | seeds | " + " | ".join(METRICS.values()) + " | command |",
-             "|---|---|" + "---|" * len(METRICS) + "---|"]
+    lines = [
+        "# Pretraining ablation in miniature (emoji scenes)",
+        "",
+        f"albef-small (MiniLM text side, ViT from random weights) at 128 px; each row: the main job's "
+        f"pretraining (scale `{scale}`: {s['pretrain']} steps of batch {s['batch']}), seeds {seeds}, scored "
+        "on the held-out scenes; mean ± standard deviation over seeds. Chance: relation test 50 %, "
+        "scene R@1 100 / test images, pointing game the boxes' share of the image (see runs/main/report.md).",
+        "",
+        "| row | seeds | " + " | ".join(METRICS.values()) + " | command |",
+        "|---|---|" + "---|" * len(METRICS) + "---|",
+    ]
     for name, runs in results.items():
         cells = []
         for m in METRICS:
             vals = [r[m] for r in runs]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | `albef ablation --row \"{name}\"` |")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f' | `albef ablation --row "{name}"` |')
     # only the marked block is replaced: the analysis written around the table survives a re-run
     write_block(path, "ablation-table", "\n".join(lines), at="start")
 
@@ -84,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = json.loads(done_path.read_text()) if done_path.exists() else {}
     for name in args.row or list(ROWS):
         runs = results.setdefault(name, [])
-        for seed in args.seeds[len(runs):]:  # resumable: finished (row, seed) pairs are kept
-            runs.append(run_row(ROWS[name], seed, out / f"{list(ROWS).index(name)}_{seed}", Path(args.data),
-                                args.scale))
+        for seed in args.seeds[len(runs) :]:  # resumable: finished (row, seed) pairs are kept
+            runs.append(
+                run_row(ROWS[name], seed, out / f"{list(ROWS).index(name)}_{seed}", Path(args.data), args.scale)
+            )
             out.mkdir(parents=True, exist_ok=True)
             done_path.write_text(json.dumps(results, indent=2))
     write_table({k: v for k, v in results.items() if v}, Path(args.table), args.seeds, args.scale)

@@ -65,8 +65,9 @@ def make_index(kind: str, dim: int, n: int, nlist: int | None = None, pq_m: int 
     return index
 
 
-def fill_index(index, vectors: np.ndarray, chunk: int = 65536, train_size: int = 100_000, seed: int = 0,
-               progress: bool = False):
+def fill_index(
+    index, vectors: np.ndarray, chunk: int = 65536, train_size: int = 100_000, seed: int = 0, progress: bool = False
+):
     """Train (on a random sample of at most ``train_size`` rows) and add ``vectors`` chunk by chunk.
 
     ``vectors`` may be a ``np.memmap``: only the sample and one chunk are in memory at a time.
@@ -76,12 +77,13 @@ def fill_index(index, vectors: np.ndarray, chunk: int = 65536, train_size: int =
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, train_size), replace=False))
         index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
     for start in tqdm(range(0, n, chunk), desc="adding to the index", disable=not progress):
-        index.add(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
+        index.add(np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32))
     return index
 
 
-def embed_to_disk(pipe, files: Sequence[Path], out: Path, chunk: int = 1024, progress: bool = True
-                  ) -> tuple[np.memmap, list[int], list[dict]]:
+def embed_to_disk(
+    pipe, files: Sequence[Path], out: Path, chunk: int = 1024, progress: bool = True
+) -> tuple[np.memmap, list[int], list[dict]]:
     """ITC image features of ``files`` into ``out/features.f32`` ([N_ok, d] float32 memmap).
 
     Returns the memmap, the row → file-number map (unreadable files are skipped) and the failures.
@@ -94,7 +96,7 @@ def embed_to_disk(pipe, files: Sequence[Path], out: Path, chunk: int = 1024, pro
         bar = tqdm(total=len(files), desc="embedding images", unit="img", disable=not progress)
         for start in range(0, len(files), chunk):
             pixels, ok = [], []
-            for i, p in enumerate(files[start:start + chunk], start):
+            for i, p in enumerate(files[start : start + chunk], start):
                 try:
                     pixels.append(pipe.processor.transform(pipe.processor.load(p)))
                     ok.append(i)
@@ -111,8 +113,16 @@ def embed_to_disk(pipe, files: Sequence[Path], out: Path, chunk: int = 1024, pro
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n_written, d)), rows, bad
 
 
-def build_index(pipe, files: Sequence[str | Path], out: str | Path, kind: str = "ivfpq", chunk: int = 1024,
-                nlist: int | None = None, progress: bool = True, model_id: str = "") -> dict:
+def build_index(
+    pipe,
+    files: Sequence[str | Path],
+    out: str | Path,
+    kind: str = "ivfpq",
+    chunk: int = 1024,
+    nlist: int | None = None,
+    progress: bool = True,
+    model_id: str = "",
+) -> dict:
     """Embed ``files`` and write ``out/{index.faiss, meta.json, features.f32}``; returns the meta."""
     faiss = _faiss()
     out = Path(out)
@@ -125,9 +135,17 @@ def build_index(pipe, files: Sequence[str | Path], out: str | Path, kind: str = 
     index = fill_index(make_index(kind, feats.shape[1], len(feats), nlist), feats, progress=progress)
     faiss.write_index(index, str(out / "index.faiss.tmp"))
     (out / "index.faiss.tmp").replace(out / "index.faiss")
-    meta = {"kind": kind, "count": len(feats), "dim": int(feats.shape[1]), "model": model_id,
-            "files": [str(files[r]) for r in rows], "bad": bad, "embed_s": round(t1 - t0, 2),
-            "index_s": round(time.perf_counter() - t1, 2), "nprobe": getattr(index, "nprobe", None)}
+    meta = {
+        "kind": kind,
+        "count": len(feats),
+        "dim": int(feats.shape[1]),
+        "model": model_id,
+        "files": [str(files[r]) for r in rows],
+        "bad": bad,
+        "embed_s": round(t1 - t0, 2),
+        "index_s": round(time.perf_counter() - t1, 2),
+        "nprobe": getattr(index, "nprobe", None),
+    }
     (out / "meta.json").write_text(json.dumps(meta))
     return meta
 
@@ -141,12 +159,13 @@ def refine_exact(vectors: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: 
         ids = np.sort(ids[ids >= 0])  # ascending rows: a sequential read of the memmap
         s = np.asarray(vectors[ids], dtype=np.float32) @ q
         top = np.argsort(-s)[:k]
-        out_s[qi, :len(top)], out_i[qi, :len(top)] = s[top], ids[top]
+        out_s[qi, : len(top)], out_i[qi, : len(top)] = s[top], ids[top]
     return out_s, out_i
 
 
-def ann_search(index, queries: np.ndarray, k: int, vectors: np.ndarray | None = None, refine: int = 4
-               ) -> tuple[np.ndarray, np.ndarray]:
+def ann_search(
+    index, queries: np.ndarray, k: int, vectors: np.ndarray | None = None, refine: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of an index; HNSW searches at least 2k deep, and a compressed (PQ) index fetches
     ``refine``·k candidates re-scored exactly from ``vectors`` when they are given."""
     if hasattr(index, "hnsw"):
@@ -168,8 +187,16 @@ def load_index(directory: str | Path):
 
 
 @torch.inference_mode()
-def search(pipe, directory: str | Path, query: str, k: int = 100, top: int = 10, rerank: bool = True,
-           nprobe: int | None = None, loaded=None) -> list[dict]:
+def search(
+    pipe,
+    directory: str | Path,
+    query: str,
+    k: int = 100,
+    top: int = 10,
+    rerank: bool = True,
+    nprobe: int | None = None,
+    loaded=None,
+) -> list[dict]:
     """Text → image: FAISS shortlist of ``k`` by ITC, re-ranked by ITM (images re-encoded from
     their files, so memory is bounded by ``k``, not by the gallery)."""
     index, meta = loaded or load_index(directory)
@@ -177,8 +204,9 @@ def search(pipe, directory: str | Path, query: str, k: int = 100, top: int = 10,
         index.nprobe = nprobe
     q = pipe.encode_text(query).float().cpu().numpy()
     feats = Path(directory) / "features.f32"
-    vectors = (np.memmap(feats, dtype=np.float32, mode="r", shape=(meta["count"], meta["dim"]))
-               if feats.exists() else None)
+    vectors = (
+        np.memmap(feats, dtype=np.float32, mode="r", shape=(meta["count"], meta["dim"])) if feats.exists() else None
+    )
     sims, ids = ann_search(index, q, min(k, meta["count"]), vectors)
     cand = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
     hits = [{"row": i, "file": meta["files"][i], "itc": s, "itm": None} for i, s in cand]
@@ -201,7 +229,7 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
     for start in range(0, len(vectors), chunk):
-        s = queries @ np.asarray(vectors[start:start + chunk], dtype=np.float32).T
+        s = queries @ np.asarray(vectors[start : start + chunk], dtype=np.float32).T
         all_s = np.concatenate([best_s, s], axis=1)
         all_i = np.concatenate([best_i, np.arange(start, start + s.shape[1])[None].repeat(len(queries), 0)], axis=1)
         top = np.argpartition(-all_s, k - 1, axis=1)[:, :k]

@@ -39,8 +39,9 @@ ImageLike = str | Path | Image.Image | Tensor
 class Processor:
     """Turns images and strings into model inputs: the test transform, cleaning, tokenising."""
 
-    def __init__(self, image_size: int, tokenizer: Tokenizer | None = None, max_text_len: int = 30,
-                 cleaning: str = "albef"):
+    def __init__(
+        self, image_size: int, tokenizer: Tokenizer | None = None, max_text_len: int = 30, cleaning: str = "albef"
+    ):
         self.image_size = image_size
         self.transform = test_transform(image_size)
         self.tokenizer = tokenizer or Tokenizer()
@@ -103,8 +104,14 @@ class Pipeline:
     GPU or CPU has native bfloat16, see :mod:`albef.precision`; ``"fp16"`` on CUDA only).
     """
 
-    def __init__(self, model: ALBEF, processor: Processor | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 64, precision: str = "fp32"):
+    def __init__(
+        self,
+        model: ALBEF,
+        processor: Processor | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        precision: str = "fp32",
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device, "precision")
         self.model = model.to(self.device).eval()
@@ -112,8 +119,13 @@ class Pipeline:
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, precision: str = "fp32") -> Pipeline:
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        precision: str = "fp32",
+    ) -> Pipeline:
         """An albef model folder, a training run's checkpoint (its student, built from the config the
         checkpoint stores) or a run folder (its ``checkpoint_best.pt``, else ``checkpoint_last.pt``).
         A bare state dict or an authors' checkpoint is an error saying to ``albef convert`` it.
@@ -146,8 +158,15 @@ class Pipeline:
         """L2-normalised ITC embeddings [N, embed_dim]."""
         px = self._pixels(images)
         with self.autocast():
-            return _up(torch.cat([self.model.image_feat(self.model.encode_image(px[i:i + self.batch_size]))
-                                  for i in range(0, len(px), self.batch_size)]), self.amp)
+            return _up(
+                torch.cat(
+                    [
+                        self.model.image_feat(self.model.encode_image(px[i : i + self.batch_size]))
+                        for i in range(0, len(px), self.batch_size)
+                    ]
+                ),
+                self.amp,
+            )
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str] | str) -> Tensor:
@@ -155,10 +174,11 @@ class Pipeline:
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = []
         for i in range(0, len(texts), self.batch_size):
-            t = self.processor.texts(texts[i:i + self.batch_size]).to(self.device)
+            t = self.processor.texts(texts[i : i + self.batch_size]).to(self.device)
             with self.autocast():
-                out.append(self.model.text_feat(self.model.encode_text(t.input_ids, t.attention_mask),
-                                                t.attention_mask))
+                out.append(
+                    self.model.text_feat(self.model.encode_text(t.input_ids, t.attention_mask), t.attention_mask)
+                )
         return _up(torch.cat(out), self.amp)
 
     def similarity(self, images: Sequence[ImageLike] | Tensor, texts: Sequence[str] | str) -> Tensor:
@@ -172,8 +192,9 @@ class Pipeline:
         px = self._pixels(images)
         t = self.processor.texts(texts).to(self.device)
         if len(px) != len(t.input_ids):
-            raise ValueError(f"match pairs images with texts one to one: got {len(px)} images, "
-                             f"{len(t.input_ids)} texts")
+            raise ValueError(
+                f"match pairs images with texts one to one: got {len(px)} images, {len(t.input_ids)} texts"
+            )
         probs = []
         for i in range(0, len(px), self.batch_size):
             sl = slice(i, i + self.batch_size)
@@ -185,19 +206,22 @@ class Pipeline:
         return torch.cat(probs)
 
     @torch.inference_mode()
-    def retrieve(self, query: str, gallery: Sequence[ImageLike] | Tensor, k: int = 16, top: int = 5,
-                 rerank: bool = True) -> list[RetrievalHit]:
+    def retrieve(
+        self, query: str, gallery: Sequence[ImageLike] | Tensor, k: int = 16, top: int = 5, rerank: bool = True
+    ) -> list[RetrievalHit]:
         """Text → image: ITC shortlist of ``k`` gallery images, re-ranked by ITM in one batch."""
         px = self._pixels(gallery)
         with self.autocast():
-            embeds = torch.cat([self.model.encode_image(px[i:i + self.batch_size])
-                                for i in range(0, len(px), self.batch_size)])
+            embeds = torch.cat(
+                [self.model.encode_image(px[i : i + self.batch_size]) for i in range(0, len(px), self.batch_size)]
+            )
             feats = self.model.image_feat(embeds)
         return self.retrieve_embedded(query, feats, embeds, k, top, rerank)
 
     @torch.inference_mode()
-    def retrieve_embedded(self, query: str, image_feat: Tensor, image_embeds: Tensor, k: int = 16, top: int = 5,
-                          rerank: bool = True) -> list[RetrievalHit]:
+    def retrieve_embedded(
+        self, query: str, image_feat: Tensor, image_embeds: Tensor, k: int = 16, top: int = 5, rerank: bool = True
+    ) -> list[RetrievalHit]:
         """:meth:`retrieve` over a gallery embedded beforehand: ITC features [N, E] and image
         sequences [N, 1 + patches, D] (any device or dtype; only the shortlist's rows are moved)."""
         t = self.processor.texts(query).to(self.device)
@@ -217,15 +241,20 @@ class Pipeline:
         order = p.argsort(descending=True)[:top]
         return [RetrievalHit(int(cand[j]), float(sims[cand[j]]), float(p[j])) for j in order]
 
-    def ground(self, image: ImageLike, text: str, boxes: Tensor | Sequence[Sequence[float]] | None = None,
-               layer: int | None = None) -> GroundingResult:
+    def ground(
+        self,
+        image: ImageLike,
+        text: str,
+        boxes: Tensor | Sequence[Sequence[float]] | None = None,
+        layer: int | None = None,
+    ) -> GroundingResult:
         """Grad-CAM of ``text`` on ``image`` (ITM mode) and, given boxes (x, y, w, h), the best one."""
         pil = image if isinstance(image, Tensor) else self.processor.load(image)
         px = self._pixels([pil])
         t = self.processor.texts(text).to(self.device)
         with self.autocast():
             heat = gradcam_itm(self.model, px, t.input_ids, t.attention_mask, layer)[0].float()
-        H, W = (pil.shape[-2:] if isinstance(pil, Tensor) else (pil.height, pil.width))
+        H, W = pil.shape[-2:] if isinstance(pil, Tensor) else (pil.height, pil.width)
         heat_img = upsample_heatmap(heat, H, W)
         if boxes is None:
             return GroundingResult(heat.cpu(), heat_img.cpu(), None, None)
@@ -256,9 +285,16 @@ class VQAPipeline:
         'red'
     """
 
-    def __init__(self, model: ALBEFForVQA, processor: Processor | None = None, device: str | torch.device | None = None,
-                 answer_list: Sequence[str] | None = None, k: int = 128, scoring: str = "albef",
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        model: ALBEFForVQA,
+        processor: Processor | None = None,
+        device: str | torch.device | None = None,
+        answer_list: Sequence[str] | None = None,
+        k: int = 128,
+        scoring: str = "albef",
+        precision: str = "fp32",
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device, "precision")  # as Pipeline's
         self.model = model.to(self.device).eval()
@@ -277,8 +313,9 @@ class VQAPipeline:
 
         path = resolve_model_path(directory)
         model = load_model(path, expect=ALBEFForVQA)
-        return cls(model, Processor.for_model(model, path if path.is_dir() else None, max_text_len=35), device,
-                   **kwargs)
+        return cls(
+            model, Processor.for_model(model, path if path.is_dir() else None, max_text_len=35), device, **kwargs
+        )
 
     def set_answers(self, answer_list: Sequence[str]) -> None:
         if not answer_list:
@@ -288,8 +325,13 @@ class VQAPipeline:
         self._answer_ids, self._answer_mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
 
     @torch.inference_mode()
-    def answer(self, images: Sequence[ImageLike] | Tensor, questions: Sequence[str] | str,
-               answer_list: Sequence[str] | None = None, k: int | None = None) -> list[Answer]:
+    def answer(
+        self,
+        images: Sequence[ImageLike] | Tensor,
+        questions: Sequence[str] | str,
+        answer_list: Sequence[str] | None = None,
+        k: int | None = None,
+    ) -> list[Answer]:
         """The best answer of the list for each (image, question) pair."""
         from albef.models.tasks import rank_answers
         from albef.text import clean_question
@@ -300,12 +342,20 @@ class VQAPipeline:
             raise ValueError("no answer list: pass answer_list or call set_answers first")
         questions = [questions] if isinstance(questions, str) else list(questions)
         px = self.processor.images(images).to(self.device, next(self.model.parameters()).dtype)
-        q = self.processor.tokenizer([clean_question(x, self.processor.cleaning, 30) for x in questions],
-                                     max_length=35, padding="longest").to(self.device)
+        q = self.processor.tokenizer(
+            [clean_question(x, self.processor.cleaning, 30) for x in questions], max_length=35, padding="longest"
+        ).to(self.device)
         with autocast(self.device, self.precision):
             states = self.model.encode_question(px, q.input_ids, q.attention_mask)
-            r = rank_answers(self.model, states, q.attention_mask, self._answer_ids, self._answer_mask,
-                             k or self.k, scoring=self.scoring)
+            r = rank_answers(
+                self.model,
+                states,
+                q.attention_mask,
+                self._answer_ids,
+                self._answer_mask,
+                k or self.k,
+                scoring=self.scoring,
+            )
         out = []
         for ids, scores in zip(r["ranked_ids"].tolist(), r["scores"].float().tolist(), strict=True):
             cands = [(self.answers[i], s) for i, s in zip(ids, scores, strict=True)]

@@ -59,22 +59,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="autocast dtype (the same as --precision fp32 / bf16 / fp16)")
-    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16", "auto"],
-                   help="autocast precision of the step (default: --dtype's); several: timed alternately")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="autocast dtype (the same as --precision fp32 / bf16 / fp16)",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        help="autocast precision of the step (default: --dtype's); several: timed alternately",
+    )
     p.add_argument("--rounds", type=int, default=3, help="with several --precision values: alternating rounds")
     p.add_argument("--queue-size", type=int, help="ITC queue entries (default: the preset's, a multiple of the batch)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
-    p.add_argument("--what", choices=["step", "rerank"], default="step",
-                   help="step: a pretraining step; rerank: ITM re-ranking, batched vs the reference's per-query loop")
+    p.add_argument(
+        "--what",
+        choices=["step", "rerank"],
+        default="step",
+        help="step: a pretraining step; rerank: ITM re-ranking, batched vs the reference's per-query loop",
+    )
     p.add_argument("--gallery", type=int, default=32, help="rerank: images in the gallery (5 captions each)")
     p.add_argument("--k", type=int, default=16, help="rerank: shortlist size")
-    p.add_argument("--optimizer-in-backward", choices=["auto", "true", "false"], default="auto",
-                   help="the training loop's train.optimizer_in_backward (auto: on, for this one-process step, "
-                        "unless --dtype float16)")
-    p.add_argument("--flops", action="store_true",
-                   help="count the FLOPs of one step (torch.utils.flop_counter) instead of timing")
+    p.add_argument(
+        "--optimizer-in-backward",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="the training loop's train.optimizer_in_backward (auto: on, for this one-process step, "
+        "unless --dtype float16)",
+    )
+    p.add_argument(
+        "--flops", action="store_true", help="count the FLOPs of one step (torch.utils.flop_counter) instead of timing"
+    )
     args = p.parse_args(argv)
     if args.what == "rerank":
         return bench_rerank(args)
@@ -103,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ids[:, 0] = 101
     mask = (torch.arange(args.text_len)[None] < lengths[:, None]).long()
     ids, mask = (ids * mask).to(dev), mask.to(dev)
+
     def step(precision: str = precisions[0]) -> float:
         amp_dtype = autocast_dtype(precision)
         if dev.type == "cuda":
@@ -124,10 +142,20 @@ def main(argv: list[str] | None = None) -> int:
         with FlopCounterMode(display=False) as fc:
             step()
         per_sample = fc.get_total_flops() / B
-        print(json.dumps({"preset": args.preset, "image_size": args.image_size, "batch_size": B,
-                          "text_len": args.text_len, "gflop_per_sample": round(per_sample / 1e9, 2)})
-              if args.json else f"{args.preset} res {args.image_size}: {per_sample / 1e9:.1f} GFLOP per sample "
-              f"(student forward + backward, teacher forward; captions up to {args.text_len} tokens)")
+        print(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "image_size": args.image_size,
+                    "batch_size": B,
+                    "text_len": args.text_len,
+                    "gflop_per_sample": round(per_sample / 1e9, 2),
+                }
+            )
+            if args.json
+            else f"{args.preset} res {args.image_size}: {per_sample / 1e9:.1f} GFLOP per sample "
+            f"(student forward + backward, teacher forward; captions up to {args.text_len} tokens)"
+        )
         return 0
     if len(precisions) > 1:
         return _alternate(args, precisions, step, dev, in_backward)
@@ -139,18 +167,31 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precisions[0], "float32")
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb()
-    result = {"preset": args.preset, "image_size": args.image_size, "batch_size": B, "threads": args.threads,
-              "device": str(dev), "dtype": dtype, "precision": precisions[0], "median_step_s": round(median, 4),
-              "samples_per_s": round(B / median, 3), "peak_memory_mb": round(peak, 1),
-              "rss_before_model_mb": round(rss_before, 1), "steps": args.steps, "optimizer_in_backward": in_backward,
-              "torch": torch.__version__}
+    result = {
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "batch_size": B,
+        "threads": args.threads,
+        "device": str(dev),
+        "dtype": dtype,
+        "precision": precisions[0],
+        "median_step_s": round(median, 4),
+        "samples_per_s": round(B / median, 3),
+        "peak_memory_mb": round(peak, 1),
+        "rss_before_model_mb": round(rss_before, 1),
+        "steps": args.steps,
+        "optimizer_in_backward": in_backward,
+        "torch": torch.__version__,
+    }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.preset} res {args.image_size} batch {B} on {dev} ({result['dtype']}, {args.threads} threads): "
-              f"median step {median:.3f}s over {args.steps} steps, {B / median:.2f} samples/s, "
-              f"peak memory {peak:.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'process RSS'}); "
-              f"AdamW {'in the backward' if in_backward else 'after the backward'}")
+        print(
+            f"{args.preset} res {args.image_size} batch {B} on {dev} ({result['dtype']}, {args.threads} threads): "
+            f"median step {median:.3f}s over {args.steps} steps, {B / median:.2f} samples/s, "
+            f"peak memory {peak:.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'process RSS'}); "
+            f"AdamW {'in the backward' if in_backward else 'after the backward'}"
+        )
     return 0
 
 
@@ -165,12 +206,20 @@ def _alternate(args: argparse.Namespace, precisions: list[str], step, dev: torch
             times[x] += [step(x) for _ in range(args.steps)]
     med = {x: statistics.median(t) for x, t in times.items()}
     base = med[precisions[0]]
-    result = {"preset": args.preset, "image_size": args.image_size, "batch_size": args.batch_size,
-              "threads": args.threads, "device": str(dev), "rounds": args.rounds, "steps": args.steps,
-              "median_step_s": {x: round(m, 4) for x, m in med.items()},
-              "samples_per_s": {x: round(args.batch_size / m, 3) for x, m in med.items()},
-              "speedup_vs_" + precisions[0]: {x: round(base / m, 3) for x, m in med.items()},
-              "optimizer_in_backward": in_backward, "torch": torch.__version__}
+    result = {
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "device": str(dev),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "median_step_s": {x: round(m, 4) for x, m in med.items()},
+        "samples_per_s": {x: round(args.batch_size / m, 3) for x, m in med.items()},
+        "speedup_vs_" + precisions[0]: {x: round(base / m, 3) for x, m in med.items()},
+        "optimizer_in_backward": in_backward,
+        "torch": torch.__version__,
+    }
     if dev.type == "cpu":
         from albef.precision import cpu_bf16_features
 
@@ -178,9 +227,11 @@ def _alternate(args: argparse.Namespace, precisions: list[str], step, dev: torch
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.preset} res {args.image_size} batch {args.batch_size} on {dev} ({args.threads} threads), "
-              f"{args.rounds} alternating rounds of {args.steps} steps: "
-              + ", ".join(f"{x} median step {m:.3f}s ({base / m:.2f}x)" for x, m in med.items()))
+        print(
+            f"{args.preset} res {args.image_size} batch {args.batch_size} on {dev} ({args.threads} threads), "
+            f"{args.rounds} alternating rounds of {args.steps} steps: "
+            + ", ".join(f"{x} median step {m:.3f}s ({base / m:.2f}x)" for x, m in med.items())
+        )
     return 0
 
 
@@ -198,11 +249,22 @@ def bench_rerank(args: argparse.Namespace) -> int:
     n_img, k = args.gallery, args.k
     words = ["a", "dog", "cat", "red", "man", "on", "the", "street", "riding", "bike", "two", "people"]
     g_ = torch.Generator().manual_seed(1)
-    texts = [" ".join(words[int(j)] for j in torch.randint(len(words), (int(torch.randint(6, 16, (1,), generator=g_)),),
-                                                             generator=g_)) for _ in range(5 * n_img)]
+    texts = [
+        " ".join(
+            words[int(j)]
+            for j in torch.randint(len(words), (int(torch.randint(6, 16, (1,), generator=g_)),), generator=g_)
+        )
+        for _ in range(5 * n_img)
+    ]
     with torch.no_grad():
-        g = embed_gallery(model, torch.randn(n_img, 3, args.image_size, args.image_size), texts, Tokenizer(),
-                          batch_size=16, device=dev)
+        g = embed_gallery(
+            model,
+            torch.randn(n_img, 3, args.image_size, args.image_size),
+            texts,
+            Tokenizer(),
+            batch_size=16,
+            device=dev,
+        )
         n_pairs = k * (n_img + len(texts))  # what the per-query loop evaluates
         rerank(model, g, k)  # warm-up
         t0 = time.perf_counter()
@@ -212,15 +274,30 @@ def bench_rerank(args: argparse.Namespace) -> int:
         ra, rb = rerank_per_query(model, g, k)
         t_loop = time.perf_counter() - t0
     diff = max((a - ra).abs().max().item(), (b - rb).abs().max().item())
-    result = {"what": "rerank", "preset": args.preset, "image_size": args.image_size, "images": n_img,
-              "texts": len(texts), "k": k, "pairs": n_pairs, "batched_s": round(t_batched, 3),
-              "per_query_s": round(t_loop, 3), "batched_pairs_per_s": round(n_pairs / t_batched, 1),
-              "per_query_pairs_per_s": round(n_pairs / t_loop, 1), "speedup": round(t_loop / t_batched, 2),
-              "max_score_difference": diff, "threads": args.threads, "device": str(dev)}
-    print(json.dumps(result) if args.json else
-          f"ITM re-ranking, {args.preset} res {args.image_size}, {n_img} images x {len(texts)} texts, k={k}: "
-          f"batched {n_pairs / t_batched:.1f} pairs/s, per-query loop {n_pairs / t_loop:.1f} pairs/s "
-          f"({t_loop / t_batched:.2f}x), max score difference {diff:.1e}")
+    result = {
+        "what": "rerank",
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "images": n_img,
+        "texts": len(texts),
+        "k": k,
+        "pairs": n_pairs,
+        "batched_s": round(t_batched, 3),
+        "per_query_s": round(t_loop, 3),
+        "batched_pairs_per_s": round(n_pairs / t_batched, 1),
+        "per_query_pairs_per_s": round(n_pairs / t_loop, 1),
+        "speedup": round(t_loop / t_batched, 2),
+        "max_score_difference": diff,
+        "threads": args.threads,
+        "device": str(dev),
+    }
+    print(
+        json.dumps(result)
+        if args.json
+        else f"ITM re-ranking, {args.preset} res {args.image_size}, {n_img} images x {len(texts)} texts, k={k}: "
+        f"batched {n_pairs / t_batched:.1f} pairs/s, per-query loop {n_pairs / t_loop:.1f} pairs/s "
+        f"({t_loop / t_batched:.2f}x), max score difference {diff:.1e}"
+    )
     return 0
 
 

@@ -40,9 +40,14 @@ from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
 
 
-def config_from_state_dict(sd: dict[str, Tensor], preset: str = "albef-base", image_size: int | None = None,
-                           vision_heads: int | None = None, text_heads: int | None = None,
-                           task: str = "albef") -> ALBEFConfig:
+def config_from_state_dict(
+    sd: dict[str, Tensor],
+    preset: str = "albef-base",
+    image_size: int | None = None,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    task: str = "albef",
+) -> ALBEFConfig:
     """Infer the model config of an authors' (or our) state dict from its tensor shapes."""
     sd = from_authors(sd) if not any(k.startswith("model.") for k in sd) else sd
     base = get_preset(preset).to_dict()
@@ -59,19 +64,25 @@ def config_from_state_dict(sd: dict[str, Tensor], preset: str = "albef-base", im
     v["depth"] = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"model\.visual_encoder\.blocks\.(\d+)\.", k)))
     v["num_heads"] = vision_heads or max(1, v["width"] // 64)
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"model\.text_encoder\.encoder\.layer\.(\d+)\.", k))}
-    cross = {int(m.group(1)) for k in sd
-             if (m := re.match(r"model\.text_encoder\.encoder\.layer\.(\d+)\.crossattention", k))}
+    cross = {
+        int(m.group(1)) for k in sd if (m := re.match(r"model\.text_encoder\.encoder\.layer\.(\d+)\.crossattention", k))
+    }
     n_layers, fusion = max(layers) + 1, min(cross) if cross else max(layers) + 1
     if task == "nlvr":  # the NLVR2 encoder duplicates each fusion layer: store the base depth
         n_layers = fusion + (n_layers - fusion) // 2
-    t.update(vocab_size=words.shape[0], hidden_size=words.shape[1], num_layers=n_layers,
-             fusion_layer=fusion,
-             num_heads=text_heads or max(1, words.shape[1] // 64),
-             intermediate_size=sd["model.text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
-             max_position_embeddings=sd["model.text_encoder.embeddings.position_embeddings.weight"].shape[0],
-             encoder_width=v["width"],
-             type_vocab_size=sd["model.text_encoder.embeddings.token_type_embeddings.weight"].shape[0]
-             if "model.text_encoder.embeddings.token_type_embeddings.weight" in sd else 0)
+    t.update(
+        vocab_size=words.shape[0],
+        hidden_size=words.shape[1],
+        num_layers=n_layers,
+        fusion_layer=fusion,
+        num_heads=text_heads or max(1, words.shape[1] // 64),
+        intermediate_size=sd["model.text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=sd["model.text_encoder.embeddings.position_embeddings.weight"].shape[0],
+        encoder_width=v["width"],
+        type_vocab_size=sd["model.text_encoder.embeddings.token_type_embeddings.weight"].shape[0]
+        if "model.text_encoder.embeddings.token_type_embeddings.weight" in sd
+        else 0,
+    )
     if "model.vision_proj.weight" in sd:
         base["embed_dim"] = sd["model.vision_proj.weight"].shape[0]
     if "queue.image_queue" in sd:
@@ -81,17 +92,27 @@ def config_from_state_dict(sd: dict[str, Tensor], preset: str = "albef-base", im
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="the authors' checkpoint (.pth), wrapped {'model': ...} or bare; or a training "
-                               "run's checkpoint (.pt) or run folder, whose stored model config is used")
+    p.add_argument(
+        "src",
+        help="the authors' checkpoint (.pth), wrapped {'model': ...} or bare; or a training "
+        "run's checkpoint (.pt) or run folder, whose stored model config is used",
+    )
     p.add_argument("dst", help="output folder (config.json, model.safetensors, tokenizer files)")
-    p.add_argument("--preset", help="preset for what tensors cannot tell (dropout, text settings; default "
-                                    "albef-base); a training checkpoint's stored config wins, and a preset that "
-                                    "contradicts it is an error")
+    p.add_argument(
+        "--preset",
+        help="preset for what tensors cannot tell (dropout, text settings; default "
+        "albef-base); a training checkpoint's stored config wins, and a preset that "
+        "contradicts it is an error",
+    )
     p.add_argument("--image-size", type=int, help="resize the position table to this resolution")
     p.add_argument("--vision-heads", type=int, help="ViT attention heads (default: width / 64)")
     p.add_argument("--text-heads", type=int, help="BERT attention heads (default: hidden / 64)")
-    p.add_argument("--task", choices=["auto", "albef", "vqa", "ve", "nlvr"], default="auto",
-                   help="which model the checkpoint holds (auto: from its keys)")
+    p.add_argument(
+        "--task",
+        choices=["auto", "albef", "vqa", "ve", "nlvr"],
+        default="auto",
+        help="which model the checkpoint holds (auto: from its keys)",
+    )
     args = p.parse_args(argv)
     src = resolve_model_path(args.src)
     stored = _stored(src)
@@ -99,22 +120,31 @@ def main(argv: list[str] | None = None) -> int:
         return _convert_stored(p, args, src, *stored)
     sd = read_state_dict(src)
     task = detect_task(sd) if args.task == "auto" else args.task
-    cfg = config_from_state_dict(sd, args.preset or "albef-base", args.image_size, args.vision_heads,
-                                 args.text_heads, task)
+    cfg = config_from_state_dict(
+        sd, args.preset or "albef-base", args.image_size, args.vision_heads, args.text_heads, task
+    )
     model = build_for_task(task, cfg, sd)
     report = load_albef(model, sd, str(src))
     save_pretrained(model, args.dst)
     print(report)
-    print(f"wrote {args.dst}: {type(model).__name__} (task {task}, image size {cfg.vision.image_size}, "
-          f"{cfg.text.num_layers} text layers, fusion from {cfg.text.fusion_layer})")
+    print(
+        f"wrote {args.dst}: {type(model).__name__} (task {task}, image size {cfg.vision.image_size}, "
+        f"{cfg.text.num_layers} text layers, fusion from {cfg.text.fusion_layer})"
+    )
     return 0
 
 
 # the training wrapper's hyper-parameters: the inference model ignores them, so a preset may differ there
 TRAINING_ONLY = ("queue_size", "momentum", "alpha", "mlm_probability")
 # a training recipe's task -> the model convert writes
-RECIPE_TASKS = {"pretrain": "albef", "retrieval": "albef", "grounding": "albef", "vqa": "vqa", "ve": "ve",
-                "nlvr": "nlvr"}
+RECIPE_TASKS = {
+    "pretrain": "albef",
+    "retrieval": "albef",
+    "grounding": "albef",
+    "vqa": "vqa",
+    "ve": "ve",
+    "nlvr": "nlvr",
+}
 
 
 def _stored(src: Path) -> tuple[ALBEFConfig, str, str, str | None] | None:
@@ -122,8 +152,9 @@ def _stored(src: Path) -> tuple[ALBEFConfig, str, str, str | None] | None:
     checkpoint or an albef model folder; None for a state dict (the config is then inferred)."""
     if src.is_dir() and (src / CONFIG).exists():
         meta = json.loads((src / CONFIG).read_text())
-        task = {"classification": "nlvr" if meta.get("num_images") == 2 else "ve"}.get(meta.get("task"),
-                                                                                     meta.get("task", "albef"))
+        task = {"classification": "nlvr" if meta.get("num_images") == 2 else "ve"}.get(
+            meta.get("task"), meta.get("task", "albef")
+        )
         return ALBEFConfig.from_dict(meta["config"]), task, f"its {CONFIG}", None
     if not src.is_file() or src.suffix == ".safetensors":
         return None
@@ -138,9 +169,15 @@ def _stored(src: Path) -> tuple[ALBEFConfig, str, str, str | None] | None:
     return ALBEFConfig.from_dict(obj["model_config"]), task, where, m.get("preset")
 
 
-def config_conflicts(cfg: ALBEFConfig, task: str, preset: str | None = None, vision_heads: int | None = None,
-                     text_heads: int | None = None, want_task: str = "auto",
-                     stored_preset: str | None = None) -> list[str]:
+def config_conflicts(
+    cfg: ALBEFConfig,
+    task: str,
+    preset: str | None = None,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    want_task: str = "auto",
+    stored_preset: str | None = None,
+) -> list[str]:
     """The options that contradict a stored config, one ``field (option value, stored value)`` each.
     Training-only hyper-parameters (queue size, momentum, alpha, MLM probability) are not compared, nor
     the image size (``--image-size`` asks for a resize of the position table). The preset the run
@@ -152,12 +189,17 @@ def config_conflicts(cfg: ALBEFConfig, task: str, preset: str | None = None, vis
         for key in ref:
             if key in TRAINING_ONLY:
                 continue
-            for name, a, b in (((f"{key}.{k}", ref[key][k], have[key][k]) for k in ref[key])
-                               if isinstance(ref[key], dict) else [(key, ref[key], have[key])]):
+            for name, a, b in (
+                ((f"{key}.{k}", ref[key][k], have[key][k]) for k in ref[key])
+                if isinstance(ref[key], dict)
+                else [(key, ref[key], have[key])]
+            ):
                 if a != b:
                     out.append(f"{name} (--preset {preset}: {a!r}, stored: {b!r})")
-    for name, flag, value, stored in (("vision.num_heads", "--vision-heads", vision_heads, cfg.vision.num_heads),
-                                      ("text.num_heads", "--text-heads", text_heads, cfg.text.num_heads)):
+    for name, flag, value, stored in (
+        ("vision.num_heads", "--vision-heads", vision_heads, cfg.vision.num_heads),
+        ("text.num_heads", "--text-heads", text_heads, cfg.text.num_heads),
+    ):
         if value is not None and value != stored:
             out.append(f"{name} ({flag} {value}, stored: {stored})")
     if want_task != "auto" and want_task != task:
@@ -165,12 +207,22 @@ def config_conflicts(cfg: ALBEFConfig, task: str, preset: str | None = None, vis
     return out
 
 
-def _convert_stored(p: argparse.ArgumentParser, args: argparse.Namespace, src: Path, cfg: ALBEFConfig, task: str,
-                    where: str, stored_preset: str | None) -> int:
+def _convert_stored(
+    p: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    src: Path,
+    cfg: ALBEFConfig,
+    task: str,
+    where: str,
+    stored_preset: str | None,
+) -> int:
     bad = config_conflicts(cfg, task, args.preset, args.vision_heads, args.text_heads, args.task, stored_preset)
     if bad:
-        p.error(f"{src} stores its model config ({where}); the options contradict it in:\n  " + "\n  ".join(bad)
-                + "\nthe stored config is what the weights were trained with: drop those options")
+        p.error(
+            f"{src} stores its model config ({where}); the options contradict it in:\n  "
+            + "\n  ".join(bad)
+            + "\nthe stored config is what the weights were trained with: drop those options"
+        )
     if src.is_dir():
         model = from_pretrained(src)
         report = LoadReport(str(src / WEIGHTS), loaded=sorted(model.state_dict()))
@@ -179,19 +231,24 @@ def _convert_stored(p: argparse.ArgumentParser, args: argparse.Namespace, src: P
 
         trainer = load_trainer_from_checkpoint(src, "cpu")
         model, keys = trainer.model.eval(), list(trainer.state_dict())
-        report = LoadReport(str(src), loaded=[k for k in keys if k.startswith("model.")],
-                            dropped={k: "momentum teacher and queues: training state" for k in keys
-                                     if not k.startswith("model.")})
+        report = LoadReport(
+            str(src),
+            loaded=[k for k in keys if k.startswith("model.")],
+            dropped={k: "momentum teacher and queues: training state" for k in keys if not k.startswith("model.")},
+        )
     if args.image_size and args.image_size != cfg.vision.image_size:  # the one change asked for: a resize
-        cfg = ALBEFConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"],
-                                                                  "image_size": args.image_size}})
+        cfg = ALBEFConfig.from_dict(
+            {**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "image_size": args.image_size}}
+        )
         resized = build_model({**describe_model(model), "config": cfg.to_dict()})
         report = load_albef(resized, {"model." + k: v for k, v in model.state_dict().items()}, str(src))
         model = resized
     save_pretrained(model, args.dst)
     print(report)
-    print(f"wrote {args.dst}: {type(model).__name__} (task {task}, model config stored in {src}: {where}; image size "
-          f"{cfg.vision.image_size}, {cfg.text.num_layers} text layers, fusion from {cfg.text.fusion_layer})")
+    print(
+        f"wrote {args.dst}: {type(model).__name__} (task {task}, model config stored in {src}: {where}; image size "
+        f"{cfg.vision.image_size}, {cfg.text.num_layers} text layers, fusion from {cfg.text.fusion_layer})"
+    )
     return 0
 
 
@@ -211,8 +268,9 @@ def _cls_classes(sd: dict[str, Tensor]) -> int:
 
 def build_for_task(task: str, cfg: ALBEFConfig, sd: dict[str, Tensor]) -> torch.nn.Module:
     if task == "vqa":
-        n_dec = 1 + max(int(m.group(1)) for k in sd
-                        if (m := re.search(r"text_decoder\.(?:bert\.)?encoder\.layer\.(\d+)\.", k)))
+        n_dec = 1 + max(
+            int(m.group(1)) for k in sd if (m := re.search(r"text_decoder\.(?:bert\.)?encoder\.layer\.(\d+)\.", k))
+        )
         return ALBEFForVQA(cfg, n_dec)
     if task in ("ve", "nlvr"):
         return ALBEFForClassification(cfg, _cls_classes(sd), 2 if task == "nlvr" else 1)

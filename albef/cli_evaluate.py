@@ -23,8 +23,10 @@ from albef.data.transforms import test_transform
 from albef.precision import add_precision_option, autocast, resolve_precision
 from albef.text import Tokenizer
 
-MODEL_HELP = ("an albef model folder, a run's checkpoint (.pt), or a run folder: its checkpoint_best.pt "
-              "(best validation epoch), else checkpoint_last.pt")
+MODEL_HELP = (
+    "an albef model folder, a run's checkpoint (.pt), or a run folder: its checkpoint_best.pt "
+    "(best validation epoch), else checkpoint_last.pt"
+)
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -50,8 +52,15 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    cols = [("TR@1", "txt_r1"), ("TR@5", "txt_r5"), ("TR@10", "txt_r10"), ("IR@1", "img_r1"), ("IR@5", "img_r5"),
-            ("IR@10", "img_r10"), ("r_mean", "r_mean")]
+    cols = [
+        ("TR@1", "txt_r1"),
+        ("TR@5", "txt_r5"),
+        ("TR@10", "txt_r10"),
+        ("IR@1", "img_r1"),
+        ("IR@5", "img_r5"),
+        ("IR@10", "img_r10"),
+        ("r_mean", "r_mean"),
+    ]
     w = max([10, *(len(n) + 1 for n in results)])
     lines = [f"{'':{w}s}" + "".join(f"{c:>8s}" for c, _ in cols)]
     for name, m in results.items():
@@ -76,12 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", help="write the metrics as JSON here")
     g = sub.add_parser("grounding", help="box accuracy (IoU >= 0.5) of Grad-CAM-ranked candidate boxes")
     g.add_argument("--model", required=True, help=MODEL_HELP)
-    g.add_argument("--data", required=True, nargs="+",
-                   help='JSON: [{"image", "text", "ref_id", "box": [x,y,w,h], "candidates": [[x,y,w,h], ...]}]')
+    g.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help='JSON: [{"image", "text", "ref_id", "box": [x,y,w,h], "candidates": [[x,y,w,h], ...]}]',
+    )
     g.add_argument("--image-root")
     g.add_argument("--mode", choices=["itm", "itc"], default="itm")
-    g.add_argument("--layer", type=int, help="itm: fusion layer (default the third); itc: ViT block "
-                                             "(default 8 of 12 as the authors; two thirds of the depth)")
+    g.add_argument(
+        "--layer",
+        type=int,
+        help="itm: fusion layer (default the third); itc: ViT block "
+        "(default 8 of 12 as the authors; two thirds of the depth)",
+    )
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--overlays", help="write heat-map overlay PNGs of some examples here")
     g.add_argument("--n-overlays", type=int, default=8)
@@ -125,18 +142,31 @@ def main(argv: list[str] | None = None) -> int:
         data = read_retrieval_eval(args.data, args.image_root, 30, model.config.text_cleaning)
         tok = Tokenizer(add_sep=model.config.add_sep)
         with autocast(info.device, precision):  # the cosines and scores stay float32 (evaluation.retrieval)
-            results = evaluate_retrieval(model, data, tok, test_transform(model.config.vision.image_size), args.k,
-                                         args.itc_only, args.lavis_score, args.batch_size, args.itm_batch_size,
-                                         args.num_workers, info.device)
+            results = evaluate_retrieval(
+                model,
+                data,
+                tok,
+                test_transform(model.config.vision.image_size),
+                args.k,
+                args.itc_only,
+                args.lavis_score,
+                args.batch_size,
+                args.itm_batch_size,
+                args.num_workers,
+                info.device,
+            )
     finally:
         shutdown()
     if info.is_main:
-        print(f"{len(data.images)} images, {len(data.texts)} texts, k = {args.k}"
-              + (f", {precision} autocast" if precision != "fp32" else ""))
+        print(
+            f"{len(data.images)} images, {len(data.texts)} texts, k = {args.k}"
+            + (f", {precision} autocast" if precision != "fp32" else "")
+        )
         print(format_table({("ITC" if k == "itc" else "ITC+ITM"): v for k, v in results.items()}))
         if args.out:
-            Path(args.out).write_text(json.dumps({"k": args.k, "n_images": len(data.images),
-                                                  "n_texts": len(data.texts), **results}, indent=2))
+            Path(args.out).write_text(
+                json.dumps({"k": args.k, "n_images": len(data.images), "n_texts": len(data.texts), **results}, indent=2)
+            )
     return 0
 
 
@@ -150,9 +180,16 @@ def _grounding(args: argparse.Namespace) -> int:
         model = load_inference_model(args.model, info.device)
         records = read_grounding(args.data, args.image_root, model.config.text_cleaning)
         with autocast(info.device, precision):
-            metrics, preds = evaluate_grounding(model, records, Tokenizer(add_sep=model.config.add_sep),
-                                                test_transform(model.config.vision.image_size), args.mode,
-                                                args.layer, args.batch_size, info.device)
+            metrics, preds = evaluate_grounding(
+                model,
+                records,
+                Tokenizer(add_sep=model.config.add_sep),
+                test_transform(model.config.vision.image_size),
+                args.mode,
+                args.layer,
+                args.batch_size,
+                info.device,
+            )
     finally:
         shutdown()
     if not info.is_main:
@@ -184,21 +221,39 @@ def _task(args: argparse.Namespace) -> int:
         amp = autocast(info.device, precision)
         if args.what == "vqa":
             # test questions keep up to 50 words, the authors' test split (30 in training)
-            records, bad = read_vqa(args.data, args.image_root, train=False, cleaning=model.config.text_cleaning,
-                                    max_words=50, vqa_root=args.vqa_root, vg_root=args.vg_root)
+            records, bad = read_vqa(
+                args.data,
+                args.image_root,
+                train=False,
+                cleaning=model.config.text_cleaning,
+                max_words=50,
+                vqa_root=args.vqa_root,
+                vg_root=args.vg_root,
+            )
             if bad:  # a dropped question would be missing from the results file
                 raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
             with amp:
-                metrics, results = evaluate_vqa(model, records, read_answer_list(args.answers), tok, transform, args.k,
-                                                args.scoring, args.batch_size, args.num_workers, info.device)
+                metrics, results = evaluate_vqa(
+                    model,
+                    records,
+                    read_answer_list(args.answers),
+                    tok,
+                    transform,
+                    args.k,
+                    args.scoring,
+                    args.batch_size,
+                    args.num_workers,
+                    info.device,
+                )
         else:
             records, bad = read_classification(args.data, args.image_root, args.what, model.config.text_cleaning)
             require_entries(len(records), args.data, f"{args.what} evaluation")
             if bad:
                 raise ValueError("bad evaluation entries:\n  " + "\n  ".join(map(str, bad[:20])))
             with amp:
-                metrics = evaluate_classification(model, records, tok, transform, args.batch_size, args.num_workers,
-                                                  info.device)
+                metrics = evaluate_classification(
+                    model, records, tok, transform, args.batch_size, args.num_workers, info.device
+                )
     finally:
         shutdown()
     if not info.is_main:
@@ -206,8 +261,10 @@ def _task(args: argparse.Namespace) -> int:
     if args.what == "vqa":
         if args.results:
             Path(args.results).write_text(json.dumps(results))
-        print(f"VQA on {metrics['n']} questions"
-              + "".join(f"\n  {k:10s} {v:6.2f}%" for k, v in metrics.items() if k != "n"))
+        print(
+            f"VQA on {metrics['n']} questions"
+            + "".join(f"\n  {k:10s} {v:6.2f}%" for k, v in metrics.items() if k != "n")
+        )
     else:
         print(f"{args.what} accuracy on {metrics['n']} examples: {metrics['accuracy']:.2f}%")
     if args.out:

@@ -57,7 +57,7 @@ def bench(args: argparse.Namespace) -> dict:
     for s in range(0, args.n, args.chunk):  # written chunk by chunk: never the whole gallery in memory
         n = min(args.chunk, args.n - s)
         x = centres[rng.integers(args.clusters, size=n)] + 0.8 * rng.standard_normal((n, args.dim)).astype(np.float32)
-        vecs[s:s + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        vecs[s : s + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
     vecs.flush()
     vecs = np.memmap(path, dtype=np.float32, mode="r", shape=(args.n, args.dim))
     picked = vecs[rng.choice(args.n, args.queries, replace=False)]  # drawn before the noise, as ever
@@ -83,16 +83,32 @@ def bench(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             _, ids = ann_search(index, q, args.k, vecs, refine)
             search_ms = 1000 * (time.perf_counter() - t0) / args.queries
-            rows.append({"kind": kind, "nprobe": nprobe, "refine": refine,
-                         "recall": round(recall_at_k(ids, exact), 4), "build_s": round(build_s, 2),
-                         "index_mb": round(size_mb, 1), "rss_growth_mb": round(proc_memory_mb("VmRSS") - rss0, 1),
-                         "search_ms_per_query": round(search_ms, 3)})
+            rows.append(
+                {
+                    "kind": kind,
+                    "nprobe": nprobe,
+                    "refine": refine,
+                    "recall": round(recall_at_k(ids, exact), 4),
+                    "build_s": round(build_s, 2),
+                    "index_mb": round(size_mb, 1),
+                    "rss_growth_mb": round(proc_memory_mb("VmRSS") - rss0, 1),
+                    "search_ms_per_query": round(search_ms, 3),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         del index
-    return {"n": args.n, "dim": args.dim, "k": args.k, "queries": args.queries, "chunk": args.chunk,
-            "exact_scan_ms_per_query": round(1000 * exact_s / args.queries, 3),
-            "peak_rss_mb": round(proc_memory_mb("VmHWM"), 1),
-            "gallery_mb": round(args.n * args.dim * 4 / 2**20, 1), "threads": args.threads, "rows": rows}
+    return {
+        "n": args.n,
+        "dim": args.dim,
+        "k": args.k,
+        "queries": args.queries,
+        "chunk": args.chunk,
+        "exact_scan_ms_per_query": round(1000 * exact_s / args.queries, 3),
+        "peak_rss_mb": round(proc_memory_mb("VmHWM"), 1),
+        "gallery_mb": round(args.n * args.dim * 4 / 2**20, 1),
+        "threads": args.threads,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = _pipeline(args.model, args.device, args.precision)
     meta = build_index(pipe, _files(args.images), args.out, args.kind, args.chunk, args.nlist, model_id=args.model)
-    print(f"indexed {meta['count']} images ({len(meta['bad'])} unreadable) into {args.out} "
-          f"[{meta['kind']}; embedding {meta['embed_s']} s, index {meta['index_s']} s]")
+    print(
+        f"indexed {meta['count']} images ({len(meta['bad'])} unreadable) into {args.out} "
+        f"[{meta['kind']}; embedding {meta['embed_s']} s, index {meta['index_s']} s]"
+    )
     return 0
 
 
@@ -154,8 +172,15 @@ def search_main(argv: list[str] | None = None) -> int:
         raise SystemExit("albef search: the query is empty")
     from albef.ann import search
 
-    hits = search(_pipeline(args.model, args.device, args.precision), args.index, args.query, args.k, args.top,
-                  rerank=not args.no_rerank, nprobe=args.nprobe)
+    hits = search(
+        _pipeline(args.model, args.device, args.precision),
+        args.index,
+        args.query,
+        args.k,
+        args.top,
+        rerank=not args.no_rerank,
+        nprobe=args.nprobe,
+    )
     print(json.dumps(hits, indent=1))
     return 0
 

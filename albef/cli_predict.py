@@ -1,8 +1,8 @@
 """``albef predict``: score image–text pairs, or draw where the model looks for a phrase.
 
-    albef predict score --model DIR --image a.png --image b.png --text "a red circle" --text "a dog"
-    albef predict gradcam --model DIR --image a.png --text "a red circle" --out overlay.png
-    albef predict answer --model VQA_DIR --image a.png --question "what color is it?" --answers answers.json
+albef predict score --model DIR --image a.png --image b.png --text "a red circle" --text "a dog"
+albef predict gradcam --model DIR --image a.png --text "a red circle" --out overlay.png
+albef predict answer --model VQA_DIR --image a.png --question "what color is it?" --answers answers.json
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
         answers = json.loads(Path(args.answers).read_text())
         try:
-            vqa = VQAPipeline.from_pretrained(args.model, device=args.device, answer_list=answers, k=args.k,
-                                              precision=args.precision)
+            vqa = VQAPipeline.from_pretrained(
+                args.model, device=args.device, answer_list=answers, k=args.k, precision=args.precision
+            )
         except (NotAModelError, FileNotFoundError) as e:
             raise SystemExit(f"albef predict: {e}") from None
         res = vqa.answer([args.image], [args.question])[0]

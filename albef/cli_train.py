@@ -42,14 +42,24 @@ def _resume_keeps_overrides(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
-    p = argparse.ArgumentParser(prog="albef pretrain" if task == "pretrain" else f"albef finetune {task}",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="albef pretrain" if task == "pretrain" else f"albef finetune {task}", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--config", help="YAML recipe (see recipes/)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in output_dir (its checkpoint_last.pt, else checkpoint_prev.pt), or "
-                        "from the given checkpoint file")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an output_dir that holds a run, deleting its checkpoints and logs")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue the run in output_dir (its checkpoint_last.pt, else checkpoint_prev.pt), or "
+        "from the given checkpoint file",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds a run, deleting its checkpoints and logs",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=1e-4 data.num_workers=2")
     args = p.parse_intermixed_args(_resume_keeps_overrides(list(argv or [])))  # overrides before and after options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,8 +73,9 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
         p.error(f"the recipe is for task {recipe.task!r}: run it with `{cmd}`")
     recipe.task = task
     if not recipe.data.train_files and not recipe.data.shards:
-        p.error("no training data: set data.train_files (JSON) or data.shards (WebDataset) in the recipe "
-                "or as an override")
+        p.error(
+            "no training data: set data.train_files (JSON) or data.shards (WebDataset) in the recipe or as an override"
+        )
     if args.resume == "":  # "--resume=" stands for a bare --resume (see _resume_keeps_overrides)
         args.resume = True
     from albef.training.checkpoint import check_output_dir

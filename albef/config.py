@@ -150,9 +150,12 @@ def _small() -> ALBEFConfig:
     # MiniLM-L6, so its weights can start the text side) and a 6-block ViT-Tiny-like encoder.
     return ALBEFConfig(
         vision=VisionConfig(image_size=128, patch_size=16, width=192, depth=6, num_heads=3),
-        text=TextConfig(hidden_size=384, num_layers=6, fusion_layer=3, num_heads=12,
-                        intermediate_size=1536, encoder_width=192),
-        embed_dim=128, queue_size=4096, max_text_len=25,
+        text=TextConfig(
+            hidden_size=384, num_layers=6, fusion_layer=3, num_heads=12, intermediate_size=1536, encoder_width=192
+        ),
+        embed_dim=128,
+        queue_size=4096,
+        max_text_len=25,
     )
 
 
@@ -160,9 +163,18 @@ def _tiny() -> ALBEFConfig:
     # Unit-test model: every code path of the base model, milliseconds per step.
     return ALBEFConfig(
         vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2),
-        text=TextConfig(hidden_size=32, num_layers=4, fusion_layer=2, num_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, encoder_width=32),
-        embed_dim=16, queue_size=32, max_text_len=25,
+        text=TextConfig(
+            hidden_size=32,
+            num_layers=4,
+            fusion_layer=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            encoder_width=32,
+        ),
+        embed_dim=16,
+        queue_size=32,
+        max_text_len=25,
     )
 
 

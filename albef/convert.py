@@ -92,8 +92,10 @@ def _check_ties(sd: dict[str, Tensor]) -> None:
                 dec = sd.get(f"{module}{twin}.cls.predictions.decoder.weight")
                 emb = sd.get(f"{module}{twin}.{bert}embeddings.word_embeddings.weight")
                 if dec is not None and emb is not None and not torch.equal(dec, emb):
-                    raise ValueError(f"{module}{twin}.cls.predictions.decoder.weight differs from the word "
-                                     "embeddings; ALBEF ties them, so this checkpoint cannot be represented")
+                    raise ValueError(
+                        f"{module}{twin}.cls.predictions.decoder.weight differs from the word "
+                        "embeddings; ALBEF ties them, so this checkpoint cannot be represented"
+                    )
 
 
 def to_authors(sd: dict[str, Tensor], pretrain_layout: bool = True) -> dict[str, Tensor]:
@@ -136,5 +138,4 @@ def to_authors(sd: dict[str, Tensor], pretrain_layout: bool = True) -> dict[str,
 
 def adapt_pos_embed(sd: dict[str, Tensor], num_patches: int) -> dict[str, Tensor]:
     """Resize every ``*visual_encoder.pos_embed`` in ``sd`` to ``num_patches`` (bicubic)."""
-    return {k: resize_pos_embed(v, num_patches) if k.endswith("visual_encoder.pos_embed") else v
-            for k, v in sd.items()}
+    return {k: resize_pos_embed(v, num_patches) if k.endswith("visual_encoder.pos_embed") else v for k, v in sd.items()}

@@ -22,8 +22,9 @@ from albef.training.pretrain import ALBEFPretrainer
 
 
 @torch.no_grad()
-def recall_at_1(model: ALBEF, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                captions: list[str]) -> tuple[float, float]:
+def recall_at_1(
+    model: ALBEF, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, captions: list[str]
+) -> tuple[float, float]:
     """ITC R@1 both ways; a retrieved text counts as right when it reads the same as the truth."""
     model.eval()
     sim = model.similarity(images, ids, mask)  # [N, N]
@@ -76,14 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         trainer.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)  # after the step, as the loop does
-        bar.set_postfix(itc=f"{out.itc.loss.item():.3f}", itm=f"{out.itm.loss.item():.3f}",
-                        mlm=f"{out.mlm.loss.item():.3f}", alpha=f"{alpha:.2f}")
+        bar.set_postfix(
+            itc=f"{out.itc.loss.item():.3f}",
+            itm=f"{out.itm.loss.item():.3f}",
+            mlm=f"{out.mlm.loss.item():.3f}",
+            alpha=f"{alpha:.2f}",
+        )
     elapsed = time.perf_counter() - start
 
     after = recall_at_1(trainer.model, test_images, test_tok.input_ids, test_tok.attention_mask, test_caps)
     chance = sum(test_caps.count(c) for c in test_caps) / len(test_caps) ** 2
-    print(f"\n{args.steps} steps of batch {args.batch_size} in {elapsed:.1f}s "
-          f"({args.steps * args.batch_size / elapsed:.1f} samples/s), preset {args.preset}")
+    print(
+        f"\n{args.steps} steps of batch {args.batch_size} in {elapsed:.1f}s "
+        f"({args.steps * args.batch_size / elapsed:.1f} samples/s), preset {args.preset}"
+    )
     print(f"held-out pairs: {len(test_caps)} ({n_distinct} distinct captions); chance R@1 ~ {chance:.3f}")
     print(f"ITC R@1 image->text: {before[0]:.3f} before, {after[0]:.3f} after")
     print(f"ITC R@1 text->image: {before[1]:.3f} before, {after[1]:.3f} after")

@@ -24,8 +24,9 @@ def default_gradcam_layer(model: ALBEF) -> int:
     return min(cfg.fusion_layer + 2, cfg.num_layers - 1)
 
 
-def gradcam_itm(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                layer: int | None = None) -> Tensor:
+def gradcam_itm(
+    model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask: Tensor, layer: int | None = None
+) -> Tensor:
     """Grad-CAM maps [B, grid, grid] of each (image b, text b) pair."""
     layer = default_gradcam_layer(model) if layer is None else layer
     if layer < model.config.text.fusion_layer:
@@ -56,8 +57,9 @@ def default_gradcam_block(model: ALBEF) -> int:
     return (2 * len(model.visual_encoder.blocks)) // 3
 
 
-def gradcam_itc(model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                block: int | None = None) -> Tensor:
+def gradcam_itc(
+    model: ALBEF, images: Tensor, input_ids: Tensor, attention_mask: Tensor, block: int | None = None
+) -> Tensor:
     """ITC-mode Grad-CAM [B, grid, grid]: the [CLS] row of a ViT block's self-attention, weighted by
     the gradient of the pair's contrastive similarity (default block: :func:`default_gradcam_block`)."""
     vit = model.visual_encoder
@@ -96,7 +98,7 @@ def box_scores(heat: Tensor, boxes: Tensor, alpha: float = 0.5) -> Tensor:
     """
     scores = []
     for x, y, w, h in boxes.tolist():
-        inside = heat[int(y):int(y + h), int(x):int(x + w)]
+        inside = heat[int(y) : int(y + h), int(x) : int(x + w)]
         scores.append(inside.sum() / max(w * h, 1e-12) ** alpha)
     return torch.stack(scores) if scores else heat.new_zeros(0)
 

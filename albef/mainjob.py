@@ -30,43 +30,110 @@ import torch
 
 from albef.recipes import PretrainRecipe
 
+# steps and data per stage; "full" is the README's main job, ~15 minutes on 2 CPU cores with set-up
+FULL = {
+    "pretrain": 500,
+    "pretrain_lr": 5e-4,
+    "batch": 32,
+    "vqa": 120,
+    "vqa_test": 1000,
+    "k": 16,
+    "scenes": 8000,  # training scenes, siblings included
+    "scene_test": 200,  # per held-out subset
+    "max_emoji": 16,  # the scenes' emoji: few, so that each is seen often
+    "unseen_pairs": 20,
+    "distractors": 0,  # other emoji beside the two a caption names
+    "scene_emoji_repeats": 10,  # each scene emoji's own images, alone, in pretraining
+    "emoji_pretrain": 1000,  # images of other emoji
+    "randaugment": False,
+}
 SCALES = {
-    # "full": the README's main job, ~15 minutes on 2 CPU cores with set-up
-    "full": {"pretrain": 500, "pretrain_lr": 5e-4, "vqa": 120, "vqa_test": 1000, "k": 16, "batch": 32,
-             "scenes": 8000, "scene_test": 200, "max_emoji": 40, "emoji_pretrain": 1000, "scene_emoji_repeats": 10, "randaugment": False},
-    # a lent GPU: the same job with five times the pretraining (albef main --scale gpu)
-    "gpu": {"pretrain": 2500, "pretrain_lr": 5e-4, "vqa": 300, "vqa_test": 2000, "k": 16, "batch": 64,
-            "scenes": 20000, "scene_test": 300, "max_emoji": 40, "emoji_pretrain": 2000, "scene_emoji_repeats": 20, "randaugment": False},
-    # the ablation's budget per run (15 runs)
-    "ablation": {"pretrain": 300, "pretrain_lr": 5e-4, "vqa": 0, "vqa_test": 0, "k": 16, "batch": 32,
-                 "scenes": 8000, "scene_test": 200, "max_emoji": 40, "emoji_pretrain": 1000, "scene_emoji_repeats": 10, "randaugment": False},
-    "smoke": {"pretrain": 2, "pretrain_lr": 1e-4, "vqa": 2, "vqa_test": 16, "k": 4, "batch": 4,
-              "scenes": 40, "scene_test": 4, "max_emoji": 24, "emoji_pretrain": 16, "scene_emoji_repeats": 2, "randaugment": False},
+    "full": FULL,
+    # a lent GPU: the same job with five times the pretraining (albef main picks it on CUDA)
+    "gpu": {
+        **FULL,
+        "pretrain": 2500,
+        "batch": 64,
+        "vqa": 300,
+        "vqa_test": 2000,
+        "scenes": 20000,
+        "emoji_pretrain": 2000,
+    },
+    # the ablation's budget per run (15 runs), no VQA
+    "ablation": {**FULL, "pretrain": 300, "vqa": 0, "vqa_test": 0},
+    "smoke": {
+        **FULL,
+        **{"pretrain": 2, "pretrain_lr": 1e-4, "batch": 4, "vqa": 2, "vqa_test": 16, "k": 4, "scenes": 40},
+        **{"scene_test": 4, "max_emoji": 24, "unseen_pairs": 4, "scene_emoji_repeats": 2, "emoji_pretrain": 16},
+    },
 }
 IMAGE_SIZE = 128  # albef-small's own: an object spans several 16 px patches (albef.data.scenes)
 
 
-def _recipe(task: str, out: Path, train_files: list[str], root: Path, steps: int, batch: int, init: str | None,
-            seed: int, *, randaugment: bool, lr: float = 1e-4, device: str = "cpu", group_size: int = 1,
-            **model_over: Any) -> PretrainRecipe:
-    return PretrainRecipe.from_dict({
-        "task": task,
-        "model": {"preset": "albef-small", "init": init, "text_init": None if init else "minilm",
-                  # MiniLM was trained with mean pooling: its [CLS] is the same for every text, so the
-                  # ITC text embedding averages the tokens here (the authors' BERT uses [CLS])
-                  "overrides": {"vision": {"image_size": IMAGE_SIZE}, "queue_size": 32 * batch, "max_text_len": 30,
-                                "text_pooling": "mean", **model_over}},
-        # no flip and no crop: captions say left and right, and a crop can cut an object out
-        "data": {"train_files": train_files, "image_root": str(root), "random_crop": False, "hflip": False,
-                 "num_workers": 1, "min_seen_for_bad_check": 64, "randaugment": randaugment,
-                 "group_size": group_size},
-        # a per-step schedule: the authors' warm-up moves in units of 100 iterations, half of this budget
-        "train": {"epochs": 100, "max_steps": steps, "batch_size": batch, "lr": lr, "min_lr": lr / 10,
-                  "warmup_lr": lr / 10, "schedule": "cosine", "warmup_steps": max(1, steps // 10), "seed": seed,
-                  "log_every": 10, "checkpoint_every": 0, "device": device, "precision": "auto",
-                  "alpha_ramp_epochs": 0.05},
-        "output_dir": str(out),
-    })
+def _recipe(
+    task: str,
+    out: Path,
+    train_files: list[str],
+    root: Path,
+    steps: int,
+    batch: int,
+    init: str | None,
+    seed: int,
+    *,
+    randaugment: bool,
+    lr: float = 1e-4,
+    device: str = "cpu",
+    group_size: int = 1,
+    **model_over: Any,
+) -> PretrainRecipe:
+    return PretrainRecipe.from_dict(
+        {
+            "task": task,
+            "model": {
+                "preset": "albef-small",
+                "init": init,
+                "text_init": None if init else "minilm",
+                # MiniLM was trained with mean pooling: its [CLS] is the same for every text, so the
+                # ITC text embedding averages the tokens here (the authors' BERT uses [CLS])
+                "overrides": {
+                    "vision": {"image_size": IMAGE_SIZE},
+                    "queue_size": 32 * batch,
+                    "max_text_len": 30,
+                    "text_pooling": "mean",
+                    **model_over,
+                },
+            },
+            # no flip and no crop: captions say left and right, and a crop can cut an object out
+            "data": {
+                "train_files": train_files,
+                "image_root": str(root),
+                "random_crop": False,
+                "hflip": False,
+                "num_workers": 1,
+                "min_seen_for_bad_check": 64,
+                "randaugment": randaugment,
+                "group_size": group_size,
+            },
+            # a per-step schedule: the authors' warm-up moves in units of 100 iterations, half of this budget
+            "train": {
+                "epochs": 100,
+                "max_steps": steps,
+                "batch_size": batch,
+                "lr": lr,
+                "min_lr": lr / 10,
+                "warmup_lr": lr / 10,
+                "schedule": "cosine",
+                "warmup_steps": max(1, steps // 10),
+                "seed": seed,
+                "log_every": 10,
+                "checkpoint_every": 0,
+                "device": device,
+                "precision": "auto",
+                "alpha_ramp_epochs": 0.05,
+            },
+            "output_dir": str(out),
+        }
+    )
 
 
 def _train(recipe: PretrainRecipe, overwrite: bool = False) -> tuple[dict, float]:
@@ -86,18 +153,39 @@ def build_data(data: Path, s: dict, emoji_fetcher=None, easyvqa_builder=None) ->
     emoji_dir, scene_dir = data / "emoji", data / "scenes"
     counts = {"emoji": build_emoji(emoji_dir, seed=0, fetcher=emoji_fetcher or fetch)}
     # the held-out emoji table must stay held out: no scene draws an emoji of its test or val split
-    held = {Path(e["image"]).name for f in ("retrieval_test.json", "retrieval_val.json")
-            for e in json.loads((emoji_dir / f).read_text())}
+    held = {
+        Path(e["image"]).name
+        for f in ("retrieval_test.json", "retrieval_val.json")
+        for e in json.loads((emoji_dir / f).read_text())
+    }
     catalogue = [e for e in emoji_catalogue(emoji_dir) if Path(e.image).name not in held]
-    config = {"n_train": s["scenes"], "n_test": s["scene_test"], "max_emoji": s["max_emoji"], "siblings": True,
-              "image_size": IMAGE_SIZE, "emoji": len(catalogue)}
+    config = {
+        "n_train": s["scenes"],
+        "n_test": s["scene_test"],
+        "max_emoji": s["max_emoji"],
+        "unseen_pairs": s["unseen_pairs"],
+        "distractors": s["distractors"],
+        "siblings": True,
+        "image_size": IMAGE_SIZE,
+        "emoji": len(catalogue),
+    }
     done = scene_dir / "config.json"
     if not done.exists() or {k: json.loads(done.read_text()).get(k) for k in config} != config:
         if done.exists():  # a scene set of other settings, written here before: drawn again from scratch
             shutil.rmtree(scene_dir)
-        counts["scenes"] = build_scenes(scene_dir, catalogue=catalogue, emoji_dir=emoji_dir, seed=0,
-                                        n_train=s["scenes"], n_test=s["scene_test"], image_size=IMAGE_SIZE,
-                                        max_emoji=s["max_emoji"], siblings=True)
+        counts["scenes"] = build_scenes(
+            scene_dir,
+            catalogue=catalogue,
+            emoji_dir=emoji_dir,
+            seed=0,
+            n_train=s["scenes"],
+            n_test=s["scene_test"],
+            image_size=IMAGE_SIZE,
+            max_emoji=s["max_emoji"],
+            siblings=True,
+            unseen_pairs=s["unseen_pairs"],
+            distractors=s["distractors"],
+        )
         cfg = json.loads(done.read_text())
         done.write_text(json.dumps({**cfg, "emoji": len(catalogue), "counts": counts["scenes"]}, indent=0))
     counts["scenes"] = json.loads(done.read_text())["counts"]
@@ -112,8 +200,11 @@ def pretraining_data(data: Path, out: Path, s: dict, seed: int) -> Path:
     ``data``."""
     scenes = json.loads((data / "scenes" / "pretrain.json").read_text())
     splits = json.loads((data / "scenes" / "splits.json").read_text())
-    image_of = {o["name"]: o["emoji_image"] for sc in json.loads((data / "scenes" / "scenes.json").read_text())
-                for o in sc["objects"]}
+    image_of = {
+        o["name"]: o["emoji_image"]
+        for sc in json.loads((data / "scenes" / "scenes.json").read_text())
+        for o in sc["objects"]
+    }
     held = {image_of[n] for n in splits["unseen_emoji"] if n in image_of}
     seen = {image_of[n] for n in splits["seen"] if n in image_of}
     emoji = json.loads((data / "emoji" / "pretrain.json").read_text())
@@ -143,31 +234,49 @@ def evaluate_scenes(model, scene_dir: Path, k: int, overlays: Path) -> dict:
     for sub in ("", "_seen", "_unseen_pair", "_unseen_emoji"):
         test = read_retrieval_eval(scene_dir / f"retrieval_test{sub}.json", str(scene_dir))
         r = evaluate_retrieval(model, test, tok, tf, k=k)
-        out["retrieval"][sub.lstrip("_") or "all"] = {"itc": r["itc"], "itm": r["itm"], "images": len(test.images),
-                                                      "texts": len(test.texts)}
+        out["retrieval"][sub.lstrip("_") or "all"] = {
+            "itc": r["itc"],
+            "itm": r["itm"],
+            "images": len(test.images),
+            "texts": len(test.texts),
+        }
     out["twins"] = evaluate_twins(model, read_twins(scene_dir / "twins_test.json", str(scene_dir)), tok, tf)
     records = read_grounding(str(scene_dir / "grounding_test.json"), str(scene_dir))
     out["pointing"], preds = evaluate_pointing(model, records, tok, tf)
     right = [p for p in preds if p.correct][:4]
     wrong = [p for p in preds if not p.correct][:4]
-    out["overlays"] = {"right": [str(p) for p in save_overlays(right, overlays / "right", n=4)],
-                       "wrong": [str(p) for p in save_overlays(wrong, overlays / "wrong", n=4)]}
+    out["overlays"] = {
+        "right": [str(p) for p in save_overlays(right, overlays / "right", n=4)],
+        "wrong": [str(p) for p in save_overlays(wrong, overlays / "wrong", n=4)],
+    }
     return out
 
 
-def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fetcher=None,
-             easyvqa_builder=None, randaugment: bool | None = None, overwrite: bool = False,
-             device: str = "cpu") -> Path:
+def run_main(
+    out: Path,
+    data: Path,
+    scale: str = "full",
+    seed: int = 0,
+    emoji_fetcher=None,
+    easyvqa_builder=None,
+    randaugment: bool | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+) -> Path:
     from albef.cli_evaluate import format_table, load_inference_model
     from albef.data.retrieval import read_retrieval_eval
     from albef.data.transforms import test_transform
     from albef.evaluation.retrieval import evaluate_retrieval
     from albef.text import Tokenizer
 
-    if not overwrite and ((out / "report.md").exists() or any((out / stage / "checkpoint_last.pt").exists()
-                                                              for stage in ("pretrain", "vqa"))):
-        raise FileExistsError(f"{out} already holds a main job's results: pass --overwrite to run it again "
-                              "there (its runs are replaced), or --out ANOTHER_FOLDER")
+    if not overwrite and (
+        (out / "report.md").exists()
+        or any((out / stage / "checkpoint_last.pt").exists() for stage in ("pretrain", "vqa"))
+    ):
+        raise FileExistsError(
+            f"{out} already holds a main job's results: pass --overwrite to run it again "
+            "there (its runs are replaced), or --out ANOTHER_FOLDER"
+        )
     s = dict(SCALES[scale])
     if randaugment is not None:
         s["randaugment"] = randaugment
@@ -178,9 +287,23 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     times["data"] = time.perf_counter() - t0
 
     pre_file = pretraining_data(data, out, s, seed)
-    _, times["pretraining"] = _train(_recipe(
-        "pretrain", out / "pretrain", [str(pre_file)], data, s["pretrain"], s["batch"], None, seed,
-        lr=s["pretrain_lr"], randaugment=s["randaugment"], device=device, group_size=2), overwrite)
+    _, times["pretraining"] = _train(
+        _recipe(
+            "pretrain",
+            out / "pretrain",
+            [str(pre_file)],
+            data,
+            s["pretrain"],
+            s["batch"],
+            None,
+            seed,
+            lr=s["pretrain_lr"],
+            randaugment=s["randaugment"],
+            device=device,
+            group_size=2,
+        ),
+        overwrite,
+    )
     ckpt = out / "pretrain" / "checkpoint_last.pt"
 
     t0 = time.perf_counter()
@@ -192,14 +315,26 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     emoji_dir = data / "emoji"
     test = read_retrieval_eval(emoji_dir / "retrieval_test.json", str(emoji_dir))
     r = evaluate_retrieval(model, test, Tokenizer(), test_transform(IMAGE_SIZE), k=s["k"], diagnose=True)
-    emoji = {"ITC": r["itc"], "ITC+ITM": r["itm"], "diagnostic": r["diagnostic"], "images": len(test.images),
-             "texts": len(test.texts)}
+    emoji = {
+        "ITC": r["itc"],
+        "ITC+ITM": r["itm"],
+        "diagnostic": r["diagnostic"],
+        "images": len(test.images),
+        "texts": len(test.texts),
+    }
     times["emoji evaluation"] = time.perf_counter() - t0
 
     vqa = run_vqa(out, data / "easyvqa", ckpt, s, seed, device, overwrite, times) if s["vqa"] else None
 
-    results = {"scale": scale, "seed": seed, "counts": counts, "scenes": scenes, "emoji": emoji, "vqa": vqa,
-               "seconds": times}
+    results = {
+        "scale": scale,
+        "seed": seed,
+        "counts": counts,
+        "scenes": scenes,
+        "emoji": emoji,
+        "vqa": vqa,
+        "seconds": times,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     from albef.mainjob_report import write_report
 
@@ -209,8 +344,9 @@ def run_main(out: Path, data: Path, scale: str = "full", seed: int = 0, emoji_fe
     return report
 
 
-def run_vqa(out: Path, vqa_dir: Path, ckpt: Path, s: dict, seed: int, device: str, overwrite: bool,
-            times: dict) -> dict:
+def run_vqa(
+    out: Path, vqa_dir: Path, ckpt: Path, s: dict, seed: int, device: str, overwrite: bool, times: dict
+) -> dict:
     """Fine-tune on a subset of easy-VQA from the pretrained model; accuracy with its baselines."""
     from albef.cli_evaluate import load_inference_model
     from albef.data.transforms import test_transform
@@ -222,9 +358,22 @@ def run_vqa(out: Path, vqa_dir: Path, ckpt: Path, s: dict, seed: int, device: st
     train_q = json.loads((vqa_dir / "vqa_train.json").read_text())
     rng.shuffle(train_q)
     (out / "vqa_train_subset.json").write_text(json.dumps(train_q[: s["vqa"] * s["batch"]]))
-    _, times["VQA fine-tuning"] = _train(_recipe(
-        "vqa", out / "vqa", [str(out / "vqa_train_subset.json")], vqa_dir, s["vqa"], s["batch"], str(ckpt), seed,
-        lr=2e-4, randaugment=s["randaugment"], device=device), overwrite)
+    _, times["VQA fine-tuning"] = _train(
+        _recipe(
+            "vqa",
+            out / "vqa",
+            [str(out / "vqa_train_subset.json")],
+            vqa_dir,
+            s["vqa"],
+            s["batch"],
+            str(ckpt),
+            seed,
+            lr=2e-4,
+            randaugment=s["randaugment"],
+            device=device,
+        ),
+        overwrite,
+    )
     t0 = time.perf_counter()
     test_q = json.loads((vqa_dir / "vqa_test.json").read_text())
     rng.shuffle(test_q)
@@ -237,8 +386,12 @@ def run_vqa(out: Path, vqa_dir: Path, ckpt: Path, s: dict, seed: int, device: st
     majority = _most_common([a["answer"][0] for a in train_q])
     base = 100.0 * sum(q["answer"][0] == majority for q in test_q) / max(1, len(records))
     times["VQA evaluation"] = time.perf_counter() - t0
-    return {"metrics": metrics, "majority": majority, "majority_accuracy": base,
-            "baselines": vqa_baselines(train_q, test_q)}
+    return {
+        "metrics": metrics,
+        "majority": majority,
+        "majority_accuracy": base,
+        "baselines": vqa_baselines(train_q, test_q),
+    }
 
 
 def vqa_baselines(train_q: list[dict], test_q: list[dict]) -> dict[str, dict]:
@@ -261,8 +414,12 @@ def vqa_baselines(train_q: list[dict], test_q: list[dict]) -> dict[str, dict]:
         answers = [q["answer"][0] for q in train_q if q.get("question_type") == t]
         top = _most_common(answers)
         tested = [vqa_accuracy(top, q["answer"]) for q in test_q if q.get("question_type") == t]
-        out[t] = {"answers": len(set(answers)), "chance": 100.0 / len(set(answers)), "majority": top,
-                  "majority_accuracy": 100.0 * sum(tested) / len(tested) if tested else None}
+        out[t] = {
+            "answers": len(set(answers)),
+            "chance": 100.0 / len(set(answers)),
+            "majority": top,
+            "majority_accuracy": 100.0 * sum(tested) / len(tested) if tested else None,
+        }
     return out
 
 
@@ -275,22 +432,37 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef main", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/main")
     p.add_argument("--data", default="data")
-    p.add_argument("--scale", choices=list(SCALES), default=None,
-                   help="steps and data per stage (default: full on a CPU, gpu where CUDA is available)")
+    p.add_argument(
+        "--scale",
+        choices=list(SCALES),
+        default=None,
+        help="steps and data per stage (default: full on a CPU, gpu where CUDA is available)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="run again into an --out that holds a main job")
-    p.add_argument("--randaugment", action=argparse.BooleanOptionalAction, default=None,
-                   help="RandAugment in every training stage (default: the scale's, off)")
+    p.add_argument(
+        "--randaugment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="RandAugment in every training stage (default: the scale's, off)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     scale = args.scale or ("gpu" if device.startswith("cuda") else "full")
     try:
-        run_main(Path(args.out), Path(args.data), scale, args.seed, randaugment=args.randaugment,
-                 overwrite=args.overwrite, device=device)
+        run_main(
+            Path(args.out),
+            Path(args.data),
+            scale,
+            args.seed,
+            randaugment=args.randaugment,
+            overwrite=args.overwrite,
+            device=device,
+        )
     except FileExistsError as e:
         p.error(str(e))
     return 0

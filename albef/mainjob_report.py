@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TWIN_WORDS = {"swap": "relation swapped (A left of B -> B left of A)", "object": "one object changed",
-              "count": "a count changed (a -> two)", "attribute": "a colour changed", "overall": "all twins"}
+TWIN_WORDS = {
+    "swap": "relation swapped (A left of B -> B left of A)",
+    "object": "one object changed",
+    "count": "a count changed (a -> two)",
+    "attribute": "a colour changed",
+    "overall": "all twins",
+}
 
 
 def _pct(x: float | None) -> str:
@@ -13,8 +18,10 @@ def _pct(x: float | None) -> str:
 
 
 def retrieval_rows(name: str, r: dict) -> list[str]:
-    return [f"| {name} | {head} | {_pct(m['txt_r1'])} | {_pct(m['txt_r5'])} | {_pct(m['img_r1'])} | "
-            f"{_pct(m['img_r5'])} |" for head, m in (("ITC", r["itc"]), ("ITC + ITM", r["itm"]))]
+    return [
+        f"| {name} | {head} | {_pct(m['txt_r1'])} | {_pct(m['txt_r5'])} | {_pct(m['img_r1'])} | {_pct(m['img_r5'])} |"
+        for head, m in (("ITC", r["itc"]), ("ITC + ITM", r["itm"]))
+    ]
 
 
 def write_report(out: Path, res: dict, s: dict) -> Path:
@@ -26,7 +33,8 @@ def write_report(out: Path, res: dict, s: dict) -> Path:
     tw, pt = sc["twins"], sc["pointing"]
     pg = pt["pointing_game"]
     lines = [
-        "# albef main job report", "",
+        "# albef main job report",
+        "",
         f"Scenes: {sc_counts['train']} training scenes (each beside its sibling with the two emoji exchanged) of "
         f"{sc_counts['seen_emoji']} emoji; held out: {sc_counts['seen']} scenes of trained pairs in new layouts "
         f"(`seen`), {sc_counts['unseen_pair']} of pairs never shown together (`unseen_pair`), "
@@ -34,62 +42,114 @@ def write_report(out: Path, res: dict, s: dict) -> Path:
         f"Single emoji: {counts['emoji']['concepts']} emoji, {counts['emoji']['test']} held out for retrieval.",
         f"Model: albef-small (ViT 6x192 from random weights, BERT 6x384 with fusion from layer 3, text side from "
         f"MiniLM-L6) at 128 px; {s['pretrain']} pretraining steps of batch {s['batch']} (ITC + ITM on hard "
-        "negatives + MLM, momentum distillation); no flip, no crop (captions say left and right).", "",
-        "## Relation and attribute test (held-out scenes)", "",
+        "negatives + MLM, momentum distillation); no flip, no crop (captions say left and right).",
+        "",
+        "## Relation and attribute test (held-out scenes)",
+        "",
         "Each image's caption against each of its twins, which differ in one way and are false of it; a pair",
         "is won when the caption scores higher. ITC compares one image vector with one text vector; ITM reads",
         "the image through cross-attention. Chance: 50 %. Blind: the same pairs scored against another",
-        "scene's image (what a head gets from the texts alone).", "",
-        "| twin | pairs | ITC | ITM | ITC blind | ITM blind |", "|---|---|---|---|---|---|",
-        *[f"| {TWIN_WORDS.get(k, k)} | {tw['n'][k]} | {_pct(tw['itc'][k])} | {_pct(tw['itm'][k])} | "
-          f"{_pct(tw.get('itc_blind', {}).get(k))} | {_pct(tw.get('itm_blind', {}).get(k))} |"
-          for k in [*sorted(x for x in tw['n'] if x != 'overall'), 'overall']], "",
-        "Per held-out subset (all twins): " + "; ".join(
+        "scene's image (what a head gets from the texts alone).",
+        "",
+        "| twin | pairs | ITC | ITM | ITC blind | ITM blind |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {TWIN_WORDS.get(k, k)} | {tw['n'][k]} | {_pct(tw['itc'][k])} | {_pct(tw['itm'][k])} | "
+            f"{_pct(tw.get('itc_blind', {}).get(k))} | {_pct(tw.get('itm_blind', {}).get(k))} |"
+            for k in [*sorted(x for x in tw["n"] if x != "overall"), "overall"]
+        ],
+        "",
+        "Per held-out subset (all twins): "
+        + "; ".join(
             f"`{k}` ITC {_pct(v['itc']['overall'])} / ITM {_pct(v['itm']['overall'])}"
-            for k, v in tw["per_split"].items()) + ".", "",
-        f"## Scene retrieval (held out, k = {s['k']})", "",
+            for k, v in tw["per_split"].items()
+        )
+        + ".",
+        "",
+        f"## Scene retrieval (held out, k = {s['k']})",
+        "",
         "Each image has two true captions (the caption and its converse); each caption one image. ITC ranks by",
         "cosine; ITC + ITM re-ranks ITC's top k by the ITM head (the paper's two stages). Chance R@1 is",
-        "100 / images.", "",
-        "| set | scorer | TR@1 | TR@5 | IR@1 | IR@5 |", "|---|---|---|---|---|---|",
-        *[row for k, r in ret.items() for row in retrieval_rows(f"{k} ({r['images']} images, chance "
-                                                                 f"{100 / r['images']:.2f})", r)], "",
-        "## Grad-CAM pointing (held-out scenes)", "",
+        "100 / images.",
+        "",
+        "| set | scorer | TR@1 | TR@5 | IR@1 | IR@5 |",
+        "|---|---|---|---|---|---|",
+        *[
+            row
+            for k, r in ret.items()
+            for row in retrieval_rows(f"{k} ({r['images']} images, chance {100 / r['images']:.2f})", r)
+        ],
+        "",
+        "## Grad-CAM pointing (held-out scenes)",
+        "",
         "The ITM Grad-CAM map of an object's name (an object alone of its kind in the scene) on the",
         "cross-attention of the third fusion layer (the authors' layer 8 of 12). Pointing game: a hit when",
         "the map's maximum lies in the named object's box. Box choice: the scene's object box with the most",
         "heat per area (the authors' RefCOCO+ scoring) is the named one. Two chances: a point or box drawn",
         "at random, and a map that finds the objects but not the named one (one of the scene's objects at",
-        "random, 1 / objects): only above the second has the name been read.", "",
-        "| measure | referents | accuracy | chance: random point | chance: random object |", "|---|---|---|---|---|",
+        "random, 1 / objects): only above the second has the name been read.",
+        "",
+        "| measure | referents | accuracy | chance: random point | chance: random object |",
+        "|---|---|---|---|---|",
         f"| pointing game | {pt['n']} | {_pct(pg['accuracy'])} | {_pct(pg['chance'])} | {_pct(pg['chance_object'])} |",
-        f"| box choice | {pt['n']} | {_pct(pt['accuracy'])} | {_pct(pt['chance'])} | {_pct(pt['chance'])} |", "",
-        "Per subset (pointing game): " + "; ".join(f"`{k}` {_pct(v)} (chance {_pct(pg['chance_per_split'][k])})"
-                                                    for k, v in pg["per_split"].items()) + ".", "",
-        "Right (green: the chosen box; white: the other objects):", "",
-        *[f"![{rel(p)}]({rel(p)})" for p in sc["overlays"]["right"]], "",
-        "Wrong:", "", *[f"![{rel(p)}]({rel(p)})" for p in sc["overlays"]["wrong"]], "",
-        f"## Held-out single emoji ({em['images']} emoji never seen in training, {em['texts']} captions)", "",
-        f"Chance: R@1 = {100 / em['images']:.2f} % both ways.", "",
-        "| set | scorer | TR@1 | TR@5 | IR@1 | IR@5 |", "|---|---|---|---|---|---|",
-        *retrieval_rows("held-out emoji", {"itc": em["ITC"], "itm": em["ITC+ITM"]}), "",
+        f"| box choice | {pt['n']} | {_pct(pt['accuracy'])} | {_pct(pt['chance'])} | {_pct(pt['chance'])} |",
+        "",
+        "Per subset (pointing game): "
+        + "; ".join(f"`{k}` {_pct(v)} (chance {_pct(pg['chance_per_split'][k])})" for k, v in pg["per_split"].items())
+        + ".",
+        "",
+        "Right (green: the chosen box; white: the other objects):",
+        "",
+        *[f"![{rel(p)}]({rel(p)})" for p in sc["overlays"]["right"]],
+        "",
+        "Wrong:",
+        "",
+        *[f"![{rel(p)}]({rel(p)})" for p in sc["overlays"]["wrong"]],
+        "",
+        f"## Held-out single emoji ({em['images']} emoji never seen in training, {em['texts']} captions)",
+        "",
+        f"Chance: R@1 = {100 / em['images']:.2f} % both ways.",
+        "",
+        "| set | scorer | TR@1 | TR@5 | IR@1 | IR@5 |",
+        "|---|---|---|---|---|---|",
+        *retrieval_rows("held-out emoji", {"itc": em["ITC"], "itm": em["ITC+ITM"]}),
+        "",
     ]
     vqa = res.get("vqa")
     if vqa:
         m, base = vqa["metrics"], vqa["baselines"]
         lines += [
-            "## VQA on easy-VQA", "",
+            "## VQA on easy-VQA",
+            "",
             f"Accuracy {m.get('overall', 0):.2f} % on {m['n']} test questions (always '{vqa['majority']}': "
-            f"{vqa['majority_accuracy']:.2f} %).", "",
-            "| type | accuracy | chance | always the most common answer |", "|---|---|---|---|",
-            *[f"| {k} | {m[k]:.2f} | {_chance(base.get(k))} | {_majority(base.get(k))} |"
-              for k in sorted(m) if k not in ("n", "overall")], ""]
+            f"{vqa['majority_accuracy']:.2f} %).",
+            "",
+            "| type | accuracy | chance | always the most common answer |",
+            "|---|---|---|---|",
+            *[
+                f"| {k} | {m[k]:.2f} | {_chance(base.get(k))} | {_majority(base.get(k))} |"
+                for k in sorted(m)
+                if k not in ("n", "overall")
+            ],
+            "",
+        ]
     lines += [
-        "## Loss curves", "",
-        *[f"![{name}]({name}/loss_curves.png)" for name in ("pretrain", "vqa") if (out / name / "loss_curves.png").exists()],
-        "", "## Time (seconds)", "",
-        "| stage | s |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in res["seconds"].items()],
-        f"| total | {sum(res['seconds'].values()):.0f} |", ""]
+        "## Loss curves",
+        "",
+        *[
+            f"![{name}]({name}/loss_curves.png)"
+            for name in ("pretrain", "vqa")
+            if (out / name / "loss_curves.png").exists()
+        ],
+        "",
+        "## Time (seconds)",
+        "",
+        "| stage | s |",
+        "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in res["seconds"].items()],
+        f"| total | {sum(res['seconds'].values()):.0f} |",
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -19,7 +19,7 @@ def write_block(path: Path, name: str, text: str, at: str = "end") -> None:
     block = f"{start}\n{text.rstrip(chr(10))}\n{end}"
     old = path.read_text() if path.exists() else ""
     if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
     elif at == "start":
         new = block + "\n" + ("\n" + old if old else "")
     else:

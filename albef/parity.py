@@ -57,16 +57,23 @@ class Check:
 
     def line(self) -> str:
         status = "ok  " if self.ok else "FAIL"
-        return (f"{status} {self.dtype:7s} {self.name:70s} max_abs={self.max_abs:.3e} rel={self.rel:.3e} "
-                f"(tol {self.tol:.0e})")
+        return (
+            f"{status} {self.dtype:7s} {self.name:70s} max_abs={self.max_abs:.3e} rel={self.rel:.3e} "
+            f"(tol {self.tol:.0e})"
+        )
 
 
 def compare(name: str, ours: Any, ref: Any, dtype: str) -> Check:
     ours_t = torch.as_tensor(ours).detach().double().cpu()
     ref_t = torch.as_tensor(ref).detach().double().cpu()
     if ours_t.shape != ref_t.shape:
-        return Check(f"{name} (shape {tuple(ours_t.shape)} != {tuple(ref_t.shape)})", dtype, float("inf"),
-                     float("inf"), TOLERANCE[dtype])
+        return Check(
+            f"{name} (shape {tuple(ours_t.shape)} != {tuple(ref_t.shape)})",
+            dtype,
+            float("inf"),
+            float("inf"),
+            TOLERANCE[dtype],
+        )
     if ours_t.numel() == 0:
         return Check(name, dtype, 0.0, 0.0, TOLERANCE[dtype])
     diff = (ours_t - ref_t).abs().max().item()
@@ -80,20 +87,44 @@ def compare(name: str, ours: Any, ref: Any, dtype: str) -> Check:
 def config_from_parity(meta: dict[str, Any]) -> ALBEFConfig:
     """Our config for a parity folder's ``config.json`` (run resolution, recorded BERT config)."""
     b, v, h = meta["bert_text_encoder"], meta["vit"], meta["heads"]
-    vision = VisionConfig(image_size=v["img_size_run"], patch_size=v["patch_size"], width=v["embed_dim"],
-                          depth=v["depth"], num_heads=v["num_heads"], mlp_ratio=v["mlp_ratio"],
-                          qkv_bias=v["qkv_bias"], layer_norm_eps=v["layer_norm_eps"])
-    text = TextConfig(vocab_size=b["vocab_size"], hidden_size=b["hidden_size"], num_layers=b["num_hidden_layers"],
-                      fusion_layer=b["fusion_layer"], num_heads=b["num_attention_heads"],
-                      intermediate_size=b["intermediate_size"], max_position_embeddings=b["max_position_embeddings"],
-                      layer_norm_eps=b["layer_norm_eps"], hidden_dropout=b["hidden_dropout_prob"],
-                      attention_dropout=b["attention_probs_dropout_prob"], encoder_width=b["encoder_width"],
-                      pad_token_id=b.get("pad_token_id", 0),
-                      type_vocab_size=b["type_vocab_size"] if b.get("add_type_embeddings", True) else 0)
-    return ALBEFConfig(vision=vision, text=text, embed_dim=h["embed_dim"], temp=h["temp_init"],
-                       queue_size=h["queue_size"], momentum=h["momentum"], alpha=h["alpha"],
-                       mlm_probability=h["mlm_mask_prob"], max_text_len=h["pretrain_max_txt_len"], add_sep=True,
-                       text_cleaning="blip")
+    vision = VisionConfig(
+        image_size=v["img_size_run"],
+        patch_size=v["patch_size"],
+        width=v["embed_dim"],
+        depth=v["depth"],
+        num_heads=v["num_heads"],
+        mlp_ratio=v["mlp_ratio"],
+        qkv_bias=v["qkv_bias"],
+        layer_norm_eps=v["layer_norm_eps"],
+    )
+    text = TextConfig(
+        vocab_size=b["vocab_size"],
+        hidden_size=b["hidden_size"],
+        num_layers=b["num_hidden_layers"],
+        fusion_layer=b["fusion_layer"],
+        num_heads=b["num_attention_heads"],
+        intermediate_size=b["intermediate_size"],
+        max_position_embeddings=b["max_position_embeddings"],
+        layer_norm_eps=b["layer_norm_eps"],
+        hidden_dropout=b["hidden_dropout_prob"],
+        attention_dropout=b["attention_probs_dropout_prob"],
+        encoder_width=b["encoder_width"],
+        pad_token_id=b.get("pad_token_id", 0),
+        type_vocab_size=b["type_vocab_size"] if b.get("add_type_embeddings", True) else 0,
+    )
+    return ALBEFConfig(
+        vision=vision,
+        text=text,
+        embed_dim=h["embed_dim"],
+        temp=h["temp_init"],
+        queue_size=h["queue_size"],
+        momentum=h["momentum"],
+        alpha=h["alpha"],
+        mlm_probability=h["mlm_mask_prob"],
+        max_text_len=h["pretrain_max_txt_len"],
+        add_sep=True,
+        text_cleaning="blip",
+    )
 
 
 def _load(path: Path) -> Any:
@@ -112,8 +143,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _sums(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: torch.stack([v.double().sum(), (v.double() ** 2).sum()]) for k, v in sd.items()
-            if v.is_floating_point()}
+    return {k: torch.stack([v.double().sum(), (v.double() ** 2).sum()]) for k, v in sd.items() if v.is_floating_point()}
 
 
 class _Task:
@@ -139,20 +169,36 @@ class _Task:
         return x.to(self.torch_dtype) if x.is_floating_point() else x
 
 
-def _pretrain_step(task: _Task, mlm: bool, retrieval: bool, rec: dict, draws_in: dict, inputs: dict, io: dict,
-                   key: str, per_alpha: dict, fast: bool):
+def _pretrain_step(
+    task: _Task,
+    mlm: bool,
+    retrieval: bool,
+    rec: dict,
+    draws_in: dict,
+    inputs: dict,
+    io: dict,
+    key: str,
+    per_alpha: dict,
+    fast: bool,
+):
     model = ALBEF(task.cfg, mlm_head=mlm, fast=fast)
     trainer = ALBEFPretrainer(model, mlm=mlm, with_idx=retrieval, hard_negative_eps=0.0).to(task.torch_dtype)
     trainer.load_state_dict(task.state_dict(), strict=True)
     before = io.get("momentum_param_sums_before_update")
     if before is not None and key == next(iter(per_alpha)) and not fast:
-        task.check("momentum_param_sums_before_update (all tensors)", _stack_sums(trainer, before),
-                   _stack_ref(before))
-    draws = PretrainDraws(draws_in["neg_image_idx"], draws_in["neg_text_idx"],
-                          draws_in.get("mlm_input_ids"), draws_in.get("mlm_labels"))
+        task.check("momentum_param_sums_before_update (all tensors)", _stack_sums(trainer, before), _stack_ref(before))
+    draws = PretrainDraws(
+        draws_in["neg_image_idx"], draws_in["neg_text_idx"], draws_in.get("mlm_input_ids"), draws_in.get("mlm_labels")
+    )
     trainer.train()
-    out = trainer(task.t(inputs["image"]), inputs["input_ids"], inputs["attention_mask"],
-                  alpha=float(rec["alpha"]), idx=inputs["image_id"] if retrieval else None, draws=draws)
+    out = trainer(
+        task.t(inputs["image"]),
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        alpha=float(rec["alpha"]),
+        idx=inputs["image_id"] if retrieval else None,
+        draws=draws,
+    )
     return trainer, out
 
 
@@ -191,32 +237,50 @@ def _pretrain_like(task: _Task, mlm: bool) -> None:
     with torch.no_grad():  # every position of the scored pairs' fusion pass (the plain model's run)
         text, mask = s.text_embeds[itm.text_rows], inputs["attention_mask"][itm.text_rows]
         fused = trainer.model.fuse(text, mask, s.image_embeds[itm.image_rows])
-    for name, ours in [("image_embeds", s.image_embeds), ("text_embeds", s.text_embeds),
-                       ("image_feat", s.image_feat), ("text_feat", s.text_feat),
-                       ("image_embeds_m", m.image_embeds), ("text_embeds_m", m.text_embeds),
-                       ("image_feat_m", m.image_feat), ("text_feat_m", m.text_feat),
-                       ("sim_i2t", itc.sim_i2t), ("sim_t2i", itc.sim_t2i), ("sim_i2t_m", itc.sim_i2t_m),
-                       ("sim_t2i_m", itc.sim_t2i_m), ("fused_pos_last_hidden", fused[:B]),
-                       ("fused_neg_last_hidden", fused[B:]), ("itm_logits", itm.logits),
-                       ("itm_labels", itm.labels), ("loss_itm", itm.loss),
-                       ("image_queue_after", trainer.queue.image_queue), ("text_queue_after", trainer.queue.text_queue),
-                       ("queue_ptr_after", trainer.queue.queue_ptr)]:
+    for name, ours in [
+        ("image_embeds", s.image_embeds),
+        ("text_embeds", s.text_embeds),
+        ("image_feat", s.image_feat),
+        ("text_feat", s.text_feat),
+        ("image_embeds_m", m.image_embeds),
+        ("text_embeds_m", m.text_embeds),
+        ("image_feat_m", m.image_feat),
+        ("text_feat_m", m.text_feat),
+        ("sim_i2t", itc.sim_i2t),
+        ("sim_t2i", itc.sim_t2i),
+        ("sim_i2t_m", itc.sim_i2t_m),
+        ("sim_t2i_m", itc.sim_t2i_m),
+        ("fused_pos_last_hidden", fused[:B]),
+        ("fused_neg_last_hidden", fused[B:]),
+        ("itm_logits", itm.logits),
+        ("itm_labels", itm.labels),
+        ("loss_itm", itm.loss),
+        ("image_queue_after", trainer.queue.image_queue),
+        ("text_queue_after", trainer.queue.text_queue),
+        ("queue_ptr_after", trainer.queue.queue_ptr),
+    ]:
         task.check(f"outputs/{name}", ours, outputs[name])
     if "temp" in outputs:
         task.check("outputs/temp", trainer.model.temp, outputs["temp"])
     if retrieval:
         task.check("outputs/idx_queue_after", trainer.queue.idx_queue, outputs["idx_queue_after"])
-        pos = torch.eq(inputs["image_id"].view(-1, 1), torch.cat([inputs["image_id"].view(1, -1),
-                       torch.as_tensor(task.authors_sd["idx_queue"])], dim=1)).double()
-        task.check("outputs/multi_positive_targets (recomputed from the recorded ids)", pos / pos.sum(1, keepdim=True),
-                   outputs["multi_positive_targets"])
+        pos = torch.eq(
+            inputs["image_id"].view(-1, 1),
+            torch.cat([inputs["image_id"].view(1, -1), torch.as_tensor(task.authors_sd["idx_queue"])], dim=1),
+        ).double()
+        task.check(
+            "outputs/multi_positive_targets (recomputed from the recorded ids)",
+            pos / pos.sum(1, keepdim=True),
+            outputs["multi_positive_targets"],
+        )
     # The reference hands these rows to multinomial; compare the distributions they define.
     for name, w in [("weights_t2i", itm.weights_t2i), ("weights_i2t", itm.weights_i2t)]:
         ref = draws_in[name]
         task.check(f"draws/{name} (row-normalised)", w / w.sum(1, keepdim=True), ref / ref.sum(1, keepdim=True))
     if mlm:
-        task.check("outputs/mlm_masked_positions", out.draws.mlm_labels.ne(-100).nonzero(),
-                   outputs["mlm_masked_positions"])
+        task.check(
+            "outputs/mlm_masked_positions", out.draws.mlm_labels.ne(-100).nonzero(), outputs["mlm_masked_positions"]
+        )
         task.check("outputs/mlm_logits_masked", out.mlm.logits, outputs["mlm_logits_masked"])
         task.check("outputs/mlm_logits_m_masked", out.mlm.logits_m, outputs["mlm_logits_m_masked"])
         distill = soft_cross_entropy(out.mlm.logits, out.mlm.logits_m.softmax(-1))
@@ -236,8 +300,9 @@ def _pretrain_like(task: _Task, mlm: bool) -> None:
     missing = sorted(set(ref_sums) - set(sums))
     if missing:
         raise KeyError(f"momentum tensors recorded by the reference but absent here: {missing[:5]}")
-    task.check("momentum_param_sums_after_update (all tensors)", torch.stack([sums[k] for k in ref_sums]),
-               _stack_ref(ref_sums))
+    task.check(
+        "momentum_param_sums_after_update (all tensors)", torch.stack([sums[k] for k in ref_sums]), _stack_ref(ref_sums)
+    )
 
 
 def _stack_ref(ref: dict[str, Tensor]) -> Tensor:
@@ -261,8 +326,13 @@ def _classifier(task: _Task, num_images: int) -> None:
         trainer = ClassifierTrainer(model, task.cfg.momentum, lavis_teacher_text_encoder=num_images == 2)
         trainer.to(task.torch_dtype).load_state_dict(task.state_dict(), strict=True)
         trainer.train()
-        out = trainer(images if num_images == 2 else images[0], inputs["input_ids"], inputs["attention_mask"],
-                      inputs["label"], alpha=float(rec["alpha"]))
+        out = trainer(
+            images if num_images == 2 else images[0],
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["label"],
+            alpha=float(rec["alpha"]),
+        )
         task.check(f"per_alpha/{key}/loss", out.loss, rec["loss"])
         task.check(f"per_alpha/{key}/logits_m", out.logits_m, rec["logits_m"])
         task.check("outputs/logits", out.logits, outputs["logits"])
@@ -270,13 +340,20 @@ def _classifier(task: _Task, num_images: int) -> None:
     names = ["image_embeds"] if num_images == 1 else ["image0_embeds", "image1_embeds"]
     for name, e in zip(names, embeds, strict=True):
         task.check(f"outputs/{name}", e, outputs[name])
-    _hidden_both_ways(task, "outputs/encoder_last_hidden", outputs["encoder_last_hidden"], inputs["attention_mask"],
-                      lambda: model.text_encoder(inputs["input_ids"], inputs["attention_mask"], embeds), model)
+    _hidden_both_ways(
+        task,
+        "outputs/encoder_last_hidden",
+        outputs["encoder_last_hidden"],
+        inputs["attention_mask"],
+        lambda: model.text_encoder(inputs["input_ids"], inputs["attention_mask"], embeds),
+        model,
+    )
     _momentum_sums(task, trainer)
 
 
-def _hidden_both_ways(task: _Task, name: str, ref: Tensor, mask: Tensor, run: Callable[[], Tensor],
-                      model: torch.nn.Module) -> None:
+def _hidden_both_ways(
+    task: _Task, name: str, ref: Tensor, mask: Tensor, run: Callable[[], Tensor], model: torch.nn.Module
+) -> None:
     """A whole hidden-state tensor: every position as the reference computes it (padding
     included), from the plain model, and the real tokens from the fast one, which skips padding."""
     task.check(name, run_plain(model, run), ref)
@@ -305,16 +382,27 @@ def _vqa(task: _Task) -> None:
         trainer = VQATrainer(model, task.cfg.momentum, label_smoothing=0.1)  # LAVIS smooths; the authors don't
         trainer.to(task.torch_dtype).load_state_dict(task.state_dict(), strict=True)
         trainer.train()
-        out = trainer(images, inp["question_input_ids"], inp["question_attention_mask"], inp["answer_input_ids"],
-                      inp["answer_attention_mask"], task.t(inp["answer_weights"]), inp["n_answers"],
-                      alpha=float(rec["alpha"]))
+        out = trainer(
+            images,
+            inp["question_input_ids"],
+            inp["question_attention_mask"],
+            inp["answer_input_ids"],
+            inp["answer_attention_mask"],
+            task.t(inp["answer_weights"]),
+            inp["n_answers"],
+            alpha=float(rec["alpha"]),
+        )
         task.check(f"train/per_alpha/{key}/per_answer_loss", out.per_answer_loss, rec["per_answer_loss"])
         task.check(f"train/per_alpha/{key}/loss", out.loss, rec["loss"])
     task.check("train/outputs/image_embeds", model.visual_encoder(images), train["outputs"]["image_embeds"])
-    _hidden_both_ways(task, "train/outputs/question_states", train["outputs"]["question_states"],
-                      inp["question_attention_mask"],
-                      lambda: model.encode_question(images, inp["question_input_ids"], inp["question_attention_mask"]),
-                      model)
+    _hidden_both_ways(
+        task,
+        "train/outputs/question_states",
+        train["outputs"]["question_states"],
+        inp["question_attention_mask"],
+        lambda: model.encode_question(images, inp["question_input_ids"], inp["question_attention_mask"]),
+        model,
+    )
     logp = out.logits[:, :-1].log_softmax(-1)
     targets = inp["answer_targets"][:, 1:]
     tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
@@ -325,16 +413,23 @@ def _vqa(task: _Task) -> None:
     q, qm = out.question_states.detach(), inp["question_attention_mask"]
     ids, mask, k = inp["answer_list_input_ids"], inp["answer_list_attention_mask"], int(inp["k_test"])
     lavis = rank_answers(model, q, qm, ids, mask, k, scoring="lavis", label_smoothing=0.1)
-    for name, ours in [("first_token_logits", lavis["first_token_logits"]),
-                       ("prob_first_token", lavis["prob_first_token"]),
-                       ("topk_probs", lavis["topk_probs"]), ("topk_ids", lavis["topk_ids"]),
-                       ("candidate_loss", lavis["candidate_nll"]), ("log_probs_sum", lavis["log_probs_sum"]),
-                       ("pred_answer_idx", lavis["ranked_ids"][:, 0])]:
+    for name, ours in [
+        ("first_token_logits", lavis["first_token_logits"]),
+        ("prob_first_token", lavis["prob_first_token"]),
+        ("topk_probs", lavis["topk_probs"]),
+        ("topk_ids", lavis["topk_ids"]),
+        ("candidate_loss", lavis["candidate_nll"]),
+        ("log_probs_sum", lavis["log_probs_sum"]),
+        ("pred_answer_idx", lavis["ranked_ids"][:, 0]),
+    ]:
         task.check(f"rank/{name}", ours, ref[name])
     authors = rank_answers(model, q, qm, ids, mask, k, scoring="albef")
     off = ref["official_formula"]
-    task.check("rank/official_formula/candidate_answer_loss_no_smoothing", authors["candidate_nll"],
-               off["candidate_answer_loss_no_smoothing"])
+    task.check(
+        "rank/official_formula/candidate_answer_loss_no_smoothing",
+        authors["candidate_nll"],
+        off["candidate_answer_loss_no_smoothing"],
+    )
     task.check("rank/official_formula/log_probs_sum", authors["log_probs_sum"], off["log_probs_sum"])
     task.check("rank/official_formula/rerank_probs", authors["scores"], off["rerank_probs"])
     task.check("rank/official_formula/rerank_answer_idx", authors["ranked_ids"], off["rerank_answer_idx"])
@@ -360,8 +455,12 @@ TASKS: dict[str, Callable[[_Task], None]] = {
 }
 
 
-def run_parity(root: str | Path, dtypes: tuple[str, ...] = ("float64", "float32"),
-               tasks: tuple[str, ...] | None = None, plain: bool = False) -> list[Check]:
+def run_parity(
+    root: str | Path,
+    dtypes: tuple[str, ...] = ("float64", "float32"),
+    tasks: tuple[str, ...] | None = None,
+    plain: bool = False,
+) -> list[Check]:
     """Recompute every supported task's vectors in each dtype; return the comparisons. ``plain``:
     the plain model alone (not the fast one that models are built as)."""
     root = Path(root)
@@ -386,8 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="parity folder (config.json, <task>_state_dict.pt, <task>_io.pt)")
     p.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     p.add_argument("--task", action="append", choices=list(TASKS), help="only these tasks (repeatable)")
-    p.add_argument("--plain", action="store_true",
-                   help="check the plain model alone (albef.models without the speedups of albef.models.fast)")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="check the plain model alone (albef.models without the speedups of albef.models.fast)",
+    )
     args = p.parse_args(argv)
     dtypes = tuple(DTYPES) if args.dtype == "both" else (args.dtype,)
     torch.manual_seed(0)

@@ -88,15 +88,17 @@ def native_bf16(device: str | torch.device) -> bool:
 def _why(device: torch.device) -> str:
     if device.type == "cpu":
         feats = cpu_bf16_features()
-        return (f"the CPU has {' and '.join(f.upper() for f in feats)}" if feats
-                else "the CPU has neither AVX512_BF16 nor AMX-BF16")
+        return (
+            f"the CPU has {' and '.join(f.upper() for f in feats)}"
+            if feats
+            else "the CPU has neither AVX512_BF16 nor AMX-BF16"
+        )
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} {'has' if native_bf16(device) else 'lacks'} native bf16"
     return f"{device.type} is not a CUDA device or CPU"
 
 
-def resolve_precision(precision: str, device: str | torch.device, what: str = "precision",
-                      report: bool = False) -> str:
+def resolve_precision(precision: str, device: str | torch.device, what: str = "precision", report: bool = False) -> str:
     """``precision`` (fp32 | bf16 | fp16 | auto) for ``device`` as ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
     ``auto``: bf16 where :func:`native_bf16`, else fp32. ``fp16`` off CUDA is an error; ``bf16``
@@ -113,11 +115,16 @@ def resolve_precision(precision: str, device: str | torch.device, what: str = "p
             log.info("%s=auto: %s on %s (%s)", what, chosen, device.type, _why(device))
         return chosen
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"{what}=fp16 needs a CUDA device (float16 autocast with loss scaling); on the "
-                         f"{device.type} use bf16 (or auto)")
+        raise ValueError(
+            f"{what}=fp16 needs a CUDA device (float16 autocast with loss scaling); on the "
+            f"{device.type} use bf16 (or auto)"
+        )
     if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
-        warnings.warn(f"{what}=bf16 on a CPU without native bfloat16 ({_why(device)}): it works, emulated, "
-                      "but runs slower than fp32; use fp32 or auto", stacklevel=2)
+        warnings.warn(
+            f"{what}=bf16 on a CPU without native bfloat16 ({_why(device)}): it works, emulated, "
+            "but runs slower than fp32; use fp32 or auto",
+            stacklevel=2,
+        )
     if report:
         log.info("%s: %s on %s", what, precision, device.type)
     return precision
@@ -138,7 +145,11 @@ def autocast(device: str | torch.device, precision: str) -> AbstractContextManag
 
 def add_precision_option(parser, default: str = "fp32") -> None:
     """The ``--precision {fp32,bf16,auto}`` option of the inference commands."""
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default=default,
-                        help="fp32; bf16: autocast to bfloat16 around the forward passes (scores in float32); "
-                             "auto: bf16 where the GPU or CPU has native bfloat16 (AVX512_BF16 / AMX), else fp32 "
-                             f"(default {default})")
+    parser.add_argument(
+        "--precision",
+        choices=INFERENCE_PRECISIONS,
+        default=default,
+        help="fp32; bf16: autocast to bfloat16 around the forward passes (scores in float32); "
+        "auto: bf16 where the GPU or CPU has native bfloat16 (AVX512_BF16 / AMX), else fp32 "
+        f"(default {default})",
+    )

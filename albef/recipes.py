@@ -39,13 +39,15 @@ class ModelSection:
         if self.init and not Path(self.init).exists():
             raise FileNotFoundError(
                 f"model.init: {self.init} not found. It must be an authors' checkpoint (.pth, e.g. ALBEF.pth), "
-                "a run's checkpoint_last.pt or an albef model folder; set model.init=PATH or model.init=null")
+                "a run's checkpoint_last.pt or an albef model folder; set model.init=PATH or model.init=null"
+            )
         if self.vision_init and not Path(self.vision_init).is_file():
             raise FileNotFoundError(
                 f"model.vision_init: {self.vision_init} not found. It must be a timm/DeiT ViT state dict "
                 "(.pth, bare or {'model': ...}, or .safetensors) of the preset's ViT, e.g. DeiT-B/16's "
                 "deit_base_patch16_224-b5f2ef4d.pth for albef-base; set model.vision_init=PATH, or "
-                "model.vision_init=null to start the ViT from random weights")
+                "model.vision_init=null to start the ViT from random weights"
+            )
         if self.text_init and self.text_init != "minilm":
             folder = Path(self.text_init)
             weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin")]
@@ -55,7 +57,8 @@ class ModelSection:
                     f"model.text_init: {folder} {what}. It must be a Hugging Face BERT folder holding config.json "
                     "and model.safetensors or pytorch_model.bin (bert-base-uncased for albef-base, e.g. saved "
                     "with transformers' save_pretrained); set model.text_init=PATH, or model.text_init=null to "
-                    "start the text side from random weights")
+                    "start the text side from random weights"
+                )
 
 
 @dataclass
@@ -169,7 +172,7 @@ class PretrainRecipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PretrainRecipe":
+    def from_dict(cls, d: dict[str, Any]) -> PretrainRecipe:
         recipe = _build(cls, d, "")
         _check(recipe)
         return recipe
@@ -188,8 +191,7 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(fields)
     if unknown:
-        raise ValueError(f"unknown recipe keys in {where or '(top)'}: {sorted(unknown)}; "
-                         f"known: {sorted(fields)}")
+        raise ValueError(f"unknown recipe keys in {where or '(top)'}: {sorted(unknown)}; known: {sorted(fields)}")
     kwargs = {}
     for k, v in d.items():
         sub = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
@@ -243,16 +245,23 @@ def _coerce(v: Any, type_name: str, key: str) -> Any:
             return tuple(v)
         if t.startswith("dict[") and isinstance(v, dict):
             return v
-    raise ValueError(f"recipe key {key}: {'empty' if v is None else repr(v)} is not allowed; give {_allowed(options, key)}")
+    raise ValueError(
+        f"recipe key {key}: {'empty' if v is None else repr(v)} is not allowed; give {_allowed(options, key)}"
+    )
 
 
 def _allowed(options: list[str], key: str) -> str:
-    words = {"bool": "true or false (unquoted)", "int": "an integer", "float": "a number", "None": "null",
-             "str": " / ".join(CHOICES[key]) if key in CHOICES else "a string"}
+    words = {
+        "bool": "true or false (unquoted)",
+        "int": "an integer",
+        "float": "a number",
+        "None": "null",
+        "str": " / ".join(CHOICES[key]) if key in CHOICES else "a string",
+    }
     return " or ".join(words.get(t, t) for t in options)
 
 
-def _check(recipe: "PretrainRecipe") -> None:
+def _check(recipe: PretrainRecipe) -> None:
     """Values a run cannot use, refused before any data is read or folder made."""
     d, t = recipe.data, recipe.train
     problems = []
@@ -262,36 +271,74 @@ def _check(recipe: "PretrainRecipe") -> None:
             problems.append(f"{key} = {value!r}: must be {allowed}")
 
     finite = math.isfinite
-    for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                   ("train.log_every", t.log_every), ("train.k_test", t.k_test), ("train.val_batch_size", t.val_batch_size),
-                   ("data.max_words", d.max_words), ("data.shuffle_buffer", d.shuffle_buffer),
-                   ("data.group_size", d.group_size)):
+    for key, v in (
+        ("train.epochs", t.epochs),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("train.log_every", t.log_every),
+        ("train.k_test", t.k_test),
+        ("train.val_batch_size", t.val_batch_size),
+        ("data.max_words", d.max_words),
+        ("data.shuffle_buffer", d.shuffle_buffer),
+        ("data.group_size", d.group_size),
+    ):
         need(v >= 1, key, "an integer >= 1", v)
-    need(t.batch_size % max(1, d.group_size) == 0, "data.group_size", f"a divisor of train.batch_size "
-         f"({t.batch_size}): a group is kept in one micro-batch", d.group_size)
-    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null (every epoch) or an integer >= 1",
-         t.max_steps)
-    for key, v in (("train.checkpoint_every", t.checkpoint_every), ("train.warmup_epochs", t.warmup_epochs),
-                   ("train.warmup_steps", t.warmup_steps), ("data.num_workers", d.num_workers),
-                   ("data.min_seen_for_bad_check", d.min_seen_for_bad_check)):
+    need(
+        t.batch_size % max(1, d.group_size) == 0,
+        "data.group_size",
+        f"a divisor of train.batch_size ({t.batch_size}): a group is kept in one micro-batch",
+        d.group_size,
+    )
+    need(
+        t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null (every epoch) or an integer >= 1", t.max_steps
+    )
+    for key, v in (
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.warmup_epochs", t.warmup_epochs),
+        ("train.warmup_steps", t.warmup_steps),
+        ("data.num_workers", d.num_workers),
+        ("data.min_seen_for_bad_check", d.min_seen_for_bad_check),
+    ):
         need(v >= 0, key, "an integer >= 0" + (" (0: only at each epoch's end)" if "checkpoint" in key else ""), v)
     need(finite(t.lr) and t.lr > 0, "train.lr", "a number > 0", t.lr)
-    for key, v in (("train.min_lr", t.min_lr), ("train.warmup_lr", t.warmup_lr), ("train.weight_decay", t.weight_decay),
-                   ("train.alpha_ramp_epochs", t.alpha_ramp_epochs), ("train.hard_negative_eps", t.hard_negative_eps)):
+    for key, v in (
+        ("train.min_lr", t.min_lr),
+        ("train.warmup_lr", t.warmup_lr),
+        ("train.weight_decay", t.weight_decay),
+        ("train.alpha_ramp_epochs", t.alpha_ramp_epochs),
+        ("train.hard_negative_eps", t.hard_negative_eps),
+    ):
         need(finite(v) and v >= 0, key, "a number >= 0", v)
     need(0 <= t.alpha <= 1, "train.alpha", "a number in [0, 1]", t.alpha)
     need(0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)", t.label_smoothing)
-    need(t.max_grad_norm is None or (finite(t.max_grad_norm) and t.max_grad_norm > 0), "train.max_grad_norm",
-         "null (no clipping) or a number > 0", t.max_grad_norm)
-    need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1] (0.01 = 1 %)",
-         d.max_bad_fraction)
+    need(
+        t.max_grad_norm is None or (finite(t.max_grad_norm) and t.max_grad_norm > 0),
+        "train.max_grad_norm",
+        "null (no clipping) or a number > 0",
+        t.max_grad_norm,
+    )
+    need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1] (0.01 = 1 %)", d.max_bad_fraction)
     lo_hi = tuple(d.crop_scale)
-    need(len(lo_hi) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lo_hi)
-         and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.crop_scale", "[low, high] with 0 < low <= high <= 1", list(lo_hi))
-    need(d.epoch_samples is None or d.epoch_samples >= 1, "data.epoch_samples", "null or an integer >= 1",
-         d.epoch_samples)
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", "auto, cpu, cuda or cuda:N",
-         t.device)
+    need(
+        len(lo_hi) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lo_hi)
+        and 0 < lo_hi[0] <= lo_hi[1] <= 1,
+        "data.crop_scale",
+        "[low, high] with 0 < low <= high <= 1",
+        list(lo_hi),
+    )
+    need(
+        d.epoch_samples is None or d.epoch_samples >= 1,
+        "data.epoch_samples",
+        "null or an integer >= 1",
+        d.epoch_samples,
+    )
+    need(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+        "train.device",
+        "auto, cpu, cuda or cuda:N",
+        t.device,
+    )
     if problems:
         raise ValueError("recipe values out of range:\n  " + "\n  ".join(problems))
 

@@ -122,8 +122,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # The tokenizers' own normalizer (as :class:`Tokenizer` sets it): it drops control and format
 # characters (NUL, zero-width spaces, ...) and turns whitespace into spaces, so a text it leaves
 # blank gives no token at all.
-_NORMALIZER = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=False,
-                                         lowercase=False)
+_NORMALIZER = normalizers.BertNormalizer(
+    clean_text=True, handle_chinese_chars=False, strip_accents=False, lowercase=False
+)
 
 
 def check_text(text: object, what: str = "text") -> str:
@@ -141,9 +142,11 @@ def check_text(text: object, what: str = "text") -> str:
         raise BadTextError(f"{what} must be a string, not {'null' if text is None else type(text).__name__}")
     m = _SURROGATE.search(text)
     if m:
-        raise BadTextError(f"{what} holds a lone surrogate {ascii(m.group())} at character {m.start()} "
-                           "(undecodable bytes or an unpaired \\udXXX JSON escape); the tokenizer cannot take it: "
-                           "fix the text (re-encode the file as UTF-8)")
+        raise BadTextError(
+            f"{what} holds a lone surrogate {ascii(m.group())} at character {m.start()} "
+            "(undecodable bytes or an unpaired \\udXXX JSON escape); the tokenizer cannot take it: "
+            "fix the text (re-encode the file as UTF-8)"
+        )
     return text
 
 
@@ -169,8 +172,9 @@ def clean_question(text: str, style: str = "albef", max_words: int = 30) -> str:
     return _dispatch(_QUESTION_CLEANERS, "question", check_text(text, "question"), style, max_words)
 
 
-def clean_text(text: object, what: str = "'caption'", style: str = "albef", max_words: int = 30,
-               question: bool = False) -> str:
+def clean_text(
+    text: object, what: str = "'caption'", style: str = "albef", max_words: int = 30, question: bool = False
+) -> str:
     """The cleaning step of every annotation reader, training and evaluation: the cleaned text,
     or :class:`BadTextError` naming ``what`` (the field) when it is missing, not a string, holds a
     lone surrogate, or cleans to nothing the tokenizer keeps (punctuation only, NUL or other

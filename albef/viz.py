@@ -8,8 +8,13 @@ from PIL import Image
 from torch import Tensor
 
 
-def overlay(image: Image.Image, heat: Tensor, alpha: float = 0.5, boxes: list[tuple[float, ...]] | None = None,
-            highlight: int | None = None) -> Image.Image:
+def overlay(
+    image: Image.Image,
+    heat: Tensor,
+    alpha: float = 0.5,
+    boxes: list[tuple[float, ...]] | None = None,
+    highlight: int | None = None,
+) -> Image.Image:
     """Blend a [H, W] heat map (any range) over ``image`` with the jet colour map; draw boxes."""
     h = heat.detach().float().cpu().numpy()
     h = (h - h.min()) / (h.max() - h.min() + 1e-12)
@@ -21,6 +26,9 @@ def overlay(image: Image.Image, heat: Tensor, alpha: float = 0.5, boxes: list[tu
 
         draw = ImageDraw.Draw(out)
         for i, (x, y, w, bh) in enumerate(boxes):
-            draw.rectangle([x, y, x + w, y + bh], outline=(255, 255, 255) if i != highlight else (0, 255, 0),
-                           width=2 if i == highlight else 1)
+            draw.rectangle(
+                [x, y, x + w, y + bh],
+                outline=(255, 255, 255) if i != highlight else (0, 255, 0),
+                width=2 if i == highlight else 1,
+            )
     return out

@@ -46,8 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -60,8 +60,10 @@ from albef.mdblock import write_block  # noqa: E402
 from albef.models.albef import checkpointed_parts  # noqa: E402
 from albef.training.optim import one_process_in_backward  # noqa: E402
 
-WORDS = ("a man woman dog cat red blue small large riding sitting standing on the in of with next to "
-         "street field table plate bike horse two people child green white car tree building water").split()
+WORDS = (
+    "a man woman dog cat red blue small large riding sitting standing on the in of with next to "
+    "street field table plate bike horse two people child green white car tree building water"
+).split()
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -110,9 +112,11 @@ def set_tf32(on: bool) -> None:
 
 # dense tensor-core peaks from the vendor's datasheets (FLOP/s), for MFU against the chip rather
 # than against the matrix multiply measured in the run
-DATASHEET_PEAK = {"H200": {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
-                  "H100 80GB HBM3": {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
-                  "A100": {"bfloat16": 312e12, "tf32": 156e12, "float32": 19.5e12}}
+DATASHEET_PEAK = {
+    "H200": {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
+    "H100 80GB HBM3": {"bfloat16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
+    "A100": {"bfloat16": 312e12, "tf32": 156e12, "float32": 19.5e12},
+}
 
 
 def datasheet_peak(dtype: str) -> float | None:
@@ -131,9 +135,17 @@ def matmul_flops_per_s(dev: torch.device, dtype: torch.dtype, n: int) -> float:
 
 
 # -- pretraining step ---------------------------------------------------------------------------
-def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.dtype | None,
-                   sides: tuple[str, ...] = ("ours", "theirs"), grad_checkpointing: bool | str = False,
-                   in_backward: bool = False, trim: bool = False, ref_amp: torch.dtype | None = None):
+def pretrain_sides(
+    cfg: ALBEFConfig,
+    batch: int,
+    dev: torch.device,
+    amp: torch.dtype | None,
+    sides: tuple[str, ...] = ("ours", "theirs"),
+    grad_checkpointing: bool | str = False,
+    in_backward: bool = False,
+    trim: bool = False,
+    ref_amp: torch.dtype | None = None,
+):
     """(ours_step, theirs_step, ours_model, theirs_model): forward, backward and AdamW closures
     (None for a side not in ``sides``). ``trim``: our step ends as our training loop's does, which
     on the CPU with checkpointing gives the freed heap back (albef/training/heap.py). Only for a
@@ -182,6 +194,7 @@ def pretrain_sides(cfg: ALBEFConfig, batch: int, dev: torch.device, amp: torch.d
             if trim and model is ours:
                 release_after_step(dev.type == "cpu", checkpointing)
             after()
+
         return go
 
     def run_ours(m):  # as albef.training.loop: the momentum features are enqueued after the step
@@ -210,19 +223,42 @@ def step_flops(step: Callable) -> float:
 def peak_rss_of(side: str, args: argparse.Namespace) -> tuple[float, float]:
     """(peak RSS in MB, median step in s) of a fresh process that builds one side and runs four
     steps (the first untimed)."""
-    cmd = [sys.executable, __file__, "--rss-probe", side, "--preset", args.preset, "--res", str(args.res),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--rss-probe",
+        side,
+        "--preset",
+        args.preset,
+        "--res",
+        str(args.res),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+    ]
     cmd += ["--bf16"] * args.bf16 + ["--ref-bf16"] * args.ref_bf16 + ["--tf32"] * args.tf32
     cmd += ["--grad-checkpointing", args.grad_checkpointing, "--optimizer-in-backward", args.optimizer_in_backward]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     peak, step_s = out.stdout.strip().splitlines()[-1].split()
     return float(peak), float(step_s)
 
 
 def bench_pretrain(args, dev, amp) -> dict:
     cfg = config(args.preset, args.res)
-    ours, theirs, m_a, m_b = pretrain_sides(cfg, args.batch, dev, amp, grad_checkpointing=args.grad_checkpointing,
-                                            in_backward=in_backward(args, amp), ref_amp=ref_amp(args, dev))
+    ours, theirs, m_a, m_b = pretrain_sides(
+        cfg,
+        args.batch,
+        dev,
+        amp,
+        grad_checkpointing=args.grad_checkpointing,
+        in_backward=in_backward(args, amp),
+        ref_amp=ref_amp(args, dev),
+    )
     n_a = sum(p.numel() for p in m_a.parameters())
     n_b = sum(p.numel() for p in m_b.parameters())
     m_a.model.set_grad_checkpointing(False)  # model FLOPs: the recomputation is not useful work
@@ -231,11 +267,23 @@ def bench_pretrain(args, dev, amp) -> dict:
     # on a GPU the two sides share one caching allocator: more warm-up rounds let it settle (the
     # first H200 run, with one, had our bf16 steps 2-5 three times slower than steps 6-10)
     a, b = alternate(ours, theirs, dev, args.reps, warmup=3 if dev.type == "cuda" else 1)
-    res = {"what": "pretrain", "preset": args.preset, "res": args.res, "batch": args.batch, "reps": args.reps,
-           "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
-           "theirs_dtype": str(ref_amp(args, dev) or torch.float32).removeprefix("torch."),
-           "params_ours": n_a, "params_theirs": n_b, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
-           "ours_all": a, "theirs_all": b, "flops_per_step": flops, "flops_per_step_theirs": flops_theirs}
+    res = {
+        "what": "pretrain",
+        "preset": args.preset,
+        "res": args.res,
+        "batch": args.batch,
+        "reps": args.reps,
+        "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
+        "theirs_dtype": str(ref_amp(args, dev) or torch.float32).removeprefix("torch."),
+        "params_ours": n_a,
+        "params_theirs": n_b,
+        "ours_s": statistics.median(a),
+        "theirs_s": statistics.median(b),
+        "ours_all": a,
+        "theirs_all": b,
+        "flops_per_step": flops,
+        "flops_per_step_theirs": flops_theirs,
+    }
     # peak memory of each side alone, in fresh processes (both share this one), alternating; the
     # median is reported: a CPU process's peak RSS moves from run to run with the heap's layout
     # (the reference's ranged 6.1-6.6 GB across single probes at albef-base)
@@ -251,8 +299,14 @@ def probe_medians(probes: list[dict[str, tuple[float, float]]]) -> dict:
     out = {}
     for side in ("ours", "theirs"):
         peaks, steps = [p[side][0] for p in probes], [p[side][1] for p in probes]
-        out.update({f"peak_mb_{side}": statistics.median(peaks), f"alone_s_{side}": statistics.median(steps),
-                    f"peak_mb_{side}_all": peaks, f"alone_s_{side}_all": steps})
+        out.update(
+            {
+                f"peak_mb_{side}": statistics.median(peaks),
+                f"alone_s_{side}": statistics.median(steps),
+                f"peak_mb_{side}_all": peaks,
+                f"alone_s_{side}_all": steps,
+            }
+        )
     return out
 
 
@@ -273,7 +327,9 @@ def setup_words(args) -> list[str]:
     if vision or text:
         words.append("gradient checkpointing" + ("" if text else " of the ViT"))
     if in_backward(args, None):
-        words.append("AdamW in the backward" + (" (the loop's default)" if args.optimizer_in_backward == "auto" else ""))
+        words.append(
+            "AdamW in the backward" + (" (the loop's default)" if args.optimizer_in_backward == "auto" else "")
+        )
     return words
 
 
@@ -283,9 +339,17 @@ def rss_probe(args) -> None:
     dev = torch.device(args.device)
     set_tf32(args.tf32)
     amp = torch.bfloat16 if (args.bf16 and args.rss_probe == "ours") else None
-    ours, theirs, _, _ = pretrain_sides(config(args.preset, args.res), args.batch, dev, amp, sides=(args.rss_probe,),
-                                        grad_checkpointing=args.grad_checkpointing,
-                                        in_backward=in_backward(args, amp), trim=True, ref_amp=ref_amp(args, dev))
+    ours, theirs, _, _ = pretrain_sides(
+        config(args.preset, args.res),
+        args.batch,
+        dev,
+        amp,
+        sides=(args.rss_probe,),
+        grad_checkpointing=args.grad_checkpointing,
+        in_backward=in_backward(args, amp),
+        trim=True,
+        ref_amp=ref_amp(args, dev),
+    )
     fn = ours or theirs
     fn()
     times = [timed(fn, dev) for _ in range(3)]
@@ -314,7 +378,10 @@ def bench_retrieval(args, dev, amp: torch.dtype | None = None) -> dict:
     theirs = R.build_retrieval(L, cfg).to(dev).eval()
     ours = ALBEF(cfg, mlm_head=False).to(dev).eval()
     sd = {k: v for k, v in theirs.state_dict().items() if not k.endswith("_m") and "_m." not in k and "queue" not in k}
-    sd = {("text_encoder.bert." + k[len("text_encoder."):] if k.startswith("text_encoder.") else k): v for k, v in sd.items()}
+    sd = {
+        ("text_encoder.bert." + k[len("text_encoder.") :] if k.startswith("text_encoder.") else k): v
+        for k, v in sd.items()
+    }
     load_albef(ours, from_authors(sd), source="LAVIS retrieval model")
     n_img, k = args.gallery, args.k
     images = torch.randn(n_img, 3, args.res, args.res, device=dev)
@@ -341,12 +408,23 @@ def bench_retrieval(args, dev, amp: torch.dtype | None = None) -> dict:
     i2t_b, t2i_b = (torch.as_tensor(x) for x in out["theirs"])
     agree = torch.cat([i2t_a.argmax(1) == i2t_b.argmax(1), t2i_a.argmax(1) == t2i_b.argmax(1)]).float().mean()
     pairs = k * (n_img + len(texts))
-    return {"what": "retrieval", "preset": args.preset, "res": args.res, "images": n_img, "texts": len(texts), "k": k,
-            "ours_s": statistics.median(a), "theirs_s": statistics.median(b), "pairs": pairs,
-            "max_abs_score_diff": max((d for d in (scored_diff(i2t_a, i2t_b), scored_diff(t2i_a, t2i_b))
-                                       if d == d), default=float("nan")),  # NaN: no pair in common
-            "top1_agreement": agree.item(), "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
-            "theirs_dtype": str(r_amp or torch.float32).removeprefix("torch.")}
+    return {
+        "what": "retrieval",
+        "preset": args.preset,
+        "res": args.res,
+        "images": n_img,
+        "texts": len(texts),
+        "k": k,
+        "ours_s": statistics.median(a),
+        "theirs_s": statistics.median(b),
+        "pairs": pairs,
+        "max_abs_score_diff": max(
+            (d for d in (scored_diff(i2t_a, i2t_b), scored_diff(t2i_a, t2i_b)) if d == d), default=float("nan")
+        ),  # NaN: no pair in common
+        "top1_agreement": agree.item(),
+        "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
+        "theirs_dtype": str(r_amp or torch.float32).removeprefix("torch."),
+    }
 
 
 # -- VQA answer ranking --------------------------------------------------------------------------
@@ -379,14 +457,26 @@ def bench_vqa(args, dev, amp: torch.dtype | None = None) -> dict:
 
     def run_theirs():
         with torch.no_grad(), torch.autocast(dev.type, dtype=r_amp or torch.float32, enabled=r_amp is not None):
-            theirs.predict_answers({"image": images, "text_input": questions}, answer_list=answers,
-                                   num_ans_candidates=k, inference_method="rank")
+            theirs.predict_answers(
+                {"image": images, "text_input": questions},
+                answer_list=answers,
+                num_ans_candidates=k,
+                inference_method="rank",
+            )
 
     a, b = alternate(run_ours, run_theirs, dev, args.reps_eval)
-    return {"what": "vqa", "preset": args.preset, "res": args.res, "questions": args.questions,
-            "answers": len(answers), "k": k, "ours_s": statistics.median(a), "theirs_s": statistics.median(b),
-            "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
-            "theirs_dtype": str(r_amp or torch.float32).removeprefix("torch.")}
+    return {
+        "what": "vqa",
+        "preset": args.preset,
+        "res": args.res,
+        "questions": args.questions,
+        "answers": len(answers),
+        "k": k,
+        "ours_s": statistics.median(a),
+        "theirs_s": statistics.median(b),
+        "ours_dtype": str(amp or torch.float32).removeprefix("torch."),
+        "theirs_dtype": str(r_amp or torch.float32).removeprefix("torch."),
+    }
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -438,78 +528,139 @@ def table(results: list[dict], args, peak_flops: float, dtype: str, gemm: dict |
         ratio = r["ours_s"] / r["theirs_s"]
         if r["what"] == "pretrain":
             lean = setup_words(args)
-            setting = f"{r['preset']} res {r['res']} batch {r['batch']}" + (
-                f", ours with {' and '.join(lean)}" if lean else "") + precision_words(r)
+            setting = (
+                f"{r['preset']} res {r['res']} batch {r['batch']}"
+                + (f", ours with {' and '.join(lean)}" if lean else "")
+                + precision_words(r)
+            )
             f_a, f_b = r["flops_per_step"], r.get("flops_per_step_theirs", r["flops_per_step"])
             probes = r.get("peak_mb_ours_all", [])
-            spread = (f", median of {len(probes)} probes each: {min(probes):.0f}-{max(probes):.0f} / "
-                      f"{min(r['peak_mb_theirs_all']):.0f}-{max(r['peak_mb_theirs_all']):.0f}" if len(probes) > 1 else "")
+            spread = (
+                f", median of {len(probes)} probes each: {min(probes):.0f}-{max(probes):.0f} / "
+                f"{min(r['peak_mb_theirs_all']):.0f}-{max(r['peak_mb_theirs_all']):.0f}"
+                if len(probes) > 1
+                else ""
+            )
             bf16 = r.get("ours_dtype") == "bfloat16"
             pk_a = gemm[torch.bfloat16] if bf16 and gemm else peak_flops  # each side's MFU against its own dtype's rate
             pk_b = gemm[torch.bfloat16] if r.get("theirs_dtype") == "bfloat16" and gemm else peak_flops
-            fp32 = next((q for q in results if q["what"] == "pretrain" and q.get("ours_dtype") != "bfloat16"
-                         and (q["preset"], q["res"], q["batch"]) == (r["preset"], r["res"], r["batch"])), None)
-            speedup = (f"ours bf16 step {fp32['ours_s'] / r['ours_s']:.2f}x faster than ours float32 "
-                       f"({fp32['ours_s']:.3f} s, row above); " if bf16 and fp32 else "")
-            other = speedup + (f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
-                     f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x{spread}); MFU {100 * f_a / r['ours_s'] / pk_a:.1f} % / "
-                     f"{100 * f_b / r['theirs_s'] / pk_b:.1f} % (own FLOPs: {f_a / 1e9:.0f} / {f_b / 1e9:.0f} "
-                     f"GFLOP/step; theirs on our {f_a / 1e9:.0f}: {100 * f_a / r['theirs_s'] / pk_b:.1f} %); "
-                     f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s; steps "
-                     f"{min(r['ours_all']):.3f}-{max(r['ours_all']):.3f} / {min(r['theirs_all']):.3f}-"
-                     f"{max(r['theirs_all']):.3f} s")
+            fp32 = next(
+                (
+                    q
+                    for q in results
+                    if q["what"] == "pretrain"
+                    and q.get("ours_dtype") != "bfloat16"
+                    and (q["preset"], q["res"], q["batch"]) == (r["preset"], r["res"], r["batch"])
+                ),
+                None,
+            )
+            speedup = (
+                f"ours bf16 step {fp32['ours_s'] / r['ours_s']:.2f}x faster than ours float32 "
+                f"({fp32['ours_s']:.3f} s, row above); "
+                if bf16 and fp32
+                else ""
+            )
+            other = speedup + (
+                f"peak memory {r['peak_mb_ours']:.0f} / {r['peak_mb_theirs']:.0f} MB "
+                f"({r['peak_mb_ours'] / r['peak_mb_theirs']:.2f}x{spread}); "
+                f"MFU {100 * f_a / r['ours_s'] / pk_a:.1f} % / "
+                f"{100 * f_b / r['theirs_s'] / pk_b:.1f} % (own FLOPs: {f_a / 1e9:.0f} / {f_b / 1e9:.0f} "
+                f"GFLOP/step; theirs on our {f_a / 1e9:.0f}: {100 * f_a / r['theirs_s'] / pk_b:.1f} %); "
+                f"{r['batch'] / r['ours_s']:.2f} / {r['batch'] / r['theirs_s']:.2f} samples/s; steps "
+                f"{min(r['ours_all']):.3f}-{max(r['ours_all']):.3f} / {min(r['theirs_all']):.3f}-"
+                f"{max(r['theirs_all']):.3f} s"
+            )
             sheet = datasheet_peak("bfloat16" if bf16 else "tf32" if tf32 else "float32")
             if sheet and args.device == "cuda":  # the chip's own peak, the usual denominator of MFU
                 kind = "bf16" if bf16 else "TF32" if tf32 else "float32"
-                other += (f"; MFU of the datasheet's dense {kind} peak ({sheet / 1e12:.0f} TFLOP/s): "
-                          f"{100 * f_a / r['ours_s'] / sheet:.1f} % / {100 * f_b / r['theirs_s'] / sheet:.1f} %")
+                other += (
+                    f"; MFU of the datasheet's dense {kind} peak ({sheet / 1e12:.0f} TFLOP/s): "
+                    f"{100 * f_a / r['ours_s'] / sheet:.1f} % / {100 * f_b / r['theirs_s'] / sheet:.1f} %"
+                )
             if "alone_s_ours" in r:  # the memory probes' own steps; ours there trims as our loop does
-                other += (f"; each side alone in its memory probe: {r['alone_s_ours']:.3f} / {r['alone_s_theirs']:.3f} "
-                          f"s/step" + (" (ours with the loop's heap trim)" if any(checkpointed_parts(
-                                        args.grad_checkpointing)) and args.device == "cpu" else ""))
+                other += (
+                    f"; each side alone in its memory probe: {r['alone_s_ours']:.3f} / {r['alone_s_theirs']:.3f} "
+                    f"s/step"
+                    + (
+                        " (ours with the loop's heap trim)"
+                        if any(checkpointed_parts(args.grad_checkpointing)) and args.device == "cpu"
+                        else ""
+                    )
+                )
             cells = f"{r['ours_s']:.3f} s/step | {r['theirs_s']:.3f} s/step"
         elif r["what"] == "retrieval":
             setting = f"{r['preset']} res {r['res']}, {r['images']} images x {r['texts']} texts, k={r['k']}" + (
-                precision_words(r))
+                precision_words(r)
+            )
             cells = f"{r['pairs'] / r['ours_s']:.1f} ITM pairs/s | {r['pairs'] / r['theirs_s']:.1f} ITM pairs/s"
-            other = (f"{r['theirs_s'] / r['ours_s']:.2f}x pairs/s; whole evaluation {r['ours_s']:.2f} / "
-                     f"{r['theirs_s']:.2f} s; same weights: max score difference over shared pairs {r['max_abs_score_diff']:.1e} "
-                     f"(ours {r['ours_dtype']}, theirs {r.get('theirs_dtype', 'float32')}), same top-1 for "
-                     f"{100 * r['top1_agreement']:.1f} % of queries")
+            other = (
+                f"{r['theirs_s'] / r['ours_s']:.2f}x pairs/s; whole evaluation {r['ours_s']:.2f} / "
+                f"{r['theirs_s']:.2f} s; same weights: max score difference over shared pairs "
+                f"{r['max_abs_score_diff']:.1e} "
+                f"(ours {r['ours_dtype']}, theirs {r.get('theirs_dtype', 'float32')}), same top-1 for "
+                f"{100 * r['top1_agreement']:.1f} % of queries"
+            )
         else:
-            setting = (f"{r['preset']} res {r['res']}, {r['questions']} questions, {r['answers']} answers, "
-                       f"k={r['k']}" + precision_words(r))
+            setting = (
+                f"{r['preset']} res {r['res']}, {r['questions']} questions, {r['answers']} answers, "
+                f"k={r['k']}" + precision_words(r)
+            )
             cells = f"{r['ours_s']:.3f} s | {r['theirs_s']:.3f} s"
             other = f"{r['questions'] / r['ours_s']:.2f} / {r['questions'] / r['theirs_s']:.2f} questions/s"
         rows.append(f"| {r['what']} | {setting} | {cells} | {ratio:.2f}x | {other} |")
     small_rows = any(r["what"] == "pretrain" and r.get("reps", args.reps) != args.reps for r in results)
     theirs = "bf16 autocast for the reference" if ref_bf16 else "the reference as it ships"
-    head = (f"Machine: {machine()}; {args.threads} threads; {versions()}; device {args.device} ({dtype} for ours"
-            f"{f', {theirs}' if args.device == 'cuda' else ''}{'; TF32 matrix multiplies on both sides' if tf32 else ''}"
-            "). Matrix-multiply throughput measured "
-            f"in the same run (best of before and after, {n}x{n}): "
-            + (", ".join(f"{v / 1e9:.1f} GFLOP/s {str(d).removeprefix('torch.')}" for d, v in gemm.items()) if gemm
-               else f"{peak_flops / 1e9:.1f} GFLOP/s ({dtype})")
-            + f" (MFU against the {dtype} rate). Medians of {args.reps} (training"
-            f"{f'; {args.small_reps} for the CPU-sized preset' if small_rows else ''}) / "
-            f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
-            f"`{shlex.join([interpreter(), 'bench/compare.py'] + sys.argv[1:])}`.")
+    head = (
+        f"Machine: {machine()}; {args.threads} threads; {versions()}; device {args.device} ({dtype} for ours"
+        f"{f', {theirs}' if args.device == 'cuda' else ''}{'; TF32 matrix multiplies on both sides' if tf32 else ''}"
+        "). Matrix-multiply throughput measured "
+        f"in the same run (best of before and after, {n}x{n}): "
+        + (
+            ", ".join(f"{v / 1e9:.1f} GFLOP/s {str(d).removeprefix('torch.')}" for d, v in gemm.items())
+            if gemm
+            else f"{peak_flops / 1e9:.1f} GFLOP/s ({dtype})"
+        )
+        + f" (MFU against the {dtype} rate). Medians of {args.reps} (training"
+        f"{f'; {args.small_reps} for the CPU-sized preset' if small_rows else ''}) / "
+        f"{args.reps_eval} (evaluation) alternating rounds after a warm-up. Command: "
+        f"`{shlex.join([interpreter(), 'bench/compare.py'] + sys.argv[1:])}`."
+    )
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
-JOBS = ("pretrain", "pretrain-small", "retrieval", "vqa", "pretrain@bf16", "pretrain-small@bf16", "retrieval@bf16",
-        "vqa@bf16")
+JOBS = (
+    "pretrain",
+    "pretrain-small",
+    "retrieval",
+    "vqa",
+    "pretrain@bf16",
+    "pretrain-small@bf16",
+    "retrieval@bf16",
+    "vqa@bf16",
+)
 
 
 def run_job(job: str, args: argparse.Namespace, dev: torch.device, amp: torch.dtype | None) -> dict:
     if job.endswith("@bf16"):  # the same benchmark with ours in bf16 autocast (memory probes too)
-        return run_job(job.removesuffix("@bf16"), argparse.Namespace(**{**vars(args), "bf16": True}), dev,
-                       torch.bfloat16)
+        return run_job(
+            job.removesuffix("@bf16"), argparse.Namespace(**{**vars(args), "bf16": True}), dev, torch.bfloat16
+        )
     if job == "pretrain":
         return bench_pretrain(args, dev, amp)
     if job == "pretrain-small":
-        return bench_pretrain(argparse.Namespace(**{**vars(args), "preset": args.small_preset, "res": args.small_res,
-                                                    "batch": args.small_batch, "reps": args.small_reps}), dev, amp)
+        return bench_pretrain(
+            argparse.Namespace(
+                **{
+                    **vars(args),
+                    "preset": args.small_preset,
+                    "res": args.small_res,
+                    "batch": args.small_batch,
+                    "reps": args.small_reps,
+                }
+            ),
+            dev,
+            amp,
+        )
     return bench_retrieval(args, dev, amp) if job == "retrieval" else bench_vqa(args, dev, amp)
 
 
@@ -523,15 +674,19 @@ def run_isolated(argv: list[str], job: str) -> dict:
     gradients are mapped afresh each step unless an already grown heap has room for them."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        subprocess.run([sys.executable, __file__, *argv, "--job", job, "--json", str(out)], check=True,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        subprocess.run(
+            [sys.executable, __file__, *argv, "--job", job, "--json", str(out)],
+            check=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         return json.loads(out.read_text())["results"][0]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", nargs="+", default=["pretrain", "retrieval", "vqa"],
-                   choices=["pretrain", "retrieval", "vqa"])
+    p.add_argument(
+        "--what", nargs="+", default=["pretrain", "retrieval", "vqa"], choices=["pretrain", "retrieval", "vqa"]
+    )
     p.add_argument("--preset", default="albef-base")
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--batch", type=int, default=4)
@@ -544,31 +699,64 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answers", type=int, default=200)
     p.add_argument("--vqa-k", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--small-reps", type=int, default=11,
-                   help="rounds for the CPU-sized preset (its steps are short; more rounds steady its median)")
-    p.add_argument("--memory-probes", type=int, default=None,
-                   help="fresh processes per side for peak memory, median reported (default 3 on the CPU, 1 on a GPU, "
-                        "where the allocator's peak does not vary)")
+    p.add_argument(
+        "--small-reps",
+        type=int,
+        default=11,
+        help="rounds for the CPU-sized preset (its steps are short; more rounds steady its median)",
+    )
+    p.add_argument(
+        "--memory-probes",
+        type=int,
+        default=None,
+        help="fresh processes per side for peak memory, median reported (default 3 on the CPU, 1 on a GPU, "
+        "where the allocator's peak does not vary)",
+    )
     p.add_argument("--reps-eval", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for ours (the reference runs as it ships)")
-    p.add_argument("--ref-bf16", action="store_true",
-                   help="the reference in bf16 autocast too (LAVIS's own mixed-precision path), for equal precision")
-    p.add_argument("--tf32", action="store_true",
-                   help="CUDA: TF32 matrix multiplies and convolutions for both sides (PyTorch 1.8's default on Ampere+)")
-    p.add_argument("--bf16-rows", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: each row again with ours in bf16 autocast (the reference in float32 as it ships)")
-    p.add_argument("--grad-checkpointing", nargs="?", const="all", default="none", choices=["none", "vision", "all"],
-                   help="pretraining: ours recomputes encoder blocks in the backward (train.grad_checkpointing)")
-    p.add_argument("--optimizer-in-backward", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
-                   help="pretraining: ours updates the parameters in the backward (train.optimizer_in_backward; "
-                        "auto: as the training loop, on for one process)")
+    p.add_argument(
+        "--ref-bf16",
+        action="store_true",
+        help="the reference in bf16 autocast too (LAVIS's own mixed-precision path), for equal precision",
+    )
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA: TF32 matrix multiplies and convolutions for both sides (PyTorch 1.8's default on Ampere+)",
+    )
+    p.add_argument(
+        "--bf16-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU: each row again with ours in bf16 autocast (the reference in float32 as it ships)",
+    )
+    p.add_argument(
+        "--grad-checkpointing",
+        nargs="?",
+        const="all",
+        default="none",
+        choices=["none", "vision", "all"],
+        help="pretraining: ours recomputes encoder blocks in the backward (train.grad_checkpointing)",
+    )
+    p.add_argument(
+        "--optimizer-in-backward",
+        nargs="?",
+        const="true",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="pretraining: ours updates the parameters in the backward (train.optimizer_in_backward; "
+        "auto: as the training loop, on for one process)",
+    )
     p.add_argument("--write", type=Path, help="replace the comparison block of this Markdown file")
     p.add_argument("--marker", default=None, help="block name in --write (default: compare-DEVICE)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
-    p.add_argument("--in-process", action="store_true",
-                   help="run every benchmark in this one process (default: each in a fresh one; see run_isolated)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every benchmark in this one process (default: each in a fresh one; see run_isolated)",
+    )
     p.add_argument("--rss-probe", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     p.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)  # one benchmark, for run_isolated
     args = p.parse_args(argv)
@@ -593,9 +781,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.bf16_rows and dev.type == "cpu":
         pretrain_jobs += [f"{j}@bf16" for j in pretrain_jobs]  # the reference stays float32 as it ships
     bf16_too = args.bf16_rows and dev.type == "cpu"
-    jobs = [args.job] if args.job else [j for what in args.what for j in
-                                        (pretrain_jobs if what == "pretrain" else [what, f"{what}@bf16"] if bf16_too
-                                         else [what])]
+    jobs = (
+        [args.job]
+        if args.job
+        else [
+            j
+            for what in args.what
+            for j in (pretrain_jobs if what == "pretrain" else [what, f"{what}@bf16"] if bf16_too else [what])
+        ]
+    )
     results = []
     for job in jobs:
         if len(jobs) > 1 and not args.in_process:  # the child prints its result

@@ -22,11 +22,23 @@ from albef.training.loop import PretrainRun
 
 
 def _recipe(data: Path, out: Path, precision: str, steps: int, device: str):
-    o = {"model.preset": "albef-tiny", "model.overrides": "{queue_size: 32}",
-         "data.train_files": f"[{data / 'pretrain.json'}]", "data.image_root": str(data), "data.num_workers": 0,
-         "train.batch_size": 8, "train.epochs": 1, "train.lr": 1e-3, "train.seed": 3, "train.log_every": 1,
-         "train.checkpoint_every": 2, "train.max_steps": steps, "train.device": device,
-         "train.precision": precision, "output_dir": str(out)}
+    o = {
+        "model.preset": "albef-tiny",
+        "model.overrides": "{queue_size: 32}",
+        "data.train_files": f"[{data / 'pretrain.json'}]",
+        "data.image_root": str(data),
+        "data.num_workers": 0,
+        "train.batch_size": 8,
+        "train.epochs": 1,
+        "train.lr": 1e-3,
+        "train.seed": 3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
+        "train.max_steps": steps,
+        "train.device": device,
+        "train.precision": precision,
+        "output_dir": str(out),
+    }
     return load_recipe(None, [f"{k}={v}" for k, v in o.items()])
 
 
@@ -58,8 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         ok = len(a) == 4 and all(math.isfinite(x) for x in a) and diff < 1e-6
         failed += not ok
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-        print(json.dumps({"precision": precision, "losses": a, "resumed_losses": b, "max_rel_diff": diff, "ok": ok,
-                          "peak_mb": peak_mb}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "precision": precision,
+                    "losses": a,
+                    "resumed_losses": b,
+                    "max_rel_diff": diff,
+                    "ok": ok,
+                    "peak_mb": peak_mb,
+                }
+            ),
+            flush=True,
+        )
     return 1 if failed else 0
 
 

@@ -57,25 +57,38 @@ def import_lavis():
     sys.modules["lavis.models"].BaseModel = BaseModel  # the registry checks model classes against it
     # AlbefBase lives in the albef_models package's __init__, which we stubbed: load it by path
     init = root / "models" / "albef_models" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("lavis.models.albef_models", init,
-                                                  submodule_search_locations=[str(init.parent)])
+    spec = importlib.util.spec_from_file_location(
+        "lavis.models.albef_models", init, submodule_search_locations=[str(init.parent)]
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules["lavis.models.albef_models"] = mod
     spec.loader.exec_module(mod)
     from lavis.models import med, vit
     from lavis.models.albef_models import albef_pretrain, albef_retrieval, albef_vqa
 
-    return types.SimpleNamespace(AlbefBase=mod.AlbefBase, compute_sim_matrix=mod.compute_sim_matrix,
-                                 AlbefPretrain=albef_pretrain.AlbefPretrain,
-                                 AlbefRetrieval=albef_retrieval.AlbefRetrieval, AlbefVQA=albef_vqa.AlbefVQA,
-                                 med=med, vit=vit)
+    return types.SimpleNamespace(
+        AlbefBase=mod.AlbefBase,
+        compute_sim_matrix=mod.compute_sim_matrix,
+        AlbefPretrain=albef_pretrain.AlbefPretrain,
+        AlbefRetrieval=albef_retrieval.AlbefRetrieval,
+        AlbefVQA=albef_vqa.AlbefVQA,
+        med=med,
+        vit=vit,
+    )
 
 
 def _vit(L, cfg: ALBEFConfig) -> nn.Module:
     v = cfg.vision
-    enc = L.vit.VisionTransformerEncoder(img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width,
-                                         depth=v.depth, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
-                                         qkv_bias=v.qkv_bias, norm_layer=partial(nn.LayerNorm, eps=v.layer_norm_eps))
+    enc = L.vit.VisionTransformerEncoder(
+        img_size=v.image_size,
+        patch_size=v.patch_size,
+        embed_dim=v.width,
+        depth=v.depth,
+        num_heads=v.num_heads,
+        mlp_ratio=v.mlp_ratio,
+        qkv_bias=v.qkv_bias,
+        norm_layer=partial(nn.LayerNorm, eps=v.layer_norm_eps),
+    )
     enc.vision_width = v.width
     return enc
 
@@ -85,18 +98,32 @@ def _bert_config(L, cfg: ALBEFConfig, num_layers: int | None = None, fusion_laye
 
     base = json.loads((Path(L.med.__file__).parent.parent / "configs/models/med_config_albef.json").read_text())
     t = cfg.text
-    base.update(hidden_size=t.hidden_size, num_hidden_layers=num_layers or t.num_layers,
-                num_attention_heads=t.num_heads, intermediate_size=t.intermediate_size,
-                encoder_width=t.encoder_width, vocab_size=t.vocab_size,
-                max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
-                fusion_layer=t.fusion_layer if fusion_layer is None else fusion_layer)
+    base.update(
+        hidden_size=t.hidden_size,
+        num_hidden_layers=num_layers or t.num_layers,
+        num_attention_heads=t.num_heads,
+        intermediate_size=t.intermediate_size,
+        encoder_width=t.encoder_width,
+        vocab_size=t.vocab_size,
+        max_position_embeddings=t.max_position_embeddings,
+        layer_norm_eps=t.layer_norm_eps,
+        fusion_layer=t.fusion_layer if fusion_layer is None else fusion_layer,
+    )
     return L.med.BertConfig(**base)
 
 
 def build_pretrain(L, cfg: ALBEFConfig) -> nn.Module:
     text = L.med.BertForMaskedLM(_bert_config(L, cfg))
-    return L.AlbefPretrain(_vit(L, cfg), text, queue_size=cfg.queue_size, embed_dim=cfg.embed_dim,
-                           temp=cfg.temp, momentum=cfg.momentum, alpha=cfg.alpha, max_txt_len=cfg.max_text_len)
+    return L.AlbefPretrain(
+        _vit(L, cfg),
+        text,
+        queue_size=cfg.queue_size,
+        embed_dim=cfg.embed_dim,
+        temp=cfg.temp,
+        momentum=cfg.momentum,
+        alpha=cfg.alpha,
+        max_txt_len=cfg.max_text_len,
+    )
 
 
 def build_retrieval(L, cfg: ALBEFConfig) -> nn.Module:

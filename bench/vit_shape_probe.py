@@ -87,12 +87,14 @@ def main(argv: list[str] | None = None) -> float:
     correct = 0
     with torch.no_grad():
         for i in range(0, len(test), 100):
-            x, y = batch(test[i: i + 100], t_test)
+            x, y = batch(test[i : i + 100], t_test)
             correct += int((head(vit(x)[:, 0]).argmax(-1) == y).sum())
     acc = 100.0 * correct / len(test)
-    print(f"{args.type}: {len(classes)} classes, patch {args.patch}, {args.steps} steps at lr {args.lr}, "
-          f"crop scale {args.crop_scale}, RandAugment {not args.no_randaugment}: held-out accuracy {acc:.1f} % "
-          f"on {len(test)} images (chance {100 / len(classes):.1f} %), {time.perf_counter() - t0:.0f} s")
+    print(
+        f"{args.type}: {len(classes)} classes, patch {args.patch}, {args.steps} steps at lr {args.lr}, "
+        f"crop scale {args.crop_scale}, RandAugment {not args.no_randaugment}: held-out accuracy {acc:.1f} % "
+        f"on {len(test)} images (chance {100 / len(classes):.1f} %), {time.perf_counter() - t0:.0f} s"
+    )
     return acc
 
 

@@ -32,8 +32,11 @@ def missing_parity(path: Path) -> NoReturn:
     are required."""
     msg = f"reference vectors not found at {path}"
     if parity_required():
-        pytest.fail(f"{msg} ({REQUIRE_PARITY_ENV} is set: the parity tests must run; put the folder "
-                    "there or point ALBEF_PARITY_DIR at it)", pytrace=False)
+        pytest.fail(
+            f"{msg} ({REQUIRE_PARITY_ENV} is set: the parity tests must run; put the folder "
+            "there or point ALBEF_PARITY_DIR at it)",
+            pytrace=False,
+        )
     pytest.skip(f"{msg} (set {REQUIRE_PARITY_ENV}=1 to make this a failure)")
 
 

@@ -95,11 +95,43 @@ def test_index_cli_builds_and_searches(pipe, files, tmp_path, capsys):
 
     save_pretrained(pipe.model, tmp_path / "model")
     folder = files[0].parent
-    assert cli(["index", "build", "--model", str(tmp_path / "model"), "--images", str(folder), "--out",
-                str(tmp_path / "g"), "--kind", "flat", "--chunk", "4"]) == 0
+    assert (
+        cli(
+            [
+                "index",
+                "build",
+                "--model",
+                str(tmp_path / "model"),
+                "--images",
+                str(folder),
+                "--out",
+                str(tmp_path / "g"),
+                "--kind",
+                "flat",
+                "--chunk",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "indexed 11 images (1 unreadable)" in capsys.readouterr().out
-    assert cli(["search", "a red heart", "--index", str(tmp_path / "g"), "--model", str(tmp_path / "model"),
-                "--k", "5", "--top", "2"]) == 0
+    assert (
+        cli(
+            [
+                "search",
+                "a red heart",
+                "--index",
+                str(tmp_path / "g"),
+                "--model",
+                str(tmp_path / "model"),
+                "--k",
+                "5",
+                "--top",
+                "2",
+            ]
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 2 and hits[0]["itm"] >= hits[1]["itm"]
     with pytest.raises(FileNotFoundError, match="albef index build"):

@@ -95,12 +95,44 @@ def test_ground_and_predict_cli(tiny_model, gallery, tmp_path, capsys):
     assert res.best_box == int(res.box_scores.argmax())
     assert all(p.grad is None for p in tiny_model.parameters())  # Grad-CAM leaves no gradients behind
     tiny_model.save_pretrained(tmp_path / "m")
-    assert cli_main(["predict", "gradcam", "--model", str(tmp_path / "m"), "--image", str(gallery[0]),
-                     "--text", "a red circle", "--out", str(tmp_path / "o.png"), "--box", "0,0,16,16"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "gradcam",
+                "--model",
+                str(tmp_path / "m"),
+                "--image",
+                str(gallery[0]),
+                "--text",
+                "a red circle",
+                "--out",
+                str(tmp_path / "o.png"),
+                "--box",
+                "0,0,16,16",
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "o.png").size == (32, 32)
     capsys.readouterr()
-    assert cli_main(["predict", "score", "--model", str(tmp_path / "m"), "--image", str(gallery[0]),
-                     "--text", "a red circle", "--text", "a dog"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "score",
+                "--model",
+                str(tmp_path / "m"),
+                "--image",
+                str(gallery[0]),
+                "--text",
+                "a red circle",
+                "--text",
+                "a dog",
+            ]
+        )
+        == 0
+    )
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     printed = [float(r[-1]) for r in rows]  # the ITM column, one row per text
     expected = Pipeline.from_pretrained(tmp_path / "m", device="cpu").match([gallery[0]] * 2, ["a red circle", "a dog"])

@@ -24,13 +24,43 @@ def _args(**kw) -> argparse.Namespace:
 
 
 RESULTS = [
-    {"what": "pretrain", "preset": "albef-base", "res": 224, "batch": 4, "ours_s": 2.0, "theirs_s": 4.0,
-     "ours_all": [1.9, 2.0, 2.5], "theirs_all": [3.9, 4.0, 4.2], "flops_per_step": 100e9,
-     "peak_mb_ours": 600.0, "peak_mb_theirs": 1000.0},
-    {"what": "retrieval", "preset": "albef-base", "res": 224, "images": 16, "texts": 80, "k": 16, "ours_s": 1.0,
-     "theirs_s": 3.0, "pairs": 1536, "max_abs_score_diff": 2e-7, "top1_agreement": 1.0, "ours_dtype": "float32"},
-    {"what": "vqa", "preset": "albef-base", "res": 224, "questions": 8, "answers": 200, "k": 128, "ours_s": 0.5,
-     "theirs_s": 1.0},
+    {
+        "what": "pretrain",
+        "preset": "albef-base",
+        "res": 224,
+        "batch": 4,
+        "ours_s": 2.0,
+        "theirs_s": 4.0,
+        "ours_all": [1.9, 2.0, 2.5],
+        "theirs_all": [3.9, 4.0, 4.2],
+        "flops_per_step": 100e9,
+        "peak_mb_ours": 600.0,
+        "peak_mb_theirs": 1000.0,
+    },
+    {
+        "what": "retrieval",
+        "preset": "albef-base",
+        "res": 224,
+        "images": 16,
+        "texts": 80,
+        "k": 16,
+        "ours_s": 1.0,
+        "theirs_s": 3.0,
+        "pairs": 1536,
+        "max_abs_score_diff": 2e-7,
+        "top1_agreement": 1.0,
+        "ours_dtype": "float32",
+    },
+    {
+        "what": "vqa",
+        "preset": "albef-base",
+        "res": 224,
+        "questions": 8,
+        "answers": 200,
+        "k": 128,
+        "ours_s": 0.5,
+        "theirs_s": 1.0,
+    },
 ]
 
 
@@ -53,8 +83,11 @@ def test_table_reports_ratios_memory_mfu_and_ranges(monkeypatch):
 
 def test_memory_probes_report_medians_and_their_spread(monkeypatch):
     monkeypatch.setattr(C, "versions", lambda: "torch x")
-    probes = [{"ours": (610.0, 2.1), "theirs": (1200.0, 4.4)}, {"ours": (590.0, 2.0), "theirs": (1000.0, 4.0)},
-              {"ours": (600.0, 2.3), "theirs": (1100.0, 4.1)}]
+    probes = [
+        {"ours": (610.0, 2.1), "theirs": (1200.0, 4.4)},
+        {"ours": (590.0, 2.0), "theirs": (1000.0, 4.0)},
+        {"ours": (600.0, 2.3), "theirs": (1100.0, 4.1)},
+    ]
     m = C.probe_medians(probes)
     assert (m["peak_mb_ours"], m["peak_mb_theirs"], m["alone_s_ours"], m["alone_s_theirs"]) == (600.0, 1100.0, 2.1, 4.1)
     assert m["peak_mb_theirs_all"] == [1200.0, 1000.0, 1100.0]  # in probe order
@@ -65,10 +98,15 @@ def test_memory_probes_report_medians_and_their_spread(monkeypatch):
     assert "(0.51x);" in one and "probes" not in one  # a single probe has no spread to show
 
 
-@pytest.mark.parametrize("ckpt, in_backward, words", [
-    ("none", "auto", ["AdamW in the backward (the loop's default)"]),
-    ("vision", "auto", ["gradient checkpointing of the ViT", "AdamW in the backward (the loop's default)"]),
-    ("all", "false", ["gradient checkpointing"]), ("none", "false", [])])
+@pytest.mark.parametrize(
+    "ckpt, in_backward, words",
+    [
+        ("none", "auto", ["AdamW in the backward (the loop's default)"]),
+        ("vision", "auto", ["gradient checkpointing of the ViT", "AdamW in the backward (the loop's default)"]),
+        ("all", "false", ["gradient checkpointing"]),
+        ("none", "false", []),
+    ],
+)
 def test_our_set_up_is_named_in_the_table(ckpt, in_backward, words):
     assert C.setup_words(_args(grad_checkpointing=ckpt, optimizer_in_backward=in_backward)) == words
 
@@ -110,14 +148,30 @@ def test_main_runs_the_probes_and_rounds_each_preset_asks_for(monkeypatch, tmp_p
         probes.append((args.preset, side))
         return (100.0 if side == "ours" else 200.0) + len(probes), 1.0
 
-    monkeypatch.setattr(C, "pretrain_sides",
-                        lambda *a, **k: (lambda: None, lambda: None, _FakeTrainer(), _FakeTrainer()))
+    monkeypatch.setattr(
+        C, "pretrain_sides", lambda *a, **k: (lambda: None, lambda: None, _FakeTrainer(), _FakeTrainer())
+    )
     monkeypatch.setattr(C, "peak_rss_of", fake_probe)
     monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: 1e9)
     monkeypatch.setattr(C, "versions", lambda: "torch x")
     out = tmp_path / "r.json"
-    assert C.main(["--what", "pretrain", "--reps", "2", "--small-reps", "4", "--in-process", "--json", str(out),
-                   "--no-bf16-rows"]) == 0
+    assert (
+        C.main(
+            [
+                "--what",
+                "pretrain",
+                "--reps",
+                "2",
+                "--small-reps",
+                "4",
+                "--in-process",
+                "--json",
+                str(out),
+                "--no-bf16-rows",
+            ]
+        )
+        == 0
+    )
     base, small = json.loads(out.read_text())["results"]
     assert (len(base["ours_all"]), len(small["ours_all"])) == (2, 4)
     assert probes == [(p, s) for p in ("albef-base", "albef-small") for _ in range(3) for s in ("ours", "theirs")]
@@ -135,8 +189,11 @@ def test_each_benchmark_runs_in_a_process_of_its_own(monkeypatch, tmp_path):
 
     def fake_isolated(argv, job):
         calls.append((tuple(argv), job))
-        return {**RESULTS[{"pretrain": 0, "pretrain-small": 0, "retrieval": 1, "vqa": 2}[job.removesuffix("@bf16")]],
-                "job": job, **({"ours_dtype": "bfloat16"} if job.endswith("@bf16") else {})}
+        return {
+            **RESULTS[{"pretrain": 0, "pretrain-small": 0, "retrieval": 1, "vqa": 2}[job.removesuffix("@bf16")]],
+            "job": job,
+            **({"ours_dtype": "bfloat16"} if job.endswith("@bf16") else {}),
+        }
 
     monkeypatch.setattr(C, "run_isolated", fake_isolated)
     monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: 1e9)
@@ -144,8 +201,19 @@ def test_each_benchmark_runs_in_a_process_of_its_own(monkeypatch, tmp_path):
     out = tmp_path / "r.json"
     argv = ["--reps", "2", "--json", str(out)]
     assert C.main(argv) == 0
-    assert calls == [(tuple(argv), j) for j in ("pretrain", "pretrain-small", "pretrain@bf16", "pretrain-small@bf16",
-                                                "retrieval", "retrieval@bf16", "vqa", "vqa@bf16")]
+    assert calls == [
+        (tuple(argv), j)
+        for j in (
+            "pretrain",
+            "pretrain-small",
+            "pretrain@bf16",
+            "pretrain-small@bf16",
+            "retrieval",
+            "retrieval@bf16",
+            "vqa",
+            "vqa@bf16",
+        )
+    ]
     assert [r["job"] for r in json.loads(out.read_text())["results"]] == [j for _, j in calls]
     calls.clear()
     monkeypatch.setattr(C, "run_job", lambda job, *a: {**RESULTS[2], "job": job})
@@ -167,7 +235,13 @@ def test_a_child_runs_its_one_job_and_writes_only_its_json(monkeypatch, tmp_path
     assert json.loads(child_json.read_text())["results"][0]["job"] == "retrieval"
     assert md.read_text() == "untouched\n" and not user_json.exists()
     seen = []
-    monkeypatch.setattr(C.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or Path(cmd[-1]).write_text(
-        json.dumps({"results": [{"job": cmd[cmd.index("--job") + 1]}]})))
+    monkeypatch.setattr(
+        C.subprocess,
+        "run",
+        lambda cmd, **kw: (
+            seen.append(cmd)
+            or Path(cmd[-1]).write_text(json.dumps({"results": [{"job": cmd[cmd.index("--job") + 1]}]}))
+        ),
+    )
     assert C.run_isolated(parent, "vqa") == {"job": "vqa"}
     assert seen[0][2:-4] == parent and seen[0][-4:-1] == ["--job", "vqa", "--json"]

@@ -85,8 +85,9 @@ def test_previous_checkpoint_survives_kill_mid_write(tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", script, str(target)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(target)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1, proc.stderr
     # The killed writer left its partial temp file (proof the kill really happened mid-write) ...
     leftovers = [p for p in tmp_path.iterdir() if p.name != CHECKPOINT_NAME]

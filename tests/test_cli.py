@@ -27,22 +27,58 @@ def test_demo_runs_and_reports_recall(capsys):
 
 
 def test_bench_prints_a_json_record(capsys):
-    assert bench.main(["--preset", "albef-tiny", "--image-size", "32", "--batch-size", "2",
-                       "--steps", "1", "--threads", "1", "--json"]) == 0
+    assert (
+        bench.main(
+            [
+                "--preset",
+                "albef-tiny",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--threads",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["batch_size"] == 2 and rec["median_step_s"] > 0 and rec["peak_memory_mb"] > 0
     assert rec["optimizer_in_backward"] is True  # the training loop's set-up for one process
-    assert bench.main(["--preset", "albef-tiny", "--image-size", "32", "--batch-size", "2", "--steps", "1",
-                       "--threads", "1", "--json", "--optimizer-in-backward", "false"]) == 0
+    assert (
+        bench.main(
+            [
+                "--preset",
+                "albef-tiny",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "2",
+                "--steps",
+                "1",
+                "--threads",
+                "1",
+                "--json",
+                "--optimizer-in-backward",
+                "false",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["optimizer_in_backward"] is False
 
 
 @pytest.mark.slow
 def test_import_albef_loads_the_inference_api_on_first_use():
     """`import albef` (and so every CLI command's start) skips torchvision until the API is used."""
-    code = ("import sys, albef; assert 'torchvision' not in sys.modules and 'Pipeline' in dir(albef); "
-            "from albef import Pipeline; assert 'torchvision' in sys.modules and Pipeline is albef.Pipeline; "
-            "import albef.api; assert Pipeline is albef.api.Pipeline")
+    code = (
+        "import sys, albef; assert 'torchvision' not in sys.modules and 'Pipeline' in dir(albef); "
+        "from albef import Pipeline; assert 'torchvision' in sys.modules and Pipeline is albef.Pipeline; "
+        "import albef.api; assert Pipeline is albef.api.Pipeline"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'Pipline'"):
         albef.Pipline  # noqa: B018

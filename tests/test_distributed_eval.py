@@ -29,17 +29,43 @@ def data(tmp_path_factory):
     write_shapes(d, n=9, image_size=32, seed=7)
     imgs = [f"images/{i:06d}.png" for i in range(9)]
     words = ["red", "blue", "green", "round", "square"]
-    (d / "vqa.json").write_text(json.dumps([
-        {"image": imgs[i], "question": f"is the {words[i % 5]} shape big?", "answer": ["yes", "no", "yes"][: 1 + i % 3],
-         "question_id": i, "question_type": ["color", "shape"][i % 2]} for i in range(9)]))
+    (d / "vqa.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": imgs[i],
+                    "question": f"is the {words[i % 5]} shape big?",
+                    "answer": ["yes", "no", "yes"][: 1 + i % 3],
+                    "question_id": i,
+                    "question_type": ["color", "shape"][i % 2],
+                }
+                for i in range(9)
+            ]
+        )
+    )
     (d / "answers.json").write_text(json.dumps(["yes", "no", "red", "blue", "round"]))
     labels = ["entailment", "neutral", "contradiction"]
-    (d / "ve.json").write_text(json.dumps([{"image": imgs[i], "sentence": f"a {words[i % 5]} shape",
-                                            "label": labels[i % 3]} for i in range(9)]))
+    (d / "ve.json").write_text(
+        json.dumps(
+            [{"image": imgs[i], "sentence": f"a {words[i % 5]} shape", "label": labels[i % 3]} for i in range(9)]
+        )
+    )
     cells = [[0, 0, 16, 16], [16, 0, 16, 16], [0, 16, 16, 16], [16, 16, 16, 16]]
-    (d / "g.json").write_text(json.dumps([
-        {"image": imgs[i], "text": f"the {words[i % 5]} one", "ref_id": i, "box": cells[i % 4], "candidates": cells,
-         "split": ["val", "testA"][i % 2]} for i in range(5)]))
+    (d / "g.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": imgs[i],
+                    "text": f"the {words[i % 5]} one",
+                    "ref_id": i,
+                    "box": cells[i % 4],
+                    "candidates": cells,
+                    "split": ["val", "testA"][i % 2],
+                }
+                for i in range(5)
+            ]
+        )
+    )
     cfg = get_preset("albef-tiny")
     torch.manual_seed(0)
     save_pretrained(ALBEFForVQA(cfg), d / "vqa_model")
@@ -49,8 +75,17 @@ def data(tmp_path_factory):
 
 
 CASES = {
-    "vqa": lambda d: ["vqa", "--model", str(d / "vqa_model"), "--data", str(d / "vqa.json"), "--answers",
-                      str(d / "answers.json"), "--k", "3"],
+    "vqa": lambda d: [
+        "vqa",
+        "--model",
+        str(d / "vqa_model"),
+        "--data",
+        str(d / "vqa.json"),
+        "--answers",
+        str(d / "answers.json"),
+        "--k",
+        "3",
+    ],
     "ve": lambda d: ["ve", "--model", str(d / "ve_model"), "--data", str(d / "ve.json"), "--batch-size", "2"],
     "grounding": lambda d: ["grounding", "--model", str(d / "model"), "--data", str(d / "g.json"), "--batch-size", "2"],
 }
@@ -59,13 +94,31 @@ CASES = {
 @pytest.mark.parametrize("what", list(CASES))
 def test_two_gloo_processes_give_the_same_results(data, tmp_path, what):
     args = ["evaluate", *CASES[what](data), "--image-root", str(data), "--device", "cpu"]
-    extra = lambda tag: ["--out", str(tmp_path / f"{tag}.json")] + (  # noqa: E731
-        ["--results", str(tmp_path / f"{tag}_answers.json")] if what == "vqa" else [])
+
+    def extra(tag: str) -> list[str]:
+        answers = ["--results", str(tmp_path / f"{tag}_answers.json")] if what == "vqa" else []
+        return ["--out", str(tmp_path / f"{tag}.json"), *answers]
+
     assert cli_main([*args, *extra("one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "albef.cli", *args, *extra("two")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "albef.cli",
+            *args,
+            *extra("two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # one report: the two processes formed a group (alone, each would print and evaluate everything)
     assert proc.stdout.count("accuracy" if what != "vqa" else "VQA on") == 1, proc.stdout

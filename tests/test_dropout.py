@@ -65,8 +65,9 @@ def test_attention_dropout_drops_probabilities():
     keep = keep_mask(probs.shape, 0.4)
     expected = ((probs * keep / 0.6) @ v).transpose(1, 2).flatten(2)
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(att.eval()(x, x, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                               .transpose(1, 2).flatten(2))
+    torch.testing.assert_close(
+        att.eval()(x, x, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+    )
 
 
 @pytest.mark.parametrize("kind", ["causal", "none"])

@@ -27,15 +27,41 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _fixture(cache: Path, n: int = 40, name=lambda i: f"THING {i}") -> dict[str, Path]:
     emoji = []
     for i in range(n):
-        e = {"name": name(i), "short_names": [f"obj_{i}"], "unified": f"U{i}", "image": f"u{i}.png",
-             "sheet_x": i % 8, "sheet_y": i // 8, "category": "Objects", "has_img_google": True,
-             "has_img_twitter": True}
+        e = {
+            "name": name(i),
+            "short_names": [f"obj_{i}"],
+            "unified": f"U{i}",
+            "image": f"u{i}.png",
+            "sheet_x": i % 8,
+            "sheet_y": i // 8,
+            "category": "Objects",
+            "has_img_google": True,
+            "has_img_twitter": True,
+        }
         if i % 5 == 0:  # a skin-tone variant that must stay with its base emoji
-            e["skin_variations"] = {"1F3FB": {"unified": f"U{i}-1", "image": f"u{i}-1.png", "sheet_x": 0, "sheet_y": 0,
-                                              "has_img_google": True, "has_img_twitter": True}}
+            e["skin_variations"] = {
+                "1F3FB": {
+                    "unified": f"U{i}-1",
+                    "image": f"u{i}-1.png",
+                    "sheet_x": 0,
+                    "sheet_y": 0,
+                    "has_img_google": True,
+                    "has_img_twitter": True,
+                }
+            }
         emoji.append(e)
-    emoji.append({"name": "LIGHT SKIN TONE", "short_names": ["skin-tone-2"], "unified": "C", "image": "c.png",
-                  "sheet_x": 7, "sheet_y": 7, "category": "Component", "has_img_google": True})
+    emoji.append(
+        {
+            "name": "LIGHT SKIN TONE",
+            "short_names": ["skin-tone-2"],
+            "unified": "C",
+            "image": "c.png",
+            "sheet_x": 7,
+            "sheet_y": 7,
+            "category": "Component",
+            "has_img_google": True,
+        }
+    )
     paths = {}
     meta = cache / "emoji-datasource-16.0.0.tgz"
     with tarfile.open(meta, "w:gz") as t:
@@ -44,8 +70,10 @@ def _fixture(cache: Path, n: int = 40, name=lambda i: f"THING {i}") -> dict[str,
     step = CELL + 2 * PAD
     sheet = Image.new("RGBA", (8 * step, 8 * step), (0, 0, 0, 0))
     for e in emoji[:n]:
-        sheet.paste(Image.new("RGBA", (CELL, CELL), (e["sheet_x"] * 30, e["sheet_y"] * 30, 99, 255)),
-                    (e["sheet_x"] * step + PAD, e["sheet_y"] * step + PAD))
+        sheet.paste(
+            Image.new("RGBA", (CELL, CELL), (e["sheet_x"] * 30, e["sheet_y"] * 30, 99, 255)),
+            (e["sheet_x"] * step + PAD, e["sheet_y"] * step + PAD),
+        )
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     for style in ("google", "twitter"):
@@ -60,8 +88,9 @@ def _fixture(cache: Path, n: int = 40, name=lambda i: f"THING {i}") -> dict[str,
 
 
 def test_split_by_emoji_never_leaks_and_variants_stay_together(tmp_path):
-    counts = build_emoji(tmp_path, seed=3, windows=10,
-                         fetcher=lambda cache: _fixture(cache.mkdir(parents=True) or cache))
+    counts = build_emoji(
+        tmp_path, seed=3, windows=10, fetcher=lambda cache: _fixture(cache.mkdir(parents=True) or cache)
+    )
     assert counts["concepts"] == 40  # the Component entry is left out
     splits = json.loads((tmp_path / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"]) and not set(splits["train"]) & set(splits["val"])

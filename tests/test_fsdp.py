@@ -24,18 +24,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(data: Path, out: Path, steps: int, **extra) -> list[str]:
-    base = {"model.preset": "albef-tiny", "model.overrides": "{queue_size: 32}",
-            "data.train_files": f"[{data / 'pretrain.json'}]", "data.image_root": str(data), "data.num_workers": 0,
-            "train.batch_size": 4, "train.epochs": 2, "train.max_steps": steps, "train.seed": 3,
-            "train.log_every": 1, "train.checkpoint_every": 0, "train.device": "cpu", "output_dir": str(out)}
+    base = {
+        "model.preset": "albef-tiny",
+        "model.overrides": "{queue_size: 32}",
+        "data.train_files": f"[{data / 'pretrain.json'}]",
+        "data.image_root": str(data),
+        "data.num_workers": 0,
+        "train.batch_size": 4,
+        "train.epochs": 2,
+        "train.max_steps": steps,
+        "train.seed": 3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 0,
+        "train.device": "cpu",
+        "output_dir": str(out),
+    }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def _torchrun(args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "albef.cli", "pretrain", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "albef.cli",
+        "pretrain",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

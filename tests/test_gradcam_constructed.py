@@ -25,9 +25,18 @@ COLOUR_OF = {RED: 0, GREEN: 1, BLUE: 2}  # token -> RGB channel
 def _config() -> ALBEFConfig:
     return ALBEFConfig(
         vision=VisionConfig(image_size=32, patch_size=8, width=16, depth=1, num_heads=1),
-        text=TextConfig(hidden_size=32, num_layers=2, fusion_layer=1, num_heads=1, intermediate_size=8,
-                        max_position_embeddings=8, encoder_width=16),
-        embed_dim=4, queue_size=8, max_text_len=8,
+        text=TextConfig(
+            hidden_size=32,
+            num_layers=2,
+            fusion_layer=1,
+            num_heads=1,
+            intermediate_size=8,
+            max_position_embeddings=8,
+            encoder_width=16,
+        ),
+        embed_dim=4,
+        queue_size=8,
+        max_text_len=8,
     )
 
 

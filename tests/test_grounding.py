@@ -21,12 +21,30 @@ def grounding_data(tmp_path):
         Image.new("RGB", (32, 32), (40, 40, 40)).save(tmp_path / f"img{i}.png")
     cells = [[0, 0, 16, 16], [16, 0, 16, 16], [0, 16, 16, 16], [16, 16, 16, 16]]
     entries = [
-        {"image": "img0.png", "text": "the top right one", "ref_id": 1, "box": [16, 0, 16, 16], "candidates": cells,
-         "split": "val"},
-        {"image": "img0.png", "text": "the bottom left one", "ref_id": 2, "box": [0, 16, 16, 16], "candidates": cells,
-         "split": "val"},
-        {"image": "img1.png", "text": "the top left one", "ref_id": 3, "box": [2, 2, 16, 16], "candidates": cells,
-         "split": "testA"},
+        {
+            "image": "img0.png",
+            "text": "the top right one",
+            "ref_id": 1,
+            "box": [16, 0, 16, 16],
+            "candidates": cells,
+            "split": "val",
+        },
+        {
+            "image": "img0.png",
+            "text": "the bottom left one",
+            "ref_id": 2,
+            "box": [0, 16, 16, 16],
+            "candidates": cells,
+            "split": "val",
+        },
+        {
+            "image": "img1.png",
+            "text": "the top left one",
+            "ref_id": 3,
+            "box": [2, 2, 16, 16],
+            "candidates": cells,
+            "split": "testA",
+        },
     ]
     (tmp_path / "g.json").write_text(json.dumps(entries))
     return tmp_path
@@ -76,9 +94,24 @@ def test_gradcam_itm_matches_the_authors_formula(tiny_model):
 
 def test_evaluate_grounding_cli_writes_metrics_and_overlays(grounding_data, tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "m")
-    rc = cli_main(["evaluate", "grounding", "--model", str(tmp_path / "m"), "--data", str(grounding_data / "g.json"),
-                   "--image-root", str(grounding_data), "--overlays", str(tmp_path / "ov"), "--out",
-                   str(tmp_path / "r.json"), "--device", "cpu"])
+    rc = cli_main(
+        [
+            "evaluate",
+            "grounding",
+            "--model",
+            str(tmp_path / "m"),
+            "--data",
+            str(grounding_data / "g.json"),
+            "--image-root",
+            str(grounding_data),
+            "--overlays",
+            str(tmp_path / "ov"),
+            "--out",
+            str(tmp_path / "r.json"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     assert json.loads((tmp_path / "r.json").read_text())["n"] == 3
     assert len(list((tmp_path / "ov").glob("*.png"))) == 3
@@ -122,14 +155,25 @@ def test_grounding_trains_on_whole_resized_images(tmp_path):
     from albef.training.loop import PretrainRun
 
     write_shapes(tmp_path, n=8, image_size=32, seed=1)
-    (tmp_path / "g.json").write_text(json.dumps([{"image": f"images/{i:06d}.png", "text": "a shape", "ref_id": i}
-                                                 for i in range(8)]))
+    (tmp_path / "g.json").write_text(
+        json.dumps([{"image": f"images/{i:06d}.png", "text": "a shape", "ref_id": i} for i in range(8)])
+    )
     steps = {}
     for task, train in (("grounding", "g.json"), ("retrieval", "retrieval_train.json")):
-        recipe = load_recipe(None, [f"task={task}", "model.preset=albef-tiny", "model.overrides={queue_size: 16}",
-                                    f"data.train_files=[{tmp_path / train}]", f"data.image_root={tmp_path}",
-                                    "data.num_workers=0", "train.batch_size=4", "train.device=cpu",
-                                    f"output_dir={tmp_path / task}"])
+        recipe = load_recipe(
+            None,
+            [
+                f"task={task}",
+                "model.preset=albef-tiny",
+                "model.overrides={queue_size: 16}",
+                f"data.train_files=[{tmp_path / train}]",
+                f"data.image_root={tmp_path}",
+                "data.num_workers=0",
+                "train.batch_size=4",
+                "train.device=cpu",
+                f"output_dir={tmp_path / task}",
+            ],
+        )
         steps[task] = [type(t) for t in PretrainRun(recipe).dataset.transform.transforms]
     assert steps["grounding"][:2] == [T.Resize, T.RandomHorizontalFlip]
     assert steps["retrieval"][:2] == [T.RandomResizedCrop, T.RandomHorizontalFlip]

@@ -134,11 +134,29 @@ def test_save_pretrained_round_trip_is_exact(tiny_model, tmp_path):
 
 
 def test_albef_convert_cli(parity_dir, tmp_path, capsys):
-    assert cli_main(["convert", str(parity_dir / "retrieval_state_dict.pt"), str(tmp_path / "out"),
-                     "--preset", "albef-tiny", "--vision-heads", "4", "--text-heads", "4"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(parity_dir / "retrieval_state_dict.pt"),
+                str(tmp_path / "out"),
+                "--preset",
+                "albef-tiny",
+                "--vision-heads",
+                "4",
+                "--text-heads",
+                "4",
+            ]
+        )
+        == 0
+    )
     sd = torch.load(parity_dir / "retrieval_state_dict.pt", weights_only=True)
-    n_training_state = sum(1 for k in sd if ("_m." in k and not k.endswith("position_ids"))  # ids: a buffer
-                           or k in ("image_queue", "text_queue", "idx_queue", "queue_ptr"))
+    n_training_state = sum(
+        1
+        for k in sd
+        if ("_m." in k and not k.endswith("position_ids"))  # ids: a buffer
+        or k in ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+    )
     assert f"dropped {n_training_state} (momentum copies and queues" in capsys.readouterr().out
     model = ALBEF.from_pretrained(tmp_path / "out")
     cfg = config_from_state_dict(torch.load(parity_dir / "retrieval_state_dict.pt", weights_only=True), "albef-tiny")
@@ -153,6 +171,7 @@ def _minilm_dir() -> Path:
 
 def _reference_bert(sd: dict, ids: torch.Tensor, mask: torch.Tensor, n_layers: int, heads: int) -> torch.Tensor:
     """BERT written out from the raw Hugging Face weights, independent of albef's modules."""
+
     def ln(x, p):
         return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-12)
 
@@ -160,19 +179,25 @@ def _reference_bert(sd: dict, ids: torch.Tensor, mask: torch.Tensor, n_layers: i
         return x @ sd[p + ".weight"].T + sd[p + ".bias"]
 
     L = ids.shape[1]
-    x = sd["embeddings.word_embeddings.weight"][ids] + sd["embeddings.position_embeddings.weight"][:L] \
+    x = (
+        sd["embeddings.word_embeddings.weight"][ids]
+        + sd["embeddings.position_embeddings.weight"][:L]
         + sd["embeddings.token_type_embeddings.weight"][0]
+    )
     x = ln(x, "embeddings.LayerNorm")
     bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
     for i in range(n_layers):
         p = f"encoder.layer.{i}"
         B, _, H = x.shape
         d = H // heads
-        q, k, v = (lin(x, f"{p}.attention.self.{n}").view(B, L, heads, d).transpose(1, 2)
-                   for n in ("query", "key", "value"))
+        q, k, v = (
+            lin(x, f"{p}.attention.self.{n}").view(B, L, heads, d).transpose(1, 2) for n in ("query", "key", "value")
+        )
         a = ((q @ k.transpose(-1, -2)) / math.sqrt(d) + bias).softmax(-1) @ v
-        x = ln(lin(a.transpose(1, 2).reshape(B, L, H), f"{p}.attention.output.dense") + x,
-               f"{p}.attention.output.LayerNorm")
+        x = ln(
+            lin(a.transpose(1, 2).reshape(B, L, H), f"{p}.attention.output.dense") + x,
+            f"{p}.attention.output.LayerNorm",
+        )
         h = F.gelu(lin(x, f"{p}.intermediate.dense"))
         x = ln(lin(h, f"{p}.output.dense") + x, f"{p}.output.LayerNorm")
     return x
@@ -219,16 +244,36 @@ def test_converted_task_checkpoints_reproduce_the_reference_outputs(parity_dir, 
     from albef.hub import from_pretrained
     from albef.models.tasks import rank_answers
 
-    assert cli_main(["convert", str(parity_dir / f"{task}_state_dict.pt"), str(tmp_path / task), "--preset",
-                     "albef-tiny", "--vision-heads", "4", "--text-heads", "4"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(parity_dir / f"{task}_state_dict.pt"),
+                str(tmp_path / task),
+                "--preset",
+                "albef-tiny",
+                "--vision-heads",
+                "4",
+                "--text-heads",
+                "4",
+            ]
+        )
+        == 0
+    )
     model = from_pretrained(tmp_path / task).double()
     io = torch.load(parity_dir / f"{task}_io.pt", weights_only=True)
     inp = io["inputs"]
     with torch.no_grad():
         if task == "vqa":
             q = model.encode_question(inp["image"], inp["question_input_ids"], inp["question_attention_mask"])
-            r = rank_answers(model, q, inp["question_attention_mask"], inp["answer_list_input_ids"],
-                             inp["answer_list_attention_mask"], int(inp["k_test"]))
+            r = rank_answers(
+                model,
+                q,
+                inp["question_attention_mask"],
+                inp["answer_list_input_ids"],
+                inp["answer_list_attention_mask"],
+                int(inp["k_test"]),
+            )
             assert r["ranked_ids"].tolist() == io["rank"]["official_formula"]["rerank_answer_idx"].tolist()
             real = inp["question_attention_mask"].bool()  # padding is skipped: its states are zeros
             torch.testing.assert_close(q[real], io["train"]["outputs"]["question_states"][real], rtol=1e-9, atol=1e-9)
@@ -249,8 +294,10 @@ def test_timm_vit_initialisation(tiny_config, tmp_path):
     torch.save(timm_sd, tmp_path / "deit.pth")
     model = ALBEF(tiny_config)  # runs at 32 px
     report = load_timm_vit(model, tmp_path / "deit.pth")
-    assert report.dropped == {"head.weight": "classification head: not part of ALBEF",
-                              "head.bias": "classification head: not part of ALBEF"}
+    assert report.dropped == {
+        "head.weight": "classification head: not part of ALBEF",
+        "head.bias": "classification head: not part of ALBEF",
+    }
     vit = model.visual_encoder.state_dict()
     assert torch.equal(vit["blocks.1.mlp.fc2.weight"], source["blocks.1.mlp.fc2.weight"])
     torch.testing.assert_close(vit["pos_embed"], resize_pos_embed(source["pos_embed"], 16))

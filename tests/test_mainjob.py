@@ -19,12 +19,18 @@ def _fake_easyvqa(src: Path):
     src.mkdir(parents=True)
     for i in range(4):
         Image.new("RGB", (64, 64), (60 * i, 90, 30)).save(src / f"{i}.png")
-    qs = (["what color is the shape?", "is there a circle?", "what shape is it?", "is there a red shape?"] * 4,
-          ["red", "yes", "circle", "no"] * 4, [i % 4 for i in range(16)])
-    return types.SimpleNamespace(get_train_questions=lambda: qs, get_test_questions=lambda: qs,
-                                 get_train_image_paths=lambda: {i: str(src / f"{i}.png") for i in range(4)},
-                                 get_test_image_paths=lambda: {i: str(src / f"{i}.png") for i in range(4)},
-                                 get_answers=lambda: ["red", "yes", "circle", "no"])
+    qs = (
+        ["what color is the shape?", "is there a circle?", "what shape is it?", "is there a red shape?"] * 4,
+        ["red", "yes", "circle", "no"] * 4,
+        [i % 4 for i in range(16)],
+    )
+    return types.SimpleNamespace(
+        get_train_questions=lambda: qs,
+        get_test_questions=lambda: qs,
+        get_train_image_paths=lambda: {i: str(src / f"{i}.png") for i in range(4)},
+        get_test_image_paths=lambda: {i: str(src / f"{i}.png") for i in range(4)},
+        get_answers=lambda: ["red", "yes", "circle", "no"],
+    )
 
 
 def _letters(i: int) -> str:  # emoji names the scene grammar takes: letters only
@@ -38,11 +44,19 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     fake = _fake_easyvqa(tmp_path / "evqa_src")
     monkeypatch.setattr(E, "_easy_vqa", lambda: fake)
     fetch = lambda cache: _fixture(cache.mkdir(parents=True, exist_ok=True) or cache, n=64, name=_letters)  # noqa: E731
-    report = run_main(tmp_path / "out", tmp_path / "data", scale="smoke", emoji_fetcher=fetch,
-                      easyvqa_builder=build_easyvqa)
+    report = run_main(
+        tmp_path / "out", tmp_path / "data", scale="smoke", emoji_fetcher=fetch, easyvqa_builder=build_easyvqa
+    )
     text = report.read_text()
-    for section in ("## Relation and attribute test", "## Scene retrieval", "## Grad-CAM pointing",
-                    "## Held-out single emoji", "## VQA", "## Loss curves", "| total |"):
+    for section in (
+        "## Relation and attribute test",
+        "## Scene retrieval",
+        "## Grad-CAM pointing",
+        "## Held-out single emoji",
+        "## VQA",
+        "## Loss curves",
+        "| total |",
+    ):
         assert section in text, section
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     sc = results["scenes"]
@@ -58,13 +72,20 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     # the held-out emoji stay held out: no scene draws an emoji of the emoji test or val split, and
     # pretraining sees no single image of an emoji the scenes hold out
     data = tmp_path / "data"
-    evals = {Path(e["image"]).name for f in ("retrieval_test.json", "retrieval_val.json")
-             for e in json.loads((data / "emoji" / f).read_text())}
+    evals = {
+        Path(e["image"]).name
+        for f in ("retrieval_test.json", "retrieval_val.json")
+        for e in json.loads((data / "emoji" / f).read_text())
+    }
     drawn = {o["emoji_image"] for s in json.loads((data / "scenes" / "scenes.json").read_text()) for o in s["objects"]}
     assert drawn and not drawn & evals
     held = set(json.loads((data / "scenes" / "splits.json").read_text())["unseen_emoji"])
-    held_images = {o["emoji_image"] for s in json.loads((data / "scenes" / "scenes.json").read_text())
-                   for o in s["objects"] if o["name"] in held}
+    held_images = {
+        o["emoji_image"]
+        for s in json.loads((data / "scenes" / "scenes.json").read_text())
+        for o in s["objects"]
+        if o["name"] in held
+    }
     rows = json.loads((tmp_path / "out" / "pretrain_data.json").read_text())
     assert held_images and not {Path(r["image"]).name for r in rows if r["image"].startswith("emoji/")} & held_images
 

@@ -59,7 +59,11 @@ def test_csv_column_union(tmp_path):
     table = _csv(tmp_path / "metrics.csv")
     assert list(table[0]) == ["step", "split", "time", "loss_itc", "loss_itm", "acc"]
     assert [(r["step"], r["loss_itc"], r["loss_itm"], r["acc"]) for r in table] == [
-        ("1", "1.0", "", ""), ("2", "0.9", "0.7", ""), ("3", "", "", "0.5"), ("4", "0.8", "", "")]
+        ("1", "1.0", "", ""),
+        ("2", "0.9", "0.7", ""),
+        ("3", "", "", "0.5"),
+        ("4", "0.8", "", ""),
+    ]
     assert len(_jsonl(tmp_path / "metrics.jsonl")) == 4
 
 

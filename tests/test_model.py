@@ -57,8 +57,10 @@ def test_multimodal_equals_text_then_fuse(tiny_model):
     # a precomputed image context, indexed, gives the same as re-projecting the chosen images
     ctx = model.image_context(image_embeds)
     order = torch.tensor([2, 0, 1])
-    torch.testing.assert_close(model.fuse(model.encode_text(ids, mask), mask, ctx.select(order)),
-                               model.fuse(model.encode_text(ids, mask), mask, image_embeds[order]))
+    torch.testing.assert_close(
+        model.fuse(model.encode_text(ids, mask), mask, ctx.select(order)),
+        model.fuse(model.encode_text(ids, mask), mask, image_embeds[order]),
+    )
 
 
 def test_padding_does_not_change_real_tokens(tiny_model):
@@ -107,8 +109,9 @@ def test_resize_pos_embed_keeps_cls_and_is_identity_at_same_size():
 
 def _step(trainer, B=4, L=10, alpha=0.4, generator=None):
     ids, mask = text_batch(B, L)
-    return trainer(torch.randn(B, 3, 32, 32), ids, mask, alpha=alpha,
-                   generator=generator or torch.Generator().manual_seed(0))
+    return trainer(
+        torch.randn(B, 3, 32, 32), ids, mask, alpha=alpha, generator=generator or torch.Generator().manual_seed(0)
+    )
 
 
 def test_backward_reaches_every_trainable_parameter_and_no_momentum_one(tiny_config):
@@ -169,8 +172,14 @@ def test_shared_fusion_pass_equals_separate_passes(tiny_config, every_image_has_
         d = out.draws
         neg_text, neg_image = d.neg_text_idx.clone(), d.neg_image_idx.clone()
         neg_text[0], neg_image[2] = -1, -1
-        out = trainer(images, ids, mask, 0.4, enqueue=False,
-                      draws=PretrainDraws(neg_image, neg_text, d.mlm_input_ids, d.mlm_labels))
+        out = trainer(
+            images,
+            ids,
+            mask,
+            0.4,
+            enqueue=False,
+            draws=PretrainDraws(neg_image, neg_text, d.mlm_input_ids, d.mlm_labels),
+        )
         assert len(out.itm.labels) == 4 + 3 + 3
     d = out.draws
     assert (d.mlm_labels != -100).sum(1).unique().numel() > 1  # ragged: rows mask different counts
@@ -189,16 +198,25 @@ def test_shared_fusion_pass_equals_separate_passes(tiny_config, every_image_has_
     params = [p for p in model.parameters() if p.requires_grad]
     probe = torch.randn(mlm.shape, dtype=torch.float64)
     shared = torch.autograd.grad(out.itm.logits.sum() + (out.mlm.logits * probe).sum(), params, allow_unused=True)
-    separate = torch.autograd.grad(itm.sum() + (mlm * probe).sum(), [p for p in plain.parameters() if p.requires_grad],
-                                   allow_unused=True)
+    separate = torch.autograd.grad(
+        itm.sum() + (mlm * probe).sum(), [p for p in plain.parameters() if p.requires_grad], allow_unused=True
+    )
     for (name, _), a, b in zip(model.named_parameters(), shared, separate, strict=True):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("setting, parts", [(True, (True, True)), ("all", (True, True)), ("vision", (True, False)),
-                                           (False, (False, False)), ("none", (False, False))])
+@pytest.mark.parametrize(
+    "setting, parts",
+    [
+        (True, (True, True)),
+        ("all", (True, True)),
+        ("vision", (True, False)),
+        (False, (False, False)),
+        ("none", (False, False)),
+    ],
+)
 def test_grad_checkpointing_settings(tiny_model, setting, parts):
     tiny_model.set_grad_checkpointing(setting)
     assert (tiny_model.visual_encoder.grad_checkpointing, tiny_model.text_encoder.grad_checkpointing) == parts
@@ -221,6 +239,7 @@ def test_pretraining_step_under_bf16_autocast(tiny_config):
     """The GPU's mixed precision, here on the CPU: bf16 products through every custom path
     (packing, recomputed GELU/LayerNorm, shared fusion pass), float32 gradients close to the
     float32 step's."""
+
     def step(amp: bool):
         torch.manual_seed(0)
         trainer = ALBEFPretrainer(ALBEF(tiny_config))
@@ -356,8 +375,10 @@ def test_last_layer_on_chosen_positions_equals_the_full_pass(tiny_model):
     torch.testing.assert_close(Positions(positions, keep).read(full), full[masked])
     assert (part[~keep] == 0).all()  # -1: a ragged row's missing slot, not computed
     unpadded = torch.ones_like(mask)  # the same ragged positions on a batch with no padding to skip
-    torch.testing.assert_close(model.encode_multimodal(ids, unpadded, img, positions=positions)[keep],
-                               plain.encode_multimodal(ids, unpadded, img)[masked])
+    torch.testing.assert_close(
+        model.encode_multimodal(ids, unpadded, img, positions=positions)[keep],
+        plain.encode_multimodal(ids, unpadded, img)[masked],
+    )
     g_full = torch.autograd.grad(full[masked].square().sum(), img)[0]
     part = model.encode_multimodal(ids, mask, img, positions=positions)
     g_part = torch.autograd.grad(part[keep].square().sum(), img)[0]

@@ -30,10 +30,23 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("modelpaths")
     write_shapes(d, n=16, image_size=32, seed=5, test=4)
     out = d / "run"
-    rc = cli_main(["pretrain", "model.preset=albef-tiny", f"model.overrides={OVERRIDES}",
-                   f"data.train_files=[{d / 'pretrain.json'}]", f"data.image_root={d}", "data.num_workers=0",
-                   "train.batch_size=4", "train.epochs=1", "train.max_steps=1", "train.device=cpu",
-                   "train.log_every=1", "train.checkpoint_every=0", f"output_dir={out}"])
+    rc = cli_main(
+        [
+            "pretrain",
+            "model.preset=albef-tiny",
+            f"model.overrides={OVERRIDES}",
+            f"data.train_files=[{d / 'pretrain.json'}]",
+            f"data.image_root={d}",
+            "data.num_workers=0",
+            "train.batch_size=4",
+            "train.epochs=1",
+            "train.max_steps=1",
+            "train.device=cpu",
+            "train.log_every=1",
+            "train.checkpoint_every=0",
+            f"output_dir={out}",
+        ]
+    )
     assert rc == 0
     return d, out
 
@@ -71,9 +84,11 @@ def test_convert_uses_the_config_stored_in_a_training_checkpoint(run, tmp_path, 
 def test_convert_refuses_options_that_contradict_the_stored_config(run, tmp_path, capsys):
     _, out = run
     ckpt = out / "checkpoint_last.pt"
-    for extra, fields in ((["--preset", "albef-base"], ["text.num_heads", "text_pooling", "max_text_len"]),
-                          (["--text-heads", "2"], ["text.num_heads (--text-heads 2, stored: 4)"]),
-                          (["--task", "vqa"], ["task (--task vqa, stored: albef)"])):
+    for extra, fields in (
+        (["--preset", "albef-base"], ["text.num_heads", "text_pooling", "max_text_len"]),
+        (["--text-heads", "2"], ["text.num_heads (--text-heads 2, stored: 4)"]),
+        (["--task", "vqa"], ["task (--task vqa, stored: albef)"]),
+    ):
         with pytest.raises(SystemExit) as e:
             cli_main(["convert", str(ckpt), str(tmp_path / "m"), *extra])
         assert e.value.code == 2
@@ -97,12 +112,30 @@ def test_predict_and_pipeline_take_a_checkpoint_or_a_run_folder(run, tmp_path, c
     best.mkdir()
     shutil.copy(ckpt, best / "checkpoint_best.pt")
     (best / "checkpoint_last.pt").write_bytes(b"not a checkpoint")
-    torch.testing.assert_close(Pipeline.from_pretrained(best, device="cpu").similarity(_images(d), TEXTS),
-                               expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(
+        Pipeline.from_pretrained(best, device="cpu").similarity(_images(d), TEXTS), expected[0], atol=0, rtol=0
+    )
     rows = []
     for src in (ckpt, best):
-        assert cli_main(["predict", "score", "--model", str(src), "--image", str(_images(d)[0]),
-                         "--text", TEXTS[0], "--text", TEXTS[1], "--device", "cpu"]) == 0
+        assert (
+            cli_main(
+                [
+                    "predict",
+                    "score",
+                    "--model",
+                    str(src),
+                    "--image",
+                    str(_images(d)[0]),
+                    "--text",
+                    TEXTS[0],
+                    "--text",
+                    TEXTS[1],
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         rows.append(capsys.readouterr().out.splitlines()[1:])
     assert rows[0] == rows[1] and len(rows[0]) == 2
     assert f"{expected[0][0, 0].item():7.3f}" in rows[0][0]
@@ -129,15 +162,30 @@ def test_a_state_dict_is_refused_by_every_entry_point_with_the_fix(run, bare_fil
     d, _ = run
     for path, what in bare_files.items():
         with pytest.raises(NotAModelError) as e:
-            cli_main(["evaluate", "retrieval", "--model", str(path), "--data", str(d / "retrieval_test.json"),
-                      "--image-root", str(d), "--k", "2", "--device", "cpu"])
+            cli_main(
+                [
+                    "evaluate",
+                    "retrieval",
+                    "--model",
+                    str(path),
+                    "--data",
+                    str(d / "retrieval_test.json"),
+                    "--image-root",
+                    str(d),
+                    "--k",
+                    "2",
+                    "--device",
+                    "cpu",
+                ]
+            )
         _assert_names_file_and_fix(str(e.value), path, what)
         with pytest.raises(NotAModelError) as e:
             Pipeline.from_pretrained(path, device="cpu")
         _assert_names_file_and_fix(str(e.value), path, what)
-        for argv in (["predict", "score", "--model", str(path), "--image", str(_images(d)[0]), "--text", "a"],
-                     ["serve", "--model", str(path), "--images", str(d / "images"),
-                      "--cache-dir", str(tmp_path / "cache")]):
+        for argv in (
+            ["predict", "score", "--model", str(path), "--image", str(_images(d)[0]), "--text", "a"],
+            ["serve", "--model", str(path), "--images", str(d / "images"), "--cache-dir", str(tmp_path / "cache")],
+        ):
             with pytest.raises(SystemExit) as e:
                 cli_main(argv)
             _assert_names_file_and_fix(str(e.value.code), path, what)

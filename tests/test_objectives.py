@@ -85,8 +85,9 @@ def test_itc_id_aware_targets_spread_over_same_id_entries():
 def test_soft_cross_entropy_with_onehot_is_cross_entropy():
     logits = torch.randn(5, 7)
     labels = torch.randint(7, (5,))
-    torch.testing.assert_close(soft_cross_entropy(logits, F.one_hot(labels, 7).float()),
-                               F.cross_entropy(logits, labels))
+    torch.testing.assert_close(
+        soft_cross_entropy(logits, F.one_hot(labels, 7).float()), F.cross_entropy(logits, labels)
+    )
 
 
 @pytest.mark.parametrize("trial", range(20))
@@ -251,8 +252,9 @@ def test_enqueue_inside_forward_equals_enqueue_after_backward():
                 trainer.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)
             losses.append(out.loss.detach())
         grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
-        results.append((torch.stack(losses), grads, trainer.queue.image_queue.clone(),
-                        trainer.queue.text_queue.clone()))
+        results.append(
+            (torch.stack(losses), grads, trainer.queue.image_queue.clone(), trainer.queue.text_queue.clone())
+        )
     (la, ga, qia, qta), (lb, gb, qib, qtb) = results
     torch.testing.assert_close(la, lb, rtol=0, atol=0)
     assert len(ga) == len(gb) > 0

@@ -97,7 +97,7 @@ def test_a_backward_that_raised_does_not_leak_into_the_next():
     model = Tied()
     opt = build_optimizer(model, 1e-2, 0.1, in_backward=True)
     opt.bucket_bytes = 2**30  # everything waits for the end of the backward, which the error skips
-    (x, y), = _batches(1)
+    ((x, y),) = _batches(1)
 
     def loss(fail: bool):
         h = model.hidden(model.norm(model.emb(x)))
@@ -155,9 +155,16 @@ def test_param_groups_added_later_are_updated_in_the_backward():
     assert a.weight.grad is not None
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    ({"grad_accum": 2}, "grad_accum"), ({"max_grad_norm": 1.0}, "max_grad_norm"),
-    ({"precision": "fp16"}, "fp16"), ({"world_size": 2}, "DDP"), ({"fsdp": True}, "FSDP")])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"grad_accum": 2}, "grad_accum"),
+        ({"max_grad_norm": 1.0}, "max_grad_norm"),
+        ({"precision": "fp16"}, "fp16"),
+        ({"world_size": 2}, "DDP"),
+        ({"fsdp": True}, "FSDP"),
+    ],
+)
 def test_refuses_what_needs_every_gradient_first(kwargs, word):
     args = {"grad_accum": 1, "max_grad_norm": None, "precision": "fp32", "world_size": 1, "fsdp": False, **kwargs}
     with pytest.raises(ValueError, match=word):
@@ -189,12 +196,28 @@ def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path
     write_shapes(data, n=16, image_size=32, seed=1)
 
     def run(out, steps, *extra, resume=False):
-        r = PretrainRun(load_recipe(None, [
-            "model.preset=albef-tiny", "model.overrides={queue_size: 32}",
-            f"data.train_files=[{data / 'pretrain.json'}]", f"data.image_root={data}", "data.num_workers=0",
-            "data.min_seen_for_bad_check=16", "train.batch_size=4", f"train.max_steps={steps}", "train.lr=1e-3",
-            "train.seed=3", "train.checkpoint_every=0", "train.device=cpu", f"output_dir={out}", *extra]),
-            resume=resume)
+        r = PretrainRun(
+            load_recipe(
+                None,
+                [
+                    "model.preset=albef-tiny",
+                    "model.overrides={queue_size: 32}",
+                    f"data.train_files=[{data / 'pretrain.json'}]",
+                    f"data.image_root={data}",
+                    "data.num_workers=0",
+                    "data.min_seen_for_bad_check=16",
+                    "train.batch_size=4",
+                    f"train.max_steps={steps}",
+                    "train.lr=1e-3",
+                    "train.seed=3",
+                    "train.checkpoint_every=0",
+                    "train.device=cpu",
+                    f"output_dir={out}",
+                    *extra,
+                ],
+            ),
+            resume=resume,
+        )
         r.fit()
         assert isinstance(r.optimizer, AdamWInBackward) == ("train.optimizer_in_backward=false" not in extra)
         assert all(p.grad is None for p in r.trainer.parameters())
@@ -235,9 +258,13 @@ def test_lr_scale_scales_the_first_adamw_step():
     lr, wd = 1e-2, 0.1
     opt = build_optimizer(model, lr, wd, lr_scale={"hidden": 0.5, "hidden.bias": 0.0})
     assert sorted((g["lr_scale"], g["weight_decay"], len(g["params"])) for g in opt.param_groups) == [
-        (0.0, 0.0, 1), (0.5, wd, 1), (1.0, 0.0, 3), (1.0, wd, 1)]
+        (0.0, 0.0, 1),
+        (0.5, wd, 1),
+        (1.0, 0.0, 3),
+        (1.0, wd, 1),
+    ]
     before = {k: v.clone() for k, v in model.named_parameters()}
-    (x, y), = _batches(1)
+    ((x, y),) = _batches(1)
     _train(model, opt, [(x, y)], [lr])
     after = dict(model.named_parameters())
     assert torch.equal(after["hidden.bias"], before["hidden.bias"])

@@ -82,8 +82,14 @@ def _pretrain_step(cfg, fast: bool, checkpointing: bool = False):
     trainer.model.set_grad_checkpointing(checkpointing)
     ids, mask = text_batch(4, 12)
     assert (mask == 0).sum() > 10  # the batch really is padded
-    out = trainer(torch.randn(4, 3, 32, 32, dtype=torch.float64), ids, mask, alpha=0.4,
-                  generator=torch.Generator().manual_seed(3), enqueue=False)
+    out = trainer(
+        torch.randn(4, 3, 32, 32, dtype=torch.float64),
+        ids,
+        mask,
+        alpha=0.4,
+        generator=torch.Generator().manual_seed(3),
+        enqueue=False,
+    )
     out.loss.backward()
     grads = {n: p.grad for n, p in trainer.named_parameters() if p.grad is not None}
     return out, grads, mask
@@ -95,9 +101,17 @@ def test_fast_pretraining_step_equals_the_plain_one(tiny_config, dropout, reques
     ref, ref_grads, mask = _pretrain_step(cfg, fast=False)
     for checkpointing in (False, True):
         out, grads, _ = _pretrain_step(cfg, fast=True, checkpointing=checkpointing)
-        for get in (lambda o: o.loss, lambda o: o.itc.loss, lambda o: o.itm.loss, lambda o: o.mlm.loss,
-                    lambda o: o.itm.logits, lambda o: o.mlm.logits, lambda o: o.mlm.logits_m,
-                    lambda o: o.student.text_feat, lambda o: o.teacher.text_feat):
+        for get in (
+            lambda o: o.loss,
+            lambda o: o.itc.loss,
+            lambda o: o.itm.loss,
+            lambda o: o.mlm.loss,
+            lambda o: o.itm.logits,
+            lambda o: o.mlm.logits,
+            lambda o: o.mlm.logits_m,
+            lambda o: o.student.text_feat,
+            lambda o: o.teacher.text_feat,
+        ):
             torch.testing.assert_close(get(out), get(ref), rtol=1e-12, atol=1e-12)
         real = mask.bool()
         s, r = out.student.text_embeds, ref.student.text_embeds
@@ -118,8 +132,16 @@ def test_fast_causal_decoder_equals_the_plain_one(tiny_config, dropout, request)
         trainer = VQATrainer(ALBEFForVQA(cfg, fast=fast)).double().train()
         q_ids, q_mask = text_batch(2, 7)
         a_ids, a_mask = text_batch(3, 5, generator=torch.Generator().manual_seed(2))
-        out = trainer(torch.randn(2, 3, 32, 32, dtype=torch.float64), q_ids, q_mask, a_ids, a_mask,
-                      torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64), torch.tensor([2, 1]), alpha=0.4)
+        out = trainer(
+            torch.randn(2, 3, 32, 32, dtype=torch.float64),
+            q_ids,
+            q_mask,
+            a_ids,
+            a_mask,
+            torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64),
+            torch.tensor([2, 1]),
+            alpha=0.4,
+        )
         out.loss.backward()
         return out, {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
 

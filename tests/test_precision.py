@@ -58,8 +58,9 @@ def test_bf16_training_on_the_cpu_is_close_to_fp32_and_keeps_float32_state(shape
     runs, losses = {}, {}
     for prec in ("fp32", "bf16"):
         out = tmp_path / prec
-        recipe = load_recipe(None, _overrides(shapes, out, train__max_steps=STEPS, train__precision=prec,
-                                              train__device="cpu"))
+        recipe = load_recipe(
+            None, _overrides(shapes, out, train__max_steps=STEPS, train__precision=prec, train__device="cpu")
+        )
         with _maybe_slow_warning() if prec == "bf16" else nullcontext():
             runs[prec] = PretrainRun(recipe)
         runs[prec].fit()
@@ -120,8 +121,9 @@ def test_auto_follows_the_cpu(monkeypatch, shapes, tmp_path, caplog):
     _cpu_bf16(monkeypatch, ())
     assert resolve_precision("auto", "cpu") == "fp32"
     with caplog.at_level(logging.INFO, logger="albef.precision"):
-        run = PretrainRun(load_recipe(None, _overrides(shapes, tmp_path / "plain", train__precision="auto",
-                                                       train__device="cpu")))
+        run = PretrainRun(
+            load_recipe(None, _overrides(shapes, tmp_path / "plain", train__precision="auto", train__device="cpu"))
+        )
     run.metrics.close()
     assert run.precision == "fp32" and run.amp_dtype is None
     assert "train.precision=auto: fp32 on cpu (the CPU has neither AVX512_BF16 nor AMX-BF16)" in caplog.text
@@ -133,8 +135,9 @@ def test_auto_follows_the_cpu(monkeypatch, shapes, tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="albef.precision"), warnings.catch_warnings():
         warnings.simplefilter("error")  # no slow-bf16 warning where it is native
-        run = PretrainRun(load_recipe(None, _overrides(shapes, tmp_path / "native", train__precision="auto",
-                                                       train__device="cpu")))
+        run = PretrainRun(
+            load_recipe(None, _overrides(shapes, tmp_path / "native", train__precision="auto", train__device="cpu"))
+        )
         assert resolve_precision("bf16", "cpu") == "bf16"
     run.metrics.close()
     assert run.precision == "bf16" and run.amp_dtype is torch.bfloat16
@@ -143,8 +146,10 @@ def test_auto_follows_the_cpu(monkeypatch, shapes, tmp_path, caplog):
 
 def test_cpu_detection_reads_the_flags(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile amx_bf16\n\n"
-                    "processor\t: 1\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile amx_bf16\n")
+    info.write_text(
+        "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile amx_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile amx_bf16\n"
+    )
     assert {"avx512_bf16", "amx_bf16"} <= precision._cpuinfo_flags(info)
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
     assert not precision._cpuinfo_flags(info) & set(precision.BF16_CPU_FLAGS)
@@ -174,8 +179,7 @@ def tiny_model_dir(shapes):
     return shapes / "model"
 
 
-def test_evaluate_retrieval_with_bf16_gives_float32_scores_close_to_fp32(shapes, tiny_model_dir, tmp_path,
-                                                                          monkeypatch):
+def test_evaluate_retrieval_with_bf16_gives_float32_scores_close_to_fp32(shapes, tiny_model_dir, tmp_path, monkeypatch):
     from albef.evaluation import retrieval
 
     seen: dict[str, list] = {}
@@ -192,9 +196,29 @@ def test_evaluate_retrieval_with_bf16_gives_float32_scores_close_to_fp32(shapes,
         out = tmp_path / f"{current}.json"
         with _maybe_slow_warning() if current == "bf16" else nullcontext():
             # k = every text: each pair is re-ranked in both runs, so the full matrices compare
-            assert cli_main(["evaluate", "retrieval", "--model", str(tiny_model_dir), "--data",
-                             str(shapes / "retrieval_test.json"), "--image-root", str(shapes), "--k", "16",
-                             "--device", "cpu", "--precision", current, "--out", str(out)]) == 0
+            assert (
+                cli_main(
+                    [
+                        "evaluate",
+                        "retrieval",
+                        "--model",
+                        str(tiny_model_dir),
+                        "--data",
+                        str(shapes / "retrieval_test.json"),
+                        "--image-root",
+                        str(shapes),
+                        "--k",
+                        "16",
+                        "--device",
+                        "cpu",
+                        "--precision",
+                        current,
+                        "--out",
+                        str(out),
+                    ]
+                )
+                == 0
+            )
         metrics[current] = json.loads(out.read_text())
     (cos32, itm32), (cos16, itm16) = seen["fp32"], seen["bf16"]
     assert cos16.dtype is itm16.dtype is torch.float32  # float32 scores: bf16 would tie near-equal ones
@@ -230,8 +254,25 @@ def test_pipeline_precision(tiny_model_dir, monkeypatch):
 def test_inference_commands_take_precision(tiny_model_dir, shapes, tmp_path, capsys, monkeypatch):
     _cpu_bf16(monkeypatch, ("avx512_bf16",))
     image = next(p for p in sorted(shapes.rglob("*.png")))
-    assert cli_main(["predict", "score", "--model", str(tiny_model_dir), "--image", str(image), "--text", "a circle",
-                     "--device", "cpu", "--precision", "bf16"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "score",
+                "--model",
+                str(tiny_model_dir),
+                "--image",
+                str(image),
+                "--text",
+                "a circle",
+                "--device",
+                "cpu",
+                "--precision",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     assert "a circle" in capsys.readouterr().out
     from albef.cli_serve import parser
 

@@ -18,17 +18,22 @@ from albef.training.schedule import LRSchedule, alpha_at
 
 def test_annotations_skip_and_name_bad_entries(tmp_path):
     good = tmp_path / "a.json"
-    good.write_text(json.dumps([
-        {"image": "x.png", "caption": "A dog!"},
-        {"image": "y.png", "caption": ["", "Two cats."]},
-        {"image": "z.png", "caption": "?!..."},       # empty after cleaning
-        {"caption": "no image"},                       # missing field
-        ["not", "an", "object"],
-        {"image": "w.png", "caption": 3},
-    ]))
+    good.write_text(
+        json.dumps(
+            [
+                {"image": "x.png", "caption": "A dog!"},
+                {"image": "y.png", "caption": ["", "Two cats."]},
+                {"image": "z.png", "caption": "?!..."},  # empty after cleaning
+                {"caption": "no image"},  # missing field
+                ["not", "an", "object"],
+                {"image": "w.png", "caption": 3},
+            ]
+        )
+    )
     lines = tmp_path / "b.jsonl"
-    lines.write_text('{"image": "p.png", "caption": "a bird"}\n{broken json\n\n'
-                     '{"image": "q.png", "caption": "a fish"}\n')
+    lines.write_text(
+        '{"image": "p.png", "caption": "a bird"}\n{broken json\n\n{"image": "q.png", "caption": "a fish"}\n'
+    )
     records, bad = read_annotations([good, lines], parse_pretrain_entry(str(tmp_path)))
     assert [r.captions for r in records] == [("a dog",), ("two cats",), ("a bird",), ("a fish",)]
     assert records[0].image == str(tmp_path / "x.png")
@@ -103,9 +108,19 @@ def test_authors_lr_schedule_step_by_step():
     # configs/Pretrain.yaml: lr 1e-4, min 1e-5, warmup_lr 1e-5, warmup_epochs 20, epochs 30;
     # the timm scheduler is stepped with i // 100 after iteration i in epoch 0, then per epoch.
     s = LRSchedule(lr=1e-4, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=20, epochs=30)
-    expected = {(0, 0): 1e-5, (0, 100): 1e-5, (0, 101): 1.45e-5, (0, 1900): 9.1e-5, (0, 2000): 9.55e-5,
-                (0, 2001): 1e-4, (0, 9999): 1e-4, (1, 0): 9.97535e-5, (10, 5): 7.75e-5, (20, 0): 3.25e-5,
-                (29, 0): 1.02465e-5}
+    expected = {
+        (0, 0): 1e-5,
+        (0, 100): 1e-5,
+        (0, 101): 1.45e-5,
+        (0, 1900): 9.1e-5,
+        (0, 2000): 9.55e-5,
+        (0, 2001): 1e-4,
+        (0, 9999): 1e-4,
+        (1, 0): 9.97535e-5,
+        (10, 5): 7.75e-5,
+        (20, 0): 3.25e-5,
+        (29, 0): 1.02465e-5,
+    }
     for (epoch, step), lr in expected.items():
         assert s(epoch, step) == pytest.approx(lr, rel=1e-5), (epoch, step)
     c = LRSchedule(lr=1e-3, min_lr=0.0, warmup_lr=0.0, epochs=2, style="cosine", warmup_steps=10, steps_per_epoch=50)
@@ -120,6 +135,14 @@ def test_alpha_ramp():
 
 
 def test_cosine_schedule_ends_at_max_steps():
-    s = LRSchedule(lr=1e-3, min_lr=1e-4, warmup_lr=0.0, epochs=100, style="cosine", warmup_steps=10,
-                   steps_per_epoch=50, total_steps=110)
+    s = LRSchedule(
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_lr=0.0,
+        epochs=100,
+        style="cosine",
+        warmup_steps=10,
+        steps_per_epoch=50,
+        total_steps=110,
+    )
     assert s(0, 10) == pytest.approx(1e-3) and s(0, 60) == pytest.approx(5.5e-4) and s(2, 10) == pytest.approx(1e-4)

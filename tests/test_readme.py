@@ -42,7 +42,9 @@ def test_library_page_python_examples_run(tmp_path, monkeypatch):
 def test_relative_links_resolve(page):
     """Every relative link or image of the README and the docs names a file that exists."""
     targets = re.findall(r"\]\(([^)\s]+)\)", page.read_text())
-    missing = [t for t in targets
-               if not re.match(r"[a-z]+:", t) and not t.startswith("#")
-               and not (page.parent / t.split("#")[0]).exists()]
+    missing = [
+        t
+        for t in targets
+        if not re.match(r"[a-z]+:", t) and not t.startswith("#") and not (page.parent / t.split("#")[0]).exists()
+    ]
     assert not missing, f"{page.name}: links to missing files {missing}"

@@ -53,8 +53,9 @@ def gallery64():
 
     cfg = get_preset("albef-tiny")
     model = ALBEF(cfg).double().eval()
-    texts = [f"a {c} {s} on the {p}"
-             for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "top")]
+    texts = [
+        f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "top")
+    ]
     g = embed_gallery(model, torch.randn(9, 3, 32, 32, dtype=torch.float64), texts, Tokenizer())
     return model, g
 
@@ -90,13 +91,41 @@ def shapes_eval(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_gloo_processes_give_the_same_metrics(shapes_eval, tmp_path):
-    args = ["evaluate", "retrieval", "--model", str(shapes_eval / "model"), "--data",
-            str(shapes_eval / "retrieval_test.json"), "--image-root", str(shapes_eval), "--k", "4", "--device", "cpu"]
+    args = [
+        "evaluate",
+        "retrieval",
+        "--model",
+        str(shapes_eval / "model"),
+        "--data",
+        str(shapes_eval / "retrieval_test.json"),
+        "--image-root",
+        str(shapes_eval),
+        "--k",
+        "4",
+        "--device",
+        "cpu",
+    ]
     assert cli_main([*args, "--out", str(tmp_path / "one.json")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "albef.cli", *args, "--out", str(tmp_path / "two.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "albef.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one == two and one["n_images"] == 8 and one["n_texts"] == 16
@@ -104,20 +133,50 @@ def test_two_gloo_processes_give_the_same_metrics(shapes_eval, tmp_path):
 
 def test_retrieval_finetuning_runs_and_evaluates(shapes_eval, tmp_path, capsys):
     out = tmp_path / "ft"
-    rc = cli_main(["finetune", "retrieval", f"model.init={shapes_eval / 'model'}", "model.preset=albef-tiny",
-                   "model.overrides={queue_size: 16}", f"data.train_files=[{shapes_eval / 'retrieval_train.json'}]",
-                   f"data.image_root={shapes_eval}", "data.num_workers=0", "train.batch_size=4", "train.epochs=1",
-                   "train.lr=1e-4", "train.warmup_lr=1e-4", "train.warmup_epochs=1", "train.log_every=1",
-                   f"output_dir={out}"])
+    rc = cli_main(
+        [
+            "finetune",
+            "retrieval",
+            f"model.init={shapes_eval / 'model'}",
+            "model.preset=albef-tiny",
+            "model.overrides={queue_size: 16}",
+            f"data.train_files=[{shapes_eval / 'retrieval_train.json'}]",
+            f"data.image_root={shapes_eval}",
+            "data.num_workers=0",
+            "train.batch_size=4",
+            "train.epochs=1",
+            "train.lr=1e-4",
+            "train.warmup_lr=1e-4",
+            "train.warmup_epochs=1",
+            "train.log_every=1",
+            f"output_dir={out}",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and "loss_mlm" not in rows[0] and rows[-1]["loss_itc"] > 0
     ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert ckpt["recipe"]["task"] == "retrieval"
     assert (ckpt["model"]["queue.idx_queue"] >= 0).sum() == 16  # image ids went into the queue
-    assert cli_main(["evaluate", "retrieval", "--model", str(out / "checkpoint_last.pt"), "--data",
-                     str(shapes_eval / "retrieval_test.json"), "--image-root", str(shapes_eval), "--k", "4",
-                     "--device", "cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "retrieval",
+                "--model",
+                str(out / "checkpoint_last.pt"),
+                "--data",
+                str(shapes_eval / "retrieval_test.json"),
+                "--image-root",
+                str(shapes_eval),
+                "--k",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "ITC+ITM" in capsys.readouterr().out
 
 
@@ -135,9 +194,14 @@ def test_every_recipe_parses_and_builds_its_model_config():
 def test_grounding_training_format_uses_the_image_file_as_id(tmp_path):
     from albef.data.retrieval import read_retrieval_train
 
-    (tmp_path / "g.json").write_text(json.dumps([
-        {"image": "coco/a.jpg", "text": "the left dog", "ref_id": 7},
-        {"image": "coco/b.jpg", "text": "man in red", "ref_id": 8},
-        {"image": "other/a.jpg", "text": "the right dog", "ref_id": 9}]))
+    (tmp_path / "g.json").write_text(
+        json.dumps(
+            [
+                {"image": "coco/a.jpg", "text": "the left dog", "ref_id": 7},
+                {"image": "coco/b.jpg", "text": "man in red", "ref_id": 8},
+                {"image": "other/a.jpg", "text": "the right dog", "ref_id": 9},
+            ]
+        )
+    )
     records, bad = read_retrieval_train(tmp_path / "g.json", None, grounding=True)
     assert not bad and [r.image_id for r in records] == [0, 1, 0]  # same file name, same id (as the authors)

@@ -24,10 +24,21 @@ def shapes(tmp_path_factory):
 
 
 def _args(data: Path, out: Path, steps: int = 2, *extra: str) -> list[str]:
-    return ["pretrain", "model.preset=albef-tiny", "model.overrides={queue_size: 32}",
-            f"data.train_files=[{data / 'pretrain.json'}]", f"data.image_root={data}", "data.num_workers=0",
-            "train.batch_size=4", f"train.max_steps={steps}", "train.checkpoint_every=1", "train.log_every=1",
-            "train.device=cpu", f"output_dir={out}", *extra]
+    return [
+        "pretrain",
+        "model.preset=albef-tiny",
+        "model.overrides={queue_size: 32}",
+        f"data.train_files=[{data / 'pretrain.json'}]",
+        f"data.image_root={data}",
+        "data.num_workers=0",
+        "train.batch_size=4",
+        f"train.max_steps={steps}",
+        "train.checkpoint_every=1",
+        "train.log_every=1",
+        "train.device=cpu",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -141,17 +152,20 @@ def test_non_finite_weights_are_refused_naming_them(tmp_path):
     assert torch.isnan(load_checkpoint(tmp_path / "c.pt", allow_nonfinite=True)["model"]["b"][1])
 
 
-@pytest.mark.parametrize("override, says", [
-    ("train.itc='false'", "train.itc: 'false' is not allowed; give true or false"),
-    ("train.epochs=-1", "train.epochs = -1: must be an integer >= 1"),
-    ("train.max_steps=0", "train.max_steps = 0: must be null"),
-    ("data.max_bad_fraction=-1", "data.max_bad_fraction = -1.0: must be a fraction in [0, 1]"),
-    ("train.checkpoint_every=-5", "train.checkpoint_every = -5: must be an integer >= 0"),
-    ("data.crop_scale=[1.0,0.2]", "data.crop_scale = [1.0, 0.2]: must be [low, high] with 0 < low <= high <= 1"),
-    ("train.lr=", "train.lr: empty is not allowed; give a number"),
-    ("train.batch_size=-4", "train.batch_size = -4: must be an integer >= 1"),
-    ("train.precision=fp8", "train.precision: 'fp8' is not allowed; give fp32 / bf16 / fp16"),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("train.itc='false'", "train.itc: 'false' is not allowed; give true or false"),
+        ("train.epochs=-1", "train.epochs = -1: must be an integer >= 1"),
+        ("train.max_steps=0", "train.max_steps = 0: must be null"),
+        ("data.max_bad_fraction=-1", "data.max_bad_fraction = -1.0: must be a fraction in [0, 1]"),
+        ("train.checkpoint_every=-5", "train.checkpoint_every = -5: must be an integer >= 0"),
+        ("data.crop_scale=[1.0,0.2]", "data.crop_scale = [1.0, 0.2]: must be [low, high] with 0 < low <= high <= 1"),
+        ("train.lr=", "train.lr: empty is not allowed; give a number"),
+        ("train.batch_size=-4", "train.batch_size = -4: must be an integer >= 1"),
+        ("train.precision=fp8", "train.precision: 'fp8' is not allowed; give fp32 / bf16 / fp16"),
+    ],
+)
 def test_recipe_values_are_checked_before_any_work(shapes, tmp_path, capsys, override, says):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:

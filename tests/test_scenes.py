@@ -21,14 +21,33 @@ from albef.evaluation import scenes as ev
 from albef.evaluation.grounding import read_grounding
 from albef.text import Tokenizer
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (240, 200, 20),
-           "orange": (250, 130, 20), "purple": (140, 40, 180), "black": (20, 20, 20), "pink": (250, 120, 180),
-           "brown": (120, 70, 30), "grey": (128, 128, 128)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "blue": (30, 60, 220),
+    "green": (30, 170, 60),
+    "yellow": (240, 200, 20),
+    "orange": (250, 130, 20),
+    "purple": (140, 40, 180),
+    "black": (20, 20, 20),
+    "pink": (250, 120, 180),
+    "brown": (120, 70, 30),
+    "grey": (128, 128, 128),
+}
 # (name, colour, shape): colour words in some names, so attribute twins exist ("red heart" -> "blue heart")
-EMOJI = [("red heart", "red", "ellipse"), ("blue heart", "blue", "ellipse"), ("green heart", "green", "ellipse"),
-         ("cat face", "orange", "rect"), ("dog face", "brown", "triangle"), ("star", "yellow", "triangle"),
-         ("apple", "red", "rect"), ("rocket", "grey", "ellipse"), ("black square", "black", "rect"),
-         ("pink flower", "pink", "triangle"), ("purple circle", "purple", "ellipse"), ("fox face", "orange", "ellipse")]
+EMOJI = [
+    ("red heart", "red", "ellipse"),
+    ("blue heart", "blue", "ellipse"),
+    ("green heart", "green", "ellipse"),
+    ("cat face", "orange", "rect"),
+    ("dog face", "brown", "triangle"),
+    ("star", "yellow", "triangle"),
+    ("apple", "red", "rect"),
+    ("rocket", "grey", "ellipse"),
+    ("black square", "black", "rect"),
+    ("pink flower", "pink", "triangle"),
+    ("purple circle", "purple", "ellipse"),
+    ("fox face", "orange", "ellipse"),
+]
 SIZE = 64
 BUILD = dict(seed=3, n_train=60, n_test=6, image_size=SIZE, unseen_emoji=3)
 
@@ -81,10 +100,16 @@ def test_grammar():
     assert sc.caption("apple", 2, "below", "octopus", 1) == "two apples below an octopus"
     assert sc.noun_phrase("unicorn face", 1) == "a unicorn face"
     assert [sc.plural(n) for n in ("fox", "cherry", "mouse face", "sheep", "bus")] == [
-        "foxes", "cherries", "mouse faces", "sheep", "buses"]
+        "foxes",
+        "cherries",
+        "mouse faces",
+        "sheep",
+        "buses",
+    ]
     assert sc.usable_name("cat face") and sc.usable_name("octopus")
-    assert not any(sc.usable_name(n) for n in ("grapes", "up arrow", "face with tears of joy", "flag: japan",
-                                               "two hearts", "Cat"))
+    assert not any(
+        sc.usable_name(n) for n in ("grapes", "up arrow", "face with tears of joy", "flag: japan", "two hearts", "Cat")
+    )
     key = sc.semantic_key("star", 1, "above", "apple", 2)
     assert key == sc.semantic_key("apple", 2, "below", "star", 1)
 
@@ -100,7 +125,7 @@ def test_layout_satisfies_its_relation_and_fits():
         boxes = a + b
         assert all(0 <= x and 0 <= y and x + w <= size and y + h <= size for x, y, w, h in boxes)
         for i, p in enumerate(boxes):  # no two slots overlap
-            for q in boxes[i + 1:]:
+            for q in boxes[i + 1 :]:
                 assert p[0] + p[2] <= q[0] or q[0] + q[2] <= p[0] or p[1] + p[3] <= q[1] or q[1] + q[3] <= p[1]
         for p in a:
             for q in b:
@@ -145,12 +170,12 @@ def test_boxes_inside_the_image_and_on_the_pasted_pixels(built):
         for o in s["objects"]:
             x, y, w, h = o["box"]
             assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= SIZE and y + h <= SIZE
-            inside = ink[y:y + h, x:x + w]
+            inside = ink[y : y + h, x : x + w]
             # the box is tight: the pasted shape reaches each of its four edges
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
-            covered[y:y + h, x:x + w] = True
+            covered[y : y + h, x : x + w] = True
             # and it is this emoji's shape: its dominant colour is the emoji's
-            px = t[y:y + h, x:x + w][inside[..., None].expand(-1, -1, 3)].view(-1, 3).float()
+            px = t[y : y + h, x : x + w][inside[..., None].expand(-1, -1, 3)].view(-1, 3).float()
             mean = px.median(0).values
             assert torch.allclose(mean, torch.tensor(_colour_of(o["name"]), dtype=torch.float), atol=40), o
         assert not ink[~covered].any()  # nothing drawn outside the boxes
@@ -166,8 +191,10 @@ def test_captions_agree_with_the_geometry(built):
         for pa in a:
             for pb in b:
                 _check_relation(pa, pb, s["relation"])
-        words = f"{sc.noun_phrase(s['a'], s['count_a'])} {sc.RELATIONS[s['relation']]} " \
-                f"{sc.noun_phrase(s['b'], s['count_b'])}"
+        words = (
+            f"{sc.noun_phrase(s['a'], s['count_a'])} {sc.RELATIONS[s['relation']]} "
+            f"{sc.noun_phrase(s['b'], s['count_b'])}"
+        )
         assert s["caption"] == words
         if s["split"] == "train":  # the converse is the second, equally true caption
             conv = sc.caption(s["b"], s["count_b"], sc.CONVERSE[s["relation"]], s["a"], s["count_a"])
@@ -191,11 +218,14 @@ def test_twins_differ_from_the_caption_in_one_way(built):
             if t["kind"] == "swap":
                 assert tw == sc.caption(b, cb, rel, a, ca)
             elif t["kind"] == "count":
-                assert tw in {sc.caption(a, 2, rel, b, cb) if ca == 1 else None,
-                              sc.caption(a, ca, rel, b, 2) if cb == 1 else None}
+                assert tw in {
+                    sc.caption(a, 2, rel, b, cb) if ca == 1 else None,
+                    sc.caption(a, ca, rel, b, 2) if cb == 1 else None,
+                }
             else:
-                new = [n for n in names - {a, b}
-                       if tw in (sc.caption(n, ca, rel, b, cb), sc.caption(a, ca, rel, n, cb))]
+                new = [
+                    n for n in names - {a, b} if tw in (sc.caption(n, ca, rel, b, cb), sc.caption(a, ca, rel, n, cb))
+                ]
                 assert len(new) == 1, tw
                 if t["kind"] == "attribute":  # a colour word changed, the rest of the name kept
                     old = a if tw == sc.caption(new[0], ca, rel, b, cb) else b
@@ -414,8 +444,11 @@ def test_siblings_exchange_the_two_emoji_in_the_same_layout(tmp_path, catalogue)
             assert max(abs(u - v) for u, v in zip(cx(o["box"]), cx(p["box"]), strict=True)) <= 1 + SIZE * 0.3 / 2
         if s["count_a"] == s["count_b"] == 1:  # then the sibling's caption is the scene's swap twin
             assert t["caption"] == sc.caption(s["b"], 1, s["relation"], s["a"], 1)
-        _check_relation(next(o["box"] for o in t["objects"] if o["group"] == "a"),
-                        next(o["box"] for o in t["objects"] if o["group"] == "b"), t["relation"])
+        _check_relation(
+            next(o["box"] for o in t["objects"] if o["group"] == "a"),
+            next(o["box"] for o in t["objects"] if o["group"] == "b"),
+            t["relation"],
+        )
 
 
 def test_grouped_sampler_keeps_groups_whole_and_covers_each_once():
@@ -454,8 +487,13 @@ def test_pointing_game_hits_and_chance(built, tiny_model, monkeypatch):
     records = read_grounding(built / "grounding_test.json", str(built))
     grid = SIZE  # a map at pixel resolution: its maximum is exactly where the queued box is
     queue = []
-    monkeypatch.setattr(eg, "gradcam_itm", lambda model, images, ids, mask, layer=None: torch.stack(
-        [ev.oracle_heatmap(queue.pop(0), SIZE, SIZE, grid) for _ in range(len(images))]))
+    monkeypatch.setattr(
+        eg,
+        "gradcam_itm",
+        lambda model, images, ids, mask, layer=None: torch.stack(
+            [ev.oracle_heatmap(queue.pop(0), SIZE, SIZE, grid) for _ in range(len(images))]
+        ),
+    )
     queue[:] = [r.box for r in records]
     right, _ = ev.evaluate_pointing(tiny_model, records, Tokenizer(), test_transform(32), batch_size=4)
     pg = right["pointing_game"]
@@ -465,3 +503,29 @@ def test_pointing_game_hits_and_chance(built, tiny_model, monkeypatch):
     queue[:] = [next(c for c in r.candidates if c != r.box) for r in records]
     wrong, _ = ev.evaluate_pointing(tiny_model, records, Tokenizer(), test_transform(32), batch_size=4)
     assert wrong["pointing_game"]["accuracy"] == 0.0  # the boxes never overlap
+
+
+def test_distractors_fit_apart_and_no_twin_names_one(tmp_path, catalogue):
+    out = tmp_path / "dis"
+    sc.build_scenes(out, catalogue, attribution="x\n", **{**BUILD, "n_train": 20}, siblings=True, distractors=2)
+    scenes = _load(out, "scenes.json")
+    assert any(o["group"] == "x" for s in scenes for o in s["objects"])
+    for s in scenes:
+        boxes = [o["box"] for o in s["objects"]]
+        for i, p in enumerate(boxes):  # no two objects overlap
+            for q in boxes[i + 1 :]:
+                assert p[0] + p[2] <= q[0] or q[0] + q[2] <= p[0] or p[1] + p[3] <= q[1] or q[1] + q[3] <= p[1]
+        names_x = {o["name"] for o in s["objects"] if o["group"] == "x"}
+        assert not names_x & {s["a"], s["b"]}
+    train = [s for s in scenes if s["split"] == "train"]
+    for s, t in zip(train[0::2], train[1::2], strict=True):  # a sibling keeps the distractors
+        assert [o for o in s["objects"] if o["group"] == "x"] == [o for o in t["objects"] if o["group"] == "x"]
+    by_image = {s["image"]: s for s in scenes}
+    for case in _load(out, "twins_test.json"):
+        s = by_image[case["image"]]
+        distractors = {o["name"] for o in s["objects"] if o["group"] == "x"}
+        for tw in case["twins"]:  # an object twin never brings in a name the scene holds
+            assert tw["kind"] != "object" or not any(n in tw["caption"] for n in distractors)
+    # the referents to point at include the distractors, and every object box is a candidate
+    ground = _load(out, "grounding_test.json")
+    assert any(len(g["candidates"]) > 3 for g in ground)

@@ -110,12 +110,15 @@ def test_search_ranks_the_shortlist_by_itm_like_the_pipeline(client, pipe, galle
     assert [h["itc"] for h in itc_only] == sorted((h["itc"] for h in itc_only), reverse=True)
 
 
-@pytest.mark.parametrize("params, status, message", [
-    ({"q": ""}, 400, "query is empty"),
-    ({"q": "   "}, 400, "query is empty"),
-    ({"q": "x" * 600}, 400, "limit is 500"),
-    ({"q": "red", "k": "many"}, 422, "k"),
-])
+@pytest.mark.parametrize(
+    "params, status, message",
+    [
+        ({"q": ""}, 400, "query is empty"),
+        ({"q": "   "}, 400, "query is empty"),
+        ({"q": "x" * 600}, 400, "limit is 500"),
+        ({"q": "red", "k": "many"}, 422, "k"),
+    ],
+)
 def test_search_rejects_bad_queries_with_a_message(client, params, status, message):
     r = client.get("/api/search", params=params)
     assert r.status_code == status and message in r.json()["error"]
@@ -130,13 +133,17 @@ def test_match_by_gallery_index_and_by_upload_agree(client, pipe, gallery, index
     assert by_index["itm"] == pytest.approx(float(pipe.match([gallery / "img0.png"], ["a red square"])[0]), abs=1e-4)
 
 
-@pytest.mark.parametrize("name, content, status, message", [
-    ("notes.txt", b"hello, I am text", 400, "notes.txt is not an image"),
-    ("empty.png", b"", 400, "empty.png is empty"),
-    ("huge.png", None, 413, "the limit is"),
-])
-def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(client, monkeypatch, name, content,
-                                                                         status, message):
+@pytest.mark.parametrize(
+    "name, content, status, message",
+    [
+        ("notes.txt", b"hello, I am text", 400, "notes.txt is not an image"),
+        ("empty.png", b"", 400, "empty.png is empty"),
+        ("huge.png", None, 413, "the limit is"),
+    ],
+)
+def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(
+    client, monkeypatch, name, content, status, message
+):
     if content is None:  # a small file that decodes to too many pixels
         monkeypatch.setattr(serve_app, "MAX_PIXELS", 1000)
         content = png_bytes((64, 64))
@@ -172,8 +179,9 @@ def test_gradcam_returns_a_png_overlay_and_the_grid(client, pipe, gallery, index
     g = pipe.model.config.vision.grid_size
     grid = torch.tensor(r["grid"])
     assert grid.shape == (g, g) and (grid >= 0).all()
-    torch.testing.assert_close(grid, pipe.ground(gallery / index.names[0], "a red square").heatmap,
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        grid, pipe.ground(gallery / index.names[0], "a red square").heatmap, atol=1e-5, rtol=1e-4
+    )
 
 
 def test_ask_answers_from_the_list_and_without_vqa_says_how_to_enable_it(client, pipe, index):
@@ -223,12 +231,32 @@ def test_build_app_from_a_saved_model(tmp_path, gallery, monkeypatch):
 
     cfg = get_preset("albef-tiny")
     save_pretrained(ALBEF(cfg, mlm_head=False), tmp_path / "model")
-    args = parser().parse_args(["--model", str(tmp_path / "model"), "--images", str(gallery), "--cache-dir",
-                                str(tmp_path / "c"), "--no-progress", "--vqa-model", str(tmp_path / "none")])
+    args = parser().parse_args(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            str(gallery),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--no-progress",
+            "--vqa-model",
+            str(tmp_path / "none"),
+        ]
+    )
     with pytest.raises(SystemExit, match="no VQA model"):
         build_app(args)
-    args_ok = parser().parse_args(["--model", str(tmp_path / "model"), "--images", str(gallery), "--cache-dir",
-                                   str(tmp_path / "c"), "--no-progress"])
+    args_ok = parser().parse_args(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            str(gallery),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--no-progress",
+        ]
+    )
     c = TestClient(build_app(args_ok), base_url=BASE)
     assert c.get("/api/info").json()["images"] == len(COLOURS)
 

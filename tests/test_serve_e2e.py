@@ -21,11 +21,20 @@ uvicorn = pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None,
-                                reason="Debian's chromium is not installed (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)"
+)
 ARTIFACTS = Path(os.environ.get("ALBEF_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _free_port() -> int:
@@ -51,8 +60,9 @@ def server(tmp_path, tiny_config):
     index = GalleryIndex.build(pipe, folder, tmp_path / "cache", progress=False)
     vqa = VQAPipeline(ALBEFForVQA(tiny_config), device="cpu", answer_list=["red", "green", "blue"], k=3)
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(pipe, index, vqa, "tiny"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(pipe, index, vqa, "tiny"), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -23,10 +23,12 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-pytestmark = [pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)"),
-              pytest.mark.slow]  # every test needs the module's server (about 7 s to start)
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)"),
+    pytest.mark.slow,
+]  # every test needs the module's server (about 7 s to start)
 
-SERVER = '''
+SERVER = """
 import sys
 from pathlib import Path
 import uvicorn
@@ -44,7 +46,7 @@ for i, c in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
 pipe = Pipeline(ALBEF(get_preset("albef-tiny"), mlm_head=False), device="cpu")
 index = GalleryIndex.build(pipe, folder, None, progress=False)
 uvicorn.run(create_app(pipe, index, None, "tiny"), host="127.0.0.1", port=port, log_level="warning")
-'''
+"""
 MB = 2**20
 
 
@@ -70,10 +72,15 @@ def _png(size, colour=(200, 30, 30)) -> bytes:
 
 def _multipart(fields: dict[str, str], filename: str, data: bytes) -> tuple[bytes, str]:
     boundary = "albef-test-boundary"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-                 "Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
@@ -97,8 +104,9 @@ def server(tmp_path_factory):
     port = _free_port()
     log = open(tmp / "server.log", "wb")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp / "images"), str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp / "images"), str(port)], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -162,8 +170,10 @@ def _raw_exchange(port: int, head: bytes, chunks=(), chunked: bool = False, limi
 
 def test_a_declared_oversized_body_is_refused_before_it_is_sent(server):
     port, _ = server
-    head = (f"POST /api/match HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
-            f"boundary=x\r\nContent-Length: {300 * MB}\r\n\r\n").encode()
+    head = (
+        f"POST /api/match HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+        f"boundary=x\r\nContent-Length: {300 * MB}\r\n\r\n"
+    ).encode()
     t0 = time.monotonic()
     sent, status, body = _raw_exchange(port, head)  # not one byte of the body is sent
     assert status == 413 and time.monotonic() - t0 < 5
@@ -172,8 +182,10 @@ def test_a_declared_oversized_body_is_refused_before_it_is_sent(server):
 
 def test_a_chunked_oversized_body_is_cut_off_once_past_the_limit(server):
     port, _ = server
-    head = (f"POST /api/match HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
-            "boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    head = (
+        f"POST /api/match HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+        "boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     first = b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'
     chunks = [first] + [b"\0" * 65536] * (300 * 16)  # 300 MB on offer
     sent, status, body = _raw_exchange(port, head, chunks, chunked=True)
@@ -223,8 +235,7 @@ def test_a_burst_of_image_bombs_stays_within_its_memory_budget_and_gives_it_back
     jobs = jobs[::4] + jobs[1::4] + jobs[2::4] + jobs[3::4]  # mix the refused ones in
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=32) as pool:
-        results = list(pool.map(lambda j: (j[0], *_post(port, "/api/match", *_multipart({"text": "red"}, *j))),
-                                jobs))
+        results = list(pool.map(lambda j: (j[0], *_post(port, "/api/match", *_multipart({"text": "red"}, *j))), jobs))
     burst_s = time.monotonic() - t0
     stop.set()
     sampler.join()
@@ -236,8 +247,10 @@ def test_a_burst_of_image_bombs_stays_within_its_memory_budget_and_gives_it_back
         if after <= baseline + 32 * MB:
             break
 
-    print(f"\nbaseline {baseline / MB:.0f} MB, peak {peak_rss / MB:.0f} MB (+{(peak_rss - baseline) / MB:.0f}), "
-          f"after {after / MB:.0f} MB (+{(after - baseline) / MB:.0f}); burst {burst_s:.1f} s")
+    print(
+        f"\nbaseline {baseline / MB:.0f} MB, peak {peak_rss / MB:.0f} MB (+{(peak_rss - baseline) / MB:.0f}), "
+        f"after {after / MB:.0f} MB (+{(after - baseline) / MB:.0f}); burst {burst_s:.1f} s"
+    )
     for name, status, body, _ in results:
         if name == "under.png":
             assert status == 200, body

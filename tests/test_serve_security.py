@@ -78,6 +78,7 @@ def client(app):
 
 # --- 2. text the model cannot read ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("text", ["!!!", "?!", "...", "- / -", "''", "\u200b", "\x00\x01"])
 def test_punctuation_only_text_is_a_json_400_on_every_endpoint(client, text):
     r = client.get("/api/search", params={"q": text})
@@ -110,21 +111,40 @@ def test_odd_inputs_on_every_endpoint_never_give_a_500(client, index, gallery):
     check(client.put("/api/match"), 405)
     check(client.options("/api/match"), 405)
     # images PIL opens in all their modes, and files it must refuse
-    for fmt, mode in [("PNG", "I;16"), ("PNG", "1"), ("PNG", "P"), ("PNG", "LA"), ("PNG", "RGBA"),
-                      ("JPEG", "CMYK"), ("JPEG", "L"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGBA")]:
+    for fmt, mode in [
+        ("PNG", "I;16"),
+        ("PNG", "1"),
+        ("PNG", "P"),
+        ("PNG", "LA"),
+        ("PNG", "RGBA"),
+        ("JPEG", "CMYK"),
+        ("JPEG", "L"),
+        ("GIF", "P"),
+        ("BMP", "RGB"),
+        ("WEBP", "RGBA"),
+    ]:
         for path, field in ENDPOINTS:
             files = {"image": (f"x.{fmt.lower()}", image_bytes((50, 30), fmt=fmt, mode=mode), "image/png")}
             check(client.post(path, data={field: "red"}, files=files), 200)
     for size in [(1, 1), (1, 3000), (16000, 200)]:  # extreme shapes, under the pixel limit
         files = {"image": ("x.png", image_bytes(size), "image/png")}
         check(client.post("/api/gradcam", data={"text": "red"}, files=files), 200)
-    for name, data in [("x.tif", image_bytes(fmt="TIFF")), ("trunc.png", image_bytes((300, 300))[:200]),
-                       ("x.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>"), ("x.png", b"\x89PNG\r\n\x1a\n")]:
+    for name, data in [
+        ("x.tif", image_bytes(fmt="TIFF")),
+        ("trunc.png", image_bytes((300, 300))[:200]),
+        ("x.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>"),
+        ("x.png", b"\x89PNG\r\n\x1a\n"),
+    ]:
         check(client.post("/api/match", data={"text": "red"}, files={"image": (name, data, "image/png")}), 400)
     # malformed forms
     check(client.post("/api/match", content=b"garbage", headers={"content-type": "multipart/form-data"}), 400)
-    check(client.post("/api/match", content=b"--x\r\nContent-Disposition: form-data; name=\"image\"; "
-                      b"filename=\"a.png\"\r\n\r\nzz", headers={"content-type": "multipart/form-data; boundary=x"}))
+    check(
+        client.post(
+            "/api/match",
+            content=b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nzz',
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+    )
     check(client.post("/api/match", data={"text": "red", "image": "not-a-file"}), 422)
     check(client.post("/api/match", data={"text": "red", "index": "1.5"}), 422)
     check(client.post("/api/match", json={"text": "red", "index": 0}), 400)
@@ -139,8 +159,19 @@ def test_odd_inputs_on_every_endpoint_never_give_a_500(client, index, gallery):
 
 # --- 3. Host and Origin ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("host", ["evil.example.com", "evil.example.com:8000", "localhost.evil.example.com",
-                                  "127.0.0.1.nip.io:8000", "localhost:abc", "[::1", ""])
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example.com",
+        "evil.example.com:8000",
+        "localhost.evil.example.com",
+        "127.0.0.1.nip.io:8000",
+        "localhost:abc",
+        "[::1",
+        "",
+    ],
+)
 def test_a_foreign_host_is_not_answered(app, host):
     c = TestClient(app, base_url=BASE)
     for path in ("/api/info", "/api/image/0", "/", "/api/search?q=red"):
@@ -149,8 +180,16 @@ def test_a_foreign_host_is_not_answered(app, host):
     assert c.post("/api/match", data={"text": "red", "index": "0"}, headers={"host": host}).status_code == 421
 
 
-@pytest.mark.parametrize("base", ["http://localhost", "http://localhost:8000", "http://127.0.0.1:1234",
-                                  "http://[::1]:8000", "http://LOCALHOST:8000"])
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://localhost",
+        "http://localhost:8000",
+        "http://127.0.0.1:1234",
+        "http://[::1]:8000",
+        "http://LOCALHOST:8000",
+    ],
+)
 def test_the_local_host_names_are_answered_on_any_port(app, base):
     c = TestClient(app, base_url=base)
     assert c.get("/api/info").status_code == 200 and c.get("/api/image/0").status_code == 200
@@ -163,13 +202,41 @@ def test_allowed_host_option_adds_names(tmp_path, gallery, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     save_pretrained(ALBEF(get_preset("albef-tiny"), mlm_head=False), tmp_path / "model")
-    common = ["--model", str(tmp_path / "model"), "--images", str(gallery), "--cache-dir", str(tmp_path / "c"),
-              "--no-progress"]
-    app = build_app(parser().parse_args([*common, "--allowed-host", "demo.example", "--allowed-host", "::2",
-                                         "--host", "192.168.7.7", "--max-pixels", "5000", "--max-upload-mb", "0.5",
-                                         "--max-decodes", "1"]))
-    for base in ("http://demo.example:8000", "http://DEMO.example", "http://[::2]:80", "http://192.168.7.7:8000",
-                 "http://localhost:8000"):
+    common = [
+        "--model",
+        str(tmp_path / "model"),
+        "--images",
+        str(gallery),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--no-progress",
+    ]
+    app = build_app(
+        parser().parse_args(
+            [
+                *common,
+                "--allowed-host",
+                "demo.example",
+                "--allowed-host",
+                "::2",
+                "--host",
+                "192.168.7.7",
+                "--max-pixels",
+                "5000",
+                "--max-upload-mb",
+                "0.5",
+                "--max-decodes",
+                "1",
+            ]
+        )
+    )
+    for base in (
+        "http://demo.example:8000",
+        "http://DEMO.example",
+        "http://[::2]:80",
+        "http://192.168.7.7:8000",
+        "http://localhost:8000",
+    ):
         assert TestClient(app, base_url=base).get("/api/info").status_code == 200, base
     c = TestClient(app, base_url="http://other.example:8000")
     assert c.get("/api/info").status_code == 421
@@ -181,8 +248,18 @@ def test_allowed_host_option_adds_names(tmp_path, gallery, monkeypatch):
         parser().parse_args([*common, "--max-pixels", "0"])
 
 
-@pytest.mark.parametrize("origin", ["http://evil.example.com", "http://localhost:8001", "https://localhost:8000",
-                                    "http://localhost", "null", "file://", "http://localhost:8000.evil.example"])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example.com",
+        "http://localhost:8001",
+        "https://localhost:8000",
+        "http://localhost",
+        "null",
+        "file://",
+        "http://localhost:8000.evil.example",
+    ],
+)
 def test_a_cross_origin_post_is_refused(client, origin):
     for path, field in ENDPOINTS:
         r = client.post(path, data={field: "red", "index": "0"}, headers={"origin": origin})
@@ -197,8 +274,9 @@ def test_same_origin_and_origin_less_posts_work_and_no_cors_headers_are_sent(cli
     # a cross-origin read gets its answer, but no CORS header lets a browser hand it to the page
     r = client.get("/api/info", headers={"origin": "http://evil.example.com"})
     assert r.status_code == 200 and not any(h.lower().startswith("access-control-") for h in r.headers)
-    r = client.options("/api/match", headers={"origin": "http://evil.example.com",
-                                             "access-control-request-method": "POST"})
+    r = client.options(
+        "/api/match", headers={"origin": "http://evil.example.com", "access-control-request-method": "POST"}
+    )
     assert not any(h.lower().startswith("access-control-") for h in r.headers)
 
 
@@ -221,6 +299,7 @@ def test_answers_show_no_absolute_server_path(client, index, tmp_path):
 
 # --- 1. body size and image bombs ----------------------------------------------------------------
 
+
 def _asgi_post(app, headers: list[tuple[bytes, bytes]], chunks):
     """Drive the ASGI app by hand: (status, JSON body, body bytes the app pulled)."""
     pulled, messages = 0, []
@@ -237,10 +316,20 @@ def _asgi_post(app, headers: list[tuple[bytes, bytes]], chunks):
     async def send(message):
         messages.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/api/match", "raw_path": b"/api/match", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"localhost:8000"), *headers], "client": ("127.0.0.1", 5000),
-             "server": ("127.0.0.1", 8000)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/match",
+        "raw_path": b"/api/match",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"localhost:8000"), *headers],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
     asyncio.run(app(scope, receive, send))
     start = next(m for m in messages if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
@@ -255,8 +344,10 @@ def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read(app)
     ct = (b"content-type", b"multipart/form-data; boundary=x")
     status, body, pulled = _asgi_post(app, [ct, (b"content-length", str(300 * 2**20).encode())], endless())
     assert status == 413 and pulled == 0
-    assert body["error"] == ("the request body is 300 MB (its Content-Length); the limit is 16.1 MB (an image of up "
-                             "to 16 MB and 64 KB for the form's other fields)")
+    assert body["error"] == (
+        "the request body is 300 MB (its Content-Length); the limit is 16.1 MB (an image of up "
+        "to 16 MB and 64 KB for the form's other fields)"
+    )
 
 
 def test_a_streamed_body_over_the_limit_is_cut_off_as_it_arrives(app):
@@ -281,8 +372,9 @@ def test_a_large_pixel_png_is_refused_from_its_header_without_decoding(client, b
         r = client.post(path, data={field: "red"}, files={"image": ("bomb.png", bomb, "image/png")})
         elapsed = time.monotonic() - t0
         assert r.status_code == 413, r.text
-        assert r.json()["error"] == ("bomb.png is 6000x6000 = 36,000,000 pixels; the limit is 16,000,000 pixels "
-                                     "(scale it down first)")
+        assert r.json()["error"] == (
+            "bomb.png is 6000x6000 = 36,000,000 pixels; the limit is 16,000,000 pixels (scale it down first)"
+        )
         assert elapsed < 0.5, f"{elapsed:.2f} s: decoded?"
     assert loads == []  # never decoded
 
@@ -294,8 +386,11 @@ def test_large_images_are_decoded_reduced_and_a_few_at_a_time(app, client, monke
     from PIL import JpegImagePlugin
 
     original = JpegImagePlugin.JpegImageFile.draft
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
-                        lambda self, mode, size: drafts.append(size) or original(self, mode, size))
+    monkeypatch.setattr(
+        JpegImagePlugin.JpegImageFile,
+        "draft",
+        lambda self, mode, size: drafts.append(size) or original(self, mode, size),
+    )
     photo = image_bytes((4000, 3000), fmt="JPEG")  # a 12 Mpx photo: decoded at 1/4 scale (1000 x 750) ...
     png = image_bytes((3000, 2000))  # decoded whole, then box-reduced by 7 x 5
     img = decoder.decode(io.BytesIO(photo), "p.jpg", 16_000_000)
@@ -313,8 +408,9 @@ def test_large_images_are_decoded_reduced_and_a_few_at_a_time(app, client, monke
     decoder.peak_in_flight = 0
     files = {"image": ("p.png", png, "image/png")}
     with ThreadPoolExecutor(max_workers=8) as pool:
-        codes = list(pool.map(lambda _: client.post("/api/match", data={"text": "red"}, files=files).status_code,
-                              range(8)))
+        codes = list(
+            pool.map(lambda _: client.post("/api/match", data={"text": "red"}, files=files).status_code, range(8))
+        )
     assert codes == [200] * 8 and 1 <= decoder.peak_in_flight <= 2
 
 
@@ -323,8 +419,9 @@ def test_model_answers_on_reduced_images_match_the_full_resolution_ones(app, cli
     src = Image.radial_gradient("L").resize((2048, 1536)).convert("RGB")
     buf = io.BytesIO()
     src.save(buf, "PNG")
-    r = client.post("/api/match", data={"text": "a round shape"}, files={"image": ("g.png", buf.getvalue(),
-                                                                                     "image/png")}).json()
+    r = client.post(
+        "/api/match", data={"text": "a round shape"}, files={"image": ("g.png", buf.getvalue(), "image/png")}
+    ).json()
     full = float(pipe.match([src], ["a round shape"])[0])
     assert r["itm"] == pytest.approx(full, abs=2e-3)
     px_full = pipe.processor.images([src])

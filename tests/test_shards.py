@@ -32,17 +32,55 @@ def data(tmp_path_factory):
     """48 good images in 4 shards of 12, and a second set with 2 broken images among 40."""
     d = tmp_path_factory.mktemp("shard-data")
     write_shapes(d / "good", n=48, image_size=32, seed=2)
-    assert cli_main(["data", "shards", str(d / "good" / "pretrain.json"), "--image-root", str(d / "good"),
-                     "--out", str(d / "good-shards"), "--max-count", "12"]) == 0
+    assert (
+        cli_main(
+            [
+                "data",
+                "shards",
+                str(d / "good" / "pretrain.json"),
+                "--image-root",
+                str(d / "good"),
+                "--out",
+                str(d / "good-shards"),
+                "--max-count",
+                "12",
+            ]
+        )
+        == 0
+    )
     write_shapes(d / "bad", n=38, image_size=32, seed=3, corrupt=2)
-    assert cli_main(["data", "shards", str(d / "bad" / "pretrain.json"), "--image-root", str(d / "bad"),
-                     "--out", str(d / "bad-shards"), "--max-count", "10"]) == 0
+    assert (
+        cli_main(
+            [
+                "data",
+                "shards",
+                str(d / "bad" / "pretrain.json"),
+                "--image-root",
+                str(d / "bad"),
+                "--out",
+                str(d / "bad-shards"),
+                "--max-count",
+                "10",
+            ]
+        )
+        == 0
+    )
     return d
 
 
 def _loader(shards, rank=0, world=2, accum=1, micro=4, seed=5, **kw) -> ShardLoader:
-    return ShardLoader(str(shards), train_transform(32, (0.5, 1.0)), PretrainCollator(Tokenizer(), 30), micro,
-                       world, rank, accum, seed, shuffle_buffer=8, **kw)
+    return ShardLoader(
+        str(shards),
+        train_transform(32, (0.5, 1.0)),
+        PretrainCollator(Tokenizer(), 30),
+        micro,
+        world,
+        rank,
+        accum,
+        seed,
+        shuffle_buffer=8,
+        **kw,
+    )
 
 
 def _epoch(loader: ShardLoader, epoch: int, start: int = 0) -> list:
@@ -64,8 +102,9 @@ def test_an_epoch_over_two_ranks_sees_every_sample_once_like_the_json_run(data):
         seen = [int(i) for ld in loaders for mb in _epoch(ld, epoch) for i in mb.index]
         assert sorted(seen) == list(range(48))  # each sample once: the JSON data set's epoch
     # and the order differs between epochs (shards and buffer reshuffled)
-    assert [int(i) for mb in _epoch(loaders[0], 0) for i in mb.index] != \
-           [int(i) for mb in _epoch(loaders[0], 1) for i in mb.index]
+    assert [int(i) for mb in _epoch(loaders[0], 0) for i in mb.index] != [
+        int(i) for mb in _epoch(loaders[0], 1) for i in mb.index
+    ]
 
 
 def test_a_sample_reads_the_same_from_shards_and_from_json(data):
@@ -116,11 +155,24 @@ def test_epoch_length_must_be_known(data, tmp_path):
 
 
 def _overrides(shards: Path, out: Path, **extra) -> list[str]:
-    base = {"model.preset": "albef-tiny", "model.overrides": "{queue_size: 32}", "data.shards": str(shards),
-            "data.num_workers": 0, "data.crop_scale": "[0.5, 1.0]", "data.min_seen_for_bad_check": 16,
-            "data.shuffle_buffer": 8, "train.batch_size": 4, "train.epochs": 2, "train.lr": 1e-3,
-            "train.warmup_lr": 1e-4, "train.warmup_epochs": 2, "train.seed": 3, "train.log_every": 1,
-            "train.checkpoint_every": 0, "output_dir": str(out)}
+    base = {
+        "model.preset": "albef-tiny",
+        "model.overrides": "{queue_size: 32}",
+        "data.shards": str(shards),
+        "data.num_workers": 0,
+        "data.crop_scale": "[0.5, 1.0]",
+        "data.min_seen_for_bad_check": 16,
+        "data.shuffle_buffer": 8,
+        "train.batch_size": 4,
+        "train.epochs": 2,
+        "train.lr": 1e-3,
+        "train.warmup_lr": 1e-4,
+        "train.warmup_epochs": 2,
+        "train.seed": 3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 0,
+        "output_dir": str(out),
+    }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -133,8 +185,9 @@ def test_training_over_shards_resumes_exactly(data, tmp_path):
     PretrainRun(load_recipe(None, _overrides(data / "good-shards", straight, train__max_steps=total, **kw))).fit()
     split = tmp_path / "split"
     PretrainRun(load_recipe(None, _overrides(data / "good-shards", split, train__max_steps=stop, **kw))).fit()
-    PretrainRun(load_recipe(None, _overrides(data / "good-shards", split, train__max_steps=total, **kw)),
-                resume=True).fit()
+    PretrainRun(
+        load_recipe(None, _overrides(data / "good-shards", split, train__max_steps=total, **kw)), resume=True
+    ).fit()
     a, b = load_checkpoint(straight / "checkpoint_last.pt"), load_checkpoint(split / "checkpoint_last.pt")
     assert a["state"] == b["state"] and a["state"]["global_step"] == total
     for k, v in a["model"].items():
@@ -148,9 +201,19 @@ def test_two_gloo_processes_over_shards_complete_and_resume(data, tmp_path):
     out = tmp_path / "ddp"
 
     def run(steps: int, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "albef.cli", "pretrain", *_overrides(data / "good-shards", out, train__max_steps=steps,
-                                                          train__device="cpu"), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "albef.cli",
+            "pretrain",
+            *_overrides(data / "good-shards", out, train__max_steps=steps, train__device="cpu"),
+            *extra,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -180,5 +243,7 @@ def test_resume_over_shards_refuses_another_worker_layout(data, tmp_path):
     out = tmp_path / "run"
     PretrainRun(load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=2))).fit()
     with pytest.raises(ValueError, match="stream_slots"):
-        PretrainRun(load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=4, data__num_workers=1)),
-                    resume=True)
+        PretrainRun(
+            load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=4, data__num_workers=1)),
+            resume=True,
+        )

@@ -21,17 +21,36 @@ def task_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("tasks")
     write_shapes(d, n=16, image_size=32, seed=5)
     imgs = [f"images/{i:06d}.png" for i in range(16)]
-    vqa = [{"image": imgs[i], "question": "What color is the shape?", "answer": ["red", "red", "blue"],
-            "dataset": "vqa", "question_id": i, "question_type": "color"} for i in range(16)]
+    vqa = [
+        {
+            "image": imgs[i],
+            "question": "What color is the shape?",
+            "answer": ["red", "red", "blue"],
+            "dataset": "vqa",
+            "question_id": i,
+            "question_type": "color",
+        }
+        for i in range(16)
+    ]
     vqa[3] = {"image": imgs[3], "question": "is it round?", "answer": "yes", "dataset": "vg", "question_id": 3}
     (d / "vqa.json").write_text(json.dumps(vqa))
     (d / "answers.json").write_text(json.dumps(["red", "blue", "yes", "no"]))
     labels = ["entailment", "neutral", "contradiction"]
-    (d / "ve.json").write_text(json.dumps([{"image": imgs[i], "sentence": f"a shape number {i}", "label": labels[i % 3]}
-                                          for i in range(16)]))
-    (d / "nlvr.json").write_text(json.dumps([{"images": [imgs[i], imgs[(i + 1) % 16]],
-                                              "sentence": "the left one is red",
-                                              "label": "True" if i % 2 else "False"} for i in range(16)]))
+    (d / "ve.json").write_text(
+        json.dumps([{"image": imgs[i], "sentence": f"a shape number {i}", "label": labels[i % 3]} for i in range(16)])
+    )
+    (d / "nlvr.json").write_text(
+        json.dumps(
+            [
+                {
+                    "images": [imgs[i], imgs[(i + 1) % 16]],
+                    "sentence": "the left one is red",
+                    "label": "True" if i % 2 else "False",
+                }
+                for i in range(16)
+            ]
+        )
+    )
     return d
 
 
@@ -49,9 +68,22 @@ def test_label_mappings_and_answer_weights(task_data):
 
 
 def _finetune(task: str, data: Path, out: Path, *extra: str) -> list[dict]:
-    args = ["finetune", task, "model.preset=albef-tiny", "model.overrides={queue_size: 16}",
-            f"data.image_root={data}", "data.num_workers=0", "train.batch_size=4", "train.epochs=1", "train.lr=1e-4",
-            "train.warmup_lr=1e-4", "train.warmup_epochs=1", "train.log_every=1", f"output_dir={out}", *extra]
+    args = [
+        "finetune",
+        task,
+        "model.preset=albef-tiny",
+        "model.overrides={queue_size: 16}",
+        f"data.image_root={data}",
+        "data.num_workers=0",
+        "train.batch_size=4",
+        "train.epochs=1",
+        "train.lr=1e-4",
+        "train.warmup_lr=1e-4",
+        "train.warmup_epochs=1",
+        "train.log_every=1",
+        f"output_dir={out}",
+        *extra,
+    ]
     assert cli_main(args) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -59,10 +91,31 @@ def _finetune(task: str, data: Path, out: Path, *extra: str) -> list[dict]:
 def test_vqa_trains_and_evaluates(task_data, tmp_path):
     rows = _finetune("vqa", task_data, tmp_path / "vqa", f"data.train_files=[{task_data / 'vqa.json'}]")
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)
-    assert cli_main(["evaluate", "vqa", "--model", str(tmp_path / "vqa" / "checkpoint_last.pt"), "--data",
-                     str(task_data / "vqa.json"), "--image-root", str(task_data), "--answers",
-                     str(task_data / "answers.json"), "--k", "3", "--results", str(tmp_path / "res.json"),
-                     "--out", str(tmp_path / "m.json"), "--device", "cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "vqa",
+                "--model",
+                str(tmp_path / "vqa" / "checkpoint_last.pt"),
+                "--data",
+                str(task_data / "vqa.json"),
+                "--image-root",
+                str(task_data),
+                "--answers",
+                str(task_data / "answers.json"),
+                "--k",
+                "3",
+                "--results",
+                str(tmp_path / "res.json"),
+                "--out",
+                str(tmp_path / "m.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "res.json").read_text())
     assert len(res) == 16 and set(res[0]) == {"question_id", "answer"}
     assert 0 <= json.loads((tmp_path / "m.json").read_text())["overall"] <= 100
@@ -72,17 +125,38 @@ def test_vqa_trains_and_evaluates(task_data, tmp_path):
 def test_classifiers_train_and_evaluate(task_data, tmp_path, task):
     rows = _finetune(task, task_data, tmp_path / task, f"data.train_files=[{task_data / f'{task}.json'}]")
     assert all(r["loss"] > 0 for r in rows)
-    assert cli_main(["evaluate", task, "--model", str(tmp_path / task / "checkpoint_last.pt"), "--data",
-                     str(task_data / f"{task}.json"), "--image-root", str(task_data), "--out",
-                     str(tmp_path / "m.json"), "--device", "cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                task,
+                "--model",
+                str(tmp_path / task / "checkpoint_last.pt"),
+                "--data",
+                str(task_data / f"{task}.json"),
+                "--image-root",
+                str(task_data),
+                "--out",
+                str(tmp_path / "m.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 16
 
 
 def test_text_assignment_then_nlvr(task_data, tmp_path):
     _finetune("nlvr_pretrain", task_data, tmp_path / "ta", f"data.train_files=[{task_data / 'pretrain.json'}]")
     # NLVR2 starts from the text-assignment checkpoint: already 2-image layout, head fresh
-    rows = _finetune("nlvr", task_data, tmp_path / "nlvr", f"data.train_files=[{task_data / 'nlvr.json'}]",
-                     f"model.init={tmp_path / 'ta' / 'checkpoint_last.pt'}")
+    rows = _finetune(
+        "nlvr",
+        task_data,
+        tmp_path / "nlvr",
+        f"data.train_files=[{task_data / 'nlvr.json'}]",
+        f"model.init={tmp_path / 'ta' / 'checkpoint_last.pt'}",
+    )
     assert rows
 
 
@@ -116,13 +190,20 @@ def test_easyvqa_converter_on_a_local_fixture(tmp_path, monkeypatch):
         get_test_questions=lambda: (["what shape is it?"], ["circle"], [1]),
         get_train_image_paths=lambda: {0: str(src / "0.png"), 1: str(src / "1.png")},
         get_test_image_paths=lambda: {1: str(src / "1.png")},
-        get_answers=lambda: ["red", "yes", "circle"])
+        get_answers=lambda: ["red", "yes", "circle"],
+    )
     monkeypatch.setattr(E, "_easy_vqa", lambda: fake)
     counts = E.build_easyvqa(tmp_path / "out")
     assert counts == {"train": 2, "test": 1}
     train = json.loads((tmp_path / "out" / "vqa_train.json").read_text())
-    assert train[1] == {"image": "images/train/1.png", "question": "is there a circle?", "answer": ["yes"],
-                        "dataset": "vqa", "question_id": 1, "question_type": "yes/no"}
+    assert train[1] == {
+        "image": "images/train/1.png",
+        "question": "is there a circle?",
+        "answer": ["yes"],
+        "dataset": "vqa",
+        "question_id": 1,
+        "question_type": "yes/no",
+    }
     assert (tmp_path / "out" / "images" / "test" / "1.png").exists()
     assert "MIT" in (tmp_path / "out" / "LICENSE.md").read_text()
     records, bad = read_vqa(tmp_path / "out" / "vqa_test.json", str(tmp_path / "out"), train=False)

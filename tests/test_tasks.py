@@ -34,8 +34,10 @@ def test_vqa_from_pretrained_builds_the_decoder_from_fusion_layers(tiny_config):
             assert na == nb and torch.equal(a, b), (i, na)
     assert torch.equal(vqa.model.decoder_head.bias, pre.model.mlm_head.bias)
     assert torch.equal(vqa.model_m.decoder_head.bias, pre.model_m.mlm_head.bias)
-    assert torch.equal(vqa.model.text_decoder.embeddings.word_embeddings.weight,
-                       pre.model.text_encoder.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        vqa.model.text_decoder.embeddings.word_embeddings.weight,
+        pre.model.text_encoder.embeddings.word_embeddings.weight,
+    )
     dropped = set(report.dropped)
     assert {"model.itm_head.weight", "model.vision_proj.weight", "queue.image_queue", "model.temp"} <= dropped
 
@@ -80,8 +82,11 @@ def test_nlvr_shared_cross_attention_stays_shared_through_training(tiny_config):
 
 
 def test_task_models_round_trip_through_a_folder(tiny_config, tmp_path):
-    for model in (ALBEFForVQA(tiny_config), ALBEFForClassification(tiny_config, 3),
-                  ALBEFForClassification(tiny_config, 2, 2)):
+    for model in (
+        ALBEFForVQA(tiny_config),
+        ALBEFForClassification(tiny_config, 3),
+        ALBEFForClassification(tiny_config, 2, 2),
+    ):
         save_pretrained(model, tmp_path / "m")
         again = from_pretrained(tmp_path / "m")
         assert type(again) is type(model)

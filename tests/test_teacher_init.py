@@ -55,8 +55,7 @@ def _authors_teacher_key(key: str, f: int, layout: str) -> str:
     return f"{head}_m.{sub}"  # visual_encoder, vision_proj, text_proj; cls_head_m is in no checkpoint
 
 
-def _check_teacher(trainer, report: LoadReport, sd: dict[str, torch.Tensor], layout: str
-                   ) -> tuple[set[str], set[str]]:
+def _check_teacher(trainer, report: LoadReport, sd: dict[str, torch.Tensor], layout: str) -> tuple[set[str], set[str]]:
     """Every teacher tensor equals the checkpoint's ``*_m`` tensor when the checkpoint has one of that
     shape, else the student's; the report lists both kinds. Returns (loaded, from_student)."""
     f = trainer.model.config.text.fusion_layer
@@ -77,8 +76,10 @@ def _check_teacher(trainer, report: LoadReport, sd: dict[str, torch.Tensor], lay
     assert set(report.teacher_from_student) == copied
     assert all(report.initialised[k] == TEACHER_FROM_STUDENT for k in copied)
     text = str(report)
-    assert (f"teacher: {len(loaded)} tensors loaded from the checkpoint's momentum copies, "
-            f"{len(copied)} copied from the student") in text
+    assert (
+        f"teacher: {len(loaded)} tensors loaded from the checkpoint's momentum copies, "
+        f"{len(copied)} copied from the student"
+    ) in text
     for k in report.teacher_from_student[:3]:  # named in the text
         assert k in text
     return loaded, copied
@@ -99,14 +100,18 @@ def test_ve_teacher_keeps_the_checkpoints_momentum_encoders(tiny_config, tmp_pat
 def test_vqa_teacher_decoder_comes_from_the_momentum_fusion_layers(tiny_config, tmp_path):
     # an image width unlike the text width: the decoder's cross-attention keys/values stay fresh,
     # and only those teacher tensors are copied from the student
-    cfg = dataclasses.replace(tiny_config, vision=dataclasses.replace(tiny_config.vision, width=16),
-                              text=dataclasses.replace(tiny_config.text, encoder_width=16))
+    cfg = dataclasses.replace(
+        tiny_config,
+        vision=dataclasses.replace(tiny_config.vision, width=16),
+        text=dataclasses.replace(tiny_config.text, encoder_width=16),
+    )
     path, sd = _pretraining_checkpoint(cfg, tmp_path)
     trainer = VQATrainer(ALBEFForVQA(cfg))
     report = load_albef(trainer, read_state_dict(path), path)
     loaded, copied = _check_teacher(trainer, report, sd, "vqa")
-    assert copied and all(re.search(r"^model_m\.text_decoder\..*crossattention\.self\.(key|value)\.weight$", k)
-                          for k in copied)
+    assert copied and all(
+        re.search(r"^model_m\.text_decoder\..*crossattention\.self\.(key|value)\.weight$", k) for k in copied
+    )
     assert {"model_m.decoder_head.bias", "model_m.text_decoder.embeddings.word_embeddings.weight"} <= loaded
     # same widths (the base model's case): the whole teacher comes from the checkpoint
     path, sd = _pretraining_checkpoint(tiny_config, tmp_path)
@@ -157,9 +162,19 @@ def test_training_loop_keeps_the_loaded_ve_teacher(tiny_config, tmp_path):
     write_shapes(tmp_path / "data", n=4, image_size=32, seed=1)
     rows = [{"image": f"images/{i:06d}.png", "sentence": f"shape {i}", "label": "entailment"} for i in range(4)]
     (tmp_path / "data" / "ve.json").write_text(json.dumps(rows))
-    recipe = load_recipe(None, ["model.preset=albef-tiny", f"model.init={path}", f"data.image_root={tmp_path / 'data'}",
-                                f"data.train_files=[{tmp_path / 'data' / 've.json'}]", "data.num_workers=0",
-                                "train.batch_size=2", "train.device=cpu", f"output_dir={tmp_path / 'run'}"])
+    recipe = load_recipe(
+        None,
+        [
+            "model.preset=albef-tiny",
+            f"model.init={path}",
+            f"data.image_root={tmp_path / 'data'}",
+            f"data.train_files=[{tmp_path / 'data' / 've.json'}]",
+            "data.num_workers=0",
+            "train.batch_size=2",
+            "train.device=cpu",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     recipe.task = "ve"
     run = PretrainRun(recipe)
     _check_teacher(run.trainer, run.init_report, sd, "ve")

@@ -53,6 +53,7 @@ def case(request, ref) -> dict:
 
 # --- text cleaning -------------------------------------------------------------------------
 
+
 def test_official_pre_caption(case, ref):
     assert pre_caption(case["raw"], ref["max_words"]) == case["official_pre_caption"]
     assert clean_caption(case["raw"], "albef", ref["max_words"]) == case["official_pre_caption"]
@@ -86,6 +87,7 @@ def test_cleaning_defaults_and_bad_style():
 
 
 # --- tokenization vs reference ids -------------------------------------------------------
+
 
 def test_wordpiece_tokens(case, tok, tok_sep):
     assert tok.tokenize(case["official_pre_caption"]) == case["wordpiece_tokens"]
@@ -142,6 +144,7 @@ def test_truncation_keeps_29_vs_28_pieces(ref, tok, tok_sep):
 
 # --- LAVIS batches recorded in the model fixtures (same tokenizer kwargs) ------------------
 
+
 @pytest.mark.parametrize(
     "name, text_key, ids_key, mask_key, kwargs_key",
     [
@@ -187,7 +190,11 @@ def test_packaged_vocab(tok):
     assert hashlib.md5(data).hexdigest() == VOCAB_MD5
     assert tok.vocab_size == 30522
     assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (
-        0, 100, 101, 102, 103,
+        0,
+        100,
+        101,
+        102,
+        103,
     )
     assert tok.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 100, 101, 102, 103]
     assert tok.convert_tokens_to_ids("notarealtoken!!") == 100

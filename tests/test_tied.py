@@ -104,6 +104,7 @@ def test_a_backward_that_raised_leaves_nothing_for_the_next():
         if fail.pop() if fail else False:
             raise RuntimeError("boom")
         return g
+
     h.register_hook(once)
     loss = tied_linear(h * x, w, tie).square().sum()
     with pytest.raises(RuntimeError, match="boom"):

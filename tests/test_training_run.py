@@ -23,11 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _overrides(data: Path, out: Path, **extra) -> list[str]:
     base = {
-        "model.preset": "albef-tiny", "model.overrides": "{queue_size: 32}",
-        "data.train_files": f"[{data / 'pretrain.json'}]", "data.image_root": str(data),
-        "data.num_workers": 0, "data.crop_scale": "[0.5, 1.0]", "data.min_seen_for_bad_check": 16,
-        "train.batch_size": 4, "train.epochs": 2, "train.lr": 1e-3, "train.warmup_lr": 1e-4,
-        "train.warmup_epochs": 2, "train.seed": 3, "train.log_every": 1, "train.checkpoint_every": 0,
+        "model.preset": "albef-tiny",
+        "model.overrides": "{queue_size: 32}",
+        "data.train_files": f"[{data / 'pretrain.json'}]",
+        "data.image_root": str(data),
+        "data.num_workers": 0,
+        "data.crop_scale": "[0.5, 1.0]",
+        "data.min_seen_for_bad_check": 16,
+        "train.batch_size": 4,
+        "train.epochs": 2,
+        "train.lr": 1e-3,
+        "train.warmup_lr": 1e-4,
+        "train.warmup_epochs": 2,
+        "train.seed": 3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 0,
         "output_dir": str(out),
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
@@ -52,8 +62,18 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(shapes, tmp_path
     steps = 5
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "albef.cli", "pretrain", *_overrides(shapes, ddp, train__max_steps=steps, train__device="cpu")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "albef.cli",
+        "pretrain",
+        *_overrides(shapes, ddp, train__max_steps=steps, train__device="cpu"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -96,20 +116,26 @@ def test_bad_images_are_skipped_and_counted_then_limit_stops(tmp_path):
     data = tmp_path / "data"
     write_shapes(data, n=60, image_size=32, corrupt=3)
     out = tmp_path / "ok"
-    summary = PretrainRun(load_recipe(None, _overrides(data, out, train__epochs=1,
-                                                       data__max_bad_fraction=0.2))).fit()
+    summary = PretrainRun(load_recipe(None, _overrides(data, out, train__epochs=1, data__max_bad_fraction=0.2))).fit()
     assert summary["bad_samples"] >= 1
     logged = (out / "bad_samples.txt").read_text()
     assert "missing_002.png" in logged or "bad_000.png" in logged or "bad_001.png" in logged
     with pytest.raises(BadDataError, match=r"more than the limit(.|\n)*\.png"):
-        PretrainRun(load_recipe(None, _overrides(data, tmp_path / "strict", train__epochs=1,
-                                                 data__max_bad_fraction=0.001))).fit()
+        PretrainRun(
+            load_recipe(None, _overrides(data, tmp_path / "strict", train__epochs=1, data__max_bad_fraction=0.001))
+        ).fit()
 
 
 def test_cli_pretrain_writes_metrics_plot_and_a_loadable_checkpoint(shapes, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli_main(["pretrain", "--config", str(ROOT / "recipes" / "pretrain_cpu_tiny.yaml"),
-                   *_overrides(shapes, out, train__max_steps=4)])
+    rc = cli_main(
+        [
+            "pretrain",
+            "--config",
+            str(ROOT / "recipes" / "pretrain_cpu_tiny.yaml"),
+            *_overrides(shapes, out, train__max_steps=4),
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["global_step"] == 4
@@ -127,8 +153,9 @@ def test_cli_pretrain_writes_metrics_plot_and_a_loadable_checkpoint(shapes, tmp_
 
 def test_queue_must_be_a_multiple_of_the_global_batch(shapes, tmp_path):
     with pytest.raises(ValueError, match="queue_size 30 is not a multiple of the global batch 8"):
-        PretrainRun(load_recipe(None, _overrides(shapes, tmp_path, model__overrides="{queue_size: 30}",
-                                                 train__grad_accum=2)))
+        PretrainRun(
+            load_recipe(None, _overrides(shapes, tmp_path, model__overrides="{queue_size: 30}", train__grad_accum=2))
+        )
 
 
 def test_resume_refuses_another_global_batch(shapes, tmp_path):
@@ -159,8 +186,9 @@ def test_lr_scale_zero_freezes_the_text_side_only(shapes, tmp_path):
     """train.lr_scale from the command line: text_encoder at 0 stays where it started (so its
     momentum copy equals it), while the vision side moves away from its momentum copy."""
     out = tmp_path / "run"
-    assert cli_main(["pretrain", *_overrides(shapes, out, train__max_steps=3,
-                                             train__lr_scale="{text_encoder: 0.0}")]) == 0
+    assert (
+        cli_main(["pretrain", *_overrides(shapes, out, train__max_steps=3, train__lr_scale="{text_encoder: 0.0}")]) == 0
+    )
     trainer = load_trainer_from_checkpoint(out / "checkpoint_last.pt")
     student, teacher = trainer.model.state_dict(), trainer.model_m.state_dict()
     text = [k for k in student if k.startswith("text_encoder.") and k in teacher]
@@ -173,14 +201,17 @@ def test_lr_scale_zero_freezes_the_text_side_only(shapes, tmp_path):
 def test_resume_refuses_another_lr_scale(shapes, tmp_path):
     """The optimizer's groups follow train.lr_scale: a checkpoint resumes only with the same one."""
     out = tmp_path / "run"
-    PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2,
-                                             train__lr_scale="{text_encoder: 0.1}"))).fit()
+    PretrainRun(
+        load_recipe(None, _overrides(shapes, out, train__max_steps=2, train__lr_scale="{text_encoder: 0.1}"))
+    ).fit()
     for other in ("{text_encoder: 0.5}", "{}"):
         recipe = load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__lr_scale=other))
         with pytest.raises(ValueError, match="lr_scale"):
             PretrainRun(recipe, resume=True)
-    PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=4,
-                                             train__lr_scale="{text_encoder: 0.1}")), resume=True).fit()
+    PretrainRun(
+        load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__lr_scale="{text_encoder: 0.1}")),
+        resume=True,
+    ).fit()
     assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4]
 
 

@@ -179,8 +179,8 @@ def test_rotate_turns_counter_clockwise_about_opencv_centre():
     for negate, ey in ((False, 10 - dy), (True, 10 + dy)):
         out = np.asarray(aug.apply_op(Image.fromarray(a), "Rotate", negate=negate))[..., 0]
         y0, x0 = round(ey) - 2, round(10 + dx) - 2
-        win = out[y0:y0 + 5, x0:x0 + 5].astype(float)
-        ys, xs = np.mgrid[y0:y0 + 5, x0:x0 + 5]
+        win = out[y0 : y0 + 5, x0 : x0 + 5].astype(float)
+        ys, xs = np.mgrid[y0 : y0 + 5, x0 : x0 + 5]
         assert win.sum() > 200  # most of the 255 units of the dot
         cy, cx = (win * ys).sum() / win.sum(), (win * xs).sum() / win.sum()
         assert abs(cy - ey) < 0.5 and abs(cx - 10 - dx) < 0.5
@@ -421,8 +421,13 @@ def test_train_transform_without_crop_is_a_bicubic_resize_of_the_whole_image():
         assert corner.min() > 0.95  # the corner object is never cut out
     assert seen == {False, True}  # both flip outcomes checked
     full = train_transform(32, crop=False)
-    assert [type(t) for t in full.transforms] == [T.Resize, T.RandomHorizontalFlip, RandomAugment,
-                                                  T.ToTensor, T.Normalize]
+    assert [type(t) for t in full.transforms] == [
+        T.Resize,
+        T.RandomHorizontalFlip,
+        RandomAugment,
+        T.ToTensor,
+        T.Normalize,
+    ]
     resize = full.transforms[0]
     assert resize.size == (32, 32) and resize.interpolation == InterpolationMode.BICUBIC
     assert (full.transforms[2].n, full.transforms[2].m) == (2, 7)

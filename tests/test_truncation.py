@@ -31,8 +31,10 @@ def test_the_long_caption_is_longer_than_every_limit():
     assert len(Tokenizer()(LONG).input_ids[0]) > 30
 
 
-@pytest.mark.parametrize("task, expected", [("pretrain", 25), ("nlvr_pretrain", 25),
-                                            ("retrieval", None), ("grounding", None), ("ve", None), ("nlvr", None)])
+@pytest.mark.parametrize(
+    "task, expected",
+    [("pretrain", 25), ("nlvr_pretrain", 25), ("retrieval", None), ("grounding", None), ("ve", None), ("nlvr", None)],
+)
 def test_training_text_is_cut_where_the_authors_cut(task, expected):
     full = len(Tokenizer()(LONG).input_ids[0])
     assert _collated_length(task) == (expected or full)
@@ -43,8 +45,18 @@ def test_vqa_questions_are_cut_at_max_text_len_in_training():
 
     cfg = get_preset("albef-base")
     collate = VQACollator(Tokenizer(), text_max_length("vqa", cfg))
-    batch = collate([{"image": torch.zeros(3, 4, 4), "caption": LONG, "answers": ["yes[SEP]"], "weights": [1.0],
-                      "index": 0, "bad": []}])
+    batch = collate(
+        [
+            {
+                "image": torch.zeros(3, 4, 4),
+                "caption": LONG,
+                "answers": ["yes[SEP]"],
+                "weights": [1.0],
+                "index": 0,
+                "bad": [],
+            }
+        ]
+    )
     assert batch.question_mask.sum() == 25 == cfg.max_text_len
 
 
@@ -72,7 +84,8 @@ def test_ve_and_nlvr_evaluation_text_is_not_cut(monkeypatch):
     from albef.data.classification import ClassificationRecord
 
     rec = ClassificationRecord("x.png", (LONG,), "test", 0)
-    monkeypatch.setattr(T, "_batches",
-                        lambda records, transform, bs, nw: [(torch.zeros(1, 3, 32, 32), torch.tensor([0]))])
+    monkeypatch.setattr(
+        T, "_batches", lambda records, transform, bs, nw: [(torch.zeros(1, 3, 32, 32), torch.tensor([0]))]
+    )
     T.evaluate_classification(model, [rec], Tokenizer(), None)
     assert seen[-1] == len(Tokenizer()(LONG).input_ids[0])

@@ -28,11 +28,27 @@ def data(tmp_path_factory):
 
 
 def _args(task: str, data: Path, out: Path, train: str, val: str, *extra: str) -> list[str]:
-    return ["finetune", task, "model.preset=albef-tiny", "model.overrides={queue_size: 16}",
-            f"data.train_files=[{data / train}]", f"data.val_files=[{data / val}]", f"data.image_root={data}",
-            "data.num_workers=0", "train.batch_size=4", "train.epochs=3", "train.lr=1e-3", "train.warmup_lr=1e-3",
-            "train.warmup_epochs=1", "train.log_every=1", "train.checkpoint_every=0", "train.seed=1",
-            "train.device=cpu", f"output_dir={out}", *extra]
+    return [
+        "finetune",
+        task,
+        "model.preset=albef-tiny",
+        "model.overrides={queue_size: 16}",
+        f"data.train_files=[{data / train}]",
+        f"data.val_files=[{data / val}]",
+        f"data.image_root={data}",
+        "data.num_workers=0",
+        "train.batch_size=4",
+        "train.epochs=3",
+        "train.lr=1e-3",
+        "train.warmup_lr=1e-3",
+        "train.warmup_epochs=1",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        "train.seed=1",
+        "train.device=cpu",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def _val_rows(out: Path) -> list[dict]:
@@ -53,20 +69,67 @@ def test_ve_keeps_the_best_epoch_and_evaluate_reads_it(data, tmp_path, capsys):
     assert last_ckpt["state"]["epoch"] == 3
     capsys.readouterr()
     # `albef evaluate` on the run folder scores checkpoint_best.pt, and gets the logged accuracy
-    assert cli_main(["evaluate", "ve", "--model", str(out), "--data", str(data / "ve_train.json"), "--image-root",
-                     str(data), "--out", str(tmp_path / "m.json"), "--device", "cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "ve",
+                "--model",
+                str(out),
+                "--data",
+                str(data / "ve_train.json"),
+                "--image-root",
+                str(data),
+                "--out",
+                str(tmp_path / "m.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "checkpoint_best.pt" in capsys.readouterr().err
     assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(max(accs), abs=1e-9)
 
 
 def test_retrieval_validation_is_the_two_stage_r_mean_of_albef_evaluate(data, tmp_path):
     out = tmp_path / "re"
-    assert cli_main(_args("retrieval", data, out, "retrieval_train.json", "retrieval_test.json", "train.epochs=1",
-                          "train.k_test=4")) == 0
+    assert (
+        cli_main(
+            _args(
+                "retrieval",
+                data,
+                out,
+                "retrieval_train.json",
+                "retrieval_test.json",
+                "train.epochs=1",
+                "train.k_test=4",
+            )
+        )
+        == 0
+    )
     (row,) = _val_rows(out)
-    assert cli_main(["evaluate", "retrieval", "--model", str(out / "checkpoint_last.pt"), "--data",
-                     str(data / "retrieval_test.json"), "--image-root", str(data), "--k", "4", "--device", "cpu",
-                     "--out", str(tmp_path / "r.json")]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "retrieval",
+                "--model",
+                str(out / "checkpoint_last.pt"),
+                "--data",
+                str(data / "retrieval_test.json"),
+                "--image-root",
+                str(data),
+                "--k",
+                "4",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "r.json").read_text())
     assert row["r_mean"] == pytest.approx(res["itm"]["r_mean"], abs=1e-9)
     assert row["itc_r_mean"] == pytest.approx(res["itc"]["r_mean"], abs=1e-9)
@@ -80,13 +143,35 @@ def test_two_gloo_ranks_validate_like_one_process(data, tmp_path):
     one-process run's (same global batch through accumulation)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "albef.cli",
-           *_args("ve", data, ddp, "ve_train.json", "ve_train.json", "train.batch_size=2", "train.epochs=2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "albef.cli",
+        *_args("ve", data, ddp, "ve_train.json", "ve_train.json", "train.batch_size=2", "train.epochs=2"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = tmp_path / "single"
-    assert cli_main(_args("ve", data, single, "ve_train.json", "ve_train.json", "train.batch_size=2",
-                          "train.grad_accum=2", "train.epochs=2")) == 0
+    assert (
+        cli_main(
+            _args(
+                "ve",
+                data,
+                single,
+                "ve_train.json",
+                "ve_train.json",
+                "train.batch_size=2",
+                "train.grad_accum=2",
+                "train.epochs=2",
+            )
+        )
+        == 0
+    )
     a, b = _val_rows(ddp), _val_rows(single)
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b] and len(a) == 2
     assert (ddp / "checkpoint_best.pt").exists()
@@ -120,6 +205,15 @@ def test_a_missing_validation_file_fails_before_training(data, tmp_path, capsys)
 
 def test_a_wrong_select_metric_names_the_choices(data, tmp_path):
     with pytest.raises(ValueError, match="choose one of"):
-        cli_main(_args("ve", data, tmp_path / "x", "ve_train.json", "ve_train.json", "train.select_metric=r_mean",
-                       "train.epochs=1"))
+        cli_main(
+            _args(
+                "ve",
+                data,
+                tmp_path / "x",
+                "ve_train.json",
+                "ve_train.json",
+                "train.select_metric=r_mean",
+                "train.epochs=1",
+            )
+        )
     torch.manual_seed(0)

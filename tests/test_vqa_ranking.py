@@ -28,8 +28,9 @@ def _answers(n: int, seed: int, starts: tuple[int, ...] = (CLS,)) -> tuple[torch
     g = torch.Generator().manual_seed(seed)
     seen, rows = set(), []
     while len(rows) < n:
-        words = tuple(int(w) for w in torch.randint(2000, 2006, (int(torch.randint(1, 6, (1,), generator=g)),),
-                                                      generator=g))
+        words = tuple(
+            int(w) for w in torch.randint(2000, 2006, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+        )
         start = starts[len(rows) % len(starts)]
         if (start, words) not in seen:
             seen.add((start, words))
@@ -76,9 +77,16 @@ def _plain_rank(model, q, qm, ids, mask, k, scoring, label_smoothing=0.0):
     else:
         score = -nll
         probs, order = score.topk(k, dim=1)
-    return {"ranked_ids": topk_ids.gather(1, order), "scores": probs, "first_token_logits": first,
-            "prob_first_token": prob_first, "topk_probs": topk_probs, "topk_ids": topk_ids,
-            "candidate_nll": nll, "log_probs_sum": score}
+    return {
+        "ranked_ids": topk_ids.gather(1, order),
+        "scores": probs,
+        "first_token_logits": first,
+        "prob_first_token": prob_first,
+        "topk_probs": topk_probs,
+        "topk_ids": topk_ids,
+        "candidate_nll": nll,
+        "log_probs_sum": score,
+    }
 
 
 def _assert_same(ours: dict, plain: dict) -> None:
@@ -115,11 +123,16 @@ def test_shared_ranking_projects_each_question_once_per_layer():
     q, qm = _questions(model, B, seed=1)
     ids, mask = _answers(30, seed=2)
     rows = []
-    hooks = [layer.crossattention.self.key.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[:-1]))
-             for layer in model.text_decoder.encoder.layer]
+    hooks = [
+        layer.crossattention.self.key.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[:-1]))
+        for layer in model.text_decoder.encoder.layer
+    ]
     decoded = []  # tokens through the decoder's first self-attention query projection
-    hooks.append(model.text_decoder.encoder.layer[0].attention.self.query.register_forward_hook(
-        lambda m, a, out: decoded.append(a[0].shape[0])))
+    hooks.append(
+        model.text_decoder.encoder.layer[0].attention.self.query.register_forward_hook(
+            lambda m, a, out: decoded.append(a[0].shape[0])
+        )
+    )
     try:
         r = rank_answers(model, q, qm, ids, mask, k)
     finally:

@@ -37,8 +37,10 @@ _BOM = b"\xef\xbb\xbf"
 
 def _not_utf8(path: Path, data: bytes, e: UnicodeDecodeError, base: int = 0) -> str:
     at = base + e.start
-    return (f"not UTF-8 text: byte {at} ({data[e.start:e.start + 4]!r}) cannot be decoded; annotation files "
-            f"must be UTF-8: re-encode {path.name} (e.g. iconv -f latin1 -t utf-8)")
+    return (
+        f"not UTF-8 text: byte {at} ({data[e.start : e.start + 4]!r}) cannot be decoded; annotation files "
+        f"must be UTF-8: re-encode {path.name} (e.g. iconv -f latin1 -t utf-8)"
+    )
 
 
 def read_json_file(path: str | Path) -> Any:
@@ -59,10 +61,15 @@ def read_json_file(path: str | Path) -> Any:
 def _top_level_object(path: Path, obj: dict) -> ValueError:
     keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
     lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-    hint = (f"its {lists[0]!r} holds a list of {len(obj[lists[0]])} objects: write that list as the file"
-            if lists else "if it is one entry, wrap it in [ ] (or write it on one line, JSON Lines)")
-    return ValueError(f"{path}: expected a JSON list of entries or JSON Lines (one entry per line), found a "
-                      f"JSON object with keys {keys}; {hint}")
+    hint = (
+        f"its {lists[0]!r} holds a list of {len(obj[lists[0]])} objects: write that list as the file"
+        if lists
+        else "if it is one entry, wrap it in [ ] (or write it on one line, JSON Lines)"
+    )
+    return ValueError(
+        f"{path}: expected a JSON list of entries or JSON Lines (one entry per line), found a "
+        f"JSON object with keys {keys}; {hint}"
+    )
 
 
 def _entries(path: Path) -> Iterable[tuple[str, Any]]:
@@ -81,8 +88,9 @@ def _entries(path: Path) -> Iterable[tuple[str, Any]]:
             try:
                 entries = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e}); expected a JSON list of entries "
-                                 "or one JSON object per line") from e
+                raise ValueError(
+                    f"{path}: not valid JSON ({e}); expected a JSON list of entries or one JSON object per line"
+                ) from e
             for i, entry in enumerate(entries):
                 yield f"{path}[{i}]", entry
             return
@@ -93,8 +101,10 @@ def _entries(path: Path) -> Iterable[tuple[str, Any]]:
                 whole = None  # several lines of objects: JSON Lines
             # one object spread over lines, or one wrapping the entries ({"annotations": [...]}), is
             # not JSON Lines; a single one-line entry is
-            if isinstance(whole, dict) and (len(text.strip().splitlines()) > 1 or any(
-                    isinstance(v, list) and v and all(isinstance(x, dict) for x in v) for v in whole.values())):
+            if isinstance(whole, dict) and (
+                len(text.strip().splitlines()) > 1
+                or any(isinstance(v, list) and v and all(isinstance(x, dict) for x in v) for v in whole.values())
+            ):
                 raise _top_level_object(path, whole)
     offset = bom  # byte offset of each line in the file
     for lineno, raw in enumerate(data.split(b"\n"), 1):
@@ -113,8 +123,9 @@ def _entries(path: Path) -> Iterable[tuple[str, Any]]:
             yield where, BadSample(where, f"unreadable JSON line ({e.msg})")
 
 
-def read_annotations(files: str | Path | Iterable[str | Path], parse: Callable[[dict, str], Any]
-                     ) -> tuple[list[Any], list[BadSample]]:
+def read_annotations(
+    files: str | Path | Iterable[str | Path], parse: Callable[[dict, str], Any]
+) -> tuple[list[Any], list[BadSample]]:
     """Parse every entry of every file with ``parse(entry, where)``.
 
     ``parse`` returns a record or raises ``ValueError`` with a reason, which skips the entry.
@@ -140,9 +151,11 @@ def read_annotations(files: str | Path | Iterable[str | Path], parse: Callable[[
             except ValueError as e:
                 bad.append(BadSample(where, str(e)))
     if bad and not records:  # said here, with the reasons, rather than as "the dataset is empty" later
-        raise ValueError(f"no valid entry in {file_names(files)}: all {len(bad)} are bad; fix them:\n  "
-                         + "\n  ".join(map(str, bad[:20]))
-                         + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+        raise ValueError(
+            f"no valid entry in {file_names(files)}: all {len(bad)} are bad; fix them:\n  "
+            + "\n  ".join(map(str, bad[:20]))
+            + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        )
     return records, bad
 
 
@@ -154,8 +167,10 @@ def file_names(files: str | Path | Iterable[str | Path]) -> str:
 def require_entries(n: int, files: str | Path | Iterable[str | Path], what: str = "evaluation") -> None:
     """An error naming the files when they hold no entry: there is nothing to evaluate."""
     if n == 0:
-        raise ValueError(f"{file_names(files)}: no entries, nothing to evaluate; the {what} data must be a "
-                         "JSON list (or JSON Lines) of entries, and this one is empty")
+        raise ValueError(
+            f"{file_names(files)}: no entries, nothing to evaluate; the {what} data must be a "
+            "JSON list (or JSON Lines) of entries, and this one is empty"
+        )
 
 
 def resolve_image(image: Any, image_root: str | Path | None) -> str:
@@ -167,12 +182,14 @@ def resolve_image(image: Any, image_root: str | Path | None) -> str:
     return str(path)
 
 
-def check_bad_share(n_bad: int, n_seen: int, max_fraction: float, examples: list[BadSample],
-                    what: str = "samples") -> None:
+def check_bad_share(
+    n_bad: int, n_seen: int, max_fraction: float, examples: list[BadSample], what: str = "samples"
+) -> None:
     """Raise :class:`BadDataError` naming the files when the bad share passes the limit."""
     if n_seen and n_bad / n_seen > max_fraction:
         names = "\n  ".join(str(b) for b in examples[:20])
         more = f"\n  ... and {n_bad - 20} more" if n_bad > 20 else ""
         raise BadDataError(
             f"{n_bad} of {n_seen} {what} were bad ({n_bad / n_seen:.1%}), more than the limit "
-            f"max_bad_fraction={max_fraction:.1%}. Fix or remove them, or raise the limit:\n  {names}{more}")
+            f"max_bad_fraction={max_fraction:.1%}. Fix or remove them, or raise the limit:\n  {names}{more}"
+        )

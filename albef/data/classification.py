@@ -39,8 +39,9 @@ def _ve_file_name(image: object) -> object:
     return image
 
 
-def read_classification(files: str | Sequence[str], image_root: str | None, task: str, cleaning: str = "albef",
-                        max_words: int = 30) -> tuple[list[ClassificationRecord], list[BadSample]]:
+def read_classification(
+    files: str | Sequence[str], image_root: str | None, task: str, cleaning: str = "albef", max_words: int = 30
+) -> tuple[list[ClassificationRecord], list[BadSample]]:
     """Read SNLI-VE (``task="ve"``) or NLVR2 (``task="nlvr"``) entries; bad entries are skipped and
     returned as :class:`BadSample`. For ``ve``, an image named without a file extension (no ``.``
     in its last path component, e.g. the authors' ``"2248275918"``) is read from

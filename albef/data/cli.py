@@ -27,8 +27,7 @@ def _rephrase(caption: str) -> str:
     return f"the {shape} on the {place} is {color}"
 
 
-def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, corrupt: int = 0,
-                 test: int = 0) -> Path:
+def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, corrupt: int = 0, test: int = 0) -> Path:
     """Write ``n`` PNGs and the JSON files under ``out``; returns the pretraining JSON path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -53,12 +52,20 @@ def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, c
     path = out / "pretrain.json"
     path.write_text(json.dumps(entries, indent=0))
     clean = entries[:n]
-    train, held = clean[: n - test], clean[n - test:]
-    (out / "retrieval_train.json").write_text(json.dumps(
-        [{"image": e["image"], "caption": c, "image_id": i} for i, e in enumerate(train)
-         for c in (e["caption"], _rephrase(e["caption"]))], indent=0))
-    (out / "retrieval_test.json").write_text(json.dumps(
-        [{"image": e["image"], "caption": [e["caption"], _rephrase(e["caption"])]} for e in held], indent=0))
+    train, held = clean[: n - test], clean[n - test :]
+    (out / "retrieval_train.json").write_text(
+        json.dumps(
+            [
+                {"image": e["image"], "caption": c, "image_id": i}
+                for i, e in enumerate(train)
+                for c in (e["caption"], _rephrase(e["caption"]))
+            ],
+            indent=0,
+        )
+    )
+    (out / "retrieval_test.json").write_text(
+        json.dumps([{"image": e["image"], "caption": [e["caption"], _rephrase(e["caption"])]} for e in held], indent=0)
+    )
     _write_reasoning(out, train, "train", seed)
     _write_reasoning(out, held, "test", seed + 1)
     return path
@@ -85,8 +92,13 @@ def _write_reasoning(out: Path, entries: list[dict], split: str, seed: int) -> N
         j = int(torch.randint(n, (), generator=g))
         true = bool(torch.rand((), generator=g) < 0.5)
         said = facts[i] if true else other(facts[i])
-        nlvr.append({"images": [entries[i]["image"], entries[j]["image"]],
-                     "sentence": f"the left image has a {said} shape", "label": str(true)})
+        nlvr.append(
+            {
+                "images": [entries[i]["image"], entries[j]["image"]],
+                "sentence": f"the left image has a {said} shape",
+                "label": str(true),
+            }
+        )
     (out / f"ve_{split}.json").write_text(json.dumps(ve, indent=0))
     (out / f"nlvr_{split}.json").write_text(json.dumps(nlvr, indent=0))
 
@@ -106,8 +118,10 @@ def _shards(args: argparse.Namespace) -> int:
     summary = write_shards(records, args.out, args.max_count)
     for m in summary["missing"][:20]:
         print(f"skipped missing image {m['image']}: {m['error']}", file=sys.stderr)
-    print(f"wrote {summary['count']} samples in {len(summary['shards'])} shards to {args.out} "
-          f"({len(bad)} bad annotation entries, {len(summary['missing'])} missing images skipped)")
+    print(
+        f"wrote {summary['count']} samples in {len(summary['shards'])} shards to {args.out} "
+        f"({len(bad)} bad annotation entries, {len(summary['missing'])} missing images skipped)"
+    )
     return 0
 
 
@@ -123,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--test", type=int, default=0, help="hold out this many images for retrieval_test.json")
     e = sub.add_parser("easyvqa", help="easy-VQA (PyPI package easy-vqa) in the authors' VQA format")
     e.add_argument("dir")
-    m = sub.add_parser("emoji", help="emoji images (Google, Twitter styles) with names: pretraining, "
-                                     "retrieval split by emoji, grounding windows")
+    m = sub.add_parser(
+        "emoji",
+        help="emoji images (Google, Twitter styles) with names: pretraining, "
+        "retrieval split by emoji, grounding windows",
+    )
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--windows", type=int, default=400, help="grounding training windows (test: half)")
@@ -132,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("files", nargs="+", help="the authors' JSON annotation files")
     w.add_argument("--out", required=True)
     w.add_argument("--image-root", default=None)
-    w.add_argument("--format", choices=["pretrain", "retrieval"], default="pretrain",
-                   help="retrieval keeps each entry's image id (id-aware ITC)")
+    w.add_argument(
+        "--format",
+        choices=["pretrain", "retrieval"],
+        default="pretrain",
+        help="retrieval keeps each entry's image id (id-aware ITC)",
+    )
     w.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
     w.add_argument("--max-words", type=int, default=30)
     args = p.parse_args(argv)

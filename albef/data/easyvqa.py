@@ -30,11 +30,14 @@ def _easy_vqa():
         return importlib.import_module("easy_vqa")
     except ImportError:
         pass
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "easy-vqa==1.0"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "easy-vqa==1.0"], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise RuntimeError("could not install the 'easy-vqa' package from the package index (is it reachable?):\n"
-                           + proc.stderr[-2000:])
+        raise RuntimeError(
+            "could not install the 'easy-vqa' package from the package index (is it reachable?):\n"
+            + proc.stderr[-2000:]
+        )
     importlib.invalidate_caches()
     return importlib.import_module("easy_vqa")
 
@@ -50,8 +53,10 @@ def build_easyvqa(out: str | Path) -> dict[str, int]:
     ev = _easy_vqa()
     out = Path(out)
     counts = {}
-    for split, get_q, get_paths in (("train", ev.get_train_questions, ev.get_train_image_paths),
-                                    ("test", ev.get_test_questions, ev.get_test_image_paths)):
+    for split, get_q, get_paths in (
+        ("train", ev.get_train_questions, ev.get_train_image_paths),
+        ("test", ev.get_test_questions, ev.get_test_image_paths),
+    ):
         questions, answers, image_ids = get_q()
         paths = get_paths()
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -59,9 +64,17 @@ def build_easyvqa(out: str | Path) -> dict[str, int]:
             dst = out / "images" / split / f"{image_id}.png"
             if not dst.exists():
                 shutil.copyfile(src, dst)
-        entries = [{"image": f"images/{split}/{i}.png", "question": q, "answer": [a], "dataset": "vqa",
-                    "question_id": n, "question_type": question_type(a)}
-                   for n, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))]
+        entries = [
+            {
+                "image": f"images/{split}/{i}.png",
+                "question": q,
+                "answer": [a],
+                "dataset": "vqa",
+                "question_id": n,
+                "question_type": question_type(a),
+            }
+            for n, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))
+        ]
         target = out / f"vqa_{split}.json"
         if not target.exists():
             target.write_text(json.dumps(entries))

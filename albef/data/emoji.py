@@ -53,14 +53,18 @@ def fetch(cache: Path) -> dict[str, Path]:
         tgz = cache / f"{name}-{VERSION}.tgz"
         if not tgz.exists():
             try:
-                proc = subprocess.run(["npm", "pack", f"{name}@{VERSION}"], cwd=cache, capture_output=True,
-                                      text=True, timeout=600)
+                proc = subprocess.run(
+                    ["npm", "pack", f"{name}@{VERSION}"], cwd=cache, capture_output=True, text=True, timeout=600
+                )
             except (OSError, subprocess.TimeoutExpired) as e:
-                raise RuntimeError(f"could not run npm to fetch {name}: {e}; install Node.js/npm or "
-                                   "check that the npm registry is reachable") from e
+                raise RuntimeError(
+                    f"could not run npm to fetch {name}: {e}; install Node.js/npm or "
+                    "check that the npm registry is reachable"
+                ) from e
             if proc.returncode != 0 or not tgz.exists():
-                raise RuntimeError(f"npm pack {name}@{VERSION} failed (is the npm registry reachable?):\n"
-                                   + proc.stderr[-2000:])
+                raise RuntimeError(
+                    f"npm pack {name}@{VERSION} failed (is the npm registry reachable?):\n" + proc.stderr[-2000:]
+                )
         out[key] = tgz
     return out
 
@@ -121,22 +125,43 @@ def build_emoji(out: str | Path, seed: int = 0, windows: int = 400, fetcher=fetc
         (out / name).write_text(json.dumps(data, indent=0))
 
     train = by_split["train"]
-    dump("pretrain.json", [{"image": img, "caption": captions_of(e)}
-                           for e in train for img in all_images[e["unified"]]])
-    dump("retrieval_train.json", [{"image": img, "caption": c, "image_id": e["unified"]}
-                                  for e in train for img in all_images[e["unified"]] for c in captions_of(e)])
+    dump(
+        "pretrain.json", [{"image": img, "caption": captions_of(e)} for e in train for img in all_images[e["unified"]]]
+    )
+    dump(
+        "retrieval_train.json",
+        [
+            {"image": img, "caption": c, "image_id": e["unified"]}
+            for e in train
+            for img in all_images[e["unified"]]
+            for c in captions_of(e)
+        ],
+    )
     for split in ("val", "test"):
-        dump(f"retrieval_{split}.json", [{"image": images[e["unified"]]["google"], "caption": captions_of(e)}
-                                         for e in by_split[split] if "google" in images.get(e["unified"], {})])
+        dump(
+            f"retrieval_{split}.json",
+            [
+                {"image": images[e["unified"]]["google"], "caption": captions_of(e)}
+                for e in by_split[split]
+                if "google" in images.get(e["unified"], {})
+            ],
+        )
     n_windows = _grounding(out, tgz["google"], emoji, split_of, seed, windows)
     (out / "LICENSE.md").write_text(LICENSE)
     (out / "splits.json").write_text(json.dumps({k: sorted(e["unified"] for e in v) for k, v in by_split.items()}))
-    return {"concepts": len(concepts), "train": len(by_split["train"]), "val": len(by_split["val"]),
-            "test": len(by_split["test"]), "images": sum(len(v) for v in all_images.values()), **n_windows}
+    return {
+        "concepts": len(concepts),
+        "train": len(by_split["train"]),
+        "val": len(by_split["val"]),
+        "test": len(by_split["test"]),
+        "images": sum(len(v) for v in all_images.values()),
+        **n_windows,
+    }
 
 
-def _grounding(out: Path, google_tgz: Path, emoji: list[dict], split_of: dict[str, str], seed: int,
-               windows: int) -> dict[str, int]:
+def _grounding(
+    out: Path, google_tgz: Path, emoji: list[dict], split_of: dict[str, str], seed: int, windows: int
+) -> dict[str, int]:
     """Windows of 3x3 sheet cells; the referred cell is a base emoji of the window's split."""
     with tarfile.open(google_tgz) as t:
         sheet = _rgb(t.extractfile("package/img/google/sheets/64.png").read())
@@ -153,8 +178,11 @@ def _grounding(out: Path, google_tgz: Path, emoji: list[dict], split_of: dict[st
                 break
             offsets = [(i, j) for i in range(3) for j in range(3)]
             rng.shuffle(offsets)  # the target's place in the window varies
-            full = [(tx - i, ty - j) for i, j in offsets
-                    if all((tx - i + a, ty - j + b) in cells for a in range(3) for b in range(3))]
+            full = [
+                (tx - i, ty - j)
+                for i, j in offsets
+                if all((tx - i + a, ty - j + b) in cells for a in range(3) for b in range(3))
+            ]
             if not full:
                 continue  # no window around it without an empty cell (a trivial candidate)
             x0, y0 = full[0]
@@ -166,8 +194,9 @@ def _grounding(out: Path, google_tgz: Path, emoji: list[dict], split_of: dict[st
             cand = [[i * step + PAD, j * step + PAD, CELL, CELL] for j in range(3) for i in range(3)]
             box = [(tx - x0) * step + PAD, (ty - y0) * step + PAD, CELL, CELL]
             name = captions_of(cells[(tx, ty)])[0]
-            entries.append({"image": rel, "text": name, "ref_id": f"{split}-{k}", "box": box, "candidates": cand,
-                            "split": split})
+            entries.append(
+                {"image": rel, "text": name, "ref_id": f"{split}-{k}", "box": box, "candidates": cand, "split": split}
+            )
         (out / f"grounding_{split}.json").write_text(json.dumps(entries, indent=0))
         counts[f"grounding_{split}"] = len(entries)
     return counts

@@ -35,8 +35,9 @@ class PretrainRecord:
     where: str
 
 
-def parse_pretrain_entry(image_root: str | None, max_words: int = 30, cleaning: str = "albef"
-                         ) -> Callable[[dict, str], PretrainRecord]:
+def parse_pretrain_entry(
+    image_root: str | None, max_words: int = 30, cleaning: str = "albef"
+) -> Callable[[dict, str], PretrainRecord]:
     """A parser for :func:`~albef.data.annotations.read_annotations`: cleans the captions now,
     so an entry whose every caption is empty after cleaning is rejected at load time."""
 
@@ -84,8 +85,13 @@ def load_image(path: str) -> Image.Image:
 class PretrainDataset(Dataset):
     """Image–caption pairs for pretraining; items are dicts (see :class:`PretrainCollator`)."""
 
-    def __init__(self, records: Sequence[PretrainRecord], transform: Callable[[Image.Image], Tensor],
-                 seed: int = 0, max_retries: int = 20):
+    def __init__(
+        self,
+        records: Sequence[PretrainRecord],
+        transform: Callable[[Image.Image], Tensor],
+        seed: int = 0,
+        max_retries: int = 20,
+    ):
         if not records:
             raise ValueError("the pretraining dataset is empty (no valid entry in the annotation files)")
         self.records = list(records)
@@ -114,15 +120,17 @@ class PretrainDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, self.epoch, i))
                 caption = rec.captions[int(torch.randint(len(rec.captions), ()))]
-                pixels = (torch.stack([self.transform(im) for im in images]) if len(images) > 1
-                          else self.transform(images[0]))
+                pixels = (
+                    torch.stack([self.transform(im) for im in images]) if len(images) > 1 else self.transform(images[0])
+                )
             item = {"image": pixels, "caption": caption, "index": i, "bad": bad}
             if getattr(rec, "label", None) is not None:
                 item["label"] = rec.label
             return item
-        raise RuntimeError(f"{self.max_retries + 1} images in a row could not be read, starting at "
-                           f"{self.records[index].image}; is the image root right?\n  "
-                           + "\n  ".join(map(str, bad)))
+        raise RuntimeError(
+            f"{self.max_retries + 1} images in a row could not be read, starting at "
+            f"{self.records[index].image}; is the image root right?\n  " + "\n  ".join(map(str, bad))
+        )
 
 
 @dataclass
@@ -140,9 +148,14 @@ class PretrainBatch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return dataclasses.replace(self, images=move(self.images), input_ids=move(self.input_ids),
-                                   attention_mask=move(self.attention_mask), idx=move(self.idx),
-                                   labels=move(self.labels))
+        return dataclasses.replace(
+            self,
+            images=move(self.images),
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            idx=move(self.idx),
+            labels=move(self.labels),
+        )
 
 
 class PretrainCollator:
@@ -154,9 +167,14 @@ class PretrainCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> PretrainBatch:
         text = self.tokenizer([it["caption"] for it in items], max_length=self.max_length, padding="longest")
-        return PretrainBatch(torch.stack([it["image"] for it in items]), text.input_ids, text.attention_mask,
-                             torch.tensor([it["index"] for it in items]), [b for it in items for b in it["bad"]],
-                             # items replacing a bad sample (JSON), or skipped bad samples before them (shards)
-                             sum(it.get("replaced", 1 if it["bad"] else 0) for it in items),
-                             torch.tensor([it["idx"] for it in items]) if "idx" in items[0] else None,
-                             torch.tensor([it["label"] for it in items]) if "label" in items[0] else None)
+        return PretrainBatch(
+            torch.stack([it["image"] for it in items]),
+            text.input_ids,
+            text.attention_mask,
+            torch.tensor([it["index"] for it in items]),
+            [b for it in items for b in it["bad"]],
+            # items replacing a bad sample (JSON), or skipped bad samples before them (shards)
+            sum(it.get("replaced", 1 if it["bad"] else 0) for it in items),
+            torch.tensor([it["idx"] for it in items]) if "idx" in items[0] else None,
+            torch.tensor([it["label"] for it in items]) if "label" in items[0] else None,
+        )

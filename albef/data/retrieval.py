@@ -24,9 +24,13 @@ class RetrievalRecord(PretrainRecord):
     image_id: int = 0  # dense index of the entry's image id
 
 
-def read_retrieval_train(files: str | Sequence[str], image_root: str | None, max_words: int = 30,
-                         cleaning: str = "albef", grounding: bool = False
-                         ) -> tuple[list[RetrievalRecord], list[BadSample]]:
+def read_retrieval_train(
+    files: str | Sequence[str],
+    image_root: str | None,
+    max_words: int = 30,
+    cleaning: str = "albef",
+    grounding: bool = False,
+) -> tuple[list[RetrievalRecord], list[BadSample]]:
     """Training entries, with image ids mapped to 0..n-1 in order of first appearance (as the
     authors' ``re_train_dataset`` does). ``grounding=True`` reads the authors' grounding training
     format instead: ``{"image", "text", "ref_id"}``, the image's file name as its id."""
@@ -65,10 +69,12 @@ class RetrievalEvalSet:
     bad: list[BadSample]
 
 
-def read_retrieval_eval(files: str | Sequence[str], image_root: str | None, max_words: int = 30,
-                        cleaning: str = "albef") -> RetrievalEvalSet:
+def read_retrieval_eval(
+    files: str | Sequence[str], image_root: str | None, max_words: int = 30, cleaning: str = "albef"
+) -> RetrievalEvalSet:
     """The evaluation gallery. Unlike training, a bad entry here is an error: skipping it would
     silently change the benchmark."""
+
     def parse(entry: dict, where: str) -> tuple[str, list[str]]:
         image = resolve_image(entry.get("image"), image_root)
         caps = entry.get("caption")
@@ -77,14 +83,18 @@ def read_retrieval_eval(files: str | Sequence[str], image_root: str | None, max_
         if not caps:
             raise ValueError("'caption' is an empty list; every image needs a caption")
         # every caption is a text query of the benchmark: none is dropped
-        return image, [clean_text(check_text(c, f"'caption'[{i}]"), f"'caption'[{i}]", cleaning, max_words)
-                       for i, c in enumerate(caps)]
+        return image, [
+            clean_text(check_text(c, f"'caption'[{i}]"), f"'caption'[{i}]", cleaning, max_words)
+            for i, c in enumerate(caps)
+        ]
 
     records, bad = read_annotations(files, parse)
     require_entries(len(records), files, "retrieval evaluation")
     if bad:
-        raise ValueError("the evaluation set has bad entries (fix them: skipping would change the benchmark):\n  "
-                         + "\n  ".join(map(str, bad[:20])))
+        raise ValueError(
+            "the evaluation set has bad entries (fix them: skipping would change the benchmark):\n  "
+            + "\n  ".join(map(str, bad[:20]))
+        )
     out = RetrievalEvalSet([], [], [], [], bad)
     for i, (image, caps) in enumerate(records):
         out.images.append(image)
@@ -108,4 +118,3 @@ class ImageListDataset(Dataset):
             return self.transform(load_image(self.paths[i]))
         except (OSError, ValueError) as e:
             raise ValueError(f"{self.paths[i]}: cannot be read ({type(e).__name__}: {e})") from e
-

@@ -33,21 +33,36 @@ class GlobalBatchSampler(Sampler[list[int]]):
         (2, 2)
     """
 
-    def __init__(self, dataset_size: int, micro_batch: int, world_size: int = 1, rank: int = 0,
-                 grad_accum: int = 1, seed: int = 0, shuffle: bool = True, group_size: int = 1):
+    def __init__(
+        self,
+        dataset_size: int,
+        micro_batch: int,
+        world_size: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_size: int = 1,
+    ):
         if micro_batch < 1 or grad_accum < 1 or not 0 <= rank < world_size or group_size < 1:
-            raise ValueError(f"bad sampler setup: micro_batch={micro_batch} grad_accum={grad_accum} "
-                             f"rank={rank} world_size={world_size} group_size={group_size}")
+            raise ValueError(
+                f"bad sampler setup: micro_batch={micro_batch} grad_accum={grad_accum} "
+                f"rank={rank} world_size={world_size} group_size={group_size}"
+            )
         if micro_batch % group_size:
-            raise ValueError(f"data.group_size={group_size} must divide the batch size per rank ({micro_batch}): "
-                             "a group is kept in one micro-batch")
+            raise ValueError(
+                f"data.group_size={group_size} must divide the batch size per rank ({micro_batch}): "
+                "a group is kept in one micro-batch"
+            )
         self.n, self.micro_batch, self.world_size, self.rank = dataset_size, micro_batch, world_size, rank
         self.grad_accum, self.seed, self.shuffle, self.group_size = grad_accum, seed, shuffle, group_size
         self.global_batch = micro_batch * world_size * grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {dataset_size} samples, fewer than one global batch "
-                             f"({self.global_batch} = {micro_batch} per rank x {world_size} ranks x "
-                             f"{grad_accum} accumulation steps)")
+            raise ValueError(
+                f"the dataset has {dataset_size} samples, fewer than one global batch "
+                f"({self.global_batch} = {micro_batch} per rank x {world_size} ranks x "
+                f"{grad_accum} accumulation steps)"
+            )
         self.epoch = 0
         self.start_step = 0
 
@@ -73,7 +88,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
             perm = torch.arange(self.n)
         b = self.micro_batch
         for step in range(self.start_step, self.steps_per_epoch):
-            batch = perm[step * self.global_batch:(step + 1) * self.global_batch]
+            batch = perm[step * self.global_batch : (step + 1) * self.global_batch]
             for j in range(self.grad_accum):
                 k = self.rank * self.grad_accum + j
-                yield batch[k * b:(k + 1) * b].tolist()
+                yield batch[k * b : (k + 1) * b].tolist()

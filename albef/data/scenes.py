@@ -82,23 +82,64 @@ TWIN_KINDS = ("swap", "object", "count", "attribute")
 # What to train and evaluate the scenes at (albef-small, recipe model.overrides); see the module docstring
 RECOMMENDED = {"vision": {"image_size": 128, "patch_size": 16}}
 
-DEFAULT_CATEGORIES = ("Smileys & Emotion", "Animals & Nature", "Food & Drink", "Travel & Places", "Activities",
-                      "Objects", "Symbols")
+DEFAULT_CATEGORIES = (
+    "Smileys & Emotion",
+    "Animals & Nature",
+    "Food & Drink",
+    "Travel & Places",
+    "Activities",
+    "Objects",
+    "Symbols",
+)
 # words that would clash with the grammar (relations, counts) or make a name a phrase of its own
 _BANNED_WORDS = frozenset(
     "left right above below up down upwards downwards leftwards rightwards north south east west arrow arrows "
     "over under and with of on in no not one two three four five six seven eight nine ten "
-    "flag sign squared symbol button keycap latin input cjk ideograph mark".split())
-_BANNED_NAMES = frozenset({"cooking", "camping", "customs", "wireless", "infinity", "radioactive", "biohazard",
-                           "spaghetti", "popcorn", "bacon", "custard", "fondue", "curry rice", "cooked rice",
-                           "softball"})
+    "flag sign squared symbol button keycap latin input cjk ideograph mark".split()
+)
+_BANNED_NAMES = frozenset(
+    {
+        "cooking",
+        "camping",
+        "customs",
+        "wireless",
+        "infinity",
+        "radioactive",
+        "biohazard",
+        "spaghetti",
+        "popcorn",
+        "bacon",
+        "custard",
+        "fondue",
+        "curry rice",
+        "cooked rice",
+        "softball",
+    }
+)
 _RENAME = {"heavy black heart": "red heart"}  # the Unicode name of the red heart
-_IRREGULAR = {"man": "men", "woman": "women", "person": "people", "mouse": "mice", "foot": "feet",
-              "tooth": "teeth", "goose": "geese", "child": "children", "knife": "knives", "leaf": "leaves",
-              "wolf": "wolves", "loaf": "loaves", "potato": "potatoes", "tomato": "tomatoes", "mango": "mangoes",
-              "volcano": "volcanoes", "cactus": "cacti", "ox": "oxen"}
-_UNCHANGED = frozenset({"sheep", "deer", "fish", "bison", "moose", "shrimp", "squid", "sushi", "dango", "oden",
-                        "bento", "sake", "tempura"})
+_IRREGULAR = {
+    "man": "men",
+    "woman": "women",
+    "person": "people",
+    "mouse": "mice",
+    "foot": "feet",
+    "tooth": "teeth",
+    "goose": "geese",
+    "child": "children",
+    "knife": "knives",
+    "leaf": "leaves",
+    "wolf": "wolves",
+    "loaf": "loaves",
+    "potato": "potatoes",
+    "tomato": "tomatoes",
+    "mango": "mangoes",
+    "volcano": "volcanoes",
+    "cactus": "cacti",
+    "ox": "oxen",
+}
+_UNCHANGED = frozenset(
+    {"sheep", "deer", "fish", "bison", "moose", "shrimp", "squid", "sushi", "dango", "oden", "bento", "sake", "tempura"}
+)
 
 
 @dataclass(frozen=True)
@@ -193,8 +234,12 @@ def semantic_key(a: str, count_a: int, relation: str, b: str, count_b: int) -> t
     return (a, count_a, relation, b, count_b)
 
 
-def twins(scene: Scene, replacements: Callable[[str], Sequence[str]] | Sequence[str], all_names: Sequence[str],
-          rng: random.Random) -> list[dict[str, str]]:
+def twins(
+    scene: Scene,
+    replacements: Callable[[str], Sequence[str]] | Sequence[str],
+    all_names: Sequence[str],
+    rng: random.Random,
+) -> list[dict[str, str]]:
     """The altered captions of a scene (``[{"kind", "caption"}]``), each false of the image.
 
     ``replacements``: the names an ``object`` twin may bring in for a name (a function of the
@@ -206,7 +251,8 @@ def twins(scene: Scene, replacements: Callable[[str], Sequence[str]] | Sequence[
     g = "a" if rng.random() < 0.5 else "b"
     old = s.a if g == "a" else s.b
     cands = replacements(old) if callable(replacements) else replacements
-    pool = sorted(n for n in set(cands) if n not in (s.a, s.b))
+    in_scene = {o.name for o in s.objects} | {s.a, s.b}  # distractors too: "X left of B" may be true of one
+    pool = sorted(n for n in set(cands) if n not in in_scene)
     if pool:
         new = rng.choice(pool)
         a, b = (new, s.b) if g == "a" else (s.a, new)
@@ -222,8 +268,8 @@ def twins(scene: Scene, replacements: Callable[[str], Sequence[str]] | Sequence[
         for i, w in enumerate(words):
             if w in COLOURS:
                 for c in COLOURS:
-                    alt = " ".join(words[:i] + [c] + words[i + 1:])
-                    if c != w and alt in names and alt not in (s.a, s.b):
+                    alt = " ".join(words[:i] + [c] + words[i + 1 :])
+                    if c != w and alt in names and alt not in in_scene:
                         options.append((g, alt))
     if options:
         g, alt = rng.choice(sorted(options))
@@ -233,8 +279,9 @@ def twins(scene: Scene, replacements: Callable[[str], Sequence[str]] | Sequence[
 
 
 # -- the emoji to draw from ----------------------------------------------------------------------
-def emoji_catalogue(emoji_dir: str | Path, style: str = "google", categories: Sequence[str] = DEFAULT_CATEGORIES,
-                    max_words: int = 3) -> list[Emoji]:
+def emoji_catalogue(
+    emoji_dir: str | Path, style: str = "google", categories: Sequence[str] = DEFAULT_CATEGORIES, max_words: int = 3
+) -> list[Emoji]:
     """The usable emoji of a folder built by :func:`albef.data.emoji.build_emoji`: base images of
     ``style`` (on disk under ``images/STYLE``), names by :func:`usable_name`, sorted by name."""
     from albef.data.emoji import PACKAGES, VERSION
@@ -257,8 +304,16 @@ def emoji_catalogue(emoji_dir: str | Path, style: str = "google", categories: Se
 
 
 # -- layout and rendering -----------------------------------------------------------------------
-def layout(rng: random.Random, relation: str, count_a: int, count_b: int, image_size: int, slot: int,
-           margin: int = 4, gap_min: int = 4) -> tuple[list[list[int]], list[list[int]]]:
+def layout(
+    rng: random.Random,
+    relation: str,
+    count_a: int,
+    count_b: int,
+    image_size: int,
+    slot: int,
+    margin: int = 4,
+    gap_min: int = 4,
+) -> tuple[list[list[int]], list[list[int]]]:
     """Square slots ``[x, y, s, s]`` of group A's and group B's objects such that A ``relation`` B.
 
     Along the relation's axis (u): the first group's slots, a gap >= ``gap_min``, the second's. Across
@@ -281,11 +336,11 @@ def layout(rng: random.Random, relation: str, count_a: int, count_b: int, image_
     us = (u0, u0 + s + gap)
     dv = rng.randint(-jitter, jitter)
     centre_v = [0.0, dv + 0.0]  # relative centres of the two groups across the axis
-    lo = min(c - e / 2 for c, e in zip(centre_v, ext_v))
-    hi = max(c + e / 2 for c, e in zip(centre_v, ext_v))
+    lo = min(c - e / 2 for c, e in zip(centre_v, ext_v, strict=True))
+    hi = max(c + e / 2 for c, e in zip(centre_v, ext_v, strict=True))
     shift = rng.randint(math.ceil(margin - lo), math.floor(S - margin - hi))  # whole composite inside
     groups = []
-    for u, c, e, cv in zip(us, counts, ext_v, centre_v):
+    for u, c, e, cv in zip(us, counts, ext_v, centre_v, strict=True):
         v0 = round(cv + shift - e / 2)
         slots = []
         for k in range(c):
@@ -314,8 +369,9 @@ def paste_in_slot(canvas: Image.Image, emoji_img: Image.Image, slot: Sequence[in
 
 
 # -- the data set ---------------------------------------------------------------------------------
-def make_splits(names: Sequence[str], seed: int, unseen_emoji: float | int = 0.1, unseen_pairs: int = 300
-                ) -> dict[str, list]:
+def make_splits(
+    names: Sequence[str], seed: int, unseen_emoji: float | int = 0.1, unseen_pairs: int = 300
+) -> dict[str, list]:
     """Held-out emoji and held-out pairs of seen emoji (``{"seen", "unseen_emoji", "unseen_pairs"}``)."""
     rng = random.Random(seed)
     order = sorted(set(names))
@@ -332,22 +388,33 @@ def make_splits(names: Sequence[str], seed: int, unseen_emoji: float | int = 0.1
     return {"seen": seen, "unseen_emoji": held, "unseen_pairs": sorted(pairs)}
 
 
-def generate_scenes(catalogue: Sequence[Emoji], seed: int = 0, n_train: int = 8000, n_test: int = 300,
-                    image_size: int = 128, object_frac: tuple[float, float] = (0.22, 0.30),
-                    unseen_emoji: float | int = 0.1, p_two: float = 0.5, siblings: bool = False
-                    ) -> tuple[list[Scene], dict[str, list]]:
+def generate_scenes(
+    catalogue: Sequence[Emoji],
+    seed: int = 0,
+    n_train: int = 8000,
+    n_test: int = 300,
+    image_size: int = 128,
+    object_frac: tuple[float, float] = (0.22, 0.30),
+    unseen_emoji: float | int = 0.1,
+    p_two: float = 0.5,
+    siblings: bool = False,
+    unseen_pairs: int | None = None,
+    distractors: int = 0,
+) -> tuple[list[Scene], dict[str, list]]:
     """The scenes (train, then ``n_test`` per test subset) and the splits; nothing is drawn yet.
 
     ``siblings``: the training scenes come in pairs, each followed by its :func:`sibling` (the same
     layout with the two emoji exchanged), so that a sampler keeping consecutive pairs together
     (``data.group_size: 2``) puts a scene and the caption that only the relation tells apart in
     one batch: ITC, blind to order, ranks that caption high, and ALBEF's hard-negative mining
-    hands it to ITM. Deterministic from ``seed`` and the catalogue's names.
+    hands it to ITM. ``distractors``: up to that many other emoji (group ``"x"``) where they fit
+    beside the two the caption names, so that finding *the named* object is a choice among several
+    (Grad-CAM pointing). Deterministic from ``seed`` and the catalogue's names.
     """
     by_name = {e.name: e for e in catalogue}
     if len(by_name) != len(catalogue):
         raise ValueError("the catalogue has two emoji of the same name")
-    splits = make_splits(list(by_name), seed, unseen_emoji, n_test)
+    splits = make_splits(list(by_name), seed, unseen_emoji, n_test if unseen_pairs is None else unseen_pairs)
     seen, held = splits["seen"], splits["unseen_emoji"]
     held_pairs = {tuple(p) for p in splits["unseen_pairs"]}
     rng = random.Random(seed + 1)
@@ -362,8 +429,17 @@ def generate_scenes(catalogue: Sequence[Emoji], seed: int = 0, n_train: int = 80
         rel = rng.choice(sorted(RELATIONS))
         slot = rng.randint(lo, hi)
         slots_a, slots_b = layout(rng, rel, *counts, image_size, slot)
-        objs = [SceneObject(n, list(sl), g, by_name[n].image, by_name[n].source)
-                for g, n, sls in (("a", a, slots_a), ("b", b, slots_b)) for sl in sls]
+        objs = [
+            SceneObject(n, list(sl), g, by_name[n].image, by_name[n].source)
+            for g, n, sls in (("a", a, slots_a), ("b", b, slots_b))
+            for sl in sls
+        ]
+        if distractors:  # other emoji in the free space: the caption says nothing of them
+            pool = [n for n in (held if split == "unseen_emoji" else seen) if n not in (a, b)]
+            for n in rng.sample(pool, min(distractors, len(pool))):
+                sl = free_slot(rng, [o.box for o in objs], image_size, slot)
+                if sl is not None:
+                    objs.append(SceneObject(n, sl, "x", by_name[n].image, by_name[n].source))
         sid = f"{split}-{k:05d}"
         return Scene(sid, split, a, b, counts[0], counts[1], rel, f"images/{split}/{sid}.png", objs)
 
@@ -417,14 +493,35 @@ def generate_scenes(catalogue: Sequence[Emoji], seed: int = 0, n_train: int = 80
     subsets["unseen_emoji"] = unseen
     for split in SUBSETS:
         k = 0
-        for a, b in subsets[split]:
-            if k >= n_test:
+        # around the pairs again (other layouts, relations, counts) while a subset has fewer pairs
+        # than scenes to fill; each pair has a dozen distinct captions
+        for _ in range(12):
+            for a, b in subsets[split]:
+                if k >= n_test:
+                    break
+                s = unique(split, k, a, b)
+                if s is not None:
+                    scenes.append(s)
+                    k += 1
+            if k >= n_test or not subsets[split]:
                 break
-            s = unique(split, k, a, b)
-            if s is not None:
-                scenes.append(s)
-                k += 1
     return scenes, splits
+
+
+def free_slot(
+    rng: random.Random, boxes: Sequence[Sequence[int]], image_size: int, slot: int, margin: int = 4, gap: int = 4
+) -> list[int] | None:
+    """A square slot ``[x, y, slot, slot]`` inside the margins, ``gap`` px clear of every box (None
+    after 50 tries)."""
+    for _ in range(50):
+        x = rng.randint(margin, image_size - margin - slot)
+        y = rng.randint(margin, image_size - margin - slot)
+        if all(
+            x + slot + gap <= bx or bx + bw + gap <= x or y + slot + gap <= by or by + bh + gap <= y
+            for bx, by, bw, bh in boxes
+        ):
+            return [x, y, slot, slot]
+    return None
 
 
 def sibling(s: Scene, scene_id: str, by_name: dict[str, Emoji]) -> Scene:
@@ -439,14 +536,29 @@ def sibling(s: Scene, scene_id: str, by_name: dict[str, Emoji]) -> Scene:
         >>> sibling(s, "t-1", e).caption
         'a dog to the left of two cats'
     """
-    objs = [SceneObject(s.b if o.group == "a" else s.a, list(o.box), o.group, by_name[s.b if o.group == "a" else s.a].image,
-                        by_name[s.b if o.group == "a" else s.a].source) for o in s.objects]
-    return Scene(scene_id, s.split, s.b, s.a, s.count_a, s.count_b, s.relation,
-                 str(Path(s.image).with_name(f"{scene_id}.png")), objs)
+    swap = {"a": s.b, "b": s.a}  # distractors (group "x") stay as they are
+
+    def moved(o: SceneObject) -> SceneObject:
+        name = swap.get(o.group, o.name)
+        return SceneObject(name, list(o.box), o.group, by_name[name].image, by_name[name].source)
+
+    objs = [moved(o) for o in s.objects]
+    return Scene(
+        scene_id,
+        s.split,
+        s.b,
+        s.a,
+        s.count_a,
+        s.count_b,
+        s.relation,
+        str(Path(s.image).with_name(f"{scene_id}.png")),
+        objs,
+    )
 
 
-def render(scene: Scene, background: tuple[int, int, int] = (255, 255, 255), image_size: int = 128,
-           cache: dict | None = None) -> Image.Image:
+def render(
+    scene: Scene, background: tuple[int, int, int] = (255, 255, 255), image_size: int = 128, cache: dict | None = None
+) -> Image.Image:
     """Draw a scene; the objects' boxes are set to the pasted pixels (slots become boxes)."""
     canvas = Image.new("RGB", (image_size, image_size), background)
     cache = {} if cache is None else cache
@@ -458,18 +570,31 @@ def render(scene: Scene, background: tuple[int, int, int] = (255, 255, 255), ima
     return canvas
 
 
-def build_scenes(out: str | Path, catalogue: Sequence[Emoji] | None = None, emoji_dir: str | Path | None = None,
-                 seed: int = 0, n_train: int = 8000, n_test: int = 300, image_size: int = 128,
-                 object_frac: tuple[float, float] = (0.22, 0.30), unseen_emoji: float | int = 0.1,
-                 p_two: float = 0.5, attribution: str | None = None, max_emoji: int | None = None,
-                 siblings: bool = False) -> dict[str, int]:
+def build_scenes(
+    out: str | Path,
+    catalogue: Sequence[Emoji] | None = None,
+    emoji_dir: str | Path | None = None,
+    seed: int = 0,
+    n_train: int = 8000,
+    n_test: int = 300,
+    image_size: int = 128,
+    object_frac: tuple[float, float] = (0.22, 0.30),
+    unseen_emoji: float | int = 0.1,
+    p_two: float = 0.5,
+    attribution: str | None = None,
+    max_emoji: int | None = None,
+    siblings: bool = False,
+    unseen_pairs: int | None = None,
+    distractors: int = 0,
+) -> dict[str, int]:
     """Generate, draw and write the scene data set under ``out``; returns counts.
 
     The emoji come from ``catalogue`` or, when it is None, from :func:`emoji_catalogue` of
     ``emoji_dir`` (a folder of :func:`albef.data.emoji.build_emoji`). ``max_emoji``: draw the scenes
     from that many of them (a seeded sample), so that each is seen often in a short training run.
-    ``siblings``: see :func:`generate_scenes`. ``attribution``: the licence text to keep beside the
-    scenes (default: ``emoji_dir/LICENSE.md``, or albef.data.emoji's).
+    ``siblings`` and ``distractors``: see :func:`generate_scenes`. ``unseen_pairs``: pairs of seen
+    emoji never shown together in training (default ``n_test``). ``attribution``: the licence text to
+    keep beside the scenes (default: ``emoji_dir/LICENSE.md``, or albef.data.emoji's).
     """
     out = Path(out)
     if catalogue is None:
@@ -478,8 +603,19 @@ def build_scenes(out: str | Path, catalogue: Sequence[Emoji] | None = None, emoj
         catalogue = emoji_catalogue(emoji_dir)
     if max_emoji is not None and len(catalogue) > max_emoji:
         catalogue = sorted(random.Random(seed + 3).sample(list(catalogue), max_emoji), key=lambda e: e.name)
-    scenes, splits = generate_scenes(catalogue, seed, n_train, n_test, image_size, object_frac, unseen_emoji, p_two,
-                                     siblings)
+    scenes, splits = generate_scenes(
+        catalogue,
+        seed,
+        n_train,
+        n_test,
+        image_size,
+        object_frac,
+        unseen_emoji,
+        p_two,
+        siblings,
+        unseen_pairs,
+        distractors,
+    )
     all_names = [e.name for e in catalogue]
     rng = random.Random(seed + 2)
     cache: dict = {}
@@ -494,17 +630,35 @@ def build_scenes(out: str | Path, catalogue: Sequence[Emoji] | None = None, emoj
     train = [s for s in scenes if s.split == "train"]
     test = [s for s in scenes if s.split != "train"]
     dump("pretrain.json", [{"image": s.image, "caption": [s.caption, s.converse]} for s in train])
-    dump("retrieval_train.json", [{"image": s.image, "caption": c, "image_id": s.scene_id}
-                                  for s in train for c in (s.caption, s.converse)])
+    dump(
+        "retrieval_train.json",
+        [{"image": s.image, "caption": c, "image_id": s.scene_id} for s in train for c in (s.caption, s.converse)],
+    )
     dump("retrieval_test.json", [{"image": s.image, "caption": [s.caption, s.converse]} for s in test])
     for sub in SUBSETS:
-        dump(f"retrieval_test_{sub}.json", [{"image": s.image, "caption": [s.caption, s.converse]}
-                                            for s in test if s.split == sub])
-    dump("grounding_train.json", [{"image": s.image, "text": o.name, "ref_id": f"{s.scene_id}-{o.group}"}
-                                  for s in train for o in _referents(s)])
-    dump("grounding_test.json", [{"image": s.image, "text": o.name, "ref_id": f"{s.scene_id}-{o.group}",
-                                  "box": o.box, "candidates": [p.box for p in s.objects], "split": s.split}
-                                 for s in test for o in _referents(s)])
+        dump(
+            f"retrieval_test_{sub}.json",
+            [{"image": s.image, "caption": [s.caption, s.converse]} for s in test if s.split == sub],
+        )
+    dump(
+        "grounding_train.json",
+        [{"image": s.image, "text": o.name, "ref_id": f"{s.scene_id}-{o.group}"} for s in train for o in _referents(s)],
+    )
+    dump(
+        "grounding_test.json",
+        [
+            {
+                "image": s.image,
+                "text": o.name,
+                "ref_id": f"{s.scene_id}-{o.group}",
+                "box": o.box,
+                "candidates": [p.box for p in s.objects],
+                "split": s.split,
+            }
+            for s in test
+            for o in _referents(s)
+        ],
+    )
     held = set(splits["unseen_emoji"])
     seen, held_list = sorted(splits["seen"]), sorted(held)
     twin_rows = []
@@ -512,21 +666,61 @@ def build_scenes(out: str | Path, catalogue: Sequence[Emoji] | None = None, emoj
         # an object twin brings in a name of the pool of what it replaces (held-out for held-out):
         # a seen scene's twin never holds a never-seen name, a cue in the text alone
         pool = lambda name: held_list if name in held else seen  # noqa: E731
-        twin_rows.append({"image": s.image, "caption": s.caption, "twins": twins(s, pool, all_names, rng),
-                          "split": s.split, "scene_id": s.scene_id})
+        twin_rows.append(
+            {
+                "image": s.image,
+                "caption": s.caption,
+                "twins": twins(s, pool, all_names, rng),
+                "split": s.split,
+                "scene_id": s.scene_id,
+            }
+        )
     dump("twins_test.json", twin_rows)
-    dump("scenes.json", [{**{k: v for k, v in asdict(s).items() if k != "objects"}, "caption": s.caption,
-                          "objects": [{"name": o.name, "box": o.box, "group": o.group, "source": o.source,
-                                       "emoji_image": Path(o.image).name} for o in s.objects]} for s in scenes])
+    dump(
+        "scenes.json",
+        [
+            {
+                **{k: v for k, v in asdict(s).items() if k != "objects"},
+                "caption": s.caption,
+                "objects": [
+                    {
+                        "name": o.name,
+                        "box": o.box,
+                        "group": o.group,
+                        "source": o.source,
+                        "emoji_image": Path(o.image).name,
+                    }
+                    for o in s.objects
+                ],
+            }
+            for s in scenes
+        ],
+    )
     dump("splits.json", splits)
-    config = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
-              "object_frac": list(object_frac), "unseen_emoji": unseen_emoji, "p_two": p_two,
-              "max_emoji": max_emoji, "siblings": siblings,
-              "emoji": len(catalogue), "recommended_model_overrides": RECOMMENDED}
+    config = {
+        "seed": seed,
+        "n_train": n_train,
+        "n_test": n_test,
+        "image_size": image_size,
+        "object_frac": list(object_frac),
+        "unseen_emoji": unseen_emoji,
+        "p_two": p_two,
+        "max_emoji": max_emoji,
+        "unseen_pairs": unseen_pairs,
+        "distractors": distractors,
+        "siblings": siblings,
+        "emoji": len(catalogue),
+        "recommended_model_overrides": RECOMMENDED,
+    }
     dump("config.json", config)
     (out / "ATTRIBUTION.md").write_text(_attribution(catalogue, emoji_dir, attribution))
-    counts = {"emoji": len(catalogue), "seen_emoji": len(splits["seen"]), "held_out_emoji": len(held),
-              "train": len(train), "grounding_test": sum(len(_referents(s)) for s in test)}
+    counts = {
+        "emoji": len(catalogue),
+        "seen_emoji": len(splits["seen"]),
+        "held_out_emoji": len(held),
+        "train": len(train),
+        "grounding_test": sum(len(_referents(s)) for s in test),
+    }
     counts.update({sub: sum(s.split == sub for s in test) for sub in SUBSETS})
     return counts
 
@@ -546,6 +740,8 @@ def _attribution(catalogue: Sequence[Emoji], emoji_dir, text: str | None) -> str
 
             text = LICENSE
     sources = sorted({e.source for e in catalogue if e.source})
-    return ("# Emoji scenes\n\nComposed by `albef.data.scenes.build_scenes` from emoji images of the style(s): "
-            f"{', '.join(sources) or 'unknown'} (each object's style is in scenes.json, `source`).\n"
-            "The images keep their licences and attribution:\n\n" + text)
+    return (
+        "# Emoji scenes\n\nComposed by `albef.data.scenes.build_scenes` from emoji images of the style(s): "
+        f"{', '.join(sources) or 'unknown'} (each object's style is in scenes.json, `source`).\n"
+        "The images keep their licences and attribution:\n\n" + text
+    )

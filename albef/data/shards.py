@@ -75,8 +75,7 @@ def count_samples(urls: Sequence[str]) -> int | None:
     return sum(by_file[u] for u in urls)
 
 
-def write_shards(records: Sequence[Any], out: str | Path, max_count: int = 10_000,
-                 prefix: str = "shard") -> dict:
+def write_shards(records: Sequence[Any], out: str | Path, max_count: int = 10_000, prefix: str = "shard") -> dict:
     """Write ``records`` (parsed JSON entries: ``.image``, ``.captions``, optional ``.image_id``)
     to ``out/{prefix}-NNNNNN.tar`` plus ``out/shards.json``. Image files are copied byte for byte
     (decoding happens when training reads them, where a bad one is skipped and counted); entries
@@ -102,8 +101,12 @@ def write_shards(records: Sequence[Any], out: str | Path, max_count: int = 10_00
             sink.write({"__key__": f"{i:09d}", "img": data, "json": meta})
             name = Path(sink.fname).name
             counts[name] = counts.get(name, 0) + 1
-    summary = {"shards": [{"file": f, "count": c} for f, c in sorted(counts.items())],
-               "count": sum(counts.values()), "missing": missing, "records": len(records)}
+    summary = {
+        "shards": [{"file": f, "count": c} for f, c in sorted(counts.items())],
+        "count": sum(counts.values()),
+        "missing": missing,
+        "records": len(records),
+    }
     (out / INDEX_NAME).write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -114,16 +117,23 @@ def _read_tars(urls: Iterator[str]) -> Iterator[dict]:
 
     for url in urls:
         with open(url, "rb") as stream:
-            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}],
-                                                       handler=wds.reraise_exception)
+            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
             yield from wds.tariterators.group_by_keys(files)
 
 
 class ShardStream(IterableDataset):
     """Decoded, augmented samples of one rank, as dicts like :class:`PretrainDataset` items."""
 
-    def __init__(self, urls: Sequence[str], transform: Callable, seed: int, rank: int, world_size: int,
-                 resampled: bool = False, shuffle_buffer: int = 1000):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transform: Callable,
+        seed: int,
+        rank: int,
+        world_size: int,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+    ):
         self.urls, self.transform, self.seed = list(urls), transform, seed
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
@@ -143,17 +153,23 @@ class ShardStream(IterableDataset):
         random.Random(mix_seed("shard-order", self.seed, self.epoch)).shuffle(order)
         mine = order[slot::n_slots] or [order[slot % len(order)]]
         if slot == 0 and self.epoch == 0 and len(self.urls) % n_slots:
-            log.warning("%d shards over %d rank x worker slots: the slots hold different numbers of samples, "
-                        "so an epoch repeats some and skips others; use a multiple of %d shards of equal size "
-                        "for exact epochs", len(self.urls), n_slots, n_slots)
+            log.warning(
+                "%d shards over %d rank x worker slots: the slots hold different numbers of samples, "
+                "so an epoch repeats some and skips others; use a multiple of %d shards of equal size "
+                "for exact epochs",
+                len(self.urls),
+                n_slots,
+                n_slots,
+            )
         while True:  # wrap around: every rank must take the same number of steps
             yield iter(mine)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(mix_seed("shard-buffer", self.seed, self.epoch, self.rank, worker,
-                                     self.start_step if self.resampled else 0))
+        rng = random.Random(
+            mix_seed("shard-buffer", self.seed, self.epoch, self.rank, worker, self.start_step if self.resampled else 0)
+        )
         bad: list[BadSample] = []
         for urls in self._passes(worker, n_workers):
             buffer: list[dict] = []
@@ -161,9 +177,11 @@ class ShardStream(IterableDataset):
                 item = self._decode(sample, bad)
                 if item is None:
                     if len(bad) >= MAX_BAD_IN_A_ROW:  # a loop over unreadable data would never end
-                        raise RuntimeError(f"{len(bad)} unreadable samples in a row in {self.urls[0]}...; "
-                                           f"shards need 'img' and 'json' entries (write them with `albef data "
-                                           f"shards`); last: {bad[-1]}")
+                        raise RuntimeError(
+                            f"{len(bad)} unreadable samples in a row in {self.urls[0]}...; "
+                            f"shards need 'img' and 'json' entries (write them with `albef data "
+                            f"shards`); last: {bad[-1]}"
+                        )
                     continue
                 bad = []
                 if len(buffer) < self.shuffle_buffer:
@@ -202,22 +220,43 @@ class ShardLoader:
     """What the training loop needs of a data source — ``steps_per_epoch``, ``global_batch``,
     ``set_epoch`` and an iterable of micro-batches — over shards instead of a JSON list."""
 
-    def __init__(self, urls: str | Sequence[str], transform: Callable, collate: Callable, micro_batch: int,
-                 world_size: int, rank: int, grad_accum: int, seed: int, epoch_samples: int | None = None,
-                 resampled: bool = False, shuffle_buffer: int = 1000, num_workers: int = 0):
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        transform: Callable,
+        collate: Callable,
+        micro_batch: int,
+        world_size: int,
+        rank: int,
+        grad_accum: int,
+        seed: int,
+        epoch_samples: int | None = None,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+    ):
         self.urls = expand_urls(urls)
         n = epoch_samples or count_samples(self.urls)
         if not n:
-            raise ValueError("the number of samples per epoch is unknown: write the shards with "
-                             "`albef data shards` (it records counts) or set data.epoch_samples")
+            raise ValueError(
+                "the number of samples per epoch is unknown: write the shards with "
+                "`albef data shards` (it records counts) or set data.epoch_samples"
+            )
         self.epoch_samples = n
         self.global_batch = micro_batch * world_size * grad_accum
         self.steps_per_epoch = n // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"an epoch of {n} samples is less than one global batch of {self.global_batch}")
         self.grad_accum = grad_accum
-        self.stream = ShardStream(self.urls, transform, seed, rank, world_size, resampled,
-                                  min(shuffle_buffer, max(1, n // (world_size * max(1, num_workers)))))
+        self.stream = ShardStream(
+            self.urls,
+            transform,
+            seed,
+            rank,
+            world_size,
+            resampled,
+            min(shuffle_buffer, max(1, n // (world_size * max(1, num_workers)))),
+        )
         self.loader = DataLoader(self.stream, batch_size=micro_batch, collate_fn=collate, num_workers=num_workers)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

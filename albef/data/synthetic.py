@@ -15,8 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9),
-          "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.1, 0.7), "white": (0.95, 0.95, 0.95)}
+COLORS = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.8, 0.2),
+    "blue": (0.1, 0.2, 0.9),
+    "yellow": (0.95, 0.9, 0.1),
+    "purple": (0.6, 0.1, 0.7),
+    "white": (0.95, 0.95, 0.95),
+}
 SHAPES = ("circle", "square", "triangle")
 PLACES = ("left", "right", "top", "bottom")
 
@@ -31,9 +37,13 @@ def _shape_mask(shape: str, size: int, cy: float, cx: float, r: float) -> Tensor
     return (dy <= 0.8) & (dy >= -0.9) & (dx.abs() <= (dy + 0.9) / 1.7 * 0.95)  # triangle, apex up
 
 
-def make_shapes(n: int, image_size: int = 64, generator: torch.Generator | None = None,
-                mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
-                std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)) -> tuple[Tensor, list[str]]:
+def make_shapes(
+    n: int,
+    image_size: int = 64,
+    generator: torch.Generator | None = None,
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+) -> tuple[Tensor, list[str]]:
     """``n`` normalised images [n, 3, S, S] and their captions (see :func:`render_shapes`)."""
     images, captions = render_shapes(n, image_size, generator)
     return (images - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1), captions
@@ -53,8 +63,12 @@ def render_shapes(n: int, image_size: int = 64, generator: torch.Generator | Non
     for i in range(n):
         color, shape, place = combos[int(order[i])]
         s = image_size
-        cy, cx = {"left": (s / 2, s / 4), "right": (s / 2, 3 * s / 4), "top": (s / 4, s / 2),
-                  "bottom": (3 * s / 4, s / 2)}[place]
+        cy, cx = {
+            "left": (s / 2, s / 4),
+            "right": (s / 2, 3 * s / 4),
+            "top": (s / 4, s / 2),
+            "bottom": (3 * s / 4, s / 2),
+        }[place]
         background = 0.25 + 0.1 * torch.rand(3, 1, 1, generator=g)
         img = background.expand(3, s, s).clone()
         mask = _shape_mask(shape, s, cy, cx, s / 5)

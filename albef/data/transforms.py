@@ -51,8 +51,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_OPS = (
-    "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
 )
 MAX_LEVEL = 10
 _FILL = 128  # the reference's grey border value (128, 128, 128)
@@ -70,8 +78,7 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _warp(img: Image.Image, m: Sequence[Sequence[float]], interpolation: InterpolationMode,
-          fill: int) -> Image.Image:
+def _warp(img: Image.Image, m: Sequence[Sequence[float]], interpolation: InterpolationMode, fill: int) -> Image.Image:
     """``cv2.warpAffine(img, m, (W, H), flags, borderValue=fill)``: the reference's own call.
 
     ``m`` maps source to destination in OpenCV coordinates (pixel (x, y) centred at (x, y)).
@@ -79,9 +86,14 @@ def _warp(img: Image.Image, m: Sequence[Sequence[float]], interpolation: Interpo
     from it by up to 5 grey levels, so the warp is OpenCV's, not a port of it.
     """
     a = np.asarray(img)
-    out = cv2.warpAffine(a, np.asarray(m, dtype=np.float32), (img.width, img.height),
-                         flags=_CV2_INTERPOLATION[interpolation], borderMode=cv2.BORDER_CONSTANT,
-                         borderValue=(fill,) * 4)
+    out = cv2.warpAffine(
+        a,
+        np.asarray(m, dtype=np.float32),
+        (img.width, img.height),
+        flags=_CV2_INTERPOLATION[interpolation],
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(fill,) * 4,
+    )
     return Image.fromarray(out.reshape(a.shape), mode=img.mode)
 
 
@@ -96,7 +108,7 @@ def _sharpness(img: Image.Image, factor: float, wrap: bool) -> Image.Image:
     block = max(1, 16384 // a[0].size)  # rows per step; small temporaries are cheaper
     for r0 in range(1, h - 1, block):
         r1 = min(h - 1, r0 + block)
-        x = a[r0 - 1:r1 + 1].astype(np.int16)
+        x = a[r0 - 1 : r1 + 1].astype(np.int16)
         col = x[:-2] + x[1:-1] + x[2:]  # vertical 3-sums
         centre = x[1:-1, 1:-1]
         s = col[:, :-2] + col[:, 1:-1] + col[:, 2:] + 4 * centre  # kernel [[1,1,1],[1,5,1],[1,1,1]]
@@ -229,8 +241,10 @@ class RandomAugment(torch.nn.Module):
         raise ValueError(f"unknown RandomAugment op {name!r}")
 
     def extra_repr(self) -> str:
-        return (f"n={self.n}, m={self.m}, ops={list(self.ops)}, interpolation={self.interpolation.value}, "
-                f"sharpness_wrap={self.sharpness_wrap}, autocontrast_wrap={self.autocontrast_wrap}")
+        return (
+            f"n={self.n}, m={self.m}, ops={list(self.ops)}, interpolation={self.interpolation.value}, "
+            f"sharpness_wrap={self.sharpness_wrap}, autocontrast_wrap={self.autocontrast_wrap}"
+        )
 
 
 def train_transform(
@@ -279,11 +293,13 @@ def test_transform(image_size: int) -> T.Compose:
         >>> test_transform(32)(Image.new("RGB", (50, 40))).shape
         torch.Size([3, 32, 32])
     """
-    return T.Compose([
-        T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    return T.Compose(
+        [
+            T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
 
 
 test_transform.__test__ = False  # keep pytest from collecting it as a test

@@ -46,9 +46,15 @@ def answer_weights(answers: Sequence[str], dataset: str) -> tuple[tuple[str, ...
     return tuple(w), tuple(w.values())
 
 
-def read_vqa(files: str | Sequence[str], image_root: str | None, train: bool, cleaning: str = "albef",
-             max_words: int = 30, vqa_root: str | None = None, vg_root: str | None = None
-             ) -> tuple[list[VQARecord], list[BadSample]]:
+def read_vqa(
+    files: str | Sequence[str],
+    image_root: str | None,
+    train: bool,
+    cleaning: str = "albef",
+    max_words: int = 30,
+    vqa_root: str | None = None,
+    vg_root: str | None = None,
+) -> tuple[list[VQARecord], list[BadSample]]:
     """Read VQA entries. ``"dataset": "vg"`` entries' images are under ``vg_root``, all others'
     (``"vqa"``, or no ``dataset`` field) under ``vqa_root``; either root, when ``None``, is
     ``image_root``."""
@@ -64,8 +70,9 @@ def read_vqa(files: str | Sequence[str], image_root: str | None, train: bool, cl
         if train and (not ans or not all(has_tokens(a) for a in ans)):
             raise ValueError("a training entry needs 'answer': a non-empty string or list of strings")
         answers, weights = answer_weights(ans, entry.get("dataset", "vqa")) if ans else ((), ())
-        return VQARecord(image, (q,), where, answers, weights, entry.get("question_id", where),
-                         entry.get("question_type"))
+        return VQARecord(
+            image, (q,), where, answers, weights, entry.get("question_id", where), entry.get("question_type")
+        )
 
     records, bad = read_annotations(files, parse)
     if not train:
@@ -110,8 +117,11 @@ class VQABatch:
     n_replaced: int = 0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> VQABatch:
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                 for f in dataclasses.fields(self) if f.name not in ("index", "bad", "n_replaced")}
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if f.name not in ("index", "bad", "n_replaced")
+        }
         return dataclasses.replace(self, **moved)
 
 
@@ -122,13 +132,28 @@ class VQACollator:
     def __call__(self, items: list[dict]) -> VQABatch:
         q = self.tokenizer([it["caption"] for it in items], max_length=self.max_question_len, padding="longest")
         a = tokenize_answers(self.tokenizer, [x for it in items for x in it["answers"]])
-        return VQABatch(torch.stack([it["image"] for it in items]), q.input_ids, q.attention_mask, a.input_ids,
-                        a.attention_mask, torch.tensor([w for it in items for w in it["weights"]]),
-                        torch.tensor([len(it["answers"]) for it in items]), torch.tensor([it["index"] for it in items]),
-                        [b for it in items for b in it["bad"]], sum(1 for it in items if it["bad"]))
+        return VQABatch(
+            torch.stack([it["image"] for it in items]),
+            q.input_ids,
+            q.attention_mask,
+            a.input_ids,
+            a.attention_mask,
+            torch.tensor([w for it in items for w in it["weights"]]),
+            torch.tensor([len(it["answers"]) for it in items]),
+            torch.tensor([it["index"] for it in items]),
+            [b for it in items for b in it["bad"]],
+            sum(1 for it in items if it["bad"]),
+        )
 
 
-def build_vqa_train_dataset(files: Sequence[str], image_root: str | None, transform: Callable, seed: int,
-                            cleaning: str = "albef", vqa_root: str | None = None, vg_root: str | None = None):
+def build_vqa_train_dataset(
+    files: Sequence[str],
+    image_root: str | None,
+    transform: Callable,
+    seed: int,
+    cleaning: str = "albef",
+    vqa_root: str | None = None,
+    vg_root: str | None = None,
+):
     records, bad = read_vqa(files, image_root, train=True, cleaning=cleaning, vqa_root=vqa_root, vg_root=vg_root)
     return VQADataset(records, transform, seed=seed), bad

@@ -42,23 +42,30 @@ def _box(b: object, what: str) -> tuple[float, float, float, float]:
     return tuple(float(v) for v in b)
 
 
-def read_grounding(files: str | Sequence[str], image_root: str | None, cleaning: str = "albef",
-                   max_words: int = 30) -> list[GroundingRecord]:
+def read_grounding(
+    files: str | Sequence[str], image_root: str | None, cleaning: str = "albef", max_words: int = 30
+) -> list[GroundingRecord]:
     def parse(entry: dict, where: str) -> GroundingRecord:
         text = clean_text(entry.get("text"), "'text'", cleaning, max_words)
         cands = entry.get("candidates")
         if not isinstance(cands, list) or not cands:
             raise ValueError("'candidates' must be a non-empty list of boxes")
-        return GroundingRecord(resolve_image(entry.get("image"), image_root), text, entry.get("ref_id", where),
-                               _box(entry.get("box"), "'box'"),
-                               tuple(_box(c, f"candidate {i}") for i, c in enumerate(cands)),
-                               str(entry.get("split", "test")))
+        return GroundingRecord(
+            resolve_image(entry.get("image"), image_root),
+            text,
+            entry.get("ref_id", where),
+            _box(entry.get("box"), "'box'"),
+            tuple(_box(c, f"candidate {i}") for i, c in enumerate(cands)),
+            str(entry.get("split", "test")),
+        )
 
     records, bad = read_annotations(files, parse)
     require_entries(len(records), files, "grounding evaluation")
     if bad:
-        raise ValueError("the grounding set has bad entries (fix them: skipping would change the benchmark):\n  "
-                         + "\n  ".join(map(str, bad[:20])))
+        raise ValueError(
+            "the grounding set has bad entries (fix them: skipping would change the benchmark):\n  "
+            + "\n  ".join(map(str, bad[:20]))
+        )
     return records
 
 
@@ -75,10 +82,17 @@ class GroundingPrediction:
         return self.iou >= 0.5
 
 
-def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokenizer: Tokenizer, transform,
-                       mode: str = "itm", layer: int | None = None, batch_size: int = 16,
-                       device: torch.device | str = "cpu",
-                       alpha: float = 0.5) -> tuple[dict, list[GroundingPrediction]]:
+def evaluate_grounding(
+    model: ALBEF,
+    records: Sequence[GroundingRecord],
+    tokenizer: Tokenizer,
+    transform,
+    mode: str = "itm",
+    layer: int | None = None,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    alpha: float = 0.5,
+) -> tuple[dict, list[GroundingPrediction]]:
     """Accuracy (IoU ≥ 0.5) overall and per split, and every prediction."""
     if mode not in ("itm", "itc"):
         raise ValueError("mode must be 'itm' (cross-attention Grad-CAM) or 'itc' (ViT self-attention)")
@@ -90,12 +104,13 @@ def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokeniz
     mine = list(records)[rank_slice(len(records))]  # under torchrun: a share per rank, gathered below
     preds: list[GroundingPrediction] = []
     for s in range(0, len(mine), batch_size):
-        chunk = mine[s:s + batch_size]
+        chunk = mine[s : s + batch_size]
         pil = [load_image(r.image) for r in chunk]
         px = torch.stack([transform(p) for p in pil]).to(device)
         # not cut, as the authors' test tokenization (only BERT's position limit)
-        tok = tokenizer([r.text for r in chunk], max_length=model.config.text.max_position_embeddings,
-                        padding="longest").to(device)
+        tok = tokenizer(
+            [r.text for r in chunk], max_length=model.config.text.max_position_embeddings, padding="longest"
+        ).to(device)
         fn = gradcam_itm if mode == "itm" else gradcam_itc
         heat = fn(model, px, tok.input_ids, tok.attention_mask, layer).float().cpu()
         for r, img, h in zip(chunk, pil, heat, strict=True):
@@ -108,8 +123,12 @@ def evaluate_grounding(model: ALBEF, records: Sequence[GroundingRecord], tokeniz
     for p in preds:
         per_split[p.record.split].append(p.correct)
     acc = {k: 100.0 * sum(v) / len(v) for k, v in sorted(per_split.items())}
-    return {"accuracy": 100.0 * sum(p.correct for p in preds) / max(1, len(preds)), "per_split": acc,
-            "n": len(preds), "mode": mode}, preds
+    return {
+        "accuracy": 100.0 * sum(p.correct for p in preds) / max(1, len(preds)),
+        "per_split": acc,
+        "n": len(preds),
+        "mode": mode,
+    }, preds
 
 
 def save_overlays(preds: Sequence[GroundingPrediction], out_dir: str | Path, n: int = 8) -> list[Path]:

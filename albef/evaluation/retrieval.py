@@ -38,9 +38,17 @@ class GalleryEmbeddings:
 
 
 @torch.no_grad()
-def embed_gallery(model: ALBEF, images: Sequence[str] | Tensor, texts: Sequence[str], tokenizer: Tokenizer,
-                  transform=None, max_length: int = 30, batch_size: int = 64, num_workers: int = 0,
-                  device: torch.device | str = "cpu") -> GalleryEmbeddings:
+def embed_gallery(
+    model: ALBEF,
+    images: Sequence[str] | Tensor,
+    texts: Sequence[str],
+    tokenizer: Tokenizer,
+    transform=None,
+    max_length: int = 30,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> GalleryEmbeddings:
     """Embed every image (paths through ``transform``, or a tensor of pixels) and every text."""
     model.eval()
     if isinstance(images, Tensor):
@@ -50,10 +58,12 @@ def embed_gallery(model: ALBEF, images: Sequence[str] | Tensor, texts: Sequence[
     image_embeds = torch.cat([model.encode_image(b.to(device)) for b in batches])
     tok = tokenizer(list(texts), max_length=max_length, padding="longest")
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-    text_embeds = torch.cat([model.encode_text(ids[i:i + batch_size], mask[i:i + batch_size])
-                             for i in range(0, len(ids), batch_size)])
-    return GalleryEmbeddings(image_embeds, model.image_feat(image_embeds), text_embeds, mask,
-                             model.text_feat(text_embeds, mask))
+    text_embeds = torch.cat(
+        [model.encode_text(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
+    )
+    return GalleryEmbeddings(
+        image_embeds, model.image_feat(image_embeds), text_embeds, mask, model.text_feat(text_embeds, mask)
+    )
 
 
 @torch.no_grad()
@@ -69,7 +79,7 @@ def itm_pair_scores(model: ALBEF, g: GalleryEmbeddings, img: Tensor, txt: Tensor
     order = order[torch.argsort(lengths[order], stable=True)]  # by length, ties by image
     out = torch.empty(len(img), dtype=g.text_embeds.dtype, device=g.text_embeds.device)
     for s in range(0, len(order), batch_size):
-        sel = order[s:s + batch_size]
+        sel = order[s : s + batch_size]
         images, inverse = torch.unique(img[sel], return_inverse=True)
         t = txt[sel]
         L = int(lengths[sel].max())
@@ -89,8 +99,9 @@ def cosines(g: GalleryEmbeddings) -> Tensor:
 
 
 @torch.no_grad()
-def rerank(model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, add_cosine: bool = False
-           ) -> tuple[Tensor, Tensor, Tensor]:
+def rerank(
+    model: ALBEF, g: GalleryEmbeddings, k: int, batch_size: int = 256, add_cosine: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Score matrices ``(sims, score_i2t [N_img, N_txt], score_t2i [N_txt, N_img])``.
 
     ``add_cosine=True`` is LAVIS's score (ITM logit + cosine); the authors' is the logit alone.
@@ -136,14 +147,16 @@ def rerank_per_query(model: ALBEF, g: GalleryEmbeddings, k: int, add_cosine: boo
     t2i = torch.full_like(sims.T, -100.0)
     for t in range(sims.shape[1]):
         vals, idx = sims[:, t].topk(min(k, sims.shape[0]))
-        fused = model.fuse(g.text_embeds[t].expand(len(idx), -1, -1), g.text_mask[t].expand(len(idx), -1),
-                           g.image_embeds[idx])
+        fused = model.fuse(
+            g.text_embeds[t].expand(len(idx), -1, -1), g.text_mask[t].expand(len(idx), -1), g.image_embeds[idx]
+        )
         t2i[t, idx] = (model.itm_logits(fused)[:, 1] + (vals if add_cosine else 0)).to(t2i.dtype)
     return i2t, t2i
 
 
-def retrieval_metrics(score_i2t: Tensor | np.ndarray, score_t2i: Tensor | np.ndarray, img2txt: list[list[int]],
-                      txt2img: list[int]) -> dict[str, float]:
+def retrieval_metrics(
+    score_i2t: Tensor | np.ndarray, score_t2i: Tensor | np.ndarray, img2txt: list[list[int]], txt2img: list[int]
+) -> dict[str, float]:
     """The authors' ``itm_eval``: ranks by ``np.argsort(score)[::-1]`` (among tied scores the
     later index ranks higher), an image's rank = its best caption's, recalls in percent."""
     s_i2t = np.asarray(score_i2t.float().cpu() if isinstance(score_i2t, Tensor) else score_i2t)
@@ -159,20 +172,40 @@ def retrieval_metrics(score_i2t: Tensor | np.ndarray, score_t2i: Tensor | np.nda
         ranks[index] = np.where(inds == txt2img[index])[0][0]
     ir = [100.0 * np.mean(ranks < r) for r in (1, 5, 10)]
     tr_mean, ir_mean = sum(tr) / 3, sum(ir) / 3
-    return {"txt_r1": tr[0], "txt_r5": tr[1], "txt_r10": tr[2], "txt_r_mean": tr_mean,
-            "img_r1": ir[0], "img_r5": ir[1], "img_r10": ir[2], "img_r_mean": ir_mean,
-            "r_mean": (tr_mean + ir_mean) / 2}
+    return {
+        "txt_r1": tr[0],
+        "txt_r5": tr[1],
+        "txt_r10": tr[2],
+        "txt_r_mean": tr_mean,
+        "img_r1": ir[0],
+        "img_r5": ir[1],
+        "img_r10": ir[2],
+        "img_r_mean": ir_mean,
+        "r_mean": (tr_mean + ir_mean) / 2,
+    }
 
 
-def evaluate_retrieval(model: ALBEF, data: RetrievalEvalSet, tokenizer: Tokenizer, transform, k: int = 256,
-                       itc_only: bool = False, add_cosine: bool = False, batch_size: int = 64,
-                       itm_batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
-                       max_length: int = 30, diagnose: bool = False) -> dict[str, dict[str, float]]:
+def evaluate_retrieval(
+    model: ALBEF,
+    data: RetrievalEvalSet,
+    tokenizer: Tokenizer,
+    transform,
+    k: int = 256,
+    itc_only: bool = False,
+    add_cosine: bool = False,
+    batch_size: int = 64,
+    itm_batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    max_length: int = 30,
+    diagnose: bool = False,
+) -> dict[str, dict[str, float]]:
     """Metrics of ITC alone and (unless ``itc_only``) of ITC + ITM re-ranking; ``diagnose`` adds
     ``"diagnostic"``, the win rates of :func:`itm_diagnostic`."""
     if not data.images or not data.texts:
-        raise ValueError("the retrieval evaluation set is empty: nothing to evaluate (give it entries with "
-                         "an image and captions)")
+        raise ValueError(
+            "the retrieval evaluation set is empty: nothing to evaluate (give it entries with an image and captions)"
+        )
     g = embed_gallery(model, data.images, data.texts, tokenizer, transform, max_length, batch_size, num_workers, device)
     sims = cosines(g)
     results = {"itc": retrieval_metrics(sims, sims.T, data.img2txt, data.txt2img)}
@@ -196,8 +229,14 @@ def win_rate(a: Tensor, b: Tensor) -> float:
 
 
 @torch.no_grad()
-def itm_diagnostic(model: ALBEF, g: GalleryEmbeddings, img2txt: list[list[int]], seed: int = 0,
-                   batch_size: int = 256, sims: Tensor | None = None) -> dict[str, float]:
+def itm_diagnostic(
+    model: ALBEF,
+    g: GalleryEmbeddings,
+    img2txt: list[list[int]],
+    seed: int = 0,
+    batch_size: int = 256,
+    sims: Tensor | None = None,
+) -> dict[str, float]:
     """How often ITM and ITC each prefer an image's own caption to a wrong one, pair by pair.
 
     For every (image, own caption): the same image with one random caption of another image, and

@@ -48,8 +48,12 @@ class TwinCase:
     scene_id: str
 
 
-def read_twins(files: str | Path | Sequence[str | Path], image_root: str | Path | None, cleaning: str = "albef",
-               max_words: int = 30) -> list[TwinCase]:
+def read_twins(
+    files: str | Path | Sequence[str | Path],
+    image_root: str | Path | None,
+    cleaning: str = "albef",
+    max_words: int = 30,
+) -> list[TwinCase]:
     """The cases of ``twins_test.json`` (``{"image", "caption", "twins": [{"kind", "caption"}], "split"}``),
     captions cleaned like every evaluation text; a bad entry is an error."""
 
@@ -62,9 +66,13 @@ def read_twins(files: str | Path | Sequence[str | Path], image_root: str | Path 
             if not isinstance(t, dict) or not isinstance(t.get("kind"), str):
                 raise ValueError(f"twin {i} must be an object with a 'kind' and a 'caption'")
             pairs.append((t["kind"], clean_text(t.get("caption"), f"twin {i}", cleaning, max_words)))
-        return TwinCase(resolve_image(entry.get("image"), None if image_root is None else str(image_root)),
-                        clean_text(entry.get("caption"), "'caption'", cleaning, max_words), tuple(pairs),
-                        str(entry.get("split", "test")), str(entry.get("scene_id", where)))
+        return TwinCase(
+            resolve_image(entry.get("image"), None if image_root is None else str(image_root)),
+            clean_text(entry.get("caption"), "'caption'", cleaning, max_words),
+            tuple(pairs),
+            str(entry.get("split", "test")),
+            str(entry.get("scene_id", where)),
+        )
 
     records, bad = read_annotations(files, parse)
     require_entries(len(records), files, "twin evaluation")
@@ -74,9 +82,18 @@ def read_twins(files: str | Path | Sequence[str | Path], image_root: str | Path 
 
 
 @torch.no_grad()
-def pair_scores(model, images: Sequence[str] | Tensor, texts: Sequence[str], pairs_image: Sequence[int],
-                pairs_text: Sequence[int], tokenizer, transform=None, batch_size: int = 32,
-                device: torch.device | str = "cpu", max_length: int = 30) -> tuple[Tensor, Tensor]:
+def pair_scores(
+    model,
+    images: Sequence[str] | Tensor,
+    texts: Sequence[str],
+    pairs_image: Sequence[int],
+    pairs_text: Sequence[int],
+    tokenizer,
+    transform=None,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    max_length: int = 30,
+) -> tuple[Tensor, Tensor]:
     """ITC cosine and ITM match probability of each (image, text) pair: two [P] float tensors.
 
     ``images``: paths (through ``transform``) or a pixel tensor; every image and text is encoded once.
@@ -87,21 +104,24 @@ def pair_scores(model, images: Sequence[str] | Tensor, texts: Sequence[str], pai
     if isinstance(images, Tensor):
         chunks = list(images.split(batch_size))
     else:
-        chunks = [torch.stack([transform(load_image(p)) for p in images[i:i + batch_size]])
-                  for i in range(0, len(images), batch_size)]
+        chunks = [
+            torch.stack([transform(load_image(p)) for p in images[i : i + batch_size]])
+            for i in range(0, len(images), batch_size)
+        ]
     image_embeds = torch.cat([model.encode_image(c.to(device)) for c in chunks])
     image_feat = model.image_feat(image_embeds).float()
     tok = tokenizer(list(texts), max_length=max_length, padding="longest")
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-    text_embeds = torch.cat([model.encode_text(ids[i:i + batch_size], mask[i:i + batch_size])
-                             for i in range(0, len(ids), batch_size)])
+    text_embeds = torch.cat(
+        [model.encode_text(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
+    )
     text_feat = model.text_feat(text_embeds, mask).float()
     pi = torch.as_tensor(list(pairs_image), dtype=torch.long, device=image_feat.device)
     pt = torch.as_tensor(list(pairs_text), dtype=torch.long, device=image_feat.device)
     cos = (image_feat[pi] * text_feat[pt]).sum(-1)
     itm = []
     for s in range(0, len(pi), batch_size):
-        i, t = pi[s:s + batch_size], pt[s:s + batch_size]
+        i, t = pi[s : s + batch_size], pt[s : s + batch_size]
         fused = model.fuse(text_embeds[t], mask[t], image_embeds[i])
         itm.append(model.itm_logits(fused).float().softmax(-1)[:, 1])
     return cos.cpu(), (torch.cat(itm) if itm else cos.new_zeros(0)).cpu()
@@ -115,8 +135,16 @@ def _win(true: float, twin: float) -> float:
     return 1.0 if true > twin else (0.5 if true == twin else 0.0)
 
 
-def evaluate_twins(model, cases: Sequence[TwinCase], tokenizer, transform, batch_size: int = 32,
-                   device: torch.device | str = "cpu", max_length: int = 30, blind: bool = True) -> dict:
+def evaluate_twins(
+    model,
+    cases: Sequence[TwinCase],
+    tokenizer,
+    transform,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    max_length: int = 30,
+    blind: bool = True,
+) -> dict:
     """Accuracy (%) of ITC and of ITM at preferring each image's caption to each of its twins.
 
     Returns ``{"chance": 50.0, "n": {kind: pairs, "overall": pairs}, "itc": {kind: %, "overall": %},
@@ -149,7 +177,7 @@ def evaluate_twins(model, cases: Sequence[TwinCase], tokenizer, transform, batch
         views.append(("_blind", other))
     pi, pt = [], []
     for _, ims in views:
-        for c, im in zip(cases, ims):
+        for c, im in zip(cases, ims, strict=True):
             for t in (c.caption, *(cap for _, cap in c.twins)):
                 pi.append(im)
                 pt.append(txt_ix[t])
@@ -170,17 +198,26 @@ def evaluate_twins(model, cases: Sequence[TwinCase], tokenizer, transform, batch
 
     def table(split: str) -> dict:
         d = wins[split]
-        return {"n": {kind: len(v) for kind, v in d["itc"].items()},
-                **{head: {kind: _accuracy(v) for kind, v in d[head].items()} for head in d}}
+        return {
+            "n": {kind: len(v) for kind, v in d["itc"].items()},
+            **{head: {kind: _accuracy(v) for kind, v in d[head].items()} for head in d},
+        }
 
     out = {"chance": CHANCE_PAIR, **table("all")}
     out["per_split"] = {s: table(s) for s in sorted({c.split for c in cases})}
     return out
 
 
-def evaluate_pointing(model, records: Sequence, tokenizer, transform, layer: int | None = None,
-                      batch_size: int = 16, device: torch.device | str = "cpu", alpha: float = 0.5
-                      ) -> tuple[dict, list]:
+def evaluate_pointing(
+    model,
+    records: Sequence,
+    tokenizer,
+    transform,
+    layer: int | None = None,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    alpha: float = 0.5,
+) -> tuple[dict, list]:
     """Grad-CAM (ITM) pointing among the scene's object boxes: accuracy and chance, overall and per
     split, and every prediction (:class:`albef.evaluation.grounding.GroundingPrediction`).
 
@@ -189,20 +226,21 @@ def evaluate_pointing(model, records: Sequence, tokenizer, transform, layer: int
     """
     from albef.evaluation.grounding import evaluate_grounding
 
-    metrics, preds = evaluate_grounding(model, records, tokenizer, transform, "itm", layer, batch_size, device,
-                                        alpha)
+    metrics, preds = evaluate_grounding(model, records, tokenizer, transform, "itm", layer, batch_size, device, alpha)
     return {**metrics, **_chance(records), "pointing_game": pointing_game(preds)}, preds
 
 
 def pointing_game(preds: Sequence) -> dict:
     """Hits (%) of the maps' maxima in the named boxes, overall and per split, with chance (the mean
-    share of the image the boxes cover) and ``chance_object`` (the mean of 1 / objects). ``preds``: :class:`~albef.evaluation.grounding.GroundingPrediction`.
+    share of the image the boxes cover) and ``chance_object`` (the mean of 1 / objects).
+    ``preds``: :class:`~albef.evaluation.grounding.GroundingPrediction`.
 
     Example:
         >>> from types import SimpleNamespace as NS
         >>> rec = NS(image=None, box=[0, 0, 4, 4], split="seen", image_hw=(8, 8), candidates=[[0, 0, 4, 4]])
         >>> heat = torch.zeros(2, 2); heat[0, 0] = 1.0                    # top-left patch
-        >>> pointing_game([NS(record=rec, heatmap=heat)])["accuracy"], pointing_game([NS(record=rec, heatmap=heat)])["chance"]
+        >>> out = pointing_game([NS(record=rec, heatmap=heat)])
+        >>> out["accuracy"], out["chance"]
         (100.0, 25.0)
     """
     from PIL import Image
@@ -226,18 +264,23 @@ def pointing_game(preds: Sequence) -> dict:
         areas[r.split].append(100.0 * bw * bh / (H * W))
         objects.append(100.0 / len(r.candidates))
     n = max(1, sum(len(v) for v in hits.values()))
-    return {"accuracy": sum(sum(v) for v in hits.values()) / n, "chance": sum(sum(v) for v in areas.values()) / n,
-            "chance_object": sum(objects) / n,
-            "per_split": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
-            "chance_per_split": {k: sum(v) / len(v) for k, v in sorted(areas.items())}}
+    return {
+        "accuracy": sum(sum(v) for v in hits.values()) / n,
+        "chance": sum(sum(v) for v in areas.values()) / n,
+        "chance_object": sum(objects) / n,
+        "per_split": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+        "chance_per_split": {k: sum(v) / len(v) for k, v in sorted(areas.items())},
+    }
 
 
 def _chance(records: Sequence) -> dict:
     by_split: dict[str, list[float]] = defaultdict(list)
     for r in records:
         by_split[r.split].append(100.0 / len(r.candidates))
-    return {"chance": sum(sum(v) for v in by_split.values()) / max(1, len(records)),
-            "chance_per_split": {s: sum(v) / len(v) for s, v in sorted(by_split.items())}}
+    return {
+        "chance": sum(sum(v) for v in by_split.values()) / max(1, len(records)),
+        "chance_per_split": {s: sum(v) / len(v) for s, v in sorted(by_split.items())},
+    }
 
 
 def oracle_heatmap(box: Sequence[float], image_height: int, image_width: int, grid: int) -> Tensor:
@@ -250,9 +293,16 @@ def oracle_heatmap(box: Sequence[float], image_height: int, image_width: int, gr
     return (cover_y[:, None] * cover_x[None, :]) / ((image_height / grid) * (image_width / grid))
 
 
-def oracle_pointing(records: Sequence, image_size: int, patch_size: int, alpha: float = 0.5,
-                    image_hw: tuple[int, int] | None = None, touched: bool = False, noise: float = 0.0,
-                    seed: int = 0) -> dict:
+def oracle_pointing(
+    records: Sequence,
+    image_size: int,
+    patch_size: int,
+    alpha: float = 0.5,
+    image_hw: tuple[int, int] | None = None,
+    touched: bool = False,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> dict:
     """Pointing accuracy (%) of :func:`oracle_heatmap` maps at a ``image_size / patch_size`` grid, scored
     as Grad-CAM's (bicubic upsampling, :func:`~albef.grounding.box_scores`): the ceiling of the grid.
 
@@ -298,7 +348,13 @@ def oracle_pointing(records: Sequence, image_size: int, patch_size: int, alpha: 
             mine = cover > 0
             shared.append(float((mine & torch.stack(others).any(0)).sum() / mine.sum().clamp(min=1)))
     n = max(1, len(records))
-    return {"grid": grid, "accuracy": 100.0 * sum(right) / n, "patches_per_object": sum(n_touched) / n,
-            "min_patches_per_object": min(n_touched, default=0), "patches_half_covered": sum(half) / n,
-            "min_patches_half_covered": min(half, default=0),
-            "shared_patch_share": 100.0 * sum(shared) / max(1, len(shared)), **_chance(records)}
+    return {
+        "grid": grid,
+        "accuracy": 100.0 * sum(right) / n,
+        "patches_per_object": sum(n_touched) / n,
+        "min_patches_per_object": min(n_touched, default=0),
+        "patches_half_covered": sum(half) / n,
+        "min_patches_half_covered": min(half, default=0),
+        "shared_patch_share": 100.0 * sum(shared) / max(1, len(shared)),
+        **_chance(records),
+    }

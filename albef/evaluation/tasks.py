@@ -60,9 +60,19 @@ def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
 
 
 @torch.no_grad()
-def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokenizer: Tokenizer, transform,
-                 k: int = 128, scoring: str = "albef", batch_size: int = 32, num_workers: int = 0,
-                 device: torch.device | str = "cpu", max_question_len: int | None = None) -> tuple[dict, list[dict]]:
+def evaluate_vqa(
+    model: ALBEFForVQA,
+    records,
+    answer_list: Sequence[str],
+    tokenizer: Tokenizer,
+    transform,
+    k: int = 128,
+    scoring: str = "albef",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    max_question_len: int | None = None,
+) -> tuple[dict, list[dict]]:
     """Answers ``[{"question_id", "answer"}]`` (the evaluation server's format) and, where the
     records carry answers, accuracy overall and per question type."""
     records = list(records)
@@ -75,8 +85,9 @@ def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokeni
     picked = []  # this rank's best answer index per record, in order
     for px, idx in _batches(mine, transform, batch_size, num_workers):
         recs = [mine[int(i)] for i in idx]
-        q = tokenizer([r.captions[0] for r in recs], max_length=max_question_len or _position_limit(model),
-                      padding="longest").to(device)
+        q = tokenizer(
+            [r.captions[0] for r in recs], max_length=max_question_len or _position_limit(model), padding="longest"
+        ).to(device)
         states = model.encode_question(px.to(device), q.input_ids, q.attention_mask)
         ranked = rank_answers(model, states, q.attention_mask, ans_ids, ans_mask, k, scoring)["ranked_ids"]
         picked += ranked[:, 0].tolist()
@@ -94,9 +105,16 @@ def evaluate_vqa(model: ALBEFForVQA, records, answer_list: Sequence[str], tokeni
 
 
 @torch.no_grad()
-def evaluate_classification(model: ALBEFForClassification, records, tokenizer: Tokenizer, transform,
-                            batch_size: int = 64, num_workers: int = 0, device: torch.device | str = "cpu",
-                            max_length: int | None = None) -> dict:
+def evaluate_classification(
+    model: ALBEFForClassification,
+    records,
+    tokenizer: Tokenizer,
+    transform,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    max_length: int | None = None,
+) -> dict:
     """Accuracy (the authors' ``argmax == label``) over all records."""
     records = list(records)
     _require(records, "classification")
@@ -105,8 +123,9 @@ def evaluate_classification(model: ALBEFForClassification, records, tokenizer: T
     correct = 0
     for px, idx in _batches(mine, transform, batch_size, num_workers):
         recs = [mine[int(i)] for i in idx]
-        t = tokenizer([r.captions[0] for r in recs], max_length=max_length or _position_limit(model),
-                      padding="longest").to(device)
+        t = tokenizer(
+            [r.captions[0] for r in recs], max_length=max_length or _position_limit(model), padding="longest"
+        ).to(device)
         px = px.to(device)
         images = px if model.num_images == 1 else [px[:, 0], px[:, 1]]
         pred = model(images, t.input_ids, t.attention_mask).argmax(-1).cpu()

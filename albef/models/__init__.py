@@ -7,5 +7,15 @@ from albef.models.fast import ImageContext, is_fast, make_fast, make_plain
 from albef.models.fusion import FusionRows, Positions
 from albef.models.vit import VisionTransformer, resize_pos_embed
 
-__all__ = ["ALBEF", "FusionRows", "ImageContext", "Positions", "TextEncoder", "VisionTransformer", "is_fast",
-           "make_fast", "make_plain", "resize_pos_embed"]
+__all__ = [
+    "ALBEF",
+    "FusionRows",
+    "ImageContext",
+    "Positions",
+    "TextEncoder",
+    "VisionTransformer",
+    "is_fast",
+    "make_fast",
+    "make_plain",
+    "resize_pos_embed",
+]

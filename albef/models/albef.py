@@ -78,8 +78,9 @@ class ALBEF(nn.Module):
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     # -- multimodal -----------------------------------------------------------------------
-    def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput,
-             image_mask: Tensor | None = None) -> Tensor:
+    def fuse(
+        self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput, image_mask: Tensor | None = None
+    ) -> Tensor:
         """Fusion layers over a text sequence from :meth:`encode_text`: [B, L, H]."""
         return self.text_encoder.fuse(text_embeds, attention_mask, image, image_mask)
 
@@ -92,14 +93,16 @@ class ALBEF(nn.Module):
         fused = self.fuse(text, mask, images)  # [N, L, H]
         return {name: rows.groups[name].output(h) for name, h in rows.split(fused, names).items()}
 
-    def itm_cls(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput,
-                image_mask: Tensor | None = None) -> Tensor:
+    def itm_cls(
+        self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput, image_mask: Tensor | None = None
+    ) -> Tensor:
         """The fused [CLS] alone, [B, 1, H], what :meth:`itm_logits` reads (the fast model computes
         the last layer for it alone)."""
         return self.fuse(text_embeds, attention_mask, image, image_mask)[:, :1]
 
-    def encode_multimodal(self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput,
-                          image_mask: Tensor | None = None) -> Tensor:
+    def encode_multimodal(
+        self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput, image_mask: Tensor | None = None
+    ) -> Tensor:
         """All text layers with the image: equal to ``fuse(encode_text(...))``."""
         return self.text_encoder(input_ids, attention_mask, image, image_mask)
 
@@ -160,8 +163,14 @@ def checkpointed_parts(setting: bool | str) -> tuple[bool, bool]:
     >>> checkpointed_parts("vision")
     (True, False)
     """
-    parts = {True: (True, True), "all": (True, True), "vision": (True, False), False: (False, False),
-             "none": (False, False), None: (False, False)}  # None: YAML's null
+    parts = {
+        True: (True, True),
+        "all": (True, True),
+        "vision": (True, False),
+        False: (False, False),
+        "none": (False, False),
+        None: (False, False),
+    }  # None: YAML's null
     if (setting is None or isinstance(setting, (bool, str))) and setting in parts:
         return parts[setting]
     raise ValueError(f"grad_checkpointing must be true, false, 'all', 'vision' or 'none', not {setting!r}")

@@ -124,8 +124,7 @@ class BertLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = AddNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, image: Tensor | None = None,
-                image_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, image: Tensor | None = None, image_mask: Tensor | None = None) -> Tensor:
         """``x`` [B, L, H], ``mask`` [B, 1, 1 or L, L] over it; ``image`` [B, N, D] with
         ``image_mask`` [B, 1, 1, N] or None (every image token valid). -> [B, L, H]."""
         x = self.attention(x, x, mask)  # [B, L, H]
@@ -145,8 +144,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = (nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-                                      if cfg.type_vocab_size else None)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -157,8 +155,10 @@ class Embeddings(nn.Module):
         """The word vectors [B, L, H] plus token type 0 and positions, normalised, dropped out."""
         L = words.shape[1]
         if L > self.position_embeddings.num_embeddings:
-            raise ValueError(f"text of {L} tokens exceeds max_position_embeddings "
-                             f"{self.position_embeddings.num_embeddings}; truncate it in the tokenizer")
+            raise ValueError(
+                f"text of {L} tokens exceeds max_position_embeddings "
+                f"{self.position_embeddings.num_embeddings}; truncate it in the tokenizer"
+            )
         x = words
         if self.token_type_embeddings is not None:
             x = x + self.token_type_embeddings.weight[0]
@@ -214,7 +214,7 @@ class TextEncoder(nn.Module):
 
     @property
     def fusion_layers(self) -> list[BertLayer]:
-        return list(self.encoder.layer[self.cfg.fusion_layer:])
+        return list(self.encoder.layer[self.cfg.fusion_layer :])
 
     def self_mask(self, attention_mask: Tensor) -> Tensor:
         """[B, L] 0/1 -> boolean [B, 1, 1, L], or [B, 1, L, L] when causal (True = attend)."""
@@ -232,8 +232,9 @@ class TextEncoder(nn.Module):
             x = self._layer(layer, x, mask)
         return x
 
-    def fuse(self, hidden: Tensor, attention_mask: Tensor, image: ImageInput,
-             image_mask: Tensor | None = None) -> Tensor:
+    def fuse(
+        self, hidden: Tensor, attention_mask: Tensor, image: ImageInput, image_mask: Tensor | None = None
+    ) -> Tensor:
         """Fusion layers from a text hidden state [B, L, H] -> [B, L, H]."""
         images = [image] if isinstance(image, Tensor) else list(image)
         mask = self.self_mask(attention_mask)
@@ -243,8 +244,9 @@ class TextEncoder(nn.Module):
             x = self._layer(layer, x, mask, images[i % len(images)], cross_mask)
         return x
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput,
-                image_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput, image_mask: Tensor | None = None
+    ) -> Tensor:
         """All layers (text then fusion): [B, L] ids -> [B, L, H]."""
         return self.fuse(self.encode_text(input_ids, attention_mask), attention_mask, image, image_mask)
 

@@ -77,8 +77,9 @@ class FusionRows:
     def __init__(self) -> None:
         self.groups: dict[str, RowGroup] = {}
 
-    def add(self, name: str, text: Tensor, mask: Tensor, images: Tensor | None = None,
-            read: Positions | None = None) -> None:
+    def add(
+        self, name: str, text: Tensor, mask: Tensor, images: Tensor | None = None, read: Positions | None = None
+    ) -> None:
         """Rows ``text`` [n, L, H] with ``mask`` [n, L] reading ``images`` [n] (None: row b reads
         image b), of which the outputs at ``read`` are wanted (None: the [CLS])."""
         if name in self.groups:
@@ -92,8 +93,10 @@ class FusionRows:
 
     def image_index(self, names: list[str], batch: int, device: torch.device) -> Tensor:
         """[N] the image of each row of the groups ``names`` (rows of an image batch of ``batch``)."""
-        parts = [torch.arange(batch, device=device) if self.groups[n].images is None else self.groups[n].images
-                 for n in names]
+        parts = [
+            torch.arange(batch, device=device) if self.groups[n].images is None else self.groups[n].images
+            for n in names
+        ]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
     def split(self, fused: Tensor, names: list[str]) -> dict[str, Tensor]:

@@ -22,8 +22,9 @@ from albef.models.vit import VisionTransformer
 def decoder_config(cfg: ALBEFConfig, num_layers: int | None = None):
     """The VQA decoder: BERT layers with cross-attention to the question states in every layer."""
     t = cfg.text
-    return dataclasses.replace(t, num_layers=num_layers or t.num_layers - t.fusion_layer, fusion_layer=0,
-                               encoder_width=t.hidden_size)
+    return dataclasses.replace(
+        t, num_layers=num_layers or t.num_layers - t.fusion_layer, fusion_layer=0, encoder_width=t.hidden_size
+    )
 
 
 class ALBEFForVQA(nn.Module):
@@ -54,15 +55,22 @@ class ALBEFForVQA(nn.Module):
         """[B, Lq, H] question states: the multimodal encoder over the question and the image."""
         return self.text_encoder(input_ids, attention_mask, self.visual_encoder(images))
 
-    def answer_logits(self, answer_ids: Tensor, answer_mask: Tensor, question_states: Tensor,
-                      question_mask: Tensor) -> Tensor:
+    def answer_logits(
+        self, answer_ids: Tensor, answer_mask: Tensor, question_states: Tensor, question_mask: Tensor
+    ) -> Tensor:
         """Next-token logits [N, La, V] of answers given (repeated) question states."""
         hidden = self.text_decoder(answer_ids, answer_mask, question_states, question_mask)
         return self.decoder_head(hidden, self.text_decoder.embeddings.word_embeddings.weight)
 
 
-def answer_nll(logits: Tensor, answer_ids: Tensor, pad_id: int = 0, label_smoothing: float = 0.0,
-               teacher_logits: Tensor | None = None, alpha: float = 0.0) -> Tensor:
+def answer_nll(
+    logits: Tensor,
+    answer_ids: Tensor,
+    pad_id: int = 0,
+    label_smoothing: float = 0.0,
+    teacher_logits: Tensor | None = None,
+    alpha: float = 0.0,
+) -> Tensor:
     """Per-answer loss [N]: summed over answer tokens (position t predicts token t + 1).
 
     ``(1 − α)·Σ_t CE + α·Σ_t H(softmax(teacher), student)``; ``label_smoothing`` 0 is the authors',
@@ -80,9 +88,17 @@ def answer_nll(logits: Tensor, answer_ids: Tensor, pad_id: int = 0, label_smooth
 
 
 @torch.no_grad()
-def rank_answers(model: ALBEFForVQA, question_states: Tensor, question_mask: Tensor, answer_ids: Tensor,
-                 answer_mask: Tensor, k: int, scoring: str = "albef", label_smoothing: float = 0.0,
-                 head_chunk: int = 512) -> dict[str, Tensor]:
+def rank_answers(
+    model: ALBEFForVQA,
+    question_states: Tensor,
+    question_mask: Tensor,
+    answer_ids: Tensor,
+    answer_mask: Tensor,
+    k: int,
+    scoring: str = "albef",
+    label_smoothing: float = 0.0,
+    head_chunk: int = 512,
+) -> dict[str, Tensor]:
     """Rank a fixed answer list for each question (the authors' two-stage procedure).
 
     Stage 1: the first answer token's probability picks ``k`` candidates. Stage 2: each
@@ -135,8 +151,15 @@ def rank_answers(model: ALBEFForVQA, question_states: Tensor, question_mask: Ten
             nodes[live, t] = inverse
             rep = live.new_empty(len(uniq)).scatter_(0, inverse, live)  # a candidate through each prefix
             h = dec.level(uniq[:, -1], uniq[:, 0], [nodes[rep, s] for s in range(t)])
-        nll[live] += _token_nll(model, nodes[live, t], cand_ids[live, t + 1], label_smoothing, head_chunk,
-                                hidden=h, logits=root_logits if h is None else None)
+        nll[live] += _token_nll(
+            model,
+            nodes[live, t],
+            cand_ids[live, t + 1],
+            label_smoothing,
+            head_chunk,
+            hidden=h,
+            logits=root_logits if h is None else None,
+        )
     nll = nll.view(B, k)
     if scoring == "albef":
         score = topk_probs.log() - nll
@@ -144,21 +167,38 @@ def rank_answers(model: ALBEFForVQA, question_states: Tensor, question_mask: Ten
     else:
         score = -nll
         probs, order = score.topk(k, dim=1)
-    return {"ranked_ids": topk_ids.gather(1, order), "scores": probs, "first_token_logits": first_logits,
-            "prob_first_token": prob_first, "topk_probs": topk_probs, "topk_ids": topk_ids,
-            "candidate_nll": nll, "log_probs_sum": score}
+    return {
+        "ranked_ids": topk_ids.gather(1, order),
+        "scores": probs,
+        "first_token_logits": first_logits,
+        "prob_first_token": prob_first,
+        "topk_probs": topk_probs,
+        "topk_ids": topk_ids,
+        "candidate_nll": nll,
+        "log_probs_sum": score,
+    }
 
 
-def _token_nll(model: ALBEFForVQA, node: Tensor, target: Tensor, label_smoothing: float, chunk: int,
-               hidden: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
+def _token_nll(
+    model: ALBEFForVQA,
+    node: Tensor,
+    target: Tensor,
+    label_smoothing: float,
+    chunk: int,
+    hidden: Tensor | None = None,
+    logits: Tensor | None = None,
+) -> Tensor:
     """Per-token loss of ``answer_nll`` (cross-entropy, label smoothing, a padding target counting 0)
     of ``target`` [M] under the next-token distribution of prefix ``node`` [M]: rows of ``logits``,
     or of the head over ``hidden`` [N, H], computed ``chunk`` prefixes at a time."""
     n = len(hidden) if hidden is not None else len(logits)
     out = None
     for a in range(0, n, chunk):
-        part = logits[a: a + chunk] if hidden is None else model.decoder_head(
-            hidden[a: a + chunk], model.text_decoder.embeddings.word_embeddings.weight)
+        part = (
+            logits[a : a + chunk]
+            if hidden is None
+            else model.decoder_head(hidden[a : a + chunk], model.text_decoder.embeddings.word_embeddings.weight)
+        )
         # at least float32, as cross_entropy under autocast
         logp = part.to(torch.promote_types(part.dtype, torch.float32)).log_softmax(-1)
         if out is None:
@@ -218,8 +258,9 @@ class _PrefixDecoder:
             cq = ca.query(x)
             grid = cq.new_zeros(self.B, width, h * d)
             grid[question, slot] = cq
-            out = F.scaled_dot_product_attention(grid.view(self.B, width, h, d).transpose(1, 2), *self.cross_kv[i],
-                                                 attn_mask=self.cross_mask)
+            out = F.scaled_dot_product_attention(
+                grid.view(self.B, width, h, d).transpose(1, 2), *self.cross_kv[i], attn_mask=self.cross_mask
+            )
             out = out.transpose(1, 2).reshape(self.B, width, h * d)[question, slot]
             x = layer.crossattention.output(out, x)
             x = layer.output(layer.intermediate(x), x)
@@ -287,8 +328,9 @@ class ALBEFForTextAssignment(nn.Module):
         self.vision_proj = nn.Linear(config.vision.width, config.embed_dim).requires_grad_(False)
         self.ta_head = nn.Linear(config.text.hidden_size, 3)
 
-    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``images`` [B, 3, H, W], text b describes image b. Returns ``(logits [B, 3], labels [B])``."""
         embeds = self.visual_encoder(images)
         B = embeds.shape[0]

@@ -65,8 +65,9 @@ MAX_TEXT_CHARS = 500
 __all__ = ["BadInput", "create_app", "MAX_UPLOAD_BYTES", "MAX_PIXELS", "MAX_DECODES", "public_name"]
 
 
-def clean_text(text: str | None, what: str, cleaner: Callable[[str, str, int], str] = clean_caption,
-               style: str = "albef") -> str:
+def clean_text(
+    text: str | None, what: str, cleaner: Callable[[str, str, int], str] = clean_caption, style: str = "albef"
+) -> str:
     """The text as typed (stripped), or a :class:`BadInput` if it is empty, too long, or holds
     nothing the model reads once cleaned like the model's training text (punctuation only, control
     characters only)."""
@@ -116,9 +117,17 @@ def overlay_data_url(image: Image.Image, heat: torch.Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = None, model_name: str = "", *,
-               allowed_hosts: Iterable[str] = (), max_pixels: int | None = None,
-               max_upload_bytes: int | None = None, max_decodes: int | None = None) -> FastAPI:
+def create_app(
+    pipe: Pipeline,
+    index: GalleryIndex,
+    vqa: VQAPipeline | None = None,
+    model_name: str = "",
+    *,
+    allowed_hosts: Iterable[str] = (),
+    max_pixels: int | None = None,
+    max_upload_bytes: int | None = None,
+    max_decodes: int | None = None,
+) -> FastAPI:
     """The FastAPI app; ``vqa=None`` turns the question box off (``/api/ask`` answers 404).
 
     ``allowed_hosts`` are host names answered besides localhost, 127.0.0.1 and [::1] (``"*"``: any);
@@ -139,8 +148,10 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
 
     def body_limit() -> tuple[int, str]:
         up = upload_limit()
-        return up + FORM_ALLOWANCE, (f"{format_bytes(up + FORM_ALLOWANCE)} (an image of up to {format_bytes(up)} "
-                                     f"and {format_bytes(FORM_ALLOWANCE)} for the form's other fields)")
+        return up + FORM_ALLOWANCE, (
+            f"{format_bytes(up + FORM_ALLOWANCE)} (an image of up to {format_bytes(up)} "
+            f"and {format_bytes(FORM_ALLOWANCE)} for the form's other fields)"
+        )
 
     app.add_middleware(RequestGuard, allowed_hosts=[*DEFAULT_ALLOWED_HOSTS, *allowed_hosts], body_limit=body_limit)
 
@@ -164,8 +175,9 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):  # a bug: JSON like every other answer, no details
         log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
-        return JSONResponse({"error": f"internal server error ({type(exc).__name__}); see the server log"},
-                            status_code=500)
+        return JSONResponse(
+            {"error": f"internal server error ({type(exc).__name__}); see the server log"}, status_code=500
+        )
 
     def pick_image(image: UploadFile | None, idx: int | None) -> Image.Image:
         if image is not None and image.filename:
@@ -177,8 +189,9 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
             if size == 0:
                 raise BadInput(f"{name} is empty; choose an image file (PNG, JPEG, ...)")
             if size > upload_limit():
-                raise BadInput(f"{name} is {format_bytes(size)}; the upload limit is {format_bytes(upload_limit())}",
-                               413)
+                raise BadInput(
+                    f"{name} is {format_bytes(size)}; the upload limit is {format_bytes(upload_limit())}", 413
+                )
             return decoder.decode(f, name, pixel_limit())
         if idx is None:
             raise BadInput("give an image: upload a file or pick a gallery image")
@@ -194,8 +207,13 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
             raise BadInput(f"gallery image {index.names[idx]} can no longer be read ({why})", 410) from e
 
     def hit(i: int, itc: float, itm: float | None) -> dict:
-        return {"index": i, "name": index.names[i], "url": f"/api/image/{i}", "itc": round(itc, 4),
-                "itm": None if itm is None else round(itm, 4)}
+        return {
+            "index": i,
+            "name": index.names[i],
+            "url": f"/api/image/{i}",
+            "itc": round(itc, 4),
+            "itm": None if itm is None else round(itm, 4),
+        }
 
     def redact(text: str) -> str:
         for prefix in {str(index.folder.resolve()), str(index.folder.absolute()), str(index.folder)}:
@@ -208,12 +226,22 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
 
     @app.get("/api/info")
     def info() -> dict:
-        return {"model": public_name(model_name), "images": len(index), "folder": public_name(index.folder),
-                "bad_files": [{**b, "file": redact(b["file"]), "error": redact(b["error"])} for b in index.bad],
-                "vqa": vqa is not None, "answers": len(vqa.answers) if vqa else 0,
-                "embed_dim": model.config.embed_dim, "image_size": model.config.vision.image_size,
-                "limits": {"upload_bytes": upload_limit(), "pixels": pixel_limit(), "decodes": decoder.max_decodes,
-                           "text_chars": MAX_TEXT_CHARS}}
+        return {
+            "model": public_name(model_name),
+            "images": len(index),
+            "folder": public_name(index.folder),
+            "bad_files": [{**b, "file": redact(b["file"]), "error": redact(b["error"])} for b in index.bad],
+            "vqa": vqa is not None,
+            "answers": len(vqa.answers) if vqa else 0,
+            "embed_dim": model.config.embed_dim,
+            "image_size": model.config.vision.image_size,
+            "limits": {
+                "upload_bytes": upload_limit(),
+                "pixels": pixel_limit(),
+                "decodes": decoder.max_decodes,
+                "text_chars": MAX_TEXT_CHARS,
+            },
+        }
 
     @app.get("/api/image/{i}")
     def image_file(i: int):
@@ -235,8 +263,11 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
         return {"query": q, "results": [hit(h.index, h.itc, h.itm) for h in hits]}
 
     @app.post("/api/match")
-    def match(text: Annotated[str, Form()] = "", image: Annotated[UploadFile | None, File()] = None,
-              index_: Annotated[int | None, Form(alias="index")] = None) -> dict:
+    def match(
+        text: Annotated[str, Form()] = "",
+        image: Annotated[UploadFile | None, File()] = None,
+        index_: Annotated[int | None, Form(alias="index")] = None,
+    ) -> dict:
         text = clean_text(text, "caption", clean_caption, pipe.processor.cleaning)
         img = pick_image(image, index_)
         with lock:
@@ -245,20 +276,30 @@ def create_app(pipe: Pipeline, index: GalleryIndex, vqa: VQAPipeline | None = No
         return {"text": text, "itm": round(itm, 4), "itc": round(itc, 4)}
 
     @app.post("/api/ask")
-    def ask(question: Annotated[str, Form()] = "", image: Annotated[UploadFile | None, File()] = None,
-            index_: Annotated[int | None, Form(alias="index")] = None, top: Annotated[int, Form()] = 5) -> dict:
+    def ask(
+        question: Annotated[str, Form()] = "",
+        image: Annotated[UploadFile | None, File()] = None,
+        index_: Annotated[int | None, Form(alias="index")] = None,
+        top: Annotated[int, Form()] = 5,
+    ) -> dict:
         if vqa is None:
             raise BadInput("this server has no VQA model; start it with --vqa-model DIR and --answers FILE", 404)
         question = clean_text(question, "question", clean_question, vqa.processor.cleaning)
         img = pick_image(image, index_)
         with lock:
             a = vqa.answer([img], [question])[0]
-        return {"question": question, "answer": a.answer,
-                "candidates": [{"answer": x, "score": round(float(s), 4)} for x, s in a.candidates[:max(1, top)]]}
+        return {
+            "question": question,
+            "answer": a.answer,
+            "candidates": [{"answer": x, "score": round(float(s), 4)} for x, s in a.candidates[: max(1, top)]],
+        }
 
     @app.post("/api/gradcam")
-    def gradcam(text: Annotated[str, Form()] = "", image: Annotated[UploadFile | None, File()] = None,
-                index_: Annotated[int | None, Form(alias="index")] = None) -> dict:
+    def gradcam(
+        text: Annotated[str, Form()] = "",
+        image: Annotated[UploadFile | None, File()] = None,
+        index_: Annotated[int | None, Form(alias="index")] = None,
+    ) -> dict:
         text = clean_text(text, "text", clean_caption, pipe.processor.cleaning)
         img = pick_image(image, index_)
         with lock:

@@ -40,7 +40,7 @@ def split_host(value: str) -> tuple[str, int | None]:
         end = value.find("]")
         if end < 0:
             raise ValueError(f"unclosed IPv6 address in {value!r}")
-        name, rest = value[:end + 1], value[end + 1:]
+        name, rest = value[: end + 1], value[end + 1 :]
     else:
         name, sep, port = value.partition(":")
         rest = sep + port
@@ -93,22 +93,36 @@ class RequestGuard:
             host = None
         if host is None or ("*" not in self.allowed and host[0] not in self.allowed):
             names, given = ", ".join(sorted(self.allowed)), (raw_host or "")[:100]
-            return await _reply(scope, receive, send, 421,
-                                f"this server answers only to {names} (the request's Host was {given!r}); "
-                                "start it with --allowed-host NAME to answer to another name")
+            return await _reply(
+                scope,
+                receive,
+                send,
+                421,
+                f"this server answers only to {names} (the request's Host was {given!r}); "
+                "start it with --allowed-host NAME to answer to another name",
+            )
         # Origin, on requests that can change state
         origin = headers.get("origin")
         if origin is not None and method not in SAFE_METHODS and not same_origin(origin, host, scope):
-            return await _reply(scope, receive, send, 403,
-                                f"cross-origin {method} refused: the request comes from {origin[:100]!r}, not from "
-                                "this server's own page")
+            return await _reply(
+                scope,
+                receive,
+                send,
+                403,
+                f"cross-origin {method} refused: the request comes from {origin[:100]!r}, not from "
+                "this server's own page",
+            )
         # body size
         limit, what = self.body_limit()
         declared = headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            return await _reply(scope, receive, send, 413,
-                                f"the request body is {format_bytes(int(declared))} (its Content-Length); "
-                                f"the limit is {what}")
+            return await _reply(
+                scope,
+                receive,
+                send,
+                413,
+                f"the request body is {format_bytes(int(declared))} (its Content-Length); the limit is {what}",
+            )
         seen = 0
         too_large: str | None = None  # the 413 message, once the body has passed the limit
         replaced = False  # the app's own answer (FastAPI's 400 "error parsing the body") is dropped
@@ -123,8 +137,10 @@ class RequestGuard:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     scope["albef.body_too_large"] = True  # the app's handlers need not log their side of it
-                    too_large = (f"the request body passed the limit of {what}: {format_bytes(seen)} had arrived "
-                                 "when the server stopped reading it")
+                    too_large = (
+                        f"the request body passed the limit of {what}: {format_bytes(seen)} had arrived "
+                        "when the server stopped reading it"
+                    )
                     raise BodyTooLarge(too_large)
             return message
 

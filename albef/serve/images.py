@@ -83,8 +83,9 @@ class ImageDecoder:
         self._trim_pending = False
         self.peak_in_flight = 0  # for tests and logs
 
-    def decode(self, fp: IO[bytes], name: str, max_pixels: int | None,
-               formats: Sequence[str] | None = UPLOAD_FORMATS) -> Image.Image:
+    def decode(
+        self, fp: IO[bytes], name: str, max_pixels: int | None, formats: Sequence[str] | None = UPLOAD_FORMATS
+    ) -> Image.Image:
         """An RGB image of ``fp``, at most 2 x ``target`` a side, or a :class:`BadInput`."""
         if not self._slots.acquire(timeout=self.timeout):
             raise BadInput("the server is busy decoding other images; try again in a moment", 503)
@@ -115,16 +116,23 @@ class ImageDecoder:
         try:
             src = Image.open(fp, formats=formats)
         except Image.DecompressionBombError as e:  # PIL's own guard, far above ours
-            raise BadInput(f"{name} has more than {max_pixels or Image.MAX_IMAGE_PIXELS:,} pixels, the limit "
-                           "(scale it down first)", 413) from e
+            raise BadInput(
+                f"{name} has more than {max_pixels or Image.MAX_IMAGE_PIXELS:,} pixels, the limit "
+                "(scale it down first)",
+                413,
+            ) from e
         except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is a bad upload
-            raise BadInput(f"{name} is not an image this server can read ({type(e).__name__}); "
-                           "upload a PNG, JPEG, GIF, BMP or WebP file") from e
+            raise BadInput(
+                f"{name} is not an image this server can read ({type(e).__name__}); "
+                "upload a PNG, JPEG, GIF, BMP or WebP file"
+            ) from e
         with src:
             w, h = src.size
             if max_pixels is not None and w * h > max_pixels:
-                raise BadInput(f"{name} is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} pixels "
-                               "(scale it down first)", 413)
+                raise BadInput(
+                    f"{name} is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} pixels (scale it down first)",
+                    413,
+                )
             try:
                 if src.format in ("JPEG", "MPO") and min(w, h) >= 2 * self.target:
                     src.draft(None, (self.target, self.target))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale
@@ -139,6 +147,8 @@ class ImageDecoder:
             except MemoryError as e:
                 raise BadInput(f"{name}: the server is out of memory decoding it; try a smaller image", 503) from e
             except Exception as e:  # noqa: BLE001 - truncated or corrupt data, decoder errors
-                raise BadInput(f"{name} is not an image this server can read ({type(e).__name__}); "
-                               "upload a PNG, JPEG, GIF, BMP or WebP file") from e
+                raise BadInput(
+                    f"{name} is not an image this server can read ({type(e).__name__}); "
+                    "upload a PNG, JPEG, GIF, BMP or WebP file"
+                ) from e
         return out, big

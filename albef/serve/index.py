@@ -31,8 +31,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".ti
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, by suffix), sorted, hidden folders skipped."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def fingerprint(files: list[Path], folder: Path, model_id: str) -> str:
@@ -47,9 +52,9 @@ def fingerprint(files: list[Path], folder: Path, model_id: str) -> str:
 @dataclass
 class GalleryIndex:
     folder: Path
-    names: list[str]                # relative paths of the indexed images, row order
-    image_feat: Tensor              # [N, embed_dim], L2-normalised
-    image_embeds: Tensor            # [N, 1 + patches, width], stored in float16
+    names: list[str]  # relative paths of the indexed images, row order
+    image_feat: Tensor  # [N, embed_dim], L2-normalised
+    image_embeds: Tensor  # [N, 1 + patches, width], stored in float16
     bad: list[dict] = field(default_factory=list)  # {"file", "error"} for files that could not be read
     from_cache: bool = False
 
@@ -60,12 +65,20 @@ class GalleryIndex:
         return self.folder / self.names[i]
 
     @classmethod
-    def build(cls, pipe: Pipeline, folder: str | Path, cache_dir: str | Path | None = None, model_id: str = "",
-              batch_size: int = 32, progress: bool = True) -> GalleryIndex:
+    def build(
+        cls,
+        pipe: Pipeline,
+        folder: str | Path,
+        cache_dir: str | Path | None = None,
+        model_id: str = "",
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> GalleryIndex:
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"image folder {folder} does not exist; pass --images FOLDER "
-                                    "(the main job prepares data/emoji/images)")
+            raise FileNotFoundError(
+                f"image folder {folder} does not exist; pass --images FOLDER (the main job prepares data/emoji/images)"
+            )
         files = list_images(folder)
         fp = fingerprint(files, folder, model_id or type(pipe.model).__name__)
         cache = Path(cache_dir) / f"index-{fp}" if cache_dir else None
@@ -81,7 +94,7 @@ class GalleryIndex:
         bar = tqdm(total=len(files), desc=f"indexing {folder}", unit="img", disable=not progress)
         for start in range(0, len(files), batch_size):
             batch, pixels = [], []
-            for p in files[start:start + batch_size]:
+            for p in files[start : start + batch_size]:
                 try:
                     pixels.append(pipe.processor.transform(pipe.processor.load(p)))
                     batch.append(str(p.relative_to(folder)))
@@ -96,13 +109,17 @@ class GalleryIndex:
                     feats.append(pipe.model.image_feat(e).float().cpu())
                 embeds.append(e.half().cpu())
                 names += batch
-            bar.update(len(files[start:start + batch_size]))
+            bar.update(len(files[start : start + batch_size]))
         bar.close()
         width = pipe.model.config.vision.width
         n_tok = pipe.model.config.vision.num_patches + 1
-        index = cls(folder, names,
-                    torch.cat(feats) if feats else torch.zeros(0, pipe.model.config.embed_dim),
-                    torch.cat(embeds) if embeds else torch.zeros(0, n_tok, width, dtype=torch.float16), bad)
+        index = cls(
+            folder,
+            names,
+            torch.cat(feats) if feats else torch.zeros(0, pipe.model.config.embed_dim),
+            torch.cat(embeds) if embeds else torch.zeros(0, n_tok, width, dtype=torch.float16),
+            bad,
+        )
         if cache is not None:
             index._save(cache)
         log.info("indexed %d images of %s (%d unreadable)", len(names), folder, len(bad))
@@ -115,8 +132,10 @@ class GalleryIndex:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
-            save_file({"image_feat": self.image_feat.contiguous(), "image_embeds": self.image_embeds.contiguous()},
-                      str(tmp / "embeddings.safetensors"))
+            save_file(
+                {"image_feat": self.image_feat.contiguous(), "image_embeds": self.image_embeds.contiguous()},
+                str(tmp / "embeddings.safetensors"),
+            )
             (tmp / "index.json").write_text(json.dumps({"names": self.names, "bad": self.bad}))
             tmp.rename(cache)  # fails if another process got there first: keep theirs
             tmp = None

@@ -46,8 +46,17 @@ BEST_NAME = "checkpoint_best.pt"  # the epoch with the best validation metric
 
 # What torch.load raises on a truncated or garbled file (a half-written zip can even surface as
 # OSError(EINVAL) or KeyError from the zip reader). Permission / missing-file errors are excluded below.
-_CORRUPT_ERRORS = (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, struct.error,
-                   zipfile.BadZipFile, pickle.UnpicklingError)
+_CORRUPT_ERRORS = (
+    RuntimeError,
+    EOFError,
+    OSError,
+    KeyError,
+    ValueError,
+    IndexError,
+    struct.error,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+)
 
 
 class CheckpointError(ValueError):
@@ -189,12 +198,17 @@ def check_finite(state_dict: Any, source: str) -> None:
     or infinity (a diverged run, or a damaged file); nothing else is checked."""
     if not isinstance(state_dict, dict):
         return
-    bad = [k for k, v in state_dict.items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [
+        k
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
     if bad:
         names = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
-        raise CheckpointError(f"{source}: NaN or infinite values in {names}: the run that wrote it diverged or the "
-                              "file is damaged; use an earlier checkpoint (checkpoint_prev.pt keeps the one before)")
+        raise CheckpointError(
+            f"{source}: NaN or infinite values in {names}: the run that wrote it diverged or the "
+            "file is damaged; use an earlier checkpoint (checkpoint_prev.pt keeps the one before)"
+        )
 
 
 def _is_pickle(path: Path) -> bool:
@@ -227,11 +241,15 @@ def _verify_crc(path: Path) -> None:
     if bad is not None:
         raise _corrupt(path, ValueError(f"record {bad} fails its CRC-32 check (changed bytes)"))
 
+
 def _corrupt(path: Path, e: BaseException) -> CheckpointError:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     prev = path.with_name(PREVIOUS_NAME) if path.name == CHECKPOINT_NAME else None
-    fix = (f"use {prev} (the checkpoint before it; --resume falls back to it)" if prev is not None and prev.exists()
-           else "use an earlier checkpoint, or start again")
+    fix = (
+        f"use {prev} (the checkpoint before it; --resume falls back to it)"
+        if prev is not None and prev.exists()
+        else "use an earlier checkpoint, or start again"
+    )
     return CheckpointError(f"{path}: not a complete checkpoint (truncated or corrupt: {reason}); {fix}")
 
 
@@ -239,8 +257,12 @@ def _weights_only_reason(e: BaseException) -> str:
     """torch's one-line diagnosis ("Unsupported global: GLOBAL posix.system ...") without its
     advice, which this project never passes on (turning the protection off)."""
     for line in str(e).splitlines():
-        m = re.search(r"(Unsupported global:.*|Trying to load unsupported.*|Unsupported operand.*|"
-                      r"Unsupported class.*|unrecognized function.*)", line, re.IGNORECASE)
+        m = re.search(
+            r"(Unsupported global:.*|Trying to load unsupported.*|Unsupported operand.*|"
+            r"Unsupported class.*|unrecognized function.*)",
+            line,
+            re.IGNORECASE,
+        )
         if m:
             return m.group(1).split(". Please")[0].split(" was not an allowed global")[0].strip().rstrip(".")
     return "an object the safe loader does not allow"
@@ -259,8 +281,16 @@ def _loads_on_cpu(path: Path) -> bool:
 
 
 #: what a run writes into its folder; ``overwrite`` deletes these and nothing else
-RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, BEST_NAME, "metrics.jsonl", "metrics.csv", "loss_curves.png",
-             "bad_samples.txt", "tensorboard")
+RUN_FILES = (
+    CHECKPOINT_NAME,
+    PREVIOUS_NAME,
+    BEST_NAME,
+    "metrics.jsonl",
+    "metrics.csv",
+    "loss_curves.png",
+    "bad_samples.txt",
+    "tensorboard",
+)
 
 
 class RunExistsError(FileExistsError):
@@ -273,13 +303,17 @@ def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it over")
     if resume not in (False, True) and not Path(resume).is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file; give the path of a checkpoint "
-                                f"(e.g. {out / CHECKPOINT_NAME}), or --resume alone for the run in output_dir")
+        raise FileNotFoundError(
+            f"--resume {resume}: no such checkpoint file; give the path of a checkpoint "
+            f"(e.g. {out / CHECKPOINT_NAME}), or --resume alone for the run in output_dir"
+        )
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not resume and not overwrite:
-        raise RunExistsError(f"{out} already holds a run ({', '.join(found)}). Add --resume to continue it, "
-                             f"--overwrite to start it over (its checkpoints and logs are deleted), or set "
-                             f"output_dir=ANOTHER_FOLDER")
+        raise RunExistsError(
+            f"{out} already holds a run ({', '.join(found)}). Add --resume to continue it, "
+            f"--overwrite to start it over (its checkpoints and logs are deleted), or set "
+            f"output_dir=ANOTHER_FOLDER"
+        )
 
 
 def delete_run_files(out: Path) -> None:
@@ -314,10 +348,18 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         # numpy's and python's states are tuples holding ndarrays / huge int tuples, which the
         # weights_only unpickler rejects; MT19937 words are < 2**32 so int64 tensors hold them exactly.
-        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": None if gauss_next is None else float(gauss_next),
+        },
     }
     if torch.cuda.is_available():
         # this process's device only: touching every GPU would create a context on each from every rank
@@ -346,8 +388,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
     if state.get("cuda"):
         if not torch.cuda.is_available():
-            warnings.warn("checkpoint has CUDA RNG states but CUDA is unavailable; not restoring them",
-                          stacklevel=2)
+            warnings.warn("checkpoint has CUDA RNG states but CUDA is unavailable; not restoring them", stacklevel=2)
             return
         # A resume on fewer/more GPUs restores the devices both runs have.
         torch.cuda.set_rng_state(state["cuda"][0].cpu())

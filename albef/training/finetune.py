@@ -46,16 +46,28 @@ class ClassifierTrainer(nn.Module):
     """SNLI-VE / NLVR2 training step. ``lavis_teacher_text_encoder=True`` reproduces LAVIS 1.0.2's
     NLVR2 bug (the teacher branch runs the *student* text encoder); the authors' is the default."""
 
-    def __init__(self, model: ALBEFForClassification, momentum: float = 0.995, distill: bool = True,
-                 lavis_teacher_text_encoder: bool = False):
+    def __init__(
+        self,
+        model: ALBEFForClassification,
+        momentum: float = 0.995,
+        distill: bool = True,
+        lavis_teacher_text_encoder: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.model_m = frozen_copy(model) if distill else None
         self.momentum = momentum
         self.lavis_teacher_text_encoder = lavis_teacher_text_encoder
 
-    def forward(self, images: Tensor | list[Tensor], input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                alpha: float, update_momentum: bool = True) -> ClassifierOutput:
+    def forward(
+        self,
+        images: Tensor | list[Tensor],
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        alpha: float,
+        update_momentum: bool = True,
+    ) -> ClassifierOutput:
         """``update_momentum``: False on all but the first micro-batch of an accumulated step."""
         logits = self.model(images, input_ids, attention_mask)
         logits_m = None
@@ -84,17 +96,25 @@ class VQATrainer(nn.Module):
     ``label_smoothing``: 0 (authors) or 0.1 (LAVIS).
     """
 
-    def __init__(self, model: ALBEFForVQA, momentum: float = 0.995, distill: bool = True,
-                 label_smoothing: float = 0.0):
+    def __init__(self, model: ALBEFForVQA, momentum: float = 0.995, distill: bool = True, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
         self.model_m = frozen_copy(model) if distill else None
         self.momentum = momentum
         self.label_smoothing = label_smoothing
 
-    def forward(self, images: Tensor, question_ids: Tensor, question_mask: Tensor, answer_ids: Tensor,
-                answer_mask: Tensor, weights: Tensor, n_answers: Tensor, alpha: float,
-                update_momentum: bool = True) -> VQAOutput:
+    def forward(
+        self,
+        images: Tensor,
+        question_ids: Tensor,
+        question_mask: Tensor,
+        answer_ids: Tensor,
+        answer_mask: Tensor,
+        weights: Tensor,
+        n_answers: Tensor,
+        alpha: float,
+        update_momentum: bool = True,
+    ) -> VQAOutput:
         """``answer_ids`` hold every question's answers, question by question (``n_answers`` each)."""
         q = self.model.encode_question(images, question_ids, question_mask)
         rows = torch.repeat_interleave(torch.arange(len(n_answers), device=q.device), n_answers.to(q.device))
@@ -107,8 +127,9 @@ class VQATrainer(nn.Module):
                 if alpha > 0:
                     q_m = self.model_m.encode_question(images, question_ids, question_mask)
                     logits_m = self.model_m.answer_logits(answer_ids, answer_mask, q_m[rows], question_mask[rows])
-        per_answer = answer_nll(logits, answer_ids, label_smoothing=self.label_smoothing,
-                                teacher_logits=logits_m, alpha=alpha)
+        per_answer = answer_nll(
+            logits, answer_ids, label_smoothing=self.label_smoothing, teacher_logits=logits_m, alpha=alpha
+        )
         loss = (weights.to(per_answer.dtype) * per_answer).sum() / images.shape[0]
         return VQAOutput(loss, per_answer, q, logits)
 
@@ -120,7 +141,8 @@ class TextAssignmentTrainer(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         logits, labels = self.model(images, input_ids, attention_mask, generator)
         return F.cross_entropy(logits, labels)

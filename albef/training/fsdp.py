@@ -51,8 +51,11 @@ def shard_trainer(trainer: nn.Module, device_type: str) -> None:
         if not blocks:
             raise ValueError(f"{type(owner).__name__} has no transformer blocks to shard")
         for block in blocks:
-            kv = {p for n, p in block.named_parameters() if n.startswith(("crossattention.self.key.",
-                                                                         "crossattention.self.value."))}
+            kv = {
+                p
+                for n, p in block.named_parameters()
+                if n.startswith(("crossattention.self.key.", "crossattention.self.value."))
+            }
             fully_shard(block, mesh=mesh, ignored_params=kv or None)
             block.register_forward_hook(lambda module, args, out: module.reshard())
 
@@ -81,7 +84,7 @@ def sync_replicated_grads(params: list[nn.Parameter]) -> None:
     flat /= dist.get_world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 

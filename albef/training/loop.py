@@ -78,8 +78,10 @@ def lr_scale_of(name: str, lr_scale: dict[str, float] | None) -> float:
 
 def _multiplier(prefix: str, v: Any) -> float:
     if isinstance(v, dict):  # train.lr_scale.text_encoder.embeddings=0.1 nests at each dot
-        raise ValueError(f"train.lr_scale[{prefix!r}] is a mapping: give the prefix whole, "
-                         "e.g. train.lr_scale='{text_encoder.embeddings: 0.1}'")
+        raise ValueError(
+            f"train.lr_scale[{prefix!r}] is a mapping: give the prefix whole, "
+            "e.g. train.lr_scale='{text_encoder.embeddings: 0.1}'"
+        )
     try:
         x = float(v)  # YAML may hand "1e-1" over as a string
     except (TypeError, ValueError):
@@ -89,8 +91,13 @@ def _multiplier(prefix: str, v: Any) -> float:
     return x
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backward: bool = False,
-                    lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    in_backward: bool = False,
+    lr_scale: dict[str, float] | None = None,
+) -> torch.optim.AdamW:
     """AdamW with the reference's groups: no decay for 1-D tensors and biases, decay for the rest.
 
     ``in_backward``: :class:`albef.training.optim.AdamWInBackward` (the same update, applied during
@@ -108,8 +115,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backwar
     checked = {prefix: _multiplier(prefix, v) for prefix, v in (lr_scale or {}).items()}
     for prefix in checked:
         if not any(_under(n, prefix) for n, _ in model.named_parameters()):
-            raise ValueError(f"train.lr_scale: no parameter name starts with {prefix!r} "
-                             f"(names look like {next(n for n, _ in model.named_parameters())!r})")
+            raise ValueError(
+                f"train.lr_scale: no parameter name starts with {prefix!r} "
+                f"(names look like {next(n for n, _ in model.named_parameters())!r})"
+            )
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -121,15 +130,17 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, in_backwar
 
     params = [p for ps in groups.values() for p in ps]
     sharded = any(is_sharded(p) for p in params)  # FSDP: sharded and replicated tensors can't share a kernel
-    fused = not sharded and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                                 for p in params)
+    fused = (
+        not sharded and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    )
     from albef.training.optim import AdamWInBackward
 
     cls = AdamWInBackward if in_backward else torch.optim.AdamW
     # the reference's two groups (no decay first) when nothing is scaled; state dicts match it then
     order = sorted(groups, key=lambda k: (k[1] != 1.0, k[1], k[0]))
-    param_groups = [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]}
-                    for k in order]
+    param_groups = [
+        {"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]} for k in order
+    ]
     if not groups:
         param_groups = [{"params": [], "weight_decay": 0.0, "lr_scale": 1.0}]
     return cls(param_groups, lr=lr, fused=fused or None, foreach=False if sharded else None)
@@ -141,8 +152,10 @@ def full_train_state(trainer: nn.Module, optimizer: torch.optim.Optimizer) -> tu
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(trainer, options=opts),
-            get_optimizer_state_dict(trainer.model, optimizer, options=opts))
+    return (
+        get_model_state_dict(trainer, options=opts),
+        get_optimizer_state_dict(trainer.model, optimizer, options=opts),
+    )
 
 
 def load_train_state(trainer: nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict) -> None:
@@ -227,30 +240,51 @@ class PretrainRun:
         self.validator = Validator.from_recipe(r, self.cfg, self.tokenizer)
         # grounding resizes the whole image (the authors' transform): a crop could cut the referred object out
         crop = d.random_crop if d.random_crop is not None else r.task != "grounding"
-        transform = train_transform(self.cfg.vision.image_size, tuple(d.crop_scale), d.randaugment, crop=crop,
-                                    uint8_wrap=d.randaugment_wrap, flip=d.hflip)
+        transform = train_transform(
+            self.cfg.vision.image_size,
+            tuple(d.crop_scale),
+            d.randaugment,
+            crop=crop,
+            uint8_wrap=d.randaugment_wrap,
+            flip=d.hflip,
+        )
         if d.shards:
             self._shard_source(transform)
         else:
-            self.dataset, collate, self.ann_bad = self.task.build_dataset(r, self.cfg, transform, self.tokenizer,
-                                                                          cleaning)
+            self.dataset, collate, self.ann_bad = self.task.build_dataset(
+                r, self.cfg, transform, self.tokenizer, cleaning
+            )
             n_entries = len(self.dataset) + len(self.ann_bad)
             if self.dist.is_main:
                 for b in self.ann_bad[:20]:
                     log.warning("skipped annotation %s", b)
             check_bad_share(len(self.ann_bad), n_entries, d.max_bad_fraction, self.ann_bad, "annotation entries")
-            self.sampler = GlobalBatchSampler(len(self.dataset), t.batch_size, self.dist.world_size, self.dist.rank,
-                                              t.grad_accum, t.seed, group_size=d.group_size)
-            self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
-                                     collate_fn=collate, pin_memory=self.dist.device.type == "cuda")
+            self.sampler = GlobalBatchSampler(
+                len(self.dataset),
+                t.batch_size,
+                self.dist.world_size,
+                self.dist.rank,
+                t.grad_accum,
+                t.seed,
+                group_size=d.group_size,
+            )
+            self.loader = DataLoader(
+                self.dataset,
+                batch_sampler=self.sampler,
+                num_workers=d.num_workers,
+                collate_fn=collate,
+                pin_memory=self.dist.device.type == "cuda",
+            )
 
         self.trainer = self.task.build_trainer(self.cfg, r)
         model = self.trainer.model
         G = self.sampler.global_batch
         if hasattr(self.trainer, "queue") and self.cfg.queue_size % G:
-            raise ValueError(f"queue_size {self.cfg.queue_size} is not a multiple of the global batch {G} "
-                             f"({t.batch_size} per rank x {self.dist.world_size} ranks x {t.grad_accum} "
-                             "accumulation steps); change one of them")
+            raise ValueError(
+                f"queue_size {self.cfg.queue_size} is not a multiple of the global batch {G} "
+                f"({t.batch_size} per rank x {self.dist.world_size} ranks x {t.grad_accum} "
+                "accumulation steps); change one of them"
+            )
         if r.model.init:
             self.init_report = load_albef(self.trainer, read_state_dict(r.model.init), r.model.init)
             if self.dist.is_main:
@@ -269,9 +303,13 @@ class PretrainRun:
                     if source and hasattr(teacher, part):
                         copy_student_to_teacher(getattr(model, part), getattr(teacher, part))
         self.trainer.to(self.dist.device)
-        encoders = [m for owner in (model, getattr(self.trainer, "model_m", None)) if owner is not None
-                    for m in (getattr(owner, n, None) for n in ("visual_encoder", "text_encoder", "text_decoder"))
-                    if m is not None]
+        encoders = [
+            m
+            for owner in (model, getattr(self.trainer, "model_m", None))
+            if owner is not None
+            for m in (getattr(owner, n, None) for n in ("visual_encoder", "text_encoder", "text_decoder"))
+            if m is not None
+        ]
         vision_ckpt, text_ckpt = checkpointed_parts(t.grad_checkpointing)
         self.checkpointing = vision_ckpt or text_ckpt
         for m in encoders:
@@ -283,8 +321,9 @@ class PretrainRun:
 
         # fp32 | bf16 | fp16 for this device (auto: bf16 only on native-bf16 hardware), logged by the main rank
         self.precision = resolve_precision(t.precision, self.dist.device, "train.precision", report=self.dist.is_main)
-        self.in_backward = resolve_in_backward(t.optimizer_in_backward, t.grad_accum, t.max_grad_norm, self.precision,
-                                               self.dist.world_size, t.fsdp)
+        self.in_backward = resolve_in_backward(
+            t.optimizer_in_backward, t.grad_accum, t.max_grad_norm, self.precision, self.dist.world_size, t.fsdp
+        )
         self.fsdp, self.replicated = t.fsdp, []
         if t.fsdp:
             from albef.training.fsdp import replicated_params, shard_trainer
@@ -296,30 +335,42 @@ class PretrainRun:
             self.replicated = replicated_params(model)
             self.ddp = self.trainer
         else:
-            self.ddp = (DistributedDataParallel(self.trainer, device_ids=[self.dist.local_rank]
-                                                if self.dist.device.type == "cuda" else None,
-                                                broadcast_buffers=False)  # queues stay equal via all-gather
-                        if self.dist.world_size > 1 else self.trainer)
-        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, in_backward=self.in_backward,
-                                         lr_scale=t.lr_scale)
+            self.ddp = (
+                DistributedDataParallel(
+                    self.trainer,
+                    device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
+                    broadcast_buffers=False,
+                )  # queues stay equal via all-gather
+                if self.dist.world_size > 1
+                else self.trainer
+            )
+        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, in_backward=self.in_backward, lr_scale=t.lr_scale)
         cuda = self.dist.device.type == "cuda"
         if cuda:
             set_tf32(t.tf32)
         # autocast on CUDA and on the CPU (bf16); weights, gradients and AdamW state stay float32
         self.amp_dtype = autocast_dtype(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.precision == "fp16")
-        self.schedule = LRSchedule(t.lr, t.min_lr, t.warmup_lr, t.warmup_epochs, t.epochs, style=t.schedule,
-                                   warmup_steps=t.warmup_steps, steps_per_epoch=self.sampler.steps_per_epoch,
-                                   total_steps=min(t.max_steps, t.epochs * self.sampler.steps_per_epoch)
-                                   if t.max_steps else None)
+        self.schedule = LRSchedule(
+            t.lr,
+            t.min_lr,
+            t.warmup_lr,
+            t.warmup_epochs,
+            t.epochs,
+            style=t.schedule,
+            warmup_steps=t.warmup_steps,
+            steps_per_epoch=self.sampler.steps_per_epoch,
+            total_steps=min(t.max_steps, t.epochs * self.sampler.steps_per_epoch) if t.max_steps else None,
+        )
         self.state = RunState()
         # the step of the newest usable checkpoint_last.pt, which the next save keeps as checkpoint_prev.pt
         # (None: nothing written yet, or a damaged last that the next save replaces)
         self._saved_step: int | None = None
         if resume and self._resume(self.out / CHECKPOINT_NAME if resume is True else Path(resume)):
             self._saved_step = self.state.global_step
-        self.metrics = MetricsLogger(self.out, enabled=self.dist.is_main,
-                                     resume_step=self.state.global_step + 1)  # fresh runs drop stale rows
+        self.metrics = MetricsLogger(
+            self.out, enabled=self.dist.is_main, resume_step=self.state.global_step + 1
+        )  # fresh runs drop stale rows
         self.bad_names: list[BadSample] = []
 
     def _shard_source(self, transform) -> None:
@@ -332,11 +383,19 @@ class PretrainRun:
             raise ValueError(f"data.shards feeds image-caption tasks (pretrain, retrieval), not {self.task.name!r}")
         self.dataset, self.ann_bad = None, []  # shards were cleaned when they were written
         self.sampler = self.loader = ShardLoader(
-            d.shards, transform,
+            d.shards,
+            transform,
             PretrainCollator(self.tokenizer, text_max_length(self.task.name, self.cfg, d.truncate_text)),
             t.batch_size,
-            self.dist.world_size, self.dist.rank, t.grad_accum, t.seed, d.epoch_samples, d.resampled,
-            d.shuffle_buffer, d.num_workers)
+            self.dist.world_size,
+            self.dist.rank,
+            t.grad_accum,
+            t.seed,
+            d.epoch_samples,
+            d.resampled,
+            d.shuffle_buffer,
+            d.num_workers,
+        )
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self, path: Path) -> bool:
@@ -360,8 +419,10 @@ class PretrainRun:
             raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
         saved_scale = ckpt.get("recipe", {}).get("train", {}).get("lr_scale") or {}
         if saved_scale != (self.recipe.train.lr_scale or {}):  # the optimizer's groups would not match
-            raise ValueError(f"{path} was written with train.lr_scale {saved_scale}, this run has "
-                             f"{self.recipe.train.lr_scale or {}}: keep it as it was to resume")
+            raise ValueError(
+                f"{path} was written with train.lr_scale {saved_scale}, this run has "
+                f"{self.recipe.train.lr_scale or {}}: keep it as it was to resume"
+            )
         load_train_state(self.trainer, self.optimizer, ckpt)
         if ckpt["scaler"]:  # empty when the run that saved it had no fp16 scaler
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -374,8 +435,13 @@ class PretrainRun:
 
     def _geometry(self) -> dict[str, Any]:
         t = self.recipe.train
-        geometry = {"global_batch": self.sampler.global_batch, "steps_per_epoch": self.sampler.steps_per_epoch,
-                    "max_steps": t.max_steps, "schedule": t.schedule, "seed_rule": SEED_RULE}
+        geometry = {
+            "global_batch": self.sampler.global_batch,
+            "steps_per_epoch": self.sampler.steps_per_epoch,
+            "max_steps": t.max_steps,
+            "schedule": t.schedule,
+            "seed_rule": SEED_RULE,
+        }
         if self.recipe.data.shards:  # the shard streams are dealt per rank and loader worker
             geometry["stream_slots"] = [self.dist.world_size, self.recipe.data.num_workers, t.batch_size]
         return geometry
@@ -385,32 +451,51 @@ class PretrainRun:
         would silently train on a different stream; ranks x batch x accumulation may change."""
         rule = (saved or {}).get("seed_rule", 1)  # checkpoints from before albef/seeding.py: 1
         if rule != SEED_RULE and self.dist.is_main:
-            log.warning("%s was written by a version with seed rule %s, or before checkpoints recorded it (this "
-                        "one: %s): the run resumes, but from here on its sample order, augmentation and dropout "
-                        "are not what the uninterrupted run would have drawn (the rest of a half-done epoch may "
-                        "repeat some samples and skip others)", path, rule, SEED_RULE)
+            log.warning(
+                "%s was written by a version with seed rule %s, or before checkpoints recorded it (this "
+                "one: %s): the run resumes, but from here on its sample order, augmentation and dropout "
+                "are not what the uninterrupted run would have drawn (the rest of a half-done epoch may "
+                "repeat some samples and skip others)",
+                path,
+                rule,
+                SEED_RULE,
+            )
         if not saved:  # checkpoints from before this check
             return
         now = self._geometry()
         for key in ("global_batch", "steps_per_epoch", "stream_slots"):
             if saved.get(key) != now.get(key):
-                raise ValueError(f"{path} was written with {key} {saved.get(key)}, this run has {now.get(key)}: "
-                                 "keep batch_size x ranks x grad_accum (and the data; for shards also the ranks, "
-                                 "data.num_workers and batch_size) as they were to resume")
+                raise ValueError(
+                    f"{path} was written with {key} {saved.get(key)}, this run has {now.get(key)}: "
+                    "keep batch_size x ranks x grad_accum (and the data; for shards also the ranks, "
+                    "data.num_workers and batch_size) as they were to resume"
+                )
         if saved["max_steps"] != now["max_steps"] and now["schedule"] == "cosine" and self.dist.is_main:
-            log.warning("train.max_steps changed from %s to %s: the cosine schedule now ends elsewhere than in "
-                        "the run that wrote %s", saved["max_steps"], now["max_steps"], path)
+            log.warning(
+                "train.max_steps changed from %s to %s: the cosine schedule now ends elsewhere than in "
+                "the run that wrote %s",
+                saved["max_steps"],
+                now["max_steps"],
+                path,
+            )
 
     def save(self, best: bool = False) -> None:
         """``checkpoint_last.pt``; with ``best`` the same state also as ``checkpoint_best.pt``."""
         if self.recipe.train.fsdp or self.dist.is_main:  # a collective under FSDP
             model_sd, optim_sd = full_train_state(self.trainer, self.optimizer)
         if self.dist.is_main:
-            ckpt = {"format": "albef-train/1", "model": model_sd,
-                             "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
-                             "state": vars(self.state).copy(), "rng": rng_state(), "geometry": self._geometry(),
-                             "scheduler": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch},
-                             "recipe": self.recipe.to_dict(), "model_config": self.cfg.to_dict()}
+            ckpt = {
+                "format": "albef-train/1",
+                "model": model_sd,
+                "optimizer": optim_sd,
+                "scaler": self.scaler.state_dict(),
+                "state": vars(self.state).copy(),
+                "rng": rng_state(),
+                "geometry": self._geometry(),
+                "scheduler": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch},
+                "recipe": self.recipe.to_dict(),
+                "model_config": self.cfg.to_dict(),
+            }
             # checkpoint_prev.pt keeps the last checkpoint of an earlier step (a save at the same step,
             # e.g. the epoch's end right after a checkpoint_every one, replaces the last in place)
             rotate = self._saved_step is not None and self._saved_step != self.state.global_step
@@ -433,8 +518,10 @@ class PretrainRun:
             s.best_metric, s.best_epoch = score, s.epoch
         self.metrics.log(s.global_step, {**metrics, "epoch": s.epoch, "best_epoch": s.best_epoch}, split="val")
         if self.dist.is_main:
-            tqdm.write(f"epoch {s.epoch} validation: {self.validator.metric} {score:.2f}"
-                       + (" (best)" if improved else f" (best {s.best_metric:.2f} at epoch {s.best_epoch})"))
+            tqdm.write(
+                f"epoch {s.epoch} validation: {self.validator.metric} {score:.2f}"
+                + (" (best)" if improved else f" (best {s.best_metric:.2f} at epoch {s.best_epoch})")
+            )
         return improved
 
     # -- one optimizer step -----------------------------------------------------------------
@@ -459,13 +546,15 @@ class PretrainRun:
                     # the EMA on matching shards, before any FSDP unit gathers
                     momentum_update(self.trainer.model, self.trainer.model_m, self.trainer.momentum)
                     first = False
-                with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
+                with torch.autocast(
+                    dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+                ):
                     loss, logs, payload = self.task.micro_step(self.ddp, batch, alpha, gen, first=first)
                 self.scaler.scale(loss / len(micro_batches)).backward()  # outside autocast, as PyTorch advises
             payloads.append(payload)
-            sums += torch.tensor([float(logs[k].detach()) if logs[k] is not None else 0.0 for k in keys],
-                                 dtype=torch.float64)
+            sums += torch.tensor(
+                [float(logs[k].detach()) if logs[k] is not None else 0.0 for k in keys], dtype=torch.float64
+            )
         if self.fsdp:  # FSDP reduced the sharded blocks' gradients; the replicated rest is averaged here
             from albef.training.fsdp import sync_replicated_grads
 
@@ -493,9 +582,13 @@ class PretrainRun:
         d = self.recipe.data
         new_bad = [b for mb in micro_batches for b in mb.bad]
         dev = self.dist.device
-        counts = all_reduce_sum(torch.tensor([sum(mb.n_replaced for mb in micro_batches),
-                                              sum(len(mb.index) for mb in micro_batches), len(new_bad)],
-                                             dtype=torch.float64, device=dev)).cpu()
+        counts = all_reduce_sum(
+            torch.tensor(
+                [sum(mb.n_replaced for mb in micro_batches), sum(len(mb.index) for mb in micro_batches), len(new_bad)],
+                dtype=torch.float64,
+                device=dev,
+            )
+        ).cpu()
         self.state.bad_seen += int(counts[0])
         self.state.samples_seen += int(counts[1])
         if counts[2] > 0:
@@ -511,16 +604,21 @@ class PretrainRun:
                 for b in names:
                     tqdm.write(f"skipped bad sample {b}")
         if self.state.samples_seen >= d.min_seen_for_bad_check:
-            check_bad_share(self.state.bad_seen, self.state.samples_seen, d.max_bad_fraction, self.bad_names,
-                            "images")
+            check_bad_share(self.state.bad_seen, self.state.samples_seen, d.max_bad_fraction, self.bad_names, "images")
 
     # -- the run ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         t, s = self.recipe.train, self.state
         spe, accum = self.sampler.steps_per_epoch, t.grad_accum
         total = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
-        bar = tqdm(total=total, initial=s.global_step, disable=not self.dist.is_main, desc="pretrain", unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=s.global_step,
+            disable=not self.dist.is_main,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+        )
         last: dict[str, float] = {}
         tic, samples_since = time.perf_counter(), 0
         self.trainer.train()
@@ -538,9 +636,12 @@ class PretrainRun:
                 samples_since += self.sampler.global_batch
                 bar.update(1)
                 rate = bar.format_dict.get("rate") or 0.0  # optimizer steps/s, smoothed by tqdm
-                bar.set_postfix({k.removeprefix("loss_"): f"{last[k]:.3f}" for k in self.task.loss_keys[1:]},
-                                lr=f"{last['lr']:.2e}", alpha=f"{last['alpha']:.2f}",
-                                samples_s=f"{rate * self.sampler.global_batch:.1f}")
+                bar.set_postfix(
+                    {k.removeprefix("loss_"): f"{last[k]:.3f}" for k in self.task.loss_keys[1:]},
+                    lr=f"{last['lr']:.2e}",
+                    alpha=f"{last['alpha']:.2f}",
+                    samples_s=f"{rate * self.sampler.global_batch:.1f}",
+                )
                 if s.global_step % t.log_every == 0 or s.step_in_epoch == spe or s.global_step == total:
                     now = time.perf_counter()
                     last["samples_per_s"] = samples_since / max(now - tic, 1e-9)
@@ -559,9 +660,13 @@ class PretrainRun:
                 plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
             except ValueError as e:  # no logged step yet
                 log.warning("no loss plot: %s", e)
-        summary = {"global_step": s.global_step, "epoch": s.epoch, "bad_samples": s.bad_seen,
-                   "samples_seen": s.samples_seen, **last}
+        summary = {
+            "global_step": s.global_step,
+            "epoch": s.epoch,
+            "bad_samples": s.bad_seen,
+            "samples_seen": s.samples_seen,
+            **last,
+        }
         if self.validator is not None:
             summary.update(best_epoch=s.best_epoch, **{f"best_{self.validator.metric}": s.best_metric})
         return summary
-

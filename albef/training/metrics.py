@@ -43,8 +43,9 @@ class MetricsLogger:
         2
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None) -> None:
+    def __init__(
+        self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.jsonl_path = self.out_dir / "metrics.jsonl"
@@ -191,8 +192,7 @@ def plot_losses(jsonl_path: str | Path, png_path: str | Path, keys: list[str] | 
 
     jsonl_path, png_path = Path(jsonl_path), Path(png_path)
     rows = [r for r in _read_jsonl(jsonl_path)[0] if r.get("split", "train") in ("train", "val")]
-    numeric = [k for k in _union_keys(rows) if k not in _RESERVED
-               and any(_finite(r.get(k)) for r in rows)]
+    numeric = [k for k in _union_keys(rows) if k not in _RESERVED and any(_finite(r.get(k)) for r in rows)]
     if keys is None:
         keys = [k for k in numeric if k.startswith("loss")]
     elif missing := [k for k in keys if k not in numeric]:
@@ -208,8 +208,7 @@ def plot_losses(jsonl_path: str | Path, png_path: str | Path, keys: list[str] | 
         ax = fig.add_subplot(nrows, ncols, i + 1)
         all_vals: list[float] = []
         for split, style in (("train", {"lw": 1.0}), ("val", {"marker": "o", "ms": 4, "lw": 1.0})):
-            pts = sorted((r["step"], r[key]) for r in rows
-                         if r.get("split", "train") == split and _finite(r.get(key)))
+            pts = sorted((r["step"], r[key]) for r in rows if r.get("split", "train") == split and _finite(r.get(key)))
             if pts:
                 steps, vals = zip(*pts, strict=True)
                 ax.plot(steps, vals, label=split, **style)

@@ -83,12 +83,13 @@ class FeatureQueue(nn.Module):
             raise ValueError(
                 f"queue size {self.size} is not a multiple of the global batch size {n} "
                 "(batch per rank x world size); choose a queue size divisible by it, or drop "
-                "the last incomplete batch (drop_last=True)")
+                "the last incomplete batch (drop_last=True)"
+            )
         ptr = int(self.queue_ptr)
-        self.image_queue[:, ptr:ptr + n] = image_feat.T.to(self.image_queue.dtype)
-        self.text_queue[:, ptr:ptr + n] = text_feat.T.to(self.text_queue.dtype)
+        self.image_queue[:, ptr : ptr + n] = image_feat.T.to(self.image_queue.dtype)
+        self.text_queue[:, ptr : ptr + n] = text_feat.T.to(self.text_queue.dtype)
         if self.idx_queue is not None:
             if idx is None:
                 raise ValueError("this queue keeps image ids: pass idx to enqueue")
-            self.idx_queue[0, ptr:ptr + n] = all_gather_cat(idx.view(-1))
+            self.idx_queue[0, ptr : ptr + n] = all_gather_cat(idx.view(-1))
         self.queue_ptr[0] = (ptr + n) % self.size

@@ -29,9 +29,18 @@ class ITCOutput:
     targets_t2i: Tensor
 
 
-def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor,
-             image_queue: Tensor, text_queue: Tensor, temp: Tensor, alpha: float,
-             idx: Tensor | None = None, idx_queue: Tensor | None = None) -> ITCOutput:
+def itc_loss(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    image_feat_m: Tensor,
+    text_feat_m: Tensor,
+    image_queue: Tensor,
+    text_queue: Tensor,
+    temp: Tensor,
+    alpha: float,
+    idx: Tensor | None = None,
+    idx_queue: Tensor | None = None,
+) -> ITCOutput:
     """Image–text contrastive loss against momentum features and queues.
 
     Targets are ``alpha * softmax(sim_m) + (1 - alpha) * positives``. Without ``idx`` the
@@ -45,19 +54,39 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_f
     by up to 0.06 and the 65,536-way softmax with it. The cost is a [B, B+Q] float32 product.
     """
     with torch.autocast(image_feat.device.type, enabled=False):
-        image_feat, text_feat, image_feat_m, text_feat_m = map(_full, (image_feat, text_feat, image_feat_m,
-                                                                       text_feat_m))
-        return _itc(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, _full(temp),
-                    alpha, idx, idx_queue)
+        image_feat, text_feat, image_feat_m, text_feat_m = map(
+            _full, (image_feat, text_feat, image_feat_m, text_feat_m)
+        )
+        return _itc(
+            image_feat,
+            text_feat,
+            image_feat_m,
+            text_feat_m,
+            image_queue,
+            text_queue,
+            _full(temp),
+            alpha,
+            idx,
+            idx_queue,
+        )
 
 
 def _full(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _itc(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor,
-         image_queue: Tensor, text_queue: Tensor, temp: Tensor, alpha: float,
-         idx: Tensor | None, idx_queue: Tensor | None) -> ITCOutput:
+def _itc(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    image_feat_m: Tensor,
+    text_feat_m: Tensor,
+    image_queue: Tensor,
+    text_queue: Tensor,
+    temp: Tensor,
+    alpha: float,
+    idx: Tensor | None,
+    idx_queue: Tensor | None,
+) -> ITCOutput:
     sim_i2t = _against(image_feat, text_feat_m, text_queue) / temp  # [B, B+Q]
     sim_t2i = _against(text_feat, image_feat_m, image_queue) / temp
     with torch.no_grad():
@@ -118,8 +147,14 @@ def sample_hard_negatives(weights: Tensor, generator: torch.Generator | None = N
 
 
 @torch.no_grad()
-def mask_tokens(input_ids: Tensor, vocab_size: int, mask_token_id: int, protected_ids: tuple[int, ...],
-                probability: float = 0.15, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def mask_tokens(
+    input_ids: Tensor,
+    vocab_size: int,
+    mask_token_id: int,
+    protected_ids: tuple[int, ...],
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """BERT masking as in the reference: Bernoulli(p) per token, never ``protected_ids``
     ([PAD], [CLS]); of the masked, 80% → [MASK], 10% → a random token of the whole vocabulary,
     10% unchanged. Returns ``(masked_ids, labels)`` with labels −100 where not masked.
@@ -144,8 +179,9 @@ def mask_tokens(input_ids: Tensor, vocab_size: int, mask_token_id: int, protecte
     return ids, labels
 
 
-def mlm_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None,
-             alpha: float) -> tuple[Tensor, Tensor, Tensor | None]:
+def mlm_loss(
+    logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, alpha: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Distilled MLM loss over the masked positions only.
 
     ``logits`` / ``teacher_logits``: [n_masked, V]; ``labels``: [n_masked].

@@ -51,8 +51,11 @@ class AdamWInBackward(torch.optim.AdamW):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         self._index_groups()
-        self._handles += [p.register_post_accumulate_grad_hook(self._on_grad)
-                          for p in self.param_groups[-1]["params"] if p.requires_grad]
+        self._handles += [
+            p.register_post_accumulate_grad_hook(self._on_grad)
+            for p in self.param_groups[-1]["params"]
+            if p.requires_grad
+        ]
 
     def _index_groups(self) -> None:
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -109,8 +112,9 @@ class AdamWInBackward(torch.optim.AdamW):
         self._handles = []
 
 
-def resolve_in_backward(setting: bool | str, grad_accum: int, max_grad_norm: float | None, precision: str,
-                        world_size: int, fsdp: bool) -> bool:
+def resolve_in_backward(
+    setting: bool | str, grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int, fsdp: bool
+) -> bool:
     """``train.optimizer_in_backward``: ``"auto"`` (the default) turns it on wherever it gives the
     ordinary update (one process, no accumulation, clipping or fp16 loss scaling); ``True`` is
     refused elsewhere, with the reason; ``False`` is the ordinary step after the backward.
@@ -140,8 +144,9 @@ def one_process_in_backward(flag: str, precision: str) -> bool:
     return resolve_in_backward(setting, 1, None, precision, 1, False)
 
 
-def in_backward_problems(grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int,
-                         fsdp: bool) -> list[str]:
+def in_backward_problems(
+    grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int, fsdp: bool
+) -> list[str]:
     """The settings under which a gradient is not final when its hook fires."""
     problems = []
     if grad_accum > 1:
@@ -155,10 +160,14 @@ def in_backward_problems(grad_accum: int, max_grad_norm: float | None, precision
     return problems
 
 
-def check_in_backward(grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int,
-                      fsdp: bool) -> None:
+def check_in_backward(
+    grad_accum: int, max_grad_norm: float | None, precision: str, world_size: int, fsdp: bool
+) -> None:
     """Refuse the combinations in which a gradient is not final when its hook fires."""
     problems = in_backward_problems(grad_accum, max_grad_norm, precision, world_size, fsdp)
     if problems:
-        raise ValueError("train.optimizer_in_backward cannot be used with " + "; ".join(problems)
-                         + ". Turn it off, or change those settings.")
+        raise ValueError(
+            "train.optimizer_in_backward cannot be used with "
+            + "; ".join(problems)
+            + ". Turn it off, or change those settings."
+        )

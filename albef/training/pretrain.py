@@ -120,9 +120,18 @@ class Negatives(NamedTuple):
 class ALBEFPretrainer(nn.Module):
     """Training-time ALBEF: the student, its momentum teacher and the feature queues."""
 
-    def __init__(self, model: ALBEF, mlm: bool = True, with_idx: bool = False,
-                 hard_negative_eps: float = 0.0, clamp_temp: bool = True, itc: bool = True,
-                 hard_negatives: bool = True, itc_distill: bool = True, mlm_distill: bool = True):
+    def __init__(
+        self,
+        model: ALBEF,
+        mlm: bool = True,
+        with_idx: bool = False,
+        hard_negative_eps: float = 0.0,
+        clamp_temp: bool = True,
+        itc: bool = True,
+        hard_negatives: bool = True,
+        itc_distill: bool = True,
+        mlm_distill: bool = True,
+    ):
         """``itc`` .. ``mlm_distill`` switch the paper's ablation rows: ``itc=False`` leaves the ITC
         loss out (and ITM negatives are then random); ``hard_negatives=False`` draws ITM negatives
         uniformly; ``itc_distill`` / ``mlm_distill`` turn momentum distillation off per objective."""
@@ -143,10 +152,18 @@ class ALBEFPretrainer(nn.Module):
         self.use_itc, self.hard_negatives = itc, hard_negatives
         self.itc_distill, self.mlm_distill = itc_distill, mlm_distill
 
-    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float,
-                idx: Tensor | None = None, draws: PretrainDraws | None = None,
-                generator: torch.Generator | None = None, update_momentum: bool = True,
-                enqueue: bool = True) -> PretrainOutput:
+    def forward(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        alpha: float,
+        idx: Tensor | None = None,
+        draws: PretrainDraws | None = None,
+        generator: torch.Generator | None = None,
+        update_momentum: bool = True,
+        enqueue: bool = True,
+    ) -> PretrainOutput:
         """One training step's losses. ``alpha``: distillation weight (ramped by the caller).
 
         ``idx`` (image ids, [B]) switches to the retrieval objective. ``draws`` replays the
@@ -172,8 +189,7 @@ class ALBEFPretrainer(nn.Module):
         with torch.no_grad():
             if update_momentum:
                 momentum_update(model, teacher, self.momentum)
-            momentum, mlm_text_m = _encode(teacher, images, input_ids, mlm_ids if teacher_mlm else None,
-                                           attention_mask)
+            momentum, mlm_text_m = _encode(teacher, images, input_ids, mlm_ids if teacher_mlm else None, attention_mask)
 
         # ITC against the queues as they were before this batch's momentum features join them
         itc = self._itc(student, momentum, alpha, idx, enqueue)
@@ -183,8 +199,11 @@ class ALBEFPretrainer(nn.Module):
         neg = self._hard_negatives(itc, idx, draws, generator)
         rows = torch.arange(len(input_ids), device=images.device)
         has_img, has_txt = neg.image >= 0, neg.text >= 0
-        itm_pairs = {"positive": (rows, rows), "negative_image": (rows[has_img], neg.image[has_img]),
-                     "negative_text": (neg.text[has_txt], rows[has_txt])}  # name: (texts, images)
+        itm_pairs = {
+            "positive": (rows, rows),
+            "negative_image": (rows[has_img], neg.image[has_img]),
+            "negative_text": (neg.text[has_txt], rows[has_txt]),
+        }  # name: (texts, images)
         pairs = FusionRows()
         for name, (texts, imgs) in itm_pairs.items():
             pairs.add(name, student.text_embeds.index_select(0, texts), attention_mask.index_select(0, texts), imgs)
@@ -204,32 +223,44 @@ class ALBEFPretrainer(nn.Module):
         loss = (itc.loss if self.use_itc else 0.0) + itm.loss
         if mlm is not None:
             loss = loss + mlm.loss
-        return PretrainOutput(loss, alpha, student, momentum, itc, itm, mlm,
-                              PretrainDraws(neg.image, neg.text, mlm_ids, labels))
+        return PretrainOutput(
+            loss, alpha, student, momentum, itc, itm, mlm, PretrainDraws(neg.image, neg.text, mlm_ids, labels)
+        )
 
-    def _mlm_inputs(self, input_ids: Tensor, draws: PretrainDraws,
-                    generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _mlm_inputs(
+        self, input_ids: Tensor, draws: PretrainDraws, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
         if draws.mlm_input_ids is not None and draws.mlm_labels is not None:
             return draws.mlm_input_ids.to(input_ids.device), draws.mlm_labels.to(input_ids.device)
-        return mask_tokens(input_ids, self.model.config.text.vocab_size, MASK_ID, (PAD_ID, CLS_ID),
-                           self.mlm_probability, generator)
+        return mask_tokens(
+            input_ids, self.model.config.text.vocab_size, MASK_ID, (PAD_ID, CLS_ID), self.mlm_probability, generator
+        )
 
-    def _itc(self, student: Encoded, momentum: Encoded, alpha: float, idx: Tensor | None,
-             enqueue: bool) -> ITCOutput:
+    def _itc(self, student: Encoded, momentum: Encoded, alpha: float, idx: Tensor | None, enqueue: bool) -> ITCOutput:
         q = self.queue
         image_queue, text_queue = q.image_queue, q.text_queue
         if enqueue and torch.is_grad_enabled():  # the backward reads the queues as they were before the enqueue below
             image_queue, text_queue = image_queue.clone(), text_queue.clone()
-        itc = itc_loss(student.image_feat, student.text_feat, momentum.image_feat, momentum.text_feat,
-                       image_queue, text_queue, self.model.temp, alpha if self.itc_distill else 0.0,
-                       idx, None if idx is None else q.idx_queue)
+        itc = itc_loss(
+            student.image_feat,
+            student.text_feat,
+            momentum.image_feat,
+            momentum.text_feat,
+            image_queue,
+            text_queue,
+            self.model.temp,
+            alpha if self.itc_distill else 0.0,
+            idx,
+            None if idx is None else q.idx_queue,
+        )
         if enqueue:
             q.enqueue(momentum.image_feat, momentum.text_feat, idx)
         return itc
 
     @torch.no_grad()
-    def _hard_negatives(self, itc: ITCOutput, idx: Tensor | None, draws: PretrainDraws,
-                        generator: torch.Generator | None) -> Negatives:
+    def _hard_negatives(
+        self, itc: ITCOutput, idx: Tensor | None, draws: PretrainDraws, generator: torch.Generator | None
+    ) -> Negatives:
         B = itc.sim_t2i.shape[0]
         device = itc.sim_t2i.device
         if idx is None:
@@ -245,21 +276,33 @@ class ALBEFPretrainer(nn.Module):
         neg_text = draws.neg_text_idx if draws.neg_text_idx is not None else sample_hard_negatives(w_i2t, generator)
         return Negatives(neg_image.to(device), neg_text.to(device), w_i2t, w_t2i)
 
-    def _itm(self, fused: dict[str, Tensor], itm_pairs: dict[str, tuple[Tensor, Tensor]],
-             neg: Negatives) -> ITMOutput:
+    def _itm(self, fused: dict[str, Tensor], itm_pairs: dict[str, tuple[Tensor, Tensor]], neg: Negatives) -> ITMOutput:
         """The ITM head and loss over the fused [CLS] of ``itm_pairs`` (name: (texts, images)),
         positives first."""
         cls = torch.cat([fused[name] for name in itm_pairs])  # [N, H]
         B = len(neg.image)
         logits = self.model.itm_head(cls)
-        labels = torch.cat([torch.ones(B, dtype=torch.long, device=cls.device),
-                            torch.zeros(len(cls) - B, dtype=torch.long, device=cls.device)])
+        labels = torch.cat(
+            [
+                torch.ones(B, dtype=torch.long, device=cls.device),
+                torch.zeros(len(cls) - B, dtype=torch.long, device=cls.device),
+            ]
+        )
         text_rows, image_rows = (torch.cat(rows) for rows in zip(*itm_pairs.values(), strict=True))
-        return ITMOutput(F.cross_entropy(logits, labels), logits, labels, text_rows, image_rows,
-                         neg.weights_i2t, neg.weights_t2i)
+        return ITMOutput(
+            F.cross_entropy(logits, labels), logits, labels, text_rows, image_rows, neg.weights_i2t, neg.weights_t2i
+        )
 
-    def _mlm(self, hidden: Tensor, labels: Tensor, masked: Positions, text_m: Tensor | None,
-             momentum: Encoded, attention_mask: Tensor, alpha: float) -> MLMOutput:
+    def _mlm(
+        self,
+        hidden: Tensor,
+        labels: Tensor,
+        masked: Positions,
+        text_m: Tensor | None,
+        momentum: Encoded,
+        attention_mask: Tensor,
+        alpha: float,
+    ) -> MLMOutput:
         """``hidden`` [n_masked, H]: the student's fused masked tokens; ``text_m``: the masked captions
         after the teacher's text-only layers, None when the teacher's MLM pass is off."""
         logits = self.model.mlm_logits(hidden)  # [n_masked, V]
@@ -269,13 +312,15 @@ class ALBEFPretrainer(nn.Module):
                 rows = FusionRows()
                 rows.add("mlm", text_m, attention_mask, read=masked)
                 logits_m = self.model_m.mlm_logits(self.model_m.fuse_rows(rows, momentum.image_embeds)["mlm"])
-        loss, ce, distill = mlm_loss(logits, labels[labels != IGNORE_INDEX], logits_m,
-                                     alpha if self.mlm_distill else 0.0)
+        loss, ce, distill = mlm_loss(
+            logits, labels[labels != IGNORE_INDEX], logits_m, alpha if self.mlm_distill else 0.0
+        )
         return MLMOutput(loss, ce, distill, logits, logits_m)
 
 
-def _encode(model: ALBEF, images: Tensor, input_ids: Tensor, mlm_ids: Tensor | None,
-            attention_mask: Tensor) -> tuple[Encoded, Tensor | None]:
+def _encode(
+    model: ALBEF, images: Tensor, input_ids: Tensor, mlm_ids: Tensor | None, attention_mask: Tensor
+) -> tuple[Encoded, Tensor | None]:
     """The image and text encoders and their ITC features; with ``mlm_ids``, the masked captions
     through the text-only layers too, in one batch of 2B rows with the originals (wider matrix
     products, one word-embedding gradient): returned second."""

@@ -46,19 +46,37 @@ class PretrainTask:
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
         t = recipe.train
-        return ALBEFPretrainer(ALBEF(cfg), hard_negative_eps=t.hard_negative_eps, itc=t.itc,
-                               hard_negatives=t.hard_negatives, itc_distill=t.itc_distill, mlm_distill=t.mlm_distill)
+        return ALBEFPretrainer(
+            ALBEF(cfg),
+            hard_negative_eps=t.hard_negative_eps,
+            itc=t.itc,
+            hard_negatives=t.hard_negatives,
+            itc_distill=t.itc_distill,
+            mlm_distill=t.mlm_distill,
+        )
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
         records, bad = read_annotations(d.train_files, parse_pretrain_entry(d.image_root, d.max_words, cleaning))
-        return (PretrainDataset(records, transform, seed=recipe.train.seed),
-                PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad)
+        return (
+            PretrainDataset(records, transform, seed=recipe.train.seed),
+            PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
+            bad,
+        )
 
-    def micro_step(self, module: nn.Module, batch: Any, alpha: float, generator: torch.Generator, first: bool
-                   ) -> tuple[Tensor, dict[str, Tensor | None], Any]:
-        out = module(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, idx=batch.idx,
-                     generator=generator, update_momentum=first, enqueue=False)
+    def micro_step(
+        self, module: nn.Module, batch: Any, alpha: float, generator: torch.Generator, first: bool
+    ) -> tuple[Tensor, dict[str, Tensor | None], Any]:
+        out = module(
+            batch.images,
+            batch.input_ids,
+            batch.attention_mask,
+            alpha=alpha,
+            idx=batch.idx,
+            generator=generator,
+            update_momentum=first,
+            enqueue=False,
+        )
         losses = out.losses()
         payload = (out.teacher.image_feat, out.teacher.text_feat, batch.idx)  # enqueued by end_step
         return out.loss, {k: losses[k] for k in self.loss_keys}, payload
@@ -78,17 +96,24 @@ class RetrievalTask(PretrainTask):
     loss_keys = ("loss", "loss_itc", "loss_itm")
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
-        return ALBEFPretrainer(ALBEF(cfg, mlm_head=False), mlm=False, with_idx=True,
-                               hard_negative_eps=recipe.train.hard_negative_eps, clamp_temp=False)
+        return ALBEFPretrainer(
+            ALBEF(cfg, mlm_head=False),
+            mlm=False,
+            with_idx=True,
+            hard_negative_eps=recipe.train.hard_negative_eps,
+            clamp_temp=False,
+        )
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
-        records, bad = read_retrieval_train(d.train_files, d.image_root, d.max_words, cleaning,
-                                            grounding=recipe.task == "grounding")
-        return (RetrievalTrainDataset(records, transform, seed=recipe.train.seed),
-                PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad)
-
-
+        records, bad = read_retrieval_train(
+            d.train_files, d.image_root, d.max_words, cleaning, grounding=recipe.task == "grounding"
+        )
+        return (
+            RetrievalTrainDataset(records, transform, seed=recipe.train.seed),
+            PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
+            bad,
+        )
 
 
 class VQATask:
@@ -105,13 +130,23 @@ class VQATask:
         d = recipe.data
         # "dataset": "vqa" entries' images under data.vqa_root, "vg" under data.vg_root (each
         # defaulting to data.image_root), as the authors' vqa_dataset joins them
-        ds, bad = build_vqa_train_dataset(d.train_files, d.image_root, transform, recipe.train.seed, cleaning,
-                                          vqa_root=d.vqa_root, vg_root=d.vg_root)
+        ds, bad = build_vqa_train_dataset(
+            d.train_files, d.image_root, transform, recipe.train.seed, cleaning, vqa_root=d.vqa_root, vg_root=d.vg_root
+        )
         return ds, VQACollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad
 
     def micro_step(self, module, batch, alpha, generator, first):
-        out = module(batch.images, batch.question_ids, batch.question_mask, batch.answer_ids, batch.answer_mask,
-                     batch.weights, batch.n_answers, alpha=alpha, update_momentum=first)
+        out = module(
+            batch.images,
+            batch.question_ids,
+            batch.question_mask,
+            batch.answer_ids,
+            batch.answer_mask,
+            batch.weights,
+            batch.n_answers,
+            alpha=alpha,
+            update_momentum=first,
+        )
         return out.loss, {"loss": out.loss}, None
 
     def end_step(self, trainer, payloads) -> None:
@@ -123,6 +158,7 @@ class ClassifyTask:
     "sentence", "label": "True"|"False"}``) with distillation."""
 
     loss_keys = ("loss",)
+
     def __init__(self, name: str):
         self.name = name
         self.num_images = 2 if name == "nlvr" else 1
@@ -134,15 +170,19 @@ class ClassifyTask:
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
         records, bad = read_classification(d.train_files, d.image_root, self.name, cleaning, d.max_words)
-        return (PretrainDataset(records, transform, seed=recipe.train.seed),
-                PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad)
+        return (
+            PretrainDataset(records, transform, seed=recipe.train.seed),
+            PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
+            bad,
+        )
 
     def images(self, batch: Any):
         return batch.images if self.num_images == 1 else [batch.images[:, 0], batch.images[:, 1]]
 
     def micro_step(self, module, batch, alpha, generator, first):
-        out = module(self.images(batch), batch.input_ids, batch.attention_mask, batch.labels, alpha=alpha,
-                     update_momentum=first)
+        out = module(
+            self.images(batch), batch.input_ids, batch.attention_mask, batch.labels, alpha=alpha, update_momentum=first
+        )
         return out.loss, {"loss": out.loss}, None
 
     def end_step(self, trainer, payloads) -> None:
@@ -166,8 +206,15 @@ class TextAssignmentTask(PretrainTask):
         return None
 
 
-TASKS = {"pretrain": PretrainTask, "retrieval": RetrievalTask, "grounding": RetrievalTask, "vqa": VQATask,
-         "ve": lambda: ClassifyTask("ve"), "nlvr": lambda: ClassifyTask("nlvr"), "nlvr_pretrain": TextAssignmentTask}
+TASKS = {
+    "pretrain": PretrainTask,
+    "retrieval": RetrievalTask,
+    "grounding": RetrievalTask,
+    "vqa": VQATask,
+    "ve": lambda: ClassifyTask("ve"),
+    "nlvr": lambda: ClassifyTask("nlvr"),
+    "nlvr_pretrain": TextAssignmentTask,
+}
 
 
 def get_task(name: str):

@@ -47,11 +47,15 @@ class Validator:
         if not d.val_files:
             return None
         if recipe.task not in SELECT_METRIC:
-            raise ValueError(f"data.val_files: task {recipe.task!r} has no validation metric (tasks that have one: "
-                             f"{', '.join(sorted(SELECT_METRIC))}); remove data.val_files")
+            raise ValueError(
+                f"data.val_files: task {recipe.task!r} has no validation metric (tasks that have one: "
+                f"{', '.join(sorted(SELECT_METRIC))}); remove data.val_files"
+            )
         if t.fsdp:
-            raise ValueError("data.val_files is not supported with train.fsdp (each rank would run its own share of "
-                             "the sharded model's forwards); evaluate the epochs' checkpoints with `albef evaluate`")
+            raise ValueError(
+                "data.val_files is not supported with train.fsdp (each rank would run its own share of "
+                "the sharded model's forwards); evaluate the epochs' checkpoints with `albef evaluate`"
+            )
         cleaning = d.text_cleaning or cfg.text_cleaning
         root = d.val_image_root or d.image_root
         transform = test_transform(cfg.vision.image_size)
@@ -63,8 +67,16 @@ class Validator:
             data = read_retrieval_eval(d.val_files, root, d.max_words, cleaning)
 
             def run(model: nn.Module, device: torch.device) -> dict[str, float]:
-                res = evaluate_retrieval(model, data, tokenizer, transform, t.k_test, batch_size=t.val_batch_size,
-                                         num_workers=d.num_workers, device=device)
+                res = evaluate_retrieval(
+                    model,
+                    data,
+                    tokenizer,
+                    transform,
+                    t.k_test,
+                    batch_size=t.val_batch_size,
+                    num_workers=d.num_workers,
+                    device=device,
+                )
                 return {**res["itm"], **{f"itc_{k}": v for k, v in res["itc"].items()}}
 
             return cls(recipe.task, metric, run, len(data.texts))
@@ -74,10 +86,13 @@ class Validator:
             records = read_grounding(d.val_files, root, cleaning)
 
             def run(model: nn.Module, device: torch.device) -> dict[str, float]:
-                metrics, _ = evaluate_grounding(model, records, tokenizer, transform, "itm", None,
-                                                t.val_batch_size, device)
-                return {"accuracy": metrics["accuracy"],
-                        **{f"accuracy_{k}": v for k, v in metrics["per_split"].items()}}
+                metrics, _ = evaluate_grounding(
+                    model, records, tokenizer, transform, "itm", None, t.val_batch_size, device
+                )
+                return {
+                    "accuracy": metrics["accuracy"],
+                    **{f"accuracy_{k}": v for k, v in metrics["per_split"].items()},
+                }
 
             return cls(recipe.task, metric, run, len(records))
         from albef.data.classification import read_classification
@@ -88,8 +103,11 @@ class Validator:
             raise ValueError("bad validation entries:\n  " + "\n  ".join(map(str, bad[:20])))
 
         def run(model: nn.Module, device: torch.device) -> dict[str, float]:
-            return {"accuracy": evaluate_classification(model, records, tokenizer, transform, t.val_batch_size,
-                                                        d.num_workers, device)["accuracy"]}
+            return {
+                "accuracy": evaluate_classification(
+                    model, records, tokenizer, transform, t.val_batch_size, d.num_workers, device
+                )["accuracy"]
+            }
 
         return cls(recipe.task, metric, run, len(records))
 
@@ -105,6 +123,8 @@ class Validator:
         finally:
             model.train(was_training)
         if self.metric not in metrics:
-            raise ValueError(f"train.select_metric {self.metric!r} is not a {self.task} validation metric; "
-                             f"choose one of {sorted(metrics)}")
+            raise ValueError(
+                f"train.select_metric {self.metric!r} is not a {self.task} validation metric; "
+                f"choose one of {sorted(metrics)}"
+            )
         return metrics

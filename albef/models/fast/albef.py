@@ -39,18 +39,35 @@ class FastALBEF(ALBEF):
         """Cross-attention keys/values of the images, to reuse across several fusion passes."""
         return self.text_encoder.image_context(image_embeds, image_mask)
 
-    def fuse(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-             image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def fuse(
+        self,
+        text_embeds: Tensor,
+        attention_mask: Tensor,
+        image: ImageInput | ImageContext,
+        image_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         return self.text_encoder.fuse(text_embeds, attention_mask, image, image_mask, positions)
 
-    def itm_cls(self, text_embeds: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-                image_mask: Tensor | None = None) -> Tensor:
+    def itm_cls(
+        self,
+        text_embeds: Tensor,
+        attention_mask: Tensor,
+        image: ImageInput | ImageContext,
+        image_mask: Tensor | None = None,
+    ) -> Tensor:
         # the last layer's work on the other tokens is about a sixth of BERT-base's six fusion layers
         positions = torch.zeros(text_embeds.shape[0], 1, dtype=torch.long, device=text_embeds.device)
         return self.fuse(text_embeds, attention_mask, image, image_mask, positions)
 
-    def encode_multimodal(self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-                          image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def encode_multimodal(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image: ImageInput | ImageContext,
+        image_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         return self.text_encoder(input_ids, attention_mask, image, image_mask, positions)
 
     def fuse_rows(self, rows: FusionRows, image_embeds: Tensor) -> dict[str, Tensor]:

@@ -79,8 +79,15 @@ class FastMultiHeadAttention(MultiHeadAttention):
 
 
 class FastBertLayer(BertLayer):
-    def forward(self, x: Tensor, mask: Tensor, packing: Packing | None = None, cross: KV | None = None,
-                last: LastRows | None = None, recompute: bool = True) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        packing: Packing | None = None,
+        cross: KV | None = None,
+        last: LastRows | None = None,
+        recompute: bool = True,
+    ) -> Tensor:
         """``x`` [B, L, H], or its real tokens [T, H] with ``packing``; ``cross``: the image's keys
         and values (fusion layers). With ``last``, only those positions are computed: the output is
         [B, P, H], or the [S, H] positions that exist when they are ragged. ``recompute``: the
@@ -103,8 +110,9 @@ class FastBertLayer(BertLayer):
         kv = KV(*sa.self.project_kv(x, packing), mask)
         return sa.output(sa.self.attend_to(x, kv, packing), x)
 
-    def _self_attention_at(self, x: Tensor, mask: Tensor, packing: Packing | None,
-                           last: LastRows) -> tuple[Tensor, Packing | None]:
+    def _self_attention_at(
+        self, x: Tensor, mask: Tensor, packing: Packing | None, last: LastRows
+    ) -> tuple[Tensor, Packing | None]:
         """Self-attention of ``last``'s positions against every token: their rows ([B, P, H], or
         [S, H] with ``last.ragged``) and the packing they are in from here on."""
         sa = self.attention
@@ -139,25 +147,45 @@ class FastTextEncoder(TextEncoder):
     def image_context(self, image: ImageInput, image_mask: Tensor | None = None) -> ImageContext:
         """Project the cross-attention keys/values of every fusion layer once."""
         images = [image] if isinstance(image, Tensor) else list(image)
-        kvs = [layer.crossattention.self.project_kv(images[i % len(images)])
-               for i, layer in enumerate(self.fusion_layers)]
-        return ImageContext([k for k, _ in kvs], [v for _, v in kvs],
-                            None if image_mask is None else padding_mask(image_mask))
+        kvs = [
+            layer.crossattention.self.project_kv(images[i % len(images)]) for i, layer in enumerate(self.fusion_layers)
+        ]
+        return ImageContext(
+            [k for k, _ in kvs], [v for _, v in kvs], None if image_mask is None else padding_mask(image_mask)
+        )
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor, tie: TiedGrad | None = None) -> Tensor:
         return self._run(self.text_layers, self.embeddings(input_ids, tie), attention_mask, None)
 
-    def fuse(self, hidden: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-             image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def fuse(
+        self,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        image: ImageInput | ImageContext,
+        image_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         context = image if isinstance(image, ImageContext) else self.image_context(image, image_mask)
         return self._run(self.fusion_layers, hidden, attention_mask, context, positions)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, image: ImageInput | ImageContext,
-                image_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image: ImageInput | ImageContext,
+        image_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         return self.fuse(self.encode_text(input_ids, attention_mask), attention_mask, image, image_mask, positions)
 
-    def _run(self, layers: Sequence[FastBertLayer], x: Tensor, attention_mask: Tensor,
-             context: ImageContext | None, positions: Tensor | None = None) -> Tensor:
+    def _run(
+        self,
+        layers: Sequence[FastBertLayer],
+        x: Tensor,
+        attention_mask: Tensor,
+        context: ImageContext | None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         if positions is not None and self.causal:
             raise ValueError("positions are for bidirectional layers (the causal mask is per query row)")
         mask = self.self_mask(attention_mask)
@@ -179,8 +207,12 @@ class FastTextEncoder(TextEncoder):
     def _saving_attention(self) -> bool:
         # A requested attention map keeps its padding rows as the plain model computes them (Grad-CAM
         # masks them out, but the map is public); those rows depend on every earlier layer's padding
-        return any(blk.self.save_attention for layer in self.encoder.layer
-                   for blk in (layer.attention, layer.crossattention) if blk is not None)
+        return any(
+            blk.self.save_attention
+            for layer in self.encoder.layer
+            for blk in (layer.attention, layer.crossattention)
+            if blk is not None
+        )
 
 
 class FastMLMHead(MLMHead):

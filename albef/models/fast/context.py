@@ -49,9 +49,11 @@ class ImageContext:
         """Rows ``index`` of the batch (differentiable: gradients flow back to the projections)."""
         if self.tiling is not None:
             raise ValueError("select() of a tiled ImageContext")
-        return ImageContext([k.index_select(0, index) for k in self.keys],
-                            [v.index_select(0, index) for v in self.values],
-                            None if self.mask is None else self.mask.index_select(0, index))
+        return ImageContext(
+            [k.index_select(0, index) for k in self.keys],
+            [v.index_select(0, index) for v in self.values],
+            None if self.mask is None else self.mask.index_select(0, index),
+        )
 
     def tile(self, tiles: int, extra: Tensor) -> ImageContext:
         """The batch ``tiles`` times over in order, then rows ``extra``: what ``select(cat([arange(B)]

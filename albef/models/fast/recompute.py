@@ -31,8 +31,9 @@ from albef.models.fast.tied import TiedGrad
 
 class _LinearAfter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f: Callable, x: Tensor, weight: Tensor, bias: Tensor | None, tie: TiedGrad | None,
-                *f_params: Tensor) -> Tensor:
+    def forward(
+        ctx, f: Callable, x: Tensor, weight: Tensor, bias: Tensor | None, tie: TiedGrad | None, *f_params: Tensor
+    ) -> Tensor:
         with torch.no_grad():
             a = f(x, *f_params)
         ctx.f, ctx.tie = f, tie
@@ -76,8 +77,14 @@ class _LinearAfter(torch.autograd.Function):
         return (None, grad_x, grad_w, grad_b, None, *grad_ps)
 
 
-def linear_after(f: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tensor | None,
-                 *f_params: Tensor, tie: TiedGrad | None = None) -> Tensor:
+def linear_after(
+    f: Callable[..., Tensor],
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *f_params: Tensor,
+    tie: TiedGrad | None = None,
+) -> Tensor:
     """``F.linear(f(x, *f_params), weight, bias)``, saving ``x`` instead of ``f(x)`` for the
     backward. ``f`` must be deterministic (it runs again in the backward) and cheap. With ``tie``
     (``weight`` is also an embedding table looked up with it) the weight's gradient may be left to
@@ -92,8 +99,9 @@ def norm_linear(norm: torch.nn.LayerNorm, linear: torch.nn.Linear, x: Tensor) ->
     return layer_norm_linear(norm, x, linear.weight, linear.bias)
 
 
-def layer_norm_linear(norm: torch.nn.LayerNorm, x: Tensor, weight: Tensor, bias: Tensor | None,
-                      tie: TiedGrad | None = None) -> Tensor:
+def layer_norm_linear(
+    norm: torch.nn.LayerNorm, x: Tensor, weight: Tensor, bias: Tensor | None, tie: TiedGrad | None = None
+) -> Tensor:
     """``F.linear(norm(x), weight, bias)`` keeping ``x`` alone, for a weight that is not a Linear's
     (BERT's MLM decoder is the word-embedding table). The weight's gradient comes out as a fresh
     contiguous tensor, not the transposed view that ``F.linear``'s backward gives, so a second

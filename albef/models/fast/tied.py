@@ -55,8 +55,12 @@ class TiedGrad:
         n, V, H = dy.shape[0], dy.shape[1], a.shape[1]
         task = torch._C._current_graph_task_id()
         self.pending = [e for e in self.pending if e[0] == task]  # left by a backward that raised
-        if (n * (V + H) >= V * H or self.lookup is None or self.done == task
-                or not torch._C._will_engine_execute_node(self.lookup)):
+        if (
+            n * (V + H) >= V * H
+            or self.lookup is None
+            or self.done == task
+            or not torch._C._will_engine_execute_node(self.lookup)
+        ):
             return False
         if not self.pending:  # a safety net: checked once the backward has finished
             torch.autograd.Variable._execution_engine.queue_callback(self._check_taken)
@@ -74,8 +78,10 @@ class TiedGrad:
     def _check_taken(self) -> None:
         if self.pending:
             self.pending = []
-            raise RuntimeError("internal error: the tied decoder's weight gradient was deferred to an "
-                               "embedding lookup that did not run in this backward")
+            raise RuntimeError(
+                "internal error: the tied decoder's weight gradient was deferred to an "
+                "embedding lookup that did not run in this backward"
+            )
 
     # A tie belongs to one forward: a copy of its owner (the momentum teacher is a deep copy of the
     # student) or a pickled model gets a fresh one, not this forward's autograd node

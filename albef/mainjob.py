@@ -35,7 +35,7 @@ FULL = {
     "pretrain": 500,
     "pretrain_lr": 5e-4,
     "batch": 32,
-    "vqa": 120,
+    "vqa": 80,
     "vqa_test": 1000,
     "k": 16,
     "scenes": 8000,  # training scenes, siblings included

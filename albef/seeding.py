@@ -1,10 +1,10 @@
 """Seeds for one place in a run — a sample in an epoch, a micro-batch, a shard order — hashed from
 the run's seed and the place's coordinates.
 
-A linear mix such as ``seed * 1_000_003 + epoch * 7_919 + index`` (what albef used before) gives
-equal seeds to different places by construction: sample ``i + 7_919`` of one epoch and sample
-``i`` of the next drew the same augmentation, and the run with seed 1 replayed the run with seed
-0 shifted by a million samples. A hash has no such structure; each use names its own ``domain``,
+A linear mix such as ``seed * 1_000_003 + epoch * 7_919 + index`` gives equal seeds to different
+places by construction: sample ``i + 7_919`` of one epoch and sample ``i`` of the next would draw
+the same augmentation, and the run with seed 1 would replay the run with seed 0 shifted by a
+million samples. A hash has no such structure; each use names its own ``domain``,
 so equal coordinates in different uses give unrelated seeds too. Two places can still share a
 stream by chance: torch's CPU generator keeps only the low 32 bits of a seed (Mersenne Twister's
 ``init_with_uint32``), so among n seeds about n**2 / 2**33 pairs coincide, random pairs of

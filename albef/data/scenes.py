@@ -1,7 +1,7 @@
 """Compositional emoji scenes: where things are, said in words (``build_scenes``).
 
 The emoji task of :mod:`albef.data.emoji` has one object per image, so nothing in it depends on
-how words relate to places, and ITM and Grad-CAM have nothing to learn. Here 2-3 real emoji
+how words relate to places, and ITM and Grad-CAM have nothing to learn. Here a few real emoji
 images are pasted on a plain canvas at known positions (the boxes are exact) and described by a
 small grammar::
 
@@ -10,11 +10,16 @@ small grammar::
     REL     := "to the left of" | "to the right of" | "above" | "below"
 
 e.g. "a cat face to the left of a red heart", "a star above two red hearts". A scene holds exactly
-two different emoji, A and B, and at most one of them twice (2 or 3 objects). A group of two
+two different emoji that its caption names, A and B, at most one of them twice (2 or 3 objects),
+and optionally distractors: other emoji the caption says nothing of (``distractors``). A group of two
 copies lies across the relation's axis (stacked for left/right, side by side for above/below), so
 the relation holds for every object: each A box ends before each B box begins along the axis,
 and the centres differ more along it than across it. Every image has its caption and the
 converse ("B to the right of A"), both true.
+
+Training scenes can come in siblings (``siblings``): each followed by the same layout with A and B
+exchanged, the pair a sampler keeps in one batch (``data.group_size: 2``) so that ITC's mined hard
+negatives include the caption only the relation tells apart.
 
 Hard cases by construction (``twins_test.json``): each test image's caption and altered twins,
 each false of the image and differing from the caption in one way only:
@@ -46,19 +51,17 @@ Files (paths relative to the output folder), in the authors' formats:
   ``config.json`` (the arguments), ``ATTRIBUTION.md`` (the emoji sources' licences).
 
 Image and patch size (:data:`RECOMMENDED`): objects are ``object_frac`` (0.22-0.30) of the side.
-Measured on the test referents (:func:`albef.evaluation.scenes.oracle_pointing`): at 64 px with
-16 px patches (the main job's 4x4 grid) an object touches 3.8 patches but covers half of none of
-them in most scenes (0.5 on average, 11 % of its patches shared with another object), and a noisy
-patch-level map points at the right box 74-81 %; at 128/16 (8x8) it touches 8.4 patches, covers
-3.6 (at least 1) by half, shares 2 %, 82-92 %; 96/8 (12x12): 15, 8.2, 0.7 %, 93-97 %. A training
-step (albef-small, batch 32, CPU) costs about 1.4x the 64/16 one at 128/16, 1.9x at 96/8, 2.4x at
-128/8. So: 128 px, patch 16 — albef-small's own preset size; the main job's ``vision.image_size: 64``
-override should be dropped for the scenes (96/8 where the budget allows).
+On the test referents, :func:`albef.evaluation.scenes.oracle_pointing` gives what each grid leaves
+to Grad-CAM: at 64 px with 16 px patches (a 4x4 grid) an object touches 3.8 patches and covers
+half of almost none of them (11 % of its patches shared with another object), and a noisy
+patch-level map points at the right box 74-81 % of the time; at 128/16 (8x8) an object touches
+8.4 patches, covers 3.6 (at least 1) by half, shares 2 %, 82-92 %; at 96/8 (12x12): 15, 8.2,
+0.7 %, 93-97 %. A training step (albef-small, batch 32, CPU) costs about 1.4x the 64/16 one at
+128/16, 1.9x at 96/8, 2.4x at 128/8. Hence 128 px with 16 px patches, albef-small's own size.
 
-Training transforms: :func:`albef.data.transforms.train_transform` flips images horizontally (as the
-authors do), which makes every "left"/"right" caption false half the time, and a random crop can cut
-an object out (then "two hearts" is false). Train on these scenes with ``data.random_crop: false``
-and without the flip (no recipe option turns it off yet).
+Training transforms: the authors' horizontal flip makes every "left"/"right" caption false half
+the time, and a random crop can cut an object out (then "two hearts" is false): train on these
+scenes with ``data.hflip: false`` and ``data.random_crop: false``, as the main job does.
 """
 
 from __future__ import annotations

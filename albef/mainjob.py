@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -309,6 +310,8 @@ def run_main(
     t0 = time.perf_counter()
     model = load_inference_model(ckpt, device=device)
     scenes = evaluate_scenes(model, data / "scenes", s["k"], out / "overlays")
+    # relative to the report, which links them
+    scenes["overlays"] = {k: [os.path.relpath(f, out) for f in v] for k, v in scenes["overlays"].items()}
     times["scene evaluation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

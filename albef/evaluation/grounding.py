@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from albef.data.annotations import read_annotations, require_entries, resolve_image
@@ -142,6 +143,18 @@ def save_overlays(preds: Sequence[GroundingPrediction], out_dir: str | Path, n: 
         img = load_image(p.record.image)
         heat = upsample_heatmap(p.heatmap, img.height, img.width)
         path = out / f"grounding_{i:03d}_{'ok' if p.correct else 'miss'}.png"
-        overlay(img, heat, boxes=list(p.record.candidates), highlight=p.best).save(path)
+        labelled(overlay(img, heat, boxes=list(p.record.candidates), highlight=p.best), p.record.text).save(path)
         paths.append(path)
     return paths
+
+
+def labelled(img: Image.Image, text: str, min_width: int = 256) -> Image.Image:
+    """``img`` enlarged (nearest) to at least ``min_width`` px, with ``text`` on a strip below."""
+    from PIL import ImageDraw
+
+    k = max(1, -(-min_width // img.width))
+    big = img.resize((img.width * k, img.height * k), Image.NEAREST)
+    out = Image.new("RGB", (big.width, big.height + 18), (255, 255, 255))
+    out.paste(big, (0, 0))
+    ImageDraw.Draw(out).text((4, big.height + 3), text, fill=(0, 0, 0))
+    return out

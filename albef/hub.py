@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -215,3 +216,13 @@ def load_model(
         raise ValueError(f"{path} holds a {type(model).__name__}, not a {expect.__name__}")
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()
+
+
+def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """:func:`load_model` for the commands: an albef model folder, a training run's checkpoint (its
+    student), or a run folder (its ``checkpoint_best.pt``, else ``checkpoint_last.pt``); a
+    checkpoint's path goes to stderr, so a run's output says which epoch it scored."""
+    path = resolve_model_path(path)
+    if path.suffix == ".pt":
+        print(f"model: {path}", file=sys.stderr)
+    return load_model(path, device)

@@ -30,7 +30,7 @@ def losses(run: Path, last: int = 100) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from albef.ablation import run_row
+    from albef.cli.ablation import run_row
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data")

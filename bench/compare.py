@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference as R  # noqa: E402
 
-from albef.bench import proc_memory_mb  # noqa: E402
+from albef.cli.bench import proc_memory_mb  # noqa: E402
 from albef.config import ALBEFConfig, get_preset  # noqa: E402
 from albef.mdblock import write_block  # noqa: E402
 from albef.models.albef import checkpointed_parts  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from albef.cli import main as cli_main
-from albef.cli_train import finetune
+from albef.cli.train import finetune
 from albef.data.classification import read_classification
 from albef.data.retrieval import read_retrieval_train
 from albef.data.vqa import read_vqa

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 import albef
-from albef import bench, demo
-from albef.cli import main
+from albef.cli import bench, demo, main
 
 
 def test_cli_lists_commands_and_rejects_unknown(capsys):

@@ -130,7 +130,7 @@ def _row(**kw) -> dict:
 
 
 def test_ablation_table_reports_mean_and_spread(tmp_path):
-    from albef.ablation import ROWS, write_table
+    from albef.cli.ablation import ROWS, write_table
 
     runs = {"Full (ITC_MoD + MLM_MoD + ITM_hard)": [_row(txt_r1=1.0, pointing=20.0), _row(txt_r1=3.0, pointing=40.0)]}
     write_table(runs, tmp_path / "t.md", [0, 1], "ablation")
@@ -140,7 +140,7 @@ def test_ablation_table_reports_mean_and_spread(tmp_path):
 
 
 def test_ablation_table_rewrite_keeps_the_analysis_around_it(tmp_path):
-    from albef.ablation import write_table
+    from albef.cli.ablation import write_table
 
     path = tmp_path / "t.md"
     write_table({"MLM + ITM": [_row(txt_r1=1.0)]}, path, [0], "ablation")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from albef.bench import proc_memory_mb
+from albef.cli.bench import proc_memory_mb
 from albef.training.heap import _malloc_trim, release_freed_memory
 
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from albef.cli import main as cli_main
-from albef.cli_convert import config_from_state_dict
+from albef.cli.convert import config_from_state_dict
+from albef.cli.parity import config_from_parity
 from albef.convert import to_authors
 from albef.loading import CheckpointLoadError, load_albef, load_authors_checkpoint, load_hf_bert, read_state_dict
 from albef.models.albef import ALBEF
-from albef.parity import config_from_parity
 from albef.training.momentum import copy_student_to_teacher
 from albef.training.pretrain import ALBEFPretrainer
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from albef.cli.mainjob import run_main
 from albef.data.easyvqa import build_easyvqa
-from albef.mainjob import run_main
 
 from test_emoji_data import _fixture
 
@@ -95,7 +95,7 @@ def test_main_job_smoke(tmp_path, monkeypatch):
 
 
 def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):
-    import albef.mainjob as M
+    import albef.cli.mainjob as M
 
     seen = {}
     monkeypatch.setattr(M, "run_main", lambda *a, **k: seen.update(scale=a[2], device=k["device"]))

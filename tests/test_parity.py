@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from albef import parity
 from albef.cli import main as cli_main
+from albef.cli import parity
 
 
 @pytest.mark.slow

@@ -274,7 +274,7 @@ def test_inference_commands_take_precision(tiny_model_dir, shapes, tmp_path, cap
         == 0
     )
     assert "a circle" in capsys.readouterr().out
-    from albef.cli_serve import parser
+    from albef.cli.serve import parser
 
     assert parser().parse_args(["--precision", "auto"]).precision == "auto"
     assert parser().parse_args([]).precision == "fp32"

@@ -216,7 +216,7 @@ def test_concurrent_requests_give_the_sequential_answers(client):
 
 
 def test_build_app_without_a_model_points_at_the_main_job(tmp_path, monkeypatch):
-    from albef.cli_serve import build_app, parser
+    from albef.cli.serve import build_app, parser
 
     monkeypatch.chdir(tmp_path)  # no runs/main here
     with pytest.raises(SystemExit, match="run the main job first"):
@@ -224,7 +224,7 @@ def test_build_app_without_a_model_points_at_the_main_job(tmp_path, monkeypatch)
 
 
 def test_build_app_from_a_saved_model(tmp_path, gallery, monkeypatch):
-    from albef.cli_serve import build_app, parser
+    from albef.cli.serve import build_app, parser
     from albef.hub import save_pretrained
 
     monkeypatch.chdir(tmp_path)

@@ -196,7 +196,7 @@ def test_the_local_host_names_are_answered_on_any_port(app, base):
 
 
 def test_allowed_host_option_adds_names(tmp_path, gallery, monkeypatch):
-    from albef.cli_serve import build_app, parser
+    from albef.cli.serve import build_app, parser
     from albef.config import get_preset
     from albef.hub import save_pretrained
 

@@ -278,3 +278,21 @@ def itm_diagnostic(
         out[f"itm_vs_{name}"] = win_rate(itm[0], itm[row])
         out[f"itc_vs_{name}"] = win_rate(itc[0], itc[row])
     return out
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Recall tables side by side: one row per entry of ``results`` (name -> retrieval metrics)."""
+    cols = [
+        ("TR@1", "txt_r1"),
+        ("TR@5", "txt_r5"),
+        ("TR@10", "txt_r10"),
+        ("IR@1", "img_r1"),
+        ("IR@5", "img_r5"),
+        ("IR@10", "img_r10"),
+        ("r_mean", "r_mean"),
+    ]
+    w = max([10, *(len(n) + 1 for n in results)])
+    lines = [f"{'':{w}s}" + "".join(f"{c:>8s}" for c, _ in cols)]
+    for name, m in results.items():
+        lines.append(f"{name:{w}s}" + "".join(f"{m[k]:8.2f}" for _, k in cols))
+    return "\n".join(lines)

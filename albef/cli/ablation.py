@@ -34,8 +34,8 @@ METRICS = {
 
 
 def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[str, float]:
-    from albef.cli_evaluate import load_inference_model
-    from albef.mainjob import SCALES, _recipe, _train, build_data, evaluate_scenes, pretraining_data
+    from albef.cli.mainjob import SCALES, _recipe, _train, build_data, evaluate_scenes, pretraining_data
+    from albef.hub import load_inference_model
 
     s = SCALES[scale]
     build_data(data, s)
@@ -70,7 +70,7 @@ def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[s
 
 
 def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], scale: str) -> None:
-    from albef.mainjob import SCALES
+    from albef.cli.mainjob import SCALES
 
     s = SCALES[scale]
     lines = [
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--row", action="append", choices=list(ROWS), help="only these rows (repeatable)")
-    p.add_argument("--scale", default="ablation", help="steps per stage, from albef.mainjob.SCALES")
+    p.add_argument("--scale", default="ablation", help="steps per stage, from albef.cli.mainjob.SCALES")
     p.add_argument("--table", default="docs/ablation.md")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -11,7 +11,7 @@ padding positions only the plain model computes as the reference does, are compa
 plain model, and from the fast one at the real tokens. ``--plain`` checks the plain model alone.
 
 Example:
-    >>> from albef.parity import run_parity
+    >>> from albef.cli.parity import run_parity
     >>> checks = run_parity("../shared/parity", dtypes=("float64",))   # doctest: +SKIP
     >>> all(c.ok for c in checks)                                        # doctest: +SKIP
     True

@@ -264,10 +264,10 @@ def run_main(
     overwrite: bool = False,
     device: str = "cpu",
 ) -> Path:
-    from albef.cli_evaluate import format_table, load_inference_model
     from albef.data.retrieval import read_retrieval_eval
     from albef.data.transforms import test_transform
-    from albef.evaluation.retrieval import evaluate_retrieval
+    from albef.evaluation.retrieval import evaluate_retrieval, format_table
+    from albef.hub import load_inference_model
     from albef.text import Tokenizer
 
     if not overwrite and (
@@ -339,7 +339,7 @@ def run_main(
         "seconds": times,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    from albef.mainjob_report import write_report
+    from albef.cli.mainjob_report import write_report
 
     report = write_report(out, results, s)
     print(format_table({f"scenes {k}": v for k, v in scenes["retrieval"]["all"].items() if k in ("itc", "itm")}))
@@ -351,10 +351,10 @@ def run_vqa(
     out: Path, vqa_dir: Path, ckpt: Path, s: dict, seed: int, device: str, overwrite: bool, times: dict
 ) -> dict:
     """Fine-tune on a subset of easy-VQA from the pretrained model; accuracy with its baselines."""
-    from albef.cli_evaluate import load_inference_model
     from albef.data.transforms import test_transform
     from albef.data.vqa import read_answer_list, read_vqa
     from albef.evaluation.tasks import evaluate_vqa
+    from albef.hub import load_inference_model
     from albef.text import Tokenizer
 
     rng = random.Random(seed)

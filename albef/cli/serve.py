@@ -122,9 +122,8 @@ def _model_id(path: Path) -> str:
 def build_app(args: argparse.Namespace):
     """The FastAPI app for parsed arguments (tests call this without starting a server)."""
     from albef.api import Pipeline, Processor, VQAPipeline
-    from albef.cli_evaluate import load_inference_model
     from albef.data.vqa import read_answer_list
-    from albef.hub import NotAModelError, resolve_model_path
+    from albef.hub import NotAModelError, load_inference_model, resolve_model_path
     from albef.models.albef import ALBEF
     from albef.serve.app import create_app
     from albef.serve.index import GalleryIndex

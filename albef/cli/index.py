@@ -17,7 +17,7 @@ from pathlib import Path
 
 def _pipeline(model: str, device: str | None, precision: str = "fp32"):
     from albef.api import Pipeline, Processor
-    from albef.cli_evaluate import load_inference_model
+    from albef.hub import load_inference_model
 
     path = Path(model)
     if not path.exists():
@@ -44,7 +44,7 @@ def bench(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from albef.ann import _faiss, ann_search, exact_topk, fill_index, make_index, recall_at_k
-    from albef.bench import proc_memory_mb
+    from albef.cli.bench import proc_memory_mb
 
     faiss = _faiss()
     faiss.omp_set_num_threads(args.threads)

@@ -16,10 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from albef.data.retrieval import read_retrieval_eval
 from albef.data.transforms import test_transform
+from albef.evaluation.retrieval import format_table
+from albef.hub import load_inference_model
 from albef.precision import add_precision_option, autocast, resolve_precision
 from albef.text import Tokenizer
 
@@ -27,45 +27,6 @@ MODEL_HELP = (
     "an albef model folder, a run's checkpoint (.pt), or a run folder: its checkpoint_best.pt "
     "(best validation epoch), else checkpoint_last.pt"
 )
-
-
-def resolve_model_path(path: str | Path) -> Path:
-    """A run folder (it holds training checkpoints) becomes its best checkpoint, the epoch with the
-    best validation metric, or its last when the run had no validation; anything else is kept.
-    (:func:`albef.hub.resolve_model_path`, the rule every model-loading command shares.)"""
-    from albef.hub import resolve_model_path as resolve
-
-    return resolve(path)
-
-
-def load_inference_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """An albef model folder, a training run's checkpoint (its student), or a run folder (its
-    ``checkpoint_best.pt``, else ``checkpoint_last.pt``); a bare state dict or an authors'
-    checkpoint is an error naming the file and the ``albef convert`` to run
-    (:func:`albef.hub.load_model`)."""
-    from albef.hub import load_model
-
-    path = resolve_model_path(path)
-    if path.suffix == ".pt":
-        print(f"model: {path}", file=sys.stderr)
-    return load_model(path, device)
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    cols = [
-        ("TR@1", "txt_r1"),
-        ("TR@5", "txt_r5"),
-        ("TR@10", "txt_r10"),
-        ("IR@1", "img_r1"),
-        ("IR@5", "img_r5"),
-        ("IR@10", "img_r10"),
-        ("r_mean", "r_mean"),
-    ]
-    w = max([10, *(len(n) + 1 for n in results)])
-    lines = [f"{'':{w}s}" + "".join(f"{c:>8s}" for c, _ in cols)]
-    for name, m in results.items():
-        lines.append(f"{name:{w}s}" + "".join(f"{m[k]:8.2f}" for _, k in cols))
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,40 @@
+"""The ``albef`` command: one sub-command per job, each a module of this package with ``main(argv)``.
+
+Nothing outside ``albef.cli`` imports from it: the commands use the library, never the reverse.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "main": ("albef.cli.mainjob", "the whole system on real data (emoji, easy-VQA) with a report"),
+    "ablation": ("albef.cli.ablation", "the paper's pretraining ablation in miniature (docs/ablation.md)"),
+    "parity": ("albef.cli.parity", "recompute reference test vectors and compare"),
+    "demo": ("albef.cli.demo", "short pretraining run on generated data, then zero-shot retrieval"),
+    "bench": ("albef.cli.bench", "time one full pretraining step (forward, backward, AdamW)"),
+    "pretrain": ("albef.cli.train", "pretrain from a YAML recipe (one process or torchrun)"),
+    "finetune": (
+        "albef.cli.train:finetune",
+        "fine-tune (retrieval, grounding, VQA, SNLI-VE, NLVR2) from a YAML recipe",
+    ),
+    "evaluate": ("albef.cli.evaluate", "evaluate retrieval, grounding, VQA, SNLI-VE or NLVR2"),
+    "data": ("albef.data.cli", "build data sets in the authors' JSON formats"),
+    "convert": ("albef.cli.convert", "an authors' checkpoint (.pth) -> an albef model folder"),
+    "predict": ("albef.cli.predict", "score image-text pairs, or a Grad-CAM overlay PNG"),
+    "index": ("albef.cli.index", "FAISS gallery index: build (chunked), bench (recall vs exact)"),
+    "search": ("albef.cli.index:search_main", "text -> image over a FAISS index, ITM re-ranked"),
+    "serve": ("albef.cli.serve", "local web demo: search, match, ask, Grad-CAM (JSON API too)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: albef COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module_name, _, func = COMMANDS[argv[0]][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func or "main")(argv[1:]) or 0)

@@ -10,7 +10,10 @@ import sys
 
 COMMANDS = {
     "main": ("albef.cli.mainjob", "the whole system on real images (emoji scenes, emoji, easy-VQA) with a report"),
-    "ablation": ("albef.cli.ablation", "the paper's pretraining ablation in miniature on the scenes (docs/ablation.md)"),
+    "ablation": (
+        "albef.cli.ablation",
+        "the paper's pretraining ablation in miniature on the scenes (docs/ablation.md)",
+    ),
     "parity": ("albef.cli.parity", "recompute reference test vectors and compare"),
     "demo": ("albef.cli.demo", "short pretraining run on generated data, then zero-shot retrieval"),
     "bench": ("albef.cli.bench", "time one full pretraining step (forward, backward, AdamW)"),

@@ -171,7 +171,8 @@ def build_data(data: Path, s: dict, emoji_fetcher=None, easyvqa_builder=None) ->
         "emoji": len(catalogue),
     }
     done = scene_dir / "config.json"
-    if not done.exists() or {k: json.loads(done.read_text()).get(k) for k in config} != config:
+    old = json.loads(done.read_text()) if done.exists() else None
+    if old is None or "counts" not in old or {k: old.get(k) for k in config} != config:
         if done.exists():  # a scene set of other settings, written here before: drawn again from scratch
             shutil.rmtree(scene_dir)
         counts["scenes"] = build_scenes(

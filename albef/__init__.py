@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from albef.checkpoints.pretrained import from_pretrained, load_model, save_pretrained
 from albef.config import ALBEFConfig, TextConfig, VisionConfig, get_preset
 from albef.models import ALBEF
 
@@ -17,7 +18,10 @@ __all__ = [
     "VQAPipeline",
     "TextConfig",
     "VisionConfig",
+    "from_pretrained",
     "get_preset",
+    "load_model",
+    "save_pretrained",
     "__version__",
 ]
 

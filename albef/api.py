@@ -25,7 +25,7 @@ from torch import Tensor
 
 from albef.data.pretrain import load_image
 from albef.data.transforms import test_transform
-from albef.grounding import box_scores, gradcam_itm, upsample_heatmap
+from albef.gradcam import box_scores, gradcam_itm, upsample_heatmap
 from albef.models.albef import ALBEF
 from albef.precision import autocast, resolve_precision
 from albef.text import TokenizedText, Tokenizer, clean_caption
@@ -130,7 +130,7 @@ class Pipeline:
         checkpoint stores) or a run folder (its ``checkpoint_best.pt``, else ``checkpoint_last.pt``).
         A bare state dict or an authors' checkpoint is an error saying to ``albef convert`` it.
         ``dtype`` casts the weights; ``precision`` autocasts the forward passes (see the class)."""
-        from albef.hub import load_model, resolve_model_path
+        from albef.checkpoints.pretrained import load_model, resolve_model_path
 
         path = resolve_model_path(directory)
         model = load_model(path, device="cpu", dtype=dtype, expect=ALBEF)
@@ -308,7 +308,7 @@ class VQAPipeline:
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None, **kwargs) -> VQAPipeline:
         """A VQA model folder, a VQA run's checkpoint or its run folder (as :meth:`Pipeline.from_pretrained`);
         ``precision=`` among ``kwargs`` as for :class:`Pipeline`."""
-        from albef.hub import load_model, resolve_model_path
+        from albef.checkpoints.pretrained import load_model, resolve_model_path
         from albef.models.tasks import ALBEFForVQA
 
         path = resolve_model_path(directory)

@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference as R  # noqa: E402
 
 from albef.cli.bench import proc_memory_mb  # noqa: E402
+from albef.cli.mdblock import write_block  # noqa: E402
 from albef.config import ALBEFConfig, get_preset  # noqa: E402
-from albef.mdblock import write_block  # noqa: E402
 from albef.models.albef import checkpointed_parts  # noqa: E402
 from albef.training.optim import one_process_in_backward  # noqa: E402
 
@@ -366,9 +366,9 @@ def scored_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_retrieval(args, dev, amp: torch.dtype | None = None) -> dict:
-    from albef.convert import from_authors
+    from albef.checkpoints.convert import from_authors
+    from albef.checkpoints.loading import load_albef
     from albef.evaluation.retrieval import embed_gallery, rerank
-    from albef.loading import load_albef
     from albef.models.albef import ALBEF
     from albef.text import Tokenizer
 

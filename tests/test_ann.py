@@ -10,9 +10,9 @@ from PIL import Image
 
 faiss = pytest.importorskip("faiss")
 
-from albef.ann import build_index, embed_to_disk, exact_topk, fill_index, make_index, recall_at_k, search  # noqa: E402
 from albef.api import Pipeline  # noqa: E402
 from albef.models.albef import ALBEF  # noqa: E402
+from albef.search.ann import build_index, embed_to_disk, exact_topk, fill_index, make_index, recall_at_k, search  # noqa: E402
 
 
 @pytest.fixture
@@ -90,8 +90,8 @@ def test_search_shortlists_by_itc_and_reranks_by_itm(pipe, files, tmp_path):
 
 
 def test_index_cli_builds_and_searches(pipe, files, tmp_path, capsys):
+    from albef.checkpoints.pretrained import save_pretrained
     from albef.cli import main as cli
-    from albef.hub import save_pretrained
 
     save_pretrained(pipe.model, tmp_path / "model")
     folder = files[0].parent
@@ -140,7 +140,7 @@ def test_index_cli_builds_and_searches(pipe, files, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pq_shortlist_refined_exactly_from_disk_beats_pq_alone(tmp_path):
-    from albef.ann import ann_search
+    from albef.search.ann import ann_search
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4000, 32)).astype(np.float32)

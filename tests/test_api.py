@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from albef.api import Pipeline, Processor
+from albef.checkpoints import save_pretrained
 from albef.cli import main as cli_main
 from albef.data.cli import write_shapes
-from albef.grounding import box_iou, box_scores
+from albef.gradcam import box_iou, box_scores
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_ground_and_predict_cli(tiny_model, gallery, tmp_path, capsys):
     assert res.heatmap.shape == (g, g) and res.heatmap_image.shape == (32, 32)
     assert res.best_box == int(res.box_scores.argmax())
     assert all(p.grad is None for p in tiny_model.parameters())  # Grad-CAM leaves no gradients behind
-    tiny_model.save_pretrained(tmp_path / "m")
+    save_pretrained(tiny_model, tmp_path / "m")
     assert (
         cli_main(
             [
@@ -141,6 +142,6 @@ def test_ground_and_predict_cli(tiny_model, gallery, tmp_path, capsys):
 
 def test_processor_for_saved_model_keeps_the_tokenizer_convention(tiny_model, tmp_path):
     tiny_model.config.add_sep = True
-    tiny_model.save_pretrained(tmp_path / "m")
+    save_pretrained(tiny_model, tmp_path / "m")
     proc = Processor.for_model(tiny_model, tmp_path / "m")
     assert proc.texts("a dog").input_ids[0, -1].item() == 102

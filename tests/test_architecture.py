@@ -82,8 +82,8 @@ def _in(module: str, package: str) -> bool:
 
 
 def test_the_walk_sees_the_package():
-    assert "albef.cli" in MODULES and "albef.models.albef" in MODULES and "albef.hub" in MODULES
-    assert "albef.models.albef" in GRAPH["albef.hub"][1]
+    assert "albef.cli" in MODULES and "albef.models.albef" in MODULES and "albef.checkpoints.pretrained" in MODULES
+    assert "albef.models.albef" in GRAPH["albef.checkpoints.pretrained"][1]
 
 
 def test_models_and_checkpoints_import_no_training_serving_or_commands():
@@ -93,6 +93,17 @@ def test_models_and_checkpoints_import_no_training_serving_or_commands():
         if _in(m, "albef.models") or _in(m, "albef.checkpoints")
         for t in sorted(every)
         if any(_in(t, p) for p in ("albef.training", "albef.cli", "albef.serve"))
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_model_never_imports_checkpoint_code():
+    bad = [
+        f"{m} imports {t}"
+        for m, (every, _) in GRAPH.items()
+        if _in(m, "albef.models")
+        for t in sorted(every)
+        if _in(t, "albef.checkpoints")
     ]
     assert not bad, "\n".join(bad)
 

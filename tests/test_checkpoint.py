@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from albef.training.checkpoint import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    find_last_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from albef.checkpoints.files import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from albef.training.checkpoint import find_last_checkpoint, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +61,7 @@ def test_previous_checkpoint_survives_kill_mid_write(tmp_path):
         """
         import io, os, sys
         import torch
-        from albef.training.checkpoint import save_checkpoint
+        from albef.checkpoints.files import save_checkpoint
 
         real_save = torch.save
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from albef.checkpoints.pretrained import save_pretrained
 from albef.cli import main as cli_main
 from albef.config import get_preset
 from albef.data.cli import write_shapes
-from albef.hub import save_pretrained
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
 
@@ -70,7 +70,7 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     save_pretrained(ALBEFForVQA(cfg), d / "vqa_model")
     save_pretrained(ALBEFForClassification(cfg, 3), d / "ve_model")
-    ALBEF(cfg).save_pretrained(d / "model")
+    save_pretrained(ALBEF(cfg), d / "model")
     return d
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from albef.config import ALBEFConfig, TextConfig, VisionConfig
-from albef.grounding import gradcam_itc, gradcam_itm
+from albef.gradcam import gradcam_itc, gradcam_itm
 from albef.models.albef import ALBEF
 
 RED, BLUE, GREEN = 2417, 2630, 2665  # bert-base-uncased ids of "red", "blue", "green"

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 import albef.evaluation.grounding as G
+from albef.checkpoints import save_pretrained
 from albef.cli import main as cli_main
 from albef.data.transforms import test_transform as make_test_transform
-from albef.grounding import gradcam_itc, gradcam_itm
+from albef.gradcam import gradcam_itc, gradcam_itm
 from albef.text import Tokenizer
 
 
@@ -93,7 +94,7 @@ def test_gradcam_itm_matches_the_authors_formula(tiny_model):
 
 
 def test_evaluate_grounding_cli_writes_metrics_and_overlays(grounding_data, tiny_model, tmp_path, capsys):
-    tiny_model.save_pretrained(tmp_path / "m")
+    save_pretrained(tiny_model, tmp_path / "m")
     rc = cli_main(
         [
             "evaluate",

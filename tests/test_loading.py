@@ -10,11 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from albef.checkpoints import from_pretrained, save_pretrained
+from albef.checkpoints.convert import to_authors
+from albef.checkpoints.loading import (
+    CheckpointLoadError,
+    load_albef,
+    load_authors_checkpoint,
+    load_hf_bert,
+    read_state_dict,
+)
 from albef.cli import main as cli_main
 from albef.cli.convert import config_from_state_dict
 from albef.cli.parity import config_from_parity
-from albef.convert import to_authors
-from albef.loading import CheckpointLoadError, load_albef, load_authors_checkpoint, load_hf_bert, read_state_dict
 from albef.models.albef import ALBEF
 from albef.training.momentum import copy_student_to_teacher
 from albef.training.pretrain import ALBEFPretrainer
@@ -125,8 +132,8 @@ def test_pos_embed_is_resized_for_another_resolution(parity_dir, parity_cfg):
 
 
 def test_save_pretrained_round_trip_is_exact(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path / "m")
-    again = ALBEF.from_pretrained(tmp_path / "m")
+    save_pretrained(tiny_model, tmp_path / "m")
+    again = from_pretrained(tmp_path / "m", expect=ALBEF)
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
     _assert_same(_outputs(again), _outputs(tiny_model))
@@ -158,7 +165,7 @@ def test_albef_convert_cli(parity_dir, tmp_path, capsys):
         or k in ("image_queue", "text_queue", "idx_queue", "queue_ptr")
     )
     assert f"dropped {n_training_state} (momentum copies and queues" in capsys.readouterr().out
-    model = ALBEF.from_pretrained(tmp_path / "out")
+    model = from_pretrained(tmp_path / "out", expect=ALBEF)
     cfg = config_from_state_dict(torch.load(parity_dir / "retrieval_state_dict.pt", weights_only=True), "albef-tiny")
     assert (model.config.text.fusion_layer, model.config.vision.depth, model.config.text.type_vocab_size) == (2, 2, 0)
     assert cfg.embed_dim == 32 and cfg.queue_size == 16
@@ -241,7 +248,7 @@ def test_pretraining_from_minilm_runs():
 
 @pytest.mark.parametrize("task", ["ve", "nlvr", "vqa"])
 def test_converted_task_checkpoints_reproduce_the_reference_outputs(parity_dir, tmp_path, task):
-    from albef.hub import from_pretrained
+    from albef.checkpoints.pretrained import from_pretrained
     from albef.models.tasks import rank_answers
 
     assert (
@@ -285,7 +292,7 @@ def test_converted_task_checkpoints_reproduce_the_reference_outputs(parity_dir, 
 
 
 def test_timm_vit_initialisation(tiny_config, tmp_path):
-    from albef.loading import load_timm_vit
+    from albef.checkpoints.loading import load_timm_vit
     from albef.models.vit import VisionTransformer, resize_pos_embed
 
     cfg64 = tiny_config.vision.__class__(**{**tiny_config.vision.__dict__, "image_size": 64})

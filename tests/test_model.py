@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from albef.checkpoints.convert import from_authors, to_authors
 from albef.config import ALBEFConfig, get_preset
-from albef.convert import from_authors, to_authors
 from albef.models.albef import ALBEF
 from albef.models.fast import make_plain
 from albef.models.fusion import Positions

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from albef.api import Pipeline
+from albef.checkpoints.convert import to_authors
+from albef.checkpoints.files import load_checkpoint
+from albef.checkpoints.pretrained import NotAModelError, from_pretrained
 from albef.cli import main as cli_main
 from albef.config import ALBEFConfig, get_preset
-from albef.convert import to_authors
 from albef.data.cli import write_shapes
-from albef.hub import NotAModelError, from_pretrained
 from albef.models.albef import ALBEF
-from albef.training.checkpoint import load_checkpoint
 from albef.training.loop import load_trainer_from_checkpoint
 
 # a tiny model that differs from its preset where a tensor cannot tell: heads, pooling, text length

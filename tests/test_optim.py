@@ -187,9 +187,9 @@ def test_auto_is_on_wherever_it_gives_the_ordinary_update():
 
 @pytest.mark.slow
 def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path):
+    from albef.checkpoints.files import load_checkpoint
     from albef.data.cli import write_shapes
     from albef.recipes import load_recipe
-    from albef.training.checkpoint import load_checkpoint
     from albef.training.loop import PretrainRun
 
     data = tmp_path / "shapes"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from albef import precision
+from albef.checkpoints import save_pretrained
 from albef.cli import main as cli_main
 from albef.data.cli import write_shapes
 from albef.models.albef import ALBEF
@@ -175,7 +176,7 @@ def tiny_model_dir(shapes):
     torch.manual_seed(0)
     from albef.config import get_preset
 
-    ALBEF(get_preset("albef-tiny")).save_pretrained(shapes / "model")
+    save_pretrained(ALBEF(get_preset("albef-tiny")), shapes / "model")
     return shapes / "model"
 
 

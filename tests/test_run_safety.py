@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from albef.checkpoints.files import CheckpointError, load_checkpoint, save_checkpoint
 from albef.cli import main as cli_main
 from albef.data.cli import write_shapes
-from albef.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

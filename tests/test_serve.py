@@ -18,9 +18,9 @@ from albef.api import Pipeline, VQAPipeline  # noqa: E402
 from albef.config import get_preset  # noqa: E402
 from albef.models.albef import ALBEF  # noqa: E402
 from albef.models.tasks import ALBEFForVQA  # noqa: E402
+from albef.search.gallery import GalleryIndex  # noqa: E402
 from albef.serve import app as serve_app  # noqa: E402
 from albef.serve.app import create_app  # noqa: E402
-from albef.serve.index import GalleryIndex  # noqa: E402
 
 BASE = "http://localhost"  # the server answers only to its configured host names (TestClient's default is "testserver")
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (240, 220, 20), (20, 20, 20), (250, 250, 250)]
@@ -224,8 +224,8 @@ def test_build_app_without_a_model_points_at_the_main_job(tmp_path, monkeypatch)
 
 
 def test_build_app_from_a_saved_model(tmp_path, gallery, monkeypatch):
+    from albef.checkpoints.pretrained import save_pretrained
     from albef.cli.serve import build_app, parser
-    from albef.hub import save_pretrained
 
     monkeypatch.chdir(tmp_path)
 

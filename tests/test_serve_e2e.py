@@ -48,8 +48,8 @@ def server(tmp_path, tiny_config):
     from albef.api import Pipeline, VQAPipeline
     from albef.models.albef import ALBEF
     from albef.models.tasks import ALBEFForVQA
+    from albef.search.gallery import GalleryIndex
     from albef.serve.app import create_app
-    from albef.serve.index import GalleryIndex
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -37,7 +37,7 @@ from albef.api import Pipeline
 from albef.config import get_preset
 from albef.models.albef import ALBEF
 from albef.serve.app import create_app
-from albef.serve.index import GalleryIndex
+from albef.search.gallery import GalleryIndex
 
 folder, port = Path(sys.argv[1]), int(sys.argv[2])
 folder.mkdir(parents=True, exist_ok=True)

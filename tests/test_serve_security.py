@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from albef.api import Pipeline, VQAPipeline  # noqa: E402
 from albef.models.albef import ALBEF  # noqa: E402
 from albef.models.tasks import ALBEFForVQA  # noqa: E402
+from albef.search.gallery import GalleryIndex  # noqa: E402
 from albef.serve import app as serve_app  # noqa: E402
 from albef.serve.app import create_app  # noqa: E402
 from albef.serve.images import ImageDecoder  # noqa: E402
-from albef.serve.index import GalleryIndex  # noqa: E402
 
 BASE = "http://localhost:8000"
 ENDPOINTS = [("/api/match", "text"), ("/api/gradcam", "text"), ("/api/ask", "question")]
@@ -196,9 +196,9 @@ def test_the_local_host_names_are_answered_on_any_port(app, base):
 
 
 def test_allowed_host_option_adds_names(tmp_path, gallery, monkeypatch):
+    from albef.checkpoints.pretrained import save_pretrained
     from albef.cli.serve import build_app, parser
     from albef.config import get_preset
-    from albef.hub import save_pretrained
 
     monkeypatch.chdir(tmp_path)
     save_pretrained(ALBEF(get_preset("albef-tiny"), mlm_head=False), tmp_path / "model")

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("webdataset")
 
+from albef.checkpoints.files import load_checkpoint  # noqa: E402
 from albef.cli import main as cli_main  # noqa: E402
 from albef.data.annotations import read_annotations  # noqa: E402
 from albef.data.cli import write_shapes  # noqa: E402
@@ -21,7 +22,6 @@ from albef.data.shards import ShardLoader, expand_urls  # noqa: E402
 from albef.data.transforms import train_transform  # noqa: E402
 from albef.recipes import load_recipe  # noqa: E402
 from albef.text import Tokenizer  # noqa: E402
-from albef.training.checkpoint import load_checkpoint  # noqa: E402
 from albef.training.loop import PretrainRun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

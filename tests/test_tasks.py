@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from albef.api import VQAPipeline, tokenize_answers
-from albef.convert import to_authors
-from albef.hub import from_pretrained, save_pretrained
-from albef.loading import load_albef
+from albef.checkpoints.convert import to_authors
+from albef.checkpoints.loading import load_albef
+from albef.checkpoints.pretrained import from_pretrained, save_pretrained
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, answer_nll, rank_answers
 from albef.text import Tokenizer
@@ -123,3 +123,10 @@ def test_vqa_pipeline_answers_from_the_list(tiny_config):
     pipe = VQAPipeline(ALBEFForVQA(tiny_config), device="cpu", answer_list=["yes", "no", "blue"], k=2)
     out = pipe.answer(torch.randn(2, 3, 32, 32), ["is it blue?", "what color is it?"])
     assert len(out) == 2 and all(o.answer in ("yes", "no", "blue") and len(o.candidates) == 2 for o in out)
+
+
+def test_the_classifier_heads_have_one_output_per_label():
+    from albef.data.classification import LABELS
+    from albef.models.tasks import NUM_CLASSES
+
+    assert NUM_CLASSES == {task: len(labels) for task, labels in LABELS.items()}

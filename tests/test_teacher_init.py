@@ -16,9 +16,9 @@ import re
 
 import torch
 
+from albef.checkpoints.convert import to_authors
+from albef.checkpoints.loading import TEACHER_FROM_STUDENT, LoadReport, load_albef, read_state_dict
 from albef.config import ALBEFConfig
-from albef.convert import to_authors
-from albef.loading import TEACHER_FROM_STUDENT, LoadReport, load_albef, read_state_dict
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForTextAssignment, ALBEFForVQA
 from albef.training.finetune import ClassifierTrainer, TextAssignmentTrainer, VQATrainer

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from albef.checkpoints.files import load_checkpoint, save_checkpoint
 from albef.cli import main as cli_main
 from albef.data.annotations import BadDataError
 from albef.data.cli import write_shapes
 from albef.recipes import load_recipe
-from albef.training.checkpoint import load_checkpoint, save_checkpoint
 from albef.training.loop import PretrainRun, load_trainer_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

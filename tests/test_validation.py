@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from albef.checkpoints.files import load_checkpoint
 from albef.cli import main as cli_main
 from albef.data.cli import write_shapes
-from albef.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

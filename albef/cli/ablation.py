@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from albef.mdblock import write_block
+from albef.cli.mdblock import write_block
 
 ROWS = {
     "MLM + ITM": {"itc": False, "itc_distill": False, "mlm_distill": False},
@@ -34,8 +34,8 @@ METRICS = {
 
 
 def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[str, float]:
+    from albef.checkpoints.pretrained import load_inference_model
     from albef.cli.mainjob import SCALES, _recipe, _train, build_data, evaluate_scenes, pretraining_data
-    from albef.hub import load_inference_model
 
     s = SCALES[scale]
     build_data(data, s)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from albef.config import ALBEFConfig, get_preset
-from albef.convert import from_authors
-from albef.hub import (
+from albef.checkpoints.convert import from_authors
+from albef.checkpoints.loading import LoadReport, load_albef, read_state_dict
+from albef.checkpoints.pretrained import (
     CONFIG,
     WEIGHTS,
     from_pretrained,
@@ -33,9 +33,9 @@ from albef.hub import (
     resolve_model_path,
     save_pretrained,
 )
-from albef.hub import _build as build_model
-from albef.hub import _describe as describe_model
-from albef.loading import LoadReport, load_albef, read_state_dict
+from albef.checkpoints.pretrained import _build as build_model
+from albef.checkpoints.pretrained import _describe as describe_model
+from albef.config import ALBEFConfig, get_preset
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
 

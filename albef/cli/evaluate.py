@@ -16,10 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from albef.checkpoints.pretrained import load_inference_model
 from albef.data.retrieval import read_retrieval_eval
 from albef.data.transforms import test_transform
 from albef.evaluation.retrieval import format_table
-from albef.hub import load_inference_model
 from albef.precision import add_precision_option, autocast, resolve_precision
 from albef.text import Tokenizer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def _pipeline(model: str, device: str | None, precision: str = "fp32"):
     from albef.api import Pipeline, Processor
-    from albef.hub import load_inference_model
+    from albef.checkpoints.pretrained import load_inference_model
 
     path = Path(model)
     if not path.exists():
@@ -27,7 +27,7 @@ def _pipeline(model: str, device: str | None, precision: str = "fp32"):
 
 
 def _files(images: str) -> list[Path]:
-    from albef.serve.index import list_images
+    from albef.search.gallery import list_images
 
     p = Path(images)
     if p.is_dir():
@@ -43,8 +43,8 @@ def bench(args: argparse.Namespace) -> dict:
     report build time, index size, search time and recall@k of the shortlist against exact search."""
     import numpy as np
 
-    from albef.ann import _faiss, ann_search, exact_topk, fill_index, make_index, recall_at_k
     from albef.cli.bench import proc_memory_mb
+    from albef.search.ann import _faiss, ann_search, exact_topk, fill_index, make_index, recall_at_k
 
     faiss = _faiss()
     faiss.omp_set_num_threads(args.threads)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
         return 0
-    from albef.ann import build_index
+    from albef.search.ann import build_index
 
     pipe = _pipeline(args.model, args.device, args.precision)
     meta = build_index(pipe, _files(args.images), args.out, args.kind, args.chunk, args.nlist, model_id=args.model)
@@ -170,7 +170,7 @@ def search_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.query.strip():
         raise SystemExit("albef search: the query is empty")
-    from albef.ann import search
+    from albef.search.ann import search
 
     hits = search(
         _pipeline(args.model, args.device, args.precision),

@@ -265,10 +265,10 @@ def run_main(
     overwrite: bool = False,
     device: str = "cpu",
 ) -> Path:
+    from albef.checkpoints.pretrained import load_inference_model
     from albef.data.retrieval import read_retrieval_eval
     from albef.data.transforms import test_transform
     from albef.evaluation.retrieval import evaluate_retrieval, format_table
-    from albef.hub import load_inference_model
     from albef.text import Tokenizer
 
     if not overwrite and (
@@ -352,10 +352,10 @@ def run_vqa(
     out: Path, vqa_dir: Path, ckpt: Path, s: dict, seed: int, device: str, overwrite: bool, times: dict
 ) -> dict:
     """Fine-tune on a subset of easy-VQA from the pretrained model; accuracy with its baselines."""
+    from albef.checkpoints.pretrained import load_inference_model
     from albef.data.transforms import test_transform
     from albef.data.vqa import read_answer_list, read_vqa
     from albef.evaluation.tasks import evaluate_vqa
-    from albef.hub import load_inference_model
     from albef.text import Tokenizer
 
     rng = random.Random(seed)

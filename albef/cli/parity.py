@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from albef.checkpoints.convert import adapt_pos_embed, from_authors, to_authors
 from albef.config import ALBEFConfig, TextConfig, VisionConfig
-from albef.convert import adapt_pos_embed, from_authors, to_authors
 from albef.models.albef import ALBEF
 from albef.models.fast import is_fast, make_fast, make_plain
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers

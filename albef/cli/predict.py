@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from albef.api import Pipeline
-from albef.hub import MODEL_PATHS, NotAModelError
+from albef.checkpoints.pretrained import MODEL_PATHS, NotAModelError
 from albef.precision import add_precision_option
 from albef.viz import overlay
 

@@ -122,11 +122,11 @@ def _model_id(path: Path) -> str:
 def build_app(args: argparse.Namespace):
     """The FastAPI app for parsed arguments (tests call this without starting a server)."""
     from albef.api import Pipeline, Processor, VQAPipeline
+    from albef.checkpoints.pretrained import NotAModelError, load_inference_model, resolve_model_path
     from albef.data.vqa import read_answer_list
-    from albef.hub import NotAModelError, load_inference_model, resolve_model_path
     from albef.models.albef import ALBEF
+    from albef.search.gallery import GalleryIndex
     from albef.serve.app import create_app
-    from albef.serve.index import GalleryIndex
 
     model_path = Path(args.model)
     if not model_path.exists():

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from albef.data.annotations import read_annotations, require_entries, resolve_image
 from albef.data.pretrain import load_image
-from albef.grounding import box_iou, box_scores, gradcam_itc, gradcam_itm, upsample_heatmap
+from albef.gradcam import box_iou, box_scores, gradcam_itc, gradcam_itm, upsample_heatmap
 from albef.models.albef import ALBEF
 from albef.text import Tokenizer, clean_text
 

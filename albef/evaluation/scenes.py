@@ -8,8 +8,8 @@
   of twin and overall; ties count one half; chance is 50 % per pair. A blind control scores the
   same pairs against another scene's image: what each head gets from the texts alone.
 * :func:`evaluate_pointing` — Grad-CAM pointing: the ITM Grad-CAM map of the object's name
-  (:func:`albef.grounding.gradcam_itm`) scores every object box of the scene
-  (:func:`albef.grounding.box_scores`, through :func:`albef.evaluation.grounding.evaluate_grounding`);
+  (:func:`albef.gradcam.gradcam_itm`) scores every object box of the scene
+  (:func:`albef.gradcam.box_scores`, through :func:`albef.evaluation.grounding.evaluate_grounding`);
   correct when the best box is the named object's. Chance is the mean of 1 / number of objects.
   Also the pointing game (Zhang et al., 2016): a hit when the map's maximum lies in the named
   object's box. Two chances: a point drawn uniformly (the box's share of the image), and a map
@@ -245,7 +245,7 @@ def pointing_game(preds: Sequence) -> dict:
     """
     from PIL import Image
 
-    from albef.grounding import upsample_heatmap
+    from albef.gradcam import upsample_heatmap
 
     hits: dict[str, list[float]] = defaultdict(list)
     areas: dict[str, list[float]] = defaultdict(list)
@@ -304,7 +304,7 @@ def oracle_pointing(
     seed: int = 0,
 ) -> dict:
     """Pointing accuracy (%) of :func:`oracle_heatmap` maps at a ``image_size / patch_size`` grid, scored
-    as Grad-CAM's (bicubic upsampling, :func:`~albef.grounding.box_scores`): the ceiling of the grid.
+    as Grad-CAM's (bicubic upsampling, :func:`~albef.gradcam.box_scores`): the ceiling of the grid.
 
     Also the mean and minimum number of patches an object's box touches (``patches_per_object``)
     and covers by half or more (``patches_half_covered``), and the share (%) of the patches it touches
@@ -318,7 +318,7 @@ def oracle_pointing(
     """
     from PIL import Image
 
-    from albef.grounding import box_iou, box_scores, upsample_heatmap
+    from albef.gradcam import box_iou, box_scores, upsample_heatmap
 
     if image_size % patch_size:
         raise ValueError("image_size must be a multiple of patch_size")

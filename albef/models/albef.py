@@ -4,7 +4,7 @@ This is the inference model; the momentum teacher, the feature queues and the lo
 :mod:`albef.training`. It is built with the speedups of :mod:`albef.models.fast` applied
 (``fast=False``: the plain model, as the paper draws it). Parameter names match the authors' downstream checkpoints
 (``visual_encoder.*``, ``text_encoder.*``, ``vision_proj``, ``text_proj``, ``itm_head``) so
-conversion is a thin renaming (:mod:`albef.convert`); the MLM head is ``mlm_head.*`` (the
+conversion is a thin renaming (:mod:`albef.checkpoints.convert`); the MLM head is ``mlm_head.*`` (the
 authors' ``text_encoder.cls.predictions.*``).
 
 Example:
@@ -127,20 +127,6 @@ class ALBEF(nn.Module):
         """ITM match probability of each (image b, text b) pair: [B]."""
         fused = self.encode_multimodal(input_ids, attention_mask, self.encode_image(images))
         return self.itm_logits(fused).softmax(-1)[:, 1]
-
-    # -- persistence (albef.hub) --------------------------------------------------------------
-    def save_pretrained(self, directory, tokenizer=None):
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``directory``."""
-        from albef.hub import save_pretrained
-
-        return save_pretrained(self, directory, tokenizer)
-
-    @classmethod
-    def from_pretrained(cls, directory, device="cpu", dtype=None) -> ALBEF:
-        """Load a folder written by :meth:`save_pretrained` (strict)."""
-        from albef.hub import from_pretrained
-
-        return from_pretrained(directory, device, dtype, expect=cls)
 
     def set_grad_checkpointing(self, enable: bool | str = True) -> None:
         """Recompute encoder blocks in the backward (see :func:`checkpointed_parts`)."""

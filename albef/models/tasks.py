@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from albef.config import ALBEFConfig
-from albef.models.albef import apply_speedups
+from albef.models.albef import ALBEF, apply_speedups
 from albef.models.bert import MLMHead, TextEncoder, padding_mask
 from albef.models.vit import VisionTransformer
 
@@ -348,3 +348,27 @@ class ALBEFForTextAssignment(nn.Module):
             labels = torch.where(two, 2, torch.where(first, 0, 1))
         hidden = self.text_encoder(input_ids, attention_mask, [embeds[a], embeds[b]])
         return self.ta_head(hidden[:, 0]), labels
+
+
+#: classes of the classification tasks (their label names: :data:`albef.data.classification.LABELS`)
+NUM_CLASSES = {"ve": 3, "nlvr": 2}
+
+
+def task_model(task: str, config: ALBEFConfig) -> nn.Module:
+    """The model a training task trains (a run's checkpoint holds it as ``model.*``).
+
+    >>> from albef.config import get_preset
+    >>> type(task_model("vqa", get_preset("albef-tiny"))).__name__
+    'ALBEFForVQA'
+    """
+    if task == "pretrain":
+        return ALBEF(config)
+    if task in ("retrieval", "grounding"):
+        return ALBEF(config, mlm_head=False)
+    if task == "vqa":
+        return ALBEFForVQA(config)
+    if task in NUM_CLASSES:
+        return ALBEFForClassification(config, NUM_CLASSES[task], num_images=2 if task == "nlvr" else 1)
+    if task == "nlvr_pretrain":
+        return ALBEFForTextAssignment(config)
+    raise ValueError(f"unknown task {task!r}")

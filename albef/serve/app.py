@@ -47,9 +47,9 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from albef.api import Pipeline, VQAPipeline
+from albef.search.gallery import GalleryIndex
 from albef.serve.guard import DEFAULT_ALLOWED_HOSTS, RequestGuard
 from albef.serve.images import BadInput, ImageDecoder, format_bytes
-from albef.serve.index import GalleryIndex
 from albef.text import clean_caption, clean_question
 
 log = logging.getLogger("albef.serve")
@@ -97,7 +97,7 @@ def public_name(path: str | Path) -> str:
 
 
 def overlay_data_url(image: Image.Image, heat: torch.Tensor) -> str:
-    from albef.grounding import upsample_heatmap
+    from albef.gradcam import upsample_heatmap
     from albef.viz import overlay
 
     original = image.info.get("original_size", image.size)

@@ -24,30 +24,27 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from albef.checkpoints.files import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    PREVIOUS_NAME,
+    CheckpointError,
+    clean_stale_temp_files,
+    load_checkpoint,
+    save_checkpoint,
+)
+from albef.checkpoints.loading import load_albef, load_hf_bert, load_timm_vit, read_state_dict
 from albef.config import ALBEFConfig
 from albef.data.annotations import BadSample, check_bad_share
 from albef.data.sampler import GlobalBatchSampler
 from albef.data.transforms import train_transform
-from albef.loading import load_albef, load_hf_bert, load_timm_vit, read_state_dict
 from albef.models.albef import checkpointed_parts
 from albef.models.vit import VisionTransformer
 from albef.precision import autocast_dtype, resolve_precision
 from albef.recipes import PretrainRecipe
 from albef.seeding import SEED_RULE, mix_seed
 from albef.text import Tokenizer
-from albef.training.checkpoint import (
-    BEST_NAME,
-    CHECKPOINT_NAME,
-    PREVIOUS_NAME,
-    CheckpointError,
-    check_output_dir,
-    clean_stale_temp_files,
-    delete_run_files,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from albef.training.checkpoint import check_output_dir, delete_run_files, rng_state, set_rng_state
 from albef.training.distributed import (
     DistInfo,
     all_reduce_mean,

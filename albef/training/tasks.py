@@ -14,12 +14,11 @@ from torch import Tensor, nn
 
 from albef.config import ALBEFConfig
 from albef.data.annotations import read_annotations
-from albef.data.classification import LABELS, read_classification
+from albef.data.classification import read_classification
 from albef.data.pretrain import PretrainCollator, PretrainDataset, parse_pretrain_entry
 from albef.data.retrieval import RetrievalTrainDataset, read_retrieval_train
 from albef.data.vqa import VQACollator, build_vqa_train_dataset
-from albef.models.albef import ALBEF
-from albef.models.tasks import ALBEFForClassification, ALBEFForTextAssignment, ALBEFForVQA
+from albef.models.tasks import task_model
 from albef.text import Tokenizer
 from albef.training.finetune import ClassifierTrainer, TextAssignmentTrainer, VQATrainer
 from albef.training.pretrain import ALBEFPretrainer
@@ -47,7 +46,7 @@ class PretrainTask:
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
         t = recipe.train
         return ALBEFPretrainer(
-            ALBEF(cfg),
+            task_model(self.name, cfg),
             hard_negative_eps=t.hard_negative_eps,
             itc=t.itc,
             hard_negatives=t.hard_negatives,
@@ -97,7 +96,7 @@ class RetrievalTask(PretrainTask):
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
         return ALBEFPretrainer(
-            ALBEF(cfg, mlm_head=False),
+            task_model(self.name, cfg),
             mlm=False,
             with_idx=True,
             hard_negative_eps=recipe.train.hard_negative_eps,
@@ -124,7 +123,9 @@ class VQATask:
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
         t = recipe.train
-        return VQATrainer(ALBEFForVQA(cfg), cfg.momentum, distill=t.distill, label_smoothing=t.label_smoothing)
+        return VQATrainer(
+            task_model(self.name, cfg), cfg.momentum, distill=t.distill, label_smoothing=t.label_smoothing
+        )
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
@@ -164,8 +165,7 @@ class ClassifyTask:
         self.num_images = 2 if name == "nlvr" else 1
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
-        model = ALBEFForClassification(cfg, len(LABELS[self.name]), self.num_images)
-        return ClassifierTrainer(model, cfg.momentum, distill=recipe.train.distill)
+        return ClassifierTrainer(task_model(self.name, cfg), cfg.momentum, distill=recipe.train.distill)
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data
@@ -196,7 +196,7 @@ class TextAssignmentTask(PretrainTask):
     loss_keys = ("loss",)
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
-        return TextAssignmentTrainer(ALBEFForTextAssignment(cfg))
+        return TextAssignmentTrainer(task_model(self.name, cfg))
 
     def micro_step(self, module, batch, alpha, generator, first):
         loss = module(batch.images, batch.input_ids, batch.attention_mask, generator=generator)

@@ -6,7 +6,7 @@ target is either loaded or initialised by a named rule, or it is an error. Files
 ``weights_only=True``: a checkpoint is a pickle, and nothing in it is ever executed.
 
 Example:
-    >>> from albef.loading import load_authors_checkpoint
+    >>> from albef.checkpoints.loading import load_authors_checkpoint
     >>> model = ALBEF(get_preset("albef-base"))                                  # doctest: +SKIP
     >>> report = load_authors_checkpoint(model, "ALBEF.pth"); print(report)        # doctest: +SKIP
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from albef.convert import from_authors, unwrap_checkpoint
+from albef.checkpoints.convert import from_authors, unwrap_checkpoint
+from albef.checkpoints.files import load_checkpoint
+from albef.checkpoints.pretrained import WEIGHTS
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForTextAssignment, ALBEFForVQA
 from albef.models.vit import resize_pos_embed
-from albef.training.checkpoint import load_checkpoint
-from albef.training.pretrain import ALBEFPretrainer
 
 
 class CheckpointLoadError(ValueError):
@@ -80,8 +80,6 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     file, or an albef model folder (its keys then carry our ``model.`` prefix)."""
     path = Path(path)
     if path.is_dir():
-        from albef.hub import WEIGHTS
-
         return {"model." + k: v for k, v in read_state_dict(path / WEIGHTS).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -110,7 +108,7 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
 
     ``target``: an inference model (:class:`ALBEF`, :class:`ALBEFForVQA`,
     :class:`ALBEFForClassification`) or a trainer holding ``model`` and ``model_m``
-    (:class:`ALBEFPretrainer`, the fine-tuning trainers). A task model also accepts a
+    (:class:`albef.training.ALBEFPretrainer`, the fine-tuning trainers). A task model also accepts a
     *pretrained* checkpoint, converted the authors' way: the VQA decoder built from the fusion
     layers and the MLM head, the NLVR2 fusion layers duplicated, the pretraining heads dropped and
     the classifier head fresh. Teacher (``model_m``) tensors the checkpoint has are loaded from its
@@ -286,7 +284,7 @@ def _init_rule(key: str, has_teacher: bool, from_pretraining: bool = False) -> s
     return None
 
 
-def load_authors_checkpoint(target: ALBEF | ALBEFPretrainer, path: str | Path) -> LoadReport:
+def load_authors_checkpoint(target: nn.Module, path: str | Path) -> LoadReport:
     """:func:`read_state_dict` then :func:`load_albef`."""
     return load_albef(target, read_state_dict(path), str(path))
 

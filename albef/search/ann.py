@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-log = logging.getLogger("albef.ann")
+log = logging.getLogger("albef.search.ann")
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from albef.checkpoints.files import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from albef.config import ALBEFConfig
 from albef.models.albef import ALBEF
-from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
+from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, task_model
 from albef.text import Tokenizer
 
 FORMAT = "albef-model/1"
@@ -126,7 +127,6 @@ class NotAModelError(ValueError):
 def resolve_model_path(path: str | Path) -> Path:
     """A run folder (it holds training checkpoints) becomes its best checkpoint, the epoch with the
     best validation metric, or its last when the run had no validation; anything else is kept."""
-    from albef.training.checkpoint import BEST_NAME, CHECKPOINT_NAME
 
     path = Path(path)
     if path.is_dir() and not (path / CONFIG).exists():
@@ -139,8 +139,6 @@ def resolve_model_path(path: str | Path) -> Path:
 def peek_checkpoint(path: str | Path) -> dict:
     """A checkpoint's contents without reading its tensors (memory-mapped), to tell what it is;
     files that cannot be mapped are read whole by :func:`load_checkpoint` (its clear errors)."""
-    from albef.training.checkpoint import load_checkpoint
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - a legacy (non-zip) or broken file: the full loader says which
@@ -183,6 +181,19 @@ def not_a_model_error(path: str | Path, what: str) -> NotAModelError:
     )
 
 
+def student_of(ckpt: dict, source: str | Path = "checkpoint") -> torch.nn.Module:
+    """The student of a training checkpoint: the model its recipe's task trains, built from its
+    stored config and loaded strictly from its ``model.*`` tensors (teacher and queues are left)."""
+    task = ckpt["recipe"].get("task", "pretrain")
+    model = task_model(task, ALBEFConfig.from_dict(ckpt["model_config"]))
+    state = {k.removeprefix("model."): v for k, v in ckpt["model"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: its model tensors do not fit a {task} model of its own config ({e})") from e
+    return model
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, expect: type | None = None
 ) -> torch.nn.Module:
@@ -209,9 +220,7 @@ def load_model(
     if not is_training_checkpoint(obj):
         raise not_a_model_error(path, describe_weights(obj))
     del obj
-    from albef.training.loop import load_trainer_from_checkpoint
-
-    model = load_trainer_from_checkpoint(path, "cpu").model
+    model = student_of(load_checkpoint(path), path)
     if expect is not None and not isinstance(model, expect):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a {expect.__name__}")
     model.to(device=device, dtype=dtype) if dtype else model.to(device)

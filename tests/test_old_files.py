@@ -1,0 +1,39 @@
+"""Model folders and training checkpoints written by an earlier albef still load, and give the
+outputs that version computed (tests/data/written_by_048924b/README.md says how they were made)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from albef import ALBEF, Pipeline, load_model
+
+OLD = Path(__file__).parent / "data" / "written_by_048924b"
+EXPECTED = json.loads((OLD / "expected.json").read_text())
+
+
+def _inputs():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16)
+    ids = torch.tensor(EXPECTED["inputs"]["input_ids"])
+    return images, ids, (ids > 0).long()
+
+
+@pytest.mark.parametrize(("name", "path"), [("model_folder", "model"), ("training_checkpoint", "checkpoint_last.pt")])
+def test_an_old_file_loads_and_gives_its_outputs(name, path):
+    model = load_model(OLD / path)
+    assert isinstance(model, ALBEF)
+    images, ids, mask = _inputs()
+    with torch.no_grad():
+        sim, match = model.similarity(images, ids, mask), model.match(images, ids, mask)
+    # the same computation in the same order: equal up to the BLAS's own rounding on another CPU
+    torch.testing.assert_close(sim, torch.tensor(EXPECTED[name]["similarity"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(match, torch.tensor(EXPECTED[name]["match"]), atol=1e-6, rtol=0)
+
+
+def test_an_old_model_folder_serves_through_the_pipeline():
+    pipe = Pipeline.from_pretrained(OLD / "model", device="cpu")
+    assert pipe.model.config.text.hidden_size == 4

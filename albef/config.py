@@ -69,12 +69,18 @@ class TextConfig:
     type_vocab_size: int = 2
 
 
+#: keys of configs written by earlier versions that no longer mean anything, dropped on reading:
+#: ``alpha`` (the distillation weight, now only the recipe's ``train.alpha``)
+LEGACY_KEYS = ("alpha",)
+
+
 @dataclass
 class ALBEFConfig:
     """The whole model plus the pretraining hyper-parameters stored with it.
 
-    ``queue_size``, ``momentum``, ``alpha`` and ``mlm_probability`` are used only by the
-    training wrapper (:class:`albef.training.ALBEFPretrainer`); the inference model ignores them.
+    ``queue_size``, ``momentum`` and ``mlm_probability`` are used only by the training wrapper
+    (:class:`albef.training.ALBEFPretrainer`); the inference model ignores them. The distillation
+    weight α is the recipe's (``train.alpha``).
     ``add_sep`` and ``text_cleaning`` choose the tokenisation convention: the authors' (no
     ``[SEP]`` on a single sentence, their ``pre_caption``) by default, LAVIS's as an option.
     """
@@ -85,7 +91,6 @@ class ALBEFConfig:
     temp: float = 0.07
     queue_size: int = 65536
     momentum: float = 0.995
-    alpha: float = 0.4
     mlm_probability: float = 0.15
     max_text_len: int = 25
     add_sep: bool = False
@@ -125,6 +130,7 @@ class ALBEFConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ALBEFConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in LEGACY_KEYS}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown ALBEF config keys: {sorted(unknown)}")

@@ -153,3 +153,10 @@ def add_precision_option(parser, default: str = "fp32") -> None:
         "auto: bf16 where the GPU or CPU has native bfloat16 (AVX512_BF16 / AMX), else fp32 "
         f"(default {default})",
     )
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions (Ampere and newer). PyTorch 1.7-1.11, the
+    authors' 1.8 among them, enabled both by default; later versions enable neither."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

@@ -161,7 +161,11 @@ class TrainSection:
 
 
 @dataclass
-class PretrainRecipe:
+class Recipe:
+    """A training run, whatever its task: the model, the data, the optimisation, the output folder.
+
+    Stored whole in every checkpoint; ``albef train RECIPE.yaml key.sub=value ...`` builds one."""
+
     task: str = "pretrain"  # pretrain | retrieval | grounding | vqa | ve | nlvr | nlvr_pretrain
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -172,7 +176,7 @@ class PretrainRecipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainRecipe:
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
         recipe = _build(cls, d, "")
         _check(recipe)
         return recipe
@@ -261,7 +265,7 @@ def _allowed(options: list[str], key: str) -> str:
     return " or ".join(words.get(t, t) for t in options)
 
 
-def _check(recipe: PretrainRecipe) -> None:
+def _check(recipe: Recipe) -> None:
     """Values a run cannot use, refused before any data is read or folder made."""
     d, t = recipe.data, recipe.train
     problems = []
@@ -358,7 +362,7 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PretrainRecipe:
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (or start from the defaults) and apply the overrides."""
     d: dict[str, Any] = {}
     if path is not None:
@@ -371,4 +375,4 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ValueError(f"{p}: not valid YAML ({e})") from e
     for o in overrides or []:
         apply_override(d, o)
-    return PretrainRecipe.from_dict(d)
+    return Recipe.from_dict(d)

@@ -39,3 +39,9 @@ def mix_seed(domain: str, *parts: int) -> int:
         raise ValueError(f"seed domain {domain!r} is longer than 16 bytes")
     data = struct.pack(f"<{len(parts)}Q", *(operator.index(p) % 2**64 for p in parts))
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=name).digest(), "little") >> 1
+
+
+def micro_seed(seed: int, epoch: int, step: int, micro: int) -> int:
+    """The seed of one micro-batch's random draws (dropout, MLM masks, hard negatives); ``micro``
+    numbers the micro-batches of a step across ranks."""
+    return mix_seed("micro-batch", seed, epoch, step, micro)

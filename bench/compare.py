@@ -155,7 +155,7 @@ def pretrain_sides(
     from albef.models.albef import ALBEF
     from albef.text import Tokenizer
     from albef.training.heap import release_after_step
-    from albef.training.loop import build_optimizer
+    from albef.training.optim import build_optimizer
     from albef.training.pretrain import ALBEFPretrainer
 
     L = R.import_lavis() if "theirs" in sides else None  # a side measured alone loads only its own code

@@ -1,6 +1,6 @@
 """The training loop on a CUDA device, for the few minutes a GPU is lent (CI has none).
 
-Runs albef-tiny pretraining on generated shapes through ``PretrainRun`` in each precision the
+Runs albef-tiny pretraining on generated shapes through ``TrainRun`` in each precision the
 recipe offers on CUDA (fp32, bf16 autocast, fp16 autocast with the GradScaler), checks the losses
 are finite and that a run stopped at step 2 and resumed gives the uninterrupted run's losses, and
 prints one JSON line per precision. Usage (on the GPU machine): ``python bench/gpu_smoke.py OUT [DEVICE]``.
@@ -18,7 +18,7 @@ import torch
 
 from albef.data.cli import write_shapes
 from albef.recipes import load_recipe
-from albef.training.loop import PretrainRun
+from albef.training.loop import TrainRun
 
 
 def _recipe(data: Path, out: Path, precision: str, steps: int, device: str):
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         full, part = root / f"{precision}-full", root / f"{precision}-part"
-        PretrainRun(_recipe(data, full, precision, 4, device)).fit()
-        PretrainRun(_recipe(data, part, precision, 2, device)).fit()
-        PretrainRun(_recipe(data, part, precision, 4, device), resume=True).fit()
+        TrainRun(_recipe(data, full, precision, 4, device)).fit()
+        TrainRun(_recipe(data, part, precision, 2, device)).fit()
+        TrainRun(_recipe(data, part, precision, 4, device), resume=True).fit()
         a, b = _losses(full), _losses(part)
         # CUDA's atomics (embedding and index backward) may make runs differ in the last bits; the
         # H200 run was bit-equal. 1e-6 relative still catches a resume that restores the wrong state

@@ -16,7 +16,7 @@ from torch import nn
 from albef.data.cli import write_shapes
 from albef.recipes import load_recipe
 from albef.training.fsdp import clip_grad_norm
-from albef.training.loop import PretrainRun
+from albef.training.loop import TrainRun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # torchrun or torch.multiprocessing, 2 gloo ranks
 
@@ -76,7 +76,7 @@ def test_fsdp_trains_like_ddp_and_resumes_on_one_process(tmp_path):
         for k in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
             assert row[k] == pytest.approx(ddp[step][k], abs=1e-4), (step, k)
     # the 2-rank sharded checkpoint continues in one process (same global batch by accumulation)
-    PretrainRun(load_recipe(None, _args(data, tmp_path / "fsdp", 8, train__grad_accum=2)), resume=True).fit()
+    TrainRun(load_recipe(None, _args(data, tmp_path / "fsdp", 8, train__grad_accum=2)), resume=True).fit()
     resumed = _metrics(tmp_path / "fsdp")
     assert sorted(resumed) == list(range(1, 9))
     for step in (6, 7, 8):
@@ -91,7 +91,7 @@ def test_fsdp_clips_gradients_like_one_process(tmp_path):
     write_shapes(data, n=64, image_size=32, seed=1)
     clip = {"train__max_grad_norm": 0.5}  # below every step's norm, so every step is clipped
     _torchrun(_args(data, tmp_path / "fsdp", 4, train__fsdp="true", **clip))
-    PretrainRun(load_recipe(None, _args(data, tmp_path / "one", 4, train__grad_accum=2, **clip))).fit()
+    TrainRun(load_recipe(None, _args(data, tmp_path / "one", 4, train__grad_accum=2, **clip))).fit()
     fsdp, one = _metrics(tmp_path / "fsdp"), _metrics(tmp_path / "one")
     for step in range(1, 5):
         assert one[step]["grad_norm"] > 0.5, step

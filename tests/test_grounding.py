@@ -153,7 +153,7 @@ def test_grounding_trains_on_whole_resized_images(tmp_path):
 
     from albef.data.cli import write_shapes
     from albef.recipes import load_recipe
-    from albef.training.loop import PretrainRun
+    from albef.training.loop import TrainRun
 
     write_shapes(tmp_path, n=8, image_size=32, seed=1)
     (tmp_path / "g.json").write_text(
@@ -175,6 +175,6 @@ def test_grounding_trains_on_whole_resized_images(tmp_path):
                 f"output_dir={tmp_path / task}",
             ],
         )
-        steps[task] = [type(t) for t in PretrainRun(recipe).dataset.transform.transforms]
+        steps[task] = [type(t) for t in TrainRun(recipe).dataset.transform.transforms]
     assert steps["grounding"][:2] == [T.Resize, T.RandomHorizontalFlip]
     assert steps["retrieval"][:2] == [T.RandomResizedCrop, T.RandomHorizontalFlip]

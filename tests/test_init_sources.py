@@ -13,7 +13,7 @@ import torch
 from albef.cli import main as cli_main
 from albef.data.cli import write_shapes
 from albef.recipes import load_recipe
-from albef.training.loop import PretrainRun
+from albef.training.loop import TrainRun
 
 ROOT = Path(__file__).resolve().parents[1]
 H, LAYERS, FFN, VOCAB, POS = 32, 4, 64, 30522, 64  # albef-tiny's text side
@@ -150,7 +150,7 @@ def test_student_and_teacher_start_from_the_deit_and_bert_files(shapes, tmp_path
             text_init=tmp_path / "bert-base-uncased",
         ),
     )
-    run = PretrainRun(recipe)
+    run = TrainRun(recipe)
     for model in (run.trainer.model, run.trainer.model_m):
         vit = model.visual_encoder.state_dict()
         for k in (
@@ -211,7 +211,7 @@ def test_a_missing_init_file_stops_before_any_work(shapes, tmp_path, capsys, key
     assert f"model.{key}: {missing}" in err and must in err
     assert not out.exists()  # no folder, no work
     with pytest.raises(FileNotFoundError, match=f"model.{key}"):  # the library entry point checks first too
-        PretrainRun(load_recipe(None, _overrides(shapes, out, **{key: missing})))
+        TrainRun(load_recipe(None, _overrides(shapes, out, **{key: missing})))
     assert not out.exists()
 
 

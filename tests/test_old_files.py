@@ -37,3 +37,27 @@ def test_an_old_file_loads_and_gives_its_outputs(name, path):
 def test_an_old_model_folder_serves_through_the_pipeline():
     pipe = Pipeline.from_pretrained(OLD / "model", device="cpu")
     assert pipe.model.config.text.hidden_size == 4
+
+
+def test_a_run_resumes_from_an_old_checkpoint_as_if_never_stopped(tmp_path, monkeypatch):
+    """Step 1 by the old version, step 2 by this one == both steps by this one."""
+    import shutil
+
+    from albef.data.cli import write_shapes
+    from albef.recipes import load_recipe
+    from albef.training.loop import TrainRun
+
+    monkeypatch.chdir(tmp_path)
+    write_shapes("data", n=8, image_size=16)  # what the old run trained on (README.md)
+    two_steps = ["train.max_steps=2"]
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(OLD / "checkpoint_last.pt", tmp_path / "resumed" / "checkpoint_last.pt")
+    resumed = TrainRun(load_recipe(OLD / "r.yaml", [*two_steps, "output_dir=resumed"]), resume=True)
+    assert resumed.state.global_step == 1
+    resumed.fit()
+    straight = TrainRun(load_recipe(OLD / "r.yaml", [*two_steps, "output_dir=straight"]))
+    straight.fit()
+    a, b = resumed.trainer.state_dict(), straight.trainer.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)

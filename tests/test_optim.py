@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from albef.training.loop import build_optimizer, lr_scale_of
-from albef.training.optim import AdamWInBackward, check_in_backward, resolve_in_backward
+from albef.training.optim import AdamWInBackward, build_optimizer, check_in_backward, lr_scale_of, resolve_in_backward
 
 
 class Tied(nn.Module):
@@ -190,13 +189,13 @@ def test_pretraining_run_in_backward_gives_the_same_weights_and_resumes(tmp_path
     from albef.checkpoints.files import load_checkpoint
     from albef.data.cli import write_shapes
     from albef.recipes import load_recipe
-    from albef.training.loop import PretrainRun
+    from albef.training.loop import TrainRun
 
     data = tmp_path / "shapes"
     write_shapes(data, n=16, image_size=32, seed=1)
 
     def run(out, steps, *extra, resume=False):
-        r = PretrainRun(
+        r = TrainRun(
             load_recipe(
                 None,
                 [

@@ -20,7 +20,7 @@ from albef.data.cli import write_shapes
 from albef.models.albef import ALBEF
 from albef.precision import native_bf16, resolve_precision
 from albef.recipes import load_recipe
-from albef.training.loop import PretrainRun
+from albef.training.loop import TrainRun
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training_run import _losses, _overrides  # the same tiny runs
@@ -63,7 +63,7 @@ def test_bf16_training_on_the_cpu_is_close_to_fp32_and_keeps_float32_state(shape
             None, _overrides(shapes, out, train__max_steps=STEPS, train__precision=prec, train__device="cpu")
         )
         with _maybe_slow_warning() if prec == "bf16" else nullcontext():
-            runs[prec] = PretrainRun(recipe)
+            runs[prec] = TrainRun(recipe)
         runs[prec].fit()
         losses[prec] = _losses(out)
     assert runs["fp32"].amp_dtype is None and runs["bf16"].amp_dtype is torch.bfloat16
@@ -110,7 +110,7 @@ def test_fp16_is_cuda_only_and_bad_values_are_refused(shapes, tmp_path):
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", "cpu", "train.precision")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        PretrainRun(load_recipe(None, _overrides(shapes, tmp_path, train__precision="fp16", train__device="cpu")))
+        TrainRun(load_recipe(None, _overrides(shapes, tmp_path, train__precision="fp16", train__device="cpu")))
     with pytest.raises(ValueError, match="train.precision"):
         load_recipe(None, ["train.precision=fp8"])
     assert load_recipe(None, ["train.precision=auto"]).train.precision == "auto"
@@ -122,7 +122,7 @@ def test_auto_follows_the_cpu(monkeypatch, shapes, tmp_path, caplog):
     _cpu_bf16(monkeypatch, ())
     assert resolve_precision("auto", "cpu") == "fp32"
     with caplog.at_level(logging.INFO, logger="albef.precision"):
-        run = PretrainRun(
+        run = TrainRun(
             load_recipe(None, _overrides(shapes, tmp_path / "plain", train__precision="auto", train__device="cpu"))
         )
     run.metrics.close()
@@ -136,7 +136,7 @@ def test_auto_follows_the_cpu(monkeypatch, shapes, tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="albef.precision"), warnings.catch_warnings():
         warnings.simplefilter("error")  # no slow-bf16 warning where it is native
-        run = PretrainRun(
+        run = TrainRun(
             load_recipe(None, _overrides(shapes, tmp_path / "native", train__precision="auto", train__device="cpu"))
         )
         assert resolve_precision("bf16", "cpu") == "bf16"

@@ -474,10 +474,10 @@ def test_grouped_sampler_keeps_groups_whole_and_covers_each_once():
 
 
 def test_recipe_refuses_a_group_that_does_not_divide_the_batch():
-    from albef.recipes import PretrainRecipe
+    from albef.recipes import Recipe
 
     with pytest.raises(ValueError, match="group_size"):
-        PretrainRecipe.from_dict({"data": {"group_size": 3}, "train": {"batch_size": 8}})
+        Recipe.from_dict({"data": {"group_size": 3}, "train": {"batch_size": 8}})
 
 
 def test_pointing_game_hits_and_chance(built, tiny_model, monkeypatch):

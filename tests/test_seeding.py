@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from albef.data.pretrain import sample_seed
-from albef.seeding import mix_seed
-from albef.training.loop import micro_seed
+from albef.seeding import micro_seed, mix_seed
 
 
 def test_the_linear_mixes_collisions_are_gone():

@@ -22,7 +22,7 @@ from albef.data.shards import ShardLoader, expand_urls  # noqa: E402
 from albef.data.transforms import train_transform  # noqa: E402
 from albef.recipes import load_recipe  # noqa: E402
 from albef.text import Tokenizer  # noqa: E402
-from albef.training.loop import PretrainRun  # noqa: E402
+from albef.training.loop import TrainRun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,10 +182,10 @@ def test_training_over_shards_resumes_exactly(data, tmp_path):
     total, stop = 9, 4  # 6 steps per epoch at batch 8: the resumed part crosses an epoch boundary
     kw = {"train__grad_accum": 2}
     straight = tmp_path / "straight"
-    PretrainRun(load_recipe(None, _overrides(data / "good-shards", straight, train__max_steps=total, **kw))).fit()
+    TrainRun(load_recipe(None, _overrides(data / "good-shards", straight, train__max_steps=total, **kw))).fit()
     split = tmp_path / "split"
-    PretrainRun(load_recipe(None, _overrides(data / "good-shards", split, train__max_steps=stop, **kw))).fit()
-    PretrainRun(
+    TrainRun(load_recipe(None, _overrides(data / "good-shards", split, train__max_steps=stop, **kw))).fit()
+    TrainRun(
         load_recipe(None, _overrides(data / "good-shards", split, train__max_steps=total, **kw)), resume=True
     ).fit()
     a, b = load_checkpoint(straight / "checkpoint_last.pt"), load_checkpoint(split / "checkpoint_last.pt")
@@ -241,9 +241,9 @@ def test_shards_of_another_layout_fail_loudly_instead_of_looping(tmp_path, monke
 
 def test_resume_over_shards_refuses_another_worker_layout(data, tmp_path):
     out = tmp_path / "run"
-    PretrainRun(load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=2))).fit()
+    TrainRun(load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=2))).fit()
     with pytest.raises(ValueError, match="stream_slots"):
-        PretrainRun(
+        TrainRun(
             load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=4, data__num_workers=1)),
             resume=True,
         )

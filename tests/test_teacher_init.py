@@ -156,7 +156,7 @@ def test_nlvr_teacher_from_pretraining_and_from_text_assignment(tiny_config, tmp
 def test_training_loop_keeps_the_loaded_ve_teacher(tiny_config, tmp_path):
     from albef.data.cli import write_shapes
     from albef.recipes import load_recipe
-    from albef.training.loop import PretrainRun
+    from albef.training.loop import TrainRun
 
     path, sd = _pretraining_checkpoint(tiny_config, tmp_path)
     write_shapes(tmp_path / "data", n=4, image_size=32, seed=1)
@@ -176,5 +176,5 @@ def test_training_loop_keeps_the_loaded_ve_teacher(tiny_config, tmp_path):
         ],
     )
     recipe.task = "ve"
-    run = PretrainRun(recipe)
+    run = TrainRun(recipe)
     _check_teacher(run.trainer, run.init_report, sd, "ve")

@@ -16,7 +16,7 @@ from albef.cli import main as cli_main
 from albef.data.annotations import BadDataError
 from albef.data.cli import write_shapes
 from albef.recipes import load_recipe
-from albef.training.loop import PretrainRun, load_trainer_from_checkpoint
+from albef.training.loop import TrainRun, load_trainer_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(shapes, tmp_path
 
     single = tmp_path / "single"
     recipe = load_recipe(None, _overrides(shapes, single, train__max_steps=steps, train__grad_accum=2))
-    PretrainRun(recipe).fit()
+    TrainRun(recipe).fit()
 
     a, b = _losses(ddp), _losses(single)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
@@ -97,11 +97,11 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(shapes, tmp_path
 def test_resume_continues_exactly(shapes, tmp_path):
     total, stop = 20, 7  # 16 steps per epoch: the resumed part crosses an epoch boundary
     straight = tmp_path / "straight"
-    PretrainRun(load_recipe(None, _overrides(shapes, straight, train__max_steps=total))).fit()
+    TrainRun(load_recipe(None, _overrides(shapes, straight, train__max_steps=total))).fit()
     split = tmp_path / "split"
-    PretrainRun(load_recipe(None, _overrides(shapes, split, train__max_steps=stop))).fit()
+    TrainRun(load_recipe(None, _overrides(shapes, split, train__max_steps=stop))).fit()
     assert load_checkpoint(split / "checkpoint_last.pt")["state"]["global_step"] == stop
-    PretrainRun(load_recipe(None, _overrides(shapes, split, train__max_steps=total)), resume=True).fit()
+    TrainRun(load_recipe(None, _overrides(shapes, split, train__max_steps=total)), resume=True).fit()
 
     a = load_checkpoint(straight / "checkpoint_last.pt")
     b = load_checkpoint(split / "checkpoint_last.pt")
@@ -116,12 +116,12 @@ def test_bad_images_are_skipped_and_counted_then_limit_stops(tmp_path):
     data = tmp_path / "data"
     write_shapes(data, n=60, image_size=32, corrupt=3)
     out = tmp_path / "ok"
-    summary = PretrainRun(load_recipe(None, _overrides(data, out, train__epochs=1, data__max_bad_fraction=0.2))).fit()
+    summary = TrainRun(load_recipe(None, _overrides(data, out, train__epochs=1, data__max_bad_fraction=0.2))).fit()
     assert summary["bad_samples"] >= 1
     logged = (out / "bad_samples.txt").read_text()
     assert "missing_002.png" in logged or "bad_000.png" in logged or "bad_001.png" in logged
     with pytest.raises(BadDataError, match=r"more than the limit(.|\n)*\.png"):
-        PretrainRun(
+        TrainRun(
             load_recipe(None, _overrides(data, tmp_path / "strict", train__epochs=1, data__max_bad_fraction=0.001))
         ).fit()
 
@@ -153,32 +153,32 @@ def test_cli_pretrain_writes_metrics_plot_and_a_loadable_checkpoint(shapes, tmp_
 
 def test_queue_must_be_a_multiple_of_the_global_batch(shapes, tmp_path):
     with pytest.raises(ValueError, match="queue_size 30 is not a multiple of the global batch 8"):
-        PretrainRun(
+        TrainRun(
             load_recipe(None, _overrides(shapes, tmp_path, model__overrides="{queue_size: 30}", train__grad_accum=2))
         )
 
 
 def test_resume_refuses_another_global_batch(shapes, tmp_path):
     out = tmp_path / "run"
-    PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2))).fit()
+    TrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2))).fit()
     with pytest.raises(ValueError, match="global_batch 4, this run has 8"):
-        PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__grad_accum=2)), resume=True)
+        TrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__grad_accum=2)), resume=True)
 
 
 def test_resume_across_a_change_of_seed_rule_warns(shapes, tmp_path, caplog):
     """A checkpoint from before albef/seeding.py (no seed_rule in its geometry) resumes, saying
     that the draws from there on are not the uninterrupted run's; one of this version does not."""
     out = tmp_path / "run"
-    PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2))).fit()
+    TrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=2))).fit()
     path = out / "checkpoint_last.pt"
     with caplog.at_level("WARNING", logger="albef.train"):
-        PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=3)), resume=True)
+        TrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=3)), resume=True)
     assert "seed rule" not in caplog.text
     ckpt = load_checkpoint(path)
     assert ckpt["geometry"].pop("seed_rule") == 2
     save_checkpoint(ckpt, path)
     with caplog.at_level("WARNING", logger="albef.train"):
-        PretrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=3)), resume=True)
+        TrainRun(load_recipe(None, _overrides(shapes, out, train__max_steps=3)), resume=True)
     assert "seed rule 1, or before checkpoints recorded it (this one: 2)" in caplog.text
 
 
@@ -201,14 +201,14 @@ def test_lr_scale_zero_freezes_the_text_side_only(shapes, tmp_path):
 def test_resume_refuses_another_lr_scale(shapes, tmp_path):
     """The optimizer's groups follow train.lr_scale: a checkpoint resumes only with the same one."""
     out = tmp_path / "run"
-    PretrainRun(
+    TrainRun(
         load_recipe(None, _overrides(shapes, out, train__max_steps=2, train__lr_scale="{text_encoder: 0.1}"))
     ).fit()
     for other in ("{text_encoder: 0.5}", "{}"):
         recipe = load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__lr_scale=other))
         with pytest.raises(ValueError, match="lr_scale"):
-            PretrainRun(recipe, resume=True)
-    PretrainRun(
+            TrainRun(recipe, resume=True)
+    TrainRun(
         load_recipe(None, _overrides(shapes, out, train__max_steps=4, train__lr_scale="{text_encoder: 0.1}")),
         resume=True,
     ).fit()
@@ -220,8 +220,8 @@ def test_authors_recipes_run_in_float32_with_tf32_on_gpu():
     matmuls on Ampere GPUs); bf16 is an override."""
     from pathlib import Path
 
+    from albef.precision import set_tf32
     from albef.recipes import load_recipe
-    from albef.training.loop import set_tf32
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     full = [p for p in root.glob("*.yaml") if "cpu" not in p.name]

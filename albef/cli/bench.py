@@ -27,8 +27,7 @@ import torch
 
 from albef.config import get_preset
 from albef.models.albef import ALBEF
-from albef.training.loop import build_optimizer
-from albef.training.optim import one_process_in_backward
+from albef.training.optim import build_optimizer, one_process_in_backward
 from albef.training.pretrain import ALBEFPretrainer
 
 

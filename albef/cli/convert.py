@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the training wrapper's hyper-parameters: the inference model ignores them, so a preset may differ there
-TRAINING_ONLY = ("queue_size", "momentum", "alpha", "mlm_probability")
+TRAINING_ONLY = ("queue_size", "momentum", "mlm_probability")
 # a training recipe's task -> the model convert writes
 RECIPE_TASKS = {
     "pretrain": "albef",

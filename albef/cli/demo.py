@@ -17,6 +17,7 @@ from tqdm import tqdm
 from albef.config import get_preset
 from albef.data.synthetic import make_shapes
 from albef.models.albef import ALBEF
+from albef.recipes import TrainSection
 from albef.text import Tokenizer
 from albef.training.pretrain import ALBEFPretrainer
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        alpha = cfg.alpha * min(1.0, step / max(1, args.steps // 3))
+        alpha = TrainSection.alpha * min(1.0, step / max(1, args.steps // 3))
         out = trainer(images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=g, enqueue=False)
         out.loss.backward()
         opt.step()

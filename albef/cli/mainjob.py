@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from albef.recipes import PretrainRecipe
+from albef.recipes import Recipe
 
 # steps and data per stage; "full" is the README's main job, ~15 minutes on 2 CPU cores with set-up
 FULL = {
@@ -86,8 +86,8 @@ def _recipe(
     device: str = "cpu",
     group_size: int = 1,
     **model_over: Any,
-) -> PretrainRecipe:
-    return PretrainRecipe.from_dict(
+) -> Recipe:
+    return Recipe.from_dict(
         {
             "task": task,
             "model": {
@@ -137,11 +137,11 @@ def _recipe(
     )
 
 
-def _train(recipe: PretrainRecipe, overwrite: bool = False) -> tuple[dict, float]:
-    from albef.training.loop import PretrainRun
+def _train(recipe: Recipe, overwrite: bool = False) -> tuple[dict, float]:
+    from albef.training.loop import TrainRun
 
     t0 = time.perf_counter()
-    summary = PretrainRun(recipe, overwrite=overwrite).fit()
+    summary = TrainRun(recipe, overwrite=overwrite).fit()
     return summary, time.perf_counter() - t0
 
 

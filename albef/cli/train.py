@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         p.error(str(e))
     from albef.training.distributed import shutdown
-    from albef.training.loop import PretrainRun  # heavy imports after argument checks
+    from albef.training.loop import TrainRun  # heavy imports after argument checks
 
     try:
         try:  # what construction refuses (data, init or checkpoint files, validation set) is a usage error
-            run = PretrainRun(recipe, resume=args.resume, overwrite=args.overwrite)
+            run = TrainRun(recipe, resume=args.resume, overwrite=args.overwrite)
         except (FileNotFoundError, FileExistsError, ValueError) as e:
             p.error(str(e))
         summary = run.fit()

@@ -1,5 +1,6 @@
-"""A run's folder: what a run writes there, the refusal to overwrite one, and the RNG state a
-checkpoint carries so that a resumed run draws what the uninterrupted one would have.
+"""A run's folder and what its checkpoints hold: what a run writes there and the refusal to
+overwrite one; the unsharded model and optimizer state, the data geometry and the RNG state a
+checkpoint carries, so that a resumed run computes what the uninterrupted one would have.
 
 The checkpoint files themselves (atomic writes, checked reads) are :mod:`albef.checkpoints.files`.
 
@@ -19,16 +20,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from albef.checkpoints.files import BEST_NAME, CHECKPOINT_NAME, PREVIOUS_NAME
+from albef.seeding import SEED_RULE
 
 __all__ = [
     "RUN_FILES",
     "RunExistsError",
+    "check_geometry",
     "check_output_dir",
     "delete_run_files",
     "find_last_checkpoint",
+    "full_train_state",
+    "load_train_state",
     "rng_state",
+    "run_geometry",
     "set_rng_state",
 ]
 
@@ -145,3 +152,72 @@ def set_rng_state(state: dict[str, Any]) -> None:
             return
         # A resume on fewer/more GPUs restores the devices both runs have.
         torch.cuda.set_rng_state(state["cuda"][0].cpu())
+
+
+def full_train_state(trainer: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts (the optimizer's keyed by parameter name), the
+    same whether the run is sharded or not, so any number of ranks can resume from them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(trainer, options=opts),
+        get_optimizer_state_dict(trainer.model, optimizer, options=opts),
+    )
+
+
+def load_train_state(trainer: nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(trainer, ckpt["model"], options=opts)
+    state = ckpt["optimizer"].get("state", {})
+    if state and all(isinstance(k, int) for k in state):  # a checkpoint from before name-keyed states
+        optimizer.load_state_dict(ckpt["optimizer"])
+    else:
+        set_optimizer_state_dict(trainer.model, optimizer, ckpt["optimizer"], options=opts)
+
+
+def run_geometry(recipe: Any, global_batch: int, steps_per_epoch: int, world_size: int) -> dict[str, Any]:
+    """What a checkpoint records of how the run deals its data and schedules its steps."""
+    t, d = recipe.train, recipe.data
+    geometry = {
+        "global_batch": global_batch,
+        "steps_per_epoch": steps_per_epoch,
+        "max_steps": t.max_steps,
+        "schedule": t.schedule,
+        "seed_rule": SEED_RULE,
+    }
+    if d.shards:  # the shard streams are dealt per rank and loader worker
+        geometry["stream_slots"] = [world_size, d.num_workers, t.batch_size]
+    return geometry
+
+
+def check_geometry(saved: dict | None, now: dict[str, Any], path: Path) -> list[str]:
+    """The data order and the schedule depend on the global batch: resuming with another one
+    would silently train on a different stream (a ValueError); ranks x batch x accumulation may
+    change. Returns warnings: an older seed rule, a moved end of the cosine schedule."""
+    warnings_ = []
+    rule = (saved or {}).get("seed_rule", 1)  # checkpoints from before albef/seeding.py: 1
+    if rule != SEED_RULE:
+        warnings_.append(
+            f"{path} was written by a version with seed rule {rule}, or before checkpoints recorded it (this "
+            f"one: {SEED_RULE}): the run resumes, but from here on its sample order, augmentation and dropout "
+            "are not what the uninterrupted run would have drawn (the rest of a half-done epoch may "
+            "repeat some samples and skip others)"
+        )
+    if not saved:  # checkpoints from before this check
+        return warnings_
+    for key in ("global_batch", "steps_per_epoch", "stream_slots"):
+        if saved.get(key) != now.get(key):
+            raise ValueError(
+                f"{path} was written with {key} {saved.get(key)}, this run has {now.get(key)}: "
+                "keep batch_size x ranks x grad_accum (and the data; for shards also the ranks, "
+                "data.num_workers and batch_size) as they were to resume"
+            )
+    if saved["max_steps"] != now["max_steps"] and now["schedule"] == "cosine":
+        warnings_.append(
+            f"train.max_steps changed from {saved['max_steps']} to {now['max_steps']}: the cosine schedule "
+            f"now ends elsewhere than in the run that wrote {path}"
+        )
+    return warnings_

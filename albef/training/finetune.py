@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, answer_nll
 from albef.training.momentum import momentum_update
+from albef.training.trainer import Trainer
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -42,7 +43,7 @@ class ClassifierOutput:
     logits_m: Tensor | None
 
 
-class ClassifierTrainer(nn.Module):
+class ClassifierTrainer(Trainer):
     """SNLI-VE / NLVR2 training step. ``lavis_teacher_text_encoder=True`` reproduces LAVIS 1.0.2's
     NLVR2 bug (the teacher branch runs the *student* text encoder); the authors' is the default."""
 
@@ -53,10 +54,7 @@ class ClassifierTrainer(nn.Module):
         distill: bool = True,
         lavis_teacher_text_encoder: bool = False,
     ):
-        super().__init__()
-        self.model = model
-        self.model_m = frozen_copy(model) if distill else None
-        self.momentum = momentum
+        super().__init__(model, frozen_copy(model) if distill else None, momentum=momentum)
         self.lavis_teacher_text_encoder = lavis_teacher_text_encoder
 
     def forward(
@@ -90,17 +88,16 @@ class VQAOutput:
     logits: Tensor  # decoder logits [n_answers_total, La, V]
 
 
-class VQATrainer(nn.Module):
+class VQATrainer(Trainer):
     """VQA training step: answers weighted (VQA: count / n; VG: 0.5), loss = Σ w·loss / B.
 
     ``label_smoothing``: 0 (authors) or 0.1 (LAVIS).
     """
 
+    ENCODERS = ("visual_encoder", "text_encoder", "text_decoder")
+
     def __init__(self, model: ALBEFForVQA, momentum: float = 0.995, distill: bool = True, label_smoothing: float = 0.0):
-        super().__init__()
-        self.model = model
-        self.model_m = frozen_copy(model) if distill else None
-        self.momentum = momentum
+        super().__init__(model, frozen_copy(model) if distill else None, momentum=momentum)
         self.label_smoothing = label_smoothing
 
     def forward(
@@ -134,12 +131,11 @@ class VQATrainer(nn.Module):
         return VQAOutput(loss, per_answer, q, logits)
 
 
-class TextAssignmentTrainer(nn.Module):
+class TextAssignmentTrainer(Trainer):
     """Cross-entropy of the 3-way text-assignment head (no momentum teacher, as the authors)."""
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
 
     def forward(
         self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator | None = None

@@ -19,20 +19,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-
-def _blocks(owner: nn.Module) -> list[nn.Module]:
-    blocks: list[nn.Module] = []
-    vit = getattr(owner, "visual_encoder", None)
-    if vit is not None:
-        blocks += list(vit.blocks)
-    for name in ("text_encoder", "text_decoder"):
-        enc = getattr(owner, name, None)
-        if enc is not None:
-            blocks += list(enc.encoder.layer)
-    return blocks
+from albef.models.vit import VisionTransformer
+from albef.training.trainer import Trainer
 
 
-def shard_trainer(trainer: nn.Module, device_type: str) -> None:
+def _blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a ViT (``blocks``) or a BERT stack (``encoder.layer``)."""
+    return list(encoder.blocks) if isinstance(encoder, VisionTransformer) else list(encoder.encoder.layer)
+
+
+def shard_trainer(trainer: Trainer, device_type: str) -> None:
     """Shard the blocks of ``trainer.model`` and of its teacher ``trainer.model_m`` (if any).
 
     Each block is its own FSDP unit, re-sharded after its forward (the teacher's blocks never run
@@ -44,20 +40,17 @@ def shard_trainer(trainer: nn.Module, device_type: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    for owner in (trainer.model, getattr(trainer, "model_m", None)):
-        if owner is None:
-            continue
-        blocks = _blocks(owner)
-        if not blocks:
-            raise ValueError(f"{type(owner).__name__} has no transformer blocks to shard")
-        for block in blocks:
-            kv = {
-                p
-                for n, p in block.named_parameters()
-                if n.startswith(("crossattention.self.key.", "crossattention.self.value."))
-            }
-            fully_shard(block, mesh=mesh, ignored_params=kv or None)
-            block.register_forward_hook(lambda module, args, out: module.reshard())
+    blocks = [block for encoder in trainer.encoders() for block in _blocks(encoder)]
+    if not blocks:
+        raise ValueError(f"{type(trainer.model).__name__} has no transformer blocks to shard")
+    for block in blocks:
+        kv = {
+            p
+            for n, p in block.named_parameters()
+            if n.startswith(("crossattention.self.key.", "crossattention.self.value."))
+        }
+        fully_shard(block, mesh=mesh, ignored_params=kv or None)
+        block.register_forward_hook(lambda module, args, out: module.reshard())
 
 
 def is_sharded(p: Tensor) -> bool:

@@ -1,4 +1,5 @@
-"""AdamW applied inside the backward pass (``train.optimizer_in_backward``).
+"""The optimizer of a run: AdamW with the reference's parameter groups (:func:`build_optimizer`),
+and AdamW applied inside the backward pass (``train.optimizer_in_backward``).
 
 An ordinary step keeps every gradient alive until ``optimizer.step()``: 0.84 GB at albef-base,
 the peak of a CPU step. Here parameters are updated as soon as their gradients are complete, a
@@ -16,10 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from albef.training.fsdp import is_sharded
 
 
 class AdamWInBackward(torch.optim.AdamW):
@@ -171,3 +175,82 @@ def check_in_backward(
             + "; ".join(problems)
             + ". Turn it off, or change those settings."
         )
+
+
+# -- the optimizer of a run ------------------------------------------------------------------
+
+
+def _under(name: str, prefix: str) -> bool:  # "a.b" is under "a" and "a.b", not under "a.bc"
+    return name == prefix.rstrip(".") or name.startswith(prefix.rstrip(".") + ".")
+
+
+def lr_scale_of(name: str, lr_scale: dict[str, float] | None) -> float:
+    """The multiplier of the parameter ``name``: the value of the longest matching prefix, else 1."""
+    hits = [k for k in (lr_scale or {}) if _under(name, k)]
+    return lr_scale[max(hits, key=len)] if hits else 1.0
+
+
+def _multiplier(prefix: str, v: Any) -> float:
+    if isinstance(v, dict):  # train.lr_scale.text_encoder.embeddings=0.1 nests at each dot
+        raise ValueError(
+            f"train.lr_scale[{prefix!r}] is a mapping: give the prefix whole, "
+            "e.g. train.lr_scale='{text_encoder.embeddings: 0.1}'"
+        )
+    try:
+        x = float(v)  # YAML may hand "1e-1" over as a string
+    except (TypeError, ValueError):
+        x = math.nan
+    if not 0 <= x < math.inf:
+        raise ValueError(f"train.lr_scale[{prefix!r}] = {v!r}: give a finite multiplier >= 0")
+    return x
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    in_backward: bool = False,
+    lr_scale: dict[str, float] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with the reference's groups: no decay for 1-D tensors and biases, decay for the rest.
+
+    ``in_backward``: :class:`albef.training.optim.AdamWInBackward` (the same update, applied during
+    the backward as gradients complete, a few tensors at a time, and those gradients freed).
+
+    ``lr_scale`` (``train.lr_scale``): parameter-name prefix -> multiplier of the scheduled learning
+    rate (the longest prefix wins), kept in each group as ``lr_scale``; e.g.
+    ``{"text_encoder.encoder.layer.0": 0.1}``. Empty (the reference): one rate for every parameter.
+
+    As in the reference (timm's factory called on the top-level model, which names no exceptions),
+    ``pos_embed``, ``cls_token`` and the 0-dim ``temp`` are decayed.
+
+    >>> opt = build_optimizer(model, lr=1e-4, weight_decay=0.02, lr_scale={"text_encoder": 0.1})  # doctest: +SKIP
+    """
+    checked = {prefix: _multiplier(prefix, v) for prefix, v in (lr_scale or {}).items()}
+    for prefix in checked:
+        if not any(_under(n, prefix) for n, _ in model.named_parameters()):
+            raise ValueError(
+                f"train.lr_scale: no parameter name starts with {prefix!r} "
+                f"(names look like {next(n for n, _ in model.named_parameters())!r})"
+            )
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (not (p.ndim == 1 or name.endswith(".bias")), lr_scale_of(name, checked))
+            groups.setdefault(key, []).append(p)
+    # The fused kernel (one pass over each tensor instead of a chain of foreach ops) computes the
+    # same update; on 2 CPU cores it takes the AdamW step of albef-base from 0.53 s to 0.13 s.
+    params = [p for ps in groups.values() for p in ps]
+    sharded = any(is_sharded(p) for p in params)  # FSDP: sharded and replicated tensors can't share a kernel
+    fused = (
+        not sharded and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    )
+    cls = AdamWInBackward if in_backward else torch.optim.AdamW
+    # the reference's two groups (no decay first) when nothing is scaled; state dicts match it then
+    order = sorted(groups, key=lambda k: (k[1] != 1.0, k[1], k[0]))
+    param_groups = [
+        {"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]} for k in order
+    ]
+    if not groups:
+        param_groups = [{"params": [], "weight_decay": 0.0, "lr_scale": 1.0}]
+    return cls(param_groups, lr=lr, fused=fused or None, foreach=False if sharded else None)

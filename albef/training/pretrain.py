@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from albef.models.albef import ALBEF
 from albef.models.fusion import FusionRows, Positions
@@ -44,6 +44,7 @@ from albef.training.objectives import (
     mlm_loss,
     sample_hard_negatives,
 )
+from albef.training.trainer import Trainer
 
 CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0
 
@@ -117,7 +118,7 @@ class Negatives(NamedTuple):
     weights_t2i: Tensor
 
 
-class ALBEFPretrainer(nn.Module):
+class ALBEFPretrainer(Trainer):
     """Training-time ALBEF: the student, its momentum teacher and the feature queues."""
 
     def __init__(
@@ -135,16 +136,13 @@ class ALBEFPretrainer(nn.Module):
         """``itc`` .. ``mlm_distill`` switch the paper's ablation rows: ``itc=False`` leaves the ITC
         loss out (and ITM negatives are then random); ``hard_negatives=False`` draws ITM negatives
         uniformly; ``itc_distill`` / ``mlm_distill`` turn momentum distillation off per objective."""
-        super().__init__()
         cfg = model.config
         if mlm and model.mlm_head is None:
             raise ValueError("MLM pretraining needs a model built with an MLM head")
-        self.model = model
-        self.model_m = make_teacher(model)
+        teacher = make_teacher(model)
         if not mlm:
-            self.model_m.mlm_head = None
-        self.queue = FeatureQueue(cfg.embed_dim, cfg.queue_size, with_idx=with_idx)
-        self.momentum = cfg.momentum
+            teacher.mlm_head = None
+        super().__init__(model, teacher, FeatureQueue(cfg.embed_dim, cfg.queue_size, with_idx=with_idx), cfg.momentum)
         self.mlm = mlm
         self.mlm_probability = cfg.mlm_probability
         self.hard_negative_eps = hard_negative_eps

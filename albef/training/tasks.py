@@ -7,7 +7,7 @@ accumulation, schedules, checkpoints, bad data, logging — is the loop's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from albef.models.tasks import task_model
 from albef.text import Tokenizer
 from albef.training.finetune import ClassifierTrainer, TextAssignmentTrainer, VQATrainer
 from albef.training.pretrain import ALBEFPretrainer
+from albef.training.trainer import Trainer
 
 #: the tasks whose training text the authors cut at ``max_text_len`` tokens (Pretrain.py,
 #: Pretrain_nlvr.py: captions at 25; VQA.py: questions at 25); the others' training captions are
@@ -37,13 +38,37 @@ def text_max_length(task: str, cfg: ALBEFConfig, truncate: bool | None = None) -
     return cfg.max_text_len if cut else cfg.text.max_position_embeddings
 
 
+class Task(Protocol):
+    """What the loop asks of a task."""
+
+    name: str
+    loss_keys: tuple[str, ...]  # what :meth:`micro_step` logs; the first is the loss it returns
+
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> Trainer:
+        """The student, its teacher and queue (:class:`~albef.training.trainer.Trainer`)."""
+
+    def build_dataset(
+        self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str
+    ) -> tuple[Any, Any, list]:
+        """``(dataset, collate, skipped annotation entries)`` of ``recipe.data.train_files``."""
+
+    def micro_step(
+        self, module: nn.Module, batch: Any, alpha: float, generator: torch.Generator, first: bool
+    ) -> tuple[Tensor, dict[str, Tensor | None], Any]:
+        """One micro-batch through ``module`` (the trainer, or its DDP wrapper): ``(loss, logged
+        losses, payload)``; ``first``: the step's first micro-batch updates the teacher."""
+
+    def end_step(self, trainer: Trainer, payloads: list) -> None:
+        """After the optimizer step, with every micro-batch's payload (pretraining: the queue)."""
+
+
 class PretrainTask:
     """ITC + ITM + MLM with momentum distillation on image–caption pairs."""
 
     name = "pretrain"
     loss_keys = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 
-    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> Trainer:
         t = recipe.train
         return ALBEFPretrainer(
             task_model(self.name, cfg),
@@ -80,7 +105,7 @@ class PretrainTask:
         payload = (out.teacher.image_feat, out.teacher.text_feat, batch.idx)  # enqueued by end_step
         return out.loss, {k: losses[k] for k in self.loss_keys}, payload
 
-    def end_step(self, trainer: nn.Module, payloads: list) -> None:
+    def end_step(self, trainer: Trainer, payloads: list) -> None:
         image_feat, text_feat, idx = zip(*payloads, strict=True)
         trainer.queue.enqueue(torch.cat(image_feat), torch.cat(text_feat), None if idx[0] is None else torch.cat(idx))
 
@@ -94,7 +119,7 @@ class RetrievalTask(PretrainTask):
     name = "retrieval"
     loss_keys = ("loss", "loss_itc", "loss_itm")
 
-    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> Trainer:
         return ALBEFPretrainer(
             task_model(self.name, cfg),
             mlm=False,
@@ -121,7 +146,7 @@ class VQATask:
     name = "vqa"
     loss_keys = ("loss",)
 
-    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> Trainer:
         t = recipe.train
         return VQATrainer(
             task_model(self.name, cfg), cfg.momentum, distill=t.distill, label_smoothing=t.label_smoothing
@@ -164,7 +189,7 @@ class ClassifyTask:
         self.name = name
         self.num_images = 2 if name == "nlvr" else 1
 
-    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> Trainer:
         return ClassifierTrainer(task_model(self.name, cfg), cfg.momentum, distill=recipe.train.distill)
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
@@ -195,7 +220,7 @@ class TextAssignmentTask(PretrainTask):
     name = "nlvr_pretrain"
     loss_keys = ("loss",)
 
-    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> nn.Module:
+    def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> Trainer:
         return TextAssignmentTrainer(task_model(self.name, cfg))
 
     def micro_step(self, module, batch, alpha, generator, first):
@@ -217,7 +242,7 @@ TASKS = {
 }
 
 
-def get_task(name: str):
+def get_task(name: str) -> Task:
     try:
         return TASKS[name]()
     except KeyError:

@@ -131,6 +131,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the RNGs captured by :func:`rng_state` (missing entries are left untouched).
 
     Example:
+        >>> from albef.checkpoints.files import load_checkpoint, save_checkpoint
         >>> _ = save_checkpoint({"rng": rng_state()}, "run/checkpoint_last.pt")
         >>> first = torch.rand(3)
         >>> set_rng_state(load_checkpoint("run/checkpoint_last.pt")["rng"])

@@ -175,6 +175,6 @@ def test_grounding_trains_on_whole_resized_images(tmp_path):
                 f"output_dir={tmp_path / task}",
             ],
         )
-        steps[task] = [type(t) for t in TrainRun(recipe).dataset.transform.transforms]
+        steps[task] = [type(t) for t in TrainRun(recipe).data.dataset.transform.transforms]
     assert steps["grounding"][:2] == [T.Resize, T.RandomHorizontalFlip]
     assert steps["retrieval"][:2] == [T.RandomResizedCrop, T.RandomHorizontalFlip]

@@ -119,7 +119,6 @@ def config_from_parity(meta: dict[str, Any]) -> ALBEFConfig:
         temp=h["temp_init"],
         queue_size=h["queue_size"],
         momentum=h["momentum"],
-        alpha=h["alpha"],
         mlm_probability=h["mlm_mask_prob"],
         max_text_len=h["pretrain_max_txt_len"],
         add_sep=True,

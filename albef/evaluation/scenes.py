@@ -250,12 +250,13 @@ def pointing_game(preds: Sequence) -> dict:
     hits: dict[str, list[float]] = defaultdict(list)
     areas: dict[str, list[float]] = defaultdict(list)
     objects: list[float] = []
+    sizes: dict[str, tuple[int, int]] = {}  # a scene has several referents: each image's header read once
     for p in preds:
         r = p.record
-        hw = getattr(r, "image_hw", None)
+        hw = getattr(r, "image_hw", None) or sizes.get(r.image)
         if hw is None:
-            with Image.open(r.image) as im:
-                hw = (im.height, im.width)
+            with Image.open(r.image) as im:  # the header only: PIL decodes pixels lazily
+                hw = sizes[r.image] = (im.height, im.width)
         H, W = hw
         heat = upsample_heatmap(p.heatmap, H, W)
         y, x = divmod(int(heat.argmax()), W)

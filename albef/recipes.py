@@ -125,7 +125,7 @@ class TrainSection:
     # did (PyTorch 1.8, whose default it was); false for full float32. No effect on the CPU
     tf32: bool = True
     # recompute encoder blocks in the backward: true (all), "vision" (the ViT's only) or false; on
-    # the CPU the loop then also hands the step's freed heap back to the OS (albef.training.heap)
+    # the CPU the loop then also hands the step's freed heap back to the OS (albef.heap)
     grad_checkpointing: bool | str = False
     # AdamW inside the backward, gradients freed as they are complete: the same update without
     # ever holding every gradient (albef.training.optim). "auto": wherever it gives the ordinary

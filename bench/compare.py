@@ -148,13 +148,13 @@ def pretrain_sides(
 ):
     """(ours_step, theirs_step, ours_model, theirs_model): forward, backward and AdamW closures
     (None for a side not in ``sides``). ``trim``: our step ends as our training loop's does, which
-    on the CPU with checkpointing gives the freed heap back (albef/training/heap.py). Only for a
+    on the CPU with checkpointing gives the freed heap back (albef/heap.py). Only for a
     process running our side alone: the trim is process-wide, so in the shared timing process it
     would also hand back the reference's freed pages and make its next step fault them in again;
     the probe that measures our peak memory times its own steps to show what the trim costs."""
+    from albef.heap import release_after_step
     from albef.models.albef import ALBEF
     from albef.text import Tokenizer
-    from albef.training.heap import release_after_step
     from albef.training.optim import build_optimizer
     from albef.training.pretrain import ALBEFPretrainer
 

@@ -1,5 +1,5 @@
-"""The package's layering, read from the source: the library never imports the commands, the
-model and checkpoint code never import training, serving or the commands, and no two modules
+"""The package's layering, read from the source: the library never imports the commands or the
+trainer, the model and checkpoint code never import serving either, and no two modules
 import each other at load time."""
 
 from __future__ import annotations
@@ -104,6 +104,19 @@ def test_the_model_never_imports_checkpoint_code():
         if _in(m, "albef.models")
         for t in sorted(every)
         if _in(t, "albef.checkpoints")
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_commands_import_the_trainer():
+    # open_clip's split: the library (models, checkpoints, evaluation, API, serving) stands without
+    # the training package; the training package and the commands build on it
+    bad = [
+        f"{m} imports {t}"
+        for m, (every, _) in GRAPH.items()
+        if not (_in(m, "albef.training") or _in(m, "albef.cli"))
+        for t in sorted(every)
+        if _in(t, "albef.training")
     ]
     assert not bad, "\n".join(bad)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from albef.cli.bench import proc_memory_mb
-from albef.training.heap import _malloc_trim, release_freed_memory
+from albef.heap import _malloc_trim, release_freed_memory
 
 
 @pytest.mark.skipif(_malloc_trim() is None, reason="needs glibc's malloc_trim")

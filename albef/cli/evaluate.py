@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("vqa", "ve", "nlvr"):
         return _task(args)
 
+    from albef.distributed import init_distributed, shutdown
     from albef.evaluation.retrieval import evaluate_retrieval
-    from albef.training.distributed import init_distributed, shutdown
 
     info = init_distributed(args.device)
     try:
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _grounding(args: argparse.Namespace) -> int:
+    from albef.distributed import init_distributed, shutdown
     from albef.evaluation.grounding import evaluate_grounding, read_grounding, save_overlays
-    from albef.training.distributed import init_distributed, shutdown
 
     info = init_distributed(args.device)  # under torchrun the expressions are split across ranks
     try:
@@ -170,8 +170,8 @@ def _task(args: argparse.Namespace) -> int:
     from albef.data.annotations import require_entries
     from albef.data.classification import read_classification
     from albef.data.vqa import read_answer_list, read_vqa
+    from albef.distributed import init_distributed, shutdown
     from albef.evaluation.tasks import evaluate_classification, evaluate_vqa
-    from albef.training.distributed import init_distributed, shutdown
 
     info = init_distributed(args.device)  # under torchrun the records are split across ranks
     try:

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
         recipe.model.check_sources()
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         p.error(str(e))
-    from albef.training.distributed import shutdown
+    from albef.distributed import shutdown
     from albef.training.loop import TrainRun  # heavy imports after argument checks
 
     try:

@@ -100,7 +100,7 @@ def evaluate_grounding(
     if not records:
         raise ValueError("no grounding records: nothing to evaluate (the evaluation file holds no entry)")
     model.eval()
-    from albef.training.distributed import gather_lists, rank_slice
+    from albef.distributed import gather_lists, rank_slice
 
     mine = list(records)[rank_slice(len(records))]  # under torchrun: a share per rank, gathered below
     preds: list[GroundingPrediction] = []

@@ -22,10 +22,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from albef.data.retrieval import ImageListDataset, RetrievalEvalSet
+from albef.distributed import all_reduce_sum, rank_slice
 from albef.models.albef import ALBEF
 from albef.models.fusion import FusionRows
 from albef.text import Tokenizer
-from albef.training.distributed import all_reduce_sum, rank_slice
 
 
 @dataclass

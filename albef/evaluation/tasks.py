@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from albef.api import tokenize_answers
 from albef.data.pretrain import PretrainRecord, load_image
+from albef.distributed import all_reduce_sum, gather_lists, rank_slice
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers
 from albef.text import Tokenizer
-from albef.training.distributed import all_reduce_sum, gather_lists, rank_slice
 
 
 class _EvalDataset(Dataset):

@@ -29,7 +29,7 @@ from typing import IO
 
 from PIL import Image
 
-from albef.training.heap import release_freed_memory
+from albef.heap import release_freed_memory
 
 log = logging.getLogger("albef.serve")
 UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")

@@ -20,11 +20,11 @@ from albef.config import ALBEFConfig
 from albef.data.annotations import BadSample, check_bad_share
 from albef.data.sampler import GlobalBatchSampler
 from albef.data.transforms import train_transform
+from albef.distributed import DistInfo, ensure_process_group
 from albef.models.albef import checkpointed_parts
 from albef.models.vit import VisionTransformer
 from albef.recipes import Recipe
 from albef.text import Tokenizer
-from albef.training.distributed import DistInfo, ensure_process_group
 from albef.training.momentum import copy_student_to_teacher
 from albef.training.tasks import Task, text_max_length
 from albef.training.trainer import Trainer

@@ -34,6 +34,14 @@ from albef.checkpoints.files import (
 )
 from albef.config import ALBEFConfig
 from albef.data.annotations import BadSample, check_bad_share
+from albef.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+)
+from albef.heap import release_after_step
 from albef.models.albef import checkpointed_parts
 from albef.precision import autocast_dtype, resolve_precision, set_tf32
 from albef.recipes import Recipe
@@ -50,14 +58,6 @@ from albef.training.checkpoint import (
     run_geometry,
     set_rng_state,
 )
-from albef.training.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-)
-from albef.training.heap import release_after_step
 from albef.training.metrics import MetricsLogger, plot_losses
 from albef.training.momentum import momentum_update
 from albef.training.optim import build_optimizer, resolve_in_backward

@@ -345,7 +345,7 @@ class TrainRun:
             total=total,
             initial=s.global_step,
             disable=not self.dist.is_main,
-            desc="pretrain",
+            desc=self.task.name,
             unit="step",
             dynamic_ncols=True,
         )

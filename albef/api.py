@@ -2,14 +2,14 @@
 
 Example:
     >>> from albef import Pipeline
-    >>> pipe = Pipeline.from_pretrained("runs/main/model")                        # doctest: +SKIP
-    >>> pipe = Pipeline.from_pretrained("runs/main/retrieval")  # a run folder: best, else last  # doctest: +SKIP
+    >>> pipe = Pipeline.from_pretrained("runs/main/pretrain")                        # doctest: +SKIP
+    >>> pipe = Pipeline.from_pretrained("runs/main/pretrain")  # a run folder: best, else last  # doctest: +SKIP
     >>> pipe.similarity(["cat.png", "dog.png"], ["a cat", "a dog"])              # doctest: +SKIP
     tensor([[0.41, 0.02], [0.05, 0.38]])
     >>> pipe.retrieve("a cat", gallery=["cat.png", "dog.png", "car.png"], top=2)  # doctest: +SKIP
     [RetrievalHit(index=0, itc=0.41, itm=0.97), RetrievalHit(index=2, itc=0.08, itm=0.03)]
     >>> # precision="auto": bf16 autocast where the device has it natively
-    >>> pipe = Pipeline.from_pretrained("runs/main/model", precision="auto")  # doctest: +SKIP
+    >>> pipe = Pipeline.from_pretrained("runs/main/pretrain", precision="auto")  # doctest: +SKIP
 """
 
 from __future__ import annotations

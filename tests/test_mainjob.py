@@ -69,6 +69,14 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     assert base["shape"]["majority"] == "circle" and base["shape"]["majority_accuracy"] == 100.0
     assert list((tmp_path / "out" / "overlays").rglob("*.png"))
 
+    # `albef serve` and `albef index` without arguments find what the main job wrote
+    from albef.cli.serve import DEFAULTS
+
+    for key in ("model", "vqa_model"):
+        assert (tmp_path / "out" / Path(DEFAULTS[key]).relative_to("runs/main")).is_file(), DEFAULTS[key]
+    for key in ("images", "answers"):
+        assert (tmp_path / "data" / Path(DEFAULTS[key]).relative_to("data")).exists(), DEFAULTS[key]
+
     # the held-out emoji stay held out: no scene draws an emoji of the emoji test or val split, and
     # pretraining sees no single image of an emoji the scenes hold out
     data = tmp_path / "data"

@@ -1,8 +1,8 @@
 """``albef index build|bench`` and ``albef search``: FAISS galleries with an ITM-re-ranked shortlist.
 
 Examples:
-    albef index build --model runs/main/retrieval/checkpoint_last.pt --images data/emoji/images --out runs/gallery
-    albef search --index runs/gallery --model runs/main/retrieval/checkpoint_last.pt "a red heart" --top 5
+    albef index build --model runs/main/pretrain/checkpoint_last.pt --images data/emoji/images --out runs/gallery
+    albef search --index runs/gallery --model runs/main/pretrain/checkpoint_last.pt "a red heart" --top 5
     albef index bench --n 200000 --dim 256          # recall of the shortlist vs exact search, memory, time
 """
 

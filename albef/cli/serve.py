@@ -4,7 +4,7 @@ Defaults are what the main job (``albef main``) trained and prepared, so after `
 scripts/run.sh`` a plain ``albef serve`` works; open http://127.0.0.1:8000.
 
 Example:
-    albef serve --model runs/main/retrieval/checkpoint_last.pt --images data/emoji/images/google
+    albef serve --model runs/main/pretrain/checkpoint_last.pt --images data/emoji/images/google
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 DEFAULTS = {
-    "model": "runs/main/retrieval/checkpoint_last.pt",
+    "model": "runs/main/pretrain/checkpoint_last.pt",
     "images": "data/emoji/images",
     "vqa_model": "runs/main/vqa/checkpoint_last.pt",
     "answers": "data/easyvqa/answer_list.json",

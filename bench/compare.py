@@ -58,6 +58,7 @@ from albef.cli.bench import proc_memory_mb  # noqa: E402
 from albef.cli.mdblock import write_block  # noqa: E402
 from albef.config import ALBEFConfig, get_preset  # noqa: E402
 from albef.models.albef import checkpointed_parts  # noqa: E402
+from albef.recipes import TrainSection  # noqa: E402
 from albef.training.optim import one_process_in_backward  # noqa: E402
 
 WORDS = (
@@ -198,7 +199,7 @@ def pretrain_sides(
         return go
 
     def run_ours(m):  # as albef.training.loop: the momentum features are enqueued after the step
-        out = m(images, ids, mask, alpha=cfg.alpha, enqueue=False)
+        out = m(images, ids, mask, alpha=TrainSection.alpha, enqueue=False)
         return out.loss, lambda: m.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)
 
     return (step(ours, run_ours), step(theirs, lambda m: (m(samples).loss, lambda: None)), ours, theirs)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from albef.config import ALBEFConfig
+from albef.recipes import TrainSection
 
 VOCAB = Path(__file__).resolve().parents[1] / "albef" / "assets" / "bert-base-uncased-vocab.txt"
 
@@ -121,7 +122,7 @@ def build_pretrain(L, cfg: ALBEFConfig) -> nn.Module:
         embed_dim=cfg.embed_dim,
         temp=cfg.temp,
         momentum=cfg.momentum,
-        alpha=cfg.alpha,
+        alpha=TrainSection.alpha,  # the distillation weight is the recipe's (0.4, the authors')
         max_txt_len=cfg.max_text_len,
     )
 

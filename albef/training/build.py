@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from albef.checkpoints.loading import LoadReport, load_albef, load_hf_bert, load_timm_vit, read_state_dict
 from albef.config import ALBEFConfig
 from albef.data.annotations import BadSample, check_bad_share
+from albef.data.pretrain import PretrainCollator
 from albef.data.sampler import GlobalBatchSampler
 from albef.data.transforms import train_transform
 from albef.distributed import DistInfo, ensure_process_group
@@ -25,6 +26,7 @@ from albef.models.albef import checkpointed_parts
 from albef.models.vit import VisionTransformer
 from albef.recipes import Recipe
 from albef.text import Tokenizer
+from albef.training.fsdp import replicated_params, shard_trainer
 from albef.training.momentum import copy_student_to_teacher
 from albef.training.tasks import Task, text_max_length
 from albef.training.trainer import Trainer
@@ -81,7 +83,6 @@ def build_data(recipe: Recipe, task: Task, cfg: ALBEFConfig, tokenizer: Tokenize
 def _shard_data(
     recipe: Recipe, task: Any, cfg: ALBEFConfig, tokenizer: Tokenizer, dist: DistInfo, transform
 ) -> TrainData:
-    from albef.data.pretrain import PretrainCollator
     from albef.data.shards import ShardLoader  # webdataset: imported only by runs that read shards
 
     d, t = recipe.data, recipe.train
@@ -150,8 +151,6 @@ def wrap_trainer(trainer: Trainer, recipe: Recipe, precision: str, dist: DistInf
     sharded in place with FSDP (``train.fsdp``). Returns it and, under FSDP, the replicated
     parameters whose gradients the loop averages itself."""
     if recipe.train.fsdp:
-        from albef.training.fsdp import replicated_params, shard_trainer
-
         if precision == "fp16":  # the GradScaler would unscale sharded and replicated grads together
             raise ValueError("train.precision=fp16 is not supported with train.fsdp; use bf16")
         ensure_process_group(dist.device)

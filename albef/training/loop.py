@@ -58,6 +58,7 @@ from albef.training.checkpoint import (
     run_geometry,
     set_rng_state,
 )
+from albef.training.fsdp import clip_grad_norm, sync_replicated_grads
 from albef.training.metrics import MetricsLogger, plot_losses
 from albef.training.momentum import momentum_update
 from albef.training.optim import build_optimizer, resolve_in_backward
@@ -285,13 +286,9 @@ class TrainRun:
                 [float(logs[k].detach()) if logs[k] is not None else 0.0 for k in keys], dtype=torch.float64
             )
         if t.fsdp:  # FSDP reduced the sharded blocks' gradients; the replicated rest is averaged here
-            from albef.training.fsdp import sync_replicated_grads
-
             sync_replicated_grads(self.replicated)
         grad_norm = math.nan  # before clipping; logged only when clipping computes it
         if t.max_grad_norm and t.fsdp:  # no fp16 under FSDP, so nothing to unscale
-            from albef.training.fsdp import clip_grad_norm
-
             grad_norm = float(clip_grad_norm(self.trainer.model.parameters(), t.max_grad_norm))
         elif t.max_grad_norm:
             self.scaler.unscale_(self.optimizer)

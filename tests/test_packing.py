@@ -203,3 +203,34 @@ def test_attention_maps_keep_their_padding_rows(tiny_model):
     make_plain(model)
     model.encode_multimodal(ids, mask, img)
     torch.testing.assert_close(fast_map, attn.attention_map)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_rows_reading_images_out_of_order_equal_the_plain_model(tiny_config, mode):
+    """Re-ranking's layout: no group reads the images in order; the rows' queries are regrouped by
+    image (groups of different sizes, an image read by no row) instead of the keys copied per row."""
+    from albef.models.fusion import FusionRows
+
+    fast = ALBEF(tiny_config).double()
+    fast.train(mode == "train")
+    plain = make_plain(copy.deepcopy(fast))
+    ids, mask = text_batch(5, 8)
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+
+    def run(model):
+        image_embeds, text = model.encode_image(images), model.encode_text(ids, mask)
+        rows = FusionRows()
+        rows.add("pairs", text, mask, images=torch.tensor([2, 0, 2, 3, 2]))  # image 1: no row
+        rows.add("more", text[:2], mask[:2], images=torch.tensor([3, 0]))
+        out = model.fuse_rows(rows, image_embeds)
+        return out, sum(v.square().sum() for v in out.values())
+
+    (out, loss), (ref, ref_loss) = run(fast), run(plain)
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name], rtol=1e-12, atol=1e-12, msg=name)
+    loss.backward()
+    ref_loss.backward()
+    plain_params = dict(plain.named_parameters())
+    for name, p in fast.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=1e-10, atol=1e-12, msg=name)

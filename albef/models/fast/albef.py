@@ -73,17 +73,16 @@ class FastALBEF(ALBEF):
     def fuse_rows(self, rows: FusionRows, image_embeds: Tensor) -> dict[str, Tensor]:
         """The plain :meth:`~albef.models.albef.ALBEF.fuse_rows`, with the image keys/values projected
         once; groups that read the images in order go first and attend to them as they are
-        (:meth:`ImageContext.tile`: no gathered copy per row, no scatter in the backward), the
-        others read gathered rows. The last layer computes the positions the groups read only."""
+        (:meth:`ImageContext.tile`: no gathered copy per row, no scatter in the backward); the
+        others' queries are regrouped by image in inference, and read gathered keys/values where
+        attention dropout is drawn. The last layer computes the positions the groups read only."""
         B, dev = len(image_embeds), image_embeds.device
         in_order = [n for n, g in rows.groups.items() if _reads_in_order(g, B)]
         others = [n for n in rows.groups if n not in in_order]
         order = in_order + others
         context = self.image_context(image_embeds)
         extra = rows.image_index(others, B, dev)
-        if not in_order:
-            context = context.select(extra)
-        elif len(in_order) > 1 or others:
+        if in_order != [*rows.groups] or len(in_order) > 1:
             context = context.tile(len(in_order), extra)
         text, mask = rows.cat(order)
         groups = [rows.groups[n] for n in order]

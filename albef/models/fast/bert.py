@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from albef.models.bert import BertLayer, Embeddings, ImageInput, MLMHead, MultiHeadAttention, TextEncoder, padding_mask
-from albef.models.fast.context import KV, ImageContext
+from albef.models.fast.context import KV, Grouping, ImageContext
 from albef.models.fast.dropout import dropout
 from albef.models.fast.packing import LastRows, Packing
 from albef.models.fast.recompute import gelu_linear, layer_norm_linear
@@ -66,16 +66,33 @@ class FastMultiHeadAttention(MultiHeadAttention):
         image, [B, h, tiles * L, d], against the B images' keys/values as they are."""
         if self.save_attention:
             raise ValueError("attention maps are not kept for a tiled image batch")
-        k, v, mask, (tiles, extra) = kv
+        k, v, mask, (tiles, extra, groups) = kv
         B = k.shape[0]
         n, (_, h, L, d) = tiles * B, q.shape
         qa = q[:n].view(tiles, B, h, L, d).permute(1, 2, 0, 3, 4).reshape(B, h, tiles * L, d)
         out = self.attend(qa, k, v, mask).view(B, h, tiles, L, d).permute(2, 0, 1, 3, 4).reshape(n, h, L, d)
         if extra.numel() == 0:
             return out
-        m = None if mask is None else mask.index_select(0, extra)
-        rest = self.attend(q[n:], k.index_select(0, extra), v.index_select(0, extra), m)
-        return torch.cat([out, rest])
+        if self.training and self.dropout > 0:  # the dropout draws of per-row keys/values, as ever
+            m = None if mask is None else mask.index_select(0, extra)
+            rest = self.attend(q[n:], k.index_select(0, extra), v.index_select(0, extra), m)
+        else:
+            rest = self._attend_grouped(q[n:], k, v, mask, groups)
+        return torch.cat([out, rest]) if n else rest
+
+    def _attend_grouped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, g: Grouping) -> Tensor:
+        """Rows [n, h, L, d] reading images by ``g``: each image's rows' queries side by side,
+        [U, h, size * L, d] (zeros where a group is short), against the U images' keys/values, not
+        a copy of them per row (the copy costs more than the attention at retrieval's k)."""
+        n, h, L, d = q.shape
+        U, C = len(g.images), g.size
+        qg = q.new_zeros(U, C, h, L, d).index_put((g.group, g.slot), q.index_select(0, g.order))
+        qg = qg.permute(0, 2, 1, 3, 4).reshape(U, h, C * L, d)
+        if U != k.shape[0] or not torch.equal(g.images, torch.arange(U, device=g.images.device)):
+            k, v = k.index_select(0, g.images), v.index_select(0, g.images)
+            mask = None if mask is None else mask.index_select(0, g.images)
+        out = self.attend(qg, k, v, mask).view(U, h, C, L, d).transpose(1, 2)  # [U, C, h, L, d]
+        return out[g.group, g.slot].index_select(0, g.inverse)
 
 
 class FastBertLayer(BertLayer):

@@ -3,8 +3,9 @@
 Cross-attention keys and values depend only on the image and the layer, so
 :meth:`~albef.models.fast.bert.FastTextEncoder.image_context` projects them once and every fusion
 pass over the same images (the ITM positives, both kinds of negatives, MLM; re-ranking's pairs)
-reuses them by index instead of re-projecting. Rows that read the batch's images in order need
-no index at all (:meth:`ImageContext.tile`).
+reuses them instead of re-projecting. Rows that read the batch's images in order need no index
+at all, and the others' queries are regrouped by image rather than the keys/values copied per
+row (:meth:`ImageContext.tile`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,43 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
+class Grouping(NamedTuple):
+    """Rows regrouped by the image they read: sorted row ``i`` (row ``order[i]``) is slot ``slot[i]``
+    of group ``group[i]``, which reads image ``images[group[i]]``; ``size``: the largest group."""
+
+    images: Tensor  # [U] the distinct images read, ascending
+    order: Tensor  # [n] the rows, sorted by image
+    group: Tensor  # [n]
+    slot: Tensor  # [n]
+    inverse: Tensor  # [n] where each row went in ``order``
+    size: int
+
+    @classmethod
+    def of(cls, image_of_row: Tensor) -> Grouping:
+        """
+        >>> g = Grouping.of(torch.tensor([2, 0, 2]))
+        >>> g.images.tolist(), g.order.tolist(), g.group.tolist(), g.slot.tolist(), g.size
+        ([0, 2], [1, 0, 2], [0, 1, 1], [0, 0, 1], 2)
+        """
+        n, dev = len(image_of_row), image_of_row.device
+        order = torch.argsort(image_of_row, stable=True)
+        images, counts = torch.unique_consecutive(image_of_row[order], return_counts=True)
+        group = torch.repeat_interleave(torch.arange(len(images), device=dev), counts)
+        slot = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[group]
+        return cls(images, order, group, slot, torch.argsort(order), int(counts.max()) if n else 0)
+
+
 class Tiling(NamedTuple):
-    """Query rows ``t * B + b`` (t < tiles) read image b; the rows after them read images ``extra``."""
+    """Query rows ``t * B + b`` (t < tiles) read image b; the rows after them read images ``extra``
+    (``groups``: the same rows regrouped by image)."""
 
     tiles: int
     extra: Tensor  # [n_extra] rows of the image batch
+    groups: Grouping
 
 
 class KV(NamedTuple):
@@ -45,22 +75,13 @@ class ImageContext:
     mask: Tensor | None = None
     tiling: Tiling | None = None
 
-    def select(self, index: Tensor) -> ImageContext:
-        """Rows ``index`` of the batch (differentiable: gradients flow back to the projections)."""
-        if self.tiling is not None:
-            raise ValueError("select() of a tiled ImageContext")
-        return ImageContext(
-            [k.index_select(0, index) for k in self.keys],
-            [v.index_select(0, index) for v in self.values],
-            None if self.mask is None else self.mask.index_select(0, index),
-        )
-
     def tile(self, tiles: int, extra: Tensor) -> ImageContext:
         """The batch ``tiles`` times over in order, then rows ``extra``: what ``select(cat([arange(B)]
         * tiles + [extra]))`` gives, without copying the tiled keys/values. Attention regroups those
         rows' queries by image instead (cross-attention queries do not attend to each other), and
-        gradients reach the keys/values without a scatter."""
-        return ImageContext(self.keys, self.values, self.mask, Tiling(tiles, extra))
+        gradients reach the keys/values without a scatter. The ``extra`` rows' queries too are laid
+        side by side per image where no attention dropout is drawn (inference)."""
+        return ImageContext(self.keys, self.values, self.mask, Tiling(tiles, extra, Grouping.of(extra)))
 
     def layer(self, i: int) -> KV:
         """What fusion layer ``fusion_layer + i`` reads."""

@@ -66,7 +66,8 @@ class FastMultiHeadAttention(MultiHeadAttention):
         image, [B, h, tiles * L, d], against the B images' keys/values as they are."""
         if self.save_attention:
             raise ValueError("attention maps are not kept for a tiled image batch")
-        k, v, mask, (tiles, extra, groups) = kv
+        k, v, mask, tiling = kv
+        tiles, extra = tiling.tiles, tiling.extra
         B = k.shape[0]
         n, (_, h, L, d) = tiles * B, q.shape
         qa = q[:n].view(tiles, B, h, L, d).permute(1, 2, 0, 3, 4).reshape(B, h, tiles * L, d)
@@ -77,7 +78,7 @@ class FastMultiHeadAttention(MultiHeadAttention):
             m = None if mask is None else mask.index_select(0, extra)
             rest = self.attend(q[n:], k.index_select(0, extra), v.index_select(0, extra), m)
         else:
-            rest = self._attend_grouped(q[n:], k, v, mask, groups)
+            rest = self._attend_grouped(q[n:], k, v, mask, tiling.groups)
         return torch.cat([out, rest]) if n else rest
 
     def _attend_grouped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, g: Grouping) -> Tensor:

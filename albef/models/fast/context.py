@@ -11,6 +11,7 @@ row (:meth:`ImageContext.tile`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -43,13 +44,18 @@ class Grouping(NamedTuple):
         return cls(images, order, group, slot, torch.argsort(order), int(counts.max()) if n else 0)
 
 
-class Tiling(NamedTuple):
-    """Query rows ``t * B + b`` (t < tiles) read image b; the rows after them read images ``extra``
-    (``groups``: the same rows regrouped by image)."""
+@dataclass(frozen=True, eq=False)
+class Tiling:
+    """Query rows ``t * B + b`` (t < tiles) read image b; the rows after them read images ``extra``."""
 
     tiles: int
     extra: Tensor  # [n_extra] rows of the image batch
-    groups: Grouping
+
+    @cached_property
+    def groups(self) -> Grouping:
+        """The ``extra`` rows regrouped by image: computed on first use (it reads counts back to the
+        host), once for every layer of a fusion pass."""
+        return Grouping.of(self.extra)
 
 
 class KV(NamedTuple):
@@ -81,7 +87,7 @@ class ImageContext:
         rows' queries by image instead (cross-attention queries do not attend to each other), and
         gradients reach the keys/values without a scatter. The ``extra`` rows' queries too are laid
         side by side per image where no attention dropout is drawn (inference)."""
-        return ImageContext(self.keys, self.values, self.mask, Tiling(tiles, extra, Grouping.of(extra)))
+        return ImageContext(self.keys, self.values, self.mask, Tiling(tiles, extra))
 
     def layer(self, i: int) -> KV:
         """What fusion layer ``fusion_layer + i`` reads."""

@@ -201,9 +201,16 @@ def test_attention_maps_keep_their_padding_rows(tiny_model):
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_rows_reading_images_out_of_order_equal_the_plain_model(tiny_config, mode):
+@pytest.mark.parametrize(
+    "reads",
+    [
+        ([2, 0, 2, 3, 2], [3, 0]),  # groups of 2-3 rows, image 1 read by none: regrouped by image
+        ([2, 2, 2, 2, 2], [0, 3]),  # one image's rows would pad the layout past twice the rows: copied per row
+    ],
+)
+def test_rows_reading_images_out_of_order_equal_the_plain_model(tiny_config, mode, reads):
     """Re-ranking's layout: no group reads the images in order; the rows' queries are regrouped by
-    image (groups of different sizes, an image read by no row) instead of the keys copied per row."""
+    image instead of the keys copied per row, unless the groups are too uneven."""
     from albef.models.fusion import FusionRows
 
     fast = ALBEF(tiny_config).double()
@@ -215,8 +222,8 @@ def test_rows_reading_images_out_of_order_equal_the_plain_model(tiny_config, mod
     def run(model):
         image_embeds, text = model.encode_image(images), model.encode_text(ids, mask)
         rows = FusionRows()
-        rows.add("pairs", text, mask, images=torch.tensor([2, 0, 2, 3, 2]))  # image 1: no row
-        rows.add("more", text[:2], mask[:2], images=torch.tensor([3, 0]))
+        rows.add("pairs", text, mask, images=torch.tensor(reads[0]))
+        rows.add("more", text[:2], mask[:2], images=torch.tensor(reads[1]))
         out = model.fuse_rows(rows, image_embeds)
         return out, sum(v.square().sum() for v in out.values())
 

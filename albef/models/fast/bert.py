@@ -74,7 +74,9 @@ class FastMultiHeadAttention(MultiHeadAttention):
         out = self.attend(qa, k, v, mask).view(B, h, tiles, L, d).permute(2, 0, 1, 3, 4).reshape(n, h, L, d)
         if extra.numel() == 0:
             return out
-        if self.training and self.dropout > 0:  # the dropout draws of per-row keys/values, as ever
+        # per-row copies where attention dropout is drawn (the draws of that layout, as ever), and
+        # where one image's many rows would pad every other image's group to more than twice the rows
+        if (self.training and self.dropout > 0) or tiling.groups.padded > 2 * len(extra):
             m = None if mask is None else mask.index_select(0, extra)
             rest = self.attend(q[n:], k.index_select(0, extra), v.index_select(0, extra), m)
         else:

@@ -43,6 +43,11 @@ class Grouping(NamedTuple):
         slot = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[group]
         return cls(images, order, group, slot, torch.argsort(order), int(counts.max()) if n else 0)
 
+    @property
+    def padded(self) -> int:
+        """Query rows of the regrouped layout, every group padded to the largest."""
+        return len(self.images) * self.size
+
 
 @dataclass(frozen=True, eq=False)
 class Tiling:

@@ -35,24 +35,12 @@ METRICS = {
 
 def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str) -> dict[str, float]:
     from albef.checkpoints.pretrained import load_inference_model
-    from albef.cli.mainjob import SCALES, _recipe, _train, build_data, evaluate_scenes, pretraining_data
+    from albef.cli.mainjob import SCALES, _train, build_data, evaluate_scenes, scene_pretraining
 
     s = SCALES[scale]
     build_data(data, s)
     out.mkdir(parents=True, exist_ok=True)
-    pre = _recipe(
-        "pretrain",
-        out / "pretrain",
-        [str(pretraining_data(data, out, s, seed))],
-        data,
-        s["pretrain"],
-        s["batch"],
-        None,
-        seed,
-        lr=s["pretrain_lr"],
-        randaugment=s["randaugment"],
-        group_size=2,
-    )
+    pre = scene_pretraining(out, data, s, seed)
     for k, v in flags.items():
         setattr(pre.train, k, v)
     _train(pre, overwrite=True)  # an unfinished (row, seed) pair starts over; finished ones are not re-run

@@ -254,6 +254,24 @@ def evaluate_scenes(model, scene_dir: Path, k: int, overlays: Path) -> dict:
     return out
 
 
+def scene_pretraining(out: Path, data: Path, s: dict, seed: int, device: str = "cpu") -> Recipe:
+    """The job's pretraining recipe at scale ``s``: scenes (siblings in one batch) and single emoji."""
+    return _recipe(
+        "pretrain",
+        out / "pretrain",
+        [str(pretraining_data(data, out, s, seed))],
+        data,
+        s["pretrain"],
+        s["batch"],
+        None,
+        seed,
+        lr=s["pretrain_lr"],
+        randaugment=s["randaugment"],
+        device=device,
+        group_size=2,
+    )
+
+
 def run_main(
     out: Path,
     data: Path,
@@ -291,24 +309,7 @@ def run_main(
     counts = build_data(data, s, emoji_fetcher, easyvqa_builder)
     times["data"] = time.perf_counter() - t0
 
-    pre_file = pretraining_data(data, out, s, seed)
-    _, times["pretraining"] = _train(
-        _recipe(
-            "pretrain",
-            out / "pretrain",
-            [str(pre_file)],
-            data,
-            s["pretrain"],
-            s["batch"],
-            None,
-            seed,
-            lr=s["pretrain_lr"],
-            randaugment=s["randaugment"],
-            device=device,
-            group_size=2,
-        ),
-        overwrite,
-    )
+    _, times["pretraining"] = _train(scene_pretraining(out, data, s, seed, device), overwrite)
     ckpt = out / "pretrain" / "checkpoint_last.pt"
 
     t0 = time.perf_counter()

@@ -34,6 +34,10 @@ class VisionConfig:
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     in_chans: int = 3
+    # "trunc_normal": timm's (the authors start from DeiT's trained positions instead);
+    # "sincos": fixed 2-D sine-cosine values (MoCo v3, MAE), which tell a ViT trained from random
+    # weights where each patch is from the first step. Both stay trainable.
+    pos_embed_init: str = "trunc_normal"
 
     @property
     def grid_size(self) -> int:

@@ -9,6 +9,13 @@ fi
 # torch and torchvision first, pinned as a pair that loads together: on this project's machines
 # pip finds both on local disk (torchvision from PyPI does not load beside the 2.13 CPU build).
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  # PyPI's x86_64 build of torch 2.14.1 brings CUDA libraries: about 6 GB in .venv, plus the download
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ]; then
+    echo "setup: installing PyTorch into $(pwd)/.venv needs about 8 GB free on its disk;" \
+      "$((free_kb / 1024)) MB are free. Free some space (df -h .) and run this again." >&2
+    exit 1
+  fi
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from albef.checkpoints.convert import from_authors, to_authors
-from albef.config import ALBEFConfig, get_preset
+from albef.config import ALBEFConfig, VisionConfig, get_preset
 from albef.models.albef import ALBEF
 from albef.models.fast import make_plain
 from albef.models.fusion import Positions
-from albef.models.vit import resize_pos_embed
+from albef.models.vit import VisionTransformer, resize_pos_embed, sincos_pos_embed
 from albef.training.pretrain import ALBEFPretrainer, PretrainDraws
 
 from conftest import text_batch
@@ -106,6 +107,27 @@ def test_resize_pos_embed_keeps_cls_and_is_identity_at_same_size():
     assert big.shape == (1, 37, 8) and torch.equal(big[:, 0], pe[:, 0])
     const = torch.cat([torch.zeros(1, 1, 2), torch.full((1, 16, 2), 3.0)], 1)
     torch.testing.assert_close(resize_pos_embed(const, 64)[:, 1:], torch.full((1, 64, 2), 3.0))
+
+
+def test_sincos_positions_follow_the_closed_form_and_stay_trainable():
+    grid, dim = 4, 16
+    pe = sincos_pos_embed(grid, dim)  # [16, 16]: columns in the first half, rows in the second
+    for p in range(grid * grid):
+        r, c = divmod(p, grid)  # patches are row-major
+        for i in range(dim // 4):
+            w = 10000 ** (-i / (dim / 4))
+            expect = [math.sin(c * w), math.cos(c * w), math.sin(r * w), math.cos(r * w)]
+            got = [pe[p, i], pe[p, dim // 4 + i], pe[p, dim // 2 + i], pe[p, 3 * dim // 4 + i]]
+            assert [float(g) for g in got] == pytest.approx(expect, abs=1e-6)
+    assert len({tuple(row.tolist()) for row in pe}) == grid * grid  # every patch has its own place
+    cfg = VisionConfig(image_size=32, patch_size=8, width=16, depth=1, num_heads=2, pos_embed_init="sincos")
+    vit = VisionTransformer(cfg)
+    assert torch.equal(vit.pos_embed[0, 0], torch.zeros(16)) and torch.equal(vit.pos_embed[0, 1:], pe)
+    assert vit.pos_embed.requires_grad
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        VisionTransformer(VisionConfig(image_size=32, patch_size=8, width=16, depth=1, num_heads=2, pos_embed_init="x"))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed(4, 6)
 
 
 def _step(trainer, B=4, L=10, alpha=0.4, generator=None):

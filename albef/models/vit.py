@@ -100,7 +100,14 @@ class VisionTransformer(nn.Module):
 
     def _init_weights(self) -> None:
         # timm's initialisation: truncated normal 0.02 for tokens and linears.
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cfg.pos_embed_init == "sincos":
+            with torch.no_grad():
+                self.pos_embed.zero_()  # [CLS] has no place
+                self.pos_embed[0, 1:] = sincos_pos_embed(self.cfg.grid_size, self.cfg.width)
+        elif self.cfg.pos_embed_init == "trunc_normal":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            raise ValueError(f"vision.pos_embed_init: {self.cfg.pos_embed_init!r} is not 'trunc_normal' or 'sincos'")
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -121,6 +128,29 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images)  # [B, N, D]
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed[:, : x.shape[1] + 1]
+
+
+def sincos_pos_embed(grid: int, dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine positions, row-major like the patches: [grid * grid, dim].
+
+    Half the channels encode the column, half the row, each as sines and cosines of
+    ``pos / 10000 ** (i / (dim / 4))`` (MAE's ``get_2d_sincos_pos_embed``).
+
+        >>> sincos_pos_embed(4, 8).shape
+        torch.Size([16, 8])
+    """
+    if dim % 4:
+        raise ValueError(f"sine-cosine positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # [D/4]
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(pos: Tensor) -> Tensor:  # [G*G] -> [G*G, D/2]
+        angle = pos.reshape(-1, 1) * omega
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
 def resize_pos_embed(pos_embed: Tensor, num_patches: int, num_extra_tokens: int = 1) -> Tensor:

@@ -126,7 +126,15 @@ def test_grounding_boxes_point_at_the_named_cell(tmp_path):
 
 
 def _row(**kw) -> dict:
-    return {"twins_itm": 80.0, "twins_itc": 50.0, "txt_r1": 1.0, "img_r1": 2.0, "pointing": 30.0, **kw}
+    return {
+        "twins_itm": 80.0,
+        "twins_itc": 50.0,
+        "swap_itm": 55.0,
+        "txt_r1": 1.0,
+        "img_r1": 2.0,
+        "pointing": 30.0,
+        **kw,
+    }
 
 
 def test_ablation_table_reports_mean_and_spread(tmp_path):
@@ -135,7 +143,7 @@ def test_ablation_table_reports_mean_and_spread(tmp_path):
     runs = {"Full (ITC_MoD + MLM_MoD + ITM_hard)": [_row(txt_r1=1.0, pointing=20.0), _row(txt_r1=3.0, pointing=40.0)]}
     write_table(runs, tmp_path / "t.md", [0, 1], "ablation")
     row = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| Full")][0]
-    assert "| 2 | 80.00 ± 0.00 | 50.00 ± 0.00 | 2.00 ± 1.41 | 2.00 ± 0.00 | 30.00 ± 14.14 |" in row
+    assert "| 2 | 80.00 ± 0.00 | 50.00 ± 0.00 | 55.00 ± 0.00 | 2.00 ± 1.41 | 2.00 ± 0.00 | 30.00 ± 14.14 |" in row
     assert list(ROWS)[0] == "MLM + ITM" and ROWS["MLM + ITM"]["itc"] is False
 
 

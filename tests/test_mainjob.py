@@ -115,3 +115,28 @@ def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):
     assert seen == {"scale": "gpu", "device": "cuda"}
     M.main(["--out", str(tmp_path), "--scale", "smoke", "--device", "cpu"])
     assert seen == {"scale": "smoke", "device": "cpu"}
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_pretraining_data_keeps_the_given_share_of_siblings_together(tmp_path, share):
+    from albef.cli.mainjob import FULL, pretraining_data
+
+    data, n_pairs = tmp_path / "data", 10
+    (data / "scenes").mkdir(parents=True)
+    (data / "emoji").mkdir()
+    # scene 2i and 2i + 1 are siblings (the same layout, the two emoji exchanged), as build_scenes writes them
+    scenes = [{"image": f"images/train/{i}.png", "caption": [f"pair {i // 2}", "converse"]} for i in range(2 * n_pairs)]
+    (data / "scenes" / "pretrain.json").write_text(json.dumps(scenes))
+    (data / "scenes" / "splits.json").write_text(json.dumps({"unseen_emoji": [], "seen": ["cat"]}))
+    objects = [{"name": "cat", "emoji_image": "cat.png"}]
+    (data / "scenes" / "scenes.json").write_text(json.dumps([{"objects": objects}]))
+    (data / "emoji" / "pretrain.json").write_text(json.dumps([{"image": "cat.png", "caption": "cat"}]))
+    s = {**FULL, "sibling_share": share, "scene_emoji_repeats": 2, "emoji_pretrain": 0}
+    rows = json.loads(pretraining_data(data, tmp_path, s, seed=3).read_text())
+    got = [int(Path(r["image"]).stem) for r in rows if r["image"].startswith("scenes/")]
+    assert sorted(got) == list(range(2 * n_pairs))  # every scene once
+    units = list(zip(got[0::2], got[1::2], strict=True))  # what a sampler with group_size 2 keeps in one batch
+    together = sum(a // 2 == b // 2 for a, b in units)
+    # the loose scenes are paired at random and may meet their sibling again
+    assert round(share * n_pairs) <= together <= n_pairs and (together < n_pairs or share == 1.0)
+    assert len(rows) - len(got) == 2  # the scene emoji's own image, twice

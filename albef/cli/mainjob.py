@@ -40,6 +40,7 @@ FULL = {
     "vqa_test": 1000,
     "k": 16,
     "scenes": 8000,  # training scenes, siblings included
+    "sibling_share": 1.0,  # of the scenes whose sibling shares their batch
     "scene_test": 200,  # per held-out subset
     "max_emoji": 16,  # the scenes' emoji: few, so that each is seen often
     "unseen_pairs": 20,
@@ -215,6 +216,14 @@ def pretraining_data(data: Path, out: Path, s: dict, seed: int) -> Path:
     random.Random(seed).shuffle(other)
     singles = mine * s["scene_emoji_repeats"] + other[: s["emoji_pretrain"]]
     random.Random(seed + 1).shuffle(singles)
+    # scenes come in sibling pairs, each a unit of the sampler (group_size 2): keep the share
+    # ``sibling_share`` of the pairs together and pair the other scenes at random
+    pairs = [scenes[i : i + 2] for i in range(0, len(scenes) - 1, 2)]
+    rng = random.Random(seed + 2)
+    together = set(rng.sample(range(len(pairs)), round(s["sibling_share"] * len(pairs))))
+    loose = [sc for i, p in enumerate(pairs) if i not in together for sc in p]
+    rng.shuffle(loose)
+    scenes = [sc for i, p in enumerate(pairs) if i in together for sc in p] + loose
     rows = [{**e, "image": f"scenes/{e['image']}"} for e in scenes]
     rows += [{**e, "image": f"emoji/{e['image']}"} for e in singles[: len(singles) - len(singles) % 2]]
     path = out / "pretrain_data.json"
@@ -222,8 +231,9 @@ def pretraining_data(data: Path, out: Path, s: dict, seed: int) -> Path:
     return path
 
 
-def evaluate_scenes(model, scene_dir: Path, k: int, overlays: Path) -> dict:
-    """Retrieval (ITC vs ITC + ITM), the twins test (ITC vs ITM) and Grad-CAM pointing, held out."""
+def evaluate_scenes(model, scene_dir: Path, k: int, overlays: Path, subsets: bool = True) -> dict:
+    """Retrieval (ITC vs ITC + ITM), the twins test (ITC vs ITM) and Grad-CAM pointing, held out;
+    retrieval on all test scenes and, with ``subsets``, on each held-out subset alone."""
     from albef.data.retrieval import read_retrieval_eval
     from albef.data.transforms import test_transform
     from albef.evaluation.grounding import read_grounding, save_overlays
@@ -233,7 +243,7 @@ def evaluate_scenes(model, scene_dir: Path, k: int, overlays: Path) -> dict:
 
     tok, tf = Tokenizer(), test_transform(IMAGE_SIZE)
     out: dict[str, Any] = {"retrieval": {}}
-    for sub in ("", "_seen", "_unseen_pair", "_unseen_emoji"):
+    for sub in ("", "_seen", "_unseen_pair", "_unseen_emoji") if subsets else ("",):
         test = read_retrieval_eval(scene_dir / f"retrieval_test{sub}.json", str(scene_dir))
         r = evaluate_retrieval(model, test, tok, tf, k=k)
         out["retrieval"][sub.lstrip("_") or "all"] = {

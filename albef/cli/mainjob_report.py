@@ -34,7 +34,8 @@ def write_report(out: Path, res: dict, s: dict) -> Path:
     lines = [
         "# albef main job report",
         "",
-        f"Scenes: {sc_counts['train']} training scenes (each beside its sibling with the two emoji exchanged) of "
+        f"Scenes: {sc_counts['train']} training scenes (half of them the other half's siblings, the two emoji "
+        f"exchanged; {s['sibling_share']:.0%} of the pairs kept in one batch) of "
         f"{sc_counts['seen_emoji']} emoji; held out: {sc_counts['seen']} scenes of trained pairs in new layouts "
         f"(`seen`), {sc_counts['unseen_pair']} of pairs never shown together (`unseen_pair`), "
         f"{sc_counts['unseen_emoji']} with one of {sc_counts['held_out_emoji']} never-seen emoji (`unseen_emoji`). "

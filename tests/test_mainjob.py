@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 import types
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from albef.cli.mainjob import run_main
@@ -100,6 +102,18 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     # a second run refuses the folder unless told to overwrite
     with pytest.raises(FileExistsError):
         run_main(tmp_path / "out", data, scale="smoke", emoji_fetcher=fetch, easyvqa_builder=build_easyvqa)
+
+    # bench/scene_variant.py: the same pretraining with one change, on the data the job built
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import scene_variant
+
+    variant = ["--data", str(data), "--steps", "1", "--scale", '{"batch": 4, "k": 4, "sibling_share": 0.5}']
+    recipe = '{"model": {"overrides": {"vision": {"image_size": 128, "pos_embed_init": "sincos"}}}}'
+    assert scene_variant.main([str(tmp_path / "variant"), *variant, "--recipe", recipe]) == 0
+    res = json.loads((tmp_path / "variant" / "variant.json").read_text())
+    assert res["twins"]["n"]["swap"] > 0 and "itm" in res["retrieval_all"]
+    used = torch.load(tmp_path / "variant" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
+    assert used["model"]["overrides"]["vision"]["pos_embed_init"] == "sincos" and used["data"]["group_size"] == 2
 
 
 def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):

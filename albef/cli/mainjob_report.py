@@ -34,8 +34,10 @@ def write_report(out: Path, res: dict, s: dict) -> Path:
     lines = [
         "# albef main job report",
         "",
-        f"Scenes: {sc_counts['train']} training scenes (half of them the other half's siblings, the two emoji "
-        f"exchanged; {s['sibling_share']:.0%} of the pairs kept in one batch) of "
+        f"Scenes: {sc_counts['train']} training scenes ({sc_counts['train'] // 2} layouts, each also with its two "
+        "emoji exchanged; "
+        + (f"{s['sibling_share']:.0%} of the pairs kept in one batch" if s["sibling_share"] else "shuffled one by one")
+        + f") of "
         f"{sc_counts['seen_emoji']} emoji; held out: {sc_counts['seen']} scenes of trained pairs in new layouts "
         f"(`seen`), {sc_counts['unseen_pair']} of pairs never shown together (`unseen_pair`), "
         f"{sc_counts['unseen_emoji']} with one of {sc_counts['held_out_emoji']} never-seen emoji (`unseen_emoji`). "

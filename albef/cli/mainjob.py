@@ -34,11 +34,12 @@ from albef.recipes import Recipe
 # steps and data per stage; "full" is the README's main job, under 15 minutes on 2 CPU cores
 FULL = {
     # ITM's loss leaves its prior only after ~250 steps and is still falling fast at 500: the
-    # pretraining gets what the 15 minutes leave after the data, the evaluations and VQA (~200 s)
-    "pretrain": 700,
+    # pretraining gets what the 15 minutes leave after the data, the evaluations and VQA (~280 s)
+    "pretrain": 650,
     "pretrain_lr": 5e-4,
     "batch": 32,
-    "vqa": 80,
+    # easy-VQA's colour answers are learned suddenly, between 80 and 160 steps of batch 32
+    "vqa": 160,
     "vqa_test": 1000,
     "k": 16,
     "scenes": 8000,  # training scenes, siblings included

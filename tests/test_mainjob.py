@@ -154,3 +154,14 @@ def test_pretraining_data_keeps_the_given_share_of_siblings_together(tmp_path, s
     # the loose scenes are paired at random and may meet their sibling again
     assert round(share * n_pairs) <= together <= n_pairs and (together < n_pairs or share == 1.0)
     assert len(rows) - len(got) == 2  # the scene emoji's own image, twice
+
+
+def test_rerank_sentence_names_each_direction_that_falls():
+    from albef.cli.mainjob_report import rerank_sentence
+
+    def r(tr, ir, tr_itm, ir_itm):
+        return {"itc": {"txt_r1": tr, "img_r1": ir}, "itm": {"txt_r1": tr_itm, "img_r1": ir_itm}}
+
+    assert "raises R@1 both ways: TR@1 (1.0 -> 2.0) and IR@1 (3.0 -> 4.0)" in rerank_sentence(r(1, 3, 2, 4), "x")[0]
+    fell = rerank_sentence(r(2, 3, 1, 3), "x")[0]  # level is not a rise
+    assert "raises neither TR@1 (2.0 -> 1.0) nor IR@1 (3.0 -> 3.0)" in fell and "what it takes" in fell

@@ -56,7 +56,7 @@ FULL = {
 }
 SCALES = {
     "full": FULL,
-    # a lent GPU: the same job with five times the pretraining (albef main picks it on CUDA)
+    # a lent GPU: the same job with about eight times the pretraining samples (albef main picks it on CUDA)
     "gpu": {
         **FULL,
         "pretrain": 2500,

@@ -19,7 +19,8 @@ converse ("B to the right of A"), both true.
 
 Training scenes can come in siblings (``siblings``): each followed by the same layout with A and B
 exchanged, the pair a sampler keeps in one batch (``data.group_size: 2``) so that ITC's mined hard
-negatives include the caption only the relation tells apart.
+negatives include the caption only the relation tells apart. In a short budget that starves ITM
+of every other negative; the main job shuffles its scenes one by one (docs/results.md measures both).
 
 Hard cases by construction (``twins_test.json``): each test image's caption and altered twins,
 each false of the image and differing from the caption in one way only:

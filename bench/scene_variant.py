@@ -18,18 +18,10 @@ import time
 from pathlib import Path
 
 
-def _merge(into: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
-
-
 def main(argv: list[str] | None = None) -> int:
     from albef.checkpoints.pretrained import load_inference_model
     from albef.cli.mainjob import SCALES, _train, evaluate_scenes, scene_pretraining
-    from albef.recipes import Recipe
+    from albef.recipes import Recipe, _merge
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
@@ -41,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     s = {**SCALES["full"], "pretrain": args.steps, **args.scale}
     args.out.mkdir(parents=True, exist_ok=True)
-    d = scene_pretraining(args.out, args.data, s, args.seed).to_dict()
-    _merge(d, args.recipe)
+    d = _merge(scene_pretraining(args.out, args.data, s, args.seed).to_dict(), args.recipe)
     _, seconds = _train(Recipe.from_dict(d), overwrite=True)
     model = load_inference_model(args.out / "pretrain" / "checkpoint_last.pt")
     t0 = time.perf_counter()

@@ -167,3 +167,67 @@ def test_backward_recomputes_under_the_forward_autocast():
     seen.clear()
     linear_after(f, x, lin.weight, lin.bias).sum().backward()
     assert seen == [(False, torch.get_autocast_dtype("cpu"))] * 2
+
+
+class _Casts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the float32 -> bfloat16 casts (``aten._to_copy``) run inside it, by shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and (args[0].dtype, kwargs.get("dtype")) == (
+            torch.float32,
+            torch.bfloat16,
+        ):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
+
+
+def test_under_autocast_the_backward_reuses_the_forward_cast():
+    """The weight is cast to bf16 once in the forward and that copy serves the backward's input
+    gradient (autocast alone casts it again in the backward of every use)."""
+    torch.manual_seed(0)
+    lin, norm = torch.nn.Linear(16, 24), torch.nn.LayerNorm(16)
+    x = torch.randn(5, 16, requires_grad=True)
+    casts = _Casts()
+    with torch.autocast("cpu", dtype=torch.bfloat16), casts:
+        y = norm_linear(norm, lin, x)
+    assert casts.shapes.count((24, 16)) == 1
+    casts.shapes.clear()
+    with casts:
+        y.float().sum().backward()
+    assert (24, 16) not in casts.shapes
+    assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_mlm_head_under_autocast_keeps_the_table_in_float32():
+    """The fast MLM head's LayerNorm and decoder run in float32 under autocast: the word table is
+    never cast (forward or backward), the logits are float32 and nearer the float64 head's than
+    the plain head's bf16 logits are."""
+    import copy
+
+    from albef.config import get_preset
+    from albef.models.bert import MLMHead
+    from albef.models.fast import make_fast
+
+    torch.manual_seed(0)
+    cfg = get_preset("albef-tiny").text
+    plain_head = MLMHead(cfg)
+    head = make_fast(copy.deepcopy(plain_head))
+    table = torch.randn(cfg.vocab_size, cfg.hidden_size, requires_grad=True)
+    hidden = torch.randn(7, cfg.hidden_size)
+    exact = copy.deepcopy(plain_head).double()(hidden.double(), table.detach().double())
+    casts = _Casts()
+    with torch.autocast("cpu", dtype=torch.bfloat16), casts:
+        ours = head(hidden, table)
+        plain = plain_head(hidden, table)
+    assert ours.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert casts.shapes.count(tuple(table.shape)) == 1  # the plain head's, none of ours
+    casts.shapes.clear()
+    with casts:
+        (grad,) = torch.autograd.grad(ours.sum(), table)
+    assert tuple(table.shape) not in casts.shapes and grad.dtype == torch.float32
+    assert (ours.double() - exact).abs().max() < (plain.double() - exact).abs().max()

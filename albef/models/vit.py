@@ -40,6 +40,9 @@ class Attention(nn.Module):
         """The heads' attention over projected queries, keys and values: [B, N, 3C] -> [B, N, C]."""
         B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, h, N, d]
+        return self.attend_heads(q, k, v).transpose(1, 2).reshape(B, N, C)
+
+    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # [B, h, N, d] x 3 -> [B, h, N, d]
         if self.save_attention:
             attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # [B, h, N, N]
             if attn.requires_grad:
@@ -47,10 +50,8 @@ class Attention(nn.Module):
             elif torch.is_grad_enabled():  # frozen weights: still let Grad-CAM differentiate the map
                 attn.requires_grad_(True)
             self.attention_map = attn
-            out = attn @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2).reshape(B, N, C)
+            return attn @ v
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Mlp(nn.Module):

@@ -17,7 +17,11 @@ What it changes, each tested against the plain computation (``tests/test_packing
   backward (:mod:`.recompute`);
 - the word lookup and the MLM decoder (the same table) make one gradient between them (:mod:`.tied`);
 - on the CPU, dropout draws its mask at a third of PyTorch's cost, and attention in training is
-  computed explicitly to use it (:mod:`.dropout`).
+  computed explicitly to use it (:mod:`.dropout`);
+- on the CPU in bfloat16, the ViT's attention is written out, a slice of the batch at a time,
+  where PyTorch's kernel is slow (:mod:`.attention`);
+- under autocast, the weight cast for a product serves its backward too (:mod:`.recompute`), and
+  the MLM decoder runs in float32 when it has few rows (:class:`.bert.FastMLMHead`).
 
 Example:
     >>> from albef.config import get_preset
@@ -44,8 +48,8 @@ from albef.models.fast.albef import FastALBEF
 from albef.models.fast.bert import FastBertLayer, FastEmbeddings, FastMLMHead, FastMultiHeadAttention, FastTextEncoder
 from albef.models.fast.context import ImageContext
 from albef.models.fast.dropout import Dropout
-from albef.models.fast.vit import FastBlock, FastVisionTransformer
-from albef.models.vit import Block, VisionTransformer
+from albef.models.fast.vit import FastAttention, FastBlock, FastVisionTransformer
+from albef.models.vit import Attention, Block, VisionTransformer
 
 __all__ = ["FastALBEF", "ImageContext", "is_fast", "make_fast", "make_plain"]
 
@@ -60,6 +64,7 @@ FAST: dict[type[nn.Module], type[nn.Module]] = {
     MLMHead: FastMLMHead,
     VisionTransformer: FastVisionTransformer,
     Block: FastBlock,
+    Attention: FastAttention,
     nn.Dropout: Dropout,
 }
 PLAIN = {fast: plain for plain, fast in FAST.items()}

@@ -43,8 +43,13 @@ class _LinearAfter(torch.autograd.Function):
         dev = x.device.type
         ctx.amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
         ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        if ctx.amp[2] and weight.dtype in (torch.float32, torch.float64):
+            # the weight in the product's dtype, kept for the backward's input gradient: autocast
+            # would cast it here (once per forward, cached) and the backward again, for every use
+            weight = weight.to(ctx.amp[1])
         ctx.save_for_backward(x, weight, *(() if bias is None else (bias,)), *f_params)
-        return F.linear(a, weight, bias)  # autocast (if on) casts as it does for nn.Linear
+        return F.linear(a, weight, bias)  # autocast (if on) casts a and the bias as for nn.Linear
 
     @staticmethod
     @once_differentiable  # the recomputation is detached: a double backward would miss terms
@@ -65,7 +70,7 @@ class _LinearAfter(torch.autograd.Function):
         if need_w:
             a2 = a.detach().reshape(-1, a.shape[-1]).to(dt)
             if ctx.tie is None or not ctx.tie.defer(dy2, a2):  # deferred: the tied lookup adds dy2.T @ a2
-                grad_w = (dy2.t() @ a2).to(weight.dtype)
+                grad_w = (dy2.t() @ a2).to(ctx.weight_dtype)
         grad_b = dy2.sum(0).to(bias.dtype) if need_b else None
         wanted = [t for t, n in zip([xd, *ps], [need_x, *need_p], strict=True) if n]
         grads = iter(())

@@ -1,15 +1,23 @@
 """The ViT's fast forward: its LayerNorm and GELU outputs are recomputed in the backward instead of
 kept (:mod:`albef.models.fast.recompute`): 14 of a ViT-B block's 38 MB of activations at batch 4,
-res 224 in float32. Subclasses of :mod:`albef.models.vit`'s modules, swapped in by
-:func:`albef.models.fast.make_fast`."""
+res 224 in float32; in bfloat16 on the CPU, attention is written out (:mod:`.attention`).
+Subclasses of :mod:`albef.models.vit`'s modules, swapped in by :func:`albef.models.fast.make_fast`."""
 
 from __future__ import annotations
 
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from albef.models.fast.attention import attention, written_out_is_faster
 from albef.models.fast.recompute import gelu_linear, norm_linear
-from albef.models.vit import Block, VisionTransformer
+from albef.models.vit import Attention, Block, VisionTransformer
+
+
+class FastAttention(Attention):
+    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # [B, h, N, d] x 3 -> [B, h, N, d]
+        if self.save_attention or not written_out_is_faster(q):
+            return super().attend_heads(q, k, v)
+        return attention(q, k, v)
 
 
 class FastBlock(Block):

@@ -85,3 +85,20 @@ def test_fast_vit_under_bf16_autocast_matches_the_plain_vit(monkeypatch):
     assert len(seen) == cfg.depth  # the written-out path, once per block
     assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
     assert F.cosine_similarity(grads, ref_grads, dim=0) > 0.999
+
+
+@pytest.mark.parametrize("mask_rows", [1, 6])  # [B, 1, 1, N] padding, or [B, 1, L, N]
+def test_masked_equals_the_plain_probabilities(monkeypatch, mask_rows):
+    """With a boolean mask (True = attend), sliced over the batch: the plain text attention's
+    probabilities @ v in float64, a fully masked row uniform as there."""
+    from albef.models.bert import MultiHeadAttention
+
+    monkeypatch.setattr(fa, "SCORES_PER_SLICE", 2 * 3 * 6 * 9)
+    q = _qkv(5, 3, 6, 8, torch.float64)[0]
+    k, v = _qkv(5, 3, 9, 8, torch.float64, seed=1)[1:]
+    mask = torch.rand(5, 1, mask_rows, 9, generator=torch.Generator().manual_seed(3)) > 0.4
+    mask[0] = False  # no key at all
+    plain = MultiHeadAttention(24, 3, 24, 0.0).double()
+    torch.testing.assert_close(fa.attention(q, k, v, mask), plain.probabilities(q, k, mask) @ v)
+    shared = mask[:1]  # one mask for the whole batch
+    torch.testing.assert_close(fa.attention(q, k, v, shared), plain.probabilities(q, k, shared) @ v)

@@ -11,7 +11,7 @@ Against the plain layers, a fast layer
   (:class:`~albef.models.fast.packing.LastRows`);
 - keeps the feed-forward's pre-activation alone for the backward (:mod:`.recompute`);
 - on the CPU in training, computes attention explicitly so that its dropout uses the cheaper
-  mask of :mod:`.dropout`.
+  mask of :mod:`.dropout`, and in bfloat16 on the CPU outside training too (:mod:`.attention`).
 
 The embeddings look the words up with a :class:`~albef.models.fast.tied.TiedGrad` when given one,
 and the MLM head recomputes its LayerNorm and hands its weight gradient to that lookup.
@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from albef.models.bert import BertLayer, Embeddings, ImageInput, MLMHead, MultiHeadAttention, TextEncoder, padding_mask
+from albef.models.fast.attention import attention, written_out_is_faster
 from albef.models.fast.context import KV, Grouping, ImageContext
 from albef.models.fast.dropout import dropout
 from albef.models.fast.packing import LastRows, Packing
@@ -55,6 +56,8 @@ class FastMultiHeadAttention(MultiHeadAttention):
         # SDPA's CPU kernel has no dropout: with p > 0 it runs this same math with PyTorch's
         # slower mask and a fully-masked-row check; spelled out, the mask is albef's (dropout.py)
         if not (self.save_attention or (p > 0 and q.device.type == "cpu")):
+            if p == 0 and written_out_is_faster(q):  # bf16 on the CPU (attention.py)
+                return attention(q, k, v, mask)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         attn = self.probabilities(q, k, mask)  # [B, h, L, N]
         if self.save_attention:

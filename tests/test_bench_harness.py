@@ -245,3 +245,33 @@ def test_a_child_runs_its_one_job_and_writes_only_its_json(monkeypatch, tmp_path
     )
     assert C.run_isolated(parent, "vqa") == {"job": "vqa"}
     assert seen[0][2:-4] == parent and seen[0][-4:-1] == ["--job", "vqa", "--json"]
+
+
+def test_bf16_parts_switches_each_piece_off_and_back(capsys):
+    """bench/bf16_parts.py: a row per variant, and every switch it turns off is restored."""
+    import bf16_parts
+
+    import albef.models.fast.bert as fast_bert
+    import albef.models.fast.recompute as recompute
+    import albef.models.fast.vit as fast_vit
+
+    before = (fast_vit.written_out_is_faster, fast_bert.written_out_is_faster, fast_bert.FLOAT32_DECODER_ROWS)
+    seen = []
+    for piece in ("written-out attention", "float32 MLM decoder", "reused weight cast"):
+        with bf16_parts.switched_off(piece):
+            q = torch.zeros(1, dtype=torch.bfloat16)
+            seen.append(
+                (fast_vit.written_out_is_faster(q), fast_bert.FLOAT32_DECODER_ROWS > 0, recompute.REUSE_FORWARD_CAST)
+            )
+    assert seen == [(False, True, True), (True, False, True), (True, True, False)]
+    assert (fast_vit.written_out_is_faster, fast_bert.written_out_is_faster, fast_bert.FLOAT32_DECODER_ROWS) == before
+    assert recompute.REUSE_FORWARD_CAST
+    assert bf16_parts.main(["--preset", "albef-tiny", "--res", "32", "--batch", "2", "--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "s/step" not in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| float32",
+        "| bf16",
+        "| bf16 without written-out attention",
+        "| bf16 without float32 MLM decoder",
+        "| bf16 without reused weight cast",
+    ]

@@ -28,6 +28,10 @@ from torch.autograd.function import once_differentiable
 
 from albef.models.fast.tied import TiedGrad
 
+#: under autocast, keep the forward's low-precision weight for the backward instead of casting it
+#: again there (off: bench/bf16_parts.py measures what it saves)
+REUSE_FORWARD_CAST = True
+
 
 class _LinearAfter(torch.autograd.Function):
     @staticmethod
@@ -44,7 +48,7 @@ class _LinearAfter(torch.autograd.Function):
         ctx.amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
-        if ctx.amp[2] and weight.dtype in (torch.float32, torch.float64):
+        if REUSE_FORWARD_CAST and ctx.amp[2] and weight.dtype in (torch.float32, torch.float64):
             # the weight in the product's dtype, kept for the backward's input gradient: autocast
             # would cast it here (once per forward, cached) and the backward again, for every use
             weight = weight.to(ctx.amp[1])

@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         "--pretrain-steps",
         type=int,
         default=None,
-        help="pretraining steps instead of the scale's (full: 500 on a CPU, gpu: 2500): a larger budget",
+        help=f"pretraining steps instead of the scale's (full: {SCALES['full']['pretrain']} on a CPU, "
+        f"gpu: {SCALES['gpu']['pretrain']}): a larger budget",
     )
     p.add_argument(
         "--randaugment",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,10 +23,7 @@ import torch
 import albef.models.fast.bert as fast_bert
 import albef.models.fast.recompute as recompute
 import albef.models.fast.vit as fast_vit
-from albef.config import get_preset
-from albef.models.albef import ALBEF
-from albef.training.optim import build_optimizer
-from albef.training.pretrain import ALBEFPretrainer
+from albef.cli.bench import pretraining_step
 
 
 def cpu_model() -> str:
@@ -65,30 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = get_preset(args.preset)
-    cfg.vision.image_size = args.res
-    cfg.queue_size = max(args.batch, (cfg.queue_size // args.batch) * args.batch)
-    trainer = ALBEFPretrainer(ALBEF(cfg)).train()
-    opt = build_optimizer(trainer, lr=1e-4, weight_decay=0.02, in_backward=True)  # the training loop's
-    g = torch.Generator().manual_seed(0)
-    B, L = args.batch, args.text_len
-    images = torch.randn(B, 3, args.res, args.res, generator=g)
-    lengths = torch.randint(8, L + 1, (B,), generator=g)
-    ids = torch.randint(1000, 30000, (B, L), generator=g)
-    ids[:, 0] = 101
-    mask = (torch.arange(L)[None] < lengths[:, None]).long()
-    ids = ids * mask
+    timed = pretraining_step(args.preset, args.res, args.batch, args.text_len, torch.device("cpu"), in_backward=True)
 
     def step(bf16: bool, piece: str | None) -> float:
         with switched_off(piece):
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = trainer(images, ids, mask, alpha=0.4, generator=g, enqueue=False)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            trainer.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)
-            return time.perf_counter() - t0
+            return timed("bf16" if bf16 else "fp32")
 
     variants = {
         "float32": (False, None),
@@ -107,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = statistics.median(times["bf16"])
     print(
         f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}; "
-        f"{args.preset} res {args.res} batch {B}; medians of {args.rounds} alternating rounds"
+        f"{args.preset} res {args.res} batch {args.batch}; medians of {args.rounds} alternating rounds"
     )
     print("| step | s/step | float32 / this | this - bf16 |\n|---|---|---|---|")
     for k, ts in times.items():

@@ -22,6 +22,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -98,42 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    cfg = get_preset(args.preset)
-    cfg.vision.image_size = args.image_size
     B = args.batch_size
-    queue = args.queue_size or cfg.queue_size
-    cfg.queue_size = max(B, (queue // B) * B)
     rss_before = _peak_rss_mb()
-    trainer = ALBEFPretrainer(ALBEF(cfg)).to(dev).train()
-    from albef.precision import autocast_dtype, resolve_precision
+    from albef.precision import resolve_precision
 
     asked = args.precision or [{"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, "fp32")]
     precisions = list(dict.fromkeys(resolve_precision(x, dev, "--precision") for x in asked))
     in_backward = one_process_in_backward(args.optimizer_in_backward, "fp16" if "fp16" in precisions else "fp32")
-    opt = build_optimizer(trainer, lr=1e-4, weight_decay=0.02, in_backward=in_backward)  # the training loop's
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(B, 3, args.image_size, args.image_size, generator=g).to(dev)
-    lengths = torch.randint(8, args.text_len + 1, (B,), generator=g)
-    lengths[0] = args.text_len
-    ids = torch.randint(1000, 30000, (B, args.text_len), generator=g)
-    ids[:, 0] = 101
-    mask = (torch.arange(args.text_len)[None] < lengths[:, None]).long()
-    ids, mask = (ids * mask).to(dev), mask.to(dev)
+    timed = pretraining_step(args.preset, args.image_size, B, args.text_len, dev, in_backward, args.queue_size)
 
     def step(precision: str = precisions[0]) -> float:
-        amp_dtype = autocast_dtype(precision)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = trainer(images, ids, mask, alpha=0.4, generator=g if dev.type == "cpu" else None, enqueue=False)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        trainer.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)  # after the step, as the loop does
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed(precision)
 
     if args.flops:
         from torch.utils.flop_counter import FlopCounterMode
@@ -192,6 +168,55 @@ def main(argv: list[str] | None = None) -> int:
             f"AdamW {'in the backward' if in_backward else 'after the backward'}"
         )
     return 0
+
+
+def pretraining_step(
+    preset: str,
+    image_size: int,
+    batch_size: int,
+    text_len: int,
+    device: torch.device,
+    in_backward: bool,
+    queue_size: int | None = None,
+) -> Callable[[str], float]:
+    """A timed pretraining step on random images and captions: ``step(precision)`` runs one
+    (forward under that autocast, backward, AdamW as the training loop sets it up, the queue
+    update after the step) and returns its seconds. The same model, optimizer and inputs for
+    every call, so steps in different precisions differ only in the autocast."""
+    from albef.precision import autocast_dtype
+
+    cfg = get_preset(preset)
+    cfg.vision.image_size = image_size
+    B = batch_size
+    cfg.queue_size = max(B, ((queue_size or cfg.queue_size) // B) * B)
+    trainer = ALBEFPretrainer(ALBEF(cfg)).to(device).train()
+    opt = build_optimizer(trainer, lr=1e-4, weight_decay=0.02, in_backward=in_backward)  # the training loop's
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, image_size, image_size, generator=g).to(device)
+    lengths = torch.randint(8, text_len + 1, (B,), generator=g)
+    lengths[0] = text_len
+    ids = torch.randint(1000, 30000, (B, text_len), generator=g)
+    ids[:, 0] = 101
+    mask = (torch.arange(text_len)[None] < lengths[:, None]).long()
+    ids, mask = (ids * mask).to(device), mask.to(device)
+    cuda = device.type == "cuda"
+
+    def step(precision: str) -> float:
+        amp_dtype = autocast_dtype(precision)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = trainer(images, ids, mask, alpha=0.4, generator=None if cuda else g, enqueue=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        trainer.queue.enqueue(out.teacher.image_feat, out.teacher.text_feat)  # after the step, as the loop does
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    return step
 
 
 def _alternate(args: argparse.Namespace, precisions: list[str], step, dev: torch.device, in_backward: bool) -> int:

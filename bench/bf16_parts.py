@@ -13,24 +13,16 @@ weight cast reused by the backward (albef.models.fast.recompute.REUSE_FORWARD_CA
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
+from compare import machine  # bench/, beside this script
 
 import albef.models.fast.bert as fast_bert
 import albef.models.fast.recompute as recompute
 import albef.models.fast.vit as fast_vit
 from albef.cli.bench import pretraining_step
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else ():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 @contextmanager
@@ -83,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = statistics.median(times["float32"])
     bf16 = statistics.median(times["bf16"])
     print(
-        f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}; "
+        f"{machine()}, {args.threads} threads, torch {torch.__version__}; "
         f"{args.preset} res {args.res} batch {args.batch}; medians of {args.rounds} alternating rounds"
     )
     print("| step | s/step | float32 / this | this - bf16 |\n|---|---|---|---|")

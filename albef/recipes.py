@@ -131,6 +131,9 @@ class TrainSection:
     # ever holding every gradient (albef.training.optim). "auto": wherever it gives the ordinary
     # update (one process, no accumulation, clipping or fp16 loss scaling); true / false to force
     optimizer_in_backward: bool | str = "auto"
+    # glibc's heap keeps the memory a step frees for the next step instead of unmapping it, a few per
+    # cent of a CPU step (albef.heap). "auto": on the CPU without gradient checkpointing
+    keep_freed_memory: bool | str = "auto"
     compile: bool = False
     fsdp: bool = False  # shard the transformer blocks of student and teacher (albef.training.fsdp)
     seed: int = 42
@@ -214,6 +217,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.grad_checkpointing": ("vision",),
     "train.optimizer_in_backward": ("auto",),
+    "train.keep_freed_memory": ("auto",),
 }
 
 

@@ -41,7 +41,7 @@ from albef.distributed import (
     barrier,
     init_distributed,
 )
-from albef.heap import release_after_step
+from albef.heap import release_after_step, tune_for_training
 from albef.models.albef import checkpointed_parts
 from albef.precision import autocast_dtype, resolve_precision, set_tf32
 from albef.recipes import Recipe
@@ -110,6 +110,9 @@ class TrainRun:
         check_output_dir(self.out, resume, overwrite)  # before any work or folder
         r.model.check_sources()
         self.dist: DistInfo = init_distributed(t.device)
+        # before the first step's allocations (albef.heap)
+        on_cpu, checkpointing = self.dist.device.type == "cpu", any(checkpointed_parts(t.grad_checkpointing))
+        tune_for_training(t.keep_freed_memory, on_cpu, checkpointing)
         self._prepare_folder(overwrite)
         torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
         self.cfg = r.model.build_config()

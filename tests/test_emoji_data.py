@@ -7,6 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from albef.data.emoji import CELL, PAD, build_emoji
@@ -157,3 +158,26 @@ def test_ablation_table_rewrite_keeps_the_analysis_around_it(tmp_path):
     text = path.read_text()
     assert "hand-written analysis" in text and text.count("# Pretraining ablation") == 1
     assert "| 3.00 ± 0.00 |" in text and "| 1.00 ± 0.00 |" not in text
+
+
+def test_ablation_at_another_step_count_gets_its_own_table(tmp_path):
+    from albef.cli.ablation import write_table
+
+    path = tmp_path / "t.md"
+    write_table({"MLM + ITM": [_row(txt_r1=1.0)]}, path, [0], "ablation")
+    write_table({"MLM + ITM": [_row(txt_r1=5.0)]}, path, [0], "ablation", pretrain_steps=650)
+    write_table({"MLM + ITM": [_row(txt_r1=3.0)]}, path, [0], "ablation")  # rewrites the first only
+    text = path.read_text()
+    first, second = text.split("<!-- ablation-table-650-steps:start -->")
+    assert "| 3.00 ± 0.00 |" in first and "650" not in first
+    assert "| 5.00 ± 0.00 |" in second and '`albef ablation --row "MLM + ITM" --pretrain-steps 650`' in second
+    assert "650 steps of batch" in second
+
+
+def test_ablation_refuses_to_mix_runs_of_another_step_count(tmp_path):
+    from albef.cli.ablation import main
+
+    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [_row()]}))  # the scale's 300 steps
+    with pytest.raises(SystemExit, match="runs of \\[300\\] pretraining steps, not 650: give another --out"):
+        main(["--out", str(tmp_path), "--pretrain-steps", "650", "--table", str(tmp_path / "t.md")])
+    assert not (tmp_path / "t.md").exists()

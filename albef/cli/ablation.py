@@ -34,11 +34,19 @@ METRICS = {
 }
 
 
-def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str, keep: bool = False) -> dict[str, float]:
+def _steps(scale: str, pretrain_steps: int | None) -> int:
+    from albef.cli.mainjob import SCALES
+
+    return pretrain_steps or SCALES[scale]["pretrain"]
+
+
+def run_row(
+    flags: dict, seed: int, out: Path, data: Path, scale: str, keep: bool = False, pretrain_steps: int | None = None
+) -> dict[str, float]:
     from albef.checkpoints.pretrained import load_inference_model
     from albef.cli.mainjob import SCALES, _train, build_data, evaluate_scenes, scene_pretraining
 
-    s = SCALES[scale]
+    s = {**SCALES[scale], "pretrain": _steps(scale, pretrain_steps)}
     build_data(data, s)
     out.mkdir(parents=True, exist_ok=True)
     pre = scene_pretraining(out, data, s, seed)
@@ -57,6 +65,7 @@ def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str, keep: boo
             f.unlink()
     itm = r["retrieval"]["all"]["itm"]
     return {
+        "steps": s["pretrain"],
         "twins_itm": r["twins"]["itm"]["overall"],
         "swap_itm": r["twins"]["itm"]["swap"],
         "twins_itc": r["twins"]["itc"]["overall"],
@@ -66,15 +75,21 @@ def run_row(flags: dict, seed: int, out: Path, data: Path, scale: str, keep: boo
     }
 
 
-def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], scale: str) -> None:
+def write_table(
+    results: dict[str, list[dict]], path: Path, seeds: list[int], scale: str, pretrain_steps: int | None = None
+) -> None:
+    """The table of ``results`` in its block of ``path``: the scale's own number of steps in the block
+    ``ablation-table`` (first in the file), another number N in ``ablation-table-N-steps`` (appended)."""
     from albef.cli.mainjob import SCALES
 
-    s = SCALES[scale]
+    s, steps = SCALES[scale], _steps(scale, pretrain_steps)
+    own = steps == s["pretrain"]
+    option = "" if own else f" --pretrain-steps {steps}"
     lines = [
-        "# Pretraining ablation in miniature (emoji scenes)",
+        "# Pretraining ablation in miniature (emoji scenes)" + ("" if own else f", {steps} steps"),
         "",
         f"albef-small (MiniLM text side, ViT from random weights) at 128 px; each row: the main job's "
-        f"pretraining (scale `{scale}`: {s['pretrain']} steps of batch {s['batch']}), seeds {seeds}, scored "
+        f"pretraining (scale `{scale}`{option}: {steps} steps of batch {s['batch']}), seeds {seeds}, scored "
         "on the held-out scenes; mean ± standard deviation over seeds. Chance: relation test 50 %, "
         "scene R@1 100 / test images, pointing game the boxes' share of the image (see runs/main/report.md).",
         "",
@@ -87,24 +102,34 @@ def write_table(results: dict[str, list[dict]], path: Path, seeds: list[int], sc
             vals = [r[m] for r in runs]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f' | `albef ablation --row "{name}"` |')
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f' | `albef ablation --row "{name}"{option}` |')
     # only the marked block is replaced: the analysis written around the table survives a re-run
-    write_block(path, "ablation-table", "\n".join(lines), at="start")
+    block = "ablation-table" if own else f"ablation-table-{steps}-steps"
+    write_block(path, block, "\n".join(lines), at="start" if own else "end")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data", help="where `albef main` put its data (built if missing)")
-    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--out", help="default: runs/ablation, or runs/ablation-N-steps with --pretrain-steps N")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--row", action="append", choices=list(ROWS), help="only these rows (repeatable)")
     p.add_argument("--scale", default="ablation", help="steps per stage, from albef.cli.mainjob.SCALES")
+    p.add_argument("--pretrain-steps", type=int, help="pretraining steps per run instead of the scale's")
     p.add_argument("--table", default="docs/ablation.md")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (0.8 GB a run)")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    steps = _steps(args.scale, args.pretrain_steps)
+    out = Path(args.out or ("runs/ablation" if args.pretrain_steps is None else f"runs/ablation-{steps}-steps"))
     done_path = out / "ablation.json"
     results: dict[str, list[dict]] = json.loads(done_path.read_text()) if done_path.exists() else {}
+    default_steps = _steps(args.scale, None)  # runs scored before the count was recorded ran the default
+    other = {r.get("steps", default_steps) for runs in results.values() for r in runs} - {steps}
+    if other:
+        raise SystemExit(
+            f"{done_path} holds runs of {sorted(other)} pretraining steps, not {steps}: "
+            "give another --out for this number of steps"
+        )
     for name in args.row or list(ROWS):
         runs = results.setdefault(name, [])
         for seed in args.seeds[len(runs) :]:  # resumable: finished (row, seed) pairs are kept
@@ -116,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                     Path(args.data),
                     args.scale,
                     args.keep_checkpoints,
+                    args.pretrain_steps,
                 )
             )
             out.mkdir(parents=True, exist_ok=True)
             done_path.write_text(json.dumps(results, indent=2))
-    write_table({k: v for k, v in results.items() if v}, Path(args.table), args.seeds, args.scale)
+    write_table({k: v for k, v in results.items() if v}, Path(args.table), args.seeds, args.scale, args.pretrain_steps)
     print(Path(args.table).read_text())
     return 0
 

@@ -18,9 +18,10 @@ process of its own, see ``run_isolated``):
   not read, so it counts fewer) and divided by the fp32 (or bf16 on GPU) matrix-multiply
   throughput measured in the same run (the higher of a measurement before and one after the
   benchmarks): model FLOP utilisation; the reference's time is also stated against our count,
-  the rate of the work the losses need. Our memory probe ends each step as our training loop
-  does: on the CPU with gradient checkpointing that gives the freed heap back to the OS; the
-  timing rounds, which share one process, never do (see ``pretrain_sides``).
+  the rate of the work the losses need. Our memory probe sets the heap as our training loop
+  does (albef/heap.py): on the CPU it keeps a step's freed memory for the next step, or with
+  gradient checkpointing gives it back to the OS after each step; the timing rounds, which share
+  one process, keep glibc's default heap (see ``pretrain_sides``).
 * ``retrieval``: the whole evaluation of a gallery (embed images and texts, ITC similarities,
   top-k ITM re-ranking in both directions), ours ``embed_gallery`` + ``rerank`` (LAVIS's
   score = ITM logit + cosine, ``add_cosine=True``) against LAVIS's ``compute_sim_matrix`` (one
@@ -340,6 +341,10 @@ def rss_probe(args) -> None:
     dev = torch.device(args.device)
     set_tf32(args.tf32)
     amp = torch.bfloat16 if (args.bf16 and args.rss_probe == "ours") else None
+    if args.rss_probe == "ours":  # the loop's heap (albef/heap.py), before the step's first allocations
+        from albef.heap import tune_for_training
+
+        tune_for_training("auto", dev.type == "cpu", any(checkpointed_parts(args.grad_checkpointing)))
     ours, theirs, _, _ = pretrain_sides(
         config(args.preset, args.res),
         args.batch,

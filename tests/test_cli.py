@@ -10,6 +10,7 @@ import pytest
 
 import albef
 from albef.cli import bench, demo, main
+from albef.heap import _mallopt
 
 
 def test_cli_lists_commands_and_rejects_unknown(capsys):
@@ -47,6 +48,7 @@ def test_bench_prints_a_json_record(capsys):
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["batch_size"] == 2 and rec["median_step_s"] > 0 and rec["peak_memory_mb"] > 0
     assert rec["optimizer_in_backward"] is True  # the training loop's set-up for one process
+    assert rec["keep_freed_memory"] is (_mallopt() is not None)  # the loop's heap on the CPU (glibc)
     assert (
         bench.main(
             [
@@ -63,11 +65,14 @@ def test_bench_prints_a_json_record(capsys):
                 "--json",
                 "--optimizer-in-backward",
                 "false",
+                "--keep-freed-memory",
+                "false",
             ]
         )
         == 0
     )
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["optimizer_in_backward"] is False
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["optimizer_in_backward"] is False and rec["keep_freed_memory"] is False
 
 
 @pytest.mark.slow

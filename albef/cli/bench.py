@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from albef.config import get_preset
+from albef.heap import tune_for_training
 from albef.models.albef import ALBEF
 from albef.training.optim import build_optimizer, one_process_in_backward
 from albef.training.pretrain import ALBEFPretrainer
@@ -90,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         "unless --dtype float16)",
     )
     p.add_argument(
+        "--keep-freed-memory",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="the training loop's train.keep_freed_memory (auto: on, on the CPU; albef/heap.py)",
+    )
+    p.add_argument(
         "--flops", action="store_true", help="count the FLOPs of one step (torch.utils.flop_counter) instead of timing"
     )
     args = p.parse_args(argv)
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     B = args.batch_size
+    keep = {"true": True, "false": False}.get(args.keep_freed_memory, "auto")
+    kept = tune_for_training(keep, dev.type == "cpu", grad_checkpointing=False)  # as the loop, before the model
     rss_before = _peak_rss_mb()
     from albef.precision import resolve_precision
 
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if len(precisions) > 1:
-        return _alternate(args, precisions, step, dev, in_backward)
+        return _alternate(args, precisions, step, dev, in_backward, kept)
     for _ in range(args.warmup):
         step()
     if dev.type == "cuda":
@@ -156,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_before_model_mb": round(rss_before, 1),
         "steps": args.steps,
         "optimizer_in_backward": in_backward,
+        "keep_freed_memory": kept,
         "torch": torch.__version__,
     }
     if args.json:
@@ -219,7 +229,9 @@ def pretraining_step(
     return step
 
 
-def _alternate(args: argparse.Namespace, precisions: list[str], step, dev: torch.device, in_backward: bool) -> int:
+def _alternate(
+    args: argparse.Namespace, precisions: list[str], step, dev: torch.device, in_backward: bool, kept: bool
+) -> int:
     """Time each precision in turn, ``args.rounds`` times (``args.warmup`` untimed steps before each
     block, ``args.steps`` timed): the same model, optimizer and inputs, so only the autocast differs."""
     times: dict[str, list[float]] = {x: [] for x in precisions}
@@ -242,6 +254,7 @@ def _alternate(args: argparse.Namespace, precisions: list[str], step, dev: torch
         "samples_per_s": {x: round(args.batch_size / m, 3) for x, m in med.items()},
         "speedup_vs_" + precisions[0]: {x: round(base / m, 3) for x, m in med.items()},
         "optimizer_in_backward": in_backward,
+        "keep_freed_memory": kept,
         "torch": torch.__version__,
     }
     if dev.type == "cpu":

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from albef.data import scene_grammar as gr
 from albef.data import scenes as sc
 from albef.data.annotations import read_annotations
 from albef.data.pretrain import parse_pretrain_entry
@@ -95,29 +96,29 @@ def _colour_of(name: str) -> tuple[int, int, int]:
 
 # -- grammar ---------------------------------------------------------------------------------------
 def test_grammar():
-    assert sc.caption("cat face", 1, "left", "red heart", 1) == "a cat face to the left of a red heart"
-    assert sc.caption("star", 1, "above", "red heart", 2) == "a star above two red hearts"
-    assert sc.caption("apple", 2, "below", "octopus", 1) == "two apples below an octopus"
-    assert sc.noun_phrase("unicorn face", 1) == "a unicorn face"
-    assert [sc.plural(n) for n in ("fox", "cherry", "mouse face", "sheep", "bus")] == [
+    assert gr.caption("cat face", 1, "left", "red heart", 1) == "a cat face to the left of a red heart"
+    assert gr.caption("star", 1, "above", "red heart", 2) == "a star above two red hearts"
+    assert gr.caption("apple", 2, "below", "octopus", 1) == "two apples below an octopus"
+    assert gr.noun_phrase("unicorn face", 1) == "a unicorn face"
+    assert [gr.plural(n) for n in ("fox", "cherry", "mouse face", "sheep", "bus")] == [
         "foxes",
         "cherries",
         "mouse faces",
         "sheep",
         "buses",
     ]
-    assert sc.usable_name("cat face") and sc.usable_name("octopus")
+    assert gr.usable_name("cat face") and gr.usable_name("octopus")
     assert not any(
-        sc.usable_name(n) for n in ("grapes", "up arrow", "face with tears of joy", "flag: japan", "two hearts", "Cat")
+        gr.usable_name(n) for n in ("grapes", "up arrow", "face with tears of joy", "flag: japan", "two hearts", "Cat")
     )
-    key = sc.semantic_key("star", 1, "above", "apple", 2)
-    assert key == sc.semantic_key("apple", 2, "below", "star", 1)
+    key = gr.semantic_key("star", 1, "above", "apple", 2)
+    assert key == gr.semantic_key("apple", 2, "below", "star", 1)
 
 
 def test_layout_satisfies_its_relation_and_fits():
     rng = random.Random(0)
     for _ in range(300):
-        rel, counts = rng.choice(sorted(sc.RELATIONS)), rng.choice([(1, 1), (2, 1), (1, 2)])
+        rel, counts = rng.choice(sorted(gr.RELATIONS)), rng.choice([(1, 1), (2, 1), (1, 2)])
         size = rng.choice([64, 96, 128])
         slot = rng.randint(round(0.22 * size), round(0.30 * size))
         a, b = sc.layout(rng, rel, *counts, size, slot)
@@ -192,12 +193,12 @@ def test_captions_agree_with_the_geometry(built):
             for pb in b:
                 _check_relation(pa, pb, s["relation"])
         words = (
-            f"{sc.noun_phrase(s['a'], s['count_a'])} {sc.RELATIONS[s['relation']]} "
-            f"{sc.noun_phrase(s['b'], s['count_b'])}"
+            f"{gr.noun_phrase(s['a'], s['count_a'])} {gr.RELATIONS[s['relation']]} "
+            f"{gr.noun_phrase(s['b'], s['count_b'])}"
         )
         assert s["caption"] == words
         if s["split"] == "train":  # the converse is the second, equally true caption
-            conv = sc.caption(s["b"], s["count_b"], sc.CONVERSE[s["relation"]], s["a"], s["count_a"])
+            conv = gr.caption(s["b"], s["count_b"], gr.CONVERSE[s["relation"]], s["a"], s["count_a"])
             assert pre[s["image"]] == [words, conv]
 
 
@@ -209,32 +210,32 @@ def test_twins_differ_from_the_caption_in_one_way(built):
     for case in _load(built, "twins_test.json"):
         s = scenes[case["scene_id"]]
         a, ca, rel, b, cb = s["a"], s["count_a"], s["relation"], s["b"], s["count_b"]
-        assert case["caption"] == sc.caption(a, ca, rel, b, cb)
+        assert case["caption"] == gr.caption(a, ca, rel, b, cb)
         assert [t["kind"] for t in case["twins"]][:3] == ["swap", "object", "count"]
         for t in case["twins"]:
             kinds.add(t["kind"])
             tw = t["caption"]
-            assert tw not in (case["caption"], sc.caption(b, cb, sc.CONVERSE[rel], a, ca))
+            assert tw not in (case["caption"], gr.caption(b, cb, gr.CONVERSE[rel], a, ca))
             if t["kind"] == "swap":
-                assert tw == sc.caption(b, cb, rel, a, ca)
+                assert tw == gr.caption(b, cb, rel, a, ca)
             elif t["kind"] == "count":
                 assert tw in {
-                    sc.caption(a, 2, rel, b, cb) if ca == 1 else None,
-                    sc.caption(a, ca, rel, b, 2) if cb == 1 else None,
+                    gr.caption(a, 2, rel, b, cb) if ca == 1 else None,
+                    gr.caption(a, ca, rel, b, 2) if cb == 1 else None,
                 }
             else:
                 new = [
-                    n for n in names - {a, b} if tw in (sc.caption(n, ca, rel, b, cb), sc.caption(a, ca, rel, n, cb))
+                    n for n in names - {a, b} if tw in (gr.caption(n, ca, rel, b, cb), gr.caption(a, ca, rel, n, cb))
                 ]
                 assert len(new) == 1, tw
                 if t["kind"] == "attribute":  # a colour word changed, the rest of the name kept
-                    old = a if tw == sc.caption(new[0], ca, rel, b, cb) else b
+                    old = a if tw == gr.caption(new[0], ca, rel, b, cb) else b
                     assert len(old.split()) == len(new[0].split())
                     diff = [(u, v) for u, v in zip(old.split(), new[0].split(), strict=True) if u != v]
                     assert len(diff) == 1
-                    assert set(diff[0]) <= set(sc.COLOURS)
+                    assert set(diff[0]) <= set(gr.COLOURS)
                 else:  # an object twin keeps to the pool of what it replaces
-                    old = a if tw == sc.caption(new[0], ca, rel, b, cb) else b
+                    old = a if tw == gr.caption(new[0], ca, rel, b, cb) else b
                     held = set(splits["unseen_emoji"])
                     assert (new[0] in held) == (old in held)
     assert kinds == set(sc.TWIN_KINDS)
@@ -260,7 +261,7 @@ def test_held_out_emoji_and_pairs_are_absent_from_training(built):
     for s in by["seen"]:
         assert tuple(sorted((s["a"], s["b"]))) in train_pairs
     test = [s for s in scenes if s["split"] != "train"]
-    keys = [sc.semantic_key(s["a"], s["count_a"], s["relation"], s["b"], s["count_b"]) for s in test]
+    keys = [gr.semantic_key(s["a"], s["count_a"], s["relation"], s["b"], s["count_b"]) for s in test]
     assert len(set(keys)) == len(keys) == 18  # one right image per test caption
     retr = read_retrieval_eval(built / "retrieval_test.json", str(built))
     assert len(set(retr.texts)) == len(retr.texts) == 36
@@ -443,7 +444,7 @@ def test_siblings_exchange_the_two_emoji_in_the_same_layout(tmp_path, catalogue)
             cx = lambda b: (b[0] + b[2] / 2, b[1] + b[3] / 2)  # noqa: E731
             assert max(abs(u - v) for u, v in zip(cx(o["box"]), cx(p["box"]), strict=True)) <= 1 + SIZE * 0.3 / 2
         if s["count_a"] == s["count_b"] == 1:  # then the sibling's caption is the scene's swap twin
-            assert t["caption"] == sc.caption(s["b"], 1, s["relation"], s["a"], 1)
+            assert t["caption"] == gr.caption(s["b"], 1, s["relation"], s["a"], 1)
         _check_relation(
             next(o["box"] for o in t["objects"] if o["group"] == "a"),
             next(o["box"] for o in t["objects"] if o["group"] == "b"),

@@ -17,7 +17,7 @@ import statistics
 from contextlib import contextmanager
 
 import torch
-from compare import machine  # bench/, beside this script
+from report import machine  # bench/, beside this script
 
 import albef.models.fast.bert as fast_bert
 import albef.models.fast.recompute as recompute

@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 import torch
-from compare import machine  # bench/, beside this script
+from report import machine  # bench/, beside this script
 
 SETTINGS = ("glibc default", "freed memory kept")
 PRECISIONS = ("fp32", "bf16")

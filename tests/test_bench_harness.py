@@ -1,4 +1,4 @@
-"""bench/compare.py's report helpers: the table, the Markdown block it replaces, score comparison.
+"""bench/compare.py and bench/report.py: the table, the Markdown block it replaces, score comparison.
 
 The comparison itself needs the reference's environment (bench/setup_reference.sh) and minutes;
 these check the parts that turn its measurements into bench/RESULTS.md, on made-up numbers.
@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import compare as C  # noqa: E402
+import report as Rp  # noqa: E402
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -65,8 +66,8 @@ RESULTS = [
 
 
 def test_table_reports_ratios_memory_mfu_and_ranges(monkeypatch):
-    monkeypatch.setattr(C, "versions", lambda: "torch x")
-    text = C.table(RESULTS, _args(grad_checkpointing="all"), peak_flops=100e9, dtype="float32")
+    monkeypatch.setattr(Rp, "versions", lambda: "torch x")
+    text = Rp.table(RESULTS, _args(grad_checkpointing="all"), peak_flops=100e9, dtype="float32")
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     pre, ret, vqa = rows["pretrain"], rows["retrieval"], rows["vqa"]
     assert "| 0.50x |" in pre and "(0.60x)" in pre  # time and memory ratios ours / theirs
@@ -77,12 +78,12 @@ def test_table_reports_ratios_memory_mfu_and_ranges(monkeypatch):
     assert "| 0.50x |" in vqa and "16.00 / 8.00 questions/s" in vqa
     assert "Medians of 5 (training) / 3 (evaluation)" in text
     small_row = {**RESULTS[0], "preset": "albef-small", "reps": 11}
-    small = C.table([RESULTS[0], small_row], _args(small_reps=11), 100e9, "float32")
+    small = Rp.table([RESULTS[0], small_row], _args(small_reps=11), 100e9, "float32")
     assert "Medians of 5 (training; 11 for the CPU-sized preset) / 3 (evaluation)" in small
 
 
 def test_memory_probes_report_medians_and_their_spread(monkeypatch):
-    monkeypatch.setattr(C, "versions", lambda: "torch x")
+    monkeypatch.setattr(Rp, "versions", lambda: "torch x")
     probes = [
         {"ours": (610.0, 2.1), "theirs": (1200.0, 4.4)},
         {"ours": (590.0, 2.0), "theirs": (1000.0, 4.0)},
@@ -91,10 +92,10 @@ def test_memory_probes_report_medians_and_their_spread(monkeypatch):
     m = C.probe_medians(probes)
     assert (m["peak_mb_ours"], m["peak_mb_theirs"], m["alone_s_ours"], m["alone_s_theirs"]) == (600.0, 1100.0, 2.1, 4.1)
     assert m["peak_mb_theirs_all"] == [1200.0, 1000.0, 1100.0]  # in probe order
-    pre = C.table([{**RESULTS[0], **m}], _args(), peak_flops=100e9, dtype="float32").splitlines()[-1]
+    pre = Rp.table([{**RESULTS[0], **m}], _args(), peak_flops=100e9, dtype="float32").splitlines()[-1]
     assert "peak memory 600 / 1100 MB (0.55x, median of 3 probes each: 590-610 / 1000-1200)" in pre
     assert "each side alone in its memory probe: 2.100 / 4.100 s/step" in pre
-    one = C.table([{**RESULTS[0], **C.probe_medians(probes[:1])}], _args(), 100e9, "float32").splitlines()[-1]
+    one = Rp.table([{**RESULTS[0], **C.probe_medians(probes[:1])}], _args(), 100e9, "float32").splitlines()[-1]
     assert "(0.51x);" in one and "probes" not in one  # a single probe has no spread to show
 
 
@@ -108,7 +109,7 @@ def test_memory_probes_report_medians_and_their_spread(monkeypatch):
     ],
 )
 def test_our_set_up_is_named_in_the_table(ckpt, in_backward, words):
-    assert C.setup_words(_args(grad_checkpointing=ckpt, optimizer_in_backward=in_backward)) == words
+    assert Rp.setup_words(_args(grad_checkpointing=ckpt, optimizer_in_backward=in_backward)) == words
 
 
 def test_write_block_replaces_only_its_own_block(tmp_path):
@@ -153,7 +154,7 @@ def test_main_runs_the_probes_and_rounds_each_preset_asks_for(monkeypatch, tmp_p
     )
     monkeypatch.setattr(C, "peak_rss_of", fake_probe)
     monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: 1e9)
-    monkeypatch.setattr(C, "versions", lambda: "torch x")
+    monkeypatch.setattr(Rp, "versions", lambda: "torch x")
     out = tmp_path / "r.json"
     assert (
         C.main(
@@ -197,7 +198,7 @@ def test_each_benchmark_runs_in_a_process_of_its_own(monkeypatch, tmp_path):
 
     monkeypatch.setattr(C, "run_isolated", fake_isolated)
     monkeypatch.setattr(C, "matmul_flops_per_s", lambda *a: 1e9)
-    monkeypatch.setattr(C, "versions", lambda: "torch x")
+    monkeypatch.setattr(Rp, "versions", lambda: "torch x")
     out = tmp_path / "r.json"
     argv = ["--reps", "2", "--json", str(out)]
     assert C.main(argv) == 0

@@ -131,9 +131,12 @@ def _row(**kw) -> dict:
         "twins_itm": 80.0,
         "twins_itc": 50.0,
         "swap_itm": 55.0,
+        "txt_r1_itc": 0.5,
         "txt_r1": 1.0,
+        "img_r1_itc": 1.5,
         "img_r1": 2.0,
         "pointing": 30.0,
+        "itm_loss_end": 0.6,
         **kw,
     }
 
@@ -144,7 +147,10 @@ def test_ablation_table_reports_mean_and_spread(tmp_path):
     runs = {"Full (ITC_MoD + MLM_MoD + ITM_hard)": [_row(txt_r1=1.0, pointing=20.0), _row(txt_r1=3.0, pointing=40.0)]}
     write_table(runs, tmp_path / "t.md", [0, 1], "ablation")
     row = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| Full")][0]
-    assert "| 2 | 80.00 ± 0.00 | 50.00 ± 0.00 | 55.00 ± 0.00 | 2.00 ± 1.41 | 2.00 ± 0.00 | 30.00 ± 14.14 |" in row
+    assert (
+        "| 2 | 80.00 ± 0.00 | 50.00 ± 0.00 | 55.00 ± 0.00 | 0.50 ± 0.00 | 2.00 ± 1.41 | 1.50 ± 0.00 | 2.00 ± 0.00 "
+        "| 30.00 ± 14.14 | 0.60 ± 0.00 |"
+    ) in row
     assert list(ROWS)[0] == "MLM + ITM" and ROWS["MLM + ITM"]["itc"] is False
 
 
@@ -172,6 +178,44 @@ def test_ablation_at_another_step_count_gets_its_own_table(tmp_path):
     assert "| 3.00 ± 0.00 |" in first and "650" not in first
     assert "| 5.00 ± 0.00 |" in second and '`albef ablation --row "MLM + ITM" --pretrain-steps 650`' in second
     assert "650 steps of batch" in second
+
+
+def test_ablation_table_marks_what_older_runs_did_not_record(tmp_path):
+    from albef.cli.ablation import write_table
+
+    old = {k: v for k, v in _row().items() if k not in ("txt_r1_itc", "img_r1_itc", "itm_loss_end")}
+    write_table({"MLM + ITM": [old, _row(txt_r1_itc=2.5)]}, tmp_path / "t.md", [0, 1], "ablation")
+    row = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| MLM + ITM")][0]
+    assert "| 2.50 ± 0.00 (1 of 2 runs) | 1.00 ± 0.00 |" in row  # TR@1 with ITC alone: one of the two runs has it
+    write_table({"MLM + ITM": [old]}, tmp_path / "t.md", [0], "ablation")
+    row = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| MLM + ITM")][0]
+    assert row.count("| — |") == 3 and row.endswith('| — | `albef ablation --row "MLM + ITM"` |')
+
+
+def test_ablation_fills_in_itm_loss_from_the_runs_own_logs(tmp_path):
+    import torch
+
+    from albef.cli.ablation import ITM_PRIOR, main, run_dir
+
+    # ITM's 2-way cross-entropy over one positive and two negatives, the head predicting the base rate
+    logits = torch.tensor([2 / 3, 1 / 3]).log().expand(3, 2)  # [P(no match), P(match)] for each pair
+    labels = torch.tensor([1, 0, 0])
+    assert ITM_PRIOR == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), abs=1e-6)
+    steps = 300  # the scale's own count
+    (tmp_path / "ablation.json").write_text(
+        json.dumps({"MLM + ITM": [_row(itm_loss_end=None), _row(itm_loss_end=None)]})
+    )
+    log = run_dir(tmp_path, "MLM + ITM", 0) / "pretrain" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    rows = [
+        {"step": s, "split": "train", "loss_itm": 0.6 if s <= steps - 100 else 0.2} for s in range(10, steps + 1, 10)
+    ]
+    log.write_text("\n".join(json.dumps(r) for r in rows + [{"step": steps, "split": "val", "loss_itm": 9.0}]))
+    main(["--out", str(tmp_path), "--seeds", "0", "1", "--row", "MLM + ITM", "--table", str(tmp_path / "t.md")])
+    runs = json.loads((tmp_path / "ablation.json").read_text())["MLM + ITM"]
+    assert runs[0]["itm_loss_end"] == pytest.approx(0.2)  # the last 100 steps, training rows only
+    assert runs[1]["itm_loss_end"] is None  # seed 1's log is not there
+    assert "| 0.20 ± 0.00 (1 of 2 runs) |" in (tmp_path / "t.md").read_text()
 
 
 def test_ablation_refuses_to_mix_runs_of_another_step_count(tmp_path):

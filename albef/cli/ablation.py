@@ -2,8 +2,9 @@
 
 Each row pretrains with the main job's data, preset and seed (scale ``ablation``: fewer steps),
 with the objectives switched as in the paper, and is scored on the held-out scenes: the relation
-test (ITM and ITC accuracy against the twins), scene retrieval R@1 with ITC + ITM re-ranking, and
-Grad-CAM pointing; mean ± standard deviation over seeds. Results go to ``docs/ablation.md`` (and
+test (ITM and ITC accuracy against the twins), scene retrieval R@1 with ITC alone and with ITC + ITM
+re-ranking, Grad-CAM pointing, and ITM's training loss over the last 100 steps (whether ITM has
+left its prior); mean ± standard deviation over seeds. Results go to ``docs/ablation.md`` (and
 ``OUT/ablation.json``), with the command of each row.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -28,10 +30,15 @@ METRICS = {
     "twins_itm": "relation test, ITM %",
     "twins_itc": "relation test, ITC %",
     "swap_itm": "relation swapped, ITM %",
+    "txt_r1_itc": "scene TR@1 (ITC)",
     "txt_r1": "scene TR@1 (ITC+ITM)",
+    "img_r1_itc": "scene IR@1 (ITC)",
     "img_r1": "scene IR@1 (ITC+ITM)",
     "pointing": "pointing game %",
+    "itm_loss_end": "ITM loss, last 100 steps",
 }
+# ITM's loss for a head that has learned nothing: each batch pairs B positives with 2B negatives
+ITM_PRIOR = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
 
 
 def _steps(scale: str, pretrain_steps: int | None) -> int:
@@ -63,16 +70,51 @@ def run_row(
     if not keep:  # 0.8 GB a run (student, teacher, AdamW), 15 runs: the scores are what the table needs
         for f in (out / "pretrain").glob("checkpoint_*.pt"):
             f.unlink()
-    itm = r["retrieval"]["all"]["itm"]
+    itc, itm = r["retrieval"]["all"]["itc"], r["retrieval"]["all"]["itm"]
     return {
         "steps": s["pretrain"],
         "twins_itm": r["twins"]["itm"]["overall"],
         "swap_itm": r["twins"]["itm"]["swap"],
         "twins_itc": r["twins"]["itc"]["overall"],
+        "txt_r1_itc": itc["txt_r1"],
         "txt_r1": itm["txt_r1"],
+        "img_r1_itc": itc["img_r1"],
         "img_r1": itm["img_r1"],
         "pointing": r["pointing"]["pointing_game"]["accuracy"],
+        "itm_loss_end": itm_loss_end(out / "pretrain" / "metrics.jsonl", s["pretrain"]),
     }
+
+
+def run_dir(out: Path, row: str, seed: int) -> Path:
+    """A run's folder: ``OUT/<row index>_<seed>``."""
+    return out / f"{list(ROWS).index(row)}_{seed}"
+
+
+def itm_loss_end(metrics: Path, steps: int, last: int = 100) -> float | None:
+    """The mean logged ITM training loss over a run's last ``last`` steps (None without a log).
+
+    >>> import tempfile
+    >>> log = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    >>> rows = [{"step": s, "split": "train", "loss_itm": s / 100} for s in (10, 20, 30)]
+    >>> _ = log.write_text("\\n".join(map(json.dumps, rows)))
+    >>> itm_loss_end(log, steps=30, last=15)
+    0.25
+    """
+    if not metrics.exists():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    vals = [r["loss_itm"] for r in rows if r.get("split") == "train" and r["step"] > steps - last and "loss_itm" in r]
+    return statistics.mean(vals) if vals else None
+
+
+def _cell(runs: list[dict], metric: str) -> str:
+    """Mean ± standard deviation over the runs that recorded ``metric`` ("—" if none did)."""
+    vals = [r[metric] for r in runs if r.get(metric) is not None]
+    if not vals:
+        return "—"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    some = f" ({len(vals)} of {len(runs)} runs)" if len(vals) < len(runs) else ""
+    return f"{statistics.mean(vals):.2f} ± {sd:.2f}{some}"
 
 
 def write_table(
@@ -91,17 +133,15 @@ def write_table(
         f"albef-small (MiniLM text side, ViT from random weights) at 128 px; each row: the main job's "
         f"pretraining (scale `{scale}`{option}: {steps} steps of batch {s['batch']}), seeds {seeds}, scored "
         "on the held-out scenes; mean ± standard deviation over seeds. Chance: relation test 50 %, "
-        "scene R@1 100 / test images, pointing game the boxes' share of the image (see runs/main/report.md).",
+        "scene R@1 100 / test images, pointing game the boxes' share of the image (see runs/main/report.md); "
+        f"ITM's loss for a head that has learned nothing {ITM_PRIOR:.3f} (one positive to two negatives). "
+        "—: not recorded by the code that ran those runs.",
         "",
         "| row | seeds | " + " | ".join(METRICS.values()) + " | command |",
         "|---|---|" + "---|" * len(METRICS) + "---|",
     ]
     for name, runs in results.items():
-        cells = []
-        for m in METRICS:
-            vals = [r[m] for r in runs]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
+        cells = [_cell(runs, m) for m in METRICS]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f' | `albef ablation --row "{name}"{option}` |')
     # only the marked block is replaced: the analysis written around the table survives a re-run
     block = "ablation-table" if own else f"ablation-table-{steps}-steps"
@@ -130,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{done_path} holds runs of {sorted(other)} pretraining steps, not {steps}: "
             "give another --out for this number of steps"
         )
+    backfilled = False  # runs scored before ITM's loss was recorded: from their own logs, where kept
+    for name, runs in results.items():
+        for seed, r in zip(args.seeds, runs, strict=False):  # a row may have fewer runs than seeds
+            if r.get("itm_loss_end") is None:
+                r["itm_loss_end"] = itm_loss_end(run_dir(out, name, seed) / "pretrain" / "metrics.jsonl", steps)
+                backfilled |= r["itm_loss_end"] is not None
+    if backfilled:
+        done_path.write_text(json.dumps(results, indent=2))
     for name in args.row or list(ROWS):
         runs = results.setdefault(name, [])
         for seed in args.seeds[len(runs) :]:  # resumable: finished (row, seed) pairs are kept
@@ -137,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_row(
                     ROWS[name],
                     seed,
-                    out / f"{list(ROWS).index(name)}_{seed}",
+                    run_dir(out, name, seed),
                     Path(args.data),
                     args.scale,
                     args.keep_checkpoints,

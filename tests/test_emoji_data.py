@@ -216,6 +216,10 @@ def test_ablation_fills_in_itm_loss_from_the_runs_own_logs(tmp_path):
     assert runs[0]["itm_loss_end"] == pytest.approx(0.2)  # the last 100 steps, training rows only
     assert runs[1]["itm_loss_end"] is None  # seed 1's log is not there
     assert "| 0.20 ± 0.00 (1 of 2 runs) |" in (tmp_path / "t.md").read_text()
+    # a run that recorded its seed finds its own log whatever --seeds says
+    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [_row(itm_loss_end=None, seed=0)]}))
+    main(["--out", str(tmp_path), "--seeds", "5", "--row", "MLM + ITM", "--table", str(tmp_path / "t.md")])
+    assert json.loads((tmp_path / "ablation.json").read_text())["MLM + ITM"][0]["itm_loss_end"] == pytest.approx(0.2)
 
 
 def test_ablation_refuses_to_mix_runs_of_another_step_count(tmp_path):

@@ -73,6 +73,7 @@ def run_row(
     itc, itm = r["retrieval"]["all"]["itc"], r["retrieval"]["all"]["itm"]
     return {
         "steps": s["pretrain"],
+        "seed": seed,
         "twins_itm": r["twins"]["itm"]["overall"],
         "swap_itm": r["twins"]["itm"]["swap"],
         "twins_itc": r["twins"]["itc"]["overall"],
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, runs in results.items():
         for seed, r in zip(args.seeds, runs, strict=False):  # a row may have fewer runs than seeds
             if r.get("itm_loss_end") is None:
-                r["itm_loss_end"] = itm_loss_end(run_dir(out, name, seed) / "pretrain" / "metrics.jsonl", steps)
+                log = run_dir(out, name, r.get("seed", seed)) / "pretrain" / "metrics.jsonl"
+                r["itm_loss_end"] = itm_loss_end(log, steps)
                 backfilled |= r["itm_loss_end"] is not None
     if backfilled:
         done_path.write_text(json.dumps(results, indent=2))

@@ -27,7 +27,8 @@ class ModelSection:
     init: str | None = None  # checkpoint to start from (authors' .pth, a run's checkpoint, a model folder)
     # the authors' pretraining starts the text side from bert-base-uncased and the ViT from DeiT-B/16
     text_init: str | None = None  # a Hugging Face BERT folder for the text side, or "minilm"
-    vision_init: str | None = None  # a timm/DeiT ViT state dict for the image side
+    # a timm/DeiT ViT state dict for the image side, or "dinov2-small" (albef.checkpoints.dinov2)
+    vision_init: str | None = None
 
     def build_config(self) -> ALBEFConfig:
         base = get_preset(self.preset).to_dict()
@@ -41,7 +42,11 @@ class ModelSection:
                 f"model.init: {self.init} not found. It must be an authors' checkpoint (.pth, e.g. ALBEF.pth), "
                 "a run's checkpoint_last.pt or an albef model folder; set model.init=PATH or model.init=null"
             )
-        if self.vision_init and not Path(self.vision_init).is_file():
+        if self.vision_init == "dinov2-small":
+            from albef.checkpoints.dinov2 import onnx_path
+
+            onnx_path()  # the package is installed, or a clear error
+        elif self.vision_init and not Path(self.vision_init).is_file():
             raise FileNotFoundError(
                 f"model.vision_init: {self.vision_init} not found. It must be a timm/DeiT ViT state dict "
                 "(.pth, bare or {'model': ...}, or .safetensors) of the preset's ViT, e.g. DeiT-B/16's "

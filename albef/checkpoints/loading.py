@@ -378,8 +378,17 @@ def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:
     """
     from albef.checkpoints import dinov2
 
-    sd = dinov2.dinov2_vit_state_dict() if str(path) == dinov2.NAME else read_state_dict(path)
     vit = model.visual_encoder
+    if str(path) == dinov2.NAME:
+        if errors := dinov2.geometry_errors(vit.cfg):
+            raise CheckpointLoadError(
+                f"{dinov2.NAME} is a ViT-S/14; this model's image encoder has " + ", ".join(errors) + ". Set "
+                'model.overrides.vision to {"patch_size": 14, "width": 384, "num_heads": 6} (depth <= 12) '
+                "and model.overrides.text.encoder_width to 384"
+            )
+        sd = dinov2.dinov2_vit_state_dict()
+    else:
+        sd = read_state_dict(path)
     target = vit.state_dict()
     report = LoadReport(str(path))
     to_load, errors = {}, []

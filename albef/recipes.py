@@ -42,10 +42,10 @@ class ModelSection:
                 f"model.init: {self.init} not found. It must be an authors' checkpoint (.pth, e.g. ALBEF.pth), "
                 "a run's checkpoint_last.pt or an albef model folder; set model.init=PATH or model.init=null"
             )
-        if self.vision_init == "dinov2-small":
-            from albef.checkpoints.dinov2 import onnx_path
+        from albef.checkpoints import dinov2
 
-            onnx_path()  # the package is installed, or a clear error
+        if self.vision_init == dinov2.NAME:
+            dinov2.onnx_path()  # the package is installed, or a clear error
         elif self.vision_init and not Path(self.vision_init).is_file():
             raise FileNotFoundError(
                 f"model.vision_init: {self.vision_init} not found. It must be a timm/DeiT ViT state dict "

@@ -168,7 +168,8 @@ def _swap_sentence(tw: dict, s: dict) -> list[str]:
     return [
         f"Swapped relations stay near chance for both heads (ITM {swap[0]:.1f} %, ITC {swap[1]:.1f} %): in "
         f"{s['pretrain']} steps the ViT, from random weights, learns which emoji are present before where they "
-        "are; more pretraining (`albef main --scale gpu` on a GPU) or a pretrained ViT is what it takes.",
+        "are; more pretraining (`albef main --scale gpu` on a GPU) is what it takes (a pretrained ViT "
+        "alone does not change it at this budget: docs/results.md).",
         "",
     ]
 
@@ -191,7 +192,7 @@ def rerank_sentence(r: dict, what: str) -> list[str]:
     return [
         f"On {what}, ITM re-ranking {said}{fell}: ITM does not yet tell apart the candidates ITC "
         "ranks first (for scenes, the same emoji in other arrangements: the swapped twins above); more "
-        "pretraining or a pretrained ViT is what it takes.",
+        "pretraining is what it takes (a pretrained ViT alone does not: docs/results.md).",
         "",
     ]
 

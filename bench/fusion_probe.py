@@ -58,8 +58,7 @@ def _kind(a, b) -> str:
 
 def negative_mix(model, teacher, rows, scenes, root: Path, batches: int, batch: int, seed: int = 0) -> dict:
     """Shares (%) of ITM's negative-sampling weight by kind, for hard and for uniform negatives."""
-    from PIL import Image
-
+    from albef.data.pretrain import load_image
     from albef.data.scene_grammar import semantic_key
     from albef.data.transforms import test_transform
     from albef.text import Tokenizer
@@ -80,7 +79,7 @@ def negative_mix(model, teacher, rows, scenes, root: Path, batches: int, batch: 
     for _ in range(batches):
         rows_b = [rows[i] for i in rng.sample(range(len(rows)), batch)]
         caps = [rng.choice(r["caption"]) if isinstance(r["caption"], list) else r["caption"] for r in rows_b]
-        images = torch.stack([tf(Image.open(root / r["image"]).convert("RGB")) for r in rows_b])
+        images = torch.stack([tf(load_image(root / r["image"])) for r in rows_b])
         t = tok(caps, max_length=cfg.max_text_len)
         with torch.no_grad():
             feats = []
@@ -111,32 +110,36 @@ def negative_mix(model, teacher, rows, scenes, root: Path, batches: int, batch: 
     return {"scenes": n, "temp": float(model.temp.detach()), **shares, "uniform": pct(uniform)}
 
 
-def relation_mlm(model, twins: list[dict], root: Path) -> dict:
+def relation_mlm(model, twins_file: Path, image_root: Path, batch: int = 32) -> dict:
     """MLM accuracy (%) on each held-out caption's relation word against its opposite, per subset."""
-    from PIL import Image
-
+    from albef.data.pretrain import load_image
     from albef.data.transforms import test_transform
+    from albef.evaluation.scenes import read_twins
     from albef.text import Tokenizer
 
     cfg = model.config
     tok, tf = Tokenizer(add_sep=cfg.add_sep), test_transform(cfg.vision.image_size)
     ids = {w: tok(w, return_tensors=False).input_ids[0][1] for w in OPPOSITE}
-    right, total = Counter(), Counter()
-    for case in twins:
-        words = case["caption"].split()
+    cases = []  # (image, caption with its relation word masked, the word, subset)
+    for case in read_twins(twins_file, image_root):
+        words = case.caption.split()
         rel = next((w for w in words if w in OPPOSITE), None)
-        if rel is None:
-            continue
-        t = tok(" ".join("[MASK]" if w == rel else w for w in words), max_length=cfg.max_text_len)
-        pos = int((t.input_ids[0] == tok.mask_token_id).nonzero()[0, 0])
-        image = tf(Image.open(root / case["image"]).convert("RGB"))[None]
+        if rel is not None:
+            cases.append((case.image, " ".join("[MASK]" if w == rel else w for w in words), rel, case.split))
+    right, total = Counter(), Counter()
+    for i in range(0, len(cases), batch):
+        chunk = cases[i : i + batch]
+        t = tok([c[1] for c in chunk], max_length=cfg.max_text_len)
+        images = torch.stack([tf(load_image(c[0])) for c in chunk])
         with torch.no_grad():
-            text = model.encode_text(t.input_ids, t.attention_mask)
-            fused = model.fuse(text, t.attention_mask, model.encode_image(image))
-            logits = model.mlm_logits(fused[0, pos])
-        for key in (case["split"], "all"):
-            right[key] += int(logits[ids[rel]] > logits[ids[OPPOSITE[rel]]])
-            total[key] += 1
+            fused = model.fuse(
+                model.encode_text(t.input_ids, t.attention_mask), t.attention_mask, model.encode_image(images)
+            )
+            logits = model.mlm_logits(fused[t.input_ids == tok.mask_token_id])  # one [MASK] per row: [n, vocab]
+        for (_, _, rel, split), row in zip(chunk, logits, strict=True):
+            for key in (split, "all"):
+                right[key] += int(row[ids[rel]] > row[ids[OPPOSITE[rel]]])
+                total[key] += 1
     return {k: {"accuracy": round(100 * right[k] / total[k], 1), "n": total[k]} for k in total}
 
 
@@ -163,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "negatives": negative_mix(model, teacher, rows, scenes, args.data, args.batches, args.batch),
     }
     if not args.skip_relations:
-        twins = json.loads((args.data / "scenes" / "twins_test.json").read_text())
-        res["relation_mlm"] = relation_mlm(model, twins, args.data / "scenes")
+        res["relation_mlm"] = relation_mlm(model, args.data / "scenes" / "twins_test.json", args.data / "scenes")
     out = args.out or args.checkpoint.with_name("fusion_probe.json")
     out.write_text(json.dumps(res, indent=1))
     neg = res["negatives"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from albef.checkpoints import dinov2
 from albef.checkpoints.convert import from_authors, unwrap_checkpoint
 from albef.checkpoints.files import load_checkpoint
 from albef.checkpoints.pretrained import WEIGHTS
@@ -376,8 +377,6 @@ def load_timm_vit(model: ALBEF, path: str | Path) -> LoadReport:
     The classification head (and DeiT's distillation head) are dropped; ``pos_embed`` is resized
     bicubically to the model's patch grid.
     """
-    from albef.checkpoints import dinov2
-
     vit = model.visual_encoder
     if str(path) == dinov2.NAME:
         if errors := dinov2.geometry_errors(vit.cfg):

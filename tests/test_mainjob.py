@@ -176,5 +176,23 @@ def test_rerank_sentence_names_each_direction_that_falls():
         return {"itc": {"txt_r1": tr, "img_r1": ir}, "itm": {"txt_r1": tr_itm, "img_r1": ir_itm}}
 
     assert "raises R@1 both ways: TR@1 (1.0 -> 2.0) and IR@1 (3.0 -> 4.0)" in rerank_sentence(r(1, 3, 2, 4), "x")[0]
-    fell = rerank_sentence(r(2, 3, 1, 3), "x")[0]  # level is not a rise
-    assert "raises neither TR@1 (2.0 -> 1.0) nor IR@1 (3.0 -> 3.0)" in fell and "what it takes" in fell
+    fell = rerank_sentence(r(2, 3, 1, 3), "x", "because")[0]  # level is not a rise
+    assert fell.endswith("raises neither TR@1 (2.0 -> 1.0) nor IR@1 (3.0 -> 3.0): because.")
+    assert rerank_sentence(r(1, 3, 2, 3), "x", "because")[0].endswith(
+        "raises TR@1 (1.0 -> 2.0) but not IR@1 (3.0 -> 3.0): because."
+    )
+
+
+def test_swap_and_rerank_sentences_name_the_gpu_scale_only_below_it():
+    from albef.cli.mainjob import SCALES
+    from albef.cli.mainjob_report import _scene_rerank_why, _swap_sentence
+
+    tw = {"itm": {"swap": 47.0}, "itc": {"swap": 51.7}}
+    full, gpu = SCALES["full"], SCALES["gpu"]
+    ratio = gpu["pretrain"] * gpu["batch"] / (full["pretrain"] * full["batch"])
+    assert f"neither {ratio:.1f}x the pretraining samples" in _swap_sentence(tw, full)[0]
+    assert f"with {ratio:.1f}x the pretraining samples" in _scene_rerank_why(full)
+    # the GPU scale itself (or more) cannot point to itself as the remedy
+    for s in (gpu, {**gpu, "pretrain": 2 * gpu["pretrain"]}):
+        assert "--scale gpu" not in _swap_sentence(tw, s)[0] and "--scale gpu" not in _scene_rerank_why(s)
+    assert _swap_sentence({"itm": {"swap": 75.0}, "itc": {"swap": 51.0}}, full) == []  # learned: nothing to explain

@@ -128,6 +128,17 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     with_relation = [t for t in twins if set(t["caption"].split()) & set(fusion_probe.OPPOSITE)]
     assert res["relation_mlm"]["all"]["n"] == len(with_relation) > 0
 
+    # bench/score_checkpoints.py: a checkpoint scored as scene_variant scored the same model
+    import score_checkpoints
+
+    curve = tmp_path / "curve.json"
+    assert score_checkpoints.main([str(ckpt), "--data", str(data), "--out", str(curve), "--k", "4"]) == 0
+    row, variant_res = (
+        json.loads(curve.read_text())["1"],
+        json.loads((tmp_path / "variant" / "variant.json").read_text()),
+    )
+    assert row["twins"] == variant_res["twins"] and row["retrieval_all"] == variant_res["retrieval_all"]
+
 
 def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):
     import albef.cli.mainjob as M

@@ -1,0 +1,50 @@
+"""Score scene pretraining checkpoints on the held-out scenes, one row per checkpoint's step.
+
+    .venv/bin/python bench/score_checkpoints.py snaps/*.pt --data data --out curve.json
+
+For a learning curve within one run: copy each checkpoint aside as the run writes it (the trainer
+keeps only its last two), then score them here. Each checkpoint is scored as the main job's report
+scores its model (``albef.cli.mainjob.evaluate_scenes`` on all held-out scenes: the twins test,
+scene retrieval with ITC alone and ITC + ITM, the pointing game). Writes ``--out`` as
+``{step: {"twins", "pointing", "retrieval_all"}}``; steps already there are kept, not scored again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from albef.checkpoints.pretrained import load_inference_model
+    from albef.cli.mainjob import SCALES, evaluate_scenes
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", type=Path, help="training checkpoints (checkpoint_last.pt copies)")
+    p.add_argument("--data", type=Path, default=Path("data"), help="the main job's data folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--k", type=int, default=SCALES["full"]["k"], help="ITM re-ranks ITC's top k")
+    args = p.parse_args(argv)
+    res = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for f in args.checkpoints:
+        step = str(torch.load(f, map_location="cpu", weights_only=False)["state"]["global_step"])
+        if step in res:
+            continue
+        sc = evaluate_scenes(load_inference_model(f), args.data / "scenes", args.k, args.out.parent / "overlays", False)
+        res[step] = {"twins": sc["twins"], "pointing": sc["pointing"], "retrieval_all": sc["retrieval"]["all"]}
+        args.out.write_text(json.dumps(res, indent=1))
+        t, r = sc["twins"], sc["retrieval"]["all"]
+        print(
+            f"step {step}: twins ITC {t['itc']['overall']:.1f} ITM {t['itm']['overall']:.1f}, swapped ITC "
+            f"{t['itc']['swap']:.1f} ITM {t['itm']['swap']:.1f}; TR@1 {r['itc']['txt_r1']:.1f} -> "
+            f"{r['itm']['txt_r1']:.1f}, IR@1 {r['itc']['img_r1']:.1f} -> {r['itm']['img_r1']:.1f}; pointing game "
+            f"{sc['pointing']['pointing_game']['accuracy']:.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -452,6 +452,31 @@ def test_siblings_exchange_the_two_emoji_in_the_same_layout(tmp_path, catalogue)
         )
 
 
+def test_mirrored_siblings_reflect_the_places_and_caption_the_swap_twin(tmp_path, catalogue):
+    out = tmp_path / "mirror"
+    sc.build_scenes(out, catalogue, attribution="x\n", **{**BUILD, "n_train": 20}, siblings="mirror")
+    train = [s for s in _load(out, "scenes.json") if s["split"] == "train"]
+    assert len(train) == 20 and [e["image"] for e in _load(out, "pretrain.json")] == [s["image"] for s in train]
+    for s, t in zip(train[0::2], train[1::2], strict=True):
+        assert (t["a"], t["b"], t["count_a"], t["count_b"]) == (s["a"], s["b"], s["count_a"], s["count_b"])
+        # the meaning of the scene's swap twin, whatever the counts
+        swap = (s["b"], s["count_b"], s["relation"], s["a"], s["count_a"])
+        assert gr.semantic_key(t["a"], t["count_a"], t["relation"], t["b"], t["count_b"]) == gr.semantic_key(*swap)
+        axis = 1 if s["relation"] in ("above", "below") else 0
+        for o, m in zip(s["objects"], t["objects"], strict=True):  # each object's centre reflected
+            assert o["name"] == m["name"]
+            centres = [b[axis] + b[axis + 2] / 2 for b in (o["box"], m["box"])]
+            assert abs(sum(centres) - SIZE) <= 1
+            assert o["box"][1 - axis] == m["box"][1 - axis]
+        _check_relation(
+            next(o["box"] for o in t["objects"] if o["group"] == "a"),
+            next(o["box"] for o in t["objects"] if o["group"] == "b"),
+            t["relation"],
+        )
+    with pytest.raises(ValueError, match="mirror"):
+        sc.generate_scenes(catalogue, **{**BUILD, "n_train": 4}, siblings="rotate")
+
+
 def test_grouped_sampler_keeps_groups_whole_and_covers_each_once():
     from albef.data.sampler import GlobalBatchSampler
 

@@ -46,6 +46,9 @@ FULL = {
     # of the training scenes whose sibling (the two emoji exchanged) shares their batch; 0: the
     # authors' sampler, every sample shuffled alone (docs/results.md compares 0, 0.25 and 1)
     "sibling_share": 0.0,
+    # each layout's sibling: "exchange" (its two emoji exchanged) or "mirror" (its places reflected;
+    # albef.data.scenes.mirror)
+    "siblings": "exchange",
     "scene_test": 200,  # per held-out subset
     "max_emoji": 16,  # the scenes' emoji: few, so that each is seen often
     "unseen_pairs": 20,
@@ -172,7 +175,7 @@ def build_data(data: Path, s: dict, emoji_fetcher=None, easyvqa_builder=None) ->
         "max_emoji": s["max_emoji"],
         "unseen_pairs": s["unseen_pairs"],
         "distractors": s["distractors"],
-        "siblings": True,
+        "siblings": True if s["siblings"] == "exchange" else s["siblings"],  # True: as data sets record it
         "image_size": IMAGE_SIZE,
         "emoji": len(catalogue),
     }
@@ -190,7 +193,7 @@ def build_data(data: Path, s: dict, emoji_fetcher=None, easyvqa_builder=None) ->
             n_test=s["scene_test"],
             image_size=IMAGE_SIZE,
             max_emoji=s["max_emoji"],
-            siblings=True,
+            siblings=config["siblings"],
             unseen_pairs=s["unseen_pairs"],
             distractors=s["distractors"],
         )

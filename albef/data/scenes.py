@@ -21,6 +21,9 @@ Training scenes can come in siblings (``siblings``): each followed by the same l
 exchanged, the pair a sampler keeps in one batch (``data.group_size: 2``) so that ITC's mined hard
 negatives include the caption only the relation tells apart. In a short budget that starves ITM
 of every other negative; the main job shuffles its scenes one by one (docs/results.md measures both).
+With ``siblings="mirror"`` the sibling keeps the objects and counts and reflects their places, so
+that its caption is the scene's swapped twin for every scene (the exchanged sibling's is only where
+both counts are one).
 
 Hard cases by construction (``twins_test.json``): each test image's caption and altered twins,
 each false of the image and differing from the caption in one way only:
@@ -300,7 +303,7 @@ def generate_scenes(
     object_frac: tuple[float, float] = (0.22, 0.30),
     unseen_emoji: float | int = 0.1,
     p_two: float = 0.5,
-    siblings: bool = False,
+    siblings: bool | str = False,
     unseen_pairs: int | None = None,
     distractors: int = 0,
 ) -> tuple[list[Scene], dict[str, list]]:
@@ -310,10 +313,15 @@ def generate_scenes(
     layout with the two emoji exchanged), so that a sampler keeping consecutive pairs together
     (``data.group_size: 2``) puts a scene and the caption that only the relation tells apart in
     one batch: ITC, blind to order, ranks that caption high, and ALBEF's hard-negative mining
-    hands it to ITM. ``distractors``: up to that many other emoji (group ``"x"``) where they fit
+    hands it to ITM. ``siblings="mirror"``: each followed by its :func:`mirror` instead (the same
+    objects and counts, their places reflected), whose caption is the scene's ``swap`` twin for
+    every scene, not only for one object of each. ``distractors``: up to that many other emoji
+    (group ``"x"``) where they fit
     beside the two the caption names, so that finding *the named* object is a choice among several
     (Grad-CAM pointing). Deterministic from ``seed`` and the catalogue's names.
     """
+    if siblings not in (False, True, "exchange", "mirror"):
+        raise ValueError(f"siblings must be False, True (or 'exchange') or 'mirror', not {siblings!r}")
     by_name = {e.name: e for e in catalogue}
     if len(by_name) != len(catalogue):
         raise ValueError("the catalogue has two emoji of the same name")
@@ -361,7 +369,10 @@ def generate_scenes(
         train_pairs.append((min(a, b), max(a, b)))
         scenes.append(scene("train", k, a, b))
         if siblings and k + 1 < n_train:
-            scenes.append(sibling(scenes[-1], f"train-{k + 1:05d}", by_name))
+            sid = f"train-{k + 1:05d}"
+            scenes.append(
+                mirror(scenes[-1], sid, image_size) if siblings == "mirror" else sibling(scenes[-1], sid, by_name)
+            )
 
     keys: set[tuple] = set()
 
@@ -459,6 +470,40 @@ def sibling(s: Scene, scene_id: str, by_name: dict[str, Emoji]) -> Scene:
     )
 
 
+def mirror(s: Scene, scene_id: str, image_size: int) -> Scene:
+    """The same objects and counts with their places reflected across the canvas's middle along the
+    relation's axis: "a cat left of two hearts" gives "a cat right of two hearts", the meaning of
+    the scene's ``swap`` twin ("two hearts left of a cat"). Boxes must still be slots (before
+    :func:`render`); the emoji themselves are not flipped.
+
+    Example:
+        >>> s = Scene("t-0", "train", "cat", "dog", 1, 1, "left", "t-0.png",
+        ...           [SceneObject("cat", [10, 50, 30, 30], "a", "cat.png", ""),
+        ...            SceneObject("dog", [70, 50, 30, 30], "b", "dog.png", "")])
+        >>> m = mirror(s, "t-1", 128)
+        >>> m.caption, [o.box[0] for o in m.objects]
+        ('a cat to the right of a dog', [88, 28])
+    """
+    vertical = s.relation in ("above", "below")
+
+    def moved(o: SceneObject) -> SceneObject:
+        x, y, w, h = o.box
+        box = [x, image_size - y - h, w, h] if vertical else [image_size - x - w, y, w, h]
+        return SceneObject(o.name, box, o.group, o.image, o.source)
+
+    return Scene(
+        scene_id,
+        s.split,
+        s.a,
+        s.b,
+        s.count_a,
+        s.count_b,
+        CONVERSE[s.relation],
+        str(Path(s.image).with_name(f"{scene_id}.png")),
+        [moved(o) for o in s.objects],
+    )
+
+
 def render(
     scene: Scene, background: tuple[int, int, int] = (255, 255, 255), image_size: int = 128, cache: dict | None = None
 ) -> Image.Image:
@@ -486,7 +531,7 @@ def build_scenes(
     p_two: float = 0.5,
     attribution: str | None = None,
     max_emoji: int | None = None,
-    siblings: bool = False,
+    siblings: bool | str = False,
     unseen_pairs: int | None = None,
     distractors: int = 0,
 ) -> dict[str, int]:

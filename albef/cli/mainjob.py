@@ -43,7 +43,7 @@ FULL = {
     "vqa_test": 1000,
     "k": 16,
     "scenes": 8000,  # training scenes, siblings included
-    # of the training scenes whose sibling (the two emoji exchanged) shares their batch; 0: the
+    # of the training scenes whose sibling (below) shares their batch; 0: the
     # authors' sampler, every sample shuffled alone (docs/results.md compares 0, 0.25 and 1)
     "sibling_share": 0.0,
     # each layout's sibling: "exchange" (its two emoji exchanged) or "mirror" (its places reflected;

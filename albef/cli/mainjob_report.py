@@ -34,8 +34,12 @@ def write_report(out: Path, res: dict, s: dict) -> Path:
     lines = [
         "# albef main job report",
         "",
-        f"Scenes: {sc_counts['train']} training scenes ({sc_counts['train'] // 2} layouts, each also with its two "
-        "emoji exchanged; "
+        f"Scenes: {sc_counts['train']} training scenes ({sc_counts['train'] // 2} layouts, each also "
+        + (
+            "with its objects' places reflected; "
+            if s.get("siblings") == "mirror"
+            else "with its two emoji exchanged; "
+        )
         + (f"{s['sibling_share']:.0%} of the pairs kept in one batch" if s["sibling_share"] else "shuffled one by one")
         + f") of "
         f"{sc_counts['seen_emoji']} emoji; held out: {sc_counts['seen']} scenes of trained pairs in new layouts "

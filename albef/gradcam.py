@@ -1,8 +1,9 @@
 """Grad-CAM on ALBEF's cross-attention (ITM mode) and box scoring, as the authors do it.
 
 ITM mode: the positive ITM logit is back-propagated to the cross-attention probabilities of one
-fusion layer (the authors use the third, BERT layer 8); the map is ``attention × relu(gradient)``
-over the image patches, masked by the text mask, averaged over heads and then over text tokens.
+fusion layer (the authors use the third of six, BERT layer 8; :func:`default_gradcam_layer` keeps
+that relative depth for other models); the map is ``attention × relu(gradient)`` over the image
+patches, masked by the text mask, averaged over heads and then over text tokens.
 
 Example:
     >>> heat = gradcam_itm(model, images, ids, mask)          # doctest: +SKIP
@@ -15,13 +16,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from albef.config import TextConfig
 from albef.models.albef import ALBEF
 
 
+def gradcam_layer_for(text: TextConfig) -> int:
+    """The fusion layer a third of the way into the fusion layers: the authors' layer 8 of BERT-base
+    (the third of six, fusion from layer 6); the second of three for ``albef-small`` (layer 4).
+
+    The relative depth, not the last fusion layer: on the main job's scenes the last layer's map
+    points at the named object less often than the earlier ones at every checkpoint measured
+    (docs/results.md).
+
+    Example:
+        >>> from albef.config import get_preset
+        >>> gradcam_layer_for(get_preset("albef-base").text), gradcam_layer_for(get_preset("albef-small").text)
+        (8, 4)
+    """
+    fusion = text.num_layers - text.fusion_layer
+    return text.fusion_layer + round(fusion / 3)
+
+
 def default_gradcam_layer(model: ALBEF) -> int:
-    """The third fusion layer (layer 8 of BERT-base with fusion from 6), or the last if fewer."""
-    cfg = model.config.text
-    return min(cfg.fusion_layer + 2, cfg.num_layers - 1)
+    """:func:`gradcam_layer_for` the model's text config."""
+    return gradcam_layer_for(model.config.text)
 
 
 def gradcam_itm(

@@ -119,6 +119,26 @@ def test_evaluate_grounding_cli_writes_metrics_and_overlays(grounding_data, tiny
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_gradcam_itm_default_layer_keeps_the_authors_relative_depth(tiny_model):
+    """The authors' layer 8 of BERT-base (fusion from 6: the third of six fusion layers), and the
+    layer a third of the way into the fusion layers of other text encoders; the default is what
+    gradcam_itm uses when no layer is given."""
+    from dataclasses import replace
+
+    from albef.config import get_preset
+    from albef.gradcam import default_gradcam_layer, gradcam_layer_for
+
+    base = get_preset("albef-base").text
+    assert gradcam_layer_for(base) == 8
+    assert gradcam_layer_for(get_preset("albef-small").text) == 4  # fusion 3-5: the second of three
+    assert gradcam_layer_for(replace(base, fusion_layer=9)) == 10  # fusion 9-11
+    assert gradcam_layer_for(replace(base, fusion_layer=11)) == 11  # a single fusion layer
+    ids = torch.tensor([[101, 1037, 2417, 0]])
+    px, mask = torch.randn(1, 3, 32, 32), (ids > 0).long()
+    layer = default_gradcam_layer(tiny_model)
+    torch.testing.assert_close(gradcam_itm(tiny_model, px, ids, mask), gradcam_itm(tiny_model, px, ids, mask, layer))
+
+
 def test_gradcam_itc_defaults_to_the_authors_block():
     """The authors' ITC mode: block 8 of the 12-block ViT (--block_num 8); loss = diag(sim) / temp,
     cam = attention [CLS] row x relu(its gradient), mean over heads."""

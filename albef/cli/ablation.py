@@ -82,6 +82,7 @@ def run_row(
         "img_r1_itc": itc["img_r1"],
         "img_r1": itm["img_r1"],
         "pointing": r["pointing"]["pointing_game"]["accuracy"],
+        "pointing_layer": r["pointing"]["layer"],
         "itm_loss_end": itm_loss_end(out / "pretrain" / "metrics.jsonl", s["pretrain"]),
     }
 
@@ -134,7 +135,9 @@ def write_table(
         f"albef-small (MiniLM text side, ViT from random weights) at 128 px; each row: the main job's "
         f"pretraining (scale `{scale}`{option}: {steps} steps of batch {s['batch']}), seeds {seeds}, scored "
         "on the held-out scenes; mean ± standard deviation over seeds. Chance: relation test 50 %, "
-        "scene R@1 100 / test images, pointing game the boxes' share of the image (see runs/main/report.md); "
+        "scene R@1 100 / test images, pointing game the boxes' share of the image (see runs/main/report.md; "
+        "Grad-CAM on the layer each run's code chose, text layer 5, the last fusion layer, for runs that do not "
+        "record it: docs/results.md compares the layers); "
         f"ITM's loss for a head that has learned nothing {ITM_PRIOR:.3f} (one positive to two negatives). "
         "—: not recorded by the code that ran those runs.",
         "",

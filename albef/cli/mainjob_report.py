@@ -91,7 +91,8 @@ def write_report(out: Path, res: dict, s: dict) -> Path:
         "## Grad-CAM pointing (held-out scenes)",
         "",
         "The ITM Grad-CAM map of an object's name (an object alone of its kind in the scene) on the",
-        "cross-attention of the third fusion layer (the authors' layer 8 of 12). Pointing game: a hit when",
+        f"cross-attention of text layer {_gradcam_layer()}, a third of the way into the fusion layers (the authors' "
+        "layer 8 of 12, the third of six). Pointing game: a hit when",
         "the map's maximum lies in the named object's box. Box choice: the scene's object box with the most",
         "heat per area (the authors' RefCOCO+ scoring) is the named one. Two chances: a point or box drawn",
         "at random, and a map that finds the objects but not the named one (one of the scene's objects at",
@@ -162,6 +163,14 @@ def write_report(out: Path, res: dict, s: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _gradcam_layer() -> int:
+    """The Grad-CAM layer of the job's model (albef-small), 0-based as ``--layer`` takes it."""
+    from albef.config import get_preset
+    from albef.gradcam import gradcam_layer_for
+
+    return gradcam_layer_for(get_preset("albef-small").text)
 
 
 def _gpu_ratio(s: dict) -> float | None:

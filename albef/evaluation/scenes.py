@@ -223,11 +223,15 @@ def evaluate_pointing(
 
     ``records``: :func:`albef.evaluation.grounding.read_grounding` of ``grounding_test.json``. The
     candidates are the exact, non-overlapping object boxes, so IoU >= 0.5 means the right box.
+    ``layer``: the text layer whose cross-attention Grad-CAM reads (default
+    :func:`albef.gradcam.default_gradcam_layer`); the result names it (``"layer"``).
     """
     from albef.evaluation.grounding import evaluate_grounding
+    from albef.gradcam import default_gradcam_layer
 
+    layer = default_gradcam_layer(model) if layer is None else layer
     metrics, preds = evaluate_grounding(model, records, tokenizer, transform, "itm", layer, batch_size, device, alpha)
-    return {**metrics, **_chance(records), "pointing_game": pointing_game(preds)}, preds
+    return {**metrics, **_chance(records), "pointing_game": pointing_game(preds), "layer": layer}, preds
 
 
 def pointing_game(preds: Sequence) -> dict:

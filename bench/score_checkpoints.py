@@ -5,8 +5,10 @@
 For a learning curve within one run: copy each checkpoint aside as the run writes it (the trainer
 keeps only its last two), then score them here. Each checkpoint is scored as the main job's report
 scores its model (``albef.cli.mainjob.evaluate_scenes`` on all held-out scenes: the twins test,
-scene retrieval with ITC alone and ITC + ITM, the pointing game). Writes ``--out`` as
-``{step: {"twins", "pointing", "retrieval_all"}}``; steps already there are kept, not scored again.
+scene retrieval with ITC alone and ITC + ITM, the pointing game). ``--layers 3 4 5`` adds the
+pointing game on each of those text layers' cross-attention (``"pointing_by_layer"``). Writes
+``--out`` as ``{step: {"twins", "pointing", "retrieval_all"[, "pointing_by_layer"]}}``; steps already
+there are kept, not scored again.
 """
 
 from __future__ import annotations
@@ -21,27 +23,41 @@ def main(argv: list[str] | None = None) -> int:
 
     from albef.checkpoints.pretrained import load_inference_model
     from albef.cli.mainjob import SCALES, evaluate_scenes
+    from albef.data.transforms import test_transform
+    from albef.evaluation.grounding import read_grounding
+    from albef.evaluation.scenes import evaluate_pointing
+    from albef.text import Tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", type=Path, help="training checkpoints (checkpoint_last.pt copies)")
     p.add_argument("--data", type=Path, default=Path("data"), help="the main job's data folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--k", type=int, default=SCALES["full"]["k"], help="ITM re-ranks ITC's top k")
+    p.add_argument("--layers", type=int, nargs="*", default=[], help="text layers for Grad-CAM pointing")
     args = p.parse_args(argv)
+    records = read_grounding(str(args.data / "scenes" / "grounding_test.json"), str(args.data / "scenes"))
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
     for f in args.checkpoints:
         step = str(torch.load(f, map_location="cpu", weights_only=False)["state"]["global_step"])
         if step in res:
             continue
-        sc = evaluate_scenes(load_inference_model(f), args.data / "scenes", args.k, args.out.parent / "overlays", False)
+        model = load_inference_model(f)
+        sc = evaluate_scenes(model, args.data / "scenes", args.k, args.out.parent / "overlays", False)
         res[step] = {"twins": sc["twins"], "pointing": sc["pointing"], "retrieval_all": sc["retrieval"]["all"]}
+        if args.layers:
+            tf = test_transform(model.config.vision.image_size)
+            res[step]["pointing_by_layer"] = {
+                str(n): evaluate_pointing(model, records, Tokenizer(), tf, layer=n)[0]["pointing_game"]["accuracy"]
+                for n in args.layers
+            }
         args.out.write_text(json.dumps(res, indent=1))
         t, r = sc["twins"], sc["retrieval"]["all"]
         print(
             f"step {step}: twins ITC {t['itc']['overall']:.1f} ITM {t['itm']['overall']:.1f}, swapped ITC "
             f"{t['itc']['swap']:.1f} ITM {t['itm']['swap']:.1f}; TR@1 {r['itc']['txt_r1']:.1f} -> "
             f"{r['itm']['txt_r1']:.1f}, IR@1 {r['itc']['img_r1']:.1f} -> {r['itm']['img_r1']:.1f}; pointing game "
-            f"{sc['pointing']['pointing_game']['accuracy']:.1f}"
+            f"{sc['pointing']['pointing_game']['accuracy']:.1f} (layer {sc['pointing']['layer']})"
+            + "".join(f", layer {n}: {a:.1f}" for n, a in res[step].get("pointing_by_layer", {}).items())
         )
     return 0
 

@@ -132,12 +132,17 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     import score_checkpoints
 
     curve = tmp_path / "curve.json"
-    assert score_checkpoints.main([str(ckpt), "--data", str(data), "--out", str(curve), "--k", "4"]) == 0
-    row, variant_res = (
-        json.loads(curve.read_text())["1"],
-        json.loads((tmp_path / "variant" / "variant.json").read_text()),
-    )
+    score = [str(ckpt), "--data", str(data), "--out", str(curve), "--k", "4", "--layers", "3", "5"]
+    assert score_checkpoints.main(score) == 0
+    row = json.loads(curve.read_text())["1"]
+    variant_res = json.loads((tmp_path / "variant" / "variant.json").read_text())
     assert row["twins"] == variant_res["twins"] and row["retrieval_all"] == variant_res["retrieval_all"]
+    # the default layer is the main score; the others are scored as asked
+    assert row["pointing"]["layer"] == 4 and set(row["pointing_by_layer"]) == {"3", "5"}
+    again = [str(ckpt), "--data", str(data), "--out", str(tmp_path / "c4.json"), "--k", "4", "--layers", "4"]
+    assert score_checkpoints.main(again) == 0
+    four = json.loads((tmp_path / "c4.json").read_text())["1"]
+    assert four["pointing_by_layer"]["4"] == row["pointing"]["pointing_game"]["accuracy"]
 
 
 def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):

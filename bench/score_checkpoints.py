@@ -19,9 +19,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from albef.checkpoints.pretrained import load_inference_model
+    from albef.checkpoints.pretrained import load_inference_model, peek_checkpoint
     from albef.cli.mainjob import SCALES, evaluate_scenes
     from albef.data.transforms import test_transform
     from albef.evaluation.grounding import read_grounding
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     records = read_grounding(str(args.data / "scenes" / "grounding_test.json"), str(args.data / "scenes"))
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
     for f in args.checkpoints:
-        step = str(torch.load(f, map_location="cpu", weights_only=False)["state"]["global_step"])
+        step = str(peek_checkpoint(f)["state"]["global_step"])  # memory-mapped: the tensors stay on disk
         if step in res:
             continue
         model = load_inference_model(f)

@@ -288,3 +288,20 @@ def test_fusion_probe_names_what_a_negative_is_to_its_positive():
     assert F._kind(cat_left_heart, (("cat", 1, "above", "star", 1), {"cat", "star"})) == F.KINDS[2]
     assert F._kind(cat_left_heart, (("dog", 1, "above", "star", 1), {"dog", "star"})) == F.KINDS[3]
     assert F._kind(cat_left_heart, None) == F.SINGLE
+
+
+def test_where_probe_scores_linear_knowledge_and_its_absence():
+    import where_probe as W
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=gen, dtype=torch.float64)
+    groups = torch.arange(400) // 4  # four rows an image, as patches of one image share a fold
+    place = torch.stack([x[:, 0] * 2 - x[:, 1], x[:, 2] + 5], 1)  # "where", a linear read of the tokens
+    assert W.ridge_r2(x, place, groups, lam=1e-3) == pytest.approx([1.0, 1.0], abs=1e-6)
+    unrelated = torch.randn(400, 2, generator=gen, dtype=torch.float64)
+    assert max(W.ridge_r2(x, unrelated, groups)) < 0.05  # held out: no better than the mean
+    labels = (x[:, 3] - x[:, 4] > 0).long()  # which of two emoji lies under a patch
+    assert W.ridge_accuracy(x, labels, groups) > 0.85  # least squares, not a max-margin fit
+    assert W.ridge_accuracy(torch.randn(400, 16, generator=gen), labels, groups) < 0.6  # chance 0.5
+    assert W.explained_r2(place, place) == [1.0, 1.0]
+    assert W.explained_r2(place.mean(0).expand_as(place), place) == pytest.approx([0.0, 0.0], abs=1e-12)

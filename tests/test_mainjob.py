@@ -128,6 +128,20 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     with_relation = [t for t in twins if set(t["caption"].split()) & set(fusion_probe.OPPOSITE)]
     assert res["relation_mlm"]["all"]["n"] == len(with_relation) > 0
 
+    # bench/where_probe.py on that run: sine-cosine positions are linear in each patch's place, and
+    # the ViT (one step from random weights) keeps them in its output tokens
+    import where_probe
+
+    assert where_probe.main([str(ckpt), "--data", str(data), "--out", str(tmp_path / "where.json")]) == 0
+    where = json.loads((tmp_path / "where.json").read_text())
+    assert min(where["image_tokens"]["position_r2_row_col"]) > 0.9
+    from albef.checkpoints.pretrained import load_inference_model
+
+    tc = load_inference_model(ckpt).config.text
+    assert set(where["fusion"]) == {"text_only", *(f"fusion_{k + 1}" for k in range(tc.num_layers - tc.fusion_layer))}
+    assert where["fusion"]["fusion_1"]["layer"] == tc.fusion_layer
+    assert all(-1.0 <= f["best_head_attention_r2"] <= 1.0 for k, f in where["fusion"].items() if k != "text_only")
+
     # bench/score_checkpoints.py: a checkpoint scored as scene_variant scored the same model
     import score_checkpoints
 

@@ -196,7 +196,8 @@ def _swap_sentence(tw: dict, s: dict) -> list[str]:
     )
     return [
         f"Swapped relations stay near chance for both heads (ITM {swap[0]:.1f} %, ITC {swap[1]:.1f} %): the "
-        f"model learns which emoji are present and how many, not where they are{more} (docs/results.md).",
+        f"model learns which emoji are present and how many, not where they are; its cross-attention does not "
+        f"look at the object a word names (bench/where_probe.py){more} (docs/results.md).",
         "",
     ]
 

@@ -19,7 +19,9 @@ even index and scored on those of odd index, then the other way round (two folds
    state (before the first fusion layer) as the baseline; and each cross-attention head's
    attention from the name over the patches turned into a position (the attention-weighted mean of
    the patch centres), its R² against the object's centre with nothing fitted: 1 for a head that
-   looks only at the object, 0 for one that looks everywhere.
+   looks only at the object, 0 for one that looks everywhere; and how peaked the heads' attention is
+   (their largest weight, against 1 / (1 + N) for a uniform look) and how much of it the image's
+   [CLS] token takes.
 
 A relation ("A left of B") needs both: image tokens that say where and what, and a fusion that
 carries the named objects' places into the text. Writes ``--out`` (default: ``where_probe.json``
@@ -138,6 +140,8 @@ def fusion_probe(model, images: Tensor, records: list[dict], image_index: list[i
     layers = enc.fusion_layers
     states: list[list[Tensor]] = [[] for _ in range(len(layers) + 1)]
     looks: list[list[Tensor]] = [[] for _ in layers]  # [n, heads, 2] per layer
+    peaks: list[list[Tensor]] = [[] for _ in layers]  # [n, heads]: the largest attention weight
+    on_cls: list[list[Tensor]] = [[] for _ in layers]  # [n, heads]: the weight on the image's [CLS]
     for layer in layers:
         layer.crossattention.self.save_attention = True
     outs: list[Tensor] = []
@@ -157,6 +161,8 @@ def fusion_probe(model, images: Tensor, records: list[dict], image_index: list[i
                     states[k].append((h.double() * words.unsqueeze(-1)).sum(1))
                 for k, layer in enumerate(layers):
                     att = layer.crossattention.self.attention_map.double()  # [B, h, L, 1 + N]
+                    peaks[k].append((att.amax(-1) * words[:, None, :]).sum(-1))
+                    on_cls[k].append((att[..., 0] * words[:, None, :]).sum(-1))
                     a = (att * words[:, None, :, None]).sum(2)[..., 1:]  # [B, h, N]: the patches
                     looks[k].append((a / a.sum(-1, keepdim=True)) @ patch_centres)
     finally:
@@ -175,6 +181,8 @@ def fusion_probe(model, images: Tensor, records: list[dict], image_index: list[i
             "centre_r2_xy": ridge_r2(torch.cat(states[k + 1]), target, groups),
             "best_head_attention_r2": max(heads),
             "mean_head_attention_r2": sum(heads) / len(heads),
+            "mean_peak_weight": torch.cat(peaks[k]).mean().item(),  # 1 / (1 + N) for a uniform look
+            "mean_weight_on_image_cls": torch.cat(on_cls[k]).mean().item(),
         }
     return out
 
@@ -218,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, f in res["fusion"].items():
         line = f"{name} (text layer {f['layer']}): centre R² x {f['centre_r2_xy'][0]:.2f} y {f['centre_r2_xy'][1]:.2f}"
         if "best_head_attention_r2" in f:
-            line += f"; attention as a position, R² best head {f['best_head_attention_r2']:.2f}, mean {f['mean_head_attention_r2']:.2f}"
+            line += (
+                f"; attention as a position, R² best head {f['best_head_attention_r2']:.2f}, mean "
+                f"{f['mean_head_attention_r2']:.2f}; peak weight {f['mean_peak_weight']:.3f}, on the image "
+                f"[CLS] {f['mean_weight_on_image_cls']:.3f}"
+            )
         print(line)
     print(f"wrote {out}")
     return 0

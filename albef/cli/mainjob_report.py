@@ -189,7 +189,7 @@ def _swap_sentence(tw: dict, s: dict) -> list[str]:
         return []
     ratio = _gpu_ratio(s)
     more = (
-        f", and neither {ratio:.1f}x the pretraining samples (`--scale gpu`) nor a pretrained ViT at this "
+        f", and neither {ratio:.1f}x the pretraining samples (`--scale gpu`) nor a pretrained ViT at either "
         "budget changes that"
         if ratio
         else ""

@@ -18,10 +18,10 @@ even index and scored on those of odd index, then the other way round (two folds
    fusion layer: R² of the object's centre from the name's state (its tokens' mean), the text-only
    state (before the first fusion layer) as the baseline; and each cross-attention head's
    attention from the name over the patches turned into a position (the attention-weighted mean of
-   the patch centres), its R² against the object's centre with nothing fitted: 1 for a head that
-   looks only at the object, 0 for one that looks everywhere; and how peaked the heads' attention is
-   (their largest weight, against 1 / (1 + N) for a uniform look) and how much of it the image's
-   [CLS] token takes.
+   the patch centres), its R² against the object's centre with nothing fitted (the mean of x's and
+   y's): 1 for a head that looks only at the object, 0 for one that looks everywhere; and how
+   peaked the heads' attention is (their largest weight, against 1 / (1 + N) for a uniform look)
+   and how much of it the image's [CLS] token takes.
 
 A relation ("A left of B") needs both: image tokens that say where and what, and a fusion that
 carries the named objects' places into the text. Writes ``--out`` (default: ``where_probe.json``

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, nargs="*", default=[], help="text layers for Grad-CAM pointing")
     args = p.parse_args(argv)
     records = read_grounding(str(args.data / "scenes" / "grounding_test.json"), str(args.data / "scenes"))
+    tokenizer = Tokenizer()
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
     for f in args.checkpoints:
         step = str(peek_checkpoint(f)["state"]["global_step"])  # memory-mapped: the tensors stay on disk
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.layers:
             tf = test_transform(model.config.vision.image_size)
             res[step]["pointing_by_layer"] = {
-                str(n): evaluate_pointing(model, records, Tokenizer(), tf, layer=n)[0]["pointing_game"]["accuracy"]
+                str(n): evaluate_pointing(model, records, tokenizer, tf, layer=n)[0]["pointing_game"]["accuracy"]
                 for n in args.layers
             }
         args.out.write_text(json.dumps(res, indent=1))

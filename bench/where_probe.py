@@ -87,13 +87,19 @@ def _centre(box) -> list[float]:
     return [x + w / 2, y + h / 2]
 
 
-def image_token_probe(model, images: Tensor, recs_by_image: list[list[dict]]) -> dict:
-    """Section 1 on ``images`` [B, 3, H, W] with each image's grounding records."""
+def encode_images(model, images: Tensor) -> Tensor:
+    """The ViT's output for ``images`` [B, 3, H, W], 50 at a time: [B, 1 + N, D]."""
+    with torch.no_grad():
+        return torch.cat([model.encode_image(images[i : i + 50]) for i in range(0, len(images), 50)])
+
+
+def image_token_probe(model, images: Tensor, embeds: Tensor, recs_by_image: list[list[dict]]) -> dict:
+    """Section 1 on ``images`` [B, 3, H, W] (their ViT output ``embeds``) with each image's grounding records."""
     vit, vc = model.visual_encoder, model.config.vision
     grid, ps = vc.image_size // vc.patch_size, vc.patch_size
     with torch.no_grad():
-        tokens = torch.cat([model.encode_image(images[i : i + 50]) for i in range(0, len(images), 50)])[:, 1:]
         patch_norm = vit.patch_embed(images[:50]).norm(dim=-1).mean().item()
+    tokens = embeds[:, 1:]  # the patches
     n = len(images)
     rowcol = torch.tensor([[r, c] for r in range(grid) for c in range(grid)], dtype=torch.float64).repeat(n, 1)
     img_of_patch = torch.arange(n).repeat_interleave(grid * grid)
@@ -128,8 +134,8 @@ def _inside(x: float, y: float, box) -> bool:
     return box[0] <= x < box[0] + box[2] and box[1] <= y < box[1] + box[3]
 
 
-def fusion_probe(model, images: Tensor, records: list[dict], image_index: list[int], tokenizer) -> dict:
-    """Section 2: one record = one name fused with its image (``images[image_index[i]]``)."""
+def fusion_probe(model, embeds: Tensor, records: list[dict], image_index: list[int], tokenizer) -> dict:
+    """Section 2: one record = one name fused with its image (ViT output ``embeds[image_index[i]]``)."""
     enc, vc = model.text_encoder, model.config.vision
     grid, ps = vc.image_size // vc.patch_size, vc.patch_size
     patch_centres = torch.tensor(
@@ -150,7 +156,7 @@ def fusion_probe(model, images: Tensor, records: list[dict], image_index: list[i
         with torch.no_grad():
             for i in range(0, len(records), 64):
                 t = tokenizer([r["text"] for r in records[i : i + 64]], max_length=30)
-                img = model.encode_image(images[torch.tensor(image_index[i : i + 64])])
+                img = embeds[torch.tensor(image_index[i : i + 64])]
                 words = t.attention_mask.double().clone()
                 words[:, 0] = 0  # the name's tokens, not [CLS]
                 words = words / words.sum(1, keepdim=True)
@@ -206,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted({r["image"] for r in records})
     tf = test_transform(model.config.vision.image_size)
     images = torch.stack([tf(Image.open(root / f).convert("RGB")) for f in paths])
-    by_image = [[r for r in records if r["image"] == f] for f in paths]
+    index = {f: i for i, f in enumerate(paths)}
+    by_image: list[list[dict]] = [[] for _ in paths]
+    for r in records:
+        by_image[index[r["image"]]].append(r)
+    embeds = encode_images(model, images)
     res = {
         "images": len(paths),
         "records": len(records),
-        "image_tokens": image_token_probe(model, images, by_image),
-        "fusion": fusion_probe(model, images, records, [paths.index(r["image"]) for r in records], Tokenizer()),
+        "image_tokens": image_token_probe(model, images, embeds, by_image),
+        "fusion": fusion_probe(model, embeds, records, [index[r["image"]] for r in records], Tokenizer()),
     }
     out = args.out or (args.checkpoint.parent if args.checkpoint.is_file() else args.checkpoint) / "where_probe.json"
     out.write_text(json.dumps(res, indent=1))

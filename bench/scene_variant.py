@@ -8,14 +8,60 @@
 is merged into the pretraining recipe's dictionary. Needs the main job's ``data/`` (``albef main``
 builds it). Writes ``OUT/variant.json``: the twins test, the pointing game and scene retrieval on
 all held-out scenes, as the main job's report has them.
+
+``--sibling-negatives P`` is a probe, not the authors' ITM: each ITM negative (the image of a
+text, the text of an image) is with probability P the row's batch neighbour instead of the one
+drawn from ITC's similarities. With mirrored siblings all in one batch (``--scale '{"siblings":
+"mirror", "sibling_share": 1.0}'`` on data built with them) that neighbour is the scene's mirror
+image, whose caption is the scene's swapped twin: ITM is handed the relation to learn at every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
+
+
+def with_sibling_negatives(neg, share: float, generator: torch.Generator | None = None):
+    """``neg`` (``albef.training.pretrain.Negatives``) with each negative index replaced, with
+    probability ``share``, by its row's sibling: rows 2i and 2i+1 are a sampler unit of group
+    size 2 (a lone last row keeps its own draw)."""
+    n = neg.image.shape[0]
+    sib = torch.arange(n) ^ 1
+    ok = sib < n
+    take_img = (torch.rand(n, generator=generator) < share) & ok
+    take_txt = (torch.rand(n, generator=generator) < share) & ok
+    dev = neg.image.device
+    image = torch.where(take_img.to(dev), sib.to(dev), neg.image)
+    text = torch.where(take_txt.to(dev), sib.to(dev), neg.text)
+    return neg._replace(image=image, text=text)
+
+
+@contextlib.contextmanager
+def sibling_negatives(share: float) -> Iterator[None]:
+    """Pretraining inside this block hands ITM its sibling as the negative ``share`` of the time
+    (replayed draws are kept as recorded)."""
+    from albef.training.pretrain import ALBEFPretrainer
+
+    drawn = ALBEFPretrainer._hard_negatives
+
+    def patched(self, itc, idx, draws, generator):
+        neg = drawn(self, itc, idx, draws, generator)
+        if draws.neg_image_idx is not None or share <= 0:
+            return neg
+        return with_sibling_negatives(neg, share, generator)
+
+    ALBEFPretrainer._hard_negatives = torch.no_grad()(patched)
+    try:
+        yield
+    finally:
+        ALBEFPretrainer._hard_negatives = drawn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,17 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=json.loads, default={}, help="JSON: entries of the main job's FULL scale")
     p.add_argument("--recipe", type=json.loads, default={}, help="JSON merged into the pretraining recipe")
+    p.add_argument(
+        "--sibling-negatives",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probe: each ITM negative is the row's batch neighbour with probability P (module doc)",
+    )
     args = p.parse_args(argv)
+    if not 0 <= args.sibling_negatives <= 1:
+        p.error(f"--sibling-negatives {args.sibling_negatives}: a probability, in [0, 1]")
     s = {**SCALES["full"], "pretrain": args.steps, **args.scale}
     args.out.mkdir(parents=True, exist_ok=True)
     d = _merge(scene_pretraining(args.out, args.data, s, args.seed).to_dict(), args.recipe)
-    _, seconds = _train(Recipe.from_dict(d), overwrite=True)
+    with sibling_negatives(args.sibling_negatives):
+        _, seconds = _train(Recipe.from_dict(d), overwrite=True)
     model = load_inference_model(args.out / "pretrain" / "checkpoint_last.pt")
     t0 = time.perf_counter()
     sc = evaluate_scenes(model, args.data / "scenes", s["k"], args.out / "overlays", subsets=False)
     res = {
         "scale": args.scale,
         "recipe": args.recipe,
+        "sibling_negatives": args.sibling_negatives,
         "steps": args.steps,
         "seed": args.seed,
         "pretraining_s": seconds,

@@ -305,3 +305,29 @@ def test_where_probe_scores_linear_knowledge_and_its_absence():
     assert W.ridge_accuracy(torch.randn(400, 16, generator=gen), labels, groups) < 0.6  # chance 0.5
     assert W.explained_r2(place, place) == [1.0, 1.0]
     assert W.explained_r2(place.mean(0).expand_as(place), place) == pytest.approx([0.0, 0.0], abs=1e-12)
+
+
+def test_sibling_negatives_hand_itm_each_rows_unit_partner():
+    import scene_variant as SV
+
+    from albef.training.pretrain import ALBEFPretrainer, Negatives
+
+    drawn = torch.tensor([4, 3, 0, 1, 2])  # what ITC's weights gave, 5 rows: the last has no partner
+    neg = Negatives(drawn.clone(), drawn.flip(0), torch.ones(5, 5), torch.ones(5, 5))
+    everyone = SV.with_sibling_negatives(neg, 1.0, torch.Generator().manual_seed(0))
+    assert everyone.image.tolist() == [1, 0, 3, 2, 2] and everyone.text.tolist() == [1, 0, 3, 2, 4]
+    assert everyone.weights_i2t is neg.weights_i2t  # the record of the draw is left alone
+    nobody = SV.with_sibling_negatives(neg, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(nobody.image, neg.image) and torch.equal(nobody.text, neg.text)
+    # a share p replaces about p of the rows, drawn from the step's generator (reproducible)
+    n = 4000
+    big = Negatives(torch.full((n,), -7), torch.full((n,), -7), None, None)
+    a = SV.with_sibling_negatives(big, 0.3, torch.Generator().manual_seed(1))
+    b = SV.with_sibling_negatives(big, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(a.image, b.image) and 0.27 < (a.image != -7).float().mean() < 0.33
+    assert not torch.equal(a.image != -7, a.text != -7)  # image and text sides drawn apart
+    # the patch lasts as long as the block
+    original = ALBEFPretrainer._hard_negatives
+    with SV.sibling_negatives(0.5):
+        assert ALBEFPretrainer._hard_negatives is not original
+    assert ALBEFPretrainer._hard_negatives is original

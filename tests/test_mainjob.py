@@ -109,9 +109,11 @@ def test_main_job_smoke(tmp_path, monkeypatch):
 
     variant = ["--data", str(data), "--steps", "1", "--scale", '{"batch": 4, "k": 4, "sibling_share": 0.5}']
     recipe = '{"model": {"overrides": {"vision": {"image_size": 128, "pos_embed_init": "sincos"}}}}'
-    assert scene_variant.main([str(tmp_path / "variant"), *variant, "--recipe", recipe]) == 0
+    assert (
+        scene_variant.main([str(tmp_path / "variant"), *variant, "--recipe", recipe, "--sibling-negatives", "0.5"]) == 0
+    )
     res = json.loads((tmp_path / "variant" / "variant.json").read_text())
-    assert res["twins"]["n"]["swap"] > 0 and "itm" in res["retrieval_all"]
+    assert res["twins"]["n"]["swap"] > 0 and "itm" in res["retrieval_all"] and res["sibling_negatives"] == 0.5
     used = torch.load(tmp_path / "variant" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
     assert used["model"]["overrides"]["vision"]["pos_embed_init"] == "sincos" and used["data"]["group_size"] == 2
 

@@ -47,7 +47,7 @@ FULL = {
     # authors' sampler, every sample shuffled alone (docs/results.md compares 0, 0.25 and 1)
     "sibling_share": 0.0,
     # each layout's sibling: "exchange" (its two emoji exchanged) or "mirror" (its places reflected;
-    # albef.data.scenes.mirror)
+    # albef.data.scene_layout.mirror)
     "siblings": "exchange",
     "scene_test": 200,  # per held-out subset
     "max_emoji": 16,  # the scenes' emoji: few, so that each is seen often

@@ -189,8 +189,8 @@ def _swap_sentence(tw: dict, s: dict) -> list[str]:
         return []
     ratio = _gpu_ratio(s)
     more = (
-        f", and neither {ratio:.1f}x the pretraining samples (`--scale gpu`) nor a pretrained ViT at either "
-        "budget changes that"
+        f", and neither {ratio:.1f}x the pretraining samples (`--scale gpu`), nor a pretrained ViT at either "
+        "budget, nor ITM handed the swapped twin as its negative at every step changes that"
         if ratio
         else ""
     )

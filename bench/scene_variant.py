@@ -32,15 +32,13 @@ def with_sibling_negatives(neg, share: float, generator: torch.Generator | None 
     """``neg`` (``albef.training.pretrain.Negatives``) with each negative index replaced, with
     probability ``share``, by its row's sibling: rows 2i and 2i+1 are a sampler unit of group
     size 2 (a lone last row keeps its own draw)."""
-    n = neg.image.shape[0]
-    sib = torch.arange(n) ^ 1
+    n, dev = neg.image.shape[0], neg.image.device
+    sib = torch.arange(n, device=dev) ^ 1
     ok = sib < n
-    take_img = (torch.rand(n, generator=generator) < share) & ok
-    take_txt = (torch.rand(n, generator=generator) < share) & ok
-    dev = neg.image.device
-    image = torch.where(take_img.to(dev), sib.to(dev), neg.image)
-    text = torch.where(take_txt.to(dev), sib.to(dev), neg.text)
-    return neg._replace(image=image, text=text)
+    draw_on = generator.device if generator is not None else dev  # the training loop's generator is on its device
+    take_img = (torch.rand(n, generator=generator, device=draw_on) < share).to(dev) & ok
+    take_txt = (torch.rand(n, generator=generator, device=draw_on) < share).to(dev) & ok
+    return neg._replace(image=torch.where(take_img, sib, neg.image), text=torch.where(take_txt, sib, neg.text))
 
 
 @contextlib.contextmanager

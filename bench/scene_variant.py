@@ -47,13 +47,14 @@ def sibling_negatives(share: float) -> Iterator[None]:
     (replayed draws are kept as recorded)."""
     from albef.training.pretrain import ALBEFPretrainer
 
+    if share <= 0:  # nothing patched, no draw taken: the run is the plain one, draw for draw
+        yield
+        return
     drawn = ALBEFPretrainer._hard_negatives
 
     def patched(self, itc, idx, draws, generator):
         neg = drawn(self, itc, idx, draws, generator)
-        if draws.neg_image_idx is not None or share <= 0:
-            return neg
-        return with_sibling_negatives(neg, share, generator)
+        return neg if draws.neg_image_idx is not None else with_sibling_negatives(neg, share, generator)
 
     ALBEFPretrainer._hard_negatives = torch.no_grad()(patched)
     try:

@@ -139,10 +139,10 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     assert min(where["image_tokens"]["position_r2_row_col"]) > 0.9
     from albef.checkpoints.pretrained import load_inference_model
 
-    tc = load_inference_model(ckpt).config.text
+    config = load_inference_model(ckpt).config
+    tc, vc = config.text, config.vision
     assert set(where["fusion"]) == {"text_only", *(f"fusion_{k + 1}" for k in range(tc.num_layers - tc.fusion_layer))}
     assert where["fusion"]["fusion_1"]["layer"] == tc.fusion_layer
-    vc = load_inference_model(ckpt).config.vision
     n_tokens = 1 + (vc.image_size // vc.patch_size) ** 2
     for f in (where["fusion"][f"fusion_{k + 1}"] for k in range(tc.num_layers - tc.fusion_layer)):
         # one step from random weights: a near-uniform look, whose mean place points at no object

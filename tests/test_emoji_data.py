@@ -229,3 +229,41 @@ def test_ablation_refuses_to_mix_runs_of_another_step_count(tmp_path):
     with pytest.raises(SystemExit, match="runs of \\[300\\] pretraining steps, not 650: give another --out"):
         main(["--out", str(tmp_path), "--pretrain-steps", "650", "--table", str(tmp_path / "t.md")])
     assert not (tmp_path / "t.md").exists()
+
+
+def test_ablation_with_a_recipe_change_gets_its_own_table_and_refuses_other_settings(tmp_path):
+    from albef.cli.ablation import main, write_table
+
+    path = tmp_path / "t.md"
+    write_table({"MLM + ITM": [_row(txt_r1=5.0)]}, path, [0], "ablation", pretrain_steps=650)
+    sets = ["train.lr_scale.temp=0.2"]
+    write_table({"MLM + ITM": [_row(txt_r1=7.0, set=sets)]}, path, [0], "ablation", pretrain_steps=650, sets=sets)
+    text = path.read_text()
+    plain, changed = text.split("<!-- ablation-table-650-steps-train.lr_scale.temp-0.2:start -->")
+    assert "| 5.00 ± 0.00 |" in plain and "| 7.00 ± 0.00 |" not in plain
+    assert "| 7.00 ± 0.00 |" in changed and "650 steps, `train.lr_scale.temp=0.2`" in changed
+    assert '`albef ablation --row "MLM + ITM" --pretrain-steps 650 --set train.lr_scale.temp=0.2`' in changed
+    # runs made without the change are not mixed into a table with it, nor the other way round
+    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [_row(steps=650)]}))
+    with pytest.raises(SystemExit, match="holds runs made with no --set, not this run's settings"):
+        main(["--out", str(tmp_path), "--pretrain-steps", "650", "--set", sets[0], "--table", str(path)])
+    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [_row(steps=650, set=sets)]}))
+    with pytest.raises(SystemExit, match="holds runs made with --set train.lr_scale.temp=0.2"):
+        main(["--out", str(tmp_path), "--pretrain-steps", "650", "--table", str(path)])
+    # a key the rows switch, or no recipe key at all, is refused before anything runs
+    with pytest.raises(SystemExit, match="train.hard_negatives is what the rows switch"):
+        main(["--out", str(tmp_path / "x"), "--set", "train.hard_negatives=false", "--table", str(path)])
+    with pytest.raises(SystemExit, match="unknown recipe keys in train"):
+        main(["--out", str(tmp_path / "x"), "--set", "train.temperature=0.2", "--table", str(path)])
+    assert not (tmp_path / "x").exists() and path.read_text() == text
+
+
+def test_ablation_settings_reach_each_rows_recipe():
+    from albef.cli.ablation import ROWS, with_settings
+    from albef.recipes import load_recipe
+
+    base = load_recipe(None, ["train.lr=5e-4"])
+    r = with_settings(base, ["train.lr_scale.temp=0.2", "train.warmup_steps=7"])
+    assert r.train.lr_scale == {"temp": 0.2} and r.train.warmup_steps == 7 and r.train.lr == 5e-4
+    assert with_settings(base, []) is base and base.train.lr_scale == {}
+    assert all(k in vars(r.train) for flags in ROWS.values() for k in flags)  # rows switch train keys

@@ -5,7 +5,8 @@ with the objectives switched as in the paper, and is scored on the held-out scen
 test (ITM and ITC accuracy against the twins), scene retrieval R@1 with ITC alone and with ITC + ITM
 re-ranking, Grad-CAM pointing, and ITM's training loss over the last 100 steps (whether ITM has
 left its prior); mean ± standard deviation over seeds. Results go to ``docs/ablation.md`` (and
-``OUT/ablation.json``), with the command of each row.
+``OUT/ablation.json``), with the command of each row. ``--set key.sub=value`` changes the recipe of
+every row alike (e.g. ``train.lr_scale.temp=0.2``); such an ablation gets a folder and a table of its own.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import shlex
 import statistics
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from albef.cli.mdblock import write_block
+
+if TYPE_CHECKING:
+    from albef.recipes import Recipe
 
 ROWS = {
     "MLM + ITM": {"itc": False, "itc_distill": False, "mlm_distill": False},
@@ -47,8 +54,51 @@ def _steps(scale: str, pretrain_steps: int | None) -> int:
     return pretrain_steps or SCALES[scale]["pretrain"]
 
 
+def with_settings(recipe: Recipe, sets: list[str]) -> Recipe:
+    """``recipe`` with the ``key.sub=value`` assignments of ``--set`` applied, in order."""
+    from albef.recipes import Recipe, apply_override
+
+    if not sets:
+        return recipe
+    d = recipe.to_dict()
+    for assignment in sets:
+        apply_override(d, assignment)
+    return Recipe.from_dict(d)
+
+
+def check_settings(sets: list[str]) -> None:
+    """Refuse ``--set`` assignments that are not recipe keys, or that would undo a row's switches."""
+    from albef.recipes import load_recipe
+
+    switched = {f"train.{k}" for flags in ROWS.values() for k in flags}
+    for assignment in sets:
+        key = assignment.split("=", 1)[0].strip()
+        if key in switched:
+            raise SystemExit(f"--set {assignment}: {key} is what the rows switch; it cannot be set for all of them")
+    try:
+        load_recipe(None, sets)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--set {' '.join(sets)}: {e}") from e
+
+
+def settings_suffix(sets: list[str]) -> str:
+    """The settings in a folder or block name.
+
+    >>> settings_suffix(["train.lr_scale.temp=0.2"])
+    '-train.lr_scale.temp-0.2'
+    """
+    return "".join("-" + re.sub(r"[^A-Za-z0-9._]+", "-", s).strip("-") for s in sets)
+
+
 def run_row(
-    flags: dict, seed: int, out: Path, data: Path, scale: str, keep: bool = False, pretrain_steps: int | None = None
+    flags: dict,
+    seed: int,
+    out: Path,
+    data: Path,
+    scale: str,
+    keep: bool = False,
+    pretrain_steps: int | None = None,
+    sets: list[str] | None = None,
 ) -> dict[str, float]:
     from albef.checkpoints.pretrained import load_inference_model
     from albef.cli.mainjob import SCALES, _train, build_data, evaluate_scenes, scene_pretraining
@@ -56,7 +106,7 @@ def run_row(
     s = {**SCALES[scale], "pretrain": _steps(scale, pretrain_steps)}
     build_data(data, s)
     out.mkdir(parents=True, exist_ok=True)
-    pre = scene_pretraining(out, data, s, seed)
+    pre = with_settings(scene_pretraining(out, data, s, seed), sets or [])
     for k, v in flags.items():
         setattr(pre.train, k, v)
     _train(pre, overwrite=True)  # an unfinished (row, seed) pair starts over; finished ones are not re-run
@@ -74,6 +124,7 @@ def run_row(
     return {
         "steps": s["pretrain"],
         "seed": seed,
+        **({"set": list(sets)} if sets else {}),
         "twins_itm": r["twins"]["itm"]["overall"],
         "swap_itm": r["twins"]["itm"]["swap"],
         "twins_itc": r["twins"]["itc"]["overall"],
@@ -120,17 +171,27 @@ def _cell(runs: list[dict], metric: str) -> str:
 
 
 def write_table(
-    results: dict[str, list[dict]], path: Path, seeds: list[int], scale: str, pretrain_steps: int | None = None
+    results: dict[str, list[dict]],
+    path: Path,
+    seeds: list[int],
+    scale: str,
+    pretrain_steps: int | None = None,
+    sets: list[str] | None = None,
 ) -> None:
     """The table of ``results`` in its block of ``path``: the scale's own number of steps in the block
-    ``ablation-table`` (first in the file), another number N in ``ablation-table-N-steps`` (appended)."""
+    ``ablation-table`` (first in the file), another number N in ``ablation-table-N-steps`` (appended),
+    ``--set`` settings in a block named after them too (appended)."""
     from albef.cli.mainjob import SCALES
 
+    sets = sets or []
     s, steps = SCALES[scale], _steps(scale, pretrain_steps)
-    own = steps == s["pretrain"]
-    option = "" if own else f" --pretrain-steps {steps}"
+    own = steps == s["pretrain"] and not sets
+    option = ("" if steps == s["pretrain"] else f" --pretrain-steps {steps}") + "".join(
+        f" --set {shlex.quote(a)}" for a in sets
+    )
+    title = ", ".join(([] if steps == s["pretrain"] else [f"{steps} steps"]) + [f"`{a}`" for a in sets])
     lines = [
-        "# Pretraining ablation in miniature (emoji scenes)" + ("" if own else f", {steps} steps"),
+        "# Pretraining ablation in miniature (emoji scenes)" + (f", {title}" if title else ""),
         "",
         f"albef-small (MiniLM text side, ViT from random weights) at 128 px; each row: the main job's "
         f"pretraining (scale `{scale}`{option}: {steps} steps of batch {s['batch']}), seeds {seeds}, scored "
@@ -148,7 +209,7 @@ def write_table(
         cells = [_cell(runs, m) for m in METRICS]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f' | `albef ablation --row "{name}"{option}` |')
     # only the marked block is replaced: the analysis written around the table survives a re-run
-    block = "ablation-table" if own else f"ablation-table-{steps}-steps"
+    block = "ablation-table" if own else f"ablation-table-{steps}-steps{settings_suffix(sets)}"
     write_block(path, block, "\n".join(lines), at="start" if own else "end")
 
 
@@ -160,11 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--row", action="append", choices=list(ROWS), help="only these rows (repeatable)")
     p.add_argument("--scale", default="ablation", help="steps per stage, from albef.cli.mainjob.SCALES")
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps per run instead of the scale's")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe change for every row, e.g. train.lr_scale.temp=0.2 (repeatable; own folder and table)",
+    )
     p.add_argument("--table", default="docs/ablation.md")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (0.8 GB a run)")
     args = p.parse_args(argv)
+    check_settings(args.set)
     steps = _steps(args.scale, args.pretrain_steps)
-    out = Path(args.out or ("runs/ablation" if args.pretrain_steps is None else f"runs/ablation-{steps}-steps"))
+    default_out = "runs/ablation" + ("" if args.pretrain_steps is None else f"-{steps}-steps")
+    out = Path(args.out or default_out + settings_suffix(args.set))
     done_path = out / "ablation.json"
     results: dict[str, list[dict]] = json.loads(done_path.read_text()) if done_path.exists() else {}
     default_steps = _steps(args.scale, None)  # runs scored before the count was recorded ran the default
@@ -174,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{done_path} holds runs of {sorted(other)} pretraining steps, not {steps}: "
             "give another --out for this number of steps"
         )
+    other_sets = {tuple(r.get("set", [])) for runs in results.values() for r in runs} - {tuple(args.set)}
+    if other_sets:
+        shown = "; ".join(" ".join(f"--set {a}" for a in o) or "no --set" for o in sorted(other_sets))
+        raise SystemExit(f"{done_path} holds runs made with {shown}, not this run's settings: give another --out")
     backfilled = False  # runs scored before ITM's loss was recorded: from their own logs, where kept
     for name, runs in results.items():
         for seed, r in zip(args.seeds, runs, strict=False):  # a row may have fewer runs than seeds
@@ -195,11 +269,14 @@ def main(argv: list[str] | None = None) -> int:
                     args.scale,
                     args.keep_checkpoints,
                     args.pretrain_steps,
+                    args.set,
                 )
             )
             out.mkdir(parents=True, exist_ok=True)
             done_path.write_text(json.dumps(results, indent=2))
-    write_table({k: v for k, v in results.items() if v}, Path(args.table), args.seeds, args.scale, args.pretrain_steps)
+    write_table(
+        {k: v for k, v in results.items() if v}, Path(args.table), args.seeds, args.scale, args.pretrain_steps, args.set
+    )
     print(Path(args.table).read_text())
     return 0
 

@@ -181,11 +181,8 @@ def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):
     assert seen == {"scale": "smoke", "device": "cpu"}
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
-def test_pretraining_data_keeps_the_given_share_of_siblings_together(tmp_path, share):
-    from albef.cli.mainjob import FULL, pretraining_data
-
-    data, n_pairs = tmp_path / "data", 10
+def _scene_annotations(data: Path, n_pairs: int) -> tuple[Path, int]:
+    """The annotation files the job's pretraining data is made of, for ``n_pairs`` sibling pairs."""
     (data / "scenes").mkdir(parents=True)
     (data / "emoji").mkdir()
     # scene 2i and 2i + 1 are siblings (the same layout, the two emoji exchanged), as build_scenes writes them
@@ -195,6 +192,33 @@ def test_pretraining_data_keeps_the_given_share_of_siblings_together(tmp_path, s
     objects = [{"name": "cat", "emoji_image": "cat.png"}]
     (data / "scenes" / "scenes.json").write_text(json.dumps([{"objects": objects}]))
     (data / "emoji" / "pretrain.json").write_text(json.dumps([{"image": "cat.png", "caption": "cat"}]))
+    return data, n_pairs
+
+
+@pytest.mark.parametrize("scale", ["full", "gpu", "smoke"])
+def test_job_learns_the_temperature_at_the_authors_rate_per_step(tmp_path, scale):
+    from albef.cli.mainjob import SCALES, scene_pretraining
+    from albef.config import get_preset
+    from albef.models import ALBEF
+    from albef.training.optim import build_optimizer
+
+    data, _ = _scene_annotations(tmp_path / "data", n_pairs=2)
+    s = {**SCALES[scale], "scene_emoji_repeats": 1, "emoji_pretrain": 0}
+    (tmp_path / "out").mkdir()
+    t = scene_pretraining(tmp_path / "out", data, s, seed=0).train
+    model = ALBEF(get_preset("albef-tiny"))  # the loop's optimizer holds the student's parameters
+    groups = build_optimizer(model, t.lr, t.weight_decay, lr_scale=t.lr_scale).param_groups
+    (temp_group,) = [g for g in groups if any(p is model.temp for p in g["params"])]
+    assert t.lr == s["pretrain_lr"] and t.lr * temp_group["lr_scale"] == pytest.approx(1e-4)  # configs/Pretrain.yaml
+    others = [p for g in groups if g["lr_scale"] == 1.0 for p in g["params"] if p is not model.temp]
+    assert len(others) == len(list(model.parameters())) - 1  # nothing else slowed
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_pretraining_data_keeps_the_given_share_of_siblings_together(tmp_path, share):
+    from albef.cli.mainjob import FULL, pretraining_data
+
+    data, n_pairs = _scene_annotations(tmp_path / "data", n_pairs=10)
     s = {**FULL, "sibling_share": share, "scene_emoji_repeats": 2, "emoji_pretrain": 0}
     rows = json.loads(pretraining_data(data, tmp_path, s, seed=3).read_text())
     got = [int(Path(r["image"]).stem) for r in rows if r["image"].startswith("scenes/")]

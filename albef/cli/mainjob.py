@@ -77,7 +77,8 @@ SCALES = {
     "ablation": {**FULL, "pretrain": 300, "vqa": 0, "vqa_test": 0},
     "smoke": {
         **FULL,
-        **{"pretrain": 2, "pretrain_lr": 1e-4, "temp_lr": 1e-4, "batch": 4, "vqa": 2, "vqa_test": 16, "k": 4, "scenes": 40},
+        **{"pretrain": 2, "pretrain_lr": 1e-4, "temp_lr": 1e-4, "batch": 4, "vqa": 2, "vqa_test": 16, "k": 4},
+        "scenes": 40,
         **{"scene_test": 4, "max_emoji": 24, "unseen_pairs": 4, "scene_emoji_repeats": 2, "emoji_pretrain": 16},
     },
 }

@@ -137,6 +137,7 @@ def _row(**kw) -> dict:
         "img_r1": 2.0,
         "pointing": 30.0,
         "itm_loss_end": 0.6,
+        "lr_scale": {"temp": 0.2},  # the main job's own
         **kw,
     }
 
@@ -267,3 +268,27 @@ def test_ablation_settings_reach_each_rows_recipe():
     assert r.train.lr_scale == {"temp": 0.2} and r.train.warmup_steps == 7 and r.train.lr == 5e-4
     assert with_settings(base, []) is base and base.train.lr_scale == {}
     assert all(k in vars(r.train) for flags in ROWS.values() for k in flags)  # rows switch train keys
+
+
+def test_ablation_refuses_runs_of_another_temperature_rate(tmp_path):
+    from albef.cli.ablation import main
+
+    table = str(tmp_path / "t.md")
+    # runs from before the job learned the temperature at the authors' rate recorded no lr_scale
+    old = {k: v for k, v in _row(steps=650).items() if k != "lr_scale"}
+    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [old]}))
+    with pytest.raises(SystemExit, match='train.lr_scale \\{\\}, this run\'s recipe has \\{"temp": 0.2\\}'):
+        main(["--out", str(tmp_path), "--pretrain-steps", "650", "--seeds", "0", "--table", table])
+    # such runs that set it themselves are what the job now does
+    old["set"] = ["train.lr_scale.temp=0.2"]
+    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [old]}))
+    main(
+        ["--out", str(tmp_path), "--pretrain-steps", "650", "--seeds", "0", "--row", "MLM + ITM"]
+        + ["--table", table]
+        + ["--set", "train.lr_scale.temp=0.2"]
+    )
+    assert "| 1 | 80.00 ± 0.00 |" in (tmp_path / "t.md").read_text()
+    # and a run recorded with another rate is refused whatever its settings say
+    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [_row(steps=650, lr_scale={"temp": 1.0})]}))
+    with pytest.raises(SystemExit, match='train.lr_scale \\{"temp": 1.0\\}'):
+        main(["--out", str(tmp_path), "--pretrain-steps", "650", "--seeds", "0", "--table", table])

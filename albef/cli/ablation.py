@@ -81,6 +81,26 @@ def check_settings(sets: list[str]) -> None:
         raise SystemExit(f"--set {' '.join(sets)}: {e}") from e
 
 
+def job_lr_scale(scale: str, pretrain_steps: int | None) -> dict[str, float]:
+    """``train.lr_scale`` of the main job's pretraining at ``scale``."""
+    from albef.cli.mainjob import SCALES, pretrain_lr_scale
+
+    return pretrain_lr_scale({**SCALES[scale], "pretrain": _steps(scale, pretrain_steps)})
+
+
+def run_lr_scale(run: dict, sets: list[str], job: dict[str, float] | None = None) -> dict[str, float]:
+    """The ``train.lr_scale`` a run trained with: recorded, or (runs made before it was recorded, when
+    the job's own was empty) its ``--set`` assignments on ``job``."""
+    from albef.recipes import apply_override
+
+    if "lr_scale" in run:
+        return run["lr_scale"]
+    d = {"train": {"lr_scale": dict(job or {})}}
+    for assignment in sets:
+        apply_override(d, assignment)
+    return d["train"]["lr_scale"] or {}
+
+
 def settings_suffix(sets: list[str]) -> str:
     """The settings in a folder or block name.
 
@@ -125,6 +145,7 @@ def run_row(
         "steps": s["pretrain"],
         "seed": seed,
         **({"set": list(sets)} if sets else {}),
+        "lr_scale": dict(pre.train.lr_scale),
         "twins_itm": r["twins"]["itm"]["overall"],
         "swap_itm": r["twins"]["itm"]["swap"],
         "twins_itc": r["twins"]["itc"]["overall"],
@@ -248,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     if other_sets:
         shown = "; ".join(" ".join(f"--set {a}" for a in o) or "no --set" for o in sorted(other_sets))
         raise SystemExit(f"{done_path} holds runs made with {shown}, not this run's settings: give another --out")
+    want = run_lr_scale({}, args.set, job_lr_scale(args.scale, args.pretrain_steps))
+    other_scales = {
+        json.dumps(run_lr_scale(r, r.get("set", [])), sort_keys=True) for rs in results.values() for r in rs
+    }
+    other_scales -= {json.dumps(want, sort_keys=True)}
+    if other_scales:
+        raise SystemExit(
+            f"{done_path} holds runs trained with train.lr_scale {' / '.join(sorted(other_scales))}, this run's "
+            f"recipe has {json.dumps(want)} (the job learns ITC's temperature at the authors' lr since commit "
+            "ae1da9c): give another --out"
+        )
     backfilled = False  # runs scored before ITM's loss was recorded: from their own logs, where kept
     for name, runs in results.items():
         for seed, r in zip(args.seeds, runs, strict=False):  # a row may have fewer runs than seeds

@@ -279,6 +279,15 @@ def evaluate_scenes(model, scene_dir: Path, k: int, overlays: Path, subsets: boo
     return out
 
 
+def pretrain_lr_scale(s: dict) -> dict[str, float]:
+    """The pretraining's ``train.lr_scale`` at scale ``s``: ITC's temperature at ``temp_lr`` per step.
+
+    >>> pretrain_lr_scale(SCALES["full"]), pretrain_lr_scale(SCALES["smoke"])
+    ({'temp': 0.2}, {})
+    """
+    return {} if s["temp_lr"] == s["pretrain_lr"] else {"temp": s["temp_lr"] / s["pretrain_lr"]}
+
+
 def scene_pretraining(out: Path, data: Path, s: dict, seed: int, device: str = "cpu") -> Recipe:
     """The job's pretraining recipe at scale ``s``: scenes (a share of them beside their sibling in
     one batch) and single emoji."""
@@ -292,7 +301,7 @@ def scene_pretraining(out: Path, data: Path, s: dict, seed: int, device: str = "
         None,
         seed,
         lr=s["pretrain_lr"],
-        lr_scale={"temp": s["temp_lr"] / s["pretrain_lr"]} if s["temp_lr"] != s["pretrain_lr"] else None,
+        lr_scale=pretrain_lr_scale(s),
         randaugment=s["randaugment"],
         device=device,
         group_size=2 if s["sibling_share"] > 0 else 1,

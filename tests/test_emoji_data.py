@@ -137,7 +137,7 @@ def _row(**kw) -> dict:
         "img_r1": 2.0,
         "pointing": 30.0,
         "itm_loss_end": 0.6,
-        "lr_scale": {"temp": 0.2},  # the main job's own
+        "lr_scale": {},  # the main job's own
         **kw,
     }
 
@@ -273,22 +273,17 @@ def test_ablation_settings_reach_each_rows_recipe():
 def test_ablation_refuses_runs_of_another_temperature_rate(tmp_path):
     from albef.cli.ablation import main
 
-    table = str(tmp_path / "t.md")
-    # runs from before the job learned the temperature at the authors' rate recorded no lr_scale
+    table, done = str(tmp_path / "t.md"), tmp_path / "ablation.json"
+    args = ["--out", str(tmp_path), "--pretrain-steps", "650", "--seeds", "0", "--row", "MLM + ITM", "--table", table]
+    # runs scored before the rate was recorded trained with the job's own, which set none
     old = {k: v for k, v in _row(steps=650).items() if k != "lr_scale"}
-    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [old]}))
-    with pytest.raises(SystemExit, match='train.lr_scale \\{\\}, this run\'s recipe has \\{"temp": 0.2\\}'):
-        main(["--out", str(tmp_path), "--pretrain-steps", "650", "--seeds", "0", "--table", table])
-    # such runs that set it themselves are what the job now does
-    old["set"] = ["train.lr_scale.temp=0.2"]
-    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [old]}))
-    main(
-        ["--out", str(tmp_path), "--pretrain-steps", "650", "--seeds", "0", "--row", "MLM + ITM"]
-        + ["--table", table]
-        + ["--set", "train.lr_scale.temp=0.2"]
-    )
+    done.write_text(json.dumps({"MLM + ITM": [old]}))
+    main(args)
     assert "| 1 | 80.00 ± 0.00 |" in (tmp_path / "t.md").read_text()
-    # and a run recorded with another rate is refused whatever its settings say
-    (tmp_path / "ablation.json").write_text(json.dumps({"MLM + ITM": [_row(steps=650, lr_scale={"temp": 1.0})]}))
-    with pytest.raises(SystemExit, match='train.lr_scale \\{"temp": 1.0\\}'):
-        main(["--out", str(tmp_path), "--pretrain-steps", "650", "--seeds", "0", "--table", table])
+    # or none but their own --set
+    done.write_text(json.dumps({"MLM + ITM": [{**old, "set": ["train.lr_scale.temp=0.2"]}]}))
+    main(args + ["--set", "train.lr_scale.temp=0.2"])
+    # a run recorded with another rate is refused, --set or not
+    done.write_text(json.dumps({"MLM + ITM": [_row(steps=650, lr_scale={"temp": 0.2})]}))
+    with pytest.raises(SystemExit, match='train.lr_scale \\{"temp": 0.2\\}, this run\'s recipe has \\{\\}'):
+        main(args)

@@ -195,21 +195,21 @@ def _scene_annotations(data: Path, n_pairs: int) -> tuple[Path, int]:
     return data, n_pairs
 
 
-@pytest.mark.parametrize("scale", ["full", "gpu", "smoke"])
-def test_job_learns_the_temperature_at_the_authors_rate_per_step(tmp_path, scale):
+@pytest.mark.parametrize(("scale", "temp_lr"), [("full", None), ("full", 1e-4), ("gpu", 1e-4), ("smoke", 1e-4)])
+def test_job_learns_the_temperature_at_temp_lr_and_all_else_at_the_pretraining_rate(tmp_path, scale, temp_lr):
     from albef.cli.mainjob import SCALES, scene_pretraining
     from albef.config import get_preset
     from albef.models import ALBEF
     from albef.training.optim import build_optimizer
 
     data, _ = _scene_annotations(tmp_path / "data", n_pairs=2)
-    s = {**SCALES[scale], "scene_emoji_repeats": 1, "emoji_pretrain": 0}
+    s = {**SCALES[scale], "scene_emoji_repeats": 1, "emoji_pretrain": 0, "temp_lr": temp_lr}
     (tmp_path / "out").mkdir()
     t = scene_pretraining(tmp_path / "out", data, s, seed=0).train
     model = ALBEF(get_preset("albef-tiny"))  # the loop's optimizer holds the student's parameters
     groups = build_optimizer(model, t.lr, t.weight_decay, lr_scale=t.lr_scale).param_groups
     (temp_group,) = [g for g in groups if any(p is model.temp for p in g["params"])]
-    assert t.lr == s["pretrain_lr"] and t.lr * temp_group["lr_scale"] == pytest.approx(1e-4)  # configs/Pretrain.yaml
+    assert t.lr == s["pretrain_lr"] and t.lr * temp_group["lr_scale"] == pytest.approx(temp_lr or t.lr)
     others = [p for g in groups if g["lr_scale"] == 1.0 for p in g["params"] if p is not model.temp]
     assert len(others) == len(list(model.parameters())) - 1  # nothing else slowed
 

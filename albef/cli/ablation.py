@@ -89,8 +89,8 @@ def job_lr_scale(scale: str, pretrain_steps: int | None) -> dict[str, float]:
 
 
 def run_lr_scale(run: dict, sets: list[str], job: dict[str, float] | None = None) -> dict[str, float]:
-    """The ``train.lr_scale`` a run trained with: recorded, or (runs made before it was recorded, when
-    the job's own was empty) its ``--set`` assignments on ``job``."""
+    """The ``train.lr_scale`` a run trained with: recorded, or (runs made before it was recorded, whose
+    job's own was empty: pass no ``job``) its ``--set`` assignments on ``job``."""
     from albef.recipes import apply_override
 
     if "lr_scale" in run:
@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if other_scales:
         raise SystemExit(
             f"{done_path} holds runs trained with train.lr_scale {' / '.join(sorted(other_scales))}, this run's "
-            f"recipe has {json.dumps(want)} (the job learns ITC's temperature at the authors' lr since commit "
-            "ae1da9c): give another --out"
+            f"recipe has {json.dumps(want)}: give another --out"
         )
     backfilled = False  # runs scored before ITM's loss was recorded: from their own logs, where kept
     for name, runs in results.items():

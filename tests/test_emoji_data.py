@@ -146,8 +146,14 @@ def test_ablation_table_reports_mean_and_spread(tmp_path):
     from albef.cli.ablation import ROWS, write_table
 
     runs = {"Full (ITC_MoD + MLM_MoD + ITM_hard)": [_row(txt_r1=1.0, pointing=20.0), _row(txt_r1=3.0, pointing=40.0)]}
+    runs["MLM + ITM"] = [_row()]  # run after the full model, listed first as in the paper
     write_table(runs, tmp_path / "t.md", [0, 1], "ablation")
-    row = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| Full")][0]
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in lines if line.startswith("| ") and "±" in line] == [
+        "| MLM + ITM",
+        "| Full (ITC_MoD + MLM_MoD + ITM_hard)",
+    ]
+    row = [line for line in lines if line.startswith("| Full")][0]
     assert (
         "| 2 | 80.00 ± 0.00 | 50.00 ± 0.00 | 55.00 ± 0.00 | 0.50 ± 0.00 | 2.00 ± 1.41 | 1.50 ± 0.00 | 2.00 ± 0.00 "
         "| 30.00 ± 14.14 | 0.60 ± 0.00 |"

@@ -143,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--side", choices=["ours", "theirs"], help="measure this side here (else each in a subprocess)")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--optimizer-in-backward", action="store_true", default=None)
+    p.add_argument(
+        "--optimizer-in-backward",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="ours updates the parameters in the backward (auto: as the training loop does in one process)",
+    )
     args = p.parse_args(argv)
     if args.side:
         results = [measure(args.side, args)]

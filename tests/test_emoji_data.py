@@ -260,6 +260,9 @@ def test_ablation_with_a_recipe_change_gets_its_own_table_and_refuses_other_sett
     # a key the rows switch, or no recipe key at all, is refused before anything runs
     with pytest.raises(SystemExit, match="train.hard_negatives is what the rows switch"):
         main(["--out", str(tmp_path / "x"), "--set", "train.hard_negatives=false", "--table", str(path)])
+    for key in ("train.seed=3", "train.max_steps=10", "output_dir=x"):  # each run sets these itself
+        with pytest.raises(SystemExit, match="each run sets"):
+            main(["--out", str(tmp_path / "x"), "--set", key, "--table", str(path)])
     with pytest.raises(SystemExit, match="unknown recipe keys in train"):
         main(["--out", str(tmp_path / "x"), "--set", "train.temperature=0.2", "--table", str(path)])
     assert not (tmp_path / "x").exists() and path.read_text() == text
@@ -276,8 +279,9 @@ def test_ablation_settings_reach_each_rows_recipe():
     assert all(k in vars(r.train) for flags in ROWS.values() for k in flags)  # rows switch train keys
 
 
-def test_ablation_refuses_runs_of_another_temperature_rate(tmp_path):
+def test_ablation_refuses_runs_of_another_temperature_rate(tmp_path, monkeypatch):
     from albef.cli.ablation import main
+    from albef.cli.mainjob import SCALES
 
     table, done = str(tmp_path / "t.md"), tmp_path / "ablation.json"
     args = ["--out", str(tmp_path), "--pretrain-steps", "650", "--seeds", "0", "--row", "MLM + ITM", "--table", table]
@@ -287,9 +291,18 @@ def test_ablation_refuses_runs_of_another_temperature_rate(tmp_path):
     main(args)
     assert "| 1 | 80.00 ± 0.00 |" in (tmp_path / "t.md").read_text()
     # or none but their own --set
-    done.write_text(json.dumps({"MLM + ITM": [{**old, "set": ["train.lr_scale.temp=0.2"]}]}))
+    done.write_text(json.dumps({"MLM + ITM": [{**old, "set": ["train.lr_scale.temp=0.2"], "txt_r1": 4.0}]}))
     main(args + ["--set", "train.lr_scale.temp=0.2"])
+    changed = (
+        (tmp_path / "t.md").read_text().split("<!-- ablation-table-650-steps-train.lr_scale.temp-0.2:start -->")[1]
+    )
+    assert "| 4.00 ± 0.00 |" in changed
     # a run recorded with another rate is refused, --set or not
     done.write_text(json.dumps({"MLM + ITM": [_row(steps=650, lr_scale={"temp": 0.2})]}))
     with pytest.raises(SystemExit, match='train.lr_scale \\{"temp": 0.2\\}, this run\'s recipe has \\{\\}'):
+        main(args)
+    # a job whose own recipe slows the temperature does not take unrecorded runs of the plain one
+    monkeypatch.setitem(SCALES["ablation"], "temp_lr", 1e-4)
+    done.write_text(json.dumps({"MLM + ITM": [old]}))
+    with pytest.raises(SystemExit, match='train.lr_scale \\{\\}, this run\'s recipe has \\{"temp": 0.2\\}'):
         main(args)

@@ -71,10 +71,13 @@ def check_settings(sets: list[str]) -> None:
     from albef.recipes import load_recipe
 
     switched = {f"train.{k}" for flags in ROWS.values() for k in flags}
+    per_run = {"train", "train.seed", "train.max_steps", "output_dir", "task"}  # each run sets these itself
     for assignment in sets:
         key = assignment.split("=", 1)[0].strip()
         if key in switched:
             raise SystemExit(f"--set {assignment}: {key} is what the rows switch; it cannot be set for all of them")
+        if key in per_run:
+            raise SystemExit(f"--set {assignment}: each run sets {key} itself (--seeds, --pretrain-steps, --out)")
     try:
         load_recipe(None, sets)
     except (ValueError, TypeError) as e:
@@ -89,8 +92,8 @@ def job_lr_scale(scale: str, pretrain_steps: int | None) -> dict[str, float]:
 
 
 def run_lr_scale(run: dict, sets: list[str], job: dict[str, float] | None = None) -> dict[str, float]:
-    """The ``train.lr_scale`` a run trained with: recorded, or (runs made before it was recorded, whose
-    job's own was empty: pass no ``job``) its ``--set`` assignments on ``job``."""
+    """The ``train.lr_scale`` a run trained with: recorded, or its ``--set`` assignments on ``job``
+    (for runs that record none, ``job`` empty: they were made while the job's own lr_scale was)."""
     from albef.recipes import apply_override
 
     if "lr_scale" in run:
@@ -226,7 +229,8 @@ def write_table(
         "| row | seeds | " + " | ".join(METRICS.values()) + " | command |",
         "|---|---|" + "---|" * len(METRICS) + "---|",
     ]
-    for name, runs in sorted(results.items(), key=lambda kv: list(ROWS).index(kv[0])):  # the paper's order
+    order = {name: i for i, name in enumerate(ROWS)}  # the paper's order; unknown names last
+    for name, runs in sorted(results.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         cells = [_cell(runs, m) for m in METRICS]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f' | `albef ablation --row "{name}"{option}` |')
     # only the marked block is replaced: the analysis written around the table survives a re-run
@@ -237,7 +241,10 @@ def write_table(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data", help="where `albef main` put its data (built if missing)")
-    p.add_argument("--out", help="default: runs/ablation, or runs/ablation-N-steps with --pretrain-steps N")
+    p.add_argument(
+        "--out",
+        help="default: runs/ablation, runs/ablation-N-steps with --pretrain-steps N, and the --set settings after it",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--row", action="append", choices=list(ROWS), help="only these rows (repeatable)")
     p.add_argument("--scale", default="ablation", help="steps per stage, from albef.cli.mainjob.SCALES")

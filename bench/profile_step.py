@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import config, pretrain_sides  # noqa: E402
-from report import in_backward  # noqa: E402
+from report import in_backward, machine  # noqa: E402
 
 # op name -> kind, first match wins; the leaf ops carry the time (self CPU time)
 KINDS = (
@@ -102,16 +102,9 @@ def measure(side: str, args: argparse.Namespace) -> dict:
     }
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def table(results: list[dict], args: argparse.Namespace) -> str:
     head = (
-        f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}; {args.preset} res {args.res} batch "
+        f"{machine()}, {args.threads} threads, torch {torch.__version__}; {args.preset} res {args.res} batch "
         f"{args.batch}, float32, each side alone in a fresh process: {args.steps} timed steps after a warm-up, then "
         f"one profiled step. Command: `bench/.venv-ref/bin/python bench/profile_step.py --preset {args.preset} "
         f"--res {args.res} --batch {args.batch}`."

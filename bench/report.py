@@ -53,14 +53,24 @@ def setup_words(args) -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The CPU as /proc/cpuinfo names it, with its x86 family and model (a cloud CPU's name can hide
+    its generation: "AMD EPYC" is family 25 for Zen 4, 26 for Zen 5) and its native-bf16 features,
+    e.g. "AMD EPYC (family 26 model 2; avx512_bf16), 2 logical CPUs"."""
+    from albef.precision import cpu_bf16_features
+
+    cpu, fields = platform.processor() or platform.machine(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():  # the first processor's block ends at its blank line
                 break
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    details.append(", ".join(cpu_bf16_features()) or "no native bf16")
+    cpu += f" ({'; '.join(details)})"
     if torch.cuda.is_available():
         cpu += f"; GPU {torch.cuda.get_device_name()}"
     return f"{cpu}, {os.cpu_count()} logical CPUs"

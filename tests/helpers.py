@@ -49,3 +49,31 @@ def text_batch(B: int, L: int, vocab: int = 30522, generator: torch.Generator | 
     lengths[0] = L
     mask = (torch.arange(L)[None] < lengths[:, None]).long()
     return ids * mask, mask
+
+
+def float64_pretraining_step(cfg, fast: bool = True, checkpointing: bool = False, compiled: bool = False):
+    """One float64 pretraining step of a model built from seed 0 on a padded batch (4 texts of up
+    to 12 tokens, 32 px images), its backward included: ``(output, {name: grad}, attention mask)``.
+    ``compiled`` compiles the encoders as ``train.compile`` does (albef.training.build)."""
+    from albef.models.albef import ALBEF
+    from albef.training.pretrain import ALBEFPretrainer
+
+    torch.manual_seed(0)
+    trainer = ALBEFPretrainer(ALBEF(cfg, fast=fast)).double().train()
+    trainer.model.set_grad_checkpointing(checkpointing)
+    if compiled:
+        for m in trainer.encoders():
+            m.compile()
+    ids, mask = text_batch(4, 12)
+    assert (mask == 0).sum() > 10  # the batch really is padded
+    out = trainer(
+        torch.randn(4, 3, 32, 32, dtype=torch.float64),
+        ids,
+        mask,
+        alpha=0.4,
+        generator=torch.Generator().manual_seed(3),
+        enqueue=False,
+    )
+    out.loss.backward()
+    grads = {n: p.grad for n, p in trainer.named_parameters() if p.grad is not None}
+    return out, grads, mask

@@ -17,9 +17,8 @@ from albef.models.fast import is_fast, make_fast, make_plain
 from albef.models.fast.packing import Packing
 from albef.models.tasks import ALBEFForVQA
 from albef.training.finetune import VQATrainer
-from albef.training.pretrain import ALBEFPretrainer
 
-from conftest import text_batch
+from helpers import float64_pretraining_step, text_batch
 
 
 def test_pack_pad_and_locate():
@@ -76,31 +75,12 @@ def dropout_keeping_all(tiny_config, monkeypatch):
     return tiny_config
 
 
-def _pretrain_step(cfg, fast: bool, checkpointing: bool = False):
-    torch.manual_seed(0)
-    trainer = ALBEFPretrainer(ALBEF(cfg, fast=fast)).double().train()
-    trainer.model.set_grad_checkpointing(checkpointing)
-    ids, mask = text_batch(4, 12)
-    assert (mask == 0).sum() > 10  # the batch really is padded
-    out = trainer(
-        torch.randn(4, 3, 32, 32, dtype=torch.float64),
-        ids,
-        mask,
-        alpha=0.4,
-        generator=torch.Generator().manual_seed(3),
-        enqueue=False,
-    )
-    out.loss.backward()
-    grads = {n: p.grad for n, p in trainer.named_parameters() if p.grad is not None}
-    return out, grads, mask
-
-
 @pytest.mark.parametrize("dropout", [False, True])
 def test_fast_pretraining_step_equals_the_plain_one(tiny_config, dropout, request):
     cfg = request.getfixturevalue("dropout_keeping_all") if dropout else tiny_config
-    ref, ref_grads, mask = _pretrain_step(cfg, fast=False)
+    ref, ref_grads, mask = float64_pretraining_step(cfg, fast=False)
     for checkpointing in (False, True):
-        out, grads, _ = _pretrain_step(cfg, fast=True, checkpointing=checkpointing)
+        out, grads, _ = float64_pretraining_step(cfg, fast=True, checkpointing=checkpointing)
         for get in (
             lambda o: o.loss,
             lambda o: o.itc.loss,

@@ -77,3 +77,23 @@ def float64_pretraining_step(cfg, fast: bool = True, checkpointing: bool = False
     out.loss.backward()
     grads = {n: p.grad for n, p in trainer.named_parameters() if p.grad is not None}
     return out, grads, mask
+
+
+def assert_same_step(out, ref, grads: dict, ref_grads: dict, *, rtol: float, grad_rtol: float) -> None:
+    """Two :func:`float64_pretraining_step` results agree: every loss, the ITM and MLM logits
+    (the teacher's too), both [CLS] text features, and every parameter's gradient."""
+    for get in (
+        lambda o: o.loss,
+        lambda o: o.itc.loss,
+        lambda o: o.itm.loss,
+        lambda o: o.mlm.loss,
+        lambda o: o.itm.logits,
+        lambda o: o.mlm.logits,
+        lambda o: o.mlm.logits_m,
+        lambda o: o.student.text_feat,
+        lambda o: o.teacher.text_feat,
+    ):
+        torch.testing.assert_close(get(out), get(ref), rtol=rtol, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=grad_rtol, atol=1e-12, msg=name)

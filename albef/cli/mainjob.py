@@ -34,7 +34,7 @@ from albef.recipes import Recipe
 # steps and data per stage; "full" is the README's main job, under 15 minutes on 2 CPU cores
 FULL = {
     # ITM's loss leaves its prior only after ~250 steps and is still falling fast at 500. 1300 steps
-    # also fit the 15 minutes and double scene retrieval, but ITM's re-ranking of held-out single
+    # also fit the 15 minutes and raise scene retrieval, but ITM's re-ranking of held-out single
     # emoji then falls below ITC's order; at 650 it does not (docs/results.md, "Steps")
     "pretrain": 650,
     "pretrain_lr": 5e-4,

@@ -23,7 +23,6 @@ import random
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -397,7 +396,7 @@ def run_vqa(
     from albef.checkpoints.pretrained import load_inference_model
     from albef.data.transforms import test_transform
     from albef.data.vqa import read_answer_list, read_vqa
-    from albef.evaluation.tasks import evaluate_vqa
+    from albef.evaluation.tasks import evaluate_vqa, most_common_answer, vqa_baselines
     from albef.text import Tokenizer
 
     rng = random.Random(seed)
@@ -429,7 +428,7 @@ def run_vqa(
     model = load_inference_model(out / "vqa" / "checkpoint_last.pt", device=device)
     answers = read_answer_list(vqa_dir / "answer_list.json")
     metrics, _ = evaluate_vqa(model, records, answers, Tokenizer(), test_transform(IMAGE_SIZE), k=len(answers))
-    majority = _most_common([a["answer"][0] for a in train_q])
+    majority = most_common_answer([a["answer"][0] for a in train_q])
     base = 100.0 * sum(q["answer"][0] == majority for q in test_q) / max(1, len(records))
     times["VQA evaluation"] = time.perf_counter() - t0
     return {
@@ -438,40 +437,6 @@ def run_vqa(
         "majority_accuracy": base,
         "baselines": vqa_baselines(train_q, test_q),
     }
-
-
-def vqa_baselines(train_q: list[dict], test_q: list[dict]) -> dict[str, dict]:
-    """Per question type: the number of answers the type has in training (``answers``), uniform
-    chance over them (``chance``, %), and the type's most common training answer (``majority``)
-    with its VQA accuracy on ``test_q`` (``majority_accuracy``, %; None without test questions).
-
-    The report needs them because easy-VQA's types differ in difficulty: two answers for yes/no,
-    three shapes, eight colours, so one overall figure hides a type at chance.
-
-    Example:
-        >>> tr = [{"question_type": "shape", "answer": [a]} for a in ("circle", "circle", "triangle")]
-        >>> vqa_baselines(tr, [{"question_type": "shape", "answer": ["triangle"]}])["shape"]["majority"]
-        'circle'
-    """
-    from albef.evaluation.tasks import vqa_accuracy
-
-    out: dict[str, dict] = {}
-    for t in sorted({q.get("question_type") for q in train_q} - {None}):
-        answers = [q["answer"][0] for q in train_q if q.get("question_type") == t]
-        top = _most_common(answers)
-        tested = [vqa_accuracy(top, q["answer"]) for q in test_q if q.get("question_type") == t]
-        out[t] = {
-            "answers": len(set(answers)),
-            "chance": 100.0 / len(set(answers)),
-            "majority": top,
-            "majority_accuracy": 100.0 * sum(tested) / len(tested) if tested else None,
-        }
-    return out
-
-
-def _most_common(answers: list[str]) -> str:
-    counts = Counter(answers)
-    return min(counts, key=lambda a: (-counts[a], a))  # ties: the first alphabetically, in every process
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ every rank returns what one process computes over all of them.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -132,3 +132,41 @@ def evaluate_classification(
         correct += int((pred == torch.tensor([r.label for r in recs])).sum())
     correct = int(all_reduce_sum(torch.tensor(float(correct), device=device)))
     return {"accuracy": 100.0 * correct / max(1, len(records)), "n": len(records)}
+
+
+def vqa_baselines(train_q: list[dict], test_q: list[dict]) -> dict[str, dict]:
+    """Per question type: the number of answers the type has in training (``answers``), uniform
+    chance over them (``chance``, %), and the type's most common training answer (``majority``)
+    with its VQA accuracy on ``test_q`` (``majority_accuracy``, %; None without test questions).
+
+    The report needs them because easy-VQA's types differ in difficulty: two answers for yes/no,
+    three shapes, eight colours, so one overall figure hides a type at chance.
+
+    Example:
+        >>> tr = [{"question_type": "shape", "answer": [a]} for a in ("circle", "circle", "triangle")]
+        >>> vqa_baselines(tr, [{"question_type": "shape", "answer": ["triangle"]}])["shape"]["majority"]
+        'circle'
+    """
+    out: dict[str, dict] = {}
+    for t in sorted({q.get("question_type") for q in train_q} - {None}):
+        answers = [q["answer"][0] for q in train_q if q.get("question_type") == t]
+        top = most_common_answer(answers)
+        tested = [vqa_accuracy(top, q["answer"]) for q in test_q if q.get("question_type") == t]
+        out[t] = {
+            "answers": len(set(answers)),
+            "chance": 100.0 / len(set(answers)),
+            "majority": top,
+            "majority_accuracy": 100.0 * sum(tested) / len(tested) if tested else None,
+        }
+    return out
+
+
+def most_common_answer(answers: list[str]) -> str:
+    """The most frequent answer; ties go to the first alphabetically, so every process agrees.
+
+    Example:
+        >>> most_common_answer(["no", "yes", "yes", "no"])
+        'no'
+    """
+    counts = Counter(answers)
+    return min(counts, key=lambda a: (-counts[a], a))

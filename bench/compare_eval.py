@@ -10,7 +10,7 @@ import statistics
 
 import reference as R
 import torch
-from harness import WORDS, alternate, captions, config, ref_amp  # bench/, beside this script
+from harness import WORDS, alternate, captions, config, ref_amp  # bench/ on sys.path: compare.py imports this
 
 
 # -- retrieval evaluation -----------------------------------------------------------------------

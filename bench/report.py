@@ -52,25 +52,32 @@ def setup_words(args) -> list[str]:
     return words
 
 
-def machine() -> str:
-    """The CPU as /proc/cpuinfo names it, with its x86 family and model (a cloud CPU's name can hide
-    its generation: "AMD EPYC" is family 25 for Zen 4, 26 for Zen 5) and its native-bf16 features,
-    e.g. "AMD EPYC (family 26 model 2; avx512_bf16), 2 logical CPUs"."""
-    from albef.precision import cpu_bf16_features
+def machine(cpuinfo: str | None = None) -> str:
+    """The CPU as ``/proc/cpuinfo`` (or the text ``cpuinfo``) names it, with its x86 family and
+    model (a cloud CPU's name can hide its generation: an "AMD EPYC" of family 25 is a Zen 3 or
+    Zen 4, of family 26 a Zen 5) and the native-bf16 features its flags list, e.g. "AMD EPYC
+    (family 26 model 2; avx512_bf16), 2 logical CPUs". Without a "cpu family" line (Arm) only the
+    name; without a name, ``platform``'s."""
+    from albef.precision import BF16_CPU_FLAGS
 
-    cpu, fields = platform.processor() or platform.machine(), {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if not key.strip():  # the first processor's block ends at its blank line
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip():  # the first processor's block ends at its blank line
+            if fields:
                 break
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    cpu = fields.get("model name", cpu)
-    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
-    details.append(", ".join(cpu_bf16_features()) or "no native bf16")
-    cpu += f" ({'; '.join(details)})"
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        flags = set(fields.get("flags", "").split())
+        bf16 = ", ".join(f for f in BF16_CPU_FLAGS if f in flags) or "no AVX512/AMX bf16"
+        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')}; {bf16})"
     if torch.cuda.is_available():
         cpu += f"; GPU {torch.cuda.get_device_name()}"
     return f"{cpu}, {os.cpu_count()} logical CPUs"

@@ -331,3 +331,13 @@ def test_sibling_negatives_hand_itm_each_rows_unit_partner():
     with SV.sibling_negatives(0.5):
         assert ALBEFPretrainer._hard_negatives is not original
     assert ALBEFPretrainer._hard_negatives is original
+
+
+def test_machine_names_the_cpu_generation_and_its_bf16_flags():
+    zen5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+    zen5 += "model name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16\n\nprocessor\t: 1\nmodel name\t: other\n"
+    assert Rp.machine(zen5).startswith("AMD EPYC (family 26 model 2; avx512_bf16), ")
+    skylake = "cpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: avx512f\n"
+    assert Rp.machine(skylake).startswith("Intel(R) Xeon(R) (family 6 model 85; no AVX512/AMX bf16), ")
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n"
+    assert "(" not in Rp.machine(arm).split(",")[0]  # no x86 family: the name alone

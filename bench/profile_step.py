@@ -69,7 +69,7 @@ def measure(side: str, args: argparse.Namespace) -> dict:
         config(args.preset, args.res),
         args.batch,
         torch.device("cpu"),
-        None,
+        torch.bfloat16 if args.bf16 and side == "ours" else None,
         sides=(side,),
         in_backward=in_backward(args, None),
     )
@@ -103,11 +103,15 @@ def measure(side: str, args: argparse.Namespace) -> dict:
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
+    dtype = "ours in bf16 autocast, the reference in float32 as it ships" if args.bf16 else "float32"
+    flags = "".join(f" --{k}" for k in ("bf16",) if getattr(args, k)) + (
+        f" --sides {' '.join(args.sides)}" if tuple(args.sides) != ("ours", "theirs") else ""
+    )
     head = (
         f"{machine()}, {args.threads} threads, torch {torch.__version__}; {args.preset} res {args.res} batch "
-        f"{args.batch}, float32, each side alone in a fresh process: {args.steps} timed steps after a warm-up, then "
+        f"{args.batch}, {dtype}, each side alone in a fresh process: {args.steps} timed steps after a warm-up, then "
         f"one profiled step. Command: `bench/.venv-ref/bin/python bench/profile_step.py --preset {args.preset} "
-        f"--res {args.res} --batch {args.batch}`."
+        f"--res {args.res} --batch {args.batch}{flags}`."
     )
     names = {"ours": "ours", "theirs": "reference"}
     rows = [
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--side", choices=["ours", "theirs"], help="measure this side here (else each in a subprocess)")
+    p.add_argument("--sides", nargs="+", choices=["ours", "theirs"], default=["ours", "theirs"], help="which to measure")
+    p.add_argument("--bf16", action="store_true", help="ours in bf16 autocast (the reference in float32 as it ships)")
     p.add_argument("--json", help="write the results here")
     p.add_argument(
         "--optimizer-in-backward",
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = []
         with tempfile.TemporaryDirectory() as tmp:
-            for side in ("ours", "theirs"):
+            for side in args.sides:
                 out = Path(tmp) / f"{side}.json"
                 subprocess.run(
                     [sys.executable, __file__, *(argv or sys.argv[1:]), "--side", side, "--json", str(out)],

@@ -103,13 +103,12 @@ def measure(side: str, args: argparse.Namespace) -> dict:
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
-    dtype = "ours in bf16 autocast, the reference in float32 as it ships" if args.bf16 else "float32"
-    flags = "".join(f" --{k}" for k in ("bf16",) if getattr(args, k)) + (
-        f" --sides {' '.join(args.sides)}" if tuple(args.sides) != ("ours", "theirs") else ""
-    )
+    both = len(args.sides) > 1
+    dtype = "float32" if not args.bf16 else "ours in bf16 autocast" + (", the reference in float32" if both else "")
+    flags = (" --bf16" if args.bf16 else "") + ("" if both else f" --sides {args.sides[0]}")
     head = (
         f"{machine()}, {args.threads} threads, torch {torch.__version__}; {args.preset} res {args.res} batch "
-        f"{args.batch}, {dtype}, each side alone in a fresh process: {args.steps} timed steps after a warm-up, then "
+        f"{args.batch}, {dtype}, {'each side' if both else 'ours'} alone in a fresh process: {args.steps} timed steps after a warm-up, then "
         f"one profiled step. Command: `bench/.venv-ref/bin/python bench/profile_step.py --preset {args.preset} "
         f"--res {args.res} --batch {args.batch}{flags}`."
     )

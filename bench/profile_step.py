@@ -108,7 +108,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     flags = (" --bf16" if args.bf16 else "") + ("" if both else f" --sides {args.sides[0]}")
     head = (
         f"{machine()}, {args.threads} threads, torch {torch.__version__}; {args.preset} res {args.res} batch "
-        f"{args.batch}, {dtype}, {'each side' if both else 'ours'} alone in a fresh process: {args.steps} timed steps after a warm-up, then "
+        f"{args.batch}, {dtype}, {'each side' if both else 'ours'} alone in a fresh process: "
+        f"{args.steps} timed steps after a warm-up, then "
         f"one profiled step. Command: `bench/.venv-ref/bin/python bench/profile_step.py --preset {args.preset} "
         f"--res {args.res} --batch {args.batch}{flags}`."
     )
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--side", choices=["ours", "theirs"], help="measure this side here (else each in a subprocess)")
-    p.add_argument("--sides", nargs="+", choices=["ours", "theirs"], default=["ours", "theirs"], help="which to measure")
+    p.add_argument("--sides", nargs="+", choices=["ours", "theirs"], default=["ours", "theirs"], help="what to measure")
     p.add_argument("--bf16", action="store_true", help="ours in bf16 autocast (the reference in float32 as it ships)")
     p.add_argument("--json", help="write the results here")
     p.add_argument(

@@ -104,11 +104,13 @@ def measure(side: str, args: argparse.Namespace) -> dict:
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
     both = len(args.sides) > 1
-    dtype = "float32" if not args.bf16 else "ours in bf16 autocast" + (", the reference in float32" if both else "")
-    flags = (" --bf16" if args.bf16 else "") + ("" if both else f" --sides {args.sides[0]}")
+    ours_bf16 = args.bf16 and "ours" in args.sides  # --bf16 changes only our side
+    dtype = "ours in bf16 autocast" + (", the reference in float32" if both else "") if ours_bf16 else "float32"
+    who = "each side" if both else {"ours": "ours", "theirs": "the reference"}[args.sides[0]]
+    flags = (" --bf16" if ours_bf16 else "") + ("" if both else f" --sides {args.sides[0]}")
     head = (
         f"{machine()}, {args.threads} threads, torch {torch.__version__}; {args.preset} res {args.res} batch "
-        f"{args.batch}, {dtype}, {'each side' if both else 'ours'} alone in a fresh process: "
+        f"{args.batch}, {dtype}, {who} alone in a fresh process: "
         f"{args.steps} timed steps after a warm-up, then "
         f"one profiled step. Command: `bench/.venv-ref/bin/python bench/profile_step.py --preset {args.preset} "
         f"--res {args.res} --batch {args.batch}{flags}`."

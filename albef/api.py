@@ -342,8 +342,11 @@ class VQAPipeline:
             raise ValueError("no answer list: pass answer_list or call set_answers first")
         questions = [questions] if isinstance(questions, str) else list(questions)
         px = self.processor.images(images).to(self.device, next(self.model.parameters()).dtype)
+        # as the authors' test split: up to 50 words, cut by tokens only at BERT's position limit
         q = self.processor.tokenizer(
-            [clean_question(x, self.processor.cleaning, 30) for x in questions], max_length=35, padding="longest"
+            [clean_question(x, self.processor.cleaning, 50) for x in questions],
+            max_length=self.model.config.text.max_position_embeddings,
+            padding="longest",
         ).to(self.device)
         with autocast(self.device, self.precision):
             states = self.model.encode_question(px, q.input_ids, q.attention_mask)

@@ -125,6 +125,20 @@ def test_vqa_pipeline_answers_from_the_list(tiny_config):
     assert len(out) == 2 and all(o.answer in ("yes", "no", "blue") and len(o.candidates) == 2 for o in out)
 
 
+def test_vqa_pipeline_reads_a_question_as_the_authors_test_split(tiny_config):
+    # the authors' VQA test questions keep 50 words and are cut by tokens only at BERT's positions
+    torch.manual_seed(0)
+    pipe = VQAPipeline(ALBEFForVQA(tiny_config), device="cpu", answer_list=["yes", "no", "blue", "red"], k=4)
+    words = [w for _ in range(8) for w in ("is", "the", "small", "ball", "blue", "or", "red")]  # 56 words
+    image = torch.randn(1, 3, 32, 32)
+
+    def scores(n):
+        return dict(pipe.answer(image, " ".join(words[:n]))[0].candidates)
+
+    assert scores(56) == scores(50)  # words past the 50th are dropped
+    assert scores(50) != scores(30)  # words 31-50 are read
+
+
 def test_the_classifier_heads_have_one_output_per_label():
     from albef.data.classification import LABELS
     from albef.models.tasks import NUM_CLASSES

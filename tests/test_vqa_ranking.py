@@ -108,6 +108,23 @@ def test_shared_ranking_matches_the_per_candidate_formula_float64(scoring, smoot
     _assert_same(ours, _plain_rank(model, q, qm, ids, mask, k, scoring, smoothing))
 
 
+@pytest.mark.parametrize("scoring,smoothing", [("albef", 0.0), ("corrected", 0.0), ("lavis", 0.1)])
+def test_default_label_smoothing_is_the_scorings_own(scoring, smoothing):
+    # LAVIS's ranking loss fixes its smoothing at 0.1, so `--scoring lavis` must rank with it
+    model = _model()
+    q, qm = _questions(model, 3, seed=1)
+    ids, mask = _answers(40, seed=2)
+    _assert_same(
+        rank_answers(model, q, qm, ids, mask, 8, scoring=scoring),
+        _plain_rank(model, q, qm, ids, mask, 8, scoring, smoothing),
+    )
+    if smoothing:  # and the smoothing is not a no-op on these candidates
+        unsmoothed = rank_answers(model, q, qm, ids, mask, 8, scoring=scoring, label_smoothing=0.0)
+        assert not torch.allclose(
+            unsmoothed["scores"], rank_answers(model, q, qm, ids, mask, 8, scoring=scoring)["scores"]
+        )
+
+
 def test_shared_ranking_in_small_head_chunks_and_with_two_start_tokens():
     model = _model(1)
     q, qm = _questions(model, 2, seed=3)

@@ -88,7 +88,9 @@ def _warp(img: Image.Image, m: Sequence[Sequence[float]], interpolation: Interpo
     a = np.asarray(img)
     out = cv2.warpAffine(
         a,
-        np.asarray(m, dtype=np.float32),
+        # float64: the reference's rotation matrix is getRotationMatrix2D's (shear and translate
+        # entries come in already rounded to float32, as the reference's np.float32 matrices)
+        np.asarray(m, dtype=np.float64),
         (img.width, img.height),
         flags=_CV2_INTERPOLATION[interpolation],
         borderMode=cv2.BORDER_CONSTANT,

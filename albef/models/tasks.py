@@ -96,7 +96,7 @@ def rank_answers(
     answer_mask: Tensor,
     k: int,
     scoring: str = "albef",
-    label_smoothing: float = 0.0,
+    label_smoothing: float | None = None,
     head_chunk: int = 512,
 ) -> dict[str, Tensor]:
     """Rank a fixed answer list for each question (the authors' two-stage procedure).
@@ -105,7 +105,8 @@ def rank_answers(
     candidate's full answer log-likelihood. ``scoring="albef"`` (default) scores
     ``log p(first token) − NLL(answer)`` — the first token counted twice, as the authors do —
     and softmaxes over the k; ``"corrected"`` counts it once (``−NLL``); ``"lavis"`` is
-    ``−NLL`` too, with LAVIS's label smoothing passed in. Returns ``ranked_ids`` [B, k]
+    ``−NLL`` too, with LAVIS's label smoothing in the NLL (``label_smoothing``: by default 0.1
+    for ``"lavis"``, whose ranking loss fixes it there, and 0 otherwise). Returns ``ranked_ids`` [B, k]
     (answer-list indices, best first), ``scores`` and the intermediate values.
 
     The scores are those of running the decoder on every candidate against its question's states
@@ -120,6 +121,8 @@ def rank_answers(
     """
     if scoring not in ("albef", "corrected", "lavis"):
         raise ValueError(f"scoring must be 'albef', 'corrected' or 'lavis', not {scoring!r}")
+    if label_smoothing is None:
+        label_smoothing = 0.1 if scoring == "lavis" else 0.0
     B, dev = question_states.shape[0], question_states.device
     k = min(k, answer_ids.shape[0])
     dec = _PrefixDecoder(model, question_states, question_mask)

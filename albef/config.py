@@ -100,6 +100,11 @@ class ALBEFConfig:
     add_sep: bool = False
     text_cleaning: str = "albef"
     text_pooling: str = "cls"  # ITC text embedding: "cls" (authors) or "mean" (for mean-pooled text encoders)
+    # starting weights of the heads no checkpoint fills: "authors" (vision_proj, text_proj and itm_head
+    # keep nn.Linear's default, uniform in ±1/sqrt(fan_in) with biases; the MLM head's transform BERT's
+    # N(0, 0.02)) or "normal" (those three heads N(0, 0.02) with zero biases, the MLM transform at
+    # nn.Linear's default: the main job's setting, with which its documented figures were measured)
+    head_init: str = "authors"
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -123,6 +128,8 @@ class ALBEFConfig:
             problems.append(f"text.encoder_width {t.encoder_width} must equal vision.width {v.width}")
         if self.text_pooling not in ("cls", "mean"):
             problems.append(f"text_pooling must be 'cls' or 'mean', not {self.text_pooling!r}")
+        if self.head_init not in ("authors", "normal"):
+            problems.append(f"head_init must be 'authors' or 'normal', not {self.head_init!r}")
         if self.text_cleaning not in ("albef", "blip"):
             problems.append(f"text_cleaning must be 'albef' or 'blip', not {self.text_cleaning!r}")
         if problems:

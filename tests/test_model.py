@@ -44,6 +44,28 @@ def test_base_model_has_the_papers_size():
     assert 205e6 < n < 215e6, n
 
 
+def test_head_init_is_the_authors_by_default_and_normal_on_request():
+    # the authors' vision_proj, text_proj and itm_head are plain nn.Linear (PyTorch's default:
+    # weight and bias uniform in ±1/sqrt(fan_in)); their MLM head is BERT's (N(0, 0.02), zero bias)
+    torch.manual_seed(0)
+    m = ALBEF(get_preset("albef-small"))
+    for lin in (m.vision_proj, m.text_proj, m.itm_head):
+        bound = 1 / math.sqrt(lin.in_features)
+        assert 0.9 * bound < lin.weight.abs().max() <= bound
+        assert lin.bias.abs().max() <= bound and lin.bias.all()  # biases drawn too, not zeroed
+        assert abs(float(lin.weight.std()) - bound / math.sqrt(3)) < 0.1 * bound
+    dense = m.mlm_head.transform.dense
+    assert abs(float(dense.weight.std()) - 0.02) < 0.001 and not dense.bias.any()
+
+    cfg = get_preset("albef-small")
+    cfg.head_init = "normal"
+    m = ALBEF(cfg)
+    for lin in (m.vision_proj, m.text_proj, m.itm_head):
+        assert abs(float(lin.weight.std()) - 0.02) < 0.002 and not lin.bias.any()
+    with pytest.raises(ValueError, match="head_init"):
+        ALBEFConfig(head_init="xavier")
+
+
 def test_multimodal_equals_text_then_fuse(tiny_model):
     model = tiny_model.eval()
     ids, mask = text_batch(3, 9)

@@ -115,6 +115,7 @@ def _recipe(
                     "queue_size": 32 * batch,
                     "max_text_len": 30,
                     "text_pooling": "mean",
+                    "head_init": "normal",
                     **model_over,
                 },
             },

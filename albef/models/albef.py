@@ -43,9 +43,13 @@ class ALBEF(nn.Module):
         self.itm_head = nn.Linear(config.text.hidden_size, 2)
         self.mlm_head = MLMHead(config.text) if mlm_head else None
         self.temp = nn.Parameter(torch.tensor(config.temp))
-        for lin in (self.vision_proj, self.text_proj, self.itm_head):
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        if config.head_init == "normal":
+            for lin in (self.vision_proj, self.text_proj, self.itm_head):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+        elif self.mlm_head is not None:  # the authors' heads are plain nn.Linear; BERT's MLM head has BERT's init
+            nn.init.normal_(self.mlm_head.transform.dense.weight, std=0.02)
+            nn.init.zeros_(self.mlm_head.transform.dense.bias)
         if fast:
             apply_speedups(self)
 

@@ -91,9 +91,9 @@ class DataSection:
     # the horizontal flip of the authors' training transforms; false where captions say left/right
     hflip: bool = True
     randaugment: bool = True
-    # reproduce RandomAugment's two uint8 wrap-arounds of the reference (Sharpness, AutoContrast)
-    # bit for bit; off: clipped values and PIL's autocontrast (albef.data.transforms)
-    randaugment_wrap: bool = False
+    # RandomAugment's two uint8 wrap-arounds, as the authors' (Sharpness specks, AutoContrast whitening
+    # every channel whose minimum is above 0); false: clipped values and PIL's autocontrast
+    randaugment_wrap: bool = True
     num_workers: int = 4
     # shuffle runs of this many consecutive entries as units, so they share a batch
     # (albef.data.sampler; the scenes' siblings: 2); 1 shuffles entries, as the authors

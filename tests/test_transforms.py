@@ -118,14 +118,19 @@ def test_sharpness_on_isolated_pixel():
     # Smoothing kernel [[1,1,1],[1,5,1],[1,1,1]]/13 gives 50 at the centre;
     # blend 50 + 1.36*(130-50) = 158.8, truncated to uint8 as in the reference.
     assert out[2, 2, 0] == 158
-    assert out[2, 3, 0] == 0  # 10 + 1.36*(0-10) < 0 -> clipped
+    assert out[2, 3, 0] == 253  # 10 + 1.36*(0-10) = -3.6 -> -3 -> wraps to 253, as the reference
+    fixed = np.asarray(RandomAugment(1, 7, sharpness_wrap=False).apply_op(Image.fromarray(a), "Sharpness"))
+    assert fixed[2, 2, 0] == 158 and fixed[2, 3, 0] == 0  # clipped
 
 
 def test_autocontrast_and_equalize_stretch_to_full_range():
     a = np.full((64, 64, 3), 50, np.uint8)
     a[:, 32:] = 150
     aug = RandomAugment(1, 7)
-    out = np.asarray(aug.apply_op(Image.fromarray(a), "AutoContrast"))
+    # the reference: -low wraps (low 50 -> 206), so offset 206 * 2.55 puts every value above 255
+    assert (np.asarray(aug.apply_op(Image.fromarray(a), "AutoContrast")) == 255).all()
+    fixed = RandomAugment(1, 7, autocontrast_wrap=False)
+    out = np.asarray(fixed.apply_op(Image.fromarray(a), "AutoContrast"))
     assert out[0, 0].tolist() == [0, 0, 0] and out[0, 63].tolist() == [255, 255, 255]
     out = np.asarray(aug.apply_op(Image.fromarray(a), "Equalize"))
     assert out[0, 0].tolist() == [0, 0, 0] and out[0, 63].tolist() == [255, 255, 255]
@@ -352,14 +357,15 @@ def test_brightness_matches_reference_table(m):
 
 
 @pytest.mark.parametrize("m", [3, 5, 7, 10])
-def test_sharpness_matches_reference_where_in_range_and_clips_elsewhere(m):
+def test_sharpness_matches_reference_where_in_range_and_clips_elsewhere_when_fixed(m):
     factor = (m / 10) * 1.8 + 0.1
     for a in _textures():
         blend = _ref_sharpness_float(a, factor)
         in_range = (blend >= 0) & (blend < 256)
-        got = _albef(a, "Sharpness", m=m)
+        got = _albef(a, "Sharpness", m=m, sharpness_wrap=False)
         assert (got[in_range] == blend[in_range].astype(np.uint8)).all()
-        assert (got == np.clip(blend, 0, 255).astype(np.uint8)).all()  # default: clamp
+        assert (got == np.clip(blend, 0, 255).astype(np.uint8)).all()  # the fix: clamp
+        assert (_albef(a, "Sharpness", m=m)[in_range] == got[in_range]).all()  # the default differs only outside
 
 
 def test_sharpness_wrap_reproduces_reference_uint8_wraparound():
@@ -372,9 +378,9 @@ def test_sharpness_wrap_reproduces_reference_uint8_wraparound():
     ref = _uint8_cast_x86(blend)
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert (blend.astype(np.uint8) == ref).all()  # the reference's own cast, on this machine
-    wrapped = _albef(a, "Sharpness", sharpness_wrap=True)
+    wrapped = _albef(a, "Sharpness")  # the default: the reference's wrap
     assert (wrapped == ref).all()
-    clamped = _albef(a, "Sharpness")
+    clamped = _albef(a, "Sharpness", sharpness_wrap=False)
     assert (clamped == np.clip(blend, 0, 255).astype(np.uint8)).all()
     below, above = blend < 0, blend >= 256
     assert (clamped[below] == 0).all() and (clamped[above] == 255).all()
@@ -389,18 +395,18 @@ def test_equalize_matches_reference():
 def test_autocontrast_matches_reference_and_documents_its_uint8_wrap():
     for a in _textures():
         ref = _ref_autocontrast(a)
-        got = _albef(a, "AutoContrast")
-        # Default: the reference's formula with signed low/high (PIL's autocontrast).
+        got = _albef(a, "AutoContrast", autocontrast_wrap=False)
+        # The fix: the reference's formula with signed low/high (PIL's autocontrast).
         assert (got == _ref_autocontrast(a, uint8_scalars=False)).all()
         # Identical to the reference wherever a channel's minimum is 0 ...
         for c in range(3):
             if a[..., c].min() == 0:
                 assert (got[..., c] == ref[..., c]).all()
-        # ... and the flag reproduces the reference everywhere.
-        assert (_albef(a, "AutoContrast", autocontrast_wrap=True) == ref).all()
+        # ... and the default reproduces the reference everywhere.
+        assert (_albef(a, "AutoContrast") == ref).all()
     chk = _textures()[1]  # channel minimum 30: the reference turns the channel white
     assert (_ref_autocontrast(chk)[..., 0] == 255).all()
-    assert set(np.unique(_albef(chk, "AutoContrast")[..., 0])) == {0, 255}
+    assert set(np.unique(_albef(chk, "AutoContrast", autocontrast_wrap=False)[..., 0])) == {0, 255}
 
 
 def test_train_transform_without_crop_is_a_bicubic_resize_of_the_whole_image():
@@ -441,8 +447,11 @@ def test_recipe_randaugment_wrap_reaches_both_flags():
     def aug(**kw):
         return next(t for t in train_transform(32, **kw).transforms if isinstance(t, RandomAugment))
 
-    assert (aug().sharpness_wrap, aug().autocontrast_wrap) == (False, False)
-    assert (aug(uint8_wrap=True).sharpness_wrap, aug(uint8_wrap=True).autocontrast_wrap) == (True, True)
+    assert (aug().sharpness_wrap, aug().autocontrast_wrap) == (True, True)  # the authors'
+    assert (aug(uint8_wrap=False).sharpness_wrap, aug(uint8_wrap=False).autocontrast_wrap) == (False, False)
+    from albef.recipes import DataSection
+
+    assert DataSection().randaugment_wrap is True
 
 
 def test_flip_can_be_turned_off():

@@ -97,3 +97,11 @@ def assert_same_step(out, ref, grads: dict, ref_grads: dict, *, rtol: float, gra
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=grad_rtol, atol=1e-12, msg=name)
+
+
+def bare_recipe(folder: Path, task: str) -> str:
+    """``--config`` for ``albef finetune TASK`` that keeps the library's defaults (the tests set
+    what they need as overrides)."""
+    path = Path(folder) / f"{task}_bare.yaml"
+    path.write_text(f"task: {task}\n")
+    return str(path)

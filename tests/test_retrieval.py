@@ -19,6 +19,8 @@ from albef.evaluation.retrieval import embed_gallery, rerank, rerank_per_query, 
 from albef.models.albef import ALBEF
 from albef.text import Tokenizer
 
+from helpers import bare_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -138,6 +140,8 @@ def test_retrieval_finetuning_runs_and_evaluates(shapes_eval, tmp_path, capsys):
         [
             "finetune",
             "retrieval",
+            "--config",
+            bare_recipe(tmp_path, "retrieval"),
             f"model.init={shapes_eval / 'model'}",
             "model.preset=albef-tiny",
             "model.overrides={queue_size: 16}",

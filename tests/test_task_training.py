@@ -15,6 +15,8 @@ from albef.data.vqa import answer_weights, read_vqa
 from albef.evaluation.tasks import vqa_accuracy
 from albef.models.tasks import ALBEFForTextAssignment
 
+from helpers import bare_recipe
+
 
 @pytest.fixture(scope="module")
 def task_data(tmp_path_factory):
@@ -71,6 +73,8 @@ def _finetune(task: str, data: Path, out: Path, *extra: str) -> list[dict]:
     args = [
         "finetune",
         task,
+        "--config",
+        bare_recipe(out.parent, task),
         "model.preset=albef-tiny",
         "model.overrides={queue_size: 16}",
         f"data.image_root={data}",

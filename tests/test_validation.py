@@ -17,6 +17,8 @@ from albef.checkpoints.files import load_checkpoint
 from albef.cli import main as cli_main
 from albef.data.cli import write_shapes
 
+from helpers import bare_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,8 @@ def _args(task: str, data: Path, out: Path, train: str, val: str, *extra: str) -
     return [
         "finetune",
         task,
+        "--config",
+        bare_recipe(out.parent, task),
         "model.preset=albef-tiny",
         "model.overrides={queue_size: 16}",
         f"data.train_files=[{data / train}]",
@@ -217,3 +221,11 @@ def test_a_wrong_select_metric_names_the_choices(data, tmp_path):
             )
         )
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("task,recipe", [("vqa", "recipes/vqa.yaml"), ("retrieval", "recipes/retrieval_coco.yaml")])
+def test_finetuning_without_a_recipe_names_the_authors_one(task, recipe, tmp_path, capsys):
+    # without --config the run would take the pretraining defaults, never the task's
+    with pytest.raises(SystemExit):
+        cli_main(["finetune", task, f"output_dir={tmp_path / 'x'}"])
+    assert recipe in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -20,6 +20,15 @@ from pathlib import Path
 from albef.recipes import load_recipe
 
 FINETUNE_TASKS = ("retrieval", "grounding", "vqa", "ve", "nlvr", "nlvr_pretrain")
+# the authors' settings of each task (their scripts default --config to these configs)
+AUTHORS_RECIPES = {
+    "retrieval": "recipes/retrieval_coco.yaml or recipes/retrieval_flickr.yaml",
+    "grounding": "recipes/grounding_refcoco.yaml",
+    "vqa": "recipes/vqa.yaml",
+    "ve": "recipes/ve.yaml",
+    "nlvr": "recipes/nlvr.yaml",
+    "nlvr_pretrain": "recipes/nlvr_pretrain.yaml",
+}
 
 
 def finetune(argv: list[str] | None = None) -> int:
@@ -63,6 +72,12 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=1e-4 data.num_workers=2")
     args = p.parse_intermixed_args(_resume_keeps_overrides(list(argv or [])))  # overrides before and after options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.config is None and task != "pretrain":
+        # the recipe defaults are pretraining's (lr 1e-4, 30 epochs, 256 px): never a task's settings
+        p.error(
+            f"--config RECIPE is required: the authors' {task} settings are in {AUTHORS_RECIPES[task]} "
+            f"(a recipe of just `task: {task}` starts from the library's pretraining defaults)"
+        )
     try:
         recipe = load_recipe(args.config, args.overrides)
     except (FileNotFoundError, ValueError) as e:  # before any data is read or folder made

@@ -125,6 +125,25 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refcoco(args: argparse.Namespace) -> int:
+    from albef.data.refcoco import EVAL_SPLITS, convert_refcoco
+
+    counts = convert_refcoco(args.files, args.refer, args.out, args.candidates, args.candidates_file, args.split_by)
+    splits = ", ".join(f"{k} {v}" for k, v in counts.items() if k.startswith(EVAL_SPLITS))
+    print(f"wrote {counts['written']} expressions to {args.out} ({splits})")
+    if counts["no_candidates"]:
+        print(
+            f"skipped {counts['no_candidates']} expressions whose image has no candidate box "
+            "(they are left out of the accuracy)",
+            file=sys.stderr,
+        )
+    if counts["other_split"]:
+        print(f"skipped {counts['other_split']} expressions of refs outside {'/'.join(EVAL_SPLITS)}", file=sys.stderr)
+    if counts["dropped_boxes"]:
+        print(f"dropped {counts['dropped_boxes']} candidate boxes without area", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="albef data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -137,6 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--test", type=int, default=0, help="hold out this many images for retrieval_test.json")
     e = sub.add_parser("easyvqa", help="easy-VQA (PyPI package easy-vqa) in the authors' VQA format")
     e.add_argument("dir")
+    r = sub.add_parser(
+        "refcoco", help="the authors' RefCOCO+ files (REFER refs, dets.json/cocos.json) -> grounding evaluation JSON"
+    )
+    r.add_argument("files", nargs="+", help="the authors' refcoco+_val.json and/or refcoco+_test.json")
+    r.add_argument("--refer", required=True, help="the folder of refs(unc).p, instances.json, dets.json, cocos.json")
+    r.add_argument("--out", required=True, help="the grounding JSON to write")
+    r.add_argument(
+        "--candidates",
+        choices=["dets", "gt"],
+        default="dets",
+        help="dets: detections (dets.json; splits val_d, testA_d, testB_d); gt: COCO boxes (cocos.json)",
+    )
+    r.add_argument("--candidates-file", default=None, help="a candidates file other than the folder's")
+    r.add_argument("--split-by", default="unc", help="read the refs from refs(SPLIT_BY).p")
     m = sub.add_parser(
         "emoji",
         help="emoji images (Google, Twitter styles) with names: pretraining, "
@@ -160,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.what == "shards":
         return _shards(args)
+    if args.what == "refcoco":
+        return _refcoco(args)
     if args.what == "emoji":
         from albef.data.emoji import build_emoji
 

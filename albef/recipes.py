@@ -154,6 +154,10 @@ class TrainSection:
     # model adds 1e-4 *inside* the softmax, which changes nothing); 1e-4 is BLIP's softmax(sim) + 1e-4
     hard_negative_eps: float = 0.0
     distill: bool = True  # momentum distillation in fine-tuning (VQA, SNLI-VE, NLVR2)
+    # teacher tensors model.init has no momentum copy of (all of them for a text-assignment checkpoint
+    # under NLVR2): "authors" keeps them as the model was built, since the authors copy the teacher
+    # before loading; "student" sets them equal to the loaded student
+    teacher_init: str = "authors"
     # pretraining ablation switches (the paper's Table 1): all on is ALBEF
     itc: bool = True
     hard_negatives: bool = True
@@ -220,6 +224,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.text_cleaning": ("albef", "blip"),
     "train.schedule": ("albef", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
+    "train.teacher_init": ("authors", "student"),
     "train.grad_checkpointing": ("vision",),
     "train.optimizer_in_backward": ("auto",),
     "train.keep_freed_memory": ("auto",),

@@ -17,7 +17,13 @@ import re
 import torch
 
 from albef.checkpoints.convert import to_authors
-from albef.checkpoints.loading import TEACHER_FROM_STUDENT, LoadReport, load_albef, read_state_dict
+from albef.checkpoints.loading import (
+    TEACHER_AS_BUILT,
+    TEACHER_FROM_STUDENT,
+    LoadReport,
+    load_albef,
+    read_state_dict,
+)
 from albef.config import ALBEFConfig
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForTextAssignment, ALBEFForVQA
@@ -73,14 +79,13 @@ def _check_teacher(trainer, report: LoadReport, sd: dict[str, torch.Tensor], lay
             assert torch.equal(t, student[name]), key
             copied.add(key)
     assert set(report.teacher_loaded) == loaded
-    assert set(report.teacher_from_student) == copied
-    assert all(report.initialised[k] == TEACHER_FROM_STUDENT for k in copied)
+    # fresh task heads: copied from the student after loading, or kept as built (the authors' copy
+    # before loading, train.teacher_init=authors): the same values either way
+    assert set(report.teacher_from_student) | set(report.teacher_as_built) == copied
+    assert all(report.initialised[k] in (TEACHER_FROM_STUDENT, TEACHER_AS_BUILT) for k in copied)
     text = str(report)
-    assert (
-        f"teacher: {len(loaded)} tensors loaded from the checkpoint's momentum copies, "
-        f"{len(copied)} copied from the student"
-    ) in text
-    for k in report.teacher_from_student[:3]:  # named in the text
+    assert f"teacher: {len(loaded)} tensors loaded from the checkpoint's momentum copies, " in text
+    for k in [*report.teacher_from_student[:3], *report.teacher_as_built[:3]]:  # named in the text
         assert k in text
     return loaded, copied
 
@@ -178,3 +183,48 @@ def test_training_loop_keeps_the_loaded_ve_teacher(tiny_config, tmp_path):
     recipe.task = "ve"
     run = TrainRun(recipe)
     _check_teacher(run.trainer, run.init_report, sd, "ve")
+
+
+def test_nlvr_teacher_as_the_authors_starts_from_the_model_before_loading(tiny_config, tmp_path, caplog):
+    # the authors' NLVR.py: copy_params() at construction, then the text-assignment checkpoint
+    # (no momentum copies) into the student only: the teacher is the unloaded model
+    from albef.data.cli import write_shapes
+    from albef.recipes import load_recipe
+    from albef.training.loop import TrainRun
+
+    ta = TextAssignmentTrainer(ALBEFForTextAssignment(tiny_config))
+    ckpt = tmp_path / "ta.pt"
+    torch.save({"model": ta.state_dict(), "recipe": {}}, ckpt)
+    torch.manual_seed(3)
+    trainer = ClassifierTrainer(ALBEFForClassification(tiny_config, 2, num_images=2))
+    built = {k: v.clone() for k, v in trainer.model_m.state_dict().items()}
+    report = load_albef(trainer, read_state_dict(ckpt), "ta", teacher_from="built")
+    assert set(report.teacher_as_built) == {"model_m." + k for k in built} and not report.teacher_from_student
+    for name, v in trainer.model_m.state_dict().items():
+        assert torch.equal(v, built[name]), name
+    student = trainer.model.state_dict()
+    assert not torch.equal(student["visual_encoder.pos_embed"], built["visual_encoder.pos_embed"])  # loaded
+    assert torch.equal(student["cls_head.0.weight"], built["cls_head.0.weight"])  # the fresh head: one value
+    assert "kept as built" in str(report)
+
+    # through a recipe: train.teacher_init picks it (the authors' by default), with a warning
+    write_shapes(tmp_path / "data", n=4, image_size=32, seed=1)
+    rows = [{"images": [f"images/{i:06d}.png"] * 2, "sentence": f"shape {i}", "label": True} for i in range(4)]
+    (tmp_path / "data" / "nlvr.json").write_text(json.dumps(rows))
+    base = [
+        "model.preset=albef-tiny",
+        f"model.init={ckpt}",
+        f"data.image_root={tmp_path / 'data'}",
+        f"data.train_files=[{tmp_path / 'data' / 'nlvr.json'}]",
+        "data.num_workers=0",
+        "train.batch_size=2",
+        "train.device=cpu",
+    ]
+    for setting, kind in (("authors", "teacher_as_built"), ("student", "teacher_from_student")):
+        recipe = load_recipe(None, [*base, f"train.teacher_init={setting}", f"output_dir={tmp_path / setting}"])
+        recipe.task = "nlvr"
+        with caplog.at_level("WARNING"):
+            run = TrainRun(recipe)
+        assert len(getattr(run.init_report, kind)) == len(built), setting
+        assert ("teacher_init=student" in caplog.text) == (setting == "authors")
+        caplog.clear()

@@ -49,17 +49,27 @@ class LoadReport:
         return [k for k in self.loaded if k.startswith("model_m.")]
 
     @property
+    def teacher_as_built(self) -> list[str]:
+        """Momentum-teacher tensors the checkpoint lacks, left as the model was built."""
+        return [k for k, why in self.initialised.items() if why == TEACHER_AS_BUILT]
+
+    @property
     def teacher_from_student(self) -> list[str]:
         """Momentum-teacher tensors the checkpoint lacks, set equal to the student's after loading."""
         return [k for k, why in self.initialised.items() if why == TEACHER_FROM_STUDENT]
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
-        if self.teacher_loaded or self.teacher_from_student:
+        if self.teacher_loaded or self.teacher_from_student or self.teacher_as_built:
             lines.append(
                 f"  teacher: {len(self.teacher_loaded)} tensors loaded from the checkpoint's momentum "
                 f"copies, {len(self.teacher_from_student)} copied from the student"
                 + (f" ({_abbrev(self.teacher_from_student)})" if self.teacher_from_student else "")
+                + (
+                    f", {len(self.teacher_as_built)} kept as built ({_abbrev(self.teacher_as_built)})"
+                    if self.teacher_as_built
+                    else ""
+                )
             )
         if self.resized:
             lines.append(f"  resized: {', '.join(self.resized)}")
@@ -104,7 +114,9 @@ UNUSED_TOKEN_TYPE = "token-type table: this target has none (LAVIS layout)"
 PRETRAIN_HEADS = "pretraining heads and training state: not part of this task model"
 
 
-def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "state dict") -> LoadReport:
+def load_albef(
+    target: nn.Module, state_dict: dict[str, Tensor], source: str = "state dict", teacher_from: str = "student"
+) -> LoadReport:
     """Load an authors' state dict (or one of ours) into a model or trainer, strictly.
 
     ``target``: an inference model (:class:`ALBEF`, :class:`ALBEFForVQA`,
@@ -113,13 +125,16 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
     *pretrained* checkpoint, converted the authors' way: the VQA decoder built from the fusion
     layers and the MLM head, the NLVR2 fusion layers duplicated, the pretraining heads dropped and
     the classifier head fresh. Teacher (``model_m``) tensors the checkpoint has are loaded from its
-    momentum copies; only those it lacks (a task head, all of them for a checkpoint without
-    momentum copies) are set equal to the student's tensor of the same name, after loading: the
-    authors' ``copy_params()`` at construction followed by ``load_state_dict(strict=False)``, except
-    that a teacher the checkpoint lacks entirely starts from the *loaded* student (the authors'
-    NLVR2 script copies before loading, so its teacher starts from the unloaded model).
-    ``report.teacher_loaded`` and ``report.teacher_from_student`` list the two kinds.
+    momentum copies. Those it lacks (a task head, all of them for a checkpoint without momentum
+    copies) are, with ``teacher_from="student"``, set equal to the student's tensor of the same
+    name after loading; with ``"built"`` they keep the values the trainer was built with, a copy of
+    the model before loading: the authors' ``copy_params()`` at construction followed by
+    ``load_state_dict(strict=False)`` (their NLVR2 teacher thus starts from the unloaded model).
+    The two agree on a fresh task head. ``report.teacher_loaded``, ``report.teacher_from_student``
+    and ``report.teacher_as_built`` list the kinds.
     """
+    if teacher_from not in ("student", "built"):
+        raise ValueError(f"teacher_from must be 'student' or 'built', not {teacher_from!r}")
     converted = from_authors(state_dict) if not _is_ours(state_dict) else dict(state_dict)
     trainer = target if isinstance(getattr(target, "model", None), nn.Module) else None
     has_teacher = trainer is not None and getattr(trainer, "model_m", None) is not None
@@ -161,6 +176,8 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
         if how == TEACHER_FROM_STUDENT:
             if _student_twin(key) not in expected:
                 how = None
+            elif teacher_from == "built":
+                how = TEACHER_AS_BUILT
             else:
                 teacher_missing.append(key)
         if how is None:
@@ -176,8 +193,8 @@ def load_albef(target: nn.Module, state_dict: dict[str, Tensor], source: str = "
     with torch.no_grad():
         for key, value in to_load.items():
             expected[key].copy_(value)
-        for key in report.initialised:
-            if key.endswith("token_type_embeddings.weight"):
+        for key, how in report.initialised.items():
+            if key.endswith("token_type_embeddings.weight") and how != TEACHER_AS_BUILT:
                 expected[key].zero_()
         # only the teacher tensors the checkpoint lacks come from the (loaded or fresh) student;
         # state-dict entries share storage with the modules, so shared weights stay shared
@@ -263,6 +280,7 @@ def _is_decoder_cross_kv(key: str) -> bool:
 
 
 TEACHER_FROM_STUDENT = "teacher tensor not in the checkpoint: set equal to the student's, after loading"
+TEACHER_AS_BUILT = "teacher tensor not in the checkpoint: kept as built (the authors copy the teacher before loading)"
 
 
 def _student_twin(teacher_key: str) -> str:

@@ -121,9 +121,20 @@ def build_trainer(
         )
     report = None
     if r.model.init:
-        report = load_albef(trainer, read_state_dict(r.model.init), r.model.init)
+        teacher_from = "built" if t.teacher_init == "authors" else "student"
+        report = load_albef(trainer, read_state_dict(r.model.init), r.model.init, teacher_from=teacher_from)
         if dist.is_main:
             log.info("%s", report)
+            encoders = [k for k in report.teacher_as_built if "_encoder." in k or ".text_decoder." in k]
+            if encoders:
+                log.warning(
+                    "%s has no momentum copies of %d teacher encoder tensors (%s): as in the authors' "
+                    "scripts, the teacher starts from the model as built before loading and reaches the "
+                    "student only through the EMA; train.teacher_init=student starts it from the loaded student",
+                    r.model.init,
+                    len(encoders),
+                    ", ".join(encoders[:3]) + (", ..." if len(encoders) > 3 else ""),
+                )
     student, teacher = trainer.model, trainer.model_m
     for source, load in ((r.model.text_init, load_hf_bert), (r.model.vision_init, load_timm_vit)):
         if source:

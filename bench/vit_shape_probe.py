@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> float:
     vcfg.image_size, vcfg.patch_size = 64, args.patch
     vit, head = VisionTransformer(vcfg), torch.nn.Linear(vcfg.width, len(classes))
     opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.02)
-    t_train = train_transform(64, scale=(args.crop_scale, 1.0), randaugment=not args.no_randaugment)
+    # uint8_wrap off: RandomAugment as the runs docs/ablation.md reports (clipped, no wrap-around)
+    t_train = train_transform(64, scale=(args.crop_scale, 1.0), randaugment=not args.no_randaugment, uint8_wrap=False)
     t_test = test_transform(64)
     images: dict[str, Image.Image] = {}
 

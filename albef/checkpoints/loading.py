@@ -115,7 +115,7 @@ PRETRAIN_HEADS = "pretraining heads and training state: not part of this task mo
 
 
 def load_albef(
-    target: nn.Module, state_dict: dict[str, Tensor], source: str = "state dict", teacher_from: str = "student"
+    target: nn.Module, state_dict: dict[str, Tensor], source: str = "state dict", teacher_from: str = "built"
 ) -> LoadReport:
     """Load an authors' state dict (or one of ours) into a model or trainer, strictly.
 
@@ -125,13 +125,14 @@ def load_albef(
     *pretrained* checkpoint, converted the authors' way: the VQA decoder built from the fusion
     layers and the MLM head, the NLVR2 fusion layers duplicated, the pretraining heads dropped and
     the classifier head fresh. Teacher (``model_m``) tensors the checkpoint has are loaded from its
-    momentum copies. Those it lacks (a task head, all of them for a checkpoint without momentum
-    copies) are, with ``teacher_from="student"``, set equal to the student's tensor of the same
-    name after loading; with ``"built"`` they keep the values the trainer was built with, a copy of
-    the model before loading: the authors' ``copy_params()`` at construction followed by
-    ``load_state_dict(strict=False)`` (their NLVR2 teacher thus starts from the unloaded model).
-    The two agree on a fresh task head. ``report.teacher_loaded``, ``report.teacher_from_student``
-    and ``report.teacher_as_built`` list the kinds.
+    momentum copies. Those it lacks whose student tensor it has (all of them for a checkpoint
+    without momentum copies) keep, with ``teacher_from="built"`` (the default), the values the
+    trainer was built with, a copy of the model before loading: the authors' ``copy_params()`` at
+    construction followed by ``load_state_dict(strict=False)`` (their NLVR2 teacher thus starts
+    from the unloaded model); with ``"student"`` they are set equal to the loaded student's tensor
+    of the same name. Teacher tensors whose student tensor is fresh too (a task head) are set equal
+    to it either way. ``report.teacher_loaded``, ``report.teacher_from_student`` and
+    ``report.teacher_as_built`` list the kinds.
     """
     if teacher_from not in ("student", "built"):
         raise ValueError(f"teacher_from must be 'student' or 'built', not {teacher_from!r}")
@@ -176,8 +177,8 @@ def load_albef(
         if how == TEACHER_FROM_STUDENT:
             if _student_twin(key) not in expected:
                 how = None
-            elif teacher_from == "built":
-                how = TEACHER_AS_BUILT
+            elif teacher_from == "built" and _student_twin(key) in to_load:
+                how = TEACHER_AS_BUILT  # the two starts differ only where the student was loaded
             else:
                 teacher_missing.append(key)
         if how is None:
@@ -303,9 +304,9 @@ def _init_rule(key: str, has_teacher: bool, from_pretraining: bool = False) -> s
     return None
 
 
-def load_authors_checkpoint(target: nn.Module, path: str | Path) -> LoadReport:
+def load_authors_checkpoint(target: nn.Module, path: str | Path, teacher_from: str = "built") -> LoadReport:
     """:func:`read_state_dict` then :func:`load_albef`."""
-    return load_albef(target, read_state_dict(path), str(path))
+    return load_albef(target, read_state_dict(path), str(path), teacher_from=teacher_from)
 
 
 # -- third-party initialisations ---------------------------------------------------------------

@@ -38,7 +38,8 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def load_plain_pickle(path: str | Path) -> Any:
-    """The object in a pickle file that holds only lists, dicts, tuples, strings and numbers.
+    """The object in a pickle file that holds only the pickle format's own types (lists, dicts,
+    tuples, sets, strings, bytes and numbers).
 
     Anything that names a class or function (which unpickling would import and call) is refused
     with an error naming the file. Python 2 strings are decoded as UTF-8.

@@ -125,7 +125,7 @@ def build_trainer(
         report = load_albef(trainer, read_state_dict(r.model.init), r.model.init, teacher_from=teacher_from)
         if dist.is_main:
             log.info("%s", report)
-            encoders = [k for k in report.teacher_as_built if "_encoder." in k or ".text_decoder." in k]
+            encoders = [k for k in report.teacher_as_built if "_encoder." in k or ".text_decoder." in k]  # not heads
             if encoders:
                 log.warning(
                     "%s has no momentum copies of %d teacher encoder tensors (%s): as in the authors' "

@@ -11,6 +11,7 @@ computes what ``k`` processes compute together.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -189,7 +190,9 @@ class TrainRun:
             if self.dist.is_main:  # a kill between the two renames, or a damaged file
                 log.warning("%s; resuming from %s, the checkpoint before it", e, previous)
             path, ckpt, loaded_path = previous, load_checkpoint(previous), False
-        if ALBEFConfig.from_dict(ckpt["model_config"]) != self.cfg:  # earlier versions: legacy keys too
+        # earlier versions: legacy keys too; head_init only shapes a model being built, not one resumed
+        saved = dataclasses.replace(ALBEFConfig.from_dict(ckpt["model_config"]), head_init=self.cfg.head_init)
+        if saved != self.cfg:
             raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
         saved_scale = ckpt.get("recipe", {}).get("train", {}).get("lr_scale") or {}
         if saved_scale != (self.recipe.train.lr_scale or {}):  # the optimizer's groups would not match

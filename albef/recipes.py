@@ -154,9 +154,9 @@ class TrainSection:
     # model adds 1e-4 *inside* the softmax, which changes nothing); 1e-4 is BLIP's softmax(sim) + 1e-4
     hard_negative_eps: float = 0.0
     distill: bool = True  # momentum distillation in fine-tuning (VQA, SNLI-VE, NLVR2)
-    # teacher tensors model.init has no momentum copy of (all of them for a text-assignment checkpoint
-    # under NLVR2): "authors" keeps them as the model was built, since the authors copy the teacher
-    # before loading; "student" sets them equal to the loaded student
+    # teacher tensors model.init has no momentum copy of while it fills the student's (all but the fresh
+    # head for a text-assignment checkpoint under NLVR2): "authors" keeps them as the model was built,
+    # since the authors copy the teacher before loading; "student" sets them equal to the loaded student
     teacher_init: str = "authors"
     # pretraining ablation switches (the paper's Table 1): all on is ALBEF
     itc: bool = True

@@ -71,16 +71,24 @@ def test_pretrain_layout_wrapped_and_bare_load_strictly(parity_dir, parity_cfg, 
             assert torch.equal(trainer.state_dict()[k], v), k
 
 
-def test_checkpoint_without_momentum_initialises_teacher_from_loaded_student(parity_dir, parity_cfg):
+def test_checkpoint_without_momentum_keeps_the_built_teacher_or_copies_the_loaded_student(parity_dir, parity_cfg):
     sd = torch.load(parity_dir / "pretrain_state_dict.pt", weights_only=True)
     student_only = {k: v for k, v in sd.items() if "_m." not in k and not k.endswith("_queue") and k != "queue_ptr"}
+    # the default: the teacher as built (the authors copy it before loading)
     trainer = ALBEFPretrainer(ALBEF(parity_cfg))
+    built = {k: v.clone() for k, v in trainer.model_m.state_dict().items()}
     report = load_albef(trainer, student_only)
-    assert any(k.startswith("model_m.") for k in report.initialised)
+    assert report.teacher_as_built and "queue.image_queue" in report.initialised
+    for name, v in trainer.model_m.state_dict().items():
+        assert torch.equal(v, built[name]), name
+    assert not torch.equal(trainer.model.visual_encoder.cls_token, built["visual_encoder.cls_token"])
+    # teacher_from="student": the loaded student
+    trainer = ALBEFPretrainer(ALBEF(parity_cfg))
+    report = load_albef(trainer, student_only, teacher_from="student")
+    assert report.teacher_from_student and not report.teacher_as_built
     student = dict(trainer.model.named_parameters())
     for name, p in trainer.model_m.named_parameters():
         assert torch.equal(p, student[name]), name
-    assert "queue.image_queue" in report.initialised
 
 
 def test_downstream_layout_into_inference_model(parity_dir, parity_cfg):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from albef.api import tokenize_answers
 from albef.data.pretrain import PretrainRecord, load_image
 from albef.distributed import all_reduce_sum, gather_lists, rank_slice
+from albef.evaluation.vqa_metric import vqa_accuracy
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers
 from albef.text import Tokenizer
 
@@ -50,13 +51,6 @@ def _require(records: Sequence, what: str) -> None:
 def _position_limit(model: torch.nn.Module) -> int:
     # the authors cut VQA test questions, SNLI-VE and NLVR2 texts nowhere: only BERT's positions bound them
     return model.config.text.max_position_embeddings
-
-
-def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
-    """The VQA metric: ``min(1, #annotators who gave the answer / 3)``; exact match for one answer."""
-    if len(answers) == 1:
-        return float(pred == answers[0])
-    return min(1.0, sum(a == pred for a in answers) / 3.0)
 
 
 @torch.no_grad()

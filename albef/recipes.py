@@ -94,6 +94,9 @@ class DataSection:
     # RandomAugment's two uint8 wrap-arounds, as the authors' (Sharpness specks, AutoContrast whitening
     # every channel whose minimum is above 0); false: clipped values and PIL's autocontrast
     randaugment_wrap: bool = True
+    # an image file cut short is used as far as it goes, the rest black, as the authors' datasets load
+    # it (PIL's LOAD_TRUNCATED_IMAGES); false: skipped and counted among the bad samples
+    load_truncated_images: bool = True
     num_workers: int = 4
     # shuffle runs of this many consecutive entries as units, so they share a batch
     # (albef.data.sampler; the scenes' siblings: 2); 1 shuffles entries, as the authors

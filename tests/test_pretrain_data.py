@@ -45,11 +45,25 @@ def test_annotations_skip_and_name_bad_entries(tmp_path):
         read_annotations(tmp_path / "c.json", parse_pretrain_entry(None))
 
 
+def test_a_truncated_image_is_used_as_far_as_it_goes_unless_told(tmp_path):
+    # the authors' datasets set PIL's LOAD_TRUNCATED_IMAGES: a file cut short trains, the rest black
+    path = write_shapes(tmp_path, n=2, image_size=16, corrupt=1)  # the first broken entry: a truncated PNG
+    records, _ = read_annotations(path, parse_pretrain_entry(str(tmp_path)))
+    i = next(k for k, r in enumerate(records) if r.image.endswith("bad_000.png"))
+    item = PretrainDataset(records, make_test_transform(16))[i]
+    assert item["index"] == i and not item["bad"]
+    item = PretrainDataset(records, make_test_transform(16), truncated_ok=False)[i]
+    assert item["index"] != i and "truncated" in item["bad"][0].reason
+    from PIL import ImageFile
+
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES  # the process-wide switch is left as it was
+
+
 def test_bad_images_are_replaced_reported_and_limited(tmp_path):
     path = write_shapes(tmp_path, n=6, image_size=16, corrupt=3)
     records, bad = read_annotations(path, parse_pretrain_entry(str(tmp_path)))
     assert not bad and len(records) == 9
-    ds = PretrainDataset(records, make_test_transform(16))
+    ds = PretrainDataset(records, make_test_transform(16), truncated_ok=False)
     seen_bad, replaced = [], 0
     for i in range(len(ds)):
         item = ds[i]

@@ -121,12 +121,16 @@ def test_a_sample_reads_the_same_from_shards_and_from_json(data):
         torch.testing.assert_close(item["image"], ref["image"])  # same crop, flip and RandAugment
 
 
-def test_bad_images_inside_shards_are_skipped_and_counted(data):
-    loader = _loader(data / "bad-shards", world=1)
+@pytest.mark.parametrize("truncated_ok,n_bad", [(False, 2), (True, 1)])
+def test_bad_images_inside_shards_are_skipped_and_counted(data, truncated_ok, n_bad):
+    # the two broken samples: a truncated PNG (used as far as it goes by default, as the authors'
+    # loader does) and a file that is no image
+    loader = _loader(data / "bad-shards", world=1, truncated_ok=truncated_ok)
     batches = _epoch(loader, 0)
     bad = [b for mb in batches for b in mb.bad]
-    assert len(bad) == 2 and all(".tar:" in b.where for b in bad)
-    assert sum(mb.n_replaced for mb in batches) == 2
+    assert len(bad) == n_bad and all(".tar:" in b.where for b in bad)
+    assert ("truncated" in " ".join(b.reason for b in bad)) == (not truncated_ok)
+    assert sum(mb.n_replaced for mb in batches) == n_bad
     assert all(len(mb.index) == 4 for mb in batches)  # batches keep their size
 
 

@@ -119,7 +119,12 @@ def test_bad_images_are_skipped_and_counted_then_limit_stops(tmp_path):
     summary = TrainRun(load_recipe(None, _overrides(data, out, train__epochs=1, data__max_bad_fraction=0.2))).fit()
     assert summary["bad_samples"] >= 1
     logged = (out / "bad_samples.txt").read_text()
-    assert "missing_002.png" in logged or "bad_000.png" in logged or "bad_001.png" in logged
+    assert "missing_002.png" in logged or "bad_001.png" in logged
+    assert "bad_000.png" not in logged  # a truncated PNG trains as far as it goes, as the authors'
+    strict = tmp_path / "no_truncated"
+    over = _overrides(data, strict, train__epochs=1, data__max_bad_fraction=0.2, data__load_truncated_images=False)
+    TrainRun(load_recipe(None, over)).fit()
+    assert "bad_000.png" in (strict / "bad_samples.txt").read_text()
     with pytest.raises(BadDataError, match=r"more than the limit(.|\n)*\.png"):
         TrainRun(
             load_recipe(None, _overrides(data, tmp_path / "strict", train__epochs=1, data__max_bad_fraction=0.001))

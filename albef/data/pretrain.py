@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -75,10 +75,20 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mix_seed("sample", seed, epoch, index)
 
 
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB; raises ``OSError``/``ValueError`` when it can't."""
-    with Image.open(path) as img:
-        img.load()  # decode now: a truncated file fails here, not later in a transform
+def load_image(source: str | IO[bytes], truncated_ok: bool = False) -> Image.Image:
+    """Open and fully decode an image (a path or a binary file) as RGB; raises ``OSError`` /
+    ``ValueError`` when it can't. ``truncated_ok``: a file cut short decodes what it holds, the rest
+    left black, as in the authors' datasets (which set PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` for
+    the whole process); otherwise it raises here, not later in a transform."""
+    with Image.open(source) as img:
+        if truncated_ok:
+            before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+            try:
+                img.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = before
+        else:
+            img.load()
         return img.convert("RGB")
 
 
@@ -91,7 +101,10 @@ class PretrainDataset(Dataset):
         transform: Callable[[Image.Image], Tensor],
         seed: int = 0,
         max_retries: int = 20,
+        truncated_ok: bool = True,
     ):
+        """``truncated_ok``: images cut short are used as far as they go, as the authors' datasets
+        do (``data.load_truncated_images``); false: skipped and counted as bad samples."""
         if not records:
             raise ValueError("the pretraining dataset is empty (no valid entry in the annotation files)")
         self.records = list(records)
@@ -99,6 +112,7 @@ class PretrainDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.max_retries = max_retries
+        self.truncated_ok = truncated_ok
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,7 +127,7 @@ class PretrainDataset(Dataset):
             rec = self.records[i]
             paths = rec.image if isinstance(rec.image, tuple) else (rec.image,)  # NLVR2: two images
             try:
-                images = [load_image(p) for p in paths]
+                images = [load_image(p, self.truncated_ok) for p in paths]
             except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
                 bad.append(BadSample(getattr(e, "filename", None) or paths[0], f"{type(e).__name__}: {e}"))
                 continue

@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from albef.data.annotations import BadSample
-from albef.data.pretrain import sample_seed
+from albef.data.pretrain import load_image, sample_seed
 from albef.seeding import mix_seed
 
 log = logging.getLogger("albef.data")
@@ -133,8 +133,10 @@ class ShardStream(IterableDataset):
         world_size: int,
         resampled: bool = False,
         shuffle_buffer: int = 1000,
+        truncated_ok: bool = True,
     ):
         self.urls, self.transform, self.seed = list(urls), transform, seed
+        self.truncated_ok = truncated_ok  # as PretrainDataset's
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.epoch, self.start_step = 0, 0
@@ -198,9 +200,7 @@ class ShardStream(IterableDataset):
         where = f"{sample.get('__url__', '?')}:{key}"
         try:
             meta = json.loads(sample["json"])
-            with Image.open(io.BytesIO(sample["img"])) as img:
-                img.load()
-                image = img.convert("RGB")
+            image = load_image(io.BytesIO(sample["img"]), self.truncated_ok)
         except (KeyError, OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             bad.append(BadSample(where, f"{type(e).__name__}: {e}"))
             return None
@@ -234,6 +234,7 @@ class ShardLoader:
         resampled: bool = False,
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
+        truncated_ok: bool = True,
     ):
         self.urls = expand_urls(urls)
         n = epoch_samples or count_samples(self.urls)
@@ -256,6 +257,7 @@ class ShardLoader:
             world_size,
             resampled,
             min(shuffle_buffer, max(1, n // (world_size * max(1, num_workers)))),
+            truncated_ok,
         )
         self.loader = DataLoader(self.stream, batch_size=micro_batch, collate_fn=collate, num_workers=num_workers)
 

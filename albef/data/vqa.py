@@ -154,6 +154,7 @@ def build_vqa_train_dataset(
     cleaning: str = "albef",
     vqa_root: str | None = None,
     vg_root: str | None = None,
+    truncated_ok: bool = True,
 ):
     records, bad = read_vqa(files, image_root, train=True, cleaning=cleaning, vqa_root=vqa_root, vg_root=vg_root)
-    return VQADataset(records, transform, seed=seed), bad
+    return VQADataset(records, transform, seed=seed, truncated_ok=truncated_ok), bad

@@ -101,6 +101,7 @@ def _shard_data(
         d.resampled,
         d.shuffle_buffer,
         d.num_workers,
+        d.load_truncated_images,
     )
     return TrainData(loader, loader)  # shards were cleaned when they were written
 

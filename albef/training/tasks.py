@@ -83,7 +83,7 @@ class PretrainTask:
         d = recipe.data
         records, bad = read_annotations(d.train_files, parse_pretrain_entry(d.image_root, d.max_words, cleaning))
         return (
-            PretrainDataset(records, transform, seed=recipe.train.seed),
+            PretrainDataset(records, transform, seed=recipe.train.seed, truncated_ok=recipe.data.load_truncated_images),
             PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
             bad,
         )
@@ -134,7 +134,9 @@ class RetrievalTask(PretrainTask):
             d.train_files, d.image_root, d.max_words, cleaning, grounding=recipe.task == "grounding"
         )
         return (
-            RetrievalTrainDataset(records, transform, seed=recipe.train.seed),
+            RetrievalTrainDataset(
+                records, transform, seed=recipe.train.seed, truncated_ok=recipe.data.load_truncated_images
+            ),
             PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
             bad,
         )
@@ -157,7 +159,14 @@ class VQATask:
         # "dataset": "vqa" entries' images under data.vqa_root, "vg" under data.vg_root (each
         # defaulting to data.image_root), as the authors' vqa_dataset joins them
         ds, bad = build_vqa_train_dataset(
-            d.train_files, d.image_root, transform, recipe.train.seed, cleaning, vqa_root=d.vqa_root, vg_root=d.vg_root
+            d.train_files,
+            d.image_root,
+            transform,
+            recipe.train.seed,
+            cleaning,
+            vqa_root=d.vqa_root,
+            vg_root=d.vg_root,
+            truncated_ok=d.load_truncated_images,
         )
         return ds, VQACollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad
 
@@ -196,7 +205,7 @@ class ClassifyTask:
         d = recipe.data
         records, bad = read_classification(d.train_files, d.image_root, self.name, cleaning, d.max_words)
         return (
-            PretrainDataset(records, transform, seed=recipe.train.seed),
+            PretrainDataset(records, transform, seed=recipe.train.seed, truncated_ok=recipe.data.load_truncated_images),
             PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
             bad,
         )

@@ -84,7 +84,9 @@ class DataSection:
     # assignment and VQA questions cut; retrieval, grounding, SNLI-VE and NLVR2 captions not), true
     # for every task (bounded memory), false for none
     truncate_text: bool | None = None
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    # RandomResizedCrop's scale range; None: the task's, as the authors: (0.2, 1) for pretraining and
+    # text assignment, (0.5, 1) for retrieval, VQA, SNLI-VE and NLVR2 (see crop_scale_for)
+    crop_scale: tuple[float, float] | None = None
     # RandomResizedCrop(crop_scale) before the flip; None: the task's, as the authors (grounding resizes
     # the whole image instead, every other task crops)
     random_crop: bool | None = None
@@ -124,7 +126,8 @@ class TrainSection:
     warmup_steps: int = 0
     weight_decay: float = 0.02
     alpha: float = 0.4
-    alpha_ramp_epochs: float = 1.0
+    # α ramps up over this many epochs; None: the task's, as the authors: 0 for SNLI-VE, 1 otherwise
+    alpha_ramp_epochs: float | None = None
     max_grad_norm: float | None = None
     # fp32 | bf16 | fp16 | auto: autocast (float32 weights and AdamW state). bf16 on CUDA and the CPU
     # (fast where the CPU has AVX512_BF16 / AMX); fp16 CUDA only; auto: bf16 on native-bf16 hardware, else fp32
@@ -326,10 +329,11 @@ def _check(recipe: Recipe) -> None:
         ("train.min_lr", t.min_lr),
         ("train.warmup_lr", t.warmup_lr),
         ("train.weight_decay", t.weight_decay),
-        ("train.alpha_ramp_epochs", t.alpha_ramp_epochs),
         ("train.hard_negative_eps", t.hard_negative_eps),
     ):
         need(finite(v) and v >= 0, key, "a number >= 0", v)
+    ramp = t.alpha_ramp_epochs
+    need(ramp is None or (finite(ramp) and ramp >= 0), "train.alpha_ramp_epochs", "null (the task's) or >= 0", ramp)
     need(0 <= t.alpha <= 1, "train.alpha", "a number in [0, 1]", t.alpha)
     need(0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)", t.label_smoothing)
     need(
@@ -339,13 +343,13 @@ def _check(recipe: Recipe) -> None:
         t.max_grad_norm,
     )
     need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1] (0.01 = 1 %)", d.max_bad_fraction)
-    lo_hi = tuple(d.crop_scale)
+    lo_hi = tuple(d.crop_scale) if d.crop_scale is not None else (0.2, 1.0)
     need(
         len(lo_hi) == 2
         and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lo_hi)
         and 0 < lo_hi[0] <= lo_hi[1] <= 1,
         "data.crop_scale",
-        "[low, high] with 0 < low <= high <= 1",
+        "null (the task's) or [low, high] with 0 < low <= high <= 1",
         list(lo_hi),
     )
     need(
@@ -393,3 +397,19 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     for o in overrides or []:
         apply_override(d, o)
     return Recipe.from_dict(d)
+
+
+def crop_scale_for(recipe: Recipe) -> tuple[float, float]:
+    """``data.crop_scale``, or the task's where it is null: the authors crop (0.2, 1) of the image
+    area for pretraining and text assignment, (0.5, 1) for fine-tuning."""
+    if recipe.data.crop_scale is not None:
+        return tuple(recipe.data.crop_scale)
+    return (0.2, 1.0) if recipe.task in ("pretrain", "nlvr_pretrain") else (0.5, 1.0)
+
+
+def alpha_ramp_for(recipe: Recipe) -> float:
+    """``train.alpha_ramp_epochs``, or the task's where it is null: the authors ramp α over the first
+    epoch, except for SNLI-VE (its config's ``warm_up: False``)."""
+    if recipe.train.alpha_ramp_epochs is not None:
+        return recipe.train.alpha_ramp_epochs
+    return 0.0 if recipe.task == "ve" else 1.0

@@ -148,6 +148,26 @@ def test_alpha_ramp():
     assert alpha_at(0.4, 0, 0, 100, ramp_epochs=0) == 0.4
 
 
+@pytest.mark.parametrize(
+    "task,scale,ramp",
+    [
+        ("pretrain", (0.2, 1.0), 1.0),
+        ("nlvr_pretrain", (0.2, 1.0), 1.0),
+        ("retrieval", (0.5, 1.0), 1.0),
+        ("vqa", (0.5, 1.0), 1.0),
+        ("nlvr", (0.5, 1.0), 1.0),
+        ("ve", (0.5, 1.0), 0.0),  # the authors' VE config: warm_up False
+    ],
+)
+def test_unset_crop_scale_and_alpha_ramp_are_the_tasks(task, scale, ramp):
+    from albef.recipes import alpha_ramp_for, crop_scale_for, load_recipe
+
+    recipe = load_recipe(None, [f"task={task}"])
+    assert (crop_scale_for(recipe), alpha_ramp_for(recipe)) == (scale, ramp)
+    recipe = load_recipe(None, [f"task={task}", "data.crop_scale=[0.9, 1.0]", "train.alpha_ramp_epochs=2"])
+    assert (crop_scale_for(recipe), alpha_ramp_for(recipe)) == ((0.9, 1.0), 2.0)  # set: as given
+
+
 def test_cosine_schedule_ends_at_max_steps():
     s = LRSchedule(
         lr=1e-3,

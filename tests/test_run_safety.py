@@ -160,7 +160,10 @@ def test_non_finite_weights_are_refused_naming_them(tmp_path):
         ("train.max_steps=0", "train.max_steps = 0: must be null"),
         ("data.max_bad_fraction=-1", "data.max_bad_fraction = -1.0: must be a fraction in [0, 1]"),
         ("train.checkpoint_every=-5", "train.checkpoint_every = -5: must be an integer >= 0"),
-        ("data.crop_scale=[1.0,0.2]", "data.crop_scale = [1.0, 0.2]: must be [low, high] with 0 < low <= high <= 1"),
+        (
+            "data.crop_scale=[1.0,0.2]",
+            "data.crop_scale = [1.0, 0.2]: must be null (the task's) or [low, high] with 0 < low <= high <= 1",
+        ),
         ("train.lr=", "train.lr: empty is not allowed; give a number"),
         ("train.batch_size=-4", "train.batch_size = -4: must be an integer >= 1"),
         ("train.precision=fp8", "train.precision: 'fp8' is not allowed; give fp32 / bf16 / fp16"),

@@ -24,7 +24,7 @@ from albef.data.transforms import train_transform
 from albef.distributed import DistInfo, ensure_process_group
 from albef.models.albef import checkpointed_parts
 from albef.models.vit import VisionTransformer
-from albef.recipes import Recipe
+from albef.recipes import Recipe, crop_scale_for
 from albef.text import Tokenizer
 from albef.training.fsdp import replicated_params, shard_trainer
 from albef.training.momentum import copy_student_to_teacher
@@ -53,7 +53,7 @@ def build_data(recipe: Recipe, task: Task, cfg: ALBEFConfig, tokenizer: Tokenize
     crop = d.random_crop if d.random_crop is not None else recipe.task != "grounding"
     transform = train_transform(
         cfg.vision.image_size,
-        tuple(d.crop_scale),
+        crop_scale_for(recipe),
         d.randaugment,
         crop=crop,
         uint8_wrap=d.randaugment_wrap,

@@ -45,7 +45,7 @@ from albef.distributed import (
 from albef.heap import release_after_step, tune_for_training
 from albef.models.albef import checkpointed_parts
 from albef.precision import autocast_dtype, resolve_precision, set_tf32
-from albef.recipes import Recipe
+from albef.recipes import Recipe, alpha_ramp_for
 from albef.seeding import micro_seed
 from albef.text import Tokenizer
 from albef.training.build import build_data, build_trainer, wrap_trainer
@@ -266,7 +266,7 @@ class TrainRun:
         lr = self.schedule(epoch, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        alpha = alpha_at(t.alpha, epoch, step, self.sampler.steps_per_epoch, t.alpha_ramp_epochs)
+        alpha = alpha_at(t.alpha, epoch, step, self.sampler.steps_per_epoch, alpha_ramp_for(self.recipe))
         keys = self.task.loss_keys
         payloads, sums = [], torch.zeros(len(keys), dtype=torch.float64)
         for j, batch in enumerate(micro_batches):

@@ -52,11 +52,15 @@ def test_a_truncated_image_is_used_as_far_as_it_goes_unless_told(tmp_path):
     i = next(k for k, r in enumerate(records) if r.image.endswith("bad_000.png"))
     item = PretrainDataset(records, make_test_transform(16))[i]
     assert item["index"] == i and not item["bad"]
-    item = PretrainDataset(records, make_test_transform(16), truncated_ok=False)[i]
-    assert item["index"] != i and "truncated" in item["bad"][0].reason
     from PIL import ImageFile
 
-    assert not ImageFile.LOAD_TRUNCATED_IMAGES  # the process-wide switch is left as it was
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # set by something else in the process: refused all the same
+    try:
+        item = PretrainDataset(records, make_test_transform(16), truncated_ok=False)[i]
+        assert item["index"] != i and "truncated" in item["bad"][0].reason
+        assert ImageFile.LOAD_TRUNCATED_IMAGES  # the process-wide switch is left as it was
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def test_bad_images_are_replaced_reported_and_limited(tmp_path):
@@ -157,6 +161,7 @@ def test_alpha_ramp():
         ("vqa", (0.5, 1.0), 1.0),
         ("nlvr", (0.5, 1.0), 1.0),
         ("ve", (0.5, 1.0), 0.0),  # the authors' VE config: warm_up False
+        ("grounding", (0.5, 1.0), 1.0),  # used only with data.random_crop=true (the authors resize)
     ],
 )
 def test_unset_crop_scale_and_alpha_ramp_are_the_tasks(task, scale, ramp):
@@ -180,3 +185,19 @@ def test_cosine_schedule_ends_at_max_steps():
         total_steps=110,
     )
     assert s(0, 10) == pytest.approx(1e-3) and s(0, 60) == pytest.approx(5.5e-4) and s(2, 10) == pytest.approx(1e-4)
+
+
+def test_resuming_a_run_whose_recipe_resolved_crop_and_ramp_otherwise_warns(caplog, tmp_path):
+    from types import SimpleNamespace
+
+    from albef.recipes import load_recipe
+    from albef.training.loop import TrainRun
+
+    run = SimpleNamespace(recipe=load_recipe(None, ["task=vqa"]), dist=SimpleNamespace(is_main=True))
+    with caplog.at_level("WARNING"):
+        TrainRun._warn_changed_resolution(run, tmp_path / "c.pt", {"data": {"crop_scale": [0.5, 1.0]}, "train": {}})
+        assert not caplog.text  # the same values, or none recorded: nothing to say
+        saved = {"data": {"crop_scale": [0.2, 1.0]}, "train": {"alpha_ramp_epochs": 2.0}}
+        TrainRun._warn_changed_resolution(run, tmp_path / "c.pt", saved)
+    assert "data.crop_scale = [0.2, 1.0]; this run uses (0.5, 1.0)" in caplog.text
+    assert "train.alpha_ramp_epochs = 2.0; this run uses 1.0" in caplog.text

@@ -65,6 +65,10 @@ def test_label_mappings_and_answer_weights(task_data):
     assert answer_weights(["yes"], "vg") == (("yes",), (0.5,))
     records, _ = read_vqa(task_data / "vqa.json", str(task_data), train=True)
     assert records[0].answers == ("red", "blue") and records[3].weights == (0.5,)
+    # evaluation keeps every annotator's answer: the official accuracy leaves each out in turn
+    records, _ = read_vqa(task_data / "vqa.json", str(task_data), train=False)
+    assert records[0].answers == ("red", "red", "blue") and records[3].answers == ("yes",)
+    assert vqa_accuracy("red", records[0].answers) == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
     assert vqa_accuracy("red", ["red"]) == 1
     # each annotator left out in turn: (1/3 + 1/3 + 2/3 + 2/3) / 4
     assert vqa_accuracy("red", ["red", "red", "blue", "x"]) == pytest.approx(0.5)

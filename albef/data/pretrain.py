@@ -81,14 +81,12 @@ def load_image(source: str | IO[bytes], truncated_ok: bool = False) -> Image.Ima
     left black, as in the authors' datasets (which set PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` for
     the whole process); otherwise it raises here, not later in a transform."""
     with Image.open(source) as img:
-        if truncated_ok:
-            before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
-            try:
-                img.load()
-            finally:
-                ImageFile.LOAD_TRUNCATED_IMAGES = before
-        else:
+        # PIL's switch is process-wide: set it for this decode either way, whatever else set it
+        before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, truncated_ok
+        try:
             img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = before
         return img.convert("RGB")
 
 

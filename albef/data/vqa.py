@@ -69,7 +69,14 @@ def read_vqa(
             check_text(a, "'answer'" if len(ans) == 1 else f"'answer'[{i}]")
         if train and (not ans or not all(has_tokens(a) for a in ans)):
             raise ValueError("a training entry needs 'answer': a non-empty string or list of strings")
-        answers, weights = answer_weights(ans, entry.get("dataset", "vqa")) if ans else ((), ())
+        # training: the authors' distinct answers and weights; evaluation: every annotator's answer, as
+        # the official accuracy leaves each out in turn
+        if not ans:
+            answers, weights = (), ()
+        elif train:
+            answers, weights = answer_weights(ans, entry.get("dataset", "vqa"))
+        else:
+            answers, weights = tuple(ans), ()
         return VQARecord(
             image, (q,), where, answers, weights, entry.get("question_id", where), entry.get("question_type")
         )

@@ -45,7 +45,7 @@ from albef.distributed import (
 from albef.heap import release_after_step, tune_for_training
 from albef.models.albef import checkpointed_parts
 from albef.precision import autocast_dtype, resolve_precision, set_tf32
-from albef.recipes import Recipe, alpha_ramp_for
+from albef.recipes import Recipe, alpha_ramp_for, crop_scale_for
 from albef.seeding import micro_seed
 from albef.text import Tokenizer
 from albef.training.build import build_data, build_trainer, wrap_trainer
@@ -173,6 +173,27 @@ class TrainRun:
         self.scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and self.precision == "fp16")
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _warn_changed_resolution(self, path: Path, saved: dict) -> None:
+        """A run written when an unset crop scale or α ramp meant another value carries that value
+        in its recipe: say so where this run resolves the key differently."""
+        for key, then, now in (
+            ("data.crop_scale", saved.get("data", {}).get("crop_scale"), crop_scale_for(self.recipe)),
+            ("train.alpha_ramp_epochs", saved.get("train", {}).get("alpha_ramp_epochs"), alpha_ramp_for(self.recipe)),
+        ):
+            if then is not None and (list(then) if isinstance(then, (list, tuple)) else then) != (
+                list(now) if isinstance(now, tuple) else now
+            ):
+                if self.dist.is_main:
+                    log.warning(
+                        "%s was written with %s = %s; this run uses %s: set %s=%s in the recipe to resume as it ran",
+                        path,
+                        key,
+                        then,
+                        now,
+                        key,
+                        then,
+                    )
+
     def _resume(self, path: Path) -> bool:
         """Load the run's state from ``path`` (``checkpoint_prev.pt`` beside it when it is unreadable);
         True when ``path`` itself was loaded. An explicit path was checked by :func:`check_output_dir`."""
@@ -194,6 +215,7 @@ class TrainRun:
         saved = dataclasses.replace(ALBEFConfig.from_dict(ckpt["model_config"]), head_init=self.cfg.head_init)
         if saved != self.cfg:
             raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
+        self._warn_changed_resolution(path, ckpt.get("recipe", {}))
         saved_scale = ckpt.get("recipe", {}).get("train", {}).get("lr_scale") or {}
         if saved_scale != (self.recipe.train.lr_scale or {}):  # the optimizer's groups would not match
             raise ValueError(

@@ -30,5 +30,6 @@ def test_the_prediction_is_normalised_and_disagreeing_references_lose_their_punc
 
 def test_one_reference_is_an_exact_match_and_none_is_an_error():
     assert vqa_accuracy("red", ["red"]) == 1.0 and vqa_accuracy("a red", ["red"]) == 0.0
+    assert vqa_accuracy("red", "red") == 1.0  # the authors' files may give one answer as a string
     with pytest.raises(ValueError, match="no reference"):
         vqa_accuracy("red", [])

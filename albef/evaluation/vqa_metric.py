@@ -113,7 +113,9 @@ def normalize_answer(text: str) -> str:
 
 def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
     """The official VQA accuracy of ``pred`` against the annotators' ``answers`` (see the module
-    docstring); exact match where there is one reference answer."""
+    docstring); exact match where there is one reference answer (a string is one answer)."""
+    if isinstance(answers, str):
+        answers = [answers]
     if len(answers) == 1:
         return float(pred == answers[0])
     if not answers:

@@ -333,6 +333,7 @@ class VQAPipeline:
         k: int | None = None,
     ) -> list[Answer]:
         """The best answer of the list for each (image, question) pair."""
+        from albef.data.vqa import TEST_QUESTION_WORDS
         from albef.models.tasks import rank_answers
         from albef.text import clean_question
 
@@ -342,9 +343,9 @@ class VQAPipeline:
             raise ValueError("no answer list: pass answer_list or call set_answers first")
         questions = [questions] if isinstance(questions, str) else list(questions)
         px = self.processor.images(images).to(self.device, next(self.model.parameters()).dtype)
-        # as the authors' test split: up to 50 words, cut by tokens only at BERT's position limit
+        # as the authors' test split: cut by tokens only at BERT's position limit
         q = self.processor.tokenizer(
-            [clean_question(x, self.processor.cleaning, 50) for x in questions],
+            [clean_question(x, self.processor.cleaning, TEST_QUESTION_WORDS) for x in questions],
             max_length=self.model.config.text.max_position_embeddings,
             padding="longest",
         ).to(self.device)

@@ -169,7 +169,7 @@ def _grounding(args: argparse.Namespace) -> int:
 def _task(args: argparse.Namespace) -> int:
     from albef.data.annotations import require_entries
     from albef.data.classification import read_classification
-    from albef.data.vqa import read_answer_list, read_vqa
+    from albef.data.vqa import TEST_QUESTION_WORDS, read_answer_list, read_vqa
     from albef.distributed import init_distributed, shutdown
     from albef.evaluation.tasks import evaluate_classification, evaluate_vqa
 
@@ -181,13 +181,12 @@ def _task(args: argparse.Namespace) -> int:
         transform = test_transform(model.config.vision.image_size)
         amp = autocast(info.device, precision)
         if args.what == "vqa":
-            # test questions keep up to 50 words, the authors' test split (30 in training)
             records, bad = read_vqa(
                 args.data,
                 args.image_root,
                 train=False,
                 cleaning=model.config.text_cleaning,
-                max_words=50,
+                max_words=TEST_QUESTION_WORDS,
                 vqa_root=args.vqa_root,
                 vg_root=args.vg_root,
             )

@@ -27,6 +27,9 @@ from albef.data.annotations import BadSample, read_annotations, read_json_file, 
 from albef.data.pretrain import PretrainDataset, PretrainRecord
 from albef.text import BadTextError, Tokenizer, check_text, clean_text, has_tokens
 
+# the authors' VQA test split keeps questions up to 50 words (30 in training) and cuts no tokens
+TEST_QUESTION_WORDS = 50
+
 
 @dataclass(frozen=True)
 class VQARecord(PretrainRecord):

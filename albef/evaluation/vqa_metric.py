@@ -28,17 +28,14 @@ _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit (decimals 
 _CONTRACTIONS = {
     w.replace("'", ""): w
     for w in (
-        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
-        "haven't he'd he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am "
-        "mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd've "
-        "should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've "
-        "someone'll someone's something'd something'd've something'll that's there'd there'd've "
-        "there're there's they'd they'd've they'll they're they've wasn't we'd've we've weren't "
-        "what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
-        "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd "
-        "you'd've you'll you're you've"
+        "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's "
+        "how'd how'll how's I'm I've isn't it'd it'll ma'am mightn't might've mustn't must've needn't "
+        "not've o'clock oughtn't shan't should've shouldn't somebody'll somebody's someone'd "
+        "someone'll someone's something'd something'll that's there'd there're there's they'd they'll "
+        "they're they've wasn't we've weren't what'll what're what's what've when's where'd where's "
+        "where've who'd who'll who's who've why'll why're why's won't would've wouldn't y'all you'd "
+        "you'll you're you've"
     ).split()
-    if w.count("'") == 1
 }
 # forms with the apostrophe in another place, and the official list's own irregular entries
 _CONTRACTIONS.update(

@@ -176,13 +176,15 @@ class TrainRun:
     def _warn_changed_resolution(self, path: Path, saved: dict) -> None:
         """A run written when an unset crop scale or α ramp meant another value carries that value
         in its recipe: say so where this run resolves the key differently."""
+
+        def plain(v):  # a saved recipe may hold a list where this one has a tuple
+            return list(v) if isinstance(v, (list, tuple)) else v
+
         for key, then, now in (
             ("data.crop_scale", saved.get("data", {}).get("crop_scale"), crop_scale_for(self.recipe)),
             ("train.alpha_ramp_epochs", saved.get("train", {}).get("alpha_ramp_epochs"), alpha_ramp_for(self.recipe)),
         ):
-            if then is not None and (list(then) if isinstance(then, (list, tuple)) else then) != (
-                list(now) if isinstance(now, tuple) else now
-            ):
+            if then is not None and plain(then) != plain(now):
                 if self.dist.is_main:
                     log.warning(
                         "%s was written with %s = %s; this run uses %s: set %s=%s in the recipe to resume as it ran",

@@ -143,6 +143,27 @@ def autocast(device: str | torch.device, precision: str) -> AbstractContextManag
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def training_autocast(device: str | torch.device, dtype: torch.dtype | None, checkpointing: bool) -> torch.autocast:
+    """``torch.autocast`` around a training forward (disabled for ``dtype=None``).
+
+    Autocast caches the low-precision copy of each weight for the rest of the forward, so a weight
+    read by several passes (the fusion layers read by ITM and MLM) is cast once. With gradient
+    checkpointing the cache is off: it would keep a copy of every weight alive to the end of the
+    forward (0.35 GB of bf16 weights at albef-base), while the checkpointed blocks keep none and
+    cast again when they are recomputed. Casting is exact either way: the values are the same.
+
+    >>> with training_autocast("cpu", torch.bfloat16, checkpointing=True):
+    ...     torch.is_autocast_cache_enabled()
+    False
+    """
+    return torch.autocast(
+        torch.device(device).type,
+        dtype=dtype or torch.float32,
+        enabled=dtype is not None,
+        cache_enabled=not checkpointing,
+    )
+
+
 def add_precision_option(parser, default: str = "fp32") -> None:
     """The ``--precision {fp32,bf16,auto}`` option of the inference commands."""
     parser.add_argument(

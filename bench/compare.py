@@ -60,6 +60,7 @@ from albef.cli.bench import proc_memory_mb  # noqa: E402
 from albef.cli.mdblock import write_block  # noqa: E402
 from albef.config import ALBEFConfig  # noqa: E402
 from albef.models.albef import checkpointed_parts  # noqa: E402
+from albef.precision import training_autocast  # noqa: E402
 from albef.recipes import TrainSection  # noqa: E402
 
 
@@ -115,7 +116,8 @@ def pretrain_sides(
         side_amp = amp if model is ours else ref_amp
 
         def go():  # both training loops: forward, backward, step, then drop the gradients
-            with torch.autocast(dev.type, dtype=side_amp or torch.float32, enabled=side_amp is not None):
+            # ours as the training loop: autocast's weight cache off with checkpointing (albef.precision)
+            with training_autocast(dev, side_amp, checkpointing and model is ours):
                 loss, after = run(model)
             loss.backward()
             opt.step()

@@ -85,6 +85,70 @@ def test_bf16_training_on_the_cpu_is_close_to_fp32_and_keeps_float32_state(shape
     assert ckpt["recipe"]["train"]["precision"] == "bf16"
 
 
+def _bf16_checkpointed_step(context):
+    """Loss and gradients of one bf16 step of a seeded albef-tiny pretrainer whose encoders
+    recompute their blocks in the backward, its forward under ``context``."""
+    from albef.config import get_preset
+    from albef.training.pretrain import ALBEFPretrainer
+    from tests.helpers import text_batch
+
+    torch.manual_seed(0)
+    trainer = ALBEFPretrainer(ALBEF(get_preset("albef-tiny"))).train()
+    trainer.model.set_grad_checkpointing("all")
+    ids, mask = text_batch(4, 12)
+    images = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)  # dropout
+    with context:
+        out = trainer(images, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(3), enqueue=False)
+    out.loss.backward()
+    return out.loss, {n: p.grad for n, p in trainer.named_parameters() if p.grad is not None}
+
+
+def test_checkpointed_bf16_step_casts_without_the_cache_to_the_same_values():
+    """With gradient checkpointing the training forward runs autocast without its weight cache
+    (which would hold a bf16 copy of every weight to the end of the forward); the casts it makes
+    instead are the same roundings, so the step is the cached step bit for bit."""
+    loss, grads = _bf16_checkpointed_step(precision.training_autocast("cpu", torch.bfloat16, checkpointing=True))
+    ref_loss, ref_grads = _bf16_checkpointed_step(torch.autocast("cpu", dtype=torch.bfloat16))
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+    with precision.training_autocast("cpu", torch.bfloat16, checkpointing=True):
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+    with precision.training_autocast("cpu", torch.bfloat16, checkpointing=False):
+        assert torch.is_autocast_cache_enabled()
+    with precision.training_autocast("cpu", None, checkpointing=False):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_training_loop_drops_the_weight_cache_only_with_checkpointing(shapes, tmp_path, monkeypatch):
+    from albef.training import loop
+
+    seen = []
+    real = loop.training_autocast
+
+    def spy(device, dtype, checkpointing):
+        seen.append((dtype, checkpointing))
+        return real(device, dtype, checkpointing)
+
+    monkeypatch.setattr(loop, "training_autocast", spy)
+    for ckpt in (False, True):
+        recipe = load_recipe(
+            None,
+            _overrides(
+                shapes,
+                tmp_path / str(ckpt),
+                train__max_steps=1,
+                train__precision="bf16",
+                train__device="cpu",
+                train__grad_checkpointing=ckpt,
+            ),
+        )
+        with _maybe_slow_warning():
+            TrainRun(recipe).fit()
+    assert seen == [(torch.bfloat16, False), (torch.bfloat16, True)]
+
+
 def test_distillation_losses_are_float32_under_cpu_autocast():
     """CPU autocast keeps log_softmax / softmax in bf16 (CUDA's runs them in float32); the soft-target
     losses upcast themselves, and cross-entropy is float32 by autocast's own policy."""

@@ -44,7 +44,7 @@ from albef.distributed import (
 )
 from albef.heap import release_after_step, tune_for_training
 from albef.models.albef import checkpointed_parts
-from albef.precision import autocast_dtype, resolve_precision, set_tf32
+from albef.precision import autocast_dtype, resolve_precision, set_tf32, training_autocast
 from albef.recipes import Recipe, alpha_ramp_for, crop_scale_for
 from albef.seeding import micro_seed
 from albef.text import Tokenizer
@@ -287,6 +287,7 @@ class TrainRun:
     # -- one optimizer step -----------------------------------------------------------------
     def _step(self, micro_batches: list, epoch: int, step: int) -> dict[str, float]:
         t, dev = self.recipe.train, self.dist.device
+        checkpointing = any(checkpointed_parts(t.grad_checkpointing))
         lr = self.schedule(epoch, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -306,9 +307,7 @@ class TrainRun:
                     # the EMA on matching shards, before any FSDP unit gathers
                     momentum_update(self.trainer.model, self.trainer.model_m, self.trainer.momentum)
                     first = False
-                with torch.autocast(
-                    dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-                ):
+                with training_autocast(dev, self.amp_dtype, checkpointing):
                     loss, logs, payload = self.task.micro_step(self.wrapped, batch, alpha, gen, first=first)
                 self.scaler.scale(loss / len(micro_batches)).backward()  # outside autocast, as PyTorch advises
             payloads.append(payload)
@@ -326,7 +325,6 @@ class TrainRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        checkpointing = any(checkpointed_parts(t.grad_checkpointing))
         release_after_step(dev.type == "cpu", checkpointing)  # freed heap back to the OS (heap.py)
         self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only

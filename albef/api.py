@@ -298,7 +298,7 @@ class VQAPipeline:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device, "precision")  # as Pipeline's
         self.model = model.to(self.device).eval()
-        self.processor = processor or Processor.for_model(model, max_text_len=35)
+        self.processor = processor or Processor.for_model(model)  # questions: see answer()
         self.k, self.scoring = k, scoring
         self.answers: list[str] = []
         if answer_list is not None:
@@ -313,9 +313,7 @@ class VQAPipeline:
 
         path = resolve_model_path(directory)
         model = load_model(path, expect=ALBEFForVQA)
-        return cls(
-            model, Processor.for_model(model, path if path.is_dir() else None, max_text_len=35), device, **kwargs
-        )
+        return cls(model, Processor.for_model(model, path if path.is_dir() else None), device, **kwargs)
 
     def set_answers(self, answer_list: Sequence[str]) -> None:
         if not answer_list:

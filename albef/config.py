@@ -108,9 +108,9 @@ class ALBEFConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = _sub_config(VisionConfig, self.vision, "vision")
         if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
+            self.text = _sub_config(TextConfig, self.text, "text")
         self.validate()
 
     def validate(self) -> None:
@@ -196,6 +196,33 @@ def _tiny() -> ALBEFConfig:
 
 
 PRESETS = {"albef-base": _base, "albef-small": _small, "albef-tiny": _tiny}
+
+
+def _sub_config(cls: type, d: dict[str, Any], name: str) -> Any:
+    """``cls(**d)``, an unknown key named (a typo in ``model.overrides.vision.…`` would otherwise
+    be a bare TypeError)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} config keys {unknown}; {name} takes {sorted(known)}")
+    return cls(**d)
+
+
+def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` wherever two nested dicts (``to_dict()`` of two
+    configs) differ; a key missing on one side has the value None there.
+
+    >>> differences({"vision": {"width": 768}, "temp": 0.07}, {"vision": {"width": 384}, "temp": 0.07})
+    [('vision.width', 768, 384)]
+    """
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append((f"{prefix}{k}", x, y))
+    return out
 
 
 def get_preset(name: str) -> ALBEFConfig:

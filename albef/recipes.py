@@ -376,7 +376,13 @@ def apply_override(d: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ValueError(f"override {assignment!r} is not of the form key.sub=value")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(
+            f"override {assignment!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+            "quote the whole assignment for the shell, e.g. 'data.train_files=[a.json, b.json]'"
+        ) from None
     node = d
     parts = key.strip().split(".")
     for p in parts[:-1]:

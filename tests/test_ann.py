@@ -163,3 +163,43 @@ def test_small_galleries_get_an_index_they_can_train():
     x = np.random.default_rng(4).standard_normal((200, 16)).astype(np.float32)
     fill_index(index, x)
     assert index.ntotal == 200
+
+
+def test_an_index_is_replaced_only_when_told_and_only_once_complete(pipe, files, tmp_path, capsys, monkeypatch):
+    from albef.checkpoints.pretrained import save_pretrained
+    from albef.cli import main as cli
+    from albef.search import ann
+
+    out = tmp_path / "idx"
+    first = build_index(pipe, files[:6], out, kind="flat", chunk=4, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds an index"):
+        build_index(pipe, files, out, kind="flat", progress=False)
+    save_pretrained(pipe.model, tmp_path / "model")
+    args = ["index", "build", "--model", str(tmp_path / "model"), "--images", str(files[0].parent), "--out", str(out)]
+    with pytest.raises(SystemExit):
+        cli([*args, "--kind", "flat"])
+    assert "--overwrite" in capsys.readouterr().err
+    # a build that fails half-way (here: indexing) leaves the old index whole, and no temp folder
+    monkeypatch.setattr(ann, "fill_index", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        build_index(pipe, files, out, kind="flat", progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    meta = build_index(pipe, files, out, kind="flat", chunk=4, progress=False, overwrite=True)
+    assert first["count"] < meta["count"] == 11
+    assert json.loads((out / "meta.json").read_text())["count"] == 11
+
+
+def test_index_build_reads_an_authors_json_list_against_its_image_root(pipe, files, tmp_path):
+    from albef.cli.index import _files
+
+    listing = tmp_path / "lists" / "test.json"
+    listing.parent.mkdir()
+    listing.write_text(json.dumps([{"image": f.name, "caption": "x"} for f in files[:3]]))
+    assert _files(str(listing), str(files[0].parent)) == sorted(files[:3])
+    assert _files(str(listing)) == sorted(listing.parent / f.name for f in files[:3])  # default: beside the JSON
+    listing.write_text(json.dumps([{"caption": "no image"}]))
+    with pytest.raises(ValueError, match='test.json: expected a JSON list of objects with an "image" path'):
+        _files(str(listing))

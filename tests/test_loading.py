@@ -22,6 +22,7 @@ from albef.checkpoints.loading import (
 from albef.cli import main as cli_main
 from albef.cli.convert import config_from_state_dict
 from albef.cli.parity import config_from_parity
+from albef.config import ALBEFConfig, get_preset
 from albef.models.albef import ALBEF
 from albef.training.momentum import copy_student_to_teacher
 from albef.training.pretrain import ALBEFPretrainer
@@ -319,3 +320,21 @@ def test_timm_vit_initialisation(tiny_config, tmp_path):
     torch.save({**timm_sd, "dist_token": torch.zeros(1, 1, 32)}, tmp_path / "distilled.pth")
     with pytest.raises(CheckpointLoadError, match="distilled DeiT"):
         load_timm_vit(model, tmp_path / "distilled.pth")
+
+
+def test_a_checkpoint_of_another_size_says_so_and_lists_a_bounded_number():
+    from albef.checkpoints.loading import MAX_LISTED
+
+    small = get_preset("albef-tiny")
+    d = small.to_dict()
+    wide = ALBEFConfig.from_dict(
+        {**d, "vision": {**d["vision"], "width": 48}, "text": {**d["text"], "encoder_width": 48}}
+    )
+    sd = {"model." + k: v for k, v in ALBEF(wide).state_dict().items()}
+    with pytest.raises(CheckpointLoadError) as e:
+        load_albef(ALBEF(small), sd, "wide.pth")
+    msg = str(e.value)
+    assert msg.startswith("wide.pth does not fit the model:") and "tensors of other shapes" in msg
+    assert "another model size" in msg and "model.preset" in msg
+    listed = [line for line in msg.splitlines() if line.startswith("  ")]
+    assert len(listed) == MAX_LISTED + 1 and listed[-1].strip().startswith("... and ")

@@ -196,3 +196,41 @@ def test_the_suggested_convert_makes_a_loadable_folder(bare_files, tmp_path):
     assert cli_main(["convert", str(bare), str(tmp_path / "m"), "--preset", "albef-tiny"]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["task"] == "albef"
     Pipeline.from_pretrained(tmp_path / "m", device="cpu")
+
+
+def test_convert_keeps_an_existing_model_folder_unless_told(run, tmp_path, capsys):
+    _, out = run
+    ckpt = out / "checkpoint_last.pt"
+    assert cli_main(["convert", str(ckpt), str(tmp_path / "m")]) == 0
+    before = (tmp_path / "m" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as e:
+        cli_main(["convert", str(ckpt), str(tmp_path / "m")])
+    assert e.value.code == 2 and "already holds a model" in capsys.readouterr().err
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mtime_ns == before
+    assert cli_main(["convert", str(ckpt), str(tmp_path / "m"), "--overwrite"]) == 0
+
+
+def test_model_init_reads_a_run_folder_as_the_commands_do(run, tmp_path):
+    from albef.checkpoints.loading import read_state_dict
+
+    _, out = run  # no validation: its checkpoint_last.pt
+    got, want = read_state_dict(out), read_state_dict(out / "checkpoint_last.pt")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="a folder without model.safetensors: give an albef model folder"):
+        read_state_dict(tmp_path / "empty")
+
+
+def test_a_damaged_model_folder_is_named_with_the_fix(run, tmp_path):
+    _, out = run
+    assert cli_main(["convert", str(out / "checkpoint_last.pt"), str(tmp_path / "m")]) == 0
+    shutil.copytree(tmp_path / "m", tmp_path / "broken")
+    (tmp_path / "broken" / "config.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match=r"broken/config.json: not valid JSON .*write it again"):
+        from_pretrained(tmp_path / "broken")
+    # weights from another model beside this config: one save's two files no longer match
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["config"]["text"]["intermediate_size"] *= 2
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit the model its config.json describes"):
+        from_pretrained(tmp_path / "broken")

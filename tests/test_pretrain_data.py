@@ -63,6 +63,46 @@ def test_a_truncated_image_is_used_as_far_as_it_goes_unless_told(tmp_path):
         ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def _png_with_a_damaged_chunk(path):
+    """A PNG whose second data chunk has a damaged type: PIL opens it and, with
+    LOAD_TRUNCATED_IMAGES off, fails while decoding with a SyntaxError (not an OSError)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(buf, "PNG", compress_level=0)  # stored: 3 chunks
+    data, pos, idat = bytearray(buf.getvalue()), 8, []
+    while pos < len(data):
+        n = struct.unpack(">I", data[pos : pos + 4])[0]
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            idat.append(pos)
+        pos += 12 + n
+    assert len(idat) > 1, "the test image needs two data chunks"
+    data[idat[1] + 4 : idat[1] + 8] = b"ID\x00T"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_an_image_damaged_inside_is_a_bad_sample_not_a_crash(tmp_path):
+    from albef.data.pretrain import PretrainRecord, load_image
+
+    bad = _png_with_a_damaged_chunk(tmp_path / "damaged.png")
+    with pytest.raises(OSError, match="damaged.png: damaged image data") as e:
+        load_image(str(bad))
+    assert e.value.filename == str(bad)
+    assert load_image(str(bad), truncated_ok=True).size == (256, 256)  # as far as it goes, as the authors
+    good = write_shapes(tmp_path / "ok", n=1, image_size=16)
+    records = [
+        PretrainRecord(str(bad), ("a red square",), "test"),
+        *read_annotations(good, parse_pretrain_entry(str(tmp_path / "ok")))[0],
+    ]
+    item = PretrainDataset(records, make_test_transform(16), truncated_ok=False)[0]
+    assert item["index"] != 0 and [b.where for b in item["bad"]] == [str(bad)]
+    assert "damaged image data" in item["bad"][0].reason
+
+
 def test_bad_images_are_replaced_reported_and_limited(tmp_path):
     path = write_shapes(tmp_path, n=6, image_size=16, corrupt=3)
     records, bad = read_annotations(path, parse_pretrain_entry(str(tmp_path)))

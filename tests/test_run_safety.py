@@ -167,6 +167,9 @@ def test_non_finite_weights_are_refused_naming_them(tmp_path):
         ("train.lr=", "train.lr: empty is not allowed; give a number"),
         ("train.batch_size=-4", "train.batch_size = -4: must be an integer >= 1"),
         ("train.precision=fp8", "train.precision: 'fp8' is not allowed; give fp32 / bf16 / fp16"),
+        # a list the shell split at its space
+        ("data.train_files=[a.json,", "override 'data.train_files=[a.json,': the value is not valid YAML"),
+        ("model.overrides.vision.widht=384", "unknown vision config keys ['widht']; vision takes"),
     ],
 )
 def test_recipe_values_are_checked_before_any_work(shapes, tmp_path, capsys, override, says):
@@ -176,3 +179,33 @@ def test_recipe_values_are_checked_before_any_work(shapes, tmp_path, capsys, ove
     assert e.value.code == 2
     assert says in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(shapes, finished, capsys):
+    """--overwrite clears the old run only once the new recipe's data and weights have been read."""
+    out, before = finished
+    for bad in ("data.train_files=[/no/such/file.json]", "model.overrides.text.num_layerz=2"):
+        with pytest.raises(SystemExit) as e:
+            cli_main(_args(shapes, out, 2, bad) + ["--overwrite"])
+        assert e.value.code == 2
+        assert _snapshot(out) == before, bad
+
+
+def test_resume_with_another_model_config_names_what_differs(shapes, finished, capsys):
+    out, before = finished
+    with pytest.raises(SystemExit):
+        cli_main(_args(shapes, out, 5, "model.overrides={queue_size: 64}") + ["--resume"])
+    err = capsys.readouterr().err
+    assert "was written for another model config (queue_size: 32 in the checkpoint, 64 here)" in err, err
+    assert _snapshot(out) == before
+
+
+def test_resume_from_weights_that_are_not_a_run_says_to_use_model_init(shapes, finished, tmp_path, capsys):
+    out, before = finished
+    weights = tmp_path / "weights.pt"
+    save_checkpoint({"model": load_checkpoint(out / "checkpoint_last.pt")["model"]}, weights)
+    with pytest.raises(SystemExit):
+        cli_main(_args(shapes, out, 5) + ["--resume", str(weights)])
+    err = capsys.readouterr().err
+    assert f"{weights} is not a training checkpoint" in err and "model.init" in err, err
+    assert _snapshot(out) == before

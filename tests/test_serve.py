@@ -246,6 +246,25 @@ def test_build_app_from_a_saved_model(tmp_path, gallery, monkeypatch):
     )
     with pytest.raises(SystemExit, match="no VQA model"):
         build_app(args)
+    answers = tmp_path / "answers.json"
+    answers.write_text('["red", "blue"]')
+    not_vqa = parser().parse_args(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            str(gallery),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--no-progress",
+            "--vqa-model",
+            str(tmp_path / "model"),  # a retrieval model: refused at start, not with a 500 per question
+            "--answers",
+            str(answers),
+        ]
+    )
+    with pytest.raises(SystemExit, match="holds no VQA model .*--vqa-model needs one"):
+        build_app(not_vqa)
     args_ok = parser().parse_args(
         [
             "--model",

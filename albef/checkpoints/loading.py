@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from albef.checkpoints import dinov2
 from albef.checkpoints.convert import from_authors, unwrap_checkpoint
-from albef.checkpoints.files import load_checkpoint
-from albef.checkpoints.pretrained import WEIGHTS
+from albef.checkpoints.files import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
+from albef.checkpoints.pretrained import WEIGHTS, resolve_model_path
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForTextAssignment, ALBEFForVQA
 from albef.models.vit import resize_pos_embed
@@ -82,15 +82,28 @@ class LoadReport:
         return "\n".join(lines)
 
 
+#: problems listed in a load error; the rest are counted
+MAX_LISTED = 20
+
+
 def _abbrev(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a ``.pth``/``.pt`` (wrapped ``{"model": ...}`` or bare), a ``.safetensors``
-    file, or an albef model folder (its keys then carry our ``model.`` prefix)."""
+    file, an albef model folder (its keys then carry our ``model.`` prefix) or a run folder (its
+    best checkpoint, else its last, as ``albef evaluate`` reads one)."""
     path = Path(path)
     if path.is_dir():
+        run_checkpoint = resolve_model_path(path)
+        if run_checkpoint != path:
+            return read_state_dict(run_checkpoint)
+        if not (path / WEIGHTS).is_file():
+            raise FileNotFoundError(
+                f"{path} is a folder without {WEIGHTS}: give an albef model folder (save_pretrained, "
+                f"albef convert), a run folder (with {BEST_NAME} or {CHECKPOINT_NAME}) or a checkpoint file"
+            )
         return {"model." + k: v for k, v in read_state_dict(path / WEIGHTS).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -190,7 +203,17 @@ def load_albef(
         missing = [e for e in errors if e.startswith("missing")]
         if missing and all("mlm_head." in e for e in missing):
             hint = "\n(a fine-tuned checkpoint has no MLM head: build the model with ALBEF(config, mlm_head=False))"
-        raise CheckpointLoadError(f"{source} does not fit the model:\n  " + "\n  ".join(errors) + hint)
+        n_shape = sum(e.startswith("shape mismatch") for e in errors)
+        if n_shape:
+            hint += (
+                f"\n({n_shape} tensors of other shapes: the checkpoint was made for another model size. Build "
+                "the model it was made for: the preset and overrides of its run (model.preset, "
+                "model.overrides in a recipe), albef-base for the authors' checkpoints)"
+            )
+        shown = (
+            errors if len(errors) <= MAX_LISTED else [*errors[:MAX_LISTED], f"... and {len(errors) - MAX_LISTED} more"]
+        )
+        raise CheckpointLoadError(f"{source} does not fit the model:\n  " + "\n  ".join(shown) + hint)
     with torch.no_grad():
         for key, value in to_load.items():
             expected[key].copy_(value)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from albef.checkpoints.files import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
+from albef.checkpoints.files import BEST_NAME, CHECKPOINT_NAME, atomic_write_text, load_checkpoint
 from albef.config import ALBEFConfig
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, task_model
@@ -75,7 +75,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: To
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    (d / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(d / CONFIG, json.dumps(meta, indent=2) + "\n")
     (tokenizer or Tokenizer(add_sep=model.config.add_sep)).save(d)
     return d
 
@@ -97,8 +97,12 @@ def from_pretrained(
             f"{cfg_path} not found: {d} is not an albef model folder "
             "(convert an authors' checkpoint with `albef convert SRC DST`)"
         )
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e}); the folder is damaged: write it again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     model = _build(meta)
     if expect is not None and not isinstance(model, expect):
@@ -107,7 +111,13 @@ def from_pretrained(
         state = load_file(str(d / WEIGHTS))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{d / WEIGHTS}: cannot be read ({e}); the folder is incomplete or corrupt") from e
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{d / WEIGHTS} does not fit the model its {CONFIG} describes ({str(e).splitlines()[0]}); "
+            "the folder's two files are not from one save: write it again"
+        ) from None
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()
 

@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="which model the checkpoint holds (auto: from its keys)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace the model in an existing DST folder")
     args = p.parse_args(argv)
+    if (Path(args.dst) / CONFIG).exists() and not args.overwrite:
+        p.error(f"{args.dst} already holds a model: give another folder, or --overwrite to replace it")
     src = resolve_model_path(args.src)
     stored = _stored(src)
     if stored is not None:

@@ -1,7 +1,8 @@
 """``albef evaluate retrieval|grounding|vqa|ve|nlvr``: score a model on an evaluation file.
 
     albef evaluate retrieval --model DIR --data coco_test.json --image-root /data/coco --k 256
-    albef evaluate grounding --model DIR --data refcoco+_val.json --image-root /data/coco --overlays out/
+    albef evaluate grounding --model DIR --data refcoco+_grounding.json --image-root /data/coco --overlays out/
+                                        # (refcoco+_grounding.json: albef data refcoco)
     albef evaluate vqa --model DIR --data vqa_test.json --answers answer_list.json --results answers.json
     torchrun --nproc_per_node 8 -m albef.cli evaluate retrieval ...   # re-ranking split over ranks
 

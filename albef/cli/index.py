@@ -26,15 +26,21 @@ def _pipeline(model: str, device: str | None, precision: str = "fp32"):
     return Pipeline(m, Processor.for_model(m, path if path.is_dir() else None), device, precision=precision)
 
 
-def _files(images: str) -> list[Path]:
+def _files(images: str, image_root: str | None = None) -> list[Path]:
+    from albef.data.annotations import read_json_file
     from albef.search.gallery import list_images
 
     p = Path(images)
     if p.is_dir():
         return list_images(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"--images {p}: no such folder or file")
     if p.suffix == ".json":  # the authors' formats: a list of {"image": ...}
-        root = p.parent
-        return sorted({root / e["image"] for e in json.loads(p.read_text())})
+        root = Path(image_root) if image_root else p.parent
+        entries = read_json_file(p)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "image" in e for e in entries):
+            raise ValueError(f'{p}: expected a JSON list of objects with an "image" path (the authors\' format)')
+        return sorted({root / e["image"] for e in entries})
     return [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
 
 
@@ -118,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--model", required=True)
     b.add_argument("--images", required=True, help="folder, text file of paths, or an authors' JSON list")
     b.add_argument("--out", required=True)
+    b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    b.add_argument(
+        "--image-root",
+        help="with an authors' JSON list: the folder its image paths are relative to (default: the JSON's)",
+    )
     b.add_argument("--kind", choices=["flat", "ivf", "ivfpq", "hnsw"], default="ivfpq")
     b.add_argument("--chunk", type=int, default=1024, help="images embedded (and held) at a time")
     b.add_argument("--nlist", type=int)
@@ -145,8 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from albef.search.ann import build_index
 
+    out = Path(args.out)
+    if (out / "meta.json").exists() and not args.overwrite:  # before the model is loaded
+        p.error(f"{out} already holds an index: give another --out, or --overwrite to replace it")
+    try:
+        files = _files(args.images, args.image_root)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     pipe = _pipeline(args.model, args.device, args.precision)
-    meta = build_index(pipe, _files(args.images), args.out, args.kind, args.chunk, args.nlist, model_id=args.model)
+    try:
+        meta = build_index(
+            pipe, files, out, args.kind, args.chunk, args.nlist, model_id=args.model, overwrite=args.overwrite
+        )
+    except (FileExistsError, ValueError) as e:
+        p.error(str(e))
     print(
         f"indexed {meta['count']} images ({len(meta['bad'])} unreadable) into {args.out} "
         f"[{meta['kind']}; embedding {meta['embed_s']} s, index {meta['index_s']} s]"

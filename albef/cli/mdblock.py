@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from albef.training.metrics import atomic_write_text
+from albef.checkpoints.files import atomic_write_text
 
 
 def write_block(path: Path, name: str, text: str, at: str = "end") -> None:

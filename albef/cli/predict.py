@@ -40,17 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         add_precision_option(q)
     args = p.parse_args(argv)
     if args.what == "answer":
-        import json
-        from pathlib import Path
-
         from albef.api import VQAPipeline
+        from albef.data.vqa import read_answer_list
 
-        answers = json.loads(Path(args.answers).read_text())
         try:
+            answers = read_answer_list(args.answers)
             vqa = VQAPipeline.from_pretrained(
                 args.model, device=args.device, answer_list=answers, k=args.k, precision=args.precision
             )
-        except (NotAModelError, FileNotFoundError) as e:
+        except (NotAModelError, FileNotFoundError, ValueError) as e:
             raise SystemExit(f"albef predict: {e}") from None
         res = vqa.answer([args.image], [args.question])[0]
         print(res.answer)

@@ -125,6 +125,7 @@ def build_app(args: argparse.Namespace):
     from albef.checkpoints.pretrained import NotAModelError, load_inference_model, resolve_model_path
     from albef.data.vqa import read_answer_list
     from albef.models.albef import ALBEF
+    from albef.models.tasks import ALBEFForVQA
     from albef.search.gallery import GalleryIndex
     from albef.serve.app import create_app
 
@@ -165,12 +166,17 @@ def build_app(args: argparse.Namespace):
         answers = Path(args.answers or DEFAULTS["answers"])
         if not answers.exists():
             raise SystemExit(f"albef serve: VQA needs an answer list; {answers} does not exist (pass --answers FILE)")
+        try:
+            vqa_model, answer_list = load_inference_model(vqa_path), read_answer_list(answers)
+        except (NotAModelError, ValueError) as e:
+            raise SystemExit(f"albef serve: {e}") from None
+        if not isinstance(vqa_model, ALBEFForVQA):
+            raise SystemExit(
+                f"albef serve: {vqa_path} holds no VQA model ({type(vqa_model).__name__}); --vqa-model needs "
+                "one (albef finetune vqa, or albef convert of the authors' VQA checkpoint)"
+            )
         vqa = VQAPipeline(
-            load_inference_model(vqa_path),
-            device=args.device,
-            answer_list=read_answer_list(answers),
-            k=min(128, len(read_answer_list(answers))),
-            precision=precision,
+            vqa_model, device=args.device, answer_list=answer_list, k=min(128, len(answer_list)), precision=precision
         )
     return create_app(
         pipe,

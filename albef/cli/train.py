@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
     p = argparse.ArgumentParser(
         prog="albef pretrain" if task == "pretrain" else f"albef finetune {task}", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--config", help="YAML recipe (see recipes/)")
+    p.add_argument("--config", help="YAML recipe (see recipes/); required by albef finetune")
     p.add_argument(
         "--resume",
         nargs="?",
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, task: str = "pretrain") -> int:
         # the recipe defaults are pretraining's (lr 1e-4, 30 epochs, 256 px): never a task's settings
         p.error(
             f"--config RECIPE is required: the authors' {task} settings are in {AUTHORS_RECIPES[task]} "
-            f"(a recipe of just `task: {task}` starts from the library's pretraining defaults)"
+            f"(a recipe of just `task: {task}` takes pretraining's learning rate, epochs and resolution)"
         )
     try:
         recipe = load_recipe(args.config, args.overrides)

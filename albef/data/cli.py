@@ -5,8 +5,9 @@ PNG files of coloured shapes and, with paths relative to DIR: ``pretrain.json``
 two phrasings per image), ``retrieval_test.json`` (``[{"image", "caption": [...]}]``) from
 the last ``--test`` images, and ``ve_{train,test}.json`` / ``nlvr_{train,test}.json`` whose
 labels follow from the pictures' colours — the data of the CPU recipes and of the tests.
-``--corrupt K`` adds K broken entries (a truncated PNG, a text file named .png, a missing file)
-to exercise bad-data handling.
+``--corrupt K`` adds K broken entries to exercise bad-data handling: a truncated PNG (which
+training reads as far as it goes, as the authors do, unless ``data.load_truncated_images=false``),
+a text file named .png and a missing file (skipped and counted).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ both need equal batches — and the replacement is reported with the batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -75,19 +76,34 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mix_seed("sample", seed, epoch, index)
 
 
+class DamagedImageError(OSError):
+    """An image file whose data is damaged inside (``filename`` names it)."""
+
+    def __init__(self, message: str, filename: str):
+        super().__init__(message)
+        self.filename = filename
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno None] None: 'file'"
+        return str(self.args[0])
+
+
 def load_image(source: str | IO[bytes], truncated_ok: bool = False) -> Image.Image:
     """Open and fully decode an image (a path or a binary file) as RGB; raises ``OSError`` /
     ``ValueError`` when it can't. ``truncated_ok``: a file cut short decodes what it holds, the rest
     left black, as in the authors' datasets (which set PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` for
     the whole process); otherwise it raises here, not later in a transform."""
-    with Image.open(source) as img:
-        # PIL's switch is process-wide: set it for this decode either way, whatever else set it
-        before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, truncated_ok
-        try:
-            img.load()
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = before
-        return img.convert("RGB")
+    try:
+        with Image.open(source) as img:
+            # PIL's switch is process-wide: set it for this decode either way, whatever else set it
+            before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, truncated_ok
+            try:
+                img.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = before
+            return img.convert("RGB")
+    except SyntaxError as e:  # PIL's PNG reader reports a damaged chunk met while decoding this way
+        name = str(source) if isinstance(source, str | os.PathLike) else getattr(source, "name", "image data")
+        raise DamagedImageError(f"{name}: damaged image data ({e})", name) from e
 
 
 class PretrainDataset(Dataset):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,19 +124,49 @@ def build_index(
     nlist: int | None = None,
     progress: bool = True,
     model_id: str = "",
+    overwrite: bool = False,
 ) -> dict:
-    """Embed ``files`` and write ``out/{index.faiss, meta.json, features.f32}``; returns the meta."""
+    """Embed ``files`` and write ``out/{index.faiss, meta.json, features.f32}``; returns the meta.
+
+    The index is built in a hidden folder beside ``out`` and renamed into place when complete, so
+    a kill or an error never leaves a half-built index under ``out``; an existing index there is
+    replaced only with ``overwrite`` (a ``FileExistsError`` otherwise, before any work)."""
     faiss = _faiss()
     out = Path(out)
+    if _holds_index(out) and not overwrite:
+        raise FileExistsError(f"{out} already holds an index: give another folder, or overwrite it (--overwrite)")
     files = [Path(f) for f in files]
+    building = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    try:
+        meta = _build_in(faiss, pipe, files, building, kind, chunk, nlist, progress, model_id)
+        _move_into_place(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return meta
+
+
+def _holds_index(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("index.faiss", "meta.json", "features.f32"))
+
+
+def _move_into_place(built: Path, out: Path) -> None:
+    """``built`` becomes ``out``; an old ``out`` is set aside first and removed last."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    built.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_in(faiss, pipe, files: list[Path], out: Path, kind: str, chunk: int, nlist, progress: bool, model_id: str):
     t0 = time.perf_counter()
     feats, rows, bad = embed_to_disk(pipe, files, out, chunk, progress)
     if not len(feats):
         raise ValueError(f"none of the {len(files)} images could be read; nothing to index")
     t1 = time.perf_counter()
     index = fill_index(make_index(kind, feats.shape[1], len(feats), nlist), feats, progress=progress)
-    faiss.write_index(index, str(out / "index.faiss.tmp"))
-    (out / "index.faiss.tmp").replace(out / "index.faiss")
+    faiss.write_index(index, str(out / "index.faiss"))
     meta = {
         "kind": kind,
         "count": len(feats),
@@ -147,6 +179,7 @@ def build_index(
         "nprobe": getattr(index, "nprobe", None),
     }
     (out / "meta.json").write_text(json.dumps(meta))
+    del feats  # the memmap of features.f32, before the folder moves
     return meta
 
 

@@ -33,7 +33,7 @@ from albef.checkpoints.files import (
     load_checkpoint,
     save_checkpoint,
 )
-from albef.config import ALBEFConfig
+from albef.config import ALBEFConfig, differences
 from albef.data.annotations import BadSample, check_bad_share
 from albef.distributed import (
     DistInfo,
@@ -114,9 +114,9 @@ class TrainRun:
         # before the first step's allocations (albef.heap)
         on_cpu, checkpointing = self.dist.device.type == "cpu", any(checkpointed_parts(t.grad_checkpointing))
         tune_for_training(t.keep_freed_memory, on_cpu, checkpointing)
-        self._prepare_folder(overwrite)
+        self.cfg = r.model.build_config()  # a bad model setting fails before a folder is touched
+        self._prepare_folder()
         torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
-        self.cfg = r.model.build_config()
         self.tokenizer = Tokenizer(add_sep=self.cfg.add_sep)
         self.task = get_task(r.task)
         # read before any training, so that a bad validation file fails now and not after an epoch
@@ -140,6 +140,8 @@ class TrainRun:
             steps_per_epoch=self.sampler.steps_per_epoch,
             total_steps=min(t.max_steps, t.epochs * self.sampler.steps_per_epoch) if t.max_steps else None,
         )
+        if overwrite and self.dist.is_main:  # only now that the recipe, data and weights have been read
+            delete_run_files(self.out)
         self.state = RunState()
         # the step of the newest usable checkpoint_last.pt, which the next save keeps as checkpoint_prev.pt
         # (None: nothing written yet, or a damaged last that the next save replaces)
@@ -151,13 +153,11 @@ class TrainRun:
         )  # fresh runs drop stale rows
         self.bad_names: list[BadSample] = []
 
-    def _prepare_folder(self, overwrite: bool) -> None:
+    def _prepare_folder(self) -> None:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for tmp in clean_stale_temp_files(self.out):  # left by writes that a kill interrupted
                 log.warning("removed %s, a partial write of a killed run", tmp)
-            if overwrite:
-                delete_run_files(self.out)
 
     def _set_precision(self) -> None:
         """fp32 | bf16 | fp16 for this device (auto: bf16 only on native-bf16 hardware), logged by the
@@ -213,10 +213,19 @@ class TrainRun:
             if self.dist.is_main:  # a kill between the two renames, or a damaged file
                 log.warning("%s; resuming from %s, the checkpoint before it", e, previous)
             path, ckpt, loaded_path = previous, load_checkpoint(previous), False
+        if "model_config" not in ckpt or "optimizer" not in ckpt:
+            raise ValueError(
+                f"{path} is not a training checkpoint of albef (no model config or optimizer state): "
+                "--resume continues a run; to start a run from these weights, give model.init"
+            )
         # earlier versions: legacy keys too; head_init only shapes a model being built, not one resumed
         saved = dataclasses.replace(ALBEFConfig.from_dict(ckpt["model_config"]), head_init=self.cfg.head_init)
         if saved != self.cfg:
-            raise ValueError(f"{path} was written for another model config; resume it with its own recipe")
+            changed = ", ".join(
+                f"{k}: {a!r} in the checkpoint, {b!r} here"
+                for k, a, b in differences(saved.to_dict(), self.cfg.to_dict())
+            )
+            raise ValueError(f"{path} was written for another model config ({changed}); resume it with its own recipe")
         self._warn_changed_resolution(path, ckpt.get("recipe", {}))
         saved_scale = ckpt.get("recipe", {}).get("train", {}).get("lr_scale") or {}
         if saved_scale != (self.recipe.train.lr_scale or {}):  # the optimizer's groups would not match

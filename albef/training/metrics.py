@@ -15,11 +15,12 @@ import csv
 import io
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from albef.checkpoints.files import atomic_write_text
 
 __all__ = ["MetricsLogger", "plot_losses"]
 
@@ -155,14 +156,6 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
         elif line.strip():
             clean = False
     return rows, clean
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:

@@ -229,3 +229,30 @@ def test_finetuning_without_a_recipe_names_the_authors_one(task, recipe, tmp_pat
     with pytest.raises(SystemExit):
         cli_main(["finetune", task, f"output_dir={tmp_path / 'x'}"])
     assert recipe in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_missing_validation_image_fails_before_training(data, tmp_path, capsys):
+    entries = json.loads((data / "ve_test.json").read_text())
+    entries[0]["image"] = "images/not_there.png"
+    (tmp_path / "val.json").write_text(json.dumps(entries))
+    args = _args("ve", data, tmp_path / "x", "ve_train.json", "ve_test.json")
+    args[args.index(f"data.val_files=[{data / 've_test.json'}]")] = f"data.val_files=[{tmp_path / 'val.json'}]"
+    with pytest.raises(SystemExit):
+        cli_main(args)
+    err = capsys.readouterr().err
+    assert "1 validation image(s) not found" in err and "not_there.png" in err and "data.val_image_root" in err
+    assert not (tmp_path / "x" / "checkpoint_last.pt").exists()
+
+
+def test_an_unreadable_validation_image_keeps_the_epochs_checkpoint(data, tmp_path):
+    entries = json.loads((data / "ve_test.json").read_text())
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    entries[0]["image"] = str(bad)
+    (tmp_path / "val.json").write_text(json.dumps(entries))
+    args = _args("ve", data, tmp_path / "x", "ve_train.json", "ve_test.json")
+    args[args.index(f"data.val_files=[{data / 've_test.json'}]")] = f"data.val_files=[{tmp_path / 'val.json'}]"
+    with pytest.raises(ValueError, match="broken.png"):
+        cli_main(args)
+    ckpt = load_checkpoint(tmp_path / "x" / "checkpoint_last.pt")  # epoch 1's training is not lost
+    assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["global_step"] > 0

@@ -415,7 +415,14 @@ class TrainRun:
                     self.save()
             if s.step_in_epoch >= spe:
                 s.epoch, s.step_in_epoch = s.epoch + 1, 0
-                self.save(best=self.validate())
+                try:
+                    improved = self.validate()
+                except Exception:  # the epoch's training is kept: resuming starts the next epoch
+                    if not self.recipe.train.fsdp and self.dist.world_size == 1:  # no collective to hang in
+                        self.save()
+                        log.error("validation failed after epoch %d; its checkpoint is saved", s.epoch)
+                    raise
+                self.save(best=improved)
         bar.close()
         self.save()
         self.metrics.close()

@@ -14,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,17 @@ from albef.text import Tokenizer
 
 #: the metric each task selects its best epoch on (the authors' choice), higher is better
 SELECT_METRIC = {"retrieval": "r_mean", "grounding": "accuracy", "ve": "accuracy", "nlvr": "accuracy"}
+
+
+def check_images_exist(paths: Iterable[str]) -> None:
+    """Every validation image is a file, checked before training (a missing one would otherwise
+    stop the run at the first epoch's end): a ``FileNotFoundError`` naming the first few."""
+    missing = sorted({p for p in paths if not os.path.isfile(p)})
+    if missing:
+        raise FileNotFoundError(
+            f"data.val_files: {len(missing)} validation image(s) not found, e.g. {', '.join(missing[:3])}; "
+            "set data.val_image_root (or data.image_root) to the folder the files' paths are relative to"
+        )
 
 
 @dataclass
@@ -65,6 +77,7 @@ class Validator:
             from albef.evaluation.retrieval import evaluate_retrieval
 
             data = read_retrieval_eval(d.val_files, root, d.max_words, cleaning)
+            check_images_exist(data.images)
 
             def run(model: nn.Module, device: torch.device) -> dict[str, float]:
                 res = evaluate_retrieval(
@@ -84,6 +97,7 @@ class Validator:
             from albef.evaluation.grounding import evaluate_grounding, read_grounding
 
             records = read_grounding(d.val_files, root, cleaning)
+            check_images_exist(r.image for r in records)
 
             def run(model: nn.Module, device: torch.device) -> dict[str, float]:
                 metrics, _ = evaluate_grounding(
@@ -101,6 +115,7 @@ class Validator:
         records, bad = read_classification(d.val_files, root, recipe.task, cleaning, d.max_words)
         if bad:  # skipping would silently change what the best epoch is chosen on
             raise ValueError("bad validation entries:\n  " + "\n  ".join(map(str, bad[:20])))
+        check_images_exist(i for r in records for i in (r.image if isinstance(r.image, tuple) else (r.image,)))
 
         def run(model: nn.Module, device: torch.device) -> dict[str, float]:
             return {

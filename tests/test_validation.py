@@ -85,7 +85,7 @@ def test_ve_keeps_the_best_epoch_and_evaluate_reads_it(data, tmp_path, capsys):
                 "--image-root",
                 str(data),
                 "--out",
-                str(tmp_path / "m.json"),
+                str(tmp_path / "scores" / "m.json"),  # its folder is made before the scoring, not after
                 "--device",
                 "cpu",
             ]
@@ -93,7 +93,10 @@ def test_ve_keeps_the_best_epoch_and_evaluate_reads_it(data, tmp_path, capsys):
         == 0
     )
     assert "checkpoint_best.pt" in capsys.readouterr().err
-    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(max(accs), abs=1e-9)
+    assert json.loads((tmp_path / "scores" / "m.json").read_text())["accuracy"] == pytest.approx(max(accs), abs=1e-9)
+    with pytest.raises(SystemExit):  # a folder for --out: refused before the model is loaded
+        cli_main(["evaluate", "ve", "--model", str(out), "--data", str(data / "ve_train.json"), "--out", str(tmp_path)])
+    assert "is a folder; give a file path" in capsys.readouterr().err
 
 
 def test_retrieval_validation_is_the_two_stage_r_mean_of_albef_evaluate(data, tmp_path):

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from albef.checkpoints.files import atomic_write_text
 from albef.checkpoints.pretrained import load_inference_model
 from albef.data.retrieval import read_retrieval_eval
 from albef.data.transforms import test_transform
@@ -89,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     for q in sub.choices.values():
         add_precision_option(q)
     args = p.parse_args(argv)
+    for flag in ("out", "results"):  # checked now: a bad path would otherwise lose hours of scoring at the end
+        target = getattr(args, flag, None)
+        if target and Path(target).is_dir():
+            p.error(f"--{flag} {target} is a folder; give a file path")
+        if target:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
     if args.what == "grounding":
         return _grounding(args)
     if args.what in ("vqa", "ve", "nlvr"):
@@ -126,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_table({("ITC" if k == "itc" else "ITC+ITM"): v for k, v in results.items()}))
         if args.out:
-            Path(args.out).write_text(
-                json.dumps({"k": args.k, "n_images": len(data.images), "n_texts": len(data.texts), **results}, indent=2)
+            atomic_write_text(
+                Path(args.out),
+                json.dumps(
+                    {"k": args.k, "n_images": len(data.images), "n_texts": len(data.texts), **results}, indent=2
+                ),
             )
     return 0
 
@@ -163,7 +173,7 @@ def _grounding(args: argparse.Namespace) -> int:
         paths = save_overlays(preds, args.overlays, args.n_overlays)
         print(f"wrote {len(paths)} overlays to {args.overlays}")
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(Path(args.out), json.dumps(metrics, indent=2))
     return 0
 
 
@@ -221,7 +231,7 @@ def _task(args: argparse.Namespace) -> int:
         return 0
     if args.what == "vqa":
         if args.results:
-            Path(args.results).write_text(json.dumps(results))
+            atomic_write_text(Path(args.results), json.dumps(results))
         print(
             f"VQA on {metrics['n']} questions"
             + "".join(f"\n  {k:10s} {v:6.2f}%" for k, v in metrics.items() if k != "n")
@@ -229,7 +239,7 @@ def _task(args: argparse.Namespace) -> int:
     else:
         print(f"{args.what} accuracy on {metrics['n']} examples: {metrics['accuracy']:.2f}%")
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(Path(args.out), json.dumps(metrics, indent=2))
     return 0
 
 

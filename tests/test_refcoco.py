@@ -175,5 +175,8 @@ def test_cli(refer, capsys):
     cap = capsys.readouterr()
     assert "wrote 4 expressions" in cap.out and "val_d 2" in cap.out
     assert "skipped 1 expressions whose image has no candidate box" in cap.err
-    assert data_main([*argv, "--candidates", "gt"]) == 0
+    with pytest.raises(SystemExit):  # an existing output is kept unless told
+        data_main([*argv, "--candidates", "gt"])
+    assert "exists: give another --out, or --overwrite" in capsys.readouterr().err
+    assert data_main([*argv, "--candidates", "gt", "--overwrite"]) == 0
     assert {e["split"] for e in json.loads(out.read_text())} == {"val", "testA", "testB"}

@@ -251,3 +251,40 @@ def test_resume_over_shards_refuses_another_worker_layout(data, tmp_path):
             load_recipe(None, _overrides(data / "good-shards", out, train__max_steps=4, data__num_workers=1)),
             resume=True,
         )
+
+
+def test_a_shard_cut_short_is_counted_as_bad_and_the_rest_trains(data, tmp_path):
+    import shutil
+
+    for f in (data / "good-shards").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cut, gone = tmp_path / "shard-000001.tar", tmp_path / "shard-000002.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2 + 100])  # a copy interrupted half-way
+    loader = _loader(tmp_path, world=1)
+    gone.unlink()  # and one deleted while the run goes on
+    batches = _epoch(loader, 0) + _epoch(loader, 1)  # a bad read is reported with a later sample: two epochs
+    bad = [b for mb in batches for b in mb.bad]
+    assert {b.where.split(".tar")[0] + ".tar" for b in bad} == {str(cut), str(gone)}, bad
+    assert all("unreadable shard: FileNotFoundError" in b.reason for b in bad if b.where.startswith(str(gone)))
+    assert all(len(mb.index) == 4 for mb in batches)  # batches keep their size
+
+
+def test_shard_lists_name_what_is_missing(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 shard files not found, e.g. .*shard-000004.tar"):
+        expand_urls(str(data / "good-shards" / "shard-{000001..000004}.tar"))
+    with pytest.raises(FileNotFoundError, match="shards.json not found: a shard folder needs the index"):
+        expand_urls(str(tmp_path))
+    (tmp_path / "shards.json").write_text('{"files": []}')
+    with pytest.raises(ValueError, match=r"shards.json: expected"):
+        expand_urls(str(tmp_path))
+
+
+def test_shards_are_replaced_only_when_told(data, tmp_path, capsys):
+    args = ["data", "shards", str(data / "good" / "pretrain.json"), "--image-root", str(data / "good")]
+    assert cli_main([*args, "--out", str(tmp_path), "--max-count", "12"]) == 0
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--out", str(tmp_path), "--max-count", "24"])
+    assert "already holds shards" in capsys.readouterr().err
+    assert len(expand_urls(str(tmp_path))) == 4
+    assert cli_main([*args, "--out", str(tmp_path), "--max-count", "24", "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]  # none stale

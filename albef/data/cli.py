@@ -108,7 +108,7 @@ def _shards(args: argparse.Namespace) -> int:
     from albef.data.annotations import read_annotations
     from albef.data.pretrain import parse_pretrain_entry
     from albef.data.retrieval import read_retrieval_train
-    from albef.data.shards import write_shards
+    from albef.data.shards import remove_shards, write_shards
 
     if args.format == "retrieval":
         records, bad = read_retrieval_train(args.files, args.image_root, args.max_words)
@@ -116,6 +116,8 @@ def _shards(args: argparse.Namespace) -> int:
         records, bad = read_annotations(args.files, parse_pretrain_entry(args.image_root, args.max_words))
     for b in bad[:20]:
         print(f"skipped annotation {b}", file=sys.stderr)
+    if args.overwrite:  # the old set's files, so that no stale shard stays beside the new index
+        remove_shards(args.out)
     summary = write_shards(records, args.out, args.max_count)
     for m in summary["missing"][:20]:
         print(f"skipped missing image {m['image']}: {m['error']}", file=sys.stderr)
@@ -191,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     w.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
     w.add_argument("--max-words", type=int, default=30)
+    for q in (r, w):
+        q.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     args = p.parse_args(argv)
+    if args.what == "refcoco" and Path(args.out).exists() and not args.overwrite:
+        p.error(f"{args.out} exists: give another --out, or --overwrite to replace it")
+    if args.what == "shards" and (Path(args.out) / "shards.json").exists() and not args.overwrite:
+        p.error(f"{args.out} already holds shards: give another --out, or --overwrite to replace them")
     if args.what == "shards":
         return _shards(args)
     if args.what == "refcoco":

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from albef.checkpoints.files import atomic_write_text
 from albef.data.annotations import read_json_file
 
 EVAL_SPLITS = ("val", "testA", "testB")
@@ -207,5 +208,5 @@ def convert_refcoco(
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(entries))
+    atomic_write_text(out, json.dumps(entries))
     return {"written": len(entries), "no_candidates": 0, "other_split": 0, "dropped_boxes": 0, **counts}

@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import random
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from albef.data.annotations import BadSample
+from albef.checkpoints.files import atomic_write_text
+from albef.data.annotations import BadSample, read_json_file
 from albef.data.pretrain import load_image, sample_seed
 from albef.seeding import mix_seed
 
 log = logging.getLogger("albef.data")
 INDEX_NAME = "shards.json"
 MAX_BAD_IN_A_ROW = 1000
+ERROR_KEY = "__error__"  # a sample standing for the unreadable rest of a shard
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -53,22 +56,40 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            meta = json.loads((p / INDEX_NAME).read_text())
-            out += [str(p / s["file"]) for s in meta["shards"]]
+            out += [str(p / s["file"]) for s in read_shard_index(p)["shards"]]
         else:
             out += list(braceexpand.braceexpand(item))
     if not out:
         raise ValueError(f"no shards in {urls!r}")
+    absent = [u for u in out if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"data.shards: {len(absent)} of {len(out)} shard files not found, e.g. {', '.join(absent[:3])}; "
+            "check the path or brace pattern (albef data shards writes them with shards.json beside them)"
+        )
     return out
+
+
+def read_shard_index(folder: str | Path) -> dict:
+    """A shard folder's ``shards.json`` (written by :func:`write_shards`), with errors naming it."""
+    path = Path(folder) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: a shard folder needs the index `albef data shards` writes; "
+            "or give the shard files themselves (data.shards='DIR/shard-{000000..000009}.tar')"
+        )
+    meta = read_json_file(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise ValueError(f'{path}: expected {{"shards": [{{"file", "count"}}, ...]}}; write it again')
+    return meta
 
 
 def count_samples(urls: Sequence[str]) -> int | None:
     """Samples in the shards, from the ``shards.json`` written beside them (None when unknown)."""
     by_file: dict[str, int] = {}
     for folder in {Path(u).parent for u in urls}:
-        meta_path = folder / INDEX_NAME
-        if meta_path.exists():
-            for s in json.loads(meta_path.read_text())["shards"]:
+        if (folder / INDEX_NAME).exists():
+            for s in read_shard_index(folder)["shards"]:
                 by_file[str(folder / s["file"])] = s["count"]
     if not all(u in by_file for u in urls):
         return None
@@ -107,8 +128,19 @@ def write_shards(records: Sequence[Any], out: str | Path, max_count: int = 10_00
         "missing": missing,
         "records": len(records),
     }
-    (out / INDEX_NAME).write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / INDEX_NAME, json.dumps(summary, indent=1))
     return summary
+
+
+def remove_shards(folder: str | Path) -> None:
+    """Delete the shard files a folder's ``shards.json`` lists, then the index itself (no other file)."""
+    folder = Path(folder)
+    if not (folder / INDEX_NAME).is_file():
+        return
+    for s in read_shard_index(folder)["shards"]:
+        name = Path(s["file"]).name  # never outside the folder
+        (folder / name).unlink(missing_ok=True)
+    (folder / INDEX_NAME).unlink()
 
 
 def _read_tars(urls: Iterator[str]) -> Iterator[dict]:
@@ -116,9 +148,15 @@ def _read_tars(urls: Iterator[str]) -> Iterator[dict]:
     import webdataset as wds
 
     for url in urls:
-        with open(url, "rb") as stream:
-            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
-            yield from wds.tariterators.group_by_keys(files)
+        try:
+            with open(url, "rb") as stream:
+                files = wds.tariterators.tar_file_expander(
+                    [{"url": url, "stream": stream}], handler=wds.reraise_exception
+                )
+                yield from wds.tariterators.group_by_keys(files)
+        except (OSError, EOFError, ValueError, tarfile.TarError) as e:  # missing, cut short or not a tar
+            # the samples read before the damage stand; the rest of this shard is one bad sample
+            yield {"__url__": url, "__key__": "(rest of the shard)", ERROR_KEY: f"{type(e).__name__}: {e}"}
 
 
 class ShardStream(IterableDataset):
@@ -198,16 +236,20 @@ class ShardStream(IterableDataset):
     def _decode(self, sample: dict, bad: list[BadSample]) -> dict | None:
         key = sample.get("__key__", "?")
         where = f"{sample.get('__url__', '?')}:{key}"
+        if ERROR_KEY in sample:
+            bad.append(BadSample(where, f"unreadable shard: {sample[ERROR_KEY]}"))
+            return None
         try:
             meta = json.loads(sample["json"])
+            i, caps = int(meta["index"]), meta["captions"]
+            if not caps or not all(isinstance(c, str) for c in caps):
+                raise ValueError(f"captions {caps!r}: expected a non-empty list of strings")
             image = load_image(io.BytesIO(sample["img"]), self.truncated_ok)
-        except (KeyError, OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        except (KeyError, TypeError, OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             bad.append(BadSample(where, f"{type(e).__name__}: {e}"))
             return None
-        i = int(meta["index"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-            caps = meta["captions"]
             caption = caps[int(torch.randint(len(caps), ()))]
             pixels = self.transform(image)
         item = {"image": pixels, "caption": caption, "index": i, "bad": list(bad), "replaced": len(bad)}

@@ -205,7 +205,20 @@ def test_resume_from_weights_that_are_not_a_run_says_to_use_model_init(shapes, f
     weights = tmp_path / "weights.pt"
     save_checkpoint({"model": load_checkpoint(out / "checkpoint_last.pt")["model"]}, weights)
     with pytest.raises(SystemExit):
-        cli_main(_args(shapes, out, 5) + ["--resume", str(weights)])
+        cli_main(_args(shapes, tmp_path / "fresh", 5) + ["--resume", str(weights)])
     err = capsys.readouterr().err
     assert f"{weights} is not a training checkpoint" in err and "model.init" in err, err
+    assert not (tmp_path / "fresh" / "checkpoint_last.pt").exists()
+
+
+def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(shapes, finished, tmp_path, capsys):
+    out, before = finished
+    other = tmp_path / "other"
+    assert cli_main(_args(shapes, other, 2)) == 0
+    with pytest.raises(SystemExit):
+        cli_main(_args(shapes, out, 5) + ["--resume", str(other / "checkpoint_last.pt")])
+    assert "--resume names another run's checkpoint" in capsys.readouterr().err
     assert _snapshot(out) == before
+    # into an empty folder it continues from there
+    assert cli_main(_args(shapes, tmp_path / "fresh", 4) + ["--resume", str(other / "checkpoint_last.pt")]) == 0
+    assert _step(tmp_path / "fresh") == 4

@@ -137,8 +137,9 @@ def read_annotations(
     records, bad = [], []
     for f in files:
         path = Path(f)
-        if not path.exists():
-            raise FileNotFoundError(f"annotation file {path} not found")
+        if not path.is_file():
+            what = "is a folder: name the JSON files in it" if path.is_dir() else "not found"
+            raise FileNotFoundError(f"annotation file {path} {what}")
         for where, entry in _entries(path):
             if isinstance(entry, BadSample):
                 bad.append(entry)

@@ -68,6 +68,12 @@ def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
             f"(e.g. {out / CHECKPOINT_NAME}), or --resume alone for the run in output_dir"
         )
     found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and resume not in (False, True) and Path(resume).resolve().parent != out.resolve():
+        raise RunExistsError(
+            f"{out} holds a run ({', '.join(found)}) and --resume names another run's checkpoint "
+            f"({resume}): continuing it here would replace this run's checkpoints. Resume it in its own "
+            "folder (output_dir=...), or into an empty output_dir"
+        )
     if found and not resume and not overwrite:
         raise RunExistsError(
             f"{out} already holds a run ({', '.join(found)}). Add --resume to continue it, "

@@ -40,7 +40,7 @@ class ModelSection:
         if self.init and not Path(self.init).exists():
             raise FileNotFoundError(
                 f"model.init: {self.init} not found. It must be an authors' checkpoint (.pth, e.g. ALBEF.pth), "
-                "a run's checkpoint_last.pt or an albef model folder; set model.init=PATH or model.init=null"
+                "a run's checkpoint or run folder, or an albef model folder; set model.init=PATH or model.init=null"
             )
         from albef.checkpoints import dinov2
 

@@ -171,8 +171,12 @@ def test_an_index_is_replaced_only_when_told_and_only_once_complete(pipe, files,
     from albef.search import ann
 
     out = tmp_path / "idx"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # not the index's: never touched
+    (out / ".building-999999999").mkdir()  # a killed build's leftovers (no such process): removed
     first = build_index(pipe, files[:6], out, kind="flat", chunk=4, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["features.f32", "index.faiss", "meta.json", "notes.txt"]
     with pytest.raises(FileExistsError, match="already holds an index"):
         build_index(pipe, files, out, kind="flat", progress=False)
     save_pretrained(pipe.model, tmp_path / "model")
@@ -185,11 +189,11 @@ def test_an_index_is_replaced_only_when_told_and_only_once_complete(pipe, files,
     with pytest.raises(RuntimeError, match="killed"):
         build_index(pipe, files, out, kind="flat", progress=False, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     monkeypatch.undo()
     meta = build_index(pipe, files, out, kind="flat", chunk=4, progress=False, overwrite=True)
     assert first["count"] < meta["count"] == 11
     assert json.loads((out / "meta.json").read_text())["count"] == 11
+    assert (out / "notes.txt").read_text() == "mine" and not list(out.glob(".building-*"))
 
 
 def test_index_build_reads_an_authors_json_list_against_its_image_root(pipe, files, tmp_path):

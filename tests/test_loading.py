@@ -335,6 +335,6 @@ def test_a_checkpoint_of_another_size_says_so_and_lists_a_bounded_number():
         load_albef(ALBEF(small), sd, "wide.pth")
     msg = str(e.value)
     assert msg.startswith("wide.pth does not fit the model:") and "tensors of other shapes" in msg
-    assert "another model size" in msg and "model.preset" in msg
+    assert "made for another model (size" in msg and "model.preset" in msg
     listed = [line for line in msg.splitlines() if line.startswith("  ")]
     assert len(listed) == MAX_LISTED + 1 and listed[-1].strip().startswith("... and ")

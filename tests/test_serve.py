@@ -231,51 +231,17 @@ def test_build_app_from_a_saved_model(tmp_path, gallery, monkeypatch):
 
     cfg = get_preset("albef-tiny")
     save_pretrained(ALBEF(cfg, mlm_head=False), tmp_path / "model")
-    args = parser().parse_args(
-        [
-            "--model",
-            str(tmp_path / "model"),
-            "--images",
-            str(gallery),
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--no-progress",
-            "--vqa-model",
-            str(tmp_path / "none"),
-        ]
-    )
+    base = ["--model", str(tmp_path / "model"), "--images", str(gallery)]
+    base += ["--cache-dir", str(tmp_path / "c"), "--no-progress"]
     with pytest.raises(SystemExit, match="no VQA model"):
-        build_app(args)
+        build_app(parser().parse_args([*base, "--vqa-model", str(tmp_path / "none")]))
     answers = tmp_path / "answers.json"
     answers.write_text('["red", "blue"]')
-    not_vqa = parser().parse_args(
-        [
-            "--model",
-            str(tmp_path / "model"),
-            "--images",
-            str(gallery),
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--no-progress",
-            "--vqa-model",
-            str(tmp_path / "model"),  # a retrieval model: refused at start, not with a 500 per question
-            "--answers",
-            str(answers),
-        ]
-    )
+    # a retrieval model as the VQA model: refused at start, not with a 500 per question
+    not_vqa = parser().parse_args([*base, "--vqa-model", str(tmp_path / "model"), "--answers", str(answers)])
     with pytest.raises(SystemExit, match="holds no VQA model .*--vqa-model needs one"):
         build_app(not_vqa)
-    args_ok = parser().parse_args(
-        [
-            "--model",
-            str(tmp_path / "model"),
-            "--images",
-            str(gallery),
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--no-progress",
-        ]
-    )
+    args_ok = parser().parse_args(base)
     c = TestClient(build_app(args_ok), base_url=BASE)
     assert c.get("/api/info").json()["images"] == len(COLOURS)
 

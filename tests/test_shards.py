@@ -288,3 +288,7 @@ def test_shards_are_replaced_only_when_told(data, tmp_path, capsys):
     assert len(expand_urls(str(tmp_path))) == 4
     assert cli_main([*args, "--out", str(tmp_path), "--max-count", "24", "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]  # none stale
+    (tmp_path / "shards.json").write_text("{damaged")  # the set it lists is then found by name
+    (tmp_path / "mine.tar").write_bytes(b"not a shard of the set")
+    assert cli_main([*args, "--out", str(tmp_path), "--max-count", "48", "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["mine.tar", "shard-000000.tar"]

@@ -259,3 +259,9 @@ def test_an_unreadable_validation_image_keeps_the_epochs_checkpoint(data, tmp_pa
         cli_main(args)
     ckpt = load_checkpoint(tmp_path / "x" / "checkpoint_last.pt")  # epoch 1's training is not lost
     assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["global_step"] > 0
+    assert ckpt["state"]["validation_pending"]
+    # the image mended, --resume scores epoch 1 before it trains epoch 2: no epoch goes unvalidated
+    bad.write_bytes((data / entries[1]["image"]).read_bytes())
+    assert cli_main([*args, "--resume"]) == 0
+    assert [r["epoch"] for r in _val_rows(tmp_path / "x")] == [1, 2, 3]
+    assert not load_checkpoint(tmp_path / "x" / "checkpoint_last.pt")["state"]["validation_pending"]

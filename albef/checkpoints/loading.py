@@ -206,9 +206,9 @@ def load_albef(
         n_shape = sum(e.startswith("shape mismatch") for e in errors)
         if n_shape:
             hint += (
-                f"\n({n_shape} tensors of other shapes: the checkpoint was made for another model size. Build "
-                "the model it was made for: the preset and overrides of its run (model.preset, "
-                "model.overrides in a recipe), albef-base for the authors' checkpoints)"
+                f"\n({n_shape} tensors of other shapes: the checkpoint was made for another model (size, "
+                "vocabulary, resolution or head). Build the model it was made for: the preset and overrides "
+                "of its run (model.preset, model.overrides in a recipe), albef-base for the authors' checkpoints)"
             )
         shown = (
             errors if len(errors) <= MAX_LISTED else [*errors[:MAX_LISTED], f"... and {len(errors) - MAX_LISTED} more"]

@@ -86,6 +86,9 @@ class DamagedImageError(OSError):
     def __str__(self) -> str:  # OSError's own would print "[Errno None] None: 'file'"
         return str(self.args[0])
 
+    def __reduce__(self):  # through DataLoader workers and multiprocessing
+        return type(self), (str(self.args[0]), self.filename)
+
 
 def load_image(source: str | IO[bytes], truncated_ok: bool = False) -> Image.Image:
     """Open and fully decode an image (a path or a binary file) as RGB; raises ``OSError`` /

@@ -137,9 +137,14 @@ def remove_shards(folder: str | Path) -> None:
     folder = Path(folder)
     if not (folder / INDEX_NAME).is_file():
         return
-    for s in read_shard_index(folder)["shards"]:
-        name = Path(s["file"]).name  # never outside the folder
-        (folder / name).unlink(missing_ok=True)
+    try:
+        names = [Path(str(s.get("file", ""))).name for s in read_shard_index(folder)["shards"] if isinstance(s, dict)]
+    except (OSError, ValueError) as e:  # a damaged index: the files `albef data shards` names
+        log.warning("%s; removing the shard-NNNNNN.tar files of %s instead", e, folder)
+        names = [f.name for f in folder.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar")]
+    for name in names:  # base names only: never outside the folder, never the folder itself
+        if name.endswith(".tar"):
+            (folder / name).unlink(missing_ok=True)
     (folder / INDEX_NAME).unlink()
 
 

@@ -128,35 +128,49 @@ def build_index(
 ) -> dict:
     """Embed ``files`` and write ``out/{index.faiss, meta.json, features.f32}``; returns the meta.
 
-    The index is built in a hidden folder beside ``out`` and renamed into place when complete, so
-    a kill or an error never leaves a half-built index under ``out``; an existing index there is
-    replaced only with ``overwrite`` (a ``FileExistsError`` otherwise, before any work)."""
+    The index is built in a hidden folder inside ``out`` and its files are moved into place when
+    complete, so a kill or an error never leaves a half-built index; an existing index there is
+    replaced only with ``overwrite`` (a ``FileExistsError`` otherwise, before any work). Other
+    files in ``out`` are left alone."""
     faiss = _faiss()
     out = Path(out)
     if _holds_index(out) and not overwrite:
         raise FileExistsError(f"{out} already holds an index: give another folder, or overwrite it (--overwrite)")
     files = [Path(f) for f in files]
-    building = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".building-*"):  # left by a build that was killed
+        if not _alive(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
+    building = out / f".building-{os.getpid()}"
     try:
         meta = _build_in(faiss, pipe, files, building, kind, chunk, nlist, progress, model_id)
-        _move_into_place(building, out)
+        # the old index stops being one (no meta.json) before its files are replaced, the new one
+        # becomes one last: a kill in between leaves no index, never a mix of two; nothing else in
+        # the folder is touched
+        (out / "meta.json").unlink(missing_ok=True)
+        for name in INDEX_FILES:
+            os.replace(building / name, out / name)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return meta
 
 
+#: what an index folder holds, meta.json last (it makes the folder an index)
+INDEX_FILES = ("features.f32", "index.faiss", "meta.json")
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def _holds_index(folder: Path) -> bool:
-    return any((folder / name).exists() for name in ("index.faiss", "meta.json", "features.f32"))
-
-
-def _move_into_place(built: Path, out: Path) -> None:
-    """``built`` becomes ``out``; an old ``out`` is set aside first and removed last."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    built.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    return any((folder / name).exists() for name in INDEX_FILES)
 
 
 def _build_in(faiss, pipe, files: list[Path], out: Path, kind: str, chunk: int, nlist, progress: bool, model_id: str):

@@ -57,6 +57,13 @@ class RunExistsError(FileExistsError):
     """The output folder holds a run, and neither resuming nor starting over was asked for."""
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:  # one of them does not exist
+        return False
+
+
 def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
     """Refuse what would destroy a run: a fresh start into a folder holding one (without
     ``overwrite``), or ``resume`` from an explicit checkpoint that is not there."""
@@ -68,11 +75,12 @@ def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
             f"(e.g. {out / CHECKPOINT_NAME}), or --resume alone for the run in output_dir"
         )
     found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and resume not in (False, True) and Path(resume).resolve().parent != out.resolve():
+    checkpoints = [name for name in found if name.endswith(".pt")]
+    if checkpoints and resume not in (False, True) and not _same_folder(Path(resume).parent, out):
         raise RunExistsError(
-            f"{out} holds a run ({', '.join(found)}) and --resume names another run's checkpoint "
-            f"({resume}): continuing it here would replace this run's checkpoints. Resume it in its own "
-            "folder (output_dir=...), or into an empty output_dir"
+            f"{out} holds a run ({', '.join(checkpoints)}) and --resume names another run's checkpoint "
+            f"({resume}): continuing it here would replace this run's checkpoints. Continue this run "
+            "with --resume alone, or resume the other in its own folder or an empty output_dir"
         )
     if found and not resume and not overwrite:
         raise RunExistsError(

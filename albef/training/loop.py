@@ -79,6 +79,7 @@ class RunState:
     bad_seen: int = 0
     best_metric: float | None = None  # the validation metric of the best epoch so far
     best_epoch: int | None = None  # its number, counted from 1
+    validation_pending: bool = False  # the last epoch's validation failed: run again on resume
 
 
 def load_trainer_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -140,8 +141,11 @@ class TrainRun:
             steps_per_epoch=self.sampler.steps_per_epoch,
             total_steps=min(t.max_steps, t.epochs * self.sampler.steps_per_epoch) if t.max_steps else None,
         )
-        if overwrite and self.dist.is_main:  # only now that the recipe, data and weights have been read
-            delete_run_files(self.out)
+        if overwrite:  # only now that every rank has read the recipe, data and weights
+            barrier()
+            if self.dist.is_main:
+                delete_run_files(self.out)
+            barrier()
         self.state = RunState()
         # the step of the newest usable checkpoint_last.pt, which the next save keeps as checkpoint_prev.pt
         # (None: nothing written yet, or a damaged last that the next save replaces)
@@ -274,6 +278,24 @@ class TrainRun:
                 save_checkpoint(ckpt, self.out / BEST_NAME)
         barrier()
 
+    def _end_epoch_validation(self) -> None:
+        """Validate the epoch just finished and save (as ``checkpoint_best.pt`` too when it is the
+        best). If validation fails (an unreadable image, Ctrl-C), the epoch's training is saved
+        first, marked so that a resumed run validates it before going on."""
+        s = self.state
+        try:
+            s.validation_pending = self.validator is not None
+            improved = self.validate()
+        except BaseException:
+            if not self.recipe.train.fsdp and self.dist.world_size == 1:  # no collective to hang in
+                self.save()
+                log.error(
+                    "validation after epoch %d did not finish; the epoch is saved, --resume validates it", s.epoch
+                )
+            raise
+        s.validation_pending = False
+        self.save(best=improved)
+
     def validate(self) -> bool:
         """Score the student on the validation split (every rank a share), log the metrics and say
         whether this epoch is the best so far. False without ``data.val_files``."""
@@ -283,9 +305,10 @@ class TrainRun:
         metrics = self.validator(self.trainer.model, self.dist.device)
         score = metrics[self.validator.metric]
         improved = s.best_metric is None or score > s.best_metric  # the authors' strict ">"
-        if improved:
+        best_epoch = s.epoch if improved else s.best_epoch
+        self.metrics.log(s.global_step, {**metrics, "epoch": s.epoch, "best_epoch": best_epoch}, split="val")
+        if improved:  # only once validation has finished
             s.best_metric, s.best_epoch = score, s.epoch
-        self.metrics.log(s.global_step, {**metrics, "epoch": s.epoch, "best_epoch": s.best_epoch}, split="val")
         if self.dist.is_main:
             tqdm.write(
                 f"epoch {s.epoch} validation: {self.validator.metric} {score:.2f}"
@@ -385,6 +408,8 @@ class TrainRun:
         )
         last: dict[str, float] = {}
         tic, samples_since = time.perf_counter(), 0
+        if s.validation_pending:  # resumed after a validation that failed: that epoch is scored first
+            self._end_epoch_validation()
         self.trainer.train()
         while s.epoch < t.epochs and s.global_step < total:
             self.sampler.set_epoch(s.epoch, s.step_in_epoch)
@@ -415,14 +440,7 @@ class TrainRun:
                     self.save()
             if s.step_in_epoch >= spe:
                 s.epoch, s.step_in_epoch = s.epoch + 1, 0
-                try:
-                    improved = self.validate()
-                except Exception:  # the epoch's training is kept: resuming starts the next epoch
-                    if not self.recipe.train.fsdp and self.dist.world_size == 1:  # no collective to hang in
-                        self.save()
-                        log.error("validation failed after epoch %d; its checkpoint is saved", s.epoch)
-                    raise
-                self.save(best=improved)
+                self._end_epoch_validation()
         bar.close()
         self.save()
         self.metrics.close()

@@ -207,3 +207,14 @@ def test_index_build_reads_an_authors_json_list_against_its_image_root(pipe, fil
     listing.write_text(json.dumps([{"caption": "no image"}]))
     with pytest.raises(ValueError, match='test.json: expected a JSON list of objects with an "image" path'):
         _files(str(listing))
+
+
+def test_searching_with_a_model_of_another_embedding_size_says_so(pipe, files, tmp_path, tiny_config):
+    import dataclasses
+
+    build_index(pipe, files, tmp_path / "idx", kind="flat", progress=False, model_id="runs/a")
+    other = Pipeline(ALBEF(dataclasses.replace(tiny_config, embed_dim=tiny_config.embed_dim * 2), mlm_head=False))
+    with pytest.raises(ValueError, match=r"embeddings of runs/a; this model embeds in \d+ dimensions"):
+        search(other, tmp_path / "idx", "a dog")
+    with pytest.raises(FileNotFoundError, match="holds no complete index"):
+        search(pipe, tmp_path, "a dog")

@@ -193,17 +193,28 @@ def search_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.query.strip():
         raise SystemExit("albef search: the query is empty")
-    from albef.search.ann import search
+    from albef.search.ann import load_index, search
 
-    hits = search(
-        _pipeline(args.model, args.device, args.precision),
-        args.index,
-        args.query,
-        args.k,
-        args.top,
-        rerank=not args.no_rerank,
-        nprobe=args.nprobe,
-    )
+    try:
+        loaded = load_index(args.index)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    built_with = loaded[1].get("model")
+    if built_with and Path(built_with).resolve() != Path(args.model).resolve():
+        print(f"albef search: the index was built with {built_with}, not {args.model}", file=sys.stderr)
+    try:
+        hits = search(
+            _pipeline(args.model, args.device, args.precision),
+            args.index,
+            args.query,
+            args.k,
+            args.top,
+            rerank=not args.no_rerank,
+            nprobe=args.nprobe,
+            loaded=loaded,
+        )
+    except ValueError as e:
+        p.error(str(e))
     print(json.dumps(hits, indent=1))
     return 0
 

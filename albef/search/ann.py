@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from albef.data.annotations import read_json_file
+
 log = logging.getLogger("albef.search.ann")
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 
@@ -227,9 +229,9 @@ def ann_search(
 def load_index(directory: str | Path):
     faiss = _faiss()
     directory = Path(directory)
-    if not (directory / "index.faiss").exists():
-        raise FileNotFoundError(f"{directory} has no index.faiss; build one with `albef index build`")
-    meta = json.loads((directory / "meta.json").read_text())
+    if not (directory / "index.faiss").exists() or not (directory / "meta.json").exists():
+        raise FileNotFoundError(f"{directory} holds no complete index; build one with `albef index build`")
+    meta = read_json_file(directory / "meta.json")
     return faiss.read_index(str(directory / "index.faiss")), meta
 
 
@@ -250,6 +252,11 @@ def search(
     if nprobe is not None and hasattr(index, "nprobe"):
         index.nprobe = nprobe
     q = pipe.encode_text(query).float().cpu().numpy()
+    if q.shape[1] != meta["dim"]:
+        raise ValueError(
+            f"{directory} holds {meta['dim']}-d embeddings of {meta.get('model') or 'another model'}; this model "
+            f"embeds in {q.shape[1]} dimensions: search with the model the index was built with"
+        )
     feats = Path(directory) / "features.f32"
     vectors = (
         np.memmap(feats, dtype=np.float32, mode="r", shape=(meta["count"], meta["dim"])) if feats.exists() else None

@@ -86,3 +86,19 @@ def test_import_albef_loads_the_inference_api_on_first_use():
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'Pipline'"):
         albef.Pipline  # noqa: B018
+
+
+def test_from_the_shell_an_input_error_is_its_message_without_a_traceback(tmp_path, monkeypatch, capsys):
+    from albef.cli import main
+
+    argv = ["albef", "evaluate", "ve", "--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "x.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("ALBEF_TRACEBACK", raising=False)
+    assert main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("albef evaluate: error: ") and "no_model" in err and "Traceback" not in err
+    monkeypatch.setenv("ALBEF_TRACEBACK", "1")
+    with pytest.raises((FileNotFoundError, ValueError), match="no_model"):
+        main()
+    with pytest.raises((FileNotFoundError, ValueError), match="no_model"):  # called with argv: raises
+        main(argv[1:])

@@ -6,6 +6,7 @@ Nothing outside ``albef.cli`` imports from it: the commands use the library, nev
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -32,7 +33,15 @@ COMMANDS = {
 }
 
 
+#: input errors the commands raise with a message naming the file and the fix
+USER_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``albef COMMAND ...``. From the shell (``argv`` None), an input error (a missing or bad
+    file, a value out of range) prints its message alone and exits with status 2;
+    ``ALBEF_TRACEBACK=1`` shows the traceback. Called with ``argv`` (tests, scripts) it raises."""
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -40,4 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module_name, _, func = COMMANDS[argv[0]][0].partition(":")
     module = importlib.import_module(module_name)
-    return int(getattr(module, func or "main")(argv[1:]) or 0)
+    if not from_shell or os.environ.get("ALBEF_TRACEBACK"):
+        return int(getattr(module, func or "main")(argv[1:]) or 0)
+    try:
+        return int(getattr(module, func or "main")(argv[1:]) or 0)
+    except USER_ERRORS as e:
+        print(f"albef {argv[0]}: error: {e}\n(ALBEF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2

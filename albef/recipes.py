@@ -343,18 +343,16 @@ def _check(recipe: Recipe) -> None:
         t.max_grad_norm,
     )
     need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "a fraction in [0, 1] (0.01 = 1 %)", d.max_bad_fraction)
-    lo_hi = () if d.crop_scale is None else tuple(d.crop_scale)
-    need(
-        d.crop_scale is None
-        or (
+    if d.crop_scale is not None:
+        lo_hi = tuple(d.crop_scale)
+        need(
             len(lo_hi) == 2
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lo_hi)
-            and 0 < lo_hi[0] <= lo_hi[1] <= 1
-        ),
-        "data.crop_scale",
-        "null (the task's) or [low, high] with 0 < low <= high <= 1",
-        list(lo_hi),
-    )
+            and 0 < lo_hi[0] <= lo_hi[1] <= 1,
+            "data.crop_scale",
+            "null (the task's) or [low, high] with 0 < low <= high <= 1",
+            list(lo_hi),
+        )
     need(
         d.epoch_samples is None or d.epoch_samples >= 1,
         "data.epoch_samples",

@@ -107,7 +107,7 @@ def clean_stale_temp_files(directory: str | Path) -> list[Path]:
     removed = []
     for tmp in Path(directory).glob(".*.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         try:
             tmp.unlink()
@@ -117,7 +117,8 @@ def clean_stale_temp_files(directory: str | Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id is running (someone else's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -218,7 +218,7 @@ def load_albef(
         for key, value in to_load.items():
             expected[key].copy_(value)
         for key, how in report.initialised.items():
-            if key.endswith("token_type_embeddings.weight") and how != TEACHER_AS_BUILT:
+            if how == TOKEN_TYPE_ZERO:
                 expected[key].zero_()
         # only the teacher tensors the checkpoint lacks come from the (loaded or fresh) student;
         # state-dict entries share storage with the modules, so shared weights stay shared
@@ -305,6 +305,7 @@ def _is_decoder_cross_kv(key: str) -> bool:
 
 TEACHER_FROM_STUDENT = "teacher tensor not in the checkpoint: set equal to the student's, after loading"
 TEACHER_AS_BUILT = "teacher tensor not in the checkpoint: kept as built (the authors copy the teacher before loading)"
+TOKEN_TYPE_ZERO = "token-type table set to zero (a LAVIS-layout checkpoint has none: this reproduces it)"
 
 
 def _student_twin(teacher_key: str) -> str:
@@ -323,7 +324,7 @@ def _init_rule(key: str, has_teacher: bool, from_pretraining: bool = False) -> s
     if key.startswith("queue."):
         return "feature queues keep their random unit-norm init, as the authors' fine-tuning does"
     if key.endswith("embeddings.token_type_embeddings.weight"):
-        return "token-type table set to zero (a LAVIS-layout checkpoint has none: this reproduces it)"
+        return TOKEN_TYPE_ZERO
     return None
 
 

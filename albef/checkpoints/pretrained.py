@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from albef.checkpoints.files import BEST_NAME, CHECKPOINT_NAME, atomic_write_text, load_checkpoint
 from albef.config import ALBEFConfig
+from albef.data.annotations import read_json_file
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, task_model
 from albef.text import Tokenizer
@@ -98,12 +99,12 @@ def from_pretrained(
             "(convert an authors' checkpoint with `albef convert SRC DST`)"
         )
     try:
-        meta = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e}); the folder is damaged: write it again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        meta = meta if isinstance(meta, dict) else {}
-        raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        meta = read_json_file(cfg_path)
+    except ValueError as e:
+        raise ValueError(f"{e}; the folder is damaged: write it again") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != FORMAT:
+        raise ValueError(f"{cfg_path}: format {fmt!r}, expected {FORMAT!r}")
     model = _build(meta)
     if expect is not None and not isinstance(model, expect):
         raise ValueError(f"{d} holds a {type(model).__name__} ({meta.get('task')} model), not a {expect.__name__}")

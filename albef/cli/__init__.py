@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module_name, _, func = COMMANDS[argv[0]][0].partition(":")
     module = importlib.import_module(module_name)
-    if not from_shell or os.environ.get("ALBEF_TRACEBACK"):
-        return int(getattr(module, func or "main")(argv[1:]) or 0)
+    run = getattr(module, func or "main")
     try:
-        return int(getattr(module, func or "main")(argv[1:]) or 0)
+        return int(run(argv[1:]) or 0)
     except USER_ERRORS as e:
+        if not from_shell or os.environ.get("ALBEF_TRACEBACK"):
+            raise
         print(f"albef {argv[0]}: error: {e}\n(ALBEF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2

@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
         return 0
-    from albef.search.ann import build_index
-
     out = Path(args.out)
-    if (out / "meta.json").exists() and not args.overwrite:  # before the model is loaded
+    from albef.search.ann import build_index, holds_index
+
+    if holds_index(out) and not args.overwrite:  # before the model is loaded
         p.error(f"{out} already holds an index: give another --out, or --overwrite to replace it")
     try:
         files = _files(args.images, args.image_root)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from albef.recipes import load_recipe
 
-FINETUNE_TASKS = ("retrieval", "grounding", "vqa", "ve", "nlvr", "nlvr_pretrain")
 # the authors' settings of each task (their scripts default --config to these configs)
 AUTHORS_RECIPES = {
     "retrieval": "recipes/retrieval_coco.yaml or recipes/retrieval_flickr.yaml",
@@ -29,6 +28,7 @@ AUTHORS_RECIPES = {
     "nlvr": "recipes/nlvr.yaml",
     "nlvr_pretrain": "recipes/nlvr_pretrain.yaml",
 }
+FINETUNE_TASKS = tuple(AUTHORS_RECIPES)
 
 
 def finetune(argv: list[str] | None = None) -> int:

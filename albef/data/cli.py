@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.what == "refcoco" and Path(args.out).exists() and not args.overwrite:
         p.error(f"{args.out} exists: give another --out, or --overwrite to replace it")
-    if args.what == "shards" and (Path(args.out) / "shards.json").exists() and not args.overwrite:
+    from albef.data.shards import INDEX_NAME
+
+    if args.what == "shards" and (Path(args.out) / INDEX_NAME).exists() and not args.overwrite:
         p.error(f"{args.out} already holds shards: give another --out, or --overwrite to replace them")
     if args.what == "shards":
         return _shards(args)

@@ -35,6 +35,11 @@ class PretrainRecord:
     captions: tuple[str, ...]
     where: str
 
+    @property
+    def image_paths(self) -> tuple[str, ...]:
+        """The record's image files: one, or NLVR2's two."""
+        return self.image if isinstance(self.image, tuple) else (self.image,)
+
 
 def parse_pretrain_entry(
     image_root: str | None, max_words: int = 30, cleaning: str = "albef"
@@ -142,7 +147,7 @@ class PretrainDataset(Dataset):
         for attempt in range(self.max_retries + 1):
             i = (index + attempt * 7_919) % len(self.records)  # stride: skip past runs of bad files
             rec = self.records[i]
-            paths = rec.image if isinstance(rec.image, tuple) else (rec.image,)  # NLVR2: two images
+            paths = rec.image_paths
             try:
                 images = [load_image(p, self.truncated_ok) for p in paths]
             except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:

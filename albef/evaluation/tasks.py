@@ -31,7 +31,7 @@ class _EvalDataset(Dataset):
 
     def __getitem__(self, i: int):
         rec = self.records[i]
-        paths = rec.image if isinstance(rec.image, tuple) else (rec.image,)
+        paths = rec.image_paths
         try:
             px = [self.transform(load_image(p)) for p in paths]
         except (OSError, ValueError) as e:

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from albef.checkpoints.files import pid_alive
 from albef.data.annotations import read_json_file
 
 log = logging.getLogger("albef.search.ann")
@@ -136,12 +137,13 @@ def build_index(
     files in ``out`` are left alone."""
     faiss = _faiss()
     out = Path(out)
-    if _holds_index(out) and not overwrite:
+    if holds_index(out) and not overwrite:
         raise FileExistsError(f"{out} already holds an index: give another folder, or overwrite it (--overwrite)")
     files = [Path(f) for f in files]
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".building-*"):  # left by a build that was killed
-        if not _alive(stale.name.rpartition("-")[2]):
+        pid = stale.name.rpartition("-")[2]
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
     building = out / f".building-{os.getpid()}"
     try:
@@ -161,17 +163,8 @@ def build_index(
 INDEX_FILES = ("features.f32", "index.faiss", "meta.json")
 
 
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def _holds_index(folder: Path) -> bool:
+def holds_index(folder: Path) -> bool:
+    """Whether ``folder`` holds an index, whole or part of one."""
     return any((folder / name).exists() for name in INDEX_FILES)
 
 

@@ -57,13 +57,6 @@ class RunExistsError(FileExistsError):
     """The output folder holds a run, and neither resuming nor starting over was asked for."""
 
 
-def _same_folder(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b)
-    except OSError:  # one of them does not exist
-        return False
-
-
 def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
     """Refuse what would destroy a run: a fresh start into a folder holding one (without
     ``overwrite``), or ``resume`` from an explicit checkpoint that is not there."""
@@ -76,7 +69,7 @@ def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
         )
     found = [name for name in RUN_FILES if (out / name).exists()]
     checkpoints = [name for name in found if name.endswith(".pt")]
-    if checkpoints and resume not in (False, True) and not _same_folder(Path(resume).parent, out):
+    if checkpoints and resume not in (False, True) and not Path(resume).parent.samefile(out):
         raise RunExistsError(
             f"{out} holds a run ({', '.join(checkpoints)}) and --resume names another run's checkpoint "
             f"({resume}): continuing it here would replace this run's checkpoints. Continue this run "

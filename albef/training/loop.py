@@ -113,8 +113,9 @@ class TrainRun:
         r.model.check_sources()
         self.dist: DistInfo = init_distributed(t.device)
         # before the first step's allocations (albef.heap)
-        on_cpu, checkpointing = self.dist.device.type == "cpu", any(checkpointed_parts(t.grad_checkpointing))
-        tune_for_training(t.keep_freed_memory, on_cpu, checkpointing)
+        on_cpu, self.checkpointing = self.dist.device.type == "cpu", any(checkpointed_parts(t.grad_checkpointing))
+        tune_for_training(t.keep_freed_memory, on_cpu, self.checkpointing)
+        self.alpha_ramp = alpha_ramp_for(r)  # the task's when unset
         self.cfg = r.model.build_config()  # a bad model setting fails before a folder is touched
         self._prepare_folder()
         torch.manual_seed(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -319,11 +320,10 @@ class TrainRun:
     # -- one optimizer step -----------------------------------------------------------------
     def _step(self, micro_batches: list, epoch: int, step: int) -> dict[str, float]:
         t, dev = self.recipe.train, self.dist.device
-        checkpointing = any(checkpointed_parts(t.grad_checkpointing))
         lr = self.schedule(epoch, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        alpha = alpha_at(t.alpha, epoch, step, self.sampler.steps_per_epoch, alpha_ramp_for(self.recipe))
+        alpha = alpha_at(t.alpha, epoch, step, self.sampler.steps_per_epoch, self.alpha_ramp)
         keys = self.task.loss_keys
         payloads, sums = [], torch.zeros(len(keys), dtype=torch.float64)
         for j, batch in enumerate(micro_batches):
@@ -339,7 +339,7 @@ class TrainRun:
                     # the EMA on matching shards, before any FSDP unit gathers
                     momentum_update(self.trainer.model, self.trainer.model_m, self.trainer.momentum)
                     first = False
-                with training_autocast(dev, self.amp_dtype, checkpointing):
+                with training_autocast(dev, self.amp_dtype, self.checkpointing):
                     loss, logs, payload = self.task.micro_step(self.wrapped, batch, alpha, gen, first=first)
                 self.scaler.scale(loss / len(micro_batches)).backward()  # outside autocast, as PyTorch advises
             payloads.append(payload)
@@ -357,7 +357,7 @@ class TrainRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        release_after_step(dev.type == "cpu", checkpointing)  # freed heap back to the OS (heap.py)
+        release_after_step(dev.type == "cpu", self.checkpointing)  # freed heap back to the OS (heap.py)
         self.task.end_step(self.trainer, payloads)
         losses = all_reduce_mean((sums / len(micro_batches)).to(dev)).cpu()  # NCCL reduces device tensors only
         row = {**dict(zip(keys, losses.tolist(), strict=True)), "lr": lr, "alpha": alpha}

@@ -83,7 +83,7 @@ class PretrainTask:
         d = recipe.data
         records, bad = read_annotations(d.train_files, parse_pretrain_entry(d.image_root, d.max_words, cleaning))
         return (
-            PretrainDataset(records, transform, seed=recipe.train.seed, truncated_ok=recipe.data.load_truncated_images),
+            PretrainDataset(records, transform, seed=recipe.train.seed, truncated_ok=d.load_truncated_images),
             PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
             bad,
         )
@@ -134,9 +134,7 @@ class RetrievalTask(PretrainTask):
             d.train_files, d.image_root, d.max_words, cleaning, grounding=recipe.task == "grounding"
         )
         return (
-            RetrievalTrainDataset(
-                records, transform, seed=recipe.train.seed, truncated_ok=recipe.data.load_truncated_images
-            ),
+            RetrievalTrainDataset(records, transform, seed=recipe.train.seed, truncated_ok=d.load_truncated_images),
             PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
             bad,
         )
@@ -205,7 +203,7 @@ class ClassifyTask:
         d = recipe.data
         records, bad = read_classification(d.train_files, d.image_root, self.name, cleaning, d.max_words)
         return (
-            PretrainDataset(records, transform, seed=recipe.train.seed, truncated_ok=recipe.data.load_truncated_images),
+            PretrainDataset(records, transform, seed=recipe.train.seed, truncated_ok=d.load_truncated_images),
             PretrainCollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)),
             bad,
         )

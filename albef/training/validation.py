@@ -115,7 +115,7 @@ class Validator:
         records, bad = read_classification(d.val_files, root, recipe.task, cleaning, d.max_words)
         if bad:  # skipping would silently change what the best epoch is chosen on
             raise ValueError("bad validation entries:\n  " + "\n  ".join(map(str, bad[:20])))
-        check_images_exist(i for r in records for i in (r.image if isinstance(r.image, tuple) else (r.image,)))
+        check_images_exist(p for r in records for p in r.image_paths)
 
         def run(model: nn.Module, device: torch.device) -> dict[str, float]:
             return {

@@ -165,6 +165,38 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     four = json.loads((tmp_path / "c4.json").read_text())["1"]
     assert four["pointing_by_layer"]["4"] == row["pointing"]["pointing_game"]["accuracy"]
 
+    # bench/place_probe.py: captions of one object's place, each true of its image; the pairs differ
+    # by the place only and train in one batch
+    import place_probe
+
+    from albef.data.scene_grammar import noun_phrase
+
+    counts = place_probe.build(data, singles_per_emoji=10, pairs_per_emoji=2)
+    assert counts["test"]["single"] > 0 and counts["pairs"]["single"] > 0
+    scenes = {f"scenes/{s['image']}": s for s in json.loads((data / "scenes" / "scenes.json").read_text())}
+    for r in json.loads((data / "place" / "train.json").read_text()):
+        if r["kind"] == "scene":  # the named group's every box on the side the caption says
+            sc, name = scenes[r["image"]], r["caption"].split(" on the ")[0].split(" at the ")[0]
+            boxes = [o["box"] for o in sc["objects"] if name in (noun_phrase(o["name"], 1), noun_phrase(o["name"], 2))]
+            assert boxes
+            axis = "x" if r["word"] in ("left", "right") else "y"
+            assert all(place_probe.side(b[0] + b[2] / 2, b[1] + b[3] / 2, axis) == r["word"] for b in boxes)
+    units = json.loads((data / "place" / "pairs.json").read_text())
+    assert all(a["word"] == place_probe.OPPOSITE[b["word"]] for a, b in units)
+    place = ["--data", str(data), "--steps", "1", "--scale", '{"batch": 4, "k": 4}', "--pairs", "--share", "0.5"]
+    assert place_probe.main(["run", str(tmp_path / "place"), *place]) == 0
+    res = json.loads((tmp_path / "place" / "place_probe.json").read_text())
+    assert res["place_rows"] > 0 and set(res["place"]["twins"]) == {"single", "scene"}
+    for axis in ("x", "y"):
+        assert set(res["place"]["single_readout"][axis]) == {"mean", "cls", "mask"}
+    rows = json.loads((tmp_path / "place" / "pretrain_data.json").read_text())
+    twins = [(a, b) for a, b in zip(rows[::2], rows[1::2], strict=False) if a["image"].startswith("place/")]
+    # the singles' pairs come first (smoke data: more than the share asks for), each in one unit
+    assert len(twins) == res["place_rows"] // 2
+    assert all(a["caption"].rsplit(" ", 1)[0] == b["caption"].rsplit(" ", 1)[0] for a, b in twins)
+    used = torch.load(tmp_path / "place" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
+    assert used["data"]["group_size"] == 2
+
 
 def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):
     import albef.cli.mainjob as M

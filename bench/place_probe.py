@@ -41,7 +41,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -275,10 +274,10 @@ def score(model, data: Path, head_lr: float = 5e-4, head_examples: int = 1300, h
 def run(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from fusion_probe import relation_mlm
+    from scene_variant import train_and_evaluate
 
-    from albef.checkpoints.pretrained import load_inference_model
-    from albef.cli.mainjob import SCALES, _train, evaluate_scenes, scene_pretraining
-    from albef.recipes import Recipe, _merge
+    from albef.cli.mainjob import SCALES, scene_pretraining
+    from albef.recipes import _merge
 
     s = {**SCALES["full"], "pretrain": args.steps, **args.scale}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -308,10 +307,7 @@ def run(args: argparse.Namespace) -> dict:
         rows = rows + [{"image": p["image"], "caption": p["caption"]} for p in place[:n_place]]
         rng.shuffle(rows)
     train_file.write_text(json.dumps(rows))
-    _, seconds = _train(Recipe.from_dict(d), overwrite=True)
-    model = load_inference_model(args.out / "pretrain" / "checkpoint_last.pt")
-    t0 = time.perf_counter()
-    sc = evaluate_scenes(model, args.data / "scenes", s["k"], args.out / "overlays", subsets=False)
+    model, sc, seconds, evaluation_s = train_and_evaluate(d, args.out, args.data, s["k"])
     res = {
         "share": args.share,
         "pairs": args.pairs,
@@ -327,7 +323,7 @@ def run(args: argparse.Namespace) -> dict:
         "twins": sc["twins"],
         "pointing": sc["pointing"]["pointing_game"],
         "retrieval_all": sc["retrieval"]["all"],
-        "evaluation_s": round(time.perf_counter() - t0, 1),
+        "evaluation_s": round(evaluation_s, 1),
     }
     (args.out / "place_probe.json").write_text(json.dumps(res, indent=1))
     return res

@@ -63,10 +63,23 @@ def sibling_negatives(share: float) -> Iterator[None]:
         ALBEFPretrainer._hard_negatives = drawn
 
 
-def main(argv: list[str] | None = None) -> int:
+def train_and_evaluate(d: dict, out: Path, data: Path, k: int):
+    """Pretrain by the recipe dictionary ``d`` (its run in ``out/pretrain``, replaced), then score its
+    last checkpoint as the main job's report does: (model, scores, pretraining s, evaluation s)."""
     from albef.checkpoints.pretrained import load_inference_model
-    from albef.cli.mainjob import SCALES, _train, evaluate_scenes, scene_pretraining
-    from albef.recipes import Recipe, _merge
+    from albef.cli.mainjob import _train, evaluate_scenes
+    from albef.recipes import Recipe
+
+    _, seconds = _train(Recipe.from_dict(d), overwrite=True)
+    model = load_inference_model(out / "pretrain" / "checkpoint_last.pt")
+    t0 = time.perf_counter()
+    sc = evaluate_scenes(model, data / "scenes", k, out / "overlays", subsets=False)
+    return model, sc, seconds, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from albef.cli.mainjob import SCALES, scene_pretraining
+    from albef.recipes import _merge
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
@@ -89,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     d = _merge(scene_pretraining(args.out, args.data, s, args.seed).to_dict(), args.recipe)
     with sibling_negatives(args.sibling_negatives):
-        _, seconds = _train(Recipe.from_dict(d), overwrite=True)
-    model = load_inference_model(args.out / "pretrain" / "checkpoint_last.pt")
-    t0 = time.perf_counter()
-    sc = evaluate_scenes(model, args.data / "scenes", s["k"], args.out / "overlays", subsets=False)
+        _, sc, seconds, evaluation_s = train_and_evaluate(d, args.out, args.data, s["k"])
     res = {
         "scale": args.scale,
         "recipe": args.recipe,
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "seed": args.seed,
         "pretraining_s": seconds,
-        "evaluation_s": time.perf_counter() - t0,
+        "evaluation_s": evaluation_s,
         "twins": sc["twins"],
         "pointing": sc["pointing"],
         "retrieval_all": sc["retrieval"]["all"],

@@ -135,11 +135,13 @@ def build(data: Path, singles_per_emoji: int = 120, pairs_per_emoji: int = 60, s
         a, b = train[i], train[i + 1]  # a scene and its exchange sibling
         pa, pb = _places(a), _places(b)
         for key, (w, count) in pa.items():
-            if key in pb and pb[key][0] == OPPOSITE[w]:
+            # the counts stay with the slots in a sibling: only a group of the same count there
+            # gives a caption that differs by the place word alone
+            if key in pb and pb[key] == (OPPOSITE[w], count):
                 units.append(
                     [
                         row(f"scenes/{a['image']}", key[0], count, w, "scene"),
-                        row(f"scenes/{b['image']}", key[0], pb[key][1], pb[key][0], "scene"),
+                        row(f"scenes/{b['image']}", key[0], count, pb[key][0], "scene"),
                     ]
                 )
     for name in emoji:
@@ -207,6 +209,10 @@ def readout(
     ridge = ((torch.cat([(xte - mu) / sd, torch.ones(len(xte), 1)], 1).double() @ w > 0).long() == yte).double()
     g = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(xtr.shape[1], 2)
+    with torch.no_grad():  # its start drawn from the seed too: the same figures from `run` and `score`
+        bound = xtr.shape[1] ** -0.5
+        head.weight.copy_((torch.rand(head.weight.shape, generator=g) * 2 - 1) * bound)
+        head.bias.copy_((torch.rand(head.bias.shape, generator=g) * 2 - 1) * bound)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.02)
     for _ in range(steps):
         idx = torch.randint(0, len(xtr), (batch,), generator=g)
@@ -224,7 +230,9 @@ def readout(
     }
 
 
-def score(model, data: Path, head_lr: float = 5e-4, head_examples: int = 1300, head_batch: int = 2) -> dict:
+def score(model, data: Path, head_lr: float = 5e-4, head_examples: int = 940, head_batch: int = 2) -> dict:
+    """``head_examples``: 650 steps x 32 samples x 4,000 / 13,280 place rows x 15 % masked, the masked
+    place words MLM sees in ``run --share 0.5``."""
     from albef.data.transforms import test_transform
     from albef.evaluation.scenes import evaluate_twins, read_twins
     from albef.text import Tokenizer
@@ -236,25 +244,26 @@ def score(model, data: Path, head_lr: float = 5e-4, head_examples: int = 1300, h
         "twins": {k: {h: round(v[h]["place"], 1) for h in ("itc", "itm")} for k, v in twins["per_split"].items()}
     }
     states = {"test": _states(model, tok, tf, data, test)}
-    res["mlm"] = {
-        kind: round(100 * (states["test"]["margin"][[r["kind"] == kind for r in test]] > 0).double().mean().item(), 1)
-        for kind in ("single", "scene")
-    }
+    res["mlm"] = {}
+    for kind in ("single", "scene"):
+        margin = states["test"]["margin"][[r["kind"] == kind for r in test]]
+        res["mlm"][kind] = round(100 * (margin > 0).double().mean().item(), 1) if len(margin) else None
     every = json.loads((data / "place" / "train.json").read_text())
     for kind in ("single", "scene"):
         # the fit: every single, 3,000 scene captions (a fixed draw)
         train = random.Random(0).sample(
             [r for r in every if r["kind"] == kind], k=min(3000, sum(r["kind"] == kind for r in every))
         )
+        res[f"{kind}_readout"] = {"x": None, "y": None}  # None: a small data set may lack a kind on an axis
+        if not train:
+            continue
         st = _states(model, tok, tf, data, train)
-        res[f"{kind}_readout"] = {}
         for axis, words in (("x", ("left", "right")), ("y", ("top", "bottom"))):
             on_tr = torch.tensor([r["word"] in words for r in train])
             on_te = torch.tensor([r["kind"] == kind and r["word"] in words for r in test])
             ytr = torch.tensor([int(r["word"] == words[0]) for r in train])[on_tr]
             yte = torch.tensor([int(r["word"] == words[0]) for r in test])[on_te]
-            if not on_tr.any() or not on_te.any():  # a small data set may lack a kind on an axis
-                res[f"{kind}_readout"][axis] = None
+            if not on_tr.any() or not on_te.any():
                 continue
             res[f"{kind}_readout"][axis] = {
                 k: readout(
@@ -286,18 +295,26 @@ def run(args: argparse.Namespace) -> dict:
     rows = json.loads(train_file.read_text())
     n_scene = sum(r["image"].startswith("scenes/") for r in rows)
     rng = random.Random(args.seed + 7)
-    if args.pairs:
-        units = json.loads((args.data / "place" / "pairs.json").read_text())
-        rng.shuffle(units)
-        units.sort(key=lambda u: u[0]["kind"] != "single")  # every single first, shuffled among themselves
-        units = [
+    if args.pairs or d["data"]["group_size"] == 2:
+        # the sampler takes units of two rows: the job wrote its rows so (siblings, or random pairs)
+        assert len(rows) % 2 == 0, "the job's pretraining rows come in units of two"
+        if args.pairs:
+            place = json.loads((args.data / "place" / "pairs.json").read_text())
+            rng.shuffle(place)
+            place.sort(key=lambda u: u[0]["kind"] != "single")  # every single first, shuffled among themselves
+        else:  # single place rows, paired at random as the job pairs its loose rows
+            flat = json.loads((args.data / "place" / "train.json").read_text())
+            rng.shuffle(flat)
+            flat.sort(key=lambda p: p["kind"] != "single")
+            place = [flat[i : i + 2] for i in range(0, len(flat) - 1, 2)]
+        place = [
             [{"image": r["image"], "caption": r["caption"]} for r in u]
-            for u in units[: round(args.share * n_scene / 2)]
+            for u in place[: round(args.share * n_scene / 2)]
         ]
-        # the job's rows are already in sampler units of two (random pairs); shuffled as units
-        units += [rows[i : i + 2] for i in range(0, len(rows) - 1, 2)]
+        n_place = 2 * len(place)
+        units = place + [rows[i : i + 2] for i in range(0, len(rows), 2)]
         rng.shuffle(units)
-        rows, n_place = [r for u in units for r in u], 2 * round(args.share * n_scene / 2)
+        rows = [r for u in units for r in u]
         d["data"]["group_size"] = 2
     else:
         place = json.loads((args.data / "place" / "train.json").read_text())

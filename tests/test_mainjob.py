@@ -172,30 +172,52 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     from albef.data.scene_grammar import noun_phrase
 
     counts = place_probe.build(data, singles_per_emoji=10, pairs_per_emoji=2)
-    assert counts["test"]["single"] > 0 and counts["pairs"]["single"] > 0
+    assert counts["train"]["scene"] > 0 and counts["test"]["single"] > 0 and counts["pairs"]["single"] > 0
+    import numpy as np
+    from PIL import Image
+
+    def on_side(x: float, y: float, word: str) -> bool:  # the canvas's halves, 128 px
+        return {"left": x < 64, "right": x > 64, "top": y < 64, "bottom": y > 64}[word]
+
     scenes = {f"scenes/{s['image']}": s for s in json.loads((data / "scenes" / "scenes.json").read_text())}
     for r in json.loads((data / "place" / "train.json").read_text()):
-        if r["kind"] == "scene":  # the named group's every box on the side the caption says
-            sc, name = scenes[r["image"]], r["caption"].split(" on the ")[0].split(" at the ")[0]
-            boxes = [o["box"] for o in sc["objects"] if name in (noun_phrase(o["name"], 1), noun_phrase(o["name"], 2))]
-            assert boxes
-            axis = "x" if r["word"] in ("left", "right") else "y"
-            assert all(place_probe.side(b[0] + b[2] / 2, b[1] + b[3] / 2, axis) == r["word"] for b in boxes)
+        if r["kind"] == "scene":  # the named group's every box on the side the caption says, its count said
+            sc, phrase = scenes[r["image"]], r["caption"].rsplit(" ", 3)[0]
+            boxes = [
+                o["box"] for o in sc["objects"] if phrase in (noun_phrase(o["name"], 1), noun_phrase(o["name"], 2))
+            ]
+            assert boxes and phrase.startswith("two ") == (len(boxes) == 2), r
+            assert all(on_side(b[0] + b[2] / 2, b[1] + b[3] / 2, r["word"]) for b in boxes), r
+        else:  # the drawn pixels themselves (not the recorded box) lie on that side
+            ys, xs = np.nonzero(np.asarray(Image.open(data / r["image"]).convert("L")) < 245)
+            assert on_side(xs.mean(), ys.mean(), r["word"]), r
     units = json.loads((data / "place" / "pairs.json").read_text())
-    assert all(a["word"] == place_probe.OPPOSITE[b["word"]] for a, b in units)
-    place = ["--data", str(data), "--steps", "1", "--scale", '{"batch": 4, "k": 4}', "--pairs", "--share", "0.5"]
-    assert place_probe.main(["run", str(tmp_path / "place"), *place]) == 0
+    assert {u[0]["kind"] for u in units} == {"single", "scene"}
+    for a, b in units:  # each unit: the same words but the place, the place opposite
+        assert a["caption"].rsplit(" ", 1)[0] == b["caption"].rsplit(" ", 1)[0], (a, b)
+        assert a["word"] == place_probe.OPPOSITE[b["word"]] and a["image"] != b["image"]
+    place = ["--data", str(data), "--steps", "1", "--scale", '{"batch": 4, "k": 4}', "--share", "0.5"]
+    assert place_probe.main(["run", str(tmp_path / "place"), *place, "--pairs"]) == 0
     res = json.loads((tmp_path / "place" / "place_probe.json").read_text())
     assert res["place_rows"] > 0 and set(res["place"]["twins"]) == {"single", "scene"}
     for axis in ("x", "y"):
         assert set(res["place"]["single_readout"][axis]) == {"mean", "cls", "mask"}
     rows = json.loads((tmp_path / "place" / "pretrain_data.json").read_text())
-    twins = [(a, b) for a, b in zip(rows[::2], rows[1::2], strict=False) if a["image"].startswith("place/")]
-    # the singles' pairs come first (smoke data: more than the share asks for), each in one unit
-    assert len(twins) == res["place_rows"] // 2
-    assert all(a["caption"].rsplit(" ", 1)[0] == b["caption"].rsplit(" ", 1)[0] for a, b in twins)
+    # every pair the run drew sits in one sampler unit, in its order (the job's rows hold caption lists)
+    by_first = {(u[0]["image"], u[0]["caption"]): u[1] for u in units}
+    pairs = [(a, b) for a, b in zip(rows[::2], rows[1::2], strict=True) if (a["image"], str(a["caption"])) in by_first]
+    assert len(pairs) == res["place_rows"] // 2
+    assert all(by_first[a["image"], a["caption"]]["image"] == b["image"] for a, b in pairs)
     used = torch.load(tmp_path / "place" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
     assert used["data"]["group_size"] == 2
+    # without --pairs: the place rows added one by one, the job's sampler left as it was
+    assert place_probe.main(["run", str(tmp_path / "place1"), *place]) == 0
+    res = json.loads((tmp_path / "place1" / "place_probe.json").read_text())
+    rows = json.loads((tmp_path / "place1" / "pretrain_data.json").read_text())
+    # (smoke data: singles enough to fill the share, and they come first)
+    assert sum(r["image"].startswith("place/") for r in rows) == res["place_rows"] > 0
+    used = torch.load(tmp_path / "place1" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
+    assert used["data"]["group_size"] == 1
 
 
 def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):

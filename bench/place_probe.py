@@ -16,21 +16,24 @@ a finer test of where the chain breaks (docs/results.md, "Where one object is").
 in ten held out), and ``scene``, a scene's caption of one of its two named groups when every object
 of the group lies on one side (its centre outside the middle 16 % of the axis; the scenes' own split);
 ``twins.json``, each test caption against the same caption with the opposite place; ``pairs.json``,
-units of two rows whose captions differ by the place only: an emoji and its mirror image, and a scene
-with its exchange sibling (the named object in the other group's slots).
+units of two rows whose captions differ by the place word alone: an emoji and the same emoji at the
+mirrored place, and a scene with its exchange sibling where the named object, in the other group's
+slots, has the same count.
 
 ``run`` is the job's pretraining (``albef.cli.mainjob.scene_pretraining``, the same steps and batch)
 with place rows added, ``--share`` times the number of scene rows, every single first; with
 ``--pairs`` the rows come from ``pairs.json`` and the sampler keeps each unit in one batch
 (``data.group_size: 2``), so ITC, blind to the place word, hands ITM the caption that only the place
-tells apart. Then ``score``, and the main job's scene evaluation.
+tells apart; where the job's sampler takes units of two anyway (``sibling_share`` > 0), place rows
+without ``--pairs`` are paired at random. Then ``score``, and the main job's scene evaluation.
 
 ``score``: MLM's choice of the masked place word against its opposite; ITC and ITM on the place twins
 (chance 50 %); and how well the place can be read linearly from the image's mean token, its [CLS] and
 the fused state of the masked place word: a ridge classifier on standardised features (closed form)
-and a fresh linear head trained by AdamW on the same frozen features with the pretraining's learning
+and a fresh linear head trained by AdamW on the raw frozen features with the pretraining's learning
 rate and as many examples as MLM sees masked place words in the default run; with the gap between the
-two classes' mean states over the states' total spread (the share of the state that says where). For a
+two classes' mean states over the states' total spread, its sampling noise taken out (the share of the
+state that says where; 0 where the classes' means differ no more than chance makes them). For a
 single emoji the image alone says where it is; in a scene it says where both named groups are, and
 only a fused state that looks at the named one can say more than the image's mean token does.
 """
@@ -222,7 +225,10 @@ def readout(
         opt.step()
     with torch.no_grad():
         fresh = (head(xte).argmax(1) == yte).double()
-    gap = (xtr[ytr == 1].mean(0) - xtr[ytr == 0].mean(0)).norm() / xtr.var(0).sum().sqrt()
+    # ||mean_1 - mean_0||² overshoots by tr(cov_1)/n_1 + tr(cov_0)/n_0 on finite samples: taken out
+    a1, a0 = xtr[ytr == 1], xtr[ytr == 0]
+    gap2 = (a1.mean(0) - a0.mean(0)).pow(2).sum() - a1.var(0).sum() / len(a1) - a0.var(0).sum() / len(a0)
+    gap = gap2.clamp(min=0).sqrt() / xtr.var(0).sum().sqrt()
     return {
         "ridge": round(100 * ridge.mean().item(), 1),
         "fresh_head": round(100 * fresh.mean().item(), 1),
@@ -239,6 +245,8 @@ def score(model, data: Path, head_lr: float = 5e-4, head_examples: int = 940, he
 
     tok, tf = Tokenizer(add_sep=model.config.add_sep), test_transform(model.config.vision.image_size)
     test = json.loads((data / "place" / "test.json").read_text())
+    if not test:
+        raise ValueError(f"{data / 'place' / 'test.json'} holds no caption: build it from more scenes")
     twins = evaluate_twins(model, read_twins(data / "place" / "twins.json", str(data)), tok, tf)
     res: dict = {
         "twins": {k: {h: round(v[h]["place"], 1) for h in ("itc", "itm")} for k, v in twins["per_split"].items()}

@@ -197,7 +197,8 @@ def test_main_job_smoke(tmp_path, monkeypatch):
         assert a["caption"].rsplit(" ", 1)[0] == b["caption"].rsplit(" ", 1)[0], (a, b)
         assert a["word"] == place_probe.OPPOSITE[b["word"]] and a["image"] != b["image"]
     place = ["--data", str(data), "--steps", "1", "--scale", '{"batch": 4, "k": 4}', "--share", "0.5"]
-    assert place_probe.main(["run", str(tmp_path / "place"), *place, "--pairs"]) == 0
+    # --share 5 asks for more pairs than the smoke data holds: every unit, the scenes' too, is drawn
+    assert place_probe.main(["run", str(tmp_path / "place"), *place, "--pairs", "--share", "5"]) == 0
     res = json.loads((tmp_path / "place" / "place_probe.json").read_text())
     assert res["place_rows"] > 0 and set(res["place"]["twins"]) == {"single", "scene"}
     for axis in ("x", "y"):
@@ -206,7 +207,7 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     # every pair the run drew sits in one sampler unit, in its order (the job's rows hold caption lists)
     by_first = {(u[0]["image"], u[0]["caption"]): u[1] for u in units}
     pairs = [(a, b) for a, b in zip(rows[::2], rows[1::2], strict=True) if (a["image"], str(a["caption"])) in by_first]
-    assert len(pairs) == res["place_rows"] // 2
+    assert len(pairs) == res["place_rows"] // 2 == len(units)
     assert all(by_first[a["image"], a["caption"]]["image"] == b["image"] for a, b in pairs)
     used = torch.load(tmp_path / "place" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
     assert used["data"]["group_size"] == 2
@@ -218,6 +219,21 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     assert sum(r["image"].startswith("place/") for r in rows) == res["place_rows"] > 0
     used = torch.load(tmp_path / "place1" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
     assert used["data"]["group_size"] == 1
+
+
+def test_place_probe_readout_closed_form():
+    """bench/place_probe.readout: a gap of 0 for labels that the features do not carry, the planted
+    gap for a label carried by one feature (its noise taken out), and the ridge reading it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from place_probe import readout
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1200, 64, generator=g), (torch.rand(1200, generator=g) < 0.5).long()
+    none = readout(x[:1000], y[:1000], x[1000:], y[1000:], lr=5e-4, steps=10, batch=2)
+    assert none["gap_over_spread"] < 0.02 and 35 < none["ridge"] < 65
+    x[:, 0] += 3 * (2 * y - 1)  # the label moves one feature by ±3: means 6 apart, spread sqrt(64 + 9)
+    planted = readout(x[:1000], y[:1000], x[1000:], y[1000:], lr=5e-4, steps=10, batch=2)
+    assert planted["gap_over_spread"] == pytest.approx(6 / 73**0.5, abs=0.03) and planted["ridge"] > 97
 
 
 def test_main_picks_the_gpu_scale_only_on_cuda(tmp_path, monkeypatch):

@@ -271,7 +271,7 @@ def score(model, data: Path, head_lr: float = 5e-4, head_examples: int = 940, he
             on_te = torch.tensor([r["kind"] == kind and r["word"] in words for r in test])
             ytr = torch.tensor([int(r["word"] == words[0]) for r in train])[on_tr]
             yte = torch.tensor([int(r["word"] == words[0]) for r in test])[on_te]
-            if not on_tr.any() or not on_te.any():
+            if not on_te.any() or len(set(ytr.tolist())) < 2:  # both sides needed to fit
                 continue
             res[f"{kind}_readout"][axis] = {
                 k: readout(

@@ -219,6 +219,19 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     assert sum(r["image"].startswith("place/") for r in rows) == res["place_rows"] > 0
     used = torch.load(tmp_path / "place1" / "pretrain" / "checkpoint_last.pt", weights_only=False)["recipe"]
     assert used["data"]["group_size"] == 1
+    # siblings kept in one batch by the job (units of two): place rows join as units, no sibling split
+    shared = ["--data", str(data), "--steps", "1", "--scale", '{"batch": 4, "k": 4, "sibling_share": 1}']
+    assert place_probe.main(["run", str(tmp_path / "place2"), *shared, "--share", "0.5"]) == 0
+    rows = json.loads((tmp_path / "place2" / "pretrain_data.json").read_text())
+    ids = [Path(r["image"]).stem if r["image"].startswith("scenes/") else None for r in rows]
+    train_ids = [
+        s["scene_id"] for s in json.loads((data / "scenes" / "scenes.json").read_text()) if s["split"] == "train"
+    ]
+    sibling = {a: b for a, b in zip(train_ids[::2], train_ids[1::2], strict=True)}
+    firsts = [i for i, x in enumerate(ids) if x in sibling]
+    assert firsts and all(i % 2 == 0 and ids[i + 1] == sibling[ids[i]] for i in firsts)
+    res = json.loads((tmp_path / "place2" / "place_probe.json").read_text())
+    assert sum(r["image"].startswith("place/") for r in rows) == res["place_rows"] > 0
 
 
 def test_place_probe_readout_closed_form():

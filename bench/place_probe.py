@@ -288,6 +288,13 @@ def score(model, data: Path, head_lr: float = 5e-4, head_examples: int = 940, he
     return res
 
 
+def _singles_first(items: list, rng: random.Random, row=lambda x: x) -> list:
+    """``items`` shuffled, then every single emoji's row (or unit, ``row`` its first row) first."""
+    rng.shuffle(items)
+    items.sort(key=lambda x: row(x)["kind"] != "single")  # stable: still shuffled among themselves
+    return items
+
+
 def run(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from fusion_probe import relation_mlm
@@ -307,13 +314,9 @@ def run(args: argparse.Namespace) -> dict:
         # the sampler takes units of two rows: the job wrote its rows so (siblings, or random pairs)
         assert len(rows) % 2 == 0, "the job's pretraining rows come in units of two"
         if args.pairs:
-            place = json.loads((args.data / "place" / "pairs.json").read_text())
-            rng.shuffle(place)
-            place.sort(key=lambda u: u[0]["kind"] != "single")  # every single first, shuffled among themselves
+            place = _singles_first(json.loads((args.data / "place" / "pairs.json").read_text()), rng, lambda u: u[0])
         else:  # single place rows, paired at random as the job pairs its loose rows
-            flat = json.loads((args.data / "place" / "train.json").read_text())
-            rng.shuffle(flat)
-            flat.sort(key=lambda p: p["kind"] != "single")
+            flat = _singles_first(json.loads((args.data / "place" / "train.json").read_text()), rng)
             place = [flat[i : i + 2] for i in range(0, len(flat) - 1, 2)]
         place = [
             [{"image": r["image"], "caption": r["caption"]} for r in u]
@@ -325,9 +328,7 @@ def run(args: argparse.Namespace) -> dict:
         rows = [r for u in units for r in u]
         d["data"]["group_size"] = 2
     else:
-        place = json.loads((args.data / "place" / "train.json").read_text())
-        rng.shuffle(place)
-        place.sort(key=lambda p: p["kind"] != "single")
+        place = _singles_first(json.loads((args.data / "place" / "train.json").read_text()), rng)
         n_place = min(len(place), round(args.share * n_scene))
         rows = rows + [{"image": p["image"], "caption": p["caption"]} for p in place[:n_place]]
         rng.shuffle(rows)

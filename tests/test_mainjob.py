@@ -13,6 +13,7 @@ from PIL import Image
 
 from albef.cli.mainjob import run_main
 from albef.data.easyvqa import build_easyvqa
+from albef.data.scene_grammar import RELATIONS
 
 from test_emoji_data import _fixture
 
@@ -164,6 +165,30 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     assert score_checkpoints.main(again) == 0
     four = json.loads((tmp_path / "c4.json").read_text())["1"]
     assert four["pointing_by_layer"]["4"] == row["pointing"]["pointing_game"]["accuracy"]
+    # --train-swaps: training scenes' captions against their swapped twins (the same words, the two
+    # groups exchanged around the relation)
+    swapped = [str(ckpt), "--data", str(data), "--out", str(tmp_path / "c5.json"), "--k", "4", "--train-swaps", "3"]
+    assert score_checkpoints.main(swapped) == 0
+    five = json.loads((tmp_path / "c5.json").read_text())["1"]
+    assert five["twins"] == row["twins"] and five["train_swaps"]["n"] == 3
+    assert 0 <= five["train_swaps"]["itm"] <= 100
+    train_ids = {
+        s["scene_id"] for s in json.loads((data / "scenes" / "scenes.json").read_text()) if s["split"] == "train"
+    }
+    for case in score_checkpoints.training_swaps(data / "scenes", 3):
+        (kind, twin), rel = case.twins[0], next(r for r in RELATIONS.values() if f" {r} " in case.caption)
+        a, b = case.caption.split(f" {rel} ")
+        assert case.scene_id in train_ids and kind == "swap" and twin == f"{b} {rel} {a}" != case.caption
+
+    # the job's scorer sizes the test images by the model it scores (a 32 px model here, the job's
+    # images 128 px): every held-out caption and referent scored
+    from albef.cli.mainjob import evaluate_scenes
+    from albef.config import get_preset
+    from albef.models.albef import ALBEF
+
+    small = ALBEF(get_preset("albef-tiny")).eval()
+    sc = evaluate_scenes(small, data / "scenes", 4, tmp_path / "tiny_overlays", subsets=False)
+    assert sc["twins"]["n"]["swap"] > 0 and sc["pointing"]["n"] > 0
 
     # bench/place_probe.py: captions of one object's place, each true of its image; the pairs differ
     # by the place only and train in one batch

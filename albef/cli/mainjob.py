@@ -259,7 +259,7 @@ def evaluate_scenes(model, scene_dir: Path, k: int, overlays: Path, subsets: boo
     from albef.evaluation.scenes import evaluate_pointing, evaluate_twins, read_twins
     from albef.text import Tokenizer
 
-    tok, tf = Tokenizer(), test_transform(IMAGE_SIZE)
+    tok, tf = Tokenizer(), test_transform(model.config.vision.image_size)
     out: dict[str, Any] = {"retrieval": {}}
     for sub in ("", "_seen", "_unseen_pair", "_unseen_emoji") if subsets else ("",):
         test = read_retrieval_eval(scene_dir / f"retrieval_test{sub}.json", str(scene_dir))
@@ -363,7 +363,8 @@ def run_main(
     t0 = time.perf_counter()
     emoji_dir = data / "emoji"
     test = read_retrieval_eval(emoji_dir / "retrieval_test.json", str(emoji_dir))
-    r = evaluate_retrieval(model, test, Tokenizer(), test_transform(IMAGE_SIZE), k=s["k"], diagnose=True)
+    tf = test_transform(model.config.vision.image_size)
+    r = evaluate_retrieval(model, test, Tokenizer(), tf, k=s["k"], diagnose=True)
     emoji = {
         "ITC": r["itc"],
         "ITC+ITM": r["itm"],
@@ -431,7 +432,8 @@ def run_vqa(
     records, _ = read_vqa(out / "vqa_test_subset.json", str(vqa_dir), train=False)
     model = load_inference_model(out / "vqa" / "checkpoint_last.pt", device=device)
     answers = read_answer_list(vqa_dir / "answer_list.json")
-    metrics, _ = evaluate_vqa(model, records, answers, Tokenizer(), test_transform(IMAGE_SIZE), k=len(answers))
+    tf = test_transform(model.config.vision.image_size)
+    metrics, _ = evaluate_vqa(model, records, answers, Tokenizer(), tf, k=len(answers))
     majority = most_common_answer([a["answer"][0] for a in train_q])
     base = 100.0 * sum(q["answer"][0] == majority for q in test_q) / max(1, len(records))
     times["VQA evaluation"] = time.perf_counter() - t0

@@ -11,7 +11,7 @@ pointing game on each of those text layers' cross-attention (``"pointing_by_laye
 (``"train_swaps"``): whether a model tells apart the relations of the very images it trained on,
 beside the held-out test's new layouts. Writes ``--out`` as ``{step: {"twins", "pointing",
 "retrieval_all"[, "pointing_by_layer", "train_swaps"]}}``; steps already there are kept, not scored
-again.
+again (an option added on a rerun scores only the steps not yet in ``--out``).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, nargs="*", default=[], help="text layers for Grad-CAM pointing")
     p.add_argument("--train-swaps", type=int, default=0, metavar="N", help="swapped twins of N training scenes")
     args = p.parse_args(argv)
+    if args.train_swaps < 0:
+        p.error(f"--train-swaps {args.train_swaps}: a number of training scenes, 0 or more")
     records = read_grounding(str(args.data / "scenes" / "grounding_test.json"), str(args.data / "scenes"))
     tokenizer = Tokenizer()
     res = json.loads(args.out.read_text()) if args.out.exists() else {}

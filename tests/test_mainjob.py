@@ -170,12 +170,17 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     swapped = [str(ckpt), "--data", str(data), "--out", str(tmp_path / "c5.json"), "--k", "4", "--train-swaps", "3"]
     assert score_checkpoints.main(swapped) == 0
     five = json.loads((tmp_path / "c5.json").read_text())["1"]
-    assert five["twins"] == row["twins"] and five["train_swaps"]["n"] == 3
-    assert 0 <= five["train_swaps"]["itm"] <= 100
+    assert five["twins"] == row["twins"]
+    assert five["train_swaps"]["n"] == 3 and set(five["train_swaps"]) == {"n", "itc", "itm"}
+    # three pairs, a tie counting a half: each score a multiple of 100 / 6
+    for head in ("itc", "itm"):
+        assert five["train_swaps"][head] * 6 / 100 == pytest.approx(round(five["train_swaps"][head] * 6 / 100))
     train_ids = {
         s["scene_id"] for s in json.loads((data / "scenes" / "scenes.json").read_text()) if s["split"] == "train"
     }
-    for case in score_checkpoints.training_swaps(data / "scenes", 3):
+    cases = score_checkpoints.training_swaps(data / "scenes", 3)
+    assert len(cases) == 3 and len({c.scene_id for c in cases}) == 3
+    for case in cases:
         (kind, twin), rel = case.twins[0], next(r for r in RELATIONS.values() if f" {r} " in case.caption)
         a, b = case.caption.split(f" {rel} ")
         assert case.scene_id in train_ids and kind == "swap" and twin == f"{b} {rel} {a}" != case.caption

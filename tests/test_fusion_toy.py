@@ -1,0 +1,123 @@
+"""bench/fusion_toy.py: the scenes say what their captions say, the twins are false, the scoring is exact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import fusion_toy as T  # noqa: E402
+
+OPPOSITE = {T.LEFT: T.RIGHT, T.RIGHT: T.LEFT, T.ABOVE: T.BELOW, T.BELOW: T.ABOVE}
+
+
+def _place(cells: torch.Tensor, kind: int) -> tuple[int, int] | None:
+    """Top-left cell of the 2 x 2 object of ``kind`` in a flat grid, read back from the cells."""
+    where = (cells.view(T.GRID, T.GRID) == kind).nonzero()
+    if len(where) == 0:
+        return None
+    assert len(where) == 4  # exactly one 2 x 2 object of the kind
+    return int(where[:, 0].min()), int(where[:, 1].min())
+
+
+def _oracle(cells: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """1 where the caption is true of the cells (both objects present, the relation holds), else 0."""
+    out = []
+    for c, (_, a, rel, b, _) in zip(cells, ids.tolist(), strict=True):
+        pa, pb = _place(c, a - T.OBJECT0), _place(c, b - T.OBJECT0)
+        out.append(float(pa is not None and pb is not None and T.relation(pa, pb) == rel))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("horizontal,third", [(False, False), (True, False), (False, True)])
+def test_scenes_hold_their_caption_and_no_twin_does(horizontal, third):
+    objects = 5
+    scenes = T.draw_scenes(300, torch.Generator().manual_seed(0), objects, horizontal, third)
+    t = T.tensors(scenes, objects)
+    assert _oracle(t["cells"], t["caption"]).tolist() == [1.0] * 300
+    for cells, ids in ((t["cells"], t["swapped"]), (t["mirror"], t["caption"]), (t["cells"], t["changed"])):
+        assert _oracle(cells, ids).sum() == 0
+    rels = {s.rel for s in scenes}
+    assert rels == ({T.LEFT, T.RIGHT} if horizontal else {T.LEFT, T.RIGHT, T.ABOVE, T.BELOW})
+    for s, cells in zip(scenes, t["cells"], strict=True):
+        assert s.a != s.b and _place(cells, s.a) == s.place_a and _place(cells, s.b) == s.place_b
+        if third:
+            kind, place = s.third
+            assert kind not in (s.a, s.b) and _place(cells, kind) == place
+            assert T.relation(place, s.place_b) != s.rel  # "C rel B" is false: MLM must read the relation
+    for s, cells, mirror in zip(
+        scenes, t["cells"], t["mirror"], strict=True
+    ):  # the same objects, each where the other was
+        assert torch.equal(cells.sort().values, mirror.sort().values)
+        assert T.relation(_place(mirror, s.a), _place(mirror, s.b)) == OPPOSITE[s.rel]
+
+
+def test_twin_accuracy_is_exact_for_an_oracle_and_a_presence_reader():
+    scenes = T.draw_scenes(200, torch.Generator().manual_seed(1), 6)
+    t = T.tensors(scenes, 6)
+    assert T.twin_accuracy(_oracle, t) == {"swap": 1.0, "mirror": 1.0, "object": 1.0}
+
+    def presence(cells: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # which objects, not where
+        return torch.tensor(
+            [float(all((c == w - T.OBJECT0).any() for w in (i[1], i[3]))) for c, i in zip(cells, ids, strict=True)]
+        )
+
+    # a tie is not a win: a reader blind to places never prefers the caption to a swapped twin
+    assert T.twin_accuracy(presence, t) == {"swap": 0.0, "mirror": 0.0, "object": 1.0}
+
+
+def test_itm_batch_pairs_each_negative_as_albef_does():
+    t = T.tensors(T.draw_scenes(4, torch.Generator().manual_seed(2), 6), 6)
+    cells, ids, labels = T.itm_batch(t, "itm")
+    assert labels.tolist() == [1] * 4 + [0] * 8
+    assert torch.equal(ids[4:8], t["swapped"]) and torch.equal(cells[4:8], t["cells"])  # negative text
+    assert torch.equal(ids[8:], t["caption"]) and torch.equal(cells[8:], t["mirror"])  # negative image
+    assert len(T.itm_batch(t, "all")[2]) == 16 and len(T.itm_batch(t, "object")[2]) == 8
+
+
+def test_main_writes_the_curve_and_refuses_settings_without_meaning(tmp_path):
+    out = tmp_path / "toy.json"
+    argv = [str(out), "--steps", "2", "--eval-every", "1", "--width", "32", "--objects", "5", "--third", "--mlm", "1"]
+    assert T.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [r["step"] for r in result["curve"]] == [1, 2]
+    assert set(result["curve"][0]) == {
+        "step",
+        "loss",
+        "seconds",
+        "swap",
+        "mirror",
+        "object",
+        "mlm_pair",
+        "look_mean",
+        "look_best",
+    }
+    assert result["settings"]["negatives"] == "itm"
+    args = argparse.Namespace(
+        width=32, text_layers=1, fusion_layers=1, objects=5, single_stream=False, pre_ln=False, bound_init=0.0
+    )
+    model = T.Toy(args)
+    assert isinstance(model.fusion, T.TextEncoder) and len(model.fusion.fusion_layers) == 1  # albef's own layers
+    with pytest.raises(SystemExit):
+        T.main([str(out), "--bound-init", "1", "--single-stream"])  # no cross-attention to bind
+    with pytest.raises(SystemExit):
+        T.main([str(out), "--mlm", "1"])  # MLM on the first name needs a third object to choose from
+    with pytest.raises(SystemExit):
+        T.main([str(out), "--objects", "2"])  # no kind left for the changed-object twin
+
+
+def test_bound_init_starts_the_cross_attention_on_the_named_object():
+    t = T.tensors(T.draw_scenes(100, torch.Generator().manual_seed(3), 14), 14)
+    uniform = 4 / 65  # an object's 4 cells among 64 and the image's [CLS]
+    for scale, low, high in ((0.0, 0.0, 2 * uniform), (1.5, 0.9, 1.0)):
+        torch.manual_seed(0)
+        args = argparse.Namespace(
+            width=128, text_layers=2, fusion_layers=2, objects=14, single_stream=False, pre_ln=False, bound_init=scale
+        )
+        look = T.Toy(args).look(t["cells"], t["caption"])
+        assert look.shape == (4,) and low < look.min() and look.max() < high

@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from albef.config import TextConfig  # noqa: E402
+from albef.config import TextConfig, VisionConfig  # noqa: E402
 from albef.models.bert import TextEncoder  # noqa: E402
-from albef.models.vit import sincos_pos_embed  # noqa: E402
+from albef.models.vit import Block, sincos_pos_embed  # noqa: E402
 
 GRID = 8  # cells a side; an object covers 2 x 2
 CLS, SEP, MASK = 1, 2, 3
@@ -140,19 +140,31 @@ def absent_kind(scene: Scene, objects: int) -> int:
 
 
 class Tokens(nn.Module):
-    """Ideal image tokens: LayerNorm(content of the cell + its place), the [CLS] their mean."""
+    """Ideal image tokens: LayerNorm(content of the cell + its place), the [CLS] their mean; with
+    ``vit_layers``, trainable pre-norm ViT blocks (albef's, timm's initialisation) and a final
+    LayerNorm on top, as the fusion reads a ViT's output."""
 
-    def __init__(self, width: int, objects: int):
+    def __init__(self, width: int, objects: int, vit_layers: int = 0):
         super().__init__()
         self.content = nn.Embedding(objects + 1, width)
         nn.init.normal_(self.content.weight)  # fixed, as large as the place's values
         self.register_buffer("place", sincos_pos_embed(GRID, width))  # [GRID * GRID, W]
         self.norm = nn.LayerNorm(width)
         self.requires_grad_(False)
+        cfg = VisionConfig(width=width, num_heads=4)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(vit_layers))
+        self.final_norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps) if vit_layers else None
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
     def forward(self, cells: Tensor) -> Tensor:  # [B, N] -> [B, 1 + N, W]
         x = self.content(cells) + self.place
-        return self.norm(torch.cat([x.mean(1, keepdim=True), x], 1))
+        x = self.norm(torch.cat([x.mean(1, keepdim=True), x], 1))
+        for block in self.blocks:
+            x = block(x)
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 class SingleStream(nn.Module):
@@ -178,7 +190,7 @@ class Toy(nn.Module):
     def __init__(self, args: argparse.Namespace):
         super().__init__()
         W, depth = args.width, args.text_layers + args.fusion_layers
-        self.tokens = Tokens(W, args.objects)
+        self.tokens = Tokens(W, args.objects, args.vit_layers)
         if args.single_stream:
             self.fusion: nn.Module = SingleStream(W, depth, args.pre_ln)
         else:
@@ -349,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizontal", action="store_true", help="left and right only")
     p.add_argument("--third", action="store_true", help="a third object, of which the relation is not true")
     p.add_argument("--mlm", type=float, default=0.0, help="weight of MLM on the first object's name")
+    p.add_argument("--vit-layers", type=int, default=0, help="trainable ViT blocks on the tokens before the fusion")
     p.add_argument("--single-stream", action="store_true")
     p.add_argument("--pre-ln", action="store_true", help="with --single-stream: LayerNorm before each block")
     p.add_argument(

@@ -99,7 +99,14 @@ def test_main_writes_the_curve_and_refuses_settings_without_meaning(tmp_path):
     }
     assert result["settings"]["negatives"] == "itm"
     args = argparse.Namespace(
-        width=32, text_layers=1, fusion_layers=1, objects=5, single_stream=False, pre_ln=False, bound_init=0.0
+        width=32,
+        text_layers=1,
+        fusion_layers=1,
+        objects=5,
+        single_stream=False,
+        pre_ln=False,
+        bound_init=0.0,
+        vit_layers=0,
     )
     model = T.Toy(args)
     assert isinstance(model.fusion, T.TextEncoder) and len(model.fusion.fusion_layers) == 1  # albef's own layers
@@ -117,7 +124,27 @@ def test_bound_init_starts_the_cross_attention_on_the_named_object():
     for scale, low, high in ((0.0, 0.0, 2 * uniform), (1.5, 0.9, 1.0)):
         torch.manual_seed(0)
         args = argparse.Namespace(
-            width=128, text_layers=2, fusion_layers=2, objects=14, single_stream=False, pre_ln=False, bound_init=scale
+            width=128,
+            text_layers=2,
+            fusion_layers=2,
+            objects=14,
+            single_stream=False,
+            pre_ln=False,
+            bound_init=scale,
+            vit_layers=0,
         )
         look = T.Toy(args).look(t["cells"], t["caption"])
         assert look.shape == (4,) and low < look.min() and look.max() < high
+
+
+def test_tokens_are_fixed_unless_vit_blocks_are_put_on_top():
+    cells = T.grid(T.draw_scenes(1, torch.Generator().manual_seed(4), 5)[0], 5)[None]
+    ideal = T.Tokens(32, 5)
+    assert not [p for p in ideal.parameters() if p.requires_grad]  # what and where, given, not learned
+    x = ideal(cells)
+    assert x.shape == (1, 1 + T.GRID**2, 32)
+    assert torch.allclose(x[0, 1:].mean(-1), torch.zeros(T.GRID**2), atol=1e-5)  # each token LayerNormed
+    vit = T.Tokens(32, 5, vit_layers=2)
+    trainable = [n for n, p in vit.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(("blocks.", "final_norm.")) for n in trainable)
+    assert vit(cells).shape == x.shape

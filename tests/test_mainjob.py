@@ -365,6 +365,7 @@ def test_swap_and_rerank_sentences_name_the_gpu_scale_only_below_it():
     full, gpu = SCALES["full"], SCALES["gpu"]
     ratio = gpu["pretrain"] * gpu["batch"] / (full["pretrain"] * full["batch"])
     assert f"neither {ratio:.1f}x the pretraining samples" in _swap_sentence(tw, full)[0]
+    assert "bench/fusion_toy.py" in _swap_sentence(tw, full)[0]  # the control with ideal image tokens
     assert f"with {ratio:.1f}x the pretraining samples" in _scene_rerank_why(full)
     # the GPU scale itself (or more) cannot point to itself as the remedy
     for s in (gpu, {**gpu, "pretrain": 2 * gpu["pretrain"]}):

@@ -84,10 +84,16 @@ def _overlap(p: tuple[int, int], q: tuple[int, int]) -> bool:
 
 
 def draw_scenes(
-    n: int, gen: torch.Generator, objects: int, horizontal: bool = False, third: bool = False
+    n: int,
+    gen: torch.Generator,
+    objects: int,
+    horizontal: bool = False,
+    third: bool = False,
+    exclude: frozenset[Scene] = frozenset(),
 ) -> list[Scene]:
     """``n`` scenes of two distinct object kinds in an unambiguous relation (left/right only with
-    ``horizontal``); with ``third``, a third kind placed where the caption's relation does not hold."""
+    ``horizontal``); with ``third``, a third kind placed where the caption's relation does not hold.
+    A scene in ``exclude`` (the held-out set) is drawn again, so that held out means never trained on."""
 
     def rand(k: int) -> list[int]:
         return torch.randint(GRID - 1, (k,), generator=gen).tolist()
@@ -109,8 +115,10 @@ def draw_scenes(
                 if not _overlap(p, (ra, ca)) and not _overlap(p, (rb, cb)) and relation(p, (rb, cb)) != rel:
                     break
             extra = (c, p)
-        out.append(Scene(a, b, (ra, ca), (rb, cb), rel, extra))
-    return out
+        scene = Scene(a, b, (ra, ca), (rb, cb), rel, extra)
+        if scene not in exclude:
+            out.append(scene)
+    return out if len(out) == n else out + draw_scenes(n - len(out), gen, objects, horizontal, third, exclude)
 
 
 def grid(scene: Scene, objects: int, mirror: bool = False) -> Tensor:
@@ -179,6 +187,14 @@ class SingleStream(nn.Module):
             width, 4, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=pre_ln
         )
         self.body = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        for m in self.modules():  # BERT's initialisation, as the fusion it stands beside
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.MultiheadAttention):
+                nn.init.normal_(m.in_proj_weight, std=0.02)
+                nn.init.zeros_(m.in_proj_bias)
 
     def forward(self, ids: Tensor, image: Tensor) -> Tensor:  # -> [B, L + N, W], text first
         L = ids.shape[1]
@@ -215,12 +231,15 @@ class Toy(nn.Module):
     @torch.no_grad()
     def bind(self, scale: float) -> None:
         """Start the first fusion layer's cross-attention looking at the object each name names: an
-        object's word embedding is its content vector, and queries and keys are ``scale`` times the
-        identity, so a name's query meets its own object's cells (a probe of what comes after the look)."""
+        object's word embedding is its content vector (at twice the position embeddings' scale), and
+        queries and keys are ``scale`` times the identity, so a name's query meets its own object's cells
+        (a probe of what comes after the look)."""
         fusion = self.fusion
         assert isinstance(fusion, TextEncoder), "--bound-init needs albef's fusion layers"
         words = fusion.embeddings.word_embeddings.weight
-        words[OBJECT0 : OBJECT0 + len(self.mlm_head.weight)] = self.tokens.content.weight[:-1]
+        content = self.tokens.content.weight[:-1]  # [objects, W], standard deviation 1
+        # twice the scale of BERT's position embeddings (0.02), so that a name still says where it stands
+        words[OBJECT0 : OBJECT0 + len(content)] = content * 0.04
         attention = fusion.fusion_layers[0].crossattention.self
         for linear in (attention.query, attention.key):
             linear.weight.copy_(torch.eye(linear.weight.shape[0]) * scale)
@@ -252,7 +271,7 @@ class Toy(nn.Module):
         on_a = torch.cat(
             [torch.zeros_like(cells[:, :1], dtype=torch.bool), cells == ids[:, 1:2] - OBJECT0], 1
         ).float()  # [B, 1 + N]
-        return (p[:, :, 1] * on_a[:, None]).sum(-1).mean(0)  # [B, h, N] -> [h]
+        return (p[:, :, 1] * on_a[:, None]).sum(-1).mean(0)  # [B, h, 1 + N] -> [h]
 
     def name_first(self, cells: Tensor, ids: Tensor) -> Tensor:  # -> [B, objects] logits
         masked = ids.clone()
@@ -311,9 +330,10 @@ def train(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed)
     test_scenes = draw_scenes(1000, torch.Generator().manual_seed(12345), args.objects, args.horizontal, args.third)
     test = tensors(test_scenes, args.objects)
+    held_out = frozenset(test_scenes)
     curve, losses, start = [], [], time.time()
     for step in range(1, args.steps + 1):
-        t = tensors(draw_scenes(args.batch, gen, args.objects, args.horizontal, args.third), args.objects)
+        t = tensors(draw_scenes(args.batch, gen, args.objects, args.horizontal, args.third, held_out), args.objects)
         cells, ids, labels = itm_batch(t, args.negatives)
         loss = F.cross_entropy(model.itm(cells, ids), labels)
         if args.mlm:
@@ -337,7 +357,8 @@ def train(args: argparse.Namespace) -> list[dict]:
                     pick = torch.stack(
                         [test["caption"][:, 1] - OBJECT0, torch.tensor([s.third[0] for s in test_scenes])], 1
                     )
-                    row["mlm_pair"] = (logits.gather(1, pick).argmax(-1) == 0).float().mean().item()
+                    pair = logits.gather(1, pick)
+                    row["mlm_pair"] = (pair[:, 0] > pair[:, 1]).float().mean().item()  # a tie is a miss
             model.train()
             curve.append(row)
             losses = []
@@ -377,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.objects < 3 + args.third:
         p.error("--objects must leave a kind absent from every scene (3, or 4 with --third)")
+    if args.pre_ln and not args.single_stream:
+        p.error("--pre-ln sets the single stream's layers: add --single-stream")
+    if args.fusion_layers < 1 or args.text_layers < 0 or args.vit_layers < 0:
+        p.error("--fusion-layers must be at least 1, --text-layers and --vit-layers at least 0")
+    if args.eval_every < 1 or args.steps < 1:
+        p.error("--steps and --eval-every must be at least 1")
     if args.bound_init and args.single_stream:
         p.error("--bound-init sets albef's cross-attention; --single-stream has none")
     if args.mlm and not args.third:

@@ -50,9 +50,8 @@ def test_scenes_hold_their_caption_and_no_twin_does(horizontal, third):
             kind, place = s.third
             assert kind not in (s.a, s.b) and _place(cells, kind) == place
             assert T.relation(place, s.place_b) != s.rel  # "C rel B" is false: MLM must read the relation
-    for s, cells, mirror in zip(
-        scenes, t["cells"], t["mirror"], strict=True
-    ):  # the same objects, each where the other was
+    # the mirror image holds the same objects, each where the other was
+    for s, cells, mirror in zip(scenes, t["cells"], t["mirror"], strict=True):
         assert torch.equal(cells.sort().values, mirror.sort().values)
         assert T.relation(_place(mirror, s.a), _place(mirror, s.b)) == OPPOSITE[s.rel]
 
@@ -77,13 +76,18 @@ def test_itm_batch_pairs_each_negative_as_albef_does():
     assert labels.tolist() == [1] * 4 + [0] * 8
     assert torch.equal(ids[4:8], t["swapped"]) and torch.equal(cells[4:8], t["cells"])  # negative text
     assert torch.equal(ids[8:], t["caption"]) and torch.equal(cells[8:], t["mirror"])  # negative image
-    assert len(T.itm_batch(t, "all")[2]) == 16 and len(T.itm_batch(t, "object")[2]) == 8
+    cells, ids, labels = T.itm_batch(t, "all")
+    assert labels.tolist() == [1] * 4 + [0] * 12
+    assert torch.equal(ids[12:], t["changed"]) and torch.equal(cells[12:], t["cells"])  # an absent object
+    cells, ids, labels = T.itm_batch(t, "object")
+    assert labels.tolist() == [1] * 4 + [0] * 4 and torch.equal(ids[4:], t["changed"])
 
 
-def test_main_writes_the_curve_and_refuses_settings_without_meaning(tmp_path):
+def test_main_writes_the_curve(tmp_path):
     out = tmp_path / "toy.json"
+    threads = ["--threads", str(torch.get_num_threads())]  # leave the test process's threads as they are
     argv = [str(out), "--steps", "2", "--eval-every", "1", "--width", "32", "--objects", "5", "--third", "--mlm", "1"]
-    assert T.main(argv) == 0
+    assert T.main(argv + threads) == 0
     result = json.loads(out.read_text())
     assert [r["step"] for r in result["curve"]] == [1, 2]
     assert set(result["curve"][0]) == {
@@ -98,6 +102,30 @@ def test_main_writes_the_curve_and_refuses_settings_without_meaning(tmp_path):
         "look_best",
     }
     assert result["settings"]["negatives"] == "itm"
+    for variant in (["--single-stream", "--pre-ln"], ["--vit-layers", "1", "--bound-init", "2"]):
+        assert T.main([str(out), "--steps", "1", "--width", "32", "--negatives", "all", *variant, *threads]) == 0
+        assert set(json.loads(out.read_text())["curve"][0]) >= {"swap", "mirror", "object"}
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--mlm", "1"], "needs --third"),  # MLM on the first name needs a third object to choose from
+        (["--objects", "2"], "--objects must leave a kind absent"),  # no kind for the changed-object twin
+        (["--bound-init", "1", "--single-stream"], "--single-stream has none"),
+        (["--pre-ln"], "add --single-stream"),
+        (["--fusion-layers", "0"], "--fusion-layers must be at least 1"),
+        (["--eval-every", "0"], "--eval-every must be at least 1"),
+    ],
+)
+def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        T.main([str(tmp_path / "toy.json"), "--steps", "1", *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "toy.json").exists()
+
+
+def test_the_toy_fuses_with_albefs_own_layers():
     args = argparse.Namespace(
         width=32,
         text_layers=1,
@@ -109,19 +137,22 @@ def test_main_writes_the_curve_and_refuses_settings_without_meaning(tmp_path):
         vit_layers=0,
     )
     model = T.Toy(args)
-    assert isinstance(model.fusion, T.TextEncoder) and len(model.fusion.fusion_layers) == 1  # albef's own layers
-    with pytest.raises(SystemExit):
-        T.main([str(out), "--bound-init", "1", "--single-stream"])  # no cross-attention to bind
-    with pytest.raises(SystemExit):
-        T.main([str(out), "--mlm", "1"])  # MLM on the first name needs a third object to choose from
-    with pytest.raises(SystemExit):
-        T.main([str(out), "--objects", "2"])  # no kind left for the changed-object twin
+    assert isinstance(model.fusion, T.TextEncoder) and len(model.fusion.fusion_layers) == 1
+    t = T.tensors(T.draw_scenes(3, torch.Generator().manual_seed(0), 5), 5)
+    assert model.itm(t["cells"], t["caption"]).shape == (3, 2)
+
+
+def test_held_out_scenes_are_never_drawn_for_training():
+    held_out = T.draw_scenes(200, torch.Generator().manual_seed(5), 4, horizontal=True)
+    training = T.draw_scenes(2000, torch.Generator().manual_seed(5), 4, True, exclude=frozenset(held_out))
+    assert len(training) == 2000 and not set(training) & set(held_out)
+    assert set(T.draw_scenes(2000, torch.Generator().manual_seed(5), 4, True)) & set(held_out)  # without: they are
 
 
 def test_bound_init_starts_the_cross_attention_on_the_named_object():
     t = T.tensors(T.draw_scenes(100, torch.Generator().manual_seed(3), 14), 14)
     uniform = 4 / 65  # an object's 4 cells among 64 and the image's [CLS]
-    for scale, low, high in ((0.0, 0.0, 2 * uniform), (1.5, 0.9, 1.0)):
+    for scale, low, high in ((0.0, 0.0, 2 * uniform), (2.0, 0.85, 1.0)):
         torch.manual_seed(0)
         args = argparse.Namespace(
             width=128,
@@ -143,7 +174,9 @@ def test_tokens_are_fixed_unless_vit_blocks_are_put_on_top():
     assert not [p for p in ideal.parameters() if p.requires_grad]  # what and where, given, not learned
     x = ideal(cells)
     assert x.shape == (1, 1 + T.GRID**2, 32)
-    assert torch.allclose(x[0, 1:].mean(-1), torch.zeros(T.GRID**2), atol=1e-5)  # each token LayerNormed
+    normed = x[0, 1:]  # each token LayerNormed
+    assert torch.allclose(normed.mean(-1), torch.zeros(T.GRID**2), atol=1e-5)
+    assert torch.allclose(normed.var(-1, unbiased=False), torch.ones(T.GRID**2), atol=1e-3)
     vit = T.Tokens(32, 5, vit_layers=2)
     trainable = [n for n, p in vit.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith(("blocks.", "final_norm.")) for n in trainable)

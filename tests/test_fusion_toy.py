@@ -125,18 +125,14 @@ def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):
     assert not (tmp_path / "toy.json").exists()
 
 
+def _toy(**settings) -> T.Toy:
+    """A ``Toy`` with albef's fusion (main()'s defaults where ``settings`` says nothing)."""
+    base = dict(width=128, text_layers=2, fusion_layers=2, objects=14, single_stream=False, pre_ln=False)
+    return T.Toy(argparse.Namespace(**{**base, "bound_init": 0.0, "vit_layers": 0, **settings}))
+
+
 def test_the_toy_fuses_with_albefs_own_layers():
-    args = argparse.Namespace(
-        width=32,
-        text_layers=1,
-        fusion_layers=1,
-        objects=5,
-        single_stream=False,
-        pre_ln=False,
-        bound_init=0.0,
-        vit_layers=0,
-    )
-    model = T.Toy(args)
+    model = _toy(width=32, text_layers=1, fusion_layers=1, objects=5)
     assert isinstance(model.fusion, T.TextEncoder) and len(model.fusion.fusion_layers) == 1
     t = T.tensors(T.draw_scenes(3, torch.Generator().manual_seed(0), 5), 5)
     assert model.itm(t["cells"], t["caption"]).shape == (3, 2)
@@ -154,17 +150,7 @@ def test_bound_init_starts_the_cross_attention_on_the_named_object():
     uniform = 4 / 65  # an object's 4 cells among 64 and the image's [CLS]
     for scale, low, high in ((0.0, 0.0, 2 * uniform), (2.0, 0.85, 1.0)):
         torch.manual_seed(0)
-        args = argparse.Namespace(
-            width=128,
-            text_layers=2,
-            fusion_layers=2,
-            objects=14,
-            single_stream=False,
-            pre_ln=False,
-            bound_init=scale,
-            vit_layers=0,
-        )
-        look = T.Toy(args).look(t["cells"], t["caption"])
+        look = _toy(bound_init=scale).look(t["cells"], t["caption"])
         assert look.shape == (4,) and low < look.min() and look.max() < high
 
 

@@ -22,7 +22,7 @@ no dropout); an ITM head on the fused [CLS] is trained by cross-entropy, positiv
 
 ``--bound-init S`` starts the first fusion layer's cross-attention looking at the object each name
 names (an object's word embedding is its content vector, queries and keys S times the identity), a
-probe of what comes after the look; ``--vit-layers N`` puts N trainable ViT blocks on the tokens
+probe of what comes after the look (``--bind words`` or ``attention`` sets only one of the two); ``--vit-layers N`` puts N trainable ViT blocks on the tokens
 before the fusion, as ALBEF's fusion reads a ViT's output. With ``--third`` each scene holds a third
 object of which the caption's relation is not true, and ``--mlm W`` adds, with weight W, ALBEF's
 image-grounded MLM on the first object's name (masked, then predicted from its fused state by a
@@ -31,12 +31,13 @@ linear head): naming it needs the relation, since two objects other than B are p
 (PyTorch's ``TransformerEncoder``, post- or ``--pre-ln``, BERT's initialisation), a control for
 whether the difficulty is ALBEF's cross-attention or attention from random weights in general.
 
-Every ``--eval-every`` steps, on 1,000 held-out scenes: ITM's choice of the caption over its swapped
+At the start and every ``--eval-every`` steps, on 1,000 held-out scenes: ITM's choice of the caption over its swapped
 twin (``swap``), over the caption on the mirror image (``mirror``), over the caption with an object
 changed (``object``), each chance 50 % (a tie counts as a miss); with ``--third``, the MLM's choice of
 the first object over the third (``mlm_pair``, chance 50 %); for albef's fusion, the first fusion
 layer's attention from the first name onto its object's cells, the mean over heads and the best head
-(``look_mean``, ``look_best``; a uniform look 4 / 65). The held-out scenes are never drawn for
+(``look_mean``, ``look_best``; a uniform look 4 / 65), and onto the other named object's cells, the
+mean over heads (``look_other``: a look at objects in general puts as much there as on its own). The held-out scenes are never drawn for
 training. OUT holds the settings and the curve.
 """
 
@@ -234,20 +235,24 @@ class Toy(nn.Module):
         self.itm_head = nn.Linear(W, 2)
         self.mlm_head = nn.Linear(W, args.objects)
         if args.bound_init:
-            self.bind(args.bound_init)
+            self.bind(args.bound_init, getattr(args, "bind", "both"))
 
     @torch.no_grad()
-    def bind(self, scale: float) -> None:
+    def bind(self, scale: float, part: str = "both") -> None:
         """Start the first fusion layer's cross-attention looking at the object each name names: an
         object's word embedding is its content vector (at twice the position embeddings' scale), and
         queries and keys are ``scale`` times the identity, so a name's query meets its own object's cells
-        (a probe of what comes after the look)."""
+        (a probe of what comes after the look). ``part`` "words" or "attention" sets only that half:
+        the names in the image tokens' space, or queries and keys the identity over BERT's words."""
         fusion = self.fusion
         assert isinstance(fusion, TextEncoder), "--bound-init needs albef's fusion layers"
         words = fusion.embeddings.word_embeddings.weight
         content = self.tokens.content.weight[:-1]  # [objects, W], standard deviation 1
-        # twice the scale of BERT's position embeddings (0.02), so that a name still says where it stands
-        words[OBJECT0 : OBJECT0 + len(content)] = content * 0.04
+        if part in ("both", "words"):
+            # twice the scale of BERT's position embeddings (0.02), so that a name still says where it stands
+            words[OBJECT0 : OBJECT0 + len(content)] = content * 0.04
+        if part == "words":
+            return
         attention = fusion.fusion_layers[0].crossattention.self
         for linear in (attention.query, attention.key):
             linear.weight.copy_(torch.eye(linear.weight.shape[0]) * scale)
@@ -263,9 +268,10 @@ class Toy(nn.Module):
         return self.itm_head(self.fused(cells, ids)[:, 0])
 
     @torch.no_grad()
-    def look(self, cells: Tensor, ids: Tensor) -> Tensor:
+    def look(self, cells: Tensor, ids: Tensor, onto: int = 1) -> Tensor:
         """Each head's attention weight, in the first fusion layer's cross-attention, from the first
-        name onto its object's cells, averaged over scenes: [heads] (a uniform look: 4 / 65)."""
+        name onto the cells of the object named at caption position ``onto`` (1: the first name's own,
+        3: the other's), averaged over scenes: [heads] (a uniform look: 4 / 65)."""
         fusion = self.fusion
         assert isinstance(fusion, TextEncoder)
         mask = torch.ones_like(ids)
@@ -276,10 +282,10 @@ class Toy(nn.Module):
         p = attention.probabilities(
             attention.heads(attention.query(x)), attention.heads(attention.key(self.tokens(cells))), None
         )
-        on_a = torch.cat(
-            [torch.zeros_like(cells[:, :1], dtype=torch.bool), cells == ids[:, 1:2] - OBJECT0], 1
+        on = torch.cat(
+            [torch.zeros_like(cells[:, :1], dtype=torch.bool), cells == ids[:, onto : onto + 1] - OBJECT0], 1
         ).float()  # [B, 1 + N]
-        return (p[:, :, 1] * on_a[:, None]).sum(-1).mean(0)  # [B, h, 1 + N] -> [h]
+        return (p[:, :, 1] * on[:, None]).sum(-1).mean(0)  # [B, h, 1 + N] -> [h]
 
     def name_first(self, cells: Tensor, ids: Tensor) -> Tensor:  # -> [B, objects] logits
         masked = ids.clone()
@@ -340,6 +346,34 @@ def train(args: argparse.Namespace) -> list[dict]:
     test = tensors(test_scenes, args.objects)
     held_out = frozenset(test_scenes)
     curve, losses, start = [], [], time.time()
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            loss = sum(losses) / len(losses) if losses else None  # None: the start, before any step
+            row = {"step": step, "loss": loss, "seconds": round(time.time() - start, 1)}
+            row |= twin_accuracy(lambda c, i: model.itm(c, i).log_softmax(-1)[:, 1], test)
+            if not args.single_stream:
+                look = model.look(test["cells"], test["caption"])
+                other = model.look(test["cells"], test["caption"], onto=3)
+                row |= {
+                    "look_mean": look.mean().item(),
+                    "look_best": look.max().item(),
+                    "look_other": other.mean().item(),
+                }
+            if args.third:
+                logits = model.name_first(test["cells"], test["caption"])
+                pick = torch.stack(
+                    [test["caption"][:, 1] - OBJECT0, torch.tensor([s.third[0] for s in test_scenes])], 1
+                )
+                pair = logits.gather(1, pick)
+                row["mlm_pair"] = (pair[:, 0] > pair[:, 1]).float().mean().item()  # a tie is a miss
+        model.train()
+        curve.append(row)
+        losses.clear()
+        print(json.dumps(row), flush=True)
+
+    evaluate(0)
     for step in range(1, args.steps + 1):
         t = tensors(draw_scenes(args.batch, gen, args.objects, args.horizontal, args.third, held_out), args.objects)
         cells, ids, labels = itm_batch(t, args.negatives)
@@ -353,24 +387,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         opt.step()
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
-            model.eval()
-            with torch.no_grad():
-                row = {"step": step, "loss": sum(losses) / len(losses), "seconds": round(time.time() - start, 1)}
-                row |= twin_accuracy(lambda c, i: model.itm(c, i).log_softmax(-1)[:, 1], test)
-                if not args.single_stream:
-                    look = model.look(test["cells"], test["caption"])
-                    row |= {"look_mean": look.mean().item(), "look_best": look.max().item()}
-                if args.third:
-                    logits = model.name_first(test["cells"], test["caption"])
-                    pick = torch.stack(
-                        [test["caption"][:, 1] - OBJECT0, torch.tensor([s.third[0] for s in test_scenes])], 1
-                    )
-                    pair = logits.gather(1, pick)
-                    row["mlm_pair"] = (pair[:, 0] > pair[:, 1]).float().mean().item()  # a tie is a miss
-            model.train()
-            curve.append(row)
-            losses = []
-            print(json.dumps(row), flush=True)
+            evaluate(step)
     return curve
 
 
@@ -400,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="start the first cross-attention looking at each named object (queries and keys S x identity)",
     )
+    p.add_argument(
+        "--bind",
+        choices=("both", "words", "attention"),
+        default="both",
+        help="with --bound-init: set both halves of the look, or only the names' embeddings or only queries and keys",
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -414,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps and --eval-every must be at least 1")
     if args.bound_init and args.single_stream:
         p.error("--bound-init sets albef's cross-attention; --single-stream has none")
+    if args.bind != "both" and not args.bound_init:
+        p.error("--bind chooses what --bound-init sets: add --bound-init S")
     if args.mlm and not args.third:
         p.error("--mlm names the first object among two candidates: it needs --third")
     torch.set_num_threads(args.threads)

@@ -134,6 +134,25 @@ def _inside(x: float, y: float, box) -> bool:
     return box[0] <= x < box[0] + box[2] and box[1] <= y < box[1] + box[3]
 
 
+def object_masks(records: list[dict], grid: int, patch: int) -> tuple[Tensor, Tensor]:
+    """Over the image's tokens ([CLS], then the patches by rows), each record's named object (the
+    patches whose centre lies in its box) and the scene's other objects (each of their patches
+    weighted 1 / their number, so that a look spread evenly over objects puts as much on "other" as
+    on "named"): two [n, 1 + grid²] tensors.
+
+    >>> named, other = object_masks([{"box": [0, 0, 8, 8], "candidates": [[0, 0, 8, 8], [8, 8, 8, 8]]}], 2, 8)
+    >>> named.tolist(), other.tolist()
+    ([[0.0, 1.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0, 1.0]])
+    """
+    centres = [(c * patch + patch / 2, r * patch + patch / 2) for r in range(grid) for c in range(grid)]
+    named, other = [], []
+    for r in records:
+        boxes = [b for b in r["candidates"] if b != r["box"]]
+        named.append([0.0] + [float(_inside(x, y, r["box"])) for x, y in centres])
+        other.append([0.0] + [sum(_inside(x, y, b) for b in boxes) / max(len(boxes), 1) for x, y in centres])
+    return torch.tensor(named, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+
+
 def fusion_probe(model, embeds: Tensor, records: list[dict], image_index: list[int], tokenizer) -> dict:
     """Section 2: one record = one name fused with its image (ViT output ``embeds[image_index[i]]``)."""
     enc, vc = model.text_encoder, model.config.vision
@@ -148,6 +167,9 @@ def fusion_probe(model, embeds: Tensor, records: list[dict], image_index: list[i
     looks: list[list[Tensor]] = [[] for _ in layers]  # [n, heads, 2] per layer
     peaks: list[list[Tensor]] = [[] for _ in layers]  # [n, heads]: the largest attention weight
     on_cls: list[list[Tensor]] = [[] for _ in layers]  # [n, heads]: the weight on the image's [CLS]
+    on_named: list[list[Tensor]] = [[] for _ in layers]  # [n, heads]: on the named object's patches
+    on_other: list[list[Tensor]] = [[] for _ in layers]  # [n, heads]: on another object's, on average
+    named, other = object_masks(records, grid, ps)
     for layer in layers:
         layer.crossattention.self.save_attention = True
     outs: list[Tensor] = []
@@ -169,6 +191,8 @@ def fusion_probe(model, embeds: Tensor, records: list[dict], image_index: list[i
                     att = layer.crossattention.self.attention_map.double()  # [B, h, L, 1 + N]
                     peaks[k].append((att.amax(-1) * words[:, None, :]).sum(-1))
                     on_cls[k].append((att[..., 0] * words[:, None, :]).sum(-1))
+                    for acc, mask in ((on_named[k], named), (on_other[k], other)):
+                        acc.append(((att * mask[i : i + 64, None, None]).sum(-1) * words[:, None, :]).sum(-1))
                     a = (att * words[:, None, :, None]).sum(2)[..., 1:]  # [B, h, N]: the patches
                     looks[k].append((a / a.sum(-1, keepdim=True)) @ patch_centres)
     finally:
@@ -189,6 +213,8 @@ def fusion_probe(model, embeds: Tensor, records: list[dict], image_index: list[i
             "mean_head_attention_r2": sum(heads) / len(heads),
             "mean_peak_weight": torch.cat(peaks[k]).mean().item(),  # 1 / (1 + N) for a uniform look
             "mean_weight_on_image_cls": torch.cat(on_cls[k]).mean().item(),
+            "weight_on_named_object_per_head": torch.cat(on_named[k]).mean(0).tolist(),
+            "weight_on_other_object_per_head": torch.cat(on_other[k]).mean(0).tolist(),
         }
     return out
 
@@ -223,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         "image_tokens": image_token_probe(model, images, embeds, by_image),
         "fusion": fusion_probe(model, embeds, records, [index[r["image"]] for r in records], Tokenizer()),
     }
+    vc = model.config.vision
+    named, _ = object_masks(records, vc.image_size // vc.patch_size, vc.patch_size)
+    res["object_share"] = named.sum(1).mean().item() / named.shape[1]  # a uniform look's weight on one object
     out = args.out or (args.checkpoint.parent if args.checkpoint.is_file() else args.checkpoint) / "where_probe.json"
     out.write_text(json.dumps(res, indent=1))
     it = res["image_tokens"]
@@ -239,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             line += (
                 f"; attention as a position, R² best head {f['best_head_attention_r2']:.2f}, mean "
                 f"{f['mean_head_attention_r2']:.2f}; peak weight {f['mean_peak_weight']:.3f}, on the image "
-                f"[CLS] {f['mean_weight_on_image_cls']:.3f}"
+                f"[CLS] {f['mean_weight_on_image_cls']:.3f}; on the named object, best head "
+                f"{max(f['weight_on_named_object_per_head']):.3f}, on another object "
+                f"{max(f['weight_on_other_object_per_head']):.3f}"
             )
         print(line)
     print(f"wrote {out}")

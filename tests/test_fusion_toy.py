@@ -89,8 +89,9 @@ def test_main_writes_the_curve(tmp_path):
     argv = [str(out), "--steps", "2", "--eval-every", "1", "--width", "32", "--objects", "5", "--third", "--mlm", "1"]
     assert T.main(argv + threads) == 0
     result = json.loads(out.read_text())
-    assert [r["step"] for r in result["curve"]] == [1, 2]
-    assert set(result["curve"][0]) == {
+    assert [r["step"] for r in result["curve"]] == [0, 1, 2]  # the start, then every step
+    assert result["curve"][0]["loss"] is None and result["curve"][1]["loss"] > 0
+    assert set(result["curve"][1]) == {
         "step",
         "loss",
         "seconds",
@@ -100,6 +101,7 @@ def test_main_writes_the_curve(tmp_path):
         "mlm_pair",
         "look_mean",
         "look_best",
+        "look_other",
     }
     assert result["settings"]["negatives"] == "itm"
     for variant in (["--single-stream", "--pre-ln"], ["--vit-layers", "1", "--bound-init", "2"]):
@@ -116,6 +118,7 @@ def test_main_writes_the_curve(tmp_path):
         (["--pre-ln"], "add --single-stream"),
         (["--fusion-layers", "0"], "--fusion-layers must be at least 1"),
         (["--eval-every", "0"], "--eval-every must be at least 1"),
+        (["--bind", "words"], "add --bound-init"),
     ],
 )
 def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):
@@ -150,8 +153,39 @@ def test_bound_init_starts_the_cross_attention_on_the_named_object():
     uniform = 4 / 65  # an object's 4 cells among 64 and the image's [CLS]
     for scale, low, high in ((0.0, 0.0, 2 * uniform), (2.0, 0.85, 1.0)):
         torch.manual_seed(0)
-        look = _toy(bound_init=scale).look(t["cells"], t["caption"])
+        model = _toy(bound_init=scale)
+        look = model.look(t["cells"], t["caption"])
         assert look.shape == (4,) and low < look.min() and look.max() < high
+        # bound, a name looks at its own object, not at the other one the caption names
+        assert model.look(t["cells"], t["caption"], onto=3).max() < (high if scale == 0 else 0.1)
+
+
+def test_bind_sets_one_half_of_the_look_or_both():
+    t = T.tensors(T.draw_scenes(100, torch.Generator().manual_seed(3), 14), 14)
+    torch.manual_seed(0)
+    plain = _toy()
+    models = {}
+    for part in ("both", "words", "attention"):
+        torch.manual_seed(0)
+        models[part] = _toy(bound_init=2.0, bind=part)
+    names = slice(T.OBJECT0, T.OBJECT0 + 14)
+
+    def words(m):
+        return m.fusion.embeddings.word_embeddings.weight[names]
+
+    def query(m):
+        return m.fusion.fusion_layers[0].crossattention.self.query.weight
+
+    content = models["both"].tokens.content.weight[:-1] * 0.04
+    assert torch.equal(words(models["both"]), content) and torch.equal(words(models["words"]), content)
+    assert torch.equal(words(models["attention"]), words(plain))  # BERT's words
+    assert torch.equal(query(models["attention"]), 2 * torch.eye(128))
+    assert torch.equal(query(models["both"]), query(models["attention"]))
+    assert torch.equal(query(models["words"]), query(plain))  # BERT's queries
+    looks = {k: m.look(t["cells"], t["caption"]).mean().item() for k, m in models.items()}
+    # the names alone leave BERT's near-zero queries (a uniform look: 4 / 65); the identity alone has
+    # no name to match, so it looks far less than both together
+    assert looks["both"] > 0.85 and looks["words"] < 2 * 4 / 65 and looks["attention"] < 0.5
 
 
 def test_tokens_are_fixed_unless_vit_blocks_are_put_on_top():

@@ -37,8 +37,8 @@ changed (``object``), each chance 50 % (a tie counts as a miss); with ``--third`
 the first object over the third (``mlm_pair``, chance 50 %); for albef's fusion, the first fusion
 layer's attention from the first name onto its object's cells, the mean over heads and the best head
 (``look_mean``, ``look_best``; a uniform look 4 / 65), and onto the other named object's cells, the
-mean over heads (``look_other``: a look at objects in general puts as much there as on its own). The held-out scenes are never drawn for
-training. OUT holds the settings and the curve.
+mean over heads (``look_other``: a look at objects in general puts as much there as on its own). The
+held-out scenes are never drawn for training. OUT holds the settings and the curve.
 """
 
 from __future__ import annotations

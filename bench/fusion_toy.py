@@ -22,11 +22,13 @@ no dropout); an ITM head on the fused [CLS] is trained by cross-entropy, positiv
 
 ``--bound-init S`` starts the first fusion layer's cross-attention looking at the object each name
 names (an object's word embedding is its content vector, queries and keys S times the identity), a
-probe of what comes after the look (``--bind words`` or ``attention`` sets only one of the two); ``--vit-layers N`` puts N trainable ViT blocks on the tokens
-before the fusion, as ALBEF's fusion reads a ViT's output. With ``--third`` each scene holds a third
-object of which the caption's relation is not true, and ``--mlm W`` adds, with weight W, ALBEF's
-image-grounded MLM on the first object's name (masked, then predicted from its fused state by a
-linear head): naming it needs the relation, since two objects other than B are present.
+probe of what comes after the look; ``--bind words`` or ``--bind attention`` sets only one of the two
+(S scales queries and keys, so it does nothing with ``words``). ``--vit-layers N`` puts N trainable
+ViT blocks on the tokens before the fusion, as ALBEF's fusion reads a ViT's output. With ``--third``
+each scene holds a third object of which the caption's relation is not true, and ``--mlm W`` adds,
+with weight W, ALBEF's image-grounded MLM on the first object's name (masked, then predicted from its
+fused state by a linear head): naming it needs the relation, since two objects other than B are
+present.
 ``--single-stream`` replaces the fusion by one transformer over the text and image tokens together
 (PyTorch's ``TransformerEncoder``, post- or ``--pre-ln``, BERT's initialisation), a control for
 whether the difficulty is ALBEF's cross-attention or attention from random weights in general.

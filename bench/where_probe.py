@@ -21,7 +21,10 @@ even index and scored on those of odd index, then the other way round (two folds
    the patch centres), its R² against the object's centre with nothing fitted (the mean of x's and
    y's): 1 for a head that looks only at the object, 0 for one that looks everywhere; and how
    peaked the heads' attention is (their largest weight, against 1 / (1 + N) for a uniform look)
-   and how much of it the image's [CLS] token takes.
+   and how much of it the image's [CLS] token takes; and each head's weight on the named object's
+   patches against its weight on another object's (the mean over the scene's other objects):
+   a head that looks at objects in general puts as much on either, one that looks at the named
+   object more on it (``object_share``: what a uniform look puts on one object).
 
 A relation ("A left of B") needs both: image tokens that say where and what, and a fusion that
 carries the named objects' places into the text. Writes ``--out`` (default: ``where_probe.json``
@@ -138,7 +141,7 @@ def object_masks(records: list[dict], grid: int, patch: int) -> tuple[Tensor, Te
     """Over the image's tokens ([CLS], then the patches by rows), each record's named object (the
     patches whose centre lies in its box) and the scene's other objects (each of their patches
     weighted 1 / their number, so that a look spread evenly over objects puts as much on "other" as
-    on "named"): two [n, 1 + grid²] tensors.
+    on "named"; NaN for a scene with no other object): two [n, 1 + grid²] tensors.
 
     >>> named, other = object_masks([{"box": [0, 0, 8, 8], "candidates": [[0, 0, 8, 8], [8, 8, 8, 8]]}], 2, 8)
     >>> named.tolist(), other.tolist()
@@ -149,7 +152,10 @@ def object_masks(records: list[dict], grid: int, patch: int) -> tuple[Tensor, Te
     for r in records:
         boxes = [b for b in r["candidates"] if b != r["box"]]
         named.append([0.0] + [float(_inside(x, y, r["box"])) for x, y in centres])
-        other.append([0.0] + [sum(_inside(x, y, b) for b in boxes) / max(len(boxes), 1) for x, y in centres])
+        if not boxes:
+            other.append([float("nan")] * (1 + len(centres)))
+            continue
+        other.append([0.0] + [sum(_inside(x, y, b) for b in boxes) / len(boxes) for x, y in centres])
     return torch.tensor(named, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
 
 
@@ -214,7 +220,7 @@ def fusion_probe(model, embeds: Tensor, records: list[dict], image_index: list[i
             "mean_peak_weight": torch.cat(peaks[k]).mean().item(),  # 1 / (1 + N) for a uniform look
             "mean_weight_on_image_cls": torch.cat(on_cls[k]).mean().item(),
             "weight_on_named_object_per_head": torch.cat(on_named[k]).mean(0).tolist(),
-            "weight_on_other_object_per_head": torch.cat(on_other[k]).mean(0).tolist(),
+            "weight_on_other_object_per_head": torch.cat(on_other[k]).nanmean(0).tolist(),  # scenes of two or more
         }
     return out
 
@@ -265,12 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, f in res["fusion"].items():
         line = f"{name} (text layer {f['layer']}): centre R² x {f['centre_r2_xy'][0]:.2f} y {f['centre_r2_xy'][1]:.2f}"
         if "best_head_attention_r2" in f:
+            named = f["weight_on_named_object_per_head"]
+            best = max(range(len(named)), key=named.__getitem__)
             line += (
                 f"; attention as a position, R² best head {f['best_head_attention_r2']:.2f}, mean "
                 f"{f['mean_head_attention_r2']:.2f}; peak weight {f['mean_peak_weight']:.3f}, on the image "
-                f"[CLS] {f['mean_weight_on_image_cls']:.3f}; on the named object, best head "
-                f"{max(f['weight_on_named_object_per_head']):.3f}, on another object "
-                f"{max(f['weight_on_other_object_per_head']):.3f}"
+                f"[CLS] {f['mean_weight_on_image_cls']:.3f}; the head that looks most at the named object: "
+                f"{named[best]:.3f} on it, {f['weight_on_other_object_per_head'][best]:.3f} on another object"
             )
         print(line)
     print(f"wrote {out}")

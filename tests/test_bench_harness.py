@@ -307,6 +307,17 @@ def test_where_probe_scores_linear_knowledge_and_its_absence():
     assert W.explained_r2(place.mean(0).expand_as(place), place) == pytest.approx([0.0, 0.0], abs=1e-12)
 
 
+def test_object_masks_weigh_the_named_object_against_the_others():
+    import where_probe as W
+
+    a, b, c = [0, 0, 8, 8], [8, 0, 8, 8], [0, 8, 16, 8]  # a 2 x 2 grid of 8-px patches: one, one, two
+    named, other = W.object_masks([{"box": a, "candidates": [a, b, c]}, {"box": c, "candidates": [c]}], 2, 8)
+    assert named[0].tolist() == [0, 1, 0, 0, 0] and other[0].tolist() == [0, 0, 0.5, 0.5, 0.5]
+    assert named[1].tolist() == [0, 0, 0, 1, 1] and other[1].isnan().all()  # no other object: left out
+    uniform = torch.full((5,), 0.2, dtype=torch.float64)  # a look spread over [CLS] and the patches
+    assert (named[0] @ uniform).item() == pytest.approx(0.2) and (other[0] @ uniform).item() == pytest.approx(0.3)
+
+
 def test_sibling_negatives_hand_itm_each_rows_unit_partner():
     import scene_variant as SV
 

@@ -152,7 +152,8 @@ def test_main_job_smoke(tmp_path, monkeypatch):
         # and puts on the named object about its share of the patches, as much as on another object
         share = where["object_share"]
         assert 0 < share < 0.5
-        for named, other in zip(f["weight_on_named_object_per_head"], f["weight_on_other_object_per_head"]):
+        per_head = zip(f["weight_on_named_object_per_head"], f["weight_on_other_object_per_head"], strict=True)
+        for named, other in per_head:
             assert named == pytest.approx(share, rel=0.5) and other == pytest.approx(named, rel=0.5)
 
     # bench/score_checkpoints.py: a checkpoint scored as scene_variant scored the same model

@@ -141,7 +141,8 @@ def object_masks(records: list[dict], grid: int, patch: int) -> tuple[Tensor, Te
     """Over the image's tokens ([CLS], then the patches by rows), each record's named object (the
     patches whose centre lies in its box) and the scene's other objects (each of their patches
     weighted 1 / their number, so that a look spread evenly over objects puts as much on "other" as
-    on "named"; NaN for a scene with no other object): two [n, 1 + grid²] tensors.
+    on "named"; NaN for a scene with no other object; a patch under two boxes counts for both, so
+    overlaps raise "named" and "other" alike): two [n, 1 + grid²] tensors.
 
     >>> named, other = object_masks([{"box": [0, 0, 8, 8], "candidates": [[0, 0, 8, 8], [8, 8, 8, 8]]}], 2, 8)
     >>> named.tolist(), other.tolist()
@@ -271,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, f in res["fusion"].items():
         line = f"{name} (text layer {f['layer']}): centre R² x {f['centre_r2_xy'][0]:.2f} y {f['centre_r2_xy'][1]:.2f}"
         if "best_head_attention_r2" in f:
-            named = f["weight_on_named_object_per_head"]
-            best = max(range(len(named)), key=named.__getitem__)
+            on_named = f["weight_on_named_object_per_head"]
+            best = max(range(len(on_named)), key=on_named.__getitem__)
             line += (
                 f"; attention as a position, R² best head {f['best_head_attention_r2']:.2f}, mean "
                 f"{f['mean_head_attention_r2']:.2f}; peak weight {f['mean_peak_weight']:.3f}, on the image "
                 f"[CLS] {f['mean_weight_on_image_cls']:.3f}; the head that looks most at the named object: "
-                f"{named[best]:.3f} on it, {f['weight_on_other_object_per_head'][best]:.3f} on another object"
+                f"{on_named[best]:.3f} on it, {f['weight_on_other_object_per_head'][best]:.3f} on another object"
             )
         print(line)
     print(f"wrote {out}")

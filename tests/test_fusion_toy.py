@@ -180,14 +180,14 @@ def test_bind_sets_one_half_of_the_look_or_both():
 
     content = models["both"].tokens.content.weight[:-1] * 0.04
     assert torch.equal(words(models["both"]), content) and torch.equal(words(models["words"]), content)
-    assert torch.equal(words(models["attention"]), words(plain))  # BERT's words
+    assert torch.equal(words(models["attention"]), words(plain))  # the other half left as built
     assert torch.equal(query(models["attention"]), 2 * torch.eye(128))
     assert torch.equal(query(models["both"]), query(models["attention"]))
-    assert torch.equal(query(models["words"]), query(plain))  # BERT's queries
+    assert torch.equal(query(models["words"]), query(plain))  # the other half left as built
     looks = {k: m.look(t["cells"], t["caption"]).mean().item() for k, m in models.items()}
-    # the names alone leave BERT's near-zero queries (a uniform look: 4 / 65); the identity alone has
-    # no name to match, so it looks far less than both together
-    assert looks["both"] > 0.85 and looks["words"] < 2 * 4 / 65 and looks["attention"] < 0.5
+    # the names alone leave BERT's near-zero queries (a uniform look: 4 / 65); the identity alone
+    # sharpens the look onto objects but has no name to match, so it looks far less than both together
+    assert looks["both"] > 0.85 and looks["words"] < 2 * 4 / 65 and 2 * 4 / 65 < looks["attention"] < 0.5
 
 
 def test_tokens_are_fixed_unless_vit_blocks_are_put_on_top():

@@ -32,6 +32,8 @@ present.
 ``--single-stream`` replaces the fusion by one transformer over the text and image tokens together
 (PyTorch's ``TransformerEncoder``, post- or ``--pre-ln``, BERT's initialisation), a control for
 whether the difficulty is ALBEF's cross-attention or attention from random weights in general.
+``--init default`` starts either from PyTorch's default initialisation of each layer (weights
+several times BERT's, embeddings N(0, 1)) instead of BERT's N(0, 0.02).
 
 At the start and every ``--eval-every`` steps, on 1,000 held-out scenes: ITM's choice of the caption over its swapped
 twin (``swap``), over the caption on the mirror image (``mirror``), over the caption with an object
@@ -188,7 +190,7 @@ class Tokens(nn.Module):
 class SingleStream(nn.Module):
     """The control: one transformer over [text; image] tokens, no cross-attention."""
 
-    def __init__(self, width: int, depth: int, pre_ln: bool):
+    def __init__(self, width: int, depth: int, pre_ln: bool, bert_init: bool = True):
         super().__init__()
         self.words = nn.Embedding(VOCAB, width)
         self.positions = nn.Embedding(16, width)
@@ -198,7 +200,7 @@ class SingleStream(nn.Module):
             width, 4, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=pre_ln
         )
         self.body = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        for m in self.modules():  # BERT's initialisation, as the fusion it stands beside
+        for m in self.modules() if bert_init else ():  # BERT's initialisation, as the fusion it stands beside
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
                 if isinstance(m, nn.Linear):
@@ -219,7 +221,7 @@ class Toy(nn.Module):
         W, depth = args.width, args.text_layers + args.fusion_layers
         self.tokens = Tokens(W, args.objects, args.vit_layers)
         if args.single_stream:
-            self.fusion: nn.Module = SingleStream(W, depth, args.pre_ln)
+            self.fusion: nn.Module = SingleStream(W, depth, args.pre_ln, bert_init=args.init == "bert")
         else:
             cfg = TextConfig(
                 vocab_size=VOCAB,
@@ -234,6 +236,10 @@ class Toy(nn.Module):
                 attention_dropout=0.0,
             )
             self.fusion = TextEncoder(cfg)
+            if args.init == "default":  # PyTorch's own start in place of BERT's N(0, 0.02)
+                for m in self.fusion.modules():
+                    if isinstance(m, (nn.Linear, nn.Embedding)):
+                        m.reset_parameters()
         self.itm_head = nn.Linear(W, 2)
         self.mlm_head = nn.Linear(W, args.objects)
         if args.bound_init:
@@ -424,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("both", "words", "attention"),
         default="both",
         help="with --bound-init: set both halves of the look, or only the names' embeddings or only queries and keys",
+    )
+    p.add_argument(
+        "--init",
+        choices=("bert", "default"),
+        default="bert",
+        help="the fusion's (or single stream's) start: BERT's N(0, 0.02), or PyTorch's default for each layer",
     )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)

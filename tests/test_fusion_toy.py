@@ -131,7 +131,7 @@ def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):
 def _toy(**settings) -> T.Toy:
     """A ``Toy`` with albef's fusion (main()'s defaults where ``settings`` says nothing)."""
     base = dict(width=128, text_layers=2, fusion_layers=2, objects=14, single_stream=False, pre_ln=False)
-    return T.Toy(argparse.Namespace(**{**base, "bound_init": 0.0, "vit_layers": 0, **settings}))
+    return T.Toy(argparse.Namespace(**{**base, "bound_init": 0.0, "vit_layers": 0, "init": "bert", **settings}))
 
 
 def test_the_toy_fuses_with_albefs_own_layers():
@@ -188,6 +188,20 @@ def test_bind_sets_one_half_of_the_look_or_both():
     # the names alone leave BERT's near-zero queries (a uniform look: 4 / 65); the identity alone
     # sharpens the look onto objects but has no name to match, so it looks far less than both together
     assert looks["both"] > 0.85 and looks["words"] < 2 * 4 / 65 and 2 * 4 / 65 < looks["attention"] < 0.5
+
+
+@pytest.mark.parametrize("single_stream", [False, True])
+def test_init_default_starts_from_pytorchs_layers_not_berts(single_stream):
+    def spread(model):  # the standard deviation of every matrix of the fusion, pooled
+        mats = [p for n, p in model.fusion.named_parameters() if p.dim() == 2 and "embed" not in n and "words" not in n]
+        return torch.cat([m.detach().flatten() for m in mats]).std().item()
+
+    torch.manual_seed(0)
+    bert = _toy(single_stream=single_stream)
+    torch.manual_seed(0)
+    default = _toy(single_stream=single_stream, init="default")
+    assert spread(bert) == pytest.approx(0.02, rel=0.1)  # BERT's N(0, 0.02)
+    assert spread(default) > 2 * spread(bert)  # kaiming/xavier-uniform at width 128: several times larger
 
 
 def test_tokens_are_fixed_unless_vit_blocks_are_put_on_top():

@@ -105,6 +105,10 @@ class ALBEFConfig:
     # N(0, 0.02)) or "normal" (those three heads N(0, 0.02) with zero biases, the MLM transform at
     # nn.Linear's default: the main job's setting, with which its documented figures were measured)
     head_init: str = "authors"
+    # starting weights of the fusion layers' cross-attention (no BERT checkpoint has them): "bert"
+    # (the authors': BERT's N(0, 0.02), zero biases) or "default" (PyTorch's nn.Linear start, several
+    # times larger: bench/fusion_toy.py learns relations from it where BERT's start learns none)
+    cross_attention_init: str = "bert"
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -130,6 +134,8 @@ class ALBEFConfig:
             problems.append(f"text_pooling must be 'cls' or 'mean', not {self.text_pooling!r}")
         if self.head_init not in ("authors", "normal"):
             problems.append(f"head_init must be 'authors' or 'normal', not {self.head_init!r}")
+        if self.cross_attention_init not in ("bert", "default"):
+            problems.append(f"cross_attention_init must be 'bert' or 'default', not {self.cross_attention_init!r}")
         if self.text_cleaning not in ("albef", "blip"):
             problems.append(f"text_cleaning must be 'albef' or 'blip', not {self.text_cleaning!r}")
         if problems:

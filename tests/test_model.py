@@ -66,6 +66,28 @@ def test_head_init_is_the_authors_by_default_and_normal_on_request():
         ALBEFConfig(head_init="xavier")
 
 
+def test_cross_attention_starts_from_berts_init_unless_asked_for_pytorchs():
+    def spreads(m):  # each fusion layer's cross-attention query weights, and the rest of the text side
+        cross = [float(layer.crossattention.self.query.weight.detach().std()) for layer in m.text_encoder.fusion_layers]
+        own = float(m.text_encoder.text_layers[0].attention.self.query.weight.detach().std())
+        return cross, own
+
+    torch.manual_seed(0)
+    cross, own = spreads(ALBEF(get_preset("albef-small")))
+    assert all(abs(c - 0.02) < 0.002 for c in cross) and abs(own - 0.02) < 0.002  # the authors': all BERT's
+    cfg = get_preset("albef-small")
+    cfg.cross_attention_init = "default"
+    torch.manual_seed(0)
+    m = ALBEF(cfg)
+    cross, own = spreads(m)
+    bound = 1 / math.sqrt(m.text_encoder.fusion_layers[0].crossattention.self.query.in_features)
+    assert all(abs(c - bound / math.sqrt(3)) < 0.1 * bound for c in cross)  # nn.Linear's uniform ±1/sqrt(fan_in)
+    assert abs(own - 0.02) < 0.002  # only the cross-attention changes
+    assert m.text_encoder.fusion_layers[0].crossattention.output.dense.bias.any()  # drawn, not zeroed
+    with pytest.raises(ValueError, match="cross_attention_init"):
+        ALBEFConfig(cross_attention_init="xavier")
+
+
 def test_multimodal_equals_text_then_fuse(tiny_model):
     model = tiny_model.eval()
     ids, mask = text_batch(3, 9)

@@ -50,6 +50,11 @@ class ALBEF(nn.Module):
         elif self.mlm_head is not None:  # the authors' heads are plain nn.Linear; BERT's MLM head has BERT's init
             nn.init.normal_(self.mlm_head.transform.dense.weight, std=0.02)
             nn.init.zeros_(self.mlm_head.transform.dense.bias)
+        if config.cross_attention_init == "default":
+            for layer in self.text_encoder.fusion_layers:
+                for m in layer.crossattention.modules():
+                    if isinstance(m, nn.Linear):
+                        m.reset_parameters()
         if fast:
             apply_speedups(self)
 

@@ -106,8 +106,9 @@ class ALBEFConfig:
     # nn.Linear's default: the main job's setting, with which its documented figures were measured)
     head_init: str = "authors"
     # starting weights of the fusion layers' cross-attention (no BERT checkpoint has them): "bert"
-    # (the authors': BERT's N(0, 0.02), zero biases) or "default" (PyTorch's nn.Linear start, several
-    # times larger: bench/fusion_toy.py learns relations from it where BERT's start learns none)
+    # (the authors': BERT's N(0, 0.02), zero biases) or "default" (PyTorch's nn.Linear start, uniform in
+    # ±1/sqrt(fan_in): 1.5-2.1 times BERT's spread at albef-small's widths, about as much at albef-base's;
+    # a probe of the start's scale, docs/results.md "What the look needs")
     cross_attention_init: str = "bert"
 
     def __post_init__(self) -> None:

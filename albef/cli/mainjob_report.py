@@ -199,11 +199,12 @@ def _swap_sentence(tw: dict, s: dict) -> list[str]:
         f"model learns which emoji are present and how many, not where they are; in the default job's model the "
         f"cross-attention leans towards the object a word names without settling on it (bench/where_probe.py)"
         f"{more}; fed image tokens that say exactly what lies where, ALBEF's fusion layers from random weights "
-        "learn no relation either, not even left from right among four kinds of object in 20,000 steps; they "
-        "learn four relations among 14 kinds within 1,500 steps (three seeds), with negatives that name an absent "
-        "object, when each name's attention starts on its own object or when the fusion starts from PyTorch's "
-        "default initialisation instead of BERT's N(0, 0.02) (bench/fusion_toy.py), a start that in this job "
-        "leaves swapped relations at chance (docs/results.md).",
+        "learn no relation either from BERT's N(0, 0.02), not even left from right among four kinds of object in "
+        "20,000 steps (bench/fusion_toy.py). They learn four relations among 14 kinds within 1,500 steps (three "
+        "seeds), with negatives that name an absent object, when each name's attention starts on its own object "
+        "with the names in the image tokens' space, or when every layer starts from PyTorch's larger default; "
+        "the job's cross-attention started that way (`cross_attention_init: default`) still leaves swapped "
+        "relations at chance at 650 steps (docs/results.md).",
         "",
     ]
 

@@ -131,7 +131,8 @@ def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):
 def _toy(**settings) -> T.Toy:
     """A ``Toy`` with albef's fusion (main()'s defaults where ``settings`` says nothing)."""
     base = dict(width=128, text_layers=2, fusion_layers=2, objects=14, single_stream=False, pre_ln=False)
-    return T.Toy(argparse.Namespace(**{**base, "bound_init": 0.0, "vit_layers": 0, "init": "bert", **settings}))
+    base |= dict(bound_init=0.0, bind="both", vit_layers=0, init="bert")
+    return T.Toy(argparse.Namespace(**{**base, **settings}))
 
 
 def test_the_toy_fuses_with_albefs_own_layers():

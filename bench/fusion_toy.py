@@ -33,7 +33,10 @@ present.
 (PyTorch's ``TransformerEncoder``, post- or ``--pre-ln``, BERT's initialisation), a control for
 whether the difficulty is ALBEF's cross-attention or attention from random weights in general.
 ``--init default`` starts either from PyTorch's default initialisation of each layer (the linears'
-spread 1.3-2.6 times BERT's at width 128, biases drawn, embeddings N(0, 1)) instead of BERT's N(0, 0.02).
+spread 1.3-2.6 times BERT's at width 128, biases drawn, embeddings N(0, 1)) instead of BERT's N(0, 0.02);
+``--init normal --init-std S`` from BERT's start at another spread, N(0, S) with zero biases.
+``--init-part cross`` restarts only the fusion layers' cross-attention so, the rest BERT's (as the
+library's ``cross_attention_init`` does, where the fusion layers' other weights are a pretrained BERT's).
 
 At the start and every ``--eval-every`` steps, on 1,000 held-out scenes: ITM's choice of the caption
 over its swapped twin (``swap``), over the caption on the mirror image (``mirror``), over the
@@ -216,6 +219,29 @@ class SingleStream(nn.Module):
         return self.body(torch.cat([text, image + self.stream.weight[1]], 1))
 
 
+def restart(fusion: nn.Module, init: str, std: float = 0.05, part: str = "all") -> None:
+    """Start the fusion's linears and embeddings from PyTorch's default (``init`` "default") or from
+    N(0, ``std``) with zero biases (``init`` "normal": BERT's start at another scale); ``part``
+    "cross" restarts only the fusion layers' cross-attention, as ``cross_attention_init`` does in
+    the library."""
+    if part == "cross":
+        assert isinstance(fusion, TextEncoder), "--init-part cross needs albef's fusion layers"
+        fusion = nn.ModuleList(layer.crossattention for layer in fusion.fusion_layers)
+    with torch.no_grad():
+        for m in fusion.modules():
+            if isinstance(m, nn.MultiheadAttention) and init == "normal":  # the single stream's attention
+                m.in_proj_weight.normal_(0, std)
+                m.in_proj_bias.zero_()
+            if not isinstance(m, (nn.Linear, nn.Embedding)):
+                continue
+            if init == "default":
+                m.reset_parameters()
+                continue
+            m.weight.normal_(0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+
+
 class Toy(nn.Module):
     def __init__(self, args: argparse.Namespace):
         super().__init__()
@@ -237,10 +263,8 @@ class Toy(nn.Module):
                 attention_dropout=0.0,
             )
             self.fusion = TextEncoder(cfg)
-            if args.init == "default":  # PyTorch's own start in place of BERT's N(0, 0.02)
-                for m in self.fusion.modules():
-                    if isinstance(m, (nn.Linear, nn.Embedding)):
-                        m.reset_parameters()
+        if args.init == "normal" or (args.init == "default" and not args.single_stream):
+            restart(self.fusion, args.init, args.init_std, args.init_part)
         self.itm_head = nn.Linear(W, 2)
         self.mlm_head = nn.Linear(W, args.objects)
         if args.bound_init:
@@ -434,9 +458,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--init",
-        choices=("bert", "default"),
+        choices=("bert", "default", "normal"),
         default="bert",
-        help="the fusion's (or single stream's) start: BERT's N(0, 0.02), or PyTorch's default for each layer",
+        help="the fusion's (or single stream's) start: BERT's N(0, 0.02), PyTorch's default for each layer, "
+        "or N(0, --init-std) with zero biases",
+    )
+    p.add_argument(
+        "--init-std",
+        type=float,
+        default=0.05,
+        metavar="S",
+        help="with --init normal: the spread of the weights (BERT's is 0.02)",
+    )
+    p.add_argument(
+        "--init-part",
+        choices=("all", "cross"),
+        default="all",
+        help="what --init restarts: every fusion layer, or only the fusion layers' cross-attention",
     )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -454,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--bound-init sets albef's cross-attention; --single-stream has none")
     if args.bind != "both" and not args.bound_init:
         p.error("--bind chooses what --bound-init sets: add --bound-init S")
+    if args.init_part == "cross" and (args.single_stream or args.init == "bert"):
+        p.error("--init-part cross restarts albef's cross-attention: add --init default|normal, not --single-stream")
+    if args.init_std <= 0:
+        p.error("--init-std must be positive")
     if args.mlm and not args.third:
         p.error("--mlm names the first object among two candidates: it needs --third")
     torch.set_num_threads(args.threads)

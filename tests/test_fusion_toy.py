@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import fusion_toy as T  # noqa: E402
@@ -119,6 +120,9 @@ def test_main_writes_the_curve(tmp_path):
         (["--fusion-layers", "0"], "--fusion-layers must be at least 1"),
         (["--eval-every", "0"], "--eval-every must be at least 1"),
         (["--bind", "words"], "add --bound-init"),
+        (["--init-part", "cross"], "add --init default|normal"),  # BERT's start is what the fusion has
+        (["--init", "normal", "--init-part", "cross", "--single-stream"], "not --single-stream"),
+        (["--init", "normal", "--init-std", "0"], "--init-std must be positive"),
     ],
 )
 def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):
@@ -131,7 +135,7 @@ def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):
 def _toy(**settings) -> T.Toy:
     """A ``Toy`` with albef's fusion (main()'s defaults where ``settings`` says nothing)."""
     base = dict(width=128, text_layers=2, fusion_layers=2, objects=14, single_stream=False, pre_ln=False)
-    base |= dict(bound_init=0.0, bind="both", vit_layers=0, init="bert")
+    base |= dict(bound_init=0.0, bind="both", vit_layers=0, init="bert", init_std=0.05, init_part="all")
     return T.Toy(argparse.Namespace(**{**base, **settings}))
 
 
@@ -203,6 +207,39 @@ def test_init_default_starts_from_pytorchs_layers_not_berts(single_stream):
     default = _toy(single_stream=single_stream, init="default")
     assert spread(bert) == pytest.approx(0.02, rel=0.1)  # BERT's N(0, 0.02)
     assert spread(default) > 2 * spread(bert)  # kaiming/xavier-uniform at width 128: several times larger
+
+
+def _cross_and_rest(model: T.Toy) -> tuple[list[Tensor], list[Tensor]]:
+    """The fusion's weight matrices: those of the fusion layers' cross-attention, and every other."""
+    cross, rest = [], []
+    for n, p in model.fusion.named_parameters():
+        if p.dim() == 2:
+            (cross if ".crossattention." in n else rest).append(p.detach().clone())
+    return cross, rest
+
+
+@pytest.mark.parametrize("single_stream", [False, True])
+def test_init_normal_is_berts_start_at_another_spread(single_stream):
+    torch.manual_seed(0)
+    model = _toy(single_stream=single_stream, init="normal", init_std=0.05)
+    mats = [p for p in model.fusion.parameters() if p.dim() == 2]
+    assert torch.cat([m.detach().flatten() for m in mats]).std().item() == pytest.approx(0.05, rel=0.05)
+    linear_biases = [m.bias for m in model.fusion.modules() if isinstance(m, nn.Linear)]
+    assert linear_biases and all(not b.any() for b in linear_biases)
+
+
+@pytest.mark.parametrize("init,spread", [("normal", 0.05), ("default", None)])
+def test_init_part_cross_restarts_only_the_cross_attention(init, spread):
+    torch.manual_seed(0)
+    bert_cross, bert_rest = _cross_and_rest(_toy())
+    torch.manual_seed(0)
+    model = _toy(init=init, init_part="cross")
+    cross, rest = _cross_and_rest(model)
+    assert len(cross) == 4 * 2  # query, key, value, output of each of the 2 fusion layers
+    assert all(torch.equal(a, b) for a, b in zip(rest, bert_rest, strict=True))  # BERT's, draw for draw
+    pooled = torch.cat([c.flatten() for c in cross]).std().item()
+    assert pooled == pytest.approx(spread, rel=0.05) if spread else pooled > 2 * 0.02  # PyTorch's at width 128
+    assert not any(torch.equal(a, b) for a, b in zip(cross, bert_cross, strict=True))
 
 
 def test_tokens_are_fixed_unless_vit_blocks_are_put_on_top():

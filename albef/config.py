@@ -109,7 +109,7 @@ class ALBEFConfig:
     # (the authors': BERT's N(0, 0.02), zero biases) or "default" (PyTorch's nn.Linear start, uniform in
     # ±1/sqrt(fan_in): 1.5-2.1 times BERT's spread at albef-small's widths, about as much at albef-base's;
     # a probe of the start's scale, docs/results.md "What the look needs"; with DINOv2's image tokens it
-    # slows ITM's start, "DINOv2's tokens, the mirror image among ITM's negatives, and the larger start")
+    # slowed ITM's start in one 400-step run: "DINOv2's tokens, the mirror image among ITM's negatives...")
     cross_attention_init: str = "bert"
 
     def __post_init__(self) -> None:

@@ -220,10 +220,10 @@ class SingleStream(nn.Module):
 
 
 def restart(fusion: nn.Module, init: str, std: float = 0.05, part: str = "all") -> None:
-    """Start the fusion's linears and embeddings from PyTorch's default (``init`` "default") or from
-    N(0, ``std``) with zero biases (``init`` "normal": BERT's start at another scale); ``part``
-    "cross" restarts only the fusion layers' cross-attention, as ``cross_attention_init`` does in
-    the library."""
+    """Start the fusion's linears, embeddings and attention projections from PyTorch's default
+    (``init`` "default": each layer drawn anew, as PyTorch builds it) or from N(0, ``std``) with zero
+    biases (``init`` "normal": BERT's start at another spread); ``part`` "cross" restarts only albef's
+    fusion layers' cross-attention, as ``cross_attention_init`` does in the library."""
     if part == "cross":
         assert isinstance(fusion, TextEncoder), "--init-part cross needs albef's fusion layers"
         fusion = nn.ModuleList(layer.crossattention for layer in fusion.fusion_layers)
@@ -240,6 +240,10 @@ def restart(fusion: nn.Module, init: str, std: float = 0.05, part: str = "all") 
             m.weight.normal_(0, std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.zero_()
+        if init == "default":  # after its output linear, as PyTorch builds it (zero biases, xavier in_proj)
+            for m in fusion.modules():
+                if isinstance(m, nn.MultiheadAttention):
+                    m._reset_parameters()
 
 
 class Toy(nn.Module):
@@ -263,7 +267,7 @@ class Toy(nn.Module):
                 attention_dropout=0.0,
             )
             self.fusion = TextEncoder(cfg)
-        if args.init == "normal" or (args.init == "default" and not args.single_stream):
+        if args.init != "bert":  # every layer drawn anew (nn.TransformerEncoder copies one layer)
             restart(self.fusion, args.init, args.init_std, args.init_part)
         self.itm_head = nn.Linear(W, 2)
         self.mlm_head = nn.Linear(W, args.objects)
@@ -466,9 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--init-std",
         type=float,
-        default=0.05,
+        default=None,
         metavar="S",
-        help="with --init normal: the spread of the weights (BERT's is 0.02)",
+        help="with --init normal: the spread of the weights (default 0.05; BERT's is 0.02)",
     )
     p.add_argument(
         "--init-part",
@@ -492,8 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--bound-init sets albef's cross-attention; --single-stream has none")
     if args.bind != "both" and not args.bound_init:
         p.error("--bind chooses what --bound-init sets: add --bound-init S")
-    if args.init_part == "cross" and (args.single_stream or args.init == "bert"):
-        p.error("--init-part cross restarts albef's cross-attention: add --init default|normal, not --single-stream")
+    if args.init_part == "cross" and args.init == "bert":
+        p.error("--init-part cross chooses what --init restarts: add --init default|normal")
+    if args.init_part == "cross" and args.single_stream:
+        p.error("--init-part cross restarts albef's cross-attention; --single-stream has none")
+    if args.init_std is not None and args.init != "normal":
+        p.error("--init-std sets the spread of --init normal: add --init normal")
+    if args.init_std is None:
+        args.init_std = 0.05
     if args.init_std <= 0:
         p.error("--init-std must be positive")
     if args.mlm and not args.third:

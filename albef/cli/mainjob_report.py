@@ -202,9 +202,10 @@ def _swap_sentence(tw: dict, s: dict) -> list[str]:
         "learn no relation either from BERT's N(0, 0.02), not even left from right among four kinds of object in "
         "20,000 steps (bench/fusion_toy.py). They learn four relations among 14 kinds within 1,500 steps (three "
         "seeds), with negatives that name an absent object, when each name's attention starts on its own object "
-        "with the names in the image tokens' space, or when every layer starts from PyTorch's larger default; "
-        "the job's cross-attention started that way (`cross_attention_init: default`) still leaves swapped "
-        "relations at chance at 650 steps (docs/results.md).",
+        "with the names in the image tokens' space, or when every layer starts from PyTorch's larger default "
+        "(the cross-attention alone: in some seeds); the job's cross-attention started so "
+        "(`cross_attention_init: default`) still leaves swapped relations at chance at 650 steps "
+        "(docs/results.md).",
         "",
     ]
 

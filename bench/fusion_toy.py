@@ -226,6 +226,9 @@ def restart(fusion: nn.Module, init: str, std: float = 0.05, part: str = "all") 
     fusion layers' cross-attention, as ``cross_attention_init`` does in the library."""
     if part == "cross":
         assert isinstance(fusion, TextEncoder), "--init-part cross needs albef's fusion layers"
+        if init == "default":
+            fusion.reset_cross_attention()  # the library's own cross_attention_init "default"
+            return
         fusion = nn.ModuleList(layer.crossattention for layer in fusion.fusion_layers)
     with torch.no_grad():
         for m in fusion.modules():

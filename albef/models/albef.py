@@ -51,10 +51,7 @@ class ALBEF(nn.Module):
             nn.init.normal_(self.mlm_head.transform.dense.weight, std=0.02)
             nn.init.zeros_(self.mlm_head.transform.dense.bias)
         if config.cross_attention_init == "default":
-            for layer in self.text_encoder.fusion_layers:
-                for m in layer.crossattention.modules():
-                    if isinstance(m, nn.Linear):
-                        m.reset_parameters()
+            self.text_encoder.reset_cross_attention()
         if fast:
             apply_speedups(self)
 

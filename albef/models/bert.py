@@ -208,6 +208,15 @@ class TextEncoder(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @torch.no_grad()
+    def reset_cross_attention(self) -> None:
+        """Start the fusion layers' cross-attention from nn.Linear's default instead of BERT's
+        N(0, 0.02) (``ALBEFConfig.cross_attention_init`` "default")."""
+        for layer in self.fusion_layers:
+            for m in layer.crossattention.modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+
     @property
     def text_layers(self) -> list[BertLayer]:
         return list(self.encoder.layer[: self.cfg.fusion_layer])

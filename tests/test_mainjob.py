@@ -377,3 +377,22 @@ def test_swap_and_rerank_sentences_name_the_gpu_scale_only_below_it():
     for s in (gpu, {**gpu, "pretrain": 2 * gpu["pretrain"]}):
         assert "--scale gpu" not in _swap_sentence(tw, s)[0] and "--scale gpu" not in _scene_rerank_why(s)
     assert _swap_sentence({"itm": {"swap": 75.0}, "itc": {"swap": 51.0}}, full) == []  # learned: nothing to explain
+
+
+def test_a_scene_set_of_other_settings_is_put_aside_and_taken_back(tmp_path, capsys):
+    # switching the job's scale redraws the scenes; the set of the other settings is kept, not deleted
+    from albef.cli.mainjob import SCALES, build_data
+
+    fetch = lambda cache: _fixture(cache.mkdir(parents=True, exist_ok=True) or cache, n=64, name=_letters)  # noqa: E731
+    data, smoke = tmp_path / "data", SCALES["smoke"]
+    no_vqa = lambda out: {}  # noqa: E731
+    build_data(data, smoke, fetch, no_vqa)
+    first = (data / "scenes" / "scenes.json").read_text()
+    other = {**smoke, "scene_test": smoke["scene_test"] + 2}
+    build_data(data, other, fetch, no_vqa)
+    aside = [p for p in data.glob("scenes.*") if p.is_dir()]
+    assert len(aside) == 1 and (aside[0] / "scenes.json").read_text() == first
+    assert (data / "scenes" / "scenes.json").read_text() != first and "moved to" in capsys.readouterr().out
+    build_data(data, smoke, fetch, no_vqa)  # back: the first set, not a new draw
+    assert (data / "scenes" / "scenes.json").read_text() == first and "taken back" in capsys.readouterr().out
+    assert len([p for p in data.glob("scenes.*") if p.is_dir()]) == 1  # the other settings' set, now aside

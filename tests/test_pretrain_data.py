@@ -241,3 +241,39 @@ def test_resuming_a_run_whose_recipe_resolved_crop_and_ramp_otherwise_warns(capl
         TrainRun._warn_changed_resolution(run, tmp_path / "c.pt", saved)
     assert "data.crop_scale = [0.2, 1.0]; this run uses (0.5, 1.0)" in caplog.text
     assert "train.alpha_ramp_epochs = 2.0; this run uses 1.0" in caplog.text
+
+
+def test_a_pair_names_the_image_that_fails(tmp_path):
+    # NLVR2's records hold two images: the bad-sample log names the second when the second fails
+    from albef.data.pretrain import PretrainRecord
+
+    good = write_shapes(tmp_path / "ok", n=2, image_size=16)
+    ok = read_annotations(good, parse_pretrain_entry(str(tmp_path / "ok")))[0]
+    cut = tmp_path / "cut.png"
+    data = open(ok[0].image, "rb").read()
+    cut.write_bytes(data[: len(data) // 2])
+    records = [PretrainRecord((ok[0].image, str(cut)), ("a pair",), "test"), *ok]
+    item = PretrainDataset(records, make_test_transform(16), truncated_ok=False)[0]
+    assert item["index"] != 0 and [b.where for b in item["bad"]] == [str(cut)]
+
+
+def test_an_image_over_pils_pixel_limit_is_a_value_error_naming_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from albef.data.pretrain import PretrainRecord, load_image, read_image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)  # over twice the limit: PIL refuses it
+    with pytest.raises(ValueError, match="big.png: .*MAX_IMAGE_PIXELS"):
+        load_image(str(big))
+    with pytest.raises(ValueError, match="big.png: cannot be read .*drop its entry"):
+        read_image(str(big))
+    good = write_shapes(tmp_path / "ok", n=1, image_size=16)  # 16 x 16: under the limit
+    records = [
+        PretrainRecord(str(big), ("a big one",), "test"),
+        *read_annotations(good, parse_pretrain_entry(str(tmp_path / "ok")))[0],
+    ]
+    item = PretrainDataset(records, make_test_transform(16))[0]  # training skips and counts it
+    assert item["index"] != 0 and [b.where for b in item["bad"]] == [str(big)]
+    assert read_image(records[1].image).size == (16, 16)

@@ -247,7 +247,24 @@ def test_a_missing_validation_image_fails_before_training(data, tmp_path, capsys
     assert not (tmp_path / "x" / "checkpoint_last.pt").exists()
 
 
-def test_an_unreadable_validation_image_keeps_the_epochs_checkpoint(data, tmp_path):
+@pytest.mark.parametrize("damage", ["not an image", "cut short"])
+def test_a_damaged_validation_image_fails_before_training(data, tmp_path, capsys, damage):
+    entries = json.loads((data / "ve_test.json").read_text())
+    good = (data / entries[1]["image"]).read_bytes()
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image" if damage == "not an image" else good[: len(good) // 2])
+    entries[0]["image"] = str(bad)
+    (tmp_path / "val.json").write_text(json.dumps(entries))
+    args = _args("ve", data, tmp_path / "x", "ve_train.json", "ve_test.json")
+    args[args.index(f"data.val_files=[{data / 've_test.json'}]")] = f"data.val_files=[{tmp_path / 'val.json'}]"
+    with pytest.raises(SystemExit):
+        cli_main(args)
+    err = capsys.readouterr().err
+    assert "1 validation image(s) cannot be read" in err and "broken.png" in err and "drop their entries" in err
+    assert not (tmp_path / "x" / "checkpoint_last.pt").exists()
+
+
+def test_an_unreadable_validation_image_keeps_the_epochs_checkpoint(data, tmp_path, monkeypatch):
     entries = json.loads((data / "ve_test.json").read_text())
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
@@ -255,8 +272,11 @@ def test_an_unreadable_validation_image_keeps_the_epochs_checkpoint(data, tmp_pa
     (tmp_path / "val.json").write_text(json.dumps(entries))
     args = _args("ve", data, tmp_path / "x", "ve_train.json", "ve_test.json")
     args[args.index(f"data.val_files=[{data / 've_test.json'}]")] = f"data.val_files=[{tmp_path / 'val.json'}]"
+    # an image that goes bad after the start-up check (a network file system, a disk error)
+    monkeypatch.setattr("albef.training.validation.check_images", lambda paths: None)
     with pytest.raises(ValueError, match="broken.png"):
         cli_main(args)
+    monkeypatch.undo()
     ckpt = load_checkpoint(tmp_path / "x" / "checkpoint_last.pt")  # epoch 1's training is not lost
     assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["global_step"] > 0
     assert ckpt["state"]["validation_pending"]

@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from albef.checkpoints.files import atomic_write_text
 from albef.cli.mdblock import write_block
+from albef.data.annotations import read_json_file
 
 if TYPE_CHECKING:
     from albef.recipes import Recipe
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     default_out = "runs/ablation" + ("" if args.pretrain_steps is None else f"-{steps}-steps")
     out = Path(args.out or default_out + settings_suffix(args.set))
     done_path = out / "ablation.json"
-    results: dict[str, list[dict]] = json.loads(done_path.read_text()) if done_path.exists() else {}
+    results: dict[str, list[dict]] = read_json_file(done_path) if done_path.exists() else {}
     default_steps = _steps(args.scale, None)  # runs scored before the count was recorded ran the default
     other = {r.get("steps", default_steps) for runs in results.values() for r in runs} - {steps}
     if other:
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["itm_loss_end"] = itm_loss_end(log, steps)
                 backfilled |= r["itm_loss_end"] is not None
     if backfilled:
-        done_path.write_text(json.dumps(results, indent=2))
+        atomic_write_text(done_path, json.dumps(results, indent=2))
     for name in args.row or list(ROWS):
         runs = results.setdefault(name, [])
         for seed in args.seeds[len(runs) :]:  # resumable: finished (row, seed) pairs are kept
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             out.mkdir(parents=True, exist_ok=True)
-            done_path.write_text(json.dumps(results, indent=2))
+            atomic_write_text(done_path, json.dumps(results, indent=2))
     write_table(
         {k: v for k, v in results.items() if v}, Path(args.table), args.seeds, args.scale, args.pretrain_steps, args.set
     )

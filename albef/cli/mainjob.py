@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 
+from albef.checkpoints.files import atomic_write_text
+from albef.data.annotations import read_json_file
 from albef.recipes import Recipe
 
 # steps and data per stage; "full" is the README's main job, under 15 minutes on 2 CPU cores
@@ -190,28 +193,51 @@ def build_data(data: Path, s: dict, emoji_fetcher=None, easyvqa_builder=None) ->
         "emoji": len(catalogue),
     }
     done = scene_dir / "config.json"
-    old = json.loads(done.read_text()) if done.exists() else None
+    old = read_json_file(done) if done.exists() else None
     if old is None or "counts" not in old or {k: old.get(k) for k in config} != config:
-        if done.exists():  # a scene set of other settings, written here before: drawn again from scratch
-            shutil.rmtree(scene_dir)
-        counts["scenes"] = build_scenes(
-            scene_dir,
-            catalogue=catalogue,
-            emoji_dir=emoji_dir,
-            seed=0,
-            n_train=s["scenes"],
-            n_test=s["scene_test"],
-            image_size=IMAGE_SIZE,
-            max_emoji=s["max_emoji"],
-            siblings=config["siblings"],
-            unseen_pairs=s["unseen_pairs"],
-            distractors=s["distractors"],
-        )
-        cfg = json.loads(done.read_text())
-        done.write_text(json.dumps({**cfg, "emoji": len(catalogue), "counts": counts["scenes"]}, indent=0))
-    counts["scenes"] = json.loads(done.read_text())["counts"]
+        _set_scenes_aside(data, old, config)
+        kept = data / f"scenes.{_settings_key(config)}"
+        if (kept / "config.json").exists():  # these settings' set, put aside by an earlier switch
+            kept.rename(scene_dir)
+            print(f"scene set of these settings taken back from {kept}", flush=True)
+        else:
+            counts["scenes"] = build_scenes(
+                scene_dir,
+                catalogue=catalogue,
+                emoji_dir=emoji_dir,
+                seed=0,
+                n_train=s["scenes"],
+                n_test=s["scene_test"],
+                image_size=IMAGE_SIZE,
+                max_emoji=s["max_emoji"],
+                siblings=config["siblings"],
+                unseen_pairs=s["unseen_pairs"],
+                distractors=s["distractors"],
+            )
+            cfg = read_json_file(done)
+            atomic_write_text(done, json.dumps({**cfg, "emoji": len(catalogue), "counts": counts["scenes"]}, indent=0))
+    counts["scenes"] = read_json_file(done)["counts"]
     counts["easyvqa"] = (easyvqa_builder or build_easyvqa)(data / "easyvqa")
     return counts
+
+
+def _set_scenes_aside(data: Path, old: dict | None, config: dict) -> None:
+    """Before a scene set of other settings is built in ``data/scenes``: a finished set there is
+    moved to ``data/scenes.KEY`` (KEY names its settings; switching back takes it back), an
+    unfinished one removed."""
+    scene_dir = data / "scenes"
+    if old is not None and "counts" in old:
+        aside = data / f"scenes.{_settings_key({k: old.get(k) for k in config})}"
+        shutil.rmtree(aside, ignore_errors=True)  # an older draw of those same settings
+        scene_dir.rename(aside)
+        print(f"scene set of other settings moved to {aside}", flush=True)
+    elif scene_dir.exists():
+        shutil.rmtree(scene_dir)
+
+
+def _settings_key(config: dict) -> str:
+    """A short name for a scene set's settings."""
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def pretraining_data(data: Path, out: Path, s: dict, seed: int) -> Path:
@@ -429,13 +455,15 @@ def run_vqa(
     rng.shuffle(test_q)
     test_q = test_q[: s["vqa_test"]]
     (out / "vqa_test_subset.json").write_text(json.dumps(test_q))
-    records, _ = read_vqa(out / "vqa_test_subset.json", str(vqa_dir), train=False)
+    records, bad = read_vqa(out / "vqa_test_subset.json", str(vqa_dir), train=False)
+    if bad:  # scored on fewer questions than the report would say
+        raise ValueError(f"{vqa_dir / 'vqa_test.json'}: bad entries:\n  " + "\n  ".join(map(str, bad[:20])))
     model = load_inference_model(out / "vqa" / "checkpoint_last.pt", device=device)
     answers = read_answer_list(vqa_dir / "answer_list.json")
     tf = test_transform(model.config.vision.image_size)
     metrics, _ = evaluate_vqa(model, records, answers, Tokenizer(), tf, k=len(answers))
     majority = most_common_answer([a["answer"][0] for a in train_q])
-    base = 100.0 * sum(q["answer"][0] == majority for q in test_q) / max(1, len(records))
+    base = 100.0 * sum(q["answer"][0] == majority for q in test_q) / max(1, len(test_q))
     times["VQA evaluation"] = time.perf_counter() - t0
     return {
         "metrics": metrics,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from albef.checkpoints.files import atomic_write_bytes, atomic_write_text
 
 SHAPES = {"circle", "rectangle", "triangle"}
 LICENSE = """# easy-VQA
@@ -62,8 +63,8 @@ def build_easyvqa(out: str | Path) -> dict[str, int]:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for image_id, src in paths.items():
             dst = out / "images" / split / f"{image_id}.png"
-            if not dst.exists():
-                shutil.copyfile(src, dst)
+            if not dst.exists():  # whole or absent: a file that exists is taken as done
+                atomic_write_bytes(dst, Path(src).read_bytes())
         entries = [
             {
                 "image": f"images/{split}/{i}.png",
@@ -77,9 +78,9 @@ def build_easyvqa(out: str | Path) -> dict[str, int]:
         ]
         target = out / f"vqa_{split}.json"
         if not target.exists():
-            target.write_text(json.dumps(entries))
+            atomic_write_text(target, json.dumps(entries))
         counts[split] = len(entries)
     if not (out / "answer_list.json").exists():
-        (out / "answer_list.json").write_text(json.dumps(ev.get_answers()))
+        atomic_write_text(out / "answer_list.json", json.dumps(ev.get_answers()))
     (out / "LICENSE.md").write_text(LICENSE)
     return counts

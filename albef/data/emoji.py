@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ import tarfile
 from pathlib import Path
 
 from PIL import Image
+
+from albef.checkpoints.files import atomic_write_bytes, atomic_write_text
 
 PACKAGES = {"meta": "emoji-datasource", "google": "emoji-datasource-google", "twitter": "emoji-datasource-twitter"}
 VERSION = "16.0.0"
@@ -51,22 +54,35 @@ def fetch(cache: Path) -> dict[str, Path]:
     out = {}
     for key, name in PACKAGES.items():
         tgz = cache / f"{name}-{VERSION}.tgz"
-        if not tgz.exists():
+        if not tgz.exists():  # packed in a folder of its own and moved in whole: a killed fetch leaves no half file
+            work = cache / f".npm-pack-{os.getpid()}"
+            work.mkdir(exist_ok=True)
             try:
-                proc = subprocess.run(
-                    ["npm", "pack", f"{name}@{VERSION}"], cwd=cache, capture_output=True, text=True, timeout=600
-                )
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise RuntimeError(
-                    f"could not run npm to fetch {name}: {e}; install Node.js/npm or "
-                    "check that the npm registry is reachable"
-                ) from e
-            if proc.returncode != 0 or not tgz.exists():
-                raise RuntimeError(
-                    f"npm pack {name}@{VERSION} failed (is the npm registry reachable?):\n" + proc.stderr[-2000:]
-                )
+                try:
+                    proc = subprocess.run(
+                        ["npm", "pack", f"{name}@{VERSION}"], cwd=work, capture_output=True, text=True, timeout=600
+                    )
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    raise RuntimeError(
+                        f"could not run npm to fetch {name}: {e}; install Node.js/npm or "
+                        "check that the npm registry is reachable"
+                    ) from e
+                if proc.returncode != 0 or not (work / tgz.name).exists():
+                    raise RuntimeError(
+                        f"npm pack {name}@{VERSION} failed (is the npm registry reachable?):\n" + proc.stderr[-2000:]
+                    )
+                os.replace(work / tgz.name, tgz)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         out[key] = tgz
     return out
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    """Written whole or not at all: the builders take a file that exists as done."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def captions_of(e: dict) -> list[str]:
@@ -106,7 +122,7 @@ def build_emoji(out: str | Path, seed: int = 0, windows: int = 400, fetcher=fetc
                     rel = f"images/{style}/{v['image']}"
                     if not (out / rel).exists():
                         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                        _rgb(t.extractfile(members[v["image"]]).read()).save(out / rel)
+                        _save_png(_rgb(t.extractfile(members[v["image"]]).read()), out / rel)
                     all_images.setdefault(e["unified"], []).append(rel)
                     if k == 0:
                         images.setdefault(e["unified"], {})[style] = rel
@@ -190,14 +206,14 @@ def _grounding(
             window = sheet.crop((x0 * step, y0 * step, (x0 + 3) * step, (y0 + 3) * step))
             rel = f"grounding/{split}_{k:04d}.png"
             if not (out / rel).exists():
-                window.save(out / rel)
+                _save_png(window, out / rel)
             cand = [[i * step + PAD, j * step + PAD, CELL, CELL] for j in range(3) for i in range(3)]
             box = [(tx - x0) * step + PAD, (ty - y0) * step + PAD, CELL, CELL]
             name = captions_of(cells[(tx, ty)])[0]
             entries.append(
                 {"image": rel, "text": name, "ref_id": f"{split}-{k}", "box": box, "candidates": cand, "split": split}
             )
-        (out / f"grounding_{split}.json").write_text(json.dumps(entries, indent=0))
+        atomic_write_text(out / f"grounding_{split}.json", json.dumps(entries, indent=0))
         counts[f"grounding_{split}"] = len(entries)
     return counts
 

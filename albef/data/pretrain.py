@@ -110,8 +110,25 @@ def load_image(source: str | IO[bytes], truncated_ok: bool = False) -> Image.Ima
                 ImageFile.LOAD_TRUNCATED_IMAGES = before
             return img.convert("RGB")
     except SyntaxError as e:  # PIL's PNG reader reports a damaged chunk met while decoding this way
-        name = str(source) if isinstance(source, str | os.PathLike) else getattr(source, "name", "image data")
+        name = _source_name(source)
         raise DamagedImageError(f"{name}: damaged image data ({e})", name) from e
+    except Image.DecompressionBombError as e:  # neither an OSError nor a ValueError: callers would not catch it
+        raise ValueError(
+            f"{_source_name(source)}: {e}; resize the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+        ) from e
+
+
+def _source_name(source: str | IO[bytes]) -> str:
+    return str(source) if isinstance(source, str | os.PathLike) else getattr(source, "name", "image data")
+
+
+def read_image(path: str) -> Image.Image:
+    """:func:`load_image` for evaluation, where an image that cannot be read is an error naming it
+    (a training run skips and counts it instead: :class:`PretrainDataset`)."""
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); replace the file or drop its entry") from e
 
 
 class PretrainDataset(Dataset):
@@ -142,16 +159,25 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _load(self, paths: Sequence[str], bad: list[BadSample]) -> list[Image.Image] | None:
+        """Each image of a record (two for NLVR2); None, with the failing file added to ``bad``."""
+        images = []
+        for p in paths:
+            try:
+                images.append(load_image(p, self.truncated_ok))
+            except (OSError, ValueError, UnidentifiedImageError) as e:
+                bad.append(BadSample(getattr(e, "filename", None) or p, f"{type(e).__name__}: {e}"))
+                return None
+        return images
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         bad: list[BadSample] = []
         for attempt in range(self.max_retries + 1):
             i = (index + attempt * 7_919) % len(self.records)  # stride: skip past runs of bad files
             rec = self.records[i]
             paths = rec.image_paths
-            try:
-                images = [load_image(p, self.truncated_ok) for p in paths]
-            except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-                bad.append(BadSample(getattr(e, "filename", None) or paths[0], f"{type(e).__name__}: {e}"))
+            images = self._load(paths, bad)
+            if images is None:
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, self.epoch, i))

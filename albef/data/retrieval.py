@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from albef.data.annotations import BadSample, read_annotations, require_entries, resolve_image
-from albef.data.pretrain import PretrainDataset, PretrainRecord, load_image
+from albef.data.pretrain import PretrainDataset, PretrainRecord, read_image
 from albef.text import check_text, clean_text
 
 
@@ -114,7 +114,4 @@ class ImageListDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tensor:
-        try:
-            return self.transform(load_image(self.paths[i]))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{self.paths[i]}: cannot be read ({type(e).__name__}: {e})") from e
+        return self.transform(read_image(self.paths[i]))

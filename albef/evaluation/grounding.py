@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from albef.data.annotations import read_annotations, require_entries, resolve_image
-from albef.data.pretrain import load_image
+from albef.data.pretrain import read_image
 from albef.gradcam import box_iou, box_scores, gradcam_itc, gradcam_itm, upsample_heatmap
 from albef.models.albef import ALBEF
 from albef.text import Tokenizer, clean_text
@@ -106,7 +106,7 @@ def evaluate_grounding(
     preds: list[GroundingPrediction] = []
     for s in range(0, len(mine), batch_size):
         chunk = mine[s : s + batch_size]
-        pil = [load_image(r.image) for r in chunk]
+        pil = [read_image(r.image) for r in chunk]
         px = torch.stack([transform(p) for p in pil]).to(device)
         # not cut, as the authors' test tokenization (only BERT's position limit)
         tok = tokenizer(
@@ -140,7 +140,7 @@ def save_overlays(preds: Sequence[GroundingPrediction], out_dir: str | Path, n: 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, p in enumerate(preds[:n]):
-        img = load_image(p.record.image)
+        img = read_image(p.record.image)
         heat = upsample_heatmap(p.heatmap, img.height, img.width)
         path = out / f"grounding_{i:03d}_{'ok' if p.correct else 'miss'}.png"
         labelled(overlay(img, heat, boxes=list(p.record.candidates), highlight=p.best), p.record.text).save(path)

@@ -98,14 +98,14 @@ def pair_scores(
 
     ``images``: paths (through ``transform``) or a pixel tensor; every image and text is encoded once.
     """
-    from albef.data.pretrain import load_image
+    from albef.data.pretrain import read_image
 
     model.eval()
     if isinstance(images, Tensor):
         chunks = list(images.split(batch_size))
     else:
         chunks = [
-            torch.stack([transform(load_image(p)) for p in images[i : i + batch_size]])
+            torch.stack([transform(read_image(p)) for p in images[i : i + batch_size]])
             for i in range(0, len(images), batch_size)
         ]
     image_embeds = torch.cat([model.encode_image(c.to(device)) for c in chunks])

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from albef.api import tokenize_answers
-from albef.data.pretrain import PretrainRecord, load_image
+from albef.data.pretrain import PretrainRecord, read_image
 from albef.distributed import all_reduce_sum, gather_lists, rank_slice
 from albef.evaluation.vqa_metric import vqa_accuracy
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA, rank_answers
@@ -32,10 +32,7 @@ class _EvalDataset(Dataset):
     def __getitem__(self, i: int):
         rec = self.records[i]
         paths = rec.image_paths
-        try:
-            px = [self.transform(load_image(p)) for p in paths]
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{paths}: cannot be read ({type(e).__name__}: {e})") from e
+        px = [self.transform(read_image(p)) for p in paths]
         return (torch.stack(px) if len(px) > 1 else px[0]), i
 
 

@@ -30,14 +30,38 @@ from albef.text import Tokenizer
 SELECT_METRIC = {"retrieval": "r_mean", "grounding": "accuracy", "ve": "accuracy", "nlvr": "accuracy"}
 
 
-def check_images_exist(paths: Iterable[str]) -> None:
-    """Every validation image is a file, checked before training (a missing one would otherwise
-    stop the run at the first epoch's end): a ``FileNotFoundError`` naming the first few."""
-    missing = sorted({p for p in paths if not os.path.isfile(p)})
+def check_images(paths: Iterable[str]) -> None:
+    """Every validation image is a file that decodes, checked before training (a missing or damaged
+    one would otherwise stop the run at the first epoch's end): an error naming the first few.
+
+    JPEGs are decoded at an eighth of their size (PIL's ``draft``), which still reads every byte of
+    the file, so a file cut short is found at a fraction of the full decode's time."""
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    paths = sorted(set(paths))
+    missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(
             f"data.val_files: {len(missing)} validation image(s) not found, e.g. {', '.join(missing[:3])}; "
             "set data.val_image_root (or data.image_root) to the folder the files' paths are relative to"
+        )
+    bad = []
+    before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # as evaluation reads them
+    try:
+        for p in paths:
+            try:
+                with Image.open(p) as img:
+                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                    img.load()
+            except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+                bad.append(f"{p} ({type(e).__name__}: {e})")
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    if bad:
+        raise ValueError(
+            f"data.val_files: {len(bad)} validation image(s) cannot be read, e.g. {'; '.join(bad[:3])}; "
+            "replace those files or drop their entries (validation skips no sample: the best epoch would be "
+            "chosen on another set)"
         )
 
 
@@ -77,7 +101,7 @@ class Validator:
             from albef.evaluation.retrieval import evaluate_retrieval
 
             data = read_retrieval_eval(d.val_files, root, d.max_words, cleaning)
-            check_images_exist(data.images)
+            check_images(data.images)
 
             def run(model: nn.Module, device: torch.device) -> dict[str, float]:
                 res = evaluate_retrieval(
@@ -97,7 +121,7 @@ class Validator:
             from albef.evaluation.grounding import evaluate_grounding, read_grounding
 
             records = read_grounding(d.val_files, root, cleaning)
-            check_images_exist(r.image for r in records)
+            check_images(r.image for r in records)
 
             def run(model: nn.Module, device: torch.device) -> dict[str, float]:
                 metrics, _ = evaluate_grounding(
@@ -115,7 +139,7 @@ class Validator:
         records, bad = read_classification(d.val_files, root, recipe.task, cleaning, d.max_words)
         if bad:  # skipping would silently change what the best epoch is chosen on
             raise ValueError("bad validation entries:\n  " + "\n  ".join(map(str, bad[:20])))
-        check_images_exist(p for r in records for p in r.image_paths)
+        check_images(p for r in records for p in r.image_paths)
 
         def run(model: nn.Module, device: torch.device) -> dict[str, float]:
             return {

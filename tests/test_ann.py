@@ -204,9 +204,10 @@ def test_index_build_reads_an_authors_json_list_against_its_image_root(pipe, fil
     listing.write_text(json.dumps([{"image": f.name, "caption": "x"} for f in files[:3]]))
     assert _files(str(listing), str(files[0].parent)) == sorted(files[:3])
     assert _files(str(listing)) == sorted(listing.parent / f.name for f in files[:3])  # default: beside the JSON
-    listing.write_text(json.dumps([{"caption": "no image"}]))
-    with pytest.raises(ValueError, match='test.json: expected a JSON list of objects with an "image" path'):
-        _files(str(listing))
+    for entry in ({"caption": "no image"}, {"image": 5}, {"image": ""}):  # a number was a bare TypeError
+        listing.write_text(json.dumps([entry]))
+        with pytest.raises(ValueError, match='test.json: expected a JSON list of objects with an "image" path'):
+            _files(str(listing))
 
 
 def test_searching_with_a_model_of_another_embedding_size_says_so(pipe, files, tmp_path, tiny_config):

@@ -234,3 +234,10 @@ def test_a_damaged_model_folder_is_named_with_the_fix(run, tmp_path):
     (tmp_path / "broken" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"model.safetensors does not fit the model its config.json describes"):
         from_pretrained(tmp_path / "broken")
+    del meta["mlm_head"]  # a config cut down by hand: named, not a bare KeyError
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"broken/config.json: no 'mlm_head' entry; .*write it again"):
+        from_pretrained(tmp_path / "broken")
+    (tmp_path / "broken" / "config.json").write_text('{"format": ')  # `albef convert` reads it too
+    with pytest.raises(ValueError, match=r"broken/config.json: not valid JSON"):
+        cli_main(["convert", str(tmp_path / "broken"), str(tmp_path / "m2")])

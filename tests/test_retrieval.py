@@ -210,3 +210,19 @@ def test_grounding_training_format_uses_the_image_file_as_id(tmp_path):
     )
     records, bad = read_retrieval_train(tmp_path / "g.json", None, grounding=True)
     assert not bad and [r.image_id for r in records] == [0, 1, 0]  # same file name, same id (as the authors)
+
+
+def test_an_image_id_that_is_no_string_or_integer_is_a_bad_entry(tmp_path):
+    from albef.data.retrieval import read_retrieval_train
+
+    entries = [
+        {"image": "a.jpg", "caption": "a dog", "image_id": "a"},
+        {"image": "b.jpg", "caption": "a cat", "image_id": [2]},  # unhashable: was a bare TypeError
+        {"image": "c.jpg", "caption": "a cow", "image_id": 3},
+        {"image": "d.jpg", "caption": "a hen", "image_id": True},
+    ]
+    (tmp_path / "r.json").write_text(json.dumps(entries))
+    records, bad = read_retrieval_train(tmp_path / "r.json", None)
+    assert [r.image_id for r in records] == [0, 1]
+    assert [b.where for b in bad] == [f"{tmp_path / 'r.json'}[1]", f"{tmp_path / 'r.json'}[3]"]
+    assert "'image_id' must be a string or an integer" in bad[0].reason

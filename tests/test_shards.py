@@ -292,3 +292,23 @@ def test_shards_are_replaced_only_when_told(data, tmp_path, capsys):
     (tmp_path / "mine.tar").write_bytes(b"not a shard of the set")
     assert cli_main([*args, "--out", str(tmp_path), "--max-count", "48", "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["mine.tar", "shard-000000.tar"]
+
+
+@pytest.mark.parametrize("caps", [[" "], [""], "a dog", [], ["a cat", 3]])
+def test_a_shard_sample_without_usable_captions_is_a_bad_sample(caps, tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+
+    from albef.data.shards import ShardStream
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(buf, "PNG")
+    stream = ShardStream([], train_transform(32, (0.5, 1.0)), seed=0, rank=0, world_size=1)
+    sample = {"__key__": "k", "__url__": "x.tar", "img": buf.getvalue()}
+    good = stream._decode({**sample, "json": json.dumps({"index": 0, "captions": ["a cat"]}).encode()}, [])
+    assert good is not None and good["caption"] == "a cat"
+    bad = []
+    assert stream._decode({**sample, "json": json.dumps({"index": 0, "captions": caps}).encode()}, bad) is None
+    assert [b.where for b in bad] == ["x.tar:k"] and "non-empty strings" in bad[0].reason

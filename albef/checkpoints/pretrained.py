@@ -105,7 +105,11 @@ def from_pretrained(
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != FORMAT:
         raise ValueError(f"{cfg_path}: format {fmt!r}, expected {FORMAT!r}")
-    model = _build(meta)
+    try:
+        model = _build(meta)
+    except (KeyError, TypeError, ValueError) as e:  # a config.json cut down or edited by hand
+        what = f"no {e} entry" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{cfg_path}: {what}; the folder is damaged: write it again") from None
     if expect is not None and not isinstance(model, expect):
         raise ValueError(f"{d} holds a {type(model).__name__} ({meta.get('task')} model), not a {expect.__name__}")
     try:

@@ -36,6 +36,7 @@ from albef.checkpoints.pretrained import (
 from albef.checkpoints.pretrained import _build as build_model
 from albef.checkpoints.pretrained import _describe as describe_model
 from albef.config import ALBEFConfig, get_preset
+from albef.data.annotations import read_json_file
 from albef.models.albef import ALBEF
 from albef.models.tasks import ALBEFForClassification, ALBEFForVQA
 
@@ -154,7 +155,7 @@ def _stored(src: Path) -> tuple[ALBEFConfig, str, str, str | None] | None:
     """(config, task, where it comes from, the run's preset) of a source that stores its model config: a training
     checkpoint or an albef model folder; None for a state dict (the config is then inferred)."""
     if src.is_dir() and (src / CONFIG).exists():
-        meta = json.loads((src / CONFIG).read_text())
+        meta = read_json_file(src / CONFIG)
         task = {"classification": "nlvr" if meta.get("num_images") == 2 else "ve"}.get(
             meta.get("task"), meta.get("task", "albef")
         )

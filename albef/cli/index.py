@@ -38,7 +38,9 @@ def _files(images: str, image_root: str | None = None) -> list[Path]:
     if p.suffix == ".json":  # the authors' formats: a list of {"image": ...}
         root = Path(image_root) if image_root else p.parent
         entries = read_json_file(p)
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and "image" in e for e in entries):
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("image"), str) and e["image"] for e in entries
+        ):
             raise ValueError(f'{p}: expected a JSON list of objects with an "image" path (the authors\' format)')
         return sorted({root / e["image"] for e in entries})
     return [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]

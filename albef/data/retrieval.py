@@ -44,6 +44,8 @@ def read_retrieval_train(
             key = entry["image"].split("/")[-1]
         elif "image_id" in entry:
             key = entry["image_id"]
+            if not isinstance(key, str | int) or isinstance(key, bool):
+                raise ValueError(f"'image_id' must be a string or an integer, not {type(key).__name__} {key!r}")
         else:
             raise ValueError("missing 'image_id'")
         return RetrievalRecord(image, (cleaned,), where, ids.setdefault(key, len(ids)))

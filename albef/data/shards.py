@@ -103,14 +103,14 @@ def write_shards(records: Sequence[Any], out: str | Path, max_count: int = 10_00
     whose file is missing are left out and listed."""
     import webdataset as wds
 
+    if any(isinstance(rec.image, tuple) for rec in records):  # before anything is written
+        raise ValueError("two-image entries (NLVR2) are not supported in shards yet")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     missing, counts = [], {}
     pattern = str(out / f"{prefix}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=max_count, verbose=0) as sink:
         for i, rec in enumerate(records):
-            if isinstance(rec.image, tuple):
-                raise ValueError("two-image entries (NLVR2) are not supported in shards yet")
             try:
                 data = Path(rec.image).read_bytes()
             except OSError as e:
@@ -247,8 +247,8 @@ class ShardStream(IterableDataset):
         try:
             meta = json.loads(sample["json"])
             i, caps = int(meta["index"]), meta["captions"]
-            if not caps or not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"captions {caps!r}: expected a non-empty list of strings")
+            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+                raise ValueError(f"captions {caps!r}: expected a non-empty list of non-empty strings")
             image = load_image(io.BytesIO(sample["img"]), self.truncated_ok)
         except (KeyError, TypeError, OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             bad.append(BadSample(where, f"{type(e).__name__}: {e}"))

@@ -102,3 +102,14 @@ def test_from_the_shell_an_input_error_is_its_message_without_a_traceback(tmp_pa
         main()
     with pytest.raises((FileNotFoundError, ValueError), match="no_model"):  # called with argv: raises
         main(argv[1:])
+
+
+def test_from_the_shell_a_commands_own_refusal_has_the_same_status(tmp_path, monkeypatch, capsys):
+    # `raise SystemExit("message")` inside a command: status 2 like the input errors, not Python's 1
+    from albef.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["albef", "search", " ", "--index", str(tmp_path), "--model", "m"])
+    assert main() == 2
+    assert "the query is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="the query is empty"):  # called with argv: raises
+        main(["search", " ", "--index", str(tmp_path), "--model", "m"])

@@ -57,3 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"albef {argv[0]}: error: {e}\n(ALBEF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
+    except SystemExit as e:  # a command's own refusal, SystemExit("message"): the same status as the errors above
+        if not from_shell or not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        return 2

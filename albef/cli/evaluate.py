@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--layer",
         type=int,
-        help="itm: fusion layer (default the third); itc: ViT block "
+        help="itm: text layer (default: a third of the way into the fusion layers, 8 for albef-base); itc: ViT block "
         "(default 8 of 12 as the authors; two thirds of the depth)",
     )
     g.add_argument("--batch-size", type=int, default=16)

@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--text", action="append", required=True)
         q.add_argument("--device")
     g.add_argument("--out", required=True, help="output PNG")
-    g.add_argument("--layer", type=int, help="fusion layer whose cross-attention is used (default: the third)")
+    g.add_argument(
+        "--layer",
+        type=int,
+        help="text layer whose cross-attention is used (default: a third of the way into the "
+        "fusion layers, 8 for albef-base, 4 for albef-small)",
+    )
     g.add_argument("--box", action="append", help="candidate box x,y,w,h (repeatable): the best is drawn in green")
     a = sub.add_parser("answer", help="answer a question about an image from an answer list (a VQA model)")
     a.add_argument("--model", required=True, help="a VQA model: " + MODEL_PATHS)

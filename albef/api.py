@@ -69,7 +69,7 @@ class Processor:
 
     def texts(self, texts: Sequence[str] | str) -> TokenizedText:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        cleaned = [clean_caption(t, self.cleaning, 30) for t in texts]
+        cleaned = [clean_caption(t, self.cleaning) for t in texts]
         empty = [t for t, c in zip(texts, cleaned, strict=True) if not c]
         if empty:
             raise ValueError(f"text is empty after cleaning: {empty[0]!r}")

@@ -78,7 +78,7 @@ class DataSection:
     # "vg" entries' under vg_root (Visual Genome); None: image_root
     vqa_root: str | None = None
     vg_root: str | None = None
-    max_words: int = 30
+    max_words: int | None = None  # None: the text cleaning's own limit (30 words albef, 50 blip)
     text_cleaning: str | None = None  # None: the model config's
     # training text cut at model.max_text_len tokens: None as the authors (pretraining, text
     # assignment and VQA questions cut; retrieval, grounding, SNLI-VE and NLVR2 captions not), true
@@ -302,7 +302,6 @@ def _check(recipe: Recipe) -> None:
         ("train.log_every", t.log_every),
         ("train.k_test", t.k_test),
         ("train.val_batch_size", t.val_batch_size),
-        ("data.max_words", d.max_words),
         ("data.shuffle_buffer", d.shuffle_buffer),
         ("data.group_size", d.group_size),
     ):
@@ -315,6 +314,12 @@ def _check(recipe: Recipe) -> None:
     )
     need(
         t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null (every epoch) or an integer >= 1", t.max_steps
+    )
+    need(
+        d.max_words is None or d.max_words >= 1,
+        "data.max_words",
+        "null (the text cleaning's own: 30 words albef, 50 blip) or an integer >= 1",
+        d.max_words,
     )
     for key, v in (
         ("train.checkpoint_every", t.checkpoint_every),

@@ -106,12 +106,12 @@ _CAPTION_CLEANERS = {"albef": pre_caption, "blip": pre_caption_blip}
 _QUESTION_CLEANERS = {"albef": pre_question, "blip": pre_question_blip}
 
 
-def _dispatch(table: dict, kind: str, text: str, style: str, max_words: int) -> str:
+def _dispatch(table: dict, kind: str, text: str, style: str, max_words: int | None) -> str:
     try:
         fn = table[style]
     except KeyError:
         raise ValueError(f"unknown {kind} cleaning style {style!r}; expected one of {sorted(table)}") from None
-    return fn(text, max_words)
+    return fn(text) if max_words is None else fn(text, max_words)  # None: the style's own limit (30 / 50)
 
 
 class BadTextError(ValueError):
@@ -156,7 +156,7 @@ def has_tokens(text: str) -> bool:
     return bool(text.strip()) and bool(_NORMALIZER.normalize_str(text).strip())
 
 
-def clean_caption(text: str, style: str = "albef", max_words: int = 30) -> str:
+def clean_caption(text: str, style: str = "albef", max_words: int | None = None) -> str:
     """Clean a caption with the ``"albef"`` (default) or ``"blip"`` (LAVIS) rules; text the
     tokenizer cannot take is a :class:`BadTextError` (see :func:`check_text`).
 
@@ -166,14 +166,14 @@ def clean_caption(text: str, style: str = "albef", max_words: int = 30) -> str:
     return _dispatch(_CAPTION_CLEANERS, "caption", check_text(text, "caption"), style, max_words)
 
 
-def clean_question(text: str, style: str = "albef", max_words: int = 30) -> str:
+def clean_question(text: str, style: str = "albef", max_words: int | None = None) -> str:
     """Clean a question with the ``"albef"`` (default) or ``"blip"`` (LAVIS) rules; text the
     tokenizer cannot take is a :class:`BadTextError` (see :func:`check_text`)."""
     return _dispatch(_QUESTION_CLEANERS, "question", check_text(text, "question"), style, max_words)
 
 
 def clean_text(
-    text: object, what: str = "'caption'", style: str = "albef", max_words: int = 30, question: bool = False
+    text: object, what: str = "'caption'", style: str = "albef", max_words: int | None = None, question: bool = False
 ) -> str:
     """The cleaning step of every annotation reader, training and evaluation: the cleaned text,
     or :class:`BadTextError` naming ``what`` (the field) when it is missing, not a string, holds a

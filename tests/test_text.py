@@ -266,3 +266,17 @@ def test_decode_recovers_cleaned_text(tok, tok_sep):
         assert t.decode(ids) == text
         assert t.decode(torch.tensor(ids)) == text
         assert t.decode(ids, skip_special_tokens=False).startswith("[CLS] a man")
+
+
+def test_each_cleaning_keeps_its_own_number_of_words_unless_told():
+    # the authors' pre_caption keeps 30 words, LAVIS's BLIP processor 50 (data.max_words: None)
+    from albef.recipes import DataSection
+    from albef.text import clean_text
+
+    long = " ".join(f"w{i}" for i in range(60))
+    assert len(clean_text(long).split()) == 30
+    assert len(clean_text(long, style="blip").split()) == 50
+    assert len(clean_text(long, style="blip", max_words=30).split()) == 30
+    assert len(clean_text(long + "?", question=True).split()) == 30
+    assert len(clean_text(long + "?", style="blip", question=True).split()) == 50
+    assert DataSection().max_words is None

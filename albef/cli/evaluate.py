@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         precision = resolve_precision(args.precision, info.device, "--precision")
         model = load_inference_model(args.model, info.device)
-        data = read_retrieval_eval(args.data, args.image_root, 30, model.config.text_cleaning)
+        data = read_retrieval_eval(args.data, args.image_root, None, model.config.text_cleaning)
         tok = Tokenizer(add_sep=model.config.add_sep)
         with autocast(info.device, precision):  # the cosines and scores stay float32 (evaluation.retrieval)
             results = evaluate_retrieval(

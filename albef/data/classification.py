@@ -40,7 +40,7 @@ def _ve_file_name(image: object) -> object:
 
 
 def read_classification(
-    files: str | Sequence[str], image_root: str | None, task: str, cleaning: str = "albef", max_words: int = 30
+    files: str | Sequence[str], image_root: str | None, task: str, cleaning: str = "albef", max_words: int | None = None
 ) -> tuple[list[ClassificationRecord], list[BadSample]]:
     """Read SNLI-VE (``task="ve"``) or NLVR2 (``task="nlvr"``) entries; bad entries are skipped and
     returned as :class:`BadSample`. For ``ve``, an image named without a file extension (no ``.``

@@ -42,7 +42,7 @@ class PretrainRecord:
 
 
 def parse_pretrain_entry(
-    image_root: str | None, max_words: int = 30, cleaning: str = "albef"
+    image_root: str | None, max_words: int | None = None, cleaning: str = "albef"
 ) -> Callable[[dict, str], PretrainRecord]:
     """A parser for :func:`~albef.data.annotations.read_annotations`: cleans the captions now,
     so an entry whose every caption is empty after cleaning is rejected at load time."""

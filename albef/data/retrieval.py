@@ -27,7 +27,7 @@ class RetrievalRecord(PretrainRecord):
 def read_retrieval_train(
     files: str | Sequence[str],
     image_root: str | None,
-    max_words: int = 30,
+    max_words: int | None = None,
     cleaning: str = "albef",
     grounding: bool = False,
 ) -> tuple[list[RetrievalRecord], list[BadSample]]:
@@ -72,7 +72,7 @@ class RetrievalEvalSet:
 
 
 def read_retrieval_eval(
-    files: str | Sequence[str], image_root: str | None, max_words: int = 30, cleaning: str = "albef"
+    files: str | Sequence[str], image_root: str | None, max_words: int | None = None, cleaning: str = "albef"
 ) -> RetrievalEvalSet:
     """The evaluation gallery. Unlike training, a bad entry here is an error: skipping it would
     silently change the benchmark."""

@@ -54,7 +54,7 @@ def read_vqa(
     image_root: str | None,
     train: bool,
     cleaning: str = "albef",
-    max_words: int = 30,
+    max_words: int | None = None,
     vqa_root: str | None = None,
     vg_root: str | None = None,
 ) -> tuple[list[VQARecord], list[BadSample]]:

@@ -44,7 +44,7 @@ def _box(b: object, what: str) -> tuple[float, float, float, float]:
 
 
 def read_grounding(
-    files: str | Sequence[str], image_root: str | None, cleaning: str = "albef", max_words: int = 30
+    files: str | Sequence[str], image_root: str | None, cleaning: str = "albef", max_words: int | None = None
 ) -> list[GroundingRecord]:
     def parse(entry: dict, where: str) -> GroundingRecord:
         text = clean_text(entry.get("text"), "'text'", cleaning, max_words)

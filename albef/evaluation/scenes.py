@@ -52,7 +52,7 @@ def read_twins(
     files: str | Path | Sequence[str | Path],
     image_root: str | Path | None,
     cleaning: str = "albef",
-    max_words: int = 30,
+    max_words: int | None = None,
 ) -> list[TwinCase]:
     """The cases of ``twins_test.json`` (``{"image", "caption", "twins": [{"kind", "caption"}], "split"}``),
     captions cleaned like every evaluation text; a bad entry is an error."""

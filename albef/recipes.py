@@ -170,6 +170,9 @@ class TrainSection:
     itc_distill: bool = True
     mlm_distill: bool = True
     label_smoothing: float = 0.0  # VQA answer loss: 0 (authors), 0.1 (LAVIS)
+    # SNLI-VE / NLVR2 distillation: true reproduces LAVIS 1.0.2's bug, the momentum branch running the
+    # student's text encoder; false (the authors') runs the teacher's
+    lavis_teacher_text_encoder: bool = False
     # validation (data.val_files): the metric that picks the best epoch (None: the task's, as the
     # authors: retrieval r_mean of ITC + ITM, grounding / ve / nlvr accuracy), the ITM re-ranking
     # shortlist of retrieval (the authors' k_test: 256 COCO, 128 Flickr30K), the evaluation batch
@@ -341,6 +344,12 @@ def _check(recipe: Recipe) -> None:
     need(ramp is None or (finite(ramp) and ramp >= 0), "train.alpha_ramp_epochs", "null (the task's) or >= 0", ramp)
     need(0 <= t.alpha <= 1, "train.alpha", "a number in [0, 1]", t.alpha)
     need(0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)", t.label_smoothing)
+    need(
+        not t.lavis_teacher_text_encoder or recipe.task in ("ve", "nlvr"),
+        "train.lavis_teacher_text_encoder",
+        "false for this task (it is SNLI-VE's and NLVR2's distillation)",
+        t.lavis_teacher_text_encoder,
+    )
     need(
         t.max_grad_norm is None or (finite(t.max_grad_norm) and t.max_grad_norm > 0),
         "train.max_grad_norm",

@@ -263,3 +263,16 @@ def test_enqueue_inside_forward_equals_enqueue_after_backward():
     torch.testing.assert_close(qia, qib, rtol=0, atol=0)
     torch.testing.assert_close(qta, qtb, rtol=0, atol=0)
     assert int(a.queue.queue_ptr) == int(b.queue.queue_ptr) == (3 * 4) % cfg.queue_size
+
+
+def test_the_lavis_nlvr_teacher_option_reaches_the_trainer_from_a_recipe():
+    from albef.config import get_preset
+    from albef.recipes import load_recipe
+    from albef.training.tasks import get_task
+
+    for task in ("ve", "nlvr"):
+        for on in (False, True):
+            recipe = load_recipe(None, [f"task={task}", f"train.lavis_teacher_text_encoder={str(on).lower()}"])
+            assert get_task(task).build_trainer(get_preset("albef-tiny"), recipe).lavis_teacher_text_encoder is on
+    with pytest.raises(ValueError, match="train.lavis_teacher_text_encoder = True: must be false for this task"):
+        load_recipe(None, ["task=retrieval", "train.lavis_teacher_text_encoder=true"])

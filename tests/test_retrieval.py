@@ -183,6 +183,16 @@ def test_retrieval_finetuning_runs_and_evaluates(shapes_eval, tmp_path, capsys):
         == 0
     )
     assert "ITC+ITM" in capsys.readouterr().out
+    # --max-length (LAVIS cuts at 35): cut to [CLS] + one word, every caption reads the same
+    args = ["evaluate", "retrieval", "--model", str(out / "checkpoint_last.pt"), "--image-root", str(shapes_eval)]
+    args += ["--data", str(shapes_eval / "retrieval_test.json"), "--k", "4", "--device", "cpu", "--itc-only"]
+    scores = {}
+    for n in (30, 2):
+        assert cli_main([*args, "--max-length", str(n), "--out", str(tmp_path / f"m{n}.json")]) == 0
+        scores[n] = json.loads((tmp_path / f"m{n}.json").read_text())["itc"]
+    assert scores[30] != scores[2]
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--max-length", "1"])
 
 
 def test_every_recipe_parses_and_builds_its_model_config():

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--k", type=int, default=256, help="shortlist size re-ranked by ITM (COCO 256, Flickr 128)")
     r.add_argument("--itc-only", action="store_true")
     r.add_argument("--lavis-score", action="store_true", help="re-rank score = ITM logit + cosine (LAVIS)")
+    r.add_argument(
+        "--max-length", type=int, default=30, help="tokens a caption is cut at (the authors' 30; LAVIS's 35)"
+    )
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--itm-batch-size", type=int, default=256)
     r.add_argument("--num-workers", type=int, default=0)
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     for q in sub.choices.values():
         add_precision_option(q)
     args = p.parse_args(argv)
+    if getattr(args, "max_length", 2) < 2:  # [CLS] and one word at least
+        p.error(f"--max-length {args.max_length}: must be at least 2")
     for flag in ("out", "results"):  # checked now: a bad path would otherwise lose hours of scoring at the end
         target = getattr(args, flag, None)
         if target and Path(target).is_dir():
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.itm_batch_size,
                 args.num_workers,
                 info.device,
+                max_length=args.max_length,
             )
     finally:
         shutdown()

@@ -197,7 +197,13 @@ class ClassifyTask:
         self.num_images = 2 if name == "nlvr" else 1
 
     def build_trainer(self, cfg: ALBEFConfig, recipe: Any) -> Trainer:
-        return ClassifierTrainer(task_model(self.name, cfg), cfg.momentum, distill=recipe.train.distill)
+        t = recipe.train
+        return ClassifierTrainer(
+            task_model(self.name, cfg),
+            cfg.momentum,
+            distill=t.distill,
+            lavis_teacher_text_encoder=t.lavis_teacher_text_encoder,
+        )
 
     def build_dataset(self, recipe: Any, cfg: ALBEFConfig, transform, tokenizer: Tokenizer, cleaning: str):
         d = recipe.data

@@ -234,44 +234,37 @@ def test_finetuning_without_a_recipe_names_the_authors_one(task, recipe, tmp_pat
     assert recipe in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_a_missing_validation_image_fails_before_training(data, tmp_path, capsys):
+def _with_val_image(data: Path, tmp_path: Path, image: str) -> tuple[list[str], list[dict]]:
+    """A SNLI-VE run whose first validation entry's image is ``image``: (its arguments, the entries)."""
     entries = json.loads((data / "ve_test.json").read_text())
-    entries[0]["image"] = "images/not_there.png"
+    entries[0]["image"] = image
     (tmp_path / "val.json").write_text(json.dumps(entries))
     args = _args("ve", data, tmp_path / "x", "ve_train.json", "ve_test.json")
     args[args.index(f"data.val_files=[{data / 've_test.json'}]")] = f"data.val_files=[{tmp_path / 'val.json'}]"
-    with pytest.raises(SystemExit):
-        cli_main(args)
-    err = capsys.readouterr().err
-    assert "1 validation image(s) not found" in err and "not_there.png" in err and "data.val_image_root" in err
-    assert not (tmp_path / "x" / "checkpoint_last.pt").exists()
+    return args, entries
 
 
-@pytest.mark.parametrize("damage", ["not an image", "cut short"])
-def test_a_damaged_validation_image_fails_before_training(data, tmp_path, capsys, damage):
-    entries = json.loads((data / "ve_test.json").read_text())
-    good = (data / entries[1]["image"]).read_bytes()
+@pytest.mark.parametrize("damage", ["missing", "not an image", "cut short"])
+def test_a_missing_or_damaged_validation_image_fails_before_training(data, tmp_path, capsys, damage):
     bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not an image" if damage == "not an image" else good[: len(good) // 2])
-    entries[0]["image"] = str(bad)
-    (tmp_path / "val.json").write_text(json.dumps(entries))
-    args = _args("ve", data, tmp_path / "x", "ve_train.json", "ve_test.json")
-    args[args.index(f"data.val_files=[{data / 've_test.json'}]")] = f"data.val_files=[{tmp_path / 'val.json'}]"
+    if damage != "missing":
+        good = (data / json.loads((data / "ve_test.json").read_text())[1]["image"]).read_bytes()
+        bad.write_bytes(b"not an image" if damage == "not an image" else good[: len(good) // 2])
+    args, _ = _with_val_image(data, tmp_path, str(bad))
     with pytest.raises(SystemExit):
         cli_main(args)
     err = capsys.readouterr().err
-    assert "1 validation image(s) cannot be read" in err and "broken.png" in err and "drop their entries" in err
+    if damage == "missing":
+        assert "1 validation image(s) not found" in err and "broken.png" in err and "data.val_image_root" in err
+    else:
+        assert "1 validation image(s) cannot be read" in err and "broken.png" in err and "drop their entries" in err
     assert not (tmp_path / "x" / "checkpoint_last.pt").exists()
 
 
 def test_an_unreadable_validation_image_keeps_the_epochs_checkpoint(data, tmp_path, monkeypatch):
-    entries = json.loads((data / "ve_test.json").read_text())
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
-    entries[0]["image"] = str(bad)
-    (tmp_path / "val.json").write_text(json.dumps(entries))
-    args = _args("ve", data, tmp_path / "x", "ve_train.json", "ve_test.json")
-    args[args.index(f"data.val_files=[{data / 've_test.json'}]")] = f"data.val_files=[{tmp_path / 'val.json'}]"
+    args, entries = _with_val_image(data, tmp_path, str(bad))
     # an image that goes bad after the start-up check (a network file system, a disk error)
     monkeypatch.setattr("albef.training.validation.check_images", lambda paths: None)
     with pytest.raises(ValueError, match="broken.png"):

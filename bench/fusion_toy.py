@@ -272,6 +272,12 @@ class Toy(nn.Module):
             self.fusion = TextEncoder(cfg)
         if args.init != "bert":  # every layer drawn anew (nn.TransformerEncoder copies one layer)
             restart(self.fusion, args.init, args.init_std, args.init_part)
+        with torch.no_grad():
+            for m in self.fusion.modules():
+                if isinstance(m, nn.Linear) and m.bias is not None and args.zero_biases:
+                    m.bias.zero_()
+                if isinstance(m, nn.Embedding):  # the same draws at another spread: LayerNorm follows them
+                    m.weight.mul_(args.embed_scale)
         self.itm_head = nn.Linear(W, 2)
         self.mlm_head = nn.Linear(W, args.objects)
         if args.bound_init:
@@ -380,7 +386,13 @@ def itm_batch(t: dict[str, Tensor], negatives: str) -> tuple[Tensor, Tensor, Ten
 def train(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(args.seed)
     model = Toy(args)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.02)
+    embeddings = {id(p) for m in model.fusion.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in embeddings], "lr": args.lr},
+        {"params": [p for p in params if id(p) in embeddings], "lr": args.lr * args.embed_lr_scale},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.02)
     gen = torch.Generator().manual_seed(args.seed)
     test_scenes = draw_scenes(1000, torch.Generator().manual_seed(12345), args.objects, args.horizontal, args.third)
     test = tensors(test_scenes, args.objects)
@@ -483,6 +495,22 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="what --init restarts: every fusion layer, or only the fusion layers' cross-attention",
     )
+    p.add_argument(
+        "--embed-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply the fusion's embedding tables by F after the start (LayerNorm follows them: the same "
+        "start, other steps under AdamW)",
+    )
+    p.add_argument(
+        "--embed-lr-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="the fusion's embedding tables learn at S x --lr",
+    )
+    p.add_argument("--zero-biases", action="store_true", help="the fusion's linear biases start at zero, any --init")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -509,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         args.init_std = 0.05
     if args.init_std <= 0:
         p.error("--init-std must be positive")
+    if args.embed_scale <= 0 or args.embed_lr_scale < 0:
+        p.error("--embed-scale must be positive and --embed-lr-scale at least 0")
     if args.mlm and not args.third:
         p.error("--mlm names the first object among two candidates: it needs --third")
     torch.set_num_threads(args.threads)

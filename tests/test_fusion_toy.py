@@ -124,6 +124,8 @@ def test_main_writes_the_curve(tmp_path):
         (["--init", "normal", "--init-part", "cross", "--single-stream"], "--single-stream has none"),
         (["--init", "normal", "--init-std", "0"], "--init-std must be positive"),
         (["--init-std", "0.1"], "add --init normal"),  # a spread for BERT's or PyTorch's start means nothing
+        (["--embed-scale", "0"], "--embed-scale must be positive"),
+        (["--embed-lr-scale", "-1"], "--embed-lr-scale at least 0"),
     ],
 )
 def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):
@@ -137,6 +139,7 @@ def _toy(**settings) -> T.Toy:
     """A ``Toy`` with albef's fusion (main()'s defaults where ``settings`` says nothing)."""
     base = dict(width=128, text_layers=2, fusion_layers=2, objects=14, single_stream=False, pre_ln=False)
     base |= dict(bound_init=0.0, bind="both", vit_layers=0, init="bert", init_std=0.05, init_part="all")
+    base |= dict(embed_scale=1.0, zero_biases=False)
     return T.Toy(argparse.Namespace(**{**base, **settings}))
 
 
@@ -265,3 +268,40 @@ def test_tokens_are_fixed_unless_vit_blocks_are_put_on_top():
     trainable = [n for n, p in vit.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith(("blocks.", "final_norm.")) for n in trainable)
     assert vit(cells).shape == x.shape
+
+
+def test_embed_scale_keeps_the_start_and_zero_biases_zeroes_the_linears():
+    # the same draws at another spread: the text the fusion reads starts the same after LayerNorm
+    t = T.tensors(T.draw_scenes(4, torch.Generator().manual_seed(1), 14), 14)
+    torch.manual_seed(0)
+    plain = _toy(init="default")
+    torch.manual_seed(0)
+    small = _toy(init="default", embed_scale=0.02)
+    tables = [(a, b) for a, b in zip(plain.fusion.modules(), small.fusion.modules(), strict=True)]
+    tables = [(a.weight, b.weight) for a, b in tables if isinstance(a, nn.Embedding)]
+    assert len(tables) == 3 and all(torch.allclose(b, 0.02 * a) for a, b in tables)
+    torch.testing.assert_close(
+        small.itm(t["cells"], t["caption"]), plain.itm(t["cells"], t["caption"]), atol=1e-4, rtol=0
+    )
+    torch.manual_seed(0)
+    zeroed = _toy(init="default", zero_biases=True)
+    biases = [m.bias for m in zeroed.fusion.modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    assert biases and not any(b.any() for b in biases)
+    assert any(m.bias.any() for m in plain.fusion.modules() if isinstance(m, nn.Linear) and m.bias is not None)
+
+
+def test_embed_lr_scale_slows_only_the_fusions_embedding_tables(tmp_path, monkeypatch):
+    seen = {}
+    real = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        seen["groups"] = groups
+        return real(groups, **kw)
+
+    monkeypatch.setattr(T.torch.optim, "AdamW", spy)
+    T.main(
+        [str(tmp_path / "toy.json"), "--steps", "1", "--eval-every", "1", "--embed-lr-scale", "0.02", "--lr", "1e-3"]
+    )
+    rest, emb = seen["groups"]
+    assert rest["lr"] == 1e-3 and emb["lr"] == pytest.approx(2e-5)
+    assert len(emb["params"]) == 3  # word, position and token-type tables of albef's text encoder

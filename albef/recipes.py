@@ -170,8 +170,8 @@ class TrainSection:
     itc_distill: bool = True
     mlm_distill: bool = True
     label_smoothing: float = 0.0  # VQA answer loss: 0 (authors), 0.1 (LAVIS)
-    # SNLI-VE / NLVR2 distillation: true reproduces LAVIS 1.0.2's bug, the momentum branch running the
-    # student's text encoder; false (the authors') runs the teacher's
+    # NLVR2 distillation: true reproduces LAVIS 1.0.2's bug, the momentum branch running the student's
+    # text encoder; false (the authors') runs the teacher's
     lavis_teacher_text_encoder: bool = False
     # validation (data.val_files): the metric that picks the best epoch (None: the task's, as the
     # authors: retrieval r_mean of ITC + ITM, grounding / ve / nlvr accuracy), the ITM re-ranking
@@ -345,9 +345,9 @@ def _check(recipe: Recipe) -> None:
     need(0 <= t.alpha <= 1, "train.alpha", "a number in [0, 1]", t.alpha)
     need(0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)", t.label_smoothing)
     need(
-        not t.lavis_teacher_text_encoder or recipe.task in ("ve", "nlvr"),
+        not t.lavis_teacher_text_encoder or recipe.task == "nlvr",
         "train.lavis_teacher_text_encoder",
-        "false for this task (it is SNLI-VE's and NLVR2's distillation)",
+        "false for this task (LAVIS's bug is in NLVR2's distillation only)",
         t.lavis_teacher_text_encoder,
     )
     need(

@@ -539,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--init-std must be positive")
     if args.embed_scale <= 0 or args.embed_lr_scale < 0:
         p.error("--embed-scale must be positive and --embed-lr-scale at least 0")
+    if args.embed_scale != 1 and (args.bound_init or args.single_stream):
+        p.error(
+            "--embed-scale keeps the start through albef's embedding LayerNorm: not with --bound-init or "
+            "--single-stream"
+        )
     if args.mlm and not args.third:
         p.error("--mlm names the first object among two candidates: it needs --third")
     torch.set_num_threads(args.threads)

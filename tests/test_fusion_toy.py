@@ -126,6 +126,8 @@ def test_main_writes_the_curve(tmp_path):
         (["--init-std", "0.1"], "add --init normal"),  # a spread for BERT's or PyTorch's start means nothing
         (["--embed-scale", "0"], "--embed-scale must be positive"),
         (["--embed-lr-scale", "-1"], "--embed-lr-scale at least 0"),
+        (["--embed-scale", "2", "--bound-init", "1"], "not with --bound-init or --single-stream"),
+        (["--embed-scale", "2", "--single-stream"], "not with --bound-init or --single-stream"),
     ],
 )
 def test_main_refuses_settings_without_meaning(tmp_path, capsys, argv, message):

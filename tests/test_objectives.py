@@ -270,9 +270,9 @@ def test_the_lavis_nlvr_teacher_option_reaches_the_trainer_from_a_recipe():
     from albef.recipes import load_recipe
     from albef.training.tasks import get_task
 
-    for task in ("ve", "nlvr"):
-        for on in (False, True):
-            recipe = load_recipe(None, [f"task={task}", f"train.lavis_teacher_text_encoder={str(on).lower()}"])
-            assert get_task(task).build_trainer(get_preset("albef-tiny"), recipe).lavis_teacher_text_encoder is on
-    with pytest.raises(ValueError, match="train.lavis_teacher_text_encoder = True: must be false for this task"):
-        load_recipe(None, ["task=retrieval", "train.lavis_teacher_text_encoder=true"])
+    for on in (False, True):
+        recipe = load_recipe(None, ["task=nlvr", f"train.lavis_teacher_text_encoder={str(on).lower()}"])
+        assert get_task("nlvr").build_trainer(get_preset("albef-tiny"), recipe).lavis_teacher_text_encoder is on
+    for task in ("ve", "retrieval"):  # LAVIS's bug is NLVR2's alone
+        with pytest.raises(ValueError, match="train.lavis_teacher_text_encoder = True: must be false for this task"):
+            load_recipe(None, [f"task={task}", "train.lavis_teacher_text_encoder=true"])

@@ -230,17 +230,24 @@ def test_cosine_schedule_ends_at_max_steps():
 def test_resuming_a_run_whose_recipe_resolved_crop_and_ramp_otherwise_warns(caplog, tmp_path):
     from types import SimpleNamespace
 
+    from albef.config import get_preset
     from albef.recipes import load_recipe
     from albef.training.loop import TrainRun
 
-    run = SimpleNamespace(recipe=load_recipe(None, ["task=vqa"]), dist=SimpleNamespace(is_main=True))
+    run = SimpleNamespace(
+        recipe=load_recipe(None, ["task=vqa"]), dist=SimpleNamespace(is_main=True), cfg=get_preset("albef-tiny")
+    )
     with caplog.at_level("WARNING"):
-        TrainRun._warn_changed_resolution(run, tmp_path / "c.pt", {"data": {"crop_scale": [0.5, 1.0]}, "train": {}})
+        same = {"data": {"crop_scale": [0.5, 1.0], "max_words": 30}, "train": {}}
+        TrainRun._warn_changed_resolution(run, tmp_path / "c.pt", same)
         assert not caplog.text  # the same values, or none recorded: nothing to say
         saved = {"data": {"crop_scale": [0.2, 1.0]}, "train": {"alpha_ramp_epochs": 2.0}}
         TrainRun._warn_changed_resolution(run, tmp_path / "c.pt", saved)
+        run.cfg.text_cleaning = "blip"  # a run written when data.max_words was 30 for every cleaning
+        TrainRun._warn_changed_resolution(run, tmp_path / "c.pt", same)
     assert "data.crop_scale = [0.2, 1.0]; this run uses (0.5, 1.0)" in caplog.text
     assert "train.alpha_ramp_epochs = 2.0; this run uses 1.0" in caplog.text
+    assert "data.max_words = 30; this run uses 50" in caplog.text
 
 
 def test_a_pair_names_the_image_that_fails(tmp_path):

@@ -183,7 +183,7 @@ def test_retrieval_finetuning_runs_and_evaluates(shapes_eval, tmp_path, capsys):
         == 0
     )
     assert "ITC+ITM" in capsys.readouterr().out
-    # --max-length (LAVIS cuts at 35): cut to [CLS] + one word, every caption reads the same
+    # --max-length (LAVIS cuts at 35): cut to [CLS] + one word, the captions read otherwise
     args = ["evaluate", "retrieval", "--model", str(out / "checkpoint_last.pt"), "--image-root", str(shapes_eval)]
     args += ["--data", str(shapes_eval / "retrieval_test.json"), "--k", "4", "--device", "cpu", "--itc-only"]
     scores = {}

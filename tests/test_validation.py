@@ -244,20 +244,26 @@ def _with_val_image(data: Path, tmp_path: Path, image: str) -> tuple[list[str], 
     return args, entries
 
 
-@pytest.mark.parametrize("damage", ["missing", "not an image", "cut short"])
+@pytest.mark.parametrize("damage", ["missing", "not an image", "cut short", "a JPEG cut short"])
 def test_a_missing_or_damaged_validation_image_fails_before_training(data, tmp_path, capsys, damage):
-    bad = tmp_path / "broken.png"
+    bad = tmp_path / ("broken.jpg" if "JPEG" in damage else "broken.png")
     if damage != "missing":
-        good = (data / json.loads((data / "ve_test.json").read_text())[1]["image"]).read_bytes()
-        bad.write_bytes(b"not an image" if damage == "not an image" else good[: len(good) // 2])
+        from PIL import Image
+
+        good = data / json.loads((data / "ve_test.json").read_text())[1]["image"]
+        if "JPEG" in damage:  # read at an eighth of its size (PIL's draft), still to its last byte
+            Image.open(good).convert("RGB").resize((256, 256)).save(tmp_path / "whole.jpg", quality=95)
+            good = tmp_path / "whole.jpg"
+        data_ = good.read_bytes()
+        bad.write_bytes(b"not an image" if damage == "not an image" else data_[: len(data_) // 2])
     args, _ = _with_val_image(data, tmp_path, str(bad))
     with pytest.raises(SystemExit):
         cli_main(args)
     err = capsys.readouterr().err
     if damage == "missing":
-        assert "1 validation image(s) not found" in err and "broken.png" in err and "data.val_image_root" in err
+        assert "1 validation image(s) not found" in err and bad.name in err and "data.val_image_root" in err
     else:
-        assert "1 validation image(s) cannot be read" in err and "broken.png" in err and "drop their entries" in err
+        assert "1 validation image(s) cannot be read" in err and bad.name in err and "drop their entries" in err
     assert not (tmp_path / "x" / "checkpoint_last.pt").exists()
 
 

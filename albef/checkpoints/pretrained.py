@@ -44,16 +44,22 @@ def _describe(model: torch.nn.Module) -> dict:
     raise TypeError(f"cannot save a {type(model).__name__}: not an albef model")
 
 
-def _build(meta: dict) -> torch.nn.Module:
-    cfg = ALBEFConfig.from_dict(meta["config"])
+def _build(meta: dict, where: Path | str = CONFIG) -> torch.nn.Module:
+    """The model a folder's ``config.json`` (``meta``, read from ``where``) describes."""
     task = meta.get("task", "albef")
+    need = {"albef": ("mlm_head",), "vqa": ("decoder_layers",), "classification": ("num_classes", "num_images")}
+    if task not in need:
+        raise ValueError(f"{where}: unknown model task {task!r}")
+    missing = [k for k in ("config", *need[task]) if k not in meta]
+    if missing or not isinstance(meta["config"], dict):  # a config.json cut down or edited by hand
+        what = f"no {missing[0]!r} entry" if missing else "'config' is not an object"
+        raise ValueError(f"{where}: {what}; the folder is damaged: write it again")
+    cfg = ALBEFConfig.from_dict(meta["config"])
     if task == "albef":
         return ALBEF(cfg, mlm_head=meta["mlm_head"])
     if task == "vqa":
         return ALBEFForVQA(cfg, meta["decoder_layers"])
-    if task == "classification":
-        return ALBEFForClassification(cfg, meta["num_classes"], meta["num_images"])
-    raise ValueError(f"unknown model task {task!r} in config.json")
+    return ALBEFForClassification(cfg, meta["num_classes"], meta["num_images"])
 
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
@@ -105,11 +111,7 @@ def from_pretrained(
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != FORMAT:
         raise ValueError(f"{cfg_path}: format {fmt!r}, expected {FORMAT!r}")
-    try:
-        model = _build(meta)
-    except (KeyError, TypeError, ValueError) as e:  # a config.json cut down or edited by hand
-        what = f"no {e} entry" if isinstance(e, KeyError) else str(e)
-        raise ValueError(f"{cfg_path}: {what}; the folder is damaged: write it again") from None
+    model = _build(meta, cfg_path)
     if expect is not None and not isinstance(model, expect):
         raise ValueError(f"{d} holds a {type(model).__name__} ({meta.get('task')} model), not a {expect.__name__}")
     try:

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"albef {argv[0]}: error: {e}\n(ALBEF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
     except SystemExit as e:  # a command's own refusal, SystemExit("message"): the same status as the errors above
-        if not from_shell or not isinstance(e.code, str):
+        if not from_shell or not isinstance(e.code, str) or os.environ.get("ALBEF_TRACEBACK"):
             raise
-        print(e.code, file=sys.stderr)
+        prefix = "" if e.code.startswith(f"albef {argv[0]}") else f"albef {argv[0]}: error: "
+        print(prefix + e.code, file=sys.stderr)
         return 2

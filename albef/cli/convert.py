@@ -156,6 +156,8 @@ def _stored(src: Path) -> tuple[ALBEFConfig, str, str, str | None] | None:
     checkpoint or an albef model folder; None for a state dict (the config is then inferred)."""
     if src.is_dir() and (src / CONFIG).exists():
         meta = read_json_file(src / CONFIG)
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise ValueError(f"{src / CONFIG}: no 'config' object; the folder is damaged: write it again")
         task = {"classification": "nlvr" if meta.get("num_images") == 2 else "ve"}.get(
             meta.get("task"), meta.get("task", "albef")
         )

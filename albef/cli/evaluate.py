@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--itc-only", action="store_true")
     r.add_argument("--lavis-score", action="store_true", help="re-rank score = ITM logit + cosine (LAVIS)")
     r.add_argument(
-        "--max-length", type=int, default=30, help="tokens a caption is cut at (the authors' 30; LAVIS's 35)"
+        "--max-length",
+        type=int,
+        default=30,
+        help="tokens a caption is cut at, [CLS] (and [SEP]) included (the authors' 30; LAVIS's 35)",
     )
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--itm-batch-size", type=int, default=256)

@@ -457,7 +457,9 @@ def run_vqa(
     (out / "vqa_test_subset.json").write_text(json.dumps(test_q))
     records, bad = read_vqa(out / "vqa_test_subset.json", str(vqa_dir), train=False)
     if bad:  # scored on fewer questions than the report would say
-        raise ValueError(f"{vqa_dir / 'vqa_test.json'}: bad entries:\n  " + "\n  ".join(map(str, bad[:20])))
+        raise ValueError(
+            f"bad VQA test entries (drawn from {vqa_dir / 'vqa_test.json'}):\n  " + "\n  ".join(map(str, bad[:20]))
+        )
     model = load_inference_model(out / "vqa" / "checkpoint_last.pt", device=device)
     answers = read_answer_list(vqa_dir / "answer_list.json")
     tf = test_transform(model.config.vision.image_size)

@@ -165,6 +165,7 @@ def build_vqa_train_dataset(
     vqa_root: str | None = None,
     vg_root: str | None = None,
     truncated_ok: bool = True,
+    max_words: int | None = None,
 ):
-    records, bad = read_vqa(files, image_root, train=True, cleaning=cleaning, vqa_root=vqa_root, vg_root=vg_root)
+    records, bad = read_vqa(files, image_root, True, cleaning, max_words=max_words, vqa_root=vqa_root, vg_root=vg_root)
     return VQADataset(records, transform, seed=seed, truncated_ok=truncated_ok), bad

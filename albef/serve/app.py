@@ -79,7 +79,7 @@ def clean_text(
     if any("\ud800" <= c <= "\udfff" for c in text):
         raise BadInput(f"the {what} holds an unpaired UTF-16 surrogate, which is not text; retype it")
     try:
-        cleaned = cleaner(text, style, 30)
+        cleaned = cleaner(text, style)
     except ValueError as e:
         raise BadInput(f"the {what} cannot be read: {e}") from e
     if not any(unicodedata.category(c)[0] not in "CZ" for c in cleaned):

@@ -179,8 +179,10 @@ class TrainRun:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _warn_changed_resolution(self, path: Path, saved: dict) -> None:
-        """A run written when an unset crop scale or α ramp meant another value carries that value
-        in its recipe: say so where this run resolves the key differently."""
+        """A run written when an unset crop scale, α ramp or word limit meant another value carries
+        that value in its recipe: say so where this run resolves the key differently."""
+        cleaning = self.recipe.data.text_cleaning or self.cfg.text_cleaning
+        max_words = self.recipe.data.max_words or {"albef": 30, "blip": 50}[cleaning]
 
         def plain(v):  # a saved recipe may hold a list where this one has a tuple
             return list(v) if isinstance(v, (list, tuple)) else v
@@ -188,6 +190,7 @@ class TrainRun:
         for key, then, now in (
             ("data.crop_scale", saved.get("data", {}).get("crop_scale"), crop_scale_for(self.recipe)),
             ("train.alpha_ramp_epochs", saved.get("train", {}).get("alpha_ramp_epochs"), alpha_ramp_for(self.recipe)),
+            ("data.max_words", saved.get("data", {}).get("max_words"), max_words),
         ):
             if then is not None and plain(then) != plain(now):
                 if self.dist.is_main:

@@ -165,6 +165,7 @@ class VQATask:
             vqa_root=d.vqa_root,
             vg_root=d.vg_root,
             truncated_ok=d.load_truncated_images,
+            max_words=d.max_words,
         )
         return ds, VQACollator(tokenizer, text_max_length(self.name, cfg, d.truncate_text)), bad
 

@@ -120,7 +120,7 @@ class Validator:
         if recipe.task == "grounding":
             from albef.evaluation.grounding import evaluate_grounding, read_grounding
 
-            records = read_grounding(d.val_files, root, cleaning)
+            records = read_grounding(d.val_files, root, cleaning, d.max_words)
             check_images(r.image for r in records)
 
             def run(model: nn.Module, device: torch.device) -> dict[str, float]:

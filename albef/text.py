@@ -13,6 +13,7 @@ HuggingFace ``tokenizers`` library, so no network access or ``transformers`` is 
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -104,6 +105,15 @@ def pre_question_blip(question: str, max_words: int = 50) -> str:
 
 _CAPTION_CLEANERS = {"albef": pre_caption, "blip": pre_caption_blip}
 _QUESTION_CLEANERS = {"albef": pre_question, "blip": pre_question_blip}
+
+
+def default_max_words(style: str) -> int:
+    """The words a cleaning style keeps when no limit is given: its cleaner's own default.
+
+    >>> default_max_words("albef"), default_max_words("blip")
+    (30, 50)
+    """
+    return inspect.signature(_CAPTION_CLEANERS[style]).parameters["max_words"].default
 
 
 def _dispatch(table: dict, kind: str, text: str, style: str, max_words: int | None) -> str:

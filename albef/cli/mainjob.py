@@ -194,8 +194,9 @@ def build_data(data: Path, s: dict, emoji_fetcher=None, easyvqa_builder=None) ->
     }
     done = scene_dir / "config.json"
     old = read_json_file(done) if done.exists() else None
-    if old is None or "counts" not in old or {k: old.get(k) for k in config} != config:
-        _set_scenes_aside(data, old, config)
+    built = None if old is None or "counts" not in old else {k: old.get(k) for k in config}  # a finished set's
+    if built != config:
+        _set_scenes_aside(data, built)
         kept = data / f"scenes.{_settings_key(config)}"
         if (kept / "config.json").exists():  # these settings' set, put aside by an earlier switch
             kept.rename(scene_dir)
@@ -221,13 +222,13 @@ def build_data(data: Path, s: dict, emoji_fetcher=None, easyvqa_builder=None) ->
     return counts
 
 
-def _set_scenes_aside(data: Path, old: dict | None, config: dict) -> None:
-    """Before a scene set of other settings is built in ``data/scenes``: a finished set there is
-    moved to ``data/scenes.KEY`` (KEY names its settings; switching back takes it back), an
-    unfinished one removed."""
+def _set_scenes_aside(data: Path, built: dict | None) -> None:
+    """Before a scene set of other settings is built in ``data/scenes``: a finished set there (its
+    settings ``built``) is moved to ``data/scenes.KEY`` (KEY names its settings; switching back takes
+    it back), an unfinished one removed."""
     scene_dir = data / "scenes"
-    if old is not None and "counts" in old:
-        aside = data / f"scenes.{_settings_key({k: old.get(k) for k in config})}"
+    if built is not None:
+        aside = data / f"scenes.{_settings_key(built)}"
         shutil.rmtree(aside, ignore_errors=True)  # an older draw of those same settings
         scene_dir.rename(aside)
         print(f"scene set of other settings moved to {aside}", flush=True)

@@ -47,7 +47,7 @@ from albef.models.albef import checkpointed_parts
 from albef.precision import autocast_dtype, resolve_precision, set_tf32, training_autocast
 from albef.recipes import Recipe, alpha_ramp_for, crop_scale_for
 from albef.seeding import micro_seed
-from albef.text import Tokenizer
+from albef.text import Tokenizer, default_max_words
 from albef.training.build import build_data, build_trainer, wrap_trainer
 from albef.training.checkpoint import (
     check_geometry,
@@ -182,7 +182,7 @@ class TrainRun:
         """A run written when an unset crop scale, α ramp or word limit meant another value carries
         that value in its recipe: say so where this run resolves the key differently."""
         cleaning = self.recipe.data.text_cleaning or self.cfg.text_cleaning
-        max_words = self.recipe.data.max_words or {"albef": 30, "blip": 50}[cleaning]
+        max_words = self.recipe.data.max_words or default_max_words(cleaning)
 
         def plain(v):  # a saved recipe may hold a list where this one has a tuple
             return list(v) if isinstance(v, (list, tuple)) else v

@@ -219,3 +219,22 @@ def test_searching_with_a_model_of_another_embedding_size_says_so(pipe, files, t
         search(other, tmp_path / "idx", "a dog")
     with pytest.raises(FileNotFoundError, match="holds no complete index"):
         search(pipe, tmp_path, "a dog")
+
+
+def test_index_bench_leaves_no_scratch_and_keeps_an_earlier_result(tmp_path, capsys):
+    from albef.cli.index import main as index_main
+
+    argv = ["bench", "--n", "3000", "--dim", "16", "--clusters", "20", "--queries", "30", "--k", "10"]
+    argv += ["--chunk", "1000", "--kinds", "flat", "ivf", "--out", str(tmp_path / "scratch")]
+    assert index_main([*argv, "--json", str(tmp_path / "r" / "bench.json")]) == 0
+    res = json.loads((tmp_path / "r" / "bench.json").read_text())
+    flat = [r for r in res["rows"] if r["kind"] == "flat"]
+    assert flat and all(r["recall"] == 1.0 for r in flat)  # exhaustive search is exact search
+    assert {r["kind"] for r in res["rows"]} == {"flat", "ivf"} and res["n"] == 3000
+    assert list((tmp_path / "scratch").iterdir()) == []  # the generated gallery and indexes are gone
+    (tmp_path / "r" / "bench.json").write_text("earlier")
+    with pytest.raises(FileExistsError, match="--overwrite to replace it"):
+        index_main([*argv, "--json", str(tmp_path / "r" / "bench.json")])
+    assert (tmp_path / "r" / "bench.json").read_text() == "earlier"
+    assert index_main([*argv, "--json", str(tmp_path / "r" / "bench.json"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "r" / "bench.json").read_text())["n"] == 3000  # replaced when told

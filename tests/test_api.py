@@ -116,7 +116,18 @@ def test_ground_and_predict_cli(tiny_model, gallery, tmp_path, capsys):
         == 0
     )
     assert Image.open(tmp_path / "o.png").size == (32, 32)
-    capsys.readouterr()
+    gradcam = ["predict", "gradcam", "--model", str(tmp_path / "m"), "--image", str(gallery[0]), "--text", "a cat"]
+    drawn = (tmp_path / "o.png").read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite to replace it"):  # the first overlay is kept
+        cli_main([*gradcam, "--out", str(tmp_path / "o.png")])
+    assert (tmp_path / "o.png").read_bytes() == drawn
+    assert cli_main([*gradcam, "--out", str(tmp_path / "o.png"), "--overwrite"]) == 0
+    assert (tmp_path / "o.png").read_bytes() != drawn and Image.open(tmp_path / "o.png").format == "PNG"
+    assert cli_main([*gradcam, "--out", str(tmp_path / "sub" / "o.jpg")]) == 0  # its folder made, the suffix's format
+    assert Image.open(tmp_path / "sub" / "o.jpg").format == "JPEG"
+    with pytest.raises(SystemExit):
+        cli_main([*gradcam, "--out", str(tmp_path / "p.png"), "--box", "0,0,a,1"])
+    assert "--box takes x,y,w,h" in capsys.readouterr().err
     assert (
         cli_main(
             [

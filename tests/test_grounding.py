@@ -95,28 +95,21 @@ def test_gradcam_itm_matches_the_authors_formula(tiny_model):
 
 def test_evaluate_grounding_cli_writes_metrics_and_overlays(grounding_data, tiny_model, tmp_path, capsys):
     save_pretrained(tiny_model, tmp_path / "m")
-    rc = cli_main(
-        [
-            "evaluate",
-            "grounding",
-            "--model",
-            str(tmp_path / "m"),
-            "--data",
-            str(grounding_data / "g.json"),
-            "--image-root",
-            str(grounding_data),
-            "--overlays",
-            str(tmp_path / "ov"),
-            "--out",
-            str(tmp_path / "r.json"),
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
+    argv = ["evaluate", "grounding", "--model", str(tmp_path / "m"), "--data", str(grounding_data / "g.json")]
+    argv += ["--image-root", str(grounding_data), "--overlays", str(tmp_path / "ov"), "--device", "cpu"]
+    assert cli_main([*argv, "--out", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["n"] == 3
-    assert len(list((tmp_path / "ov").glob("*.png"))) == 3
+    drawn = sorted((tmp_path / "ov").glob("*.png"))
+    assert len(drawn) == 3
     assert "accuracy" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="--overlays .* 3 file"):  # another run's overlays are kept
+        cli_main([*argv, "--out", str(tmp_path / "r2.json")])
+    assert not (tmp_path / "r2.json").exists()
+    (tmp_path / "ov" / "grounding_007_ok.png").write_bytes(b"")  # an overlay the new run will not draw
+    (tmp_path / "ov" / "notes.txt").write_text("mine")
+    assert cli_main([*argv, "--out", str(tmp_path / "r2.json"), "--n-overlays", "2", "--overwrite"]) == 0
+    assert len(list((tmp_path / "ov").glob("grounding_*.png"))) == 2  # none of the earlier run's outlives it
+    assert (tmp_path / "ov" / "notes.txt").read_text() == "mine"  # files of other names are left alone
 
 
 def test_gradcam_itm_default_layer_keeps_the_authors_relative_depth(tiny_model):

@@ -94,9 +94,14 @@ def test_ve_keeps_the_best_epoch_and_evaluate_reads_it(data, tmp_path, capsys):
     )
     assert "checkpoint_best.pt" in capsys.readouterr().err
     assert json.loads((tmp_path / "scores" / "m.json").read_text())["accuracy"] == pytest.approx(max(accs), abs=1e-9)
-    with pytest.raises(SystemExit):  # a folder for --out: refused before the model is loaded
-        cli_main(["evaluate", "ve", "--model", str(out), "--data", str(data / "ve_train.json"), "--out", str(tmp_path)])
-    assert "is a folder; give a file path" in capsys.readouterr().err
+    ve = ["evaluate", "ve", "--model", str(out), "--data", str(data / "ve_train.json")]
+    with pytest.raises(IsADirectoryError, match="is a folder; give a file path"):  # before the model is loaded
+        cli_main([*ve, "--out", str(tmp_path)])
+    scores = (tmp_path / "scores" / "m.json").read_text()
+    with pytest.raises(FileExistsError, match="--overwrite to replace it"):  # the earlier scores are kept
+        cli_main([*ve, "--out", str(tmp_path / "scores" / "m.json"), "--image-root", str(data)])
+    assert (tmp_path / "scores" / "m.json").read_text() == scores
+    assert "checkpoint_best.pt" not in capsys.readouterr().err  # refused before the model was looked for
 
 
 def test_retrieval_validation_is_the_two_stage_r_mean_of_albef_evaluate(data, tmp_path):

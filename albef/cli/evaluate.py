@@ -21,7 +21,9 @@ from albef.checkpoints.files import atomic_write_text
 from albef.checkpoints.pretrained import load_inference_model
 from albef.data.retrieval import read_retrieval_eval
 from albef.data.transforms import test_transform
+from albef.evaluation.grounding import OVERLAY_NAMES
 from albef.evaluation.retrieval import format_table
+from albef.outputs import earlier_outputs, new_output_file
 from albef.precision import add_precision_option, autocast, resolve_precision
 from albef.text import Tokenizer
 
@@ -95,15 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--out", help="write the metrics as JSON here")
     for q in sub.choices.values():
         add_precision_option(q)
+        q.add_argument("--overwrite", action="store_true", help="replace the files --out, --results or --overlays hold")
     args = p.parse_args(argv)
     if getattr(args, "max_length", 2) < 2:  # [CLS] and one word at least
         p.error(f"--max-length {args.max_length}: must be at least 2")
     for flag in ("out", "results"):  # checked now: a bad path would otherwise lose hours of scoring at the end
-        target = getattr(args, flag, None)
-        if target and Path(target).is_dir():
-            p.error(f"--{flag} {target} is a folder; give a file path")
-        if target:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        if getattr(args, flag, None):
+            new_output_file(getattr(args, flag), f"--{flag}", args.overwrite)
+    if getattr(args, "overlays", None):
+        args.earlier_overlays = earlier_outputs(args.overlays, OVERLAY_NAMES, "--overlays", args.overwrite)
     if args.what == "grounding":
         return _grounding(args)
     if args.what in ("vqa", "ve", "nlvr"):
@@ -179,6 +181,8 @@ def _grounding(args: argparse.Namespace) -> int:
     for split, acc in metrics["per_split"].items():
         print(f"  {split:10s} {acc:6.2f}%")
     if args.overlays:
+        for old in args.earlier_overlays:  # asked to replace them (--overwrite): no mix of two runs' overlays
+            old.unlink(missing_ok=True)
         paths = save_overlays(preds, args.overlays, args.n_overlays)
         print(f"wrote {len(paths)} overlays to {args.overlays}")
     if args.out:

@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from albef.checkpoints.files import atomic_write_text
+from albef.outputs import new_output_file
 
 
 def _pipeline(model: str, device: str | None, precision: str = "fp32"):
@@ -49,6 +53,12 @@ def _files(images: str, image_root: str | None = None) -> list[Path]:
 def bench(args: argparse.Namespace) -> dict:
     """A generated gallery (clustered, L2-normalised, on disk): build each index kind chunk by chunk,
     report build time, index size, search time and recall@k of the shortlist against exact search."""
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".index-bench-", dir=args.out) as scratch:  # deleted after, never shared
+        return _bench(args, Path(scratch))
+
+
+def _bench(args: argparse.Namespace, out: Path) -> dict:
     import numpy as np
 
     from albef.cli.bench import proc_memory_mb
@@ -57,8 +67,6 @@ def bench(args: argparse.Namespace) -> dict:
     faiss = _faiss()
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "generated.f32"
     centres = rng.standard_normal((args.clusters, args.dim)).astype(np.float32)
     vecs = np.memmap(path, dtype=np.float32, mode="w+", shape=(args.n, args.dim))
@@ -147,14 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--chunk", type=int, default=65536)
     g.add_argument("--kinds", nargs="+", default=["ivf", "ivfpq", "hnsw"])
     g.add_argument("--threads", type=int, default=2)
-    g.add_argument("--out", default="runs/index-bench")
+    g.add_argument("--out", default="runs", help="where the generated gallery and indexes lie while it runs")
     g.add_argument("--json", help="write the results here")
+    g.add_argument("--overwrite", action="store_true", help="replace the file --json names if it exists")
     args = p.parse_args(argv)
     if args.cmd == "bench":
+        if args.json:
+            new_output_file(args.json, "--json", args.overwrite)
         res = bench(args)
         print(json.dumps(res, indent=1))
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1))
+            atomic_write_text(Path(args.json), json.dumps(res, indent=1))
         return 0
     out = Path(args.out)
     from albef.search.ann import build_index, holds_index

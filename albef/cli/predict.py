@@ -8,10 +8,16 @@ albef predict answer --model VQA_DIR --image a.png --question "what color is it?
 from __future__ import annotations
 
 import argparse
+import io
 import sys
+from pathlib import Path
+
+from PIL import Image
 
 from albef.api import Pipeline
+from albef.checkpoints.files import atomic_write_bytes
 from albef.checkpoints.pretrained import MODEL_PATHS, NotAModelError
+from albef.outputs import new_output_file
 from albef.precision import add_precision_option
 from albef.viz import overlay
 
@@ -27,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--text", action="append", required=True)
         q.add_argument("--device")
     g.add_argument("--out", required=True, help="output PNG")
+    g.add_argument("--overwrite", action="store_true", help="replace the PNG --out names if it exists")
     g.add_argument(
         "--layer",
         type=int,
@@ -44,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     for q in (s, g, a):
         add_precision_option(q)
     args = p.parse_args(argv)
+    if args.what == "gradcam":  # before the model is loaded
+        new_output_file(args.out, "--out", args.overwrite)
+        try:
+            boxes = [tuple(float(v) for v in b.split(",")) for b in args.box or []]
+        except ValueError:
+            boxes = [()]
+        if any(len(b) != 4 for b in boxes):
+            p.error("--box takes x,y,w,h (four numbers)")
     if args.what == "answer":
         from albef.api import VQAPipeline
         from albef.data.vqa import read_answer_list
@@ -72,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             for j, txt in enumerate(args.text):
                 print(f"{str(img)[-30:]:30s} {txt[:40]:40s} {sims[i, j].item():7.3f} {probs[j].item():7.3f}")
         return 0
-    boxes = [tuple(float(v) for v in b.split(",")) for b in args.box or []]
-    if any(len(b) != 4 for b in boxes):
-        p.error("--box takes x,y,w,h")
     res = pipe.ground(args.image[0], args.text[0], boxes or None, args.layer)
-    overlay(pipe.processor.load(args.image[0]), res.heatmap_image, boxes=boxes, highlight=res.best_box).save(args.out)
+    drawn = overlay(pipe.processor.load(args.image[0]), res.heatmap_image, boxes=boxes, highlight=res.best_box)
+    buf = io.BytesIO()
+    drawn.save(buf, format=Image.registered_extensions().get(Path(args.out).suffix.lower(), "PNG"))
+    atomic_write_bytes(Path(args.out), buf.getvalue())
     print(f"wrote {args.out}" + (f"; best box {res.best_box}: {boxes[res.best_box]}" if boxes else ""))
     return 0
 

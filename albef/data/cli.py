@@ -21,6 +21,10 @@ import torch
 from PIL import Image
 
 from albef.data.synthetic import COLORS, render_shapes
+from albef.outputs import earlier_outputs
+
+#: the annotation files :func:`write_shapes` writes (the images are whatever they name)
+SHAPES_FILES = ("pretrain.json", "retrieval_train.json", "retrieval_test.json", "ve_*.json", "nlvr_*.json")
 
 
 def _rephrase(caption: str) -> str:
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--corrupt", type=int, default=0, help="add this many broken entries")
     s.add_argument("--test", type=int, default=0, help="hold out this many images for retrieval_test.json")
+    s.add_argument("--overwrite", action="store_true", help="replace a generated set DIR already holds")
     e = sub.add_parser("easyvqa", help="easy-VQA (PyPI package easy-vqa) in the authors' VQA format")
     e.add_argument("dir")
     r = sub.add_parser(
@@ -218,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = build_easyvqa(args.dir)
         print(f"wrote easy-VQA to {args.dir}: {counts['train']} train and {counts['test']} test questions")
         return 0
+    for earlier in earlier_outputs(args.dir, SHAPES_FILES, "DIR", args.overwrite):
+        earlier.unlink()  # asked to (--overwrite): no file of the earlier set outlives it
     path = write_shapes(args.dir, args.n, args.image_size, args.seed, args.corrupt, args.test)
     print(f"wrote {args.n + args.corrupt} entries to {path}")
     return 0

@@ -132,6 +132,10 @@ def evaluate_grounding(
     }, preds
 
 
+#: the names :func:`save_overlays` gives its files (``albef evaluate grounding`` refuses to mix two runs')
+OVERLAY_NAMES = ("grounding_*_ok.png", "grounding_*_miss.png")
+
+
 def save_overlays(preds: Sequence[GroundingPrediction], out_dir: str | Path, n: int = 8) -> list[Path]:
     """Heat-map overlay PNGs of the first ``n`` predictions (candidates white, chosen green)."""
     from albef.viz import overlay

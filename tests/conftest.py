@@ -8,10 +8,6 @@ from albef.models.albef import ALBEF
 
 from helpers import PARITY_DIR, missing_parity
 
-# TEMPORARY re-export: test_model.py, test_packing.py and test_tied.py still do `from conftest import
-# text_batch`; switch them to `from helpers import text_batch`, then delete this line.
-from helpers import text_batch as text_batch
-
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

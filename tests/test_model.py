@@ -17,7 +17,7 @@ from albef.models.fusion import Positions
 from albef.models.vit import VisionTransformer, resize_pos_embed, sincos_pos_embed
 from albef.training.pretrain import ALBEFPretrainer, PretrainDraws
 
-from conftest import text_batch
+from helpers import text_batch
 
 
 def test_presets_and_config_round_trip(tmp_path):

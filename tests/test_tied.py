@@ -12,7 +12,7 @@ from albef.models.fast.recompute import tied_linear
 from albef.models.fast.tied import TiedGrad, embedding_lookup
 from albef.training.pretrain import ALBEFPretrainer
 
-from conftest import text_batch
+from helpers import text_batch
 
 
 def _plain_and_tied(n_rows: int, dtype=torch.float64, backwards: int = 1):

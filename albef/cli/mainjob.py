@@ -412,7 +412,7 @@ def run_main(
         "vqa": vqa,
         "seconds": times,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     from albef.cli.mainjob_report import write_report
 
     report = write_report(out, results, s)

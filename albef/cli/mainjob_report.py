@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from albef.checkpoints.files import atomic_write_text
+
 TWIN_WORDS = {
     "swap": "relation swapped (A left of B -> B left of A)",
     "object": "one object changed",
@@ -161,7 +163,7 @@ def write_report(out: Path, res: dict, s: dict) -> Path:
         "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 

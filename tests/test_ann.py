@@ -231,10 +231,16 @@ def test_index_bench_leaves_no_scratch_and_keeps_an_earlier_result(tmp_path, cap
     flat = [r for r in res["rows"] if r["kind"] == "flat"]
     assert flat and all(r["recall"] == 1.0 for r in flat)  # exhaustive search is exact search
     assert {r["kind"] for r in res["rows"]} == {"flat", "ivf"} and res["n"] == 3000
-    assert list((tmp_path / "scratch").iterdir()) == []  # the generated gallery and indexes are gone
+    assert not (tmp_path / "scratch").exists()  # the generated gallery and indexes are gone, and the folder made
     (tmp_path / "r" / "bench.json").write_text("earlier")
     with pytest.raises(FileExistsError, match="--overwrite to replace it"):
         index_main([*argv, "--json", str(tmp_path / "r" / "bench.json")])
     assert (tmp_path / "r" / "bench.json").read_text() == "earlier"
     assert index_main([*argv, "--json", str(tmp_path / "r" / "bench.json"), "--overwrite"]) == 0
     assert json.loads((tmp_path / "r" / "bench.json").read_text())["n"] == 3000  # replaced when told
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "mine.txt").write_text("mine")
+    assert index_main(argv) == 0
+    assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["mine.txt"]  # a folder it did not make stays
+    with pytest.raises(NotADirectoryError, match="is a file; give a folder"):
+        index_main([*argv, "--out", str(tmp_path / "scratch" / "mine.txt")])

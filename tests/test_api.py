@@ -125,9 +125,13 @@ def test_ground_and_predict_cli(tiny_model, gallery, tmp_path, capsys):
     assert (tmp_path / "o.png").read_bytes() != drawn and Image.open(tmp_path / "o.png").format == "PNG"
     assert cli_main([*gradcam, "--out", str(tmp_path / "sub" / "o.jpg")]) == 0  # its folder made, the suffix's format
     assert Image.open(tmp_path / "sub" / "o.jpg").format == "JPEG"
-    with pytest.raises(SystemExit):
-        cli_main([*gradcam, "--out", str(tmp_path / "p.png"), "--box", "0,0,a,1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # refused before the model is loaded, as the next two
+        cli_main([*gradcam[:3], str(tmp_path / "none"), *gradcam[4:], "--out", str(tmp_path / "p.png"), "--box", "0,a"])
     assert "--box takes x,y,w,h" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*gradcam[:3], str(tmp_path / "none"), *gradcam[4:], "--out", str(tmp_path / "p.psd")])
+    assert "Pillow cannot write PSD files" in capsys.readouterr().err
     assert (
         cli_main(
             [

@@ -126,6 +126,37 @@ def test_grounding_boxes_point_at_the_named_cell(tmp_path):
             assert unified in splits[split]
 
 
+def test_data_emoji_rebuilds_its_own_set_and_refuses_one_built_otherwise(tmp_path, monkeypatch):
+    import albef.data.emoji as emoji
+    from albef.data.cli import main as data_main
+
+    fetched = []
+    built_by = emoji.build_emoji
+
+    def offline(out, seed, windows):
+        return built_by(
+            out, seed, windows, fetcher=lambda c: fetched.append(1) or _fixture(c.mkdir(exist_ok=True) or c)
+        )
+
+    monkeypatch.setattr(emoji, "build_emoji", offline)
+    assert data_main(["emoji", str(tmp_path), "--seed", "3", "--windows", "10"]) == 0
+    splits = (tmp_path / "splits.json").read_text()
+    assert data_main(["emoji", str(tmp_path), "--seed", "3", "--windows", "10"]) == 0  # the same set: built again
+    assert (tmp_path / "splits.json").read_text() == splits and len(fetched) == 2
+    with pytest.raises(FileExistsError, match=r"seed: 3 there, 4 here\): .*--overwrite"):
+        data_main(["emoji", str(tmp_path), "--seed", "4", "--windows", "10"])
+    assert (tmp_path / "splits.json").read_text() == splits and len(fetched) == 2  # refused before any fetch
+    (tmp_path / "grounding" / "train_9999.png").write_bytes(b"")  # a window the new set does not draw
+    assert data_main(["emoji", str(tmp_path), "--seed", "4", "--windows", "2", "--overwrite"]) == 0
+    assert (tmp_path / "splits.json").read_text() != splits
+    named = {
+        e["image"]
+        for f in ("grounding_train.json", "grounding_test.json")
+        for e in json.loads((tmp_path / f).read_text())
+    }
+    assert {f"grounding/{p.name}" for p in (tmp_path / "grounding").iterdir()} == named  # no earlier window is left
+
+
 def _row(**kw) -> dict:
     return {
         "twins_itm": 80.0,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from albef.data.cli import main as data_main
-from albef.outputs import earlier_outputs, new_output_file
+from albef.outputs import BUILD_RECORD, earlier_outputs, new_output_file
 
 
 def test_a_new_output_file_is_refused_where_it_would_replace_something(tmp_path):
@@ -34,13 +34,38 @@ def test_earlier_outputs_are_only_the_named_ones(tmp_path):
         earlier_outputs(tmp_path / "notes.txt", ("*.png",), "--overlays")
 
 
-def test_data_shapes_keeps_a_set_unless_told_and_then_leaves_none_of_it(tmp_path, capsys):
+def test_data_shapes_rebuilds_its_own_set_and_replaces_another_only_when_told(tmp_path):
     assert data_main(["shapes", str(tmp_path), "--n", "6", "--image-size", "16", "--test", "2"]) == 0
     first = (tmp_path / "pretrain.json").read_text()
-    with pytest.raises(FileExistsError, match="DIR .* earlier run .*--overwrite"):
+    assert data_main(["shapes", str(tmp_path), "--n", "6", "--image-size", "16", "--test", "2"]) == 0  # the same set
+    assert (tmp_path / "pretrain.json").read_text() == first
+    with pytest.raises(FileExistsError, match=r"DIR .* other settings \(n: 6 there, 4 here, test: 2 there, 0 here\)"):
         data_main(["shapes", str(tmp_path), "--n", "4", "--image-size", "16"])
     assert (tmp_path / "pretrain.json").read_text() == first
+    (tmp_path / "notes.txt").write_text("mine")
     assert data_main(["shapes", str(tmp_path), "--n", "4", "--image-size", "16", "--overwrite"]) == 0
     assert len(json.loads((tmp_path / "pretrain.json").read_text())) == 4
-    assert not (tmp_path / "ve_test.json").exists()  # the earlier set's held-out files do not outlive it
+    assert not (tmp_path / "ve_test.json").exists()  # nothing of the earlier set outlives it
     assert json.loads((tmp_path / "retrieval_test.json").read_text()) == []
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # files of other names are left alone
+
+
+def test_a_set_of_another_kind_or_without_a_record_is_another_build(tmp_path):
+    from albef.data.cli import write_shapes
+
+    write_shapes(tmp_path, 4, image_size=16)
+    with pytest.raises(FileExistsError, match="kind: shapes there, emoji here"):  # refused before any fetch
+        data_main(["emoji", str(tmp_path)])
+    (tmp_path / BUILD_RECORD).unlink()  # a set built before sets recorded their settings
+    with pytest.raises(FileExistsError, match=f"no {BUILD_RECORD} there"):
+        data_main(["shapes", str(tmp_path), "--n", "4", "--image-size", "16"])
+
+
+def test_evaluate_refuses_one_file_for_metrics_and_answers_before_loading_a_model(tmp_path, capsys):
+    from albef.cli import main as cli_main
+
+    argv = ["evaluate", "vqa", "--model", str(tmp_path / "none"), "--data", "q.json", "--answers", "a.json"]
+    with pytest.raises(SystemExit):
+        cli_main([*argv, "--out", str(tmp_path / "r.json"), "--results", str(tmp_path / "." / "r.json")])
+    assert "--out and --results name one file" in capsys.readouterr().err

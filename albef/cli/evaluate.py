@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "max_length", 2) < 2:  # [CLS] and one word at least
         p.error(f"--max-length {args.max_length}: must be at least 2")
+    if getattr(args, "results", None) and args.out and Path(args.results).resolve() == Path(args.out).resolve():
+        p.error("--out and --results name one file: the metrics would replace the answers")
     for flag in ("out", "results"):  # checked now: a bad path would otherwise lose hours of scoring at the end
         if getattr(args, flag, None):
             new_output_file(getattr(args, flag), f"--{flag}", args.overwrite)

@@ -53,9 +53,19 @@ def _files(images: str, image_root: str | None = None) -> list[Path]:
 def bench(args: argparse.Namespace) -> dict:
     """A generated gallery (clustered, L2-normalised, on disk): build each index kind chunk by chunk,
     report build time, index size, search time and recall@k of the shortlist against exact search."""
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".index-bench-", dir=args.out) as scratch:  # deleted after, never shared
-        return _bench(args, Path(scratch))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the generated gallery")
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    # a gallery of its own, gone when the bench ends: hundreds of MB that no other command reads, and
+    # two benches into one --out never read each other's vectors
+    try:
+        with tempfile.TemporaryDirectory(prefix=".index-bench-", dir=out) as scratch:
+            return _bench(args, Path(scratch))
+    finally:
+        if made and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _bench(args: argparse.Namespace, out: Path) -> dict:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--image", action="append", required=True)
         q.add_argument("--text", action="append", required=True)
         q.add_argument("--device")
-    g.add_argument("--out", required=True, help="output PNG")
+    g.add_argument("--out", required=True, help="the overlay image (PNG; another format by its suffix, e.g. .jpg)")
     g.add_argument("--overwrite", action="store_true", help="replace the PNG --out names if it exists")
     g.add_argument(
         "--layer",
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.what == "gradcam":  # before the model is loaded
         new_output_file(args.out, "--out", args.overwrite)
+        image_format = Image.registered_extensions().get(Path(args.out).suffix.lower(), "PNG")
+        if image_format not in Image.SAVE:
+            p.error(f"--out {args.out}: Pillow cannot write {image_format} files; name a .png or .jpg file")
         try:
             boxes = [tuple(float(v) for v in b.split(",")) for b in args.box or []]
         except ValueError:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     res = pipe.ground(args.image[0], args.text[0], boxes or None, args.layer)
     drawn = overlay(pipe.processor.load(args.image[0]), res.heatmap_image, boxes=boxes, highlight=res.best_box)
     buf = io.BytesIO()
-    drawn.save(buf, format=Image.registered_extensions().get(Path(args.out).suffix.lower(), "PNG"))
+    drawn.save(buf, format=image_format)
     atomic_write_bytes(Path(args.out), buf.getvalue())
     print(f"wrote {args.out}" + (f"; best box {res.best_box}: {boxes[res.best_box]}" if boxes else ""))
     return 0

@@ -21,10 +21,18 @@ import torch
 from PIL import Image
 
 from albef.data.synthetic import COLORS, render_shapes
-from albef.outputs import earlier_outputs
+from albef.outputs import other_build, record_build
 
-#: the annotation files :func:`write_shapes` writes (the images are whatever they name)
-SHAPES_FILES = ("pretrain.json", "retrieval_train.json", "retrieval_test.json", "ve_*.json", "nlvr_*.json")
+#: what :func:`write_shapes` writes: annotation files and images
+SHAPES_FILES = (
+    *("pretrain.json", "retrieval_train.json", "retrieval_test.json", "ve_*.json", "nlvr_*.json"),
+    *("images/[0-9]*.png", "images/bad_*.png"),
+)
+
+
+def shapes_settings(n: int, image_size: int = 64, seed: int = 0, corrupt: int = 0, test: int = 0) -> dict:
+    """What a generated shapes set is built from (recorded beside it: albef.outputs.record_build)."""
+    return {"kind": "shapes", "n": n, "image_size": image_size, "seed": seed, "corrupt": corrupt, "test": test}
 
 
 def _rephrase(caption: str) -> str:
@@ -73,6 +81,7 @@ def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, c
     )
     _write_reasoning(out, train, "train", seed)
     _write_reasoning(out, held, "test", seed + 1)
+    record_build(out, shapes_settings(n, image_size, seed, corrupt, test))
     return path
 
 
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--corrupt", type=int, default=0, help="add this many broken entries")
     s.add_argument("--test", type=int, default=0, help="hold out this many images for retrieval_test.json")
-    s.add_argument("--overwrite", action="store_true", help="replace a generated set DIR already holds")
+    s.add_argument("--overwrite", action="store_true", help="replace a set DIR holds that was built otherwise")
     e = sub.add_parser("easyvqa", help="easy-VQA (PyPI package easy-vqa) in the authors' VQA format")
     e.add_argument("dir")
     r = sub.add_parser(
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--windows", type=int, default=400, help="grounding training windows (test: half)")
+    m.add_argument("--overwrite", action="store_true", help="replace a set DIR holds that was built otherwise")
     w = sub.add_parser("shards", help="JSON (pretraining or retrieval format) -> WebDataset tar shards")
     w.add_argument("files", nargs="+", help="the authors' JSON annotation files")
     w.add_argument("--out", required=True)
@@ -212,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "refcoco":
         return _refcoco(args)
     if args.what == "emoji":
-        from albef.data.emoji import build_emoji
+        from albef.data.emoji import EMOJI_FILES, build_emoji, emoji_settings
 
+        for earlier in other_build(
+            args.dir, emoji_settings(args.seed, args.windows), EMOJI_FILES, "DIR", args.overwrite
+        ):
+            earlier.unlink()  # asked to (--overwrite): the images of every emoji are kept, they are the same
         counts = build_emoji(args.dir, args.seed, args.windows)
         print(f"wrote the emoji data to {args.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         return 0
@@ -223,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = build_easyvqa(args.dir)
         print(f"wrote easy-VQA to {args.dir}: {counts['train']} train and {counts['test']} test questions")
         return 0
-    for earlier in earlier_outputs(args.dir, SHAPES_FILES, "DIR", args.overwrite):
+    settings = shapes_settings(args.n, args.image_size, args.seed, args.corrupt, args.test)
+    for earlier in other_build(args.dir, settings, SHAPES_FILES, "DIR", args.overwrite):
         earlier.unlink()  # asked to (--overwrite): no file of the earlier set outlives it
     path = write_shapes(args.dir, args.n, args.image_size, args.seed, args.corrupt, args.test)
     print(f"wrote {args.n + args.corrupt} entries to {path}")

@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from albef.checkpoints.files import atomic_write_bytes, atomic_write_text
+from albef.outputs import record_build
 
 PACKAGES = {"meta": "emoji-datasource", "google": "emoji-datasource-google", "twitter": "emoji-datasource-twitter"}
 VERSION = "16.0.0"
@@ -101,6 +102,15 @@ def _rgb(data: bytes) -> Image.Image:
     return Image.alpha_composite(white, img).convert("RGB")
 
 
+#: what :func:`build_emoji` writes that depends on its settings (the emoji images do not)
+EMOJI_FILES = ("pretrain.json", "retrieval_*.json", "grounding_*.json", "splits.json", "grounding/*.png")
+
+
+def emoji_settings(seed: int = 0, windows: int = 400) -> dict:
+    """What an emoji set is built from (recorded beside it: albef.outputs.record_build)."""
+    return {"kind": "emoji", "seed": seed, "windows": windows}
+
+
 def build_emoji(out: str | Path, seed: int = 0, windows: int = 400, fetcher=fetch) -> dict[str, int]:
     """Build the data set under ``out`` (idempotent); returns counts."""
     out = Path(out)
@@ -165,6 +175,7 @@ def build_emoji(out: str | Path, seed: int = 0, windows: int = 400, fetcher=fetc
     n_windows = _grounding(out, tgz["google"], emoji, split_of, seed, windows)
     (out / "LICENSE.md").write_text(LICENSE)
     (out / "splits.json").write_text(json.dumps({k: sorted(e["unified"] for e in v) for k, v in by_split.items()}))
+    record_build(out, emoji_settings(seed, windows))
     return {
         "concepts": len(concepts),
         "train": len(by_split["train"]),

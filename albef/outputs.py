@@ -22,9 +22,9 @@ from pathlib import Path
 
 from albef.checkpoints.files import atomic_write_text
 
-__all__ = ["BUILD_RECORD", "earlier_outputs", "new_output_file", "other_build", "record_build"]
+__all__ = ["BUILD_RECORD", "earlier_outputs", "finish_build", "new_output_file", "start_build"]
 
-#: the file in which a data builder records what it built (:func:`record_build`)
+#: the file in which a data builder records what it builds (:func:`start_build`)
 BUILD_RECORD = "build.json"
 
 
@@ -63,51 +63,60 @@ def earlier_outputs(folder: str | Path, patterns: tuple[str, ...], flag: str, ov
     return found
 
 
-def record_build(folder: str | Path, settings: dict) -> None:
-    """Record in ``folder`` the settings a data builder built it with (:data:`BUILD_RECORD`),
-    for :func:`other_build` to compare a later build against."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(folder) / BUILD_RECORD, json.dumps(settings, indent=1, sort_keys=True))
+def start_build(folder: str | Path, settings: dict, patterns: tuple[str, ...], overwrite: bool = False) -> None:
+    """Before a data builder writes into ``folder``: a set there built with the same ``settings``
+    is built again in place (the builders are deterministic, so a build that stopped halfway goes
+    on); one built with other settings is refused (``FileExistsError`` naming them) unless
+    ``overwrite``, and then its files (``patterns``, relative to ``folder``) are deleted first, so
+    that nothing of it outlives it; a set of another kind is refused even so. The settings are
+    recorded now (:data:`BUILD_RECORD`) and marked complete by :func:`finish_build`: a build cut
+    short leaves its own settings behind, never the set's it replaced. A folder built before sets
+    recorded their settings is built in place, as it always was.
 
-
-def other_build(
-    folder: str | Path, settings: dict, patterns: tuple[str, ...], flag: str, overwrite: bool = False
-) -> list[Path]:
-    """A data builder's check before it writes into ``folder``: the files of an earlier build
-    (``patterns``) made with other ``settings`` (or with none recorded) are refused
-    (``FileExistsError`` naming the settings that differ) unless ``overwrite``, and then returned
-    for the caller to delete. A build with the same settings is not refused and returns nothing:
-    the builders are deterministic, so it rewrites what is there (a fetch that stopped halfway
-    goes on).
-
-    >>> record_build("set", {"kind": "shapes", "n": 8})
+    >>> start_build("set", {"kind": "shapes", "n": 8}, ("*.json",))
     >>> _ = Path("set/pretrain.json").write_text("[]")
-    >>> other_build("set", {"kind": "shapes", "n": 8}, ("pretrain.json",), "DIR")
-    []
-    >>> other_build("set", {"kind": "shapes", "n": 4}, ("pretrain.json",), "DIR")  # doctest: +ELLIPSIS
+    >>> start_build("set", {"kind": "shapes", "n": 8}, ("*.json",))  # the same set: built again
+    >>> start_build("set", {"kind": "shapes", "n": 4}, ("*.json",))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    FileExistsError: DIR set holds a set built with other settings (n: 8 there, 4 here): give another ...
+    FileExistsError: set holds a shapes set built with other settings (n: 8 there, 4 here): give another ...
     """
-    found = earlier_outputs(folder, patterns, flag, overwrite=True)
-    if not found:
-        return []
-    try:
-        there = json.loads((Path(folder) / BUILD_RECORD).read_text())
-    except (OSError, ValueError):
-        there = None
-    if there == settings:
-        return []
-    if not overwrite:
-        if isinstance(there, dict):
-            keys = sorted({*there, *settings}, key=str)
-            diff = ", ".join(
-                f"{k}: {there.get(k)} there, {settings.get(k)} here" for k in keys if there.get(k) != settings.get(k)
+    folder = Path(folder)
+    settings = json.loads(json.dumps(settings))  # as it will read back
+    there = _recorded(folder)
+    if there is not None and there != settings:
+        if there.get("kind") != settings.get("kind"):
+            raise FileExistsError(
+                f"{folder} holds a {there.get('kind')} set; {settings.get('kind')} data needs a folder of its own"
             )
-        else:
-            diff = f"no {BUILD_RECORD} there, {found[0].name} is"
-        raise FileExistsError(
-            f"{flag} {folder} holds a set built with other settings ({diff}): give another folder, "
-            "or --overwrite to replace it"
-        )
-    return found
+        if not overwrite:
+            diff = ", ".join(
+                f"{k}: {there.get(k)} there, {settings.get(k)} here"
+                for k in sorted({*there, *settings})
+                if there.get(k) != settings.get(k)
+            )
+            raise FileExistsError(
+                f"{folder} holds a {there['kind']} set built with other settings ({diff}): give another folder, "
+                "or overwrite it (--overwrite)"
+            )
+        for earlier in earlier_outputs(folder, patterns, str(folder), overwrite=True):
+            earlier.unlink()
+    _record(folder, settings, complete=False)
+
+
+def finish_build(folder: str | Path, settings: dict) -> None:
+    """Mark the build :func:`start_build` recorded in ``folder`` complete."""
+    _record(Path(folder), json.loads(json.dumps(settings)), complete=True)
+
+
+def _recorded(folder: Path) -> dict | None:
+    try:
+        record = json.loads((folder / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("settings") if isinstance(record, dict) else None
+
+
+def _record(folder: Path, settings: dict, complete: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / BUILD_RECORD, json.dumps({"settings": settings, "complete": complete}, indent=1))

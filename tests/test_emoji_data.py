@@ -133,10 +133,13 @@ def test_data_emoji_rebuilds_its_own_set_and_refuses_one_built_otherwise(tmp_pat
     fetched = []
     built_by = emoji.build_emoji
 
-    def offline(out, seed, windows):
-        return built_by(
-            out, seed, windows, fetcher=lambda c: fetched.append(1) or _fixture(c.mkdir(exist_ok=True) or c)
-        )
+    def fake_fetch(cache: Path) -> dict[str, Path]:
+        fetched.append(cache)
+        cache.mkdir(exist_ok=True)
+        return _fixture(cache)
+
+    def offline(out, seed, windows, overwrite=False):
+        return built_by(out, seed, windows, fetcher=fake_fetch, overwrite=overwrite)
 
     monkeypatch.setattr(emoji, "build_emoji", offline)
     assert data_main(["emoji", str(tmp_path), "--seed", "3", "--windows", "10"]) == 0

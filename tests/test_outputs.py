@@ -7,7 +7,7 @@ import json
 import pytest
 
 from albef.data.cli import main as data_main
-from albef.outputs import BUILD_RECORD, earlier_outputs, new_output_file
+from albef.outputs import BUILD_RECORD, earlier_outputs, finish_build, new_output_file, start_build
 
 
 def test_a_new_output_file_is_refused_where_it_would_replace_something(tmp_path):
@@ -39,7 +39,7 @@ def test_data_shapes_rebuilds_its_own_set_and_replaces_another_only_when_told(tm
     first = (tmp_path / "pretrain.json").read_text()
     assert data_main(["shapes", str(tmp_path), "--n", "6", "--image-size", "16", "--test", "2"]) == 0  # the same set
     assert (tmp_path / "pretrain.json").read_text() == first
-    with pytest.raises(FileExistsError, match=r"DIR .* other settings \(n: 6 there, 4 here, test: 2 there, 0 here\)"):
+    with pytest.raises(FileExistsError, match=r"shapes set built with other settings \(n: 6 there, 4 here, test: 2"):
         data_main(["shapes", str(tmp_path), "--n", "4", "--image-size", "16"])
     assert (tmp_path / "pretrain.json").read_text() == first
     (tmp_path / "notes.txt").write_text("mine")
@@ -49,17 +49,32 @@ def test_data_shapes_rebuilds_its_own_set_and_replaces_another_only_when_told(tm
     assert json.loads((tmp_path / "retrieval_test.json").read_text()) == []
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     assert (tmp_path / "notes.txt").read_text() == "mine"  # files of other names are left alone
+    assert json.loads((tmp_path / BUILD_RECORD).read_text())["complete"] is True
 
 
-def test_a_set_of_another_kind_or_without_a_record_is_another_build(tmp_path):
+def test_a_replacement_cut_short_leaves_its_own_settings_behind(tmp_path):
+    a, b = {"kind": "shapes", "n": 2}, {"kind": "shapes", "n": 3}
+    start_build(tmp_path, a, ("*.json",))
+    (tmp_path / "a.json").write_text("[]")
+    finish_build(tmp_path, a)
+    start_build(tmp_path, b, ("*.json",), overwrite=True)  # ... and killed before finish_build
+    assert not (tmp_path / "a.json").exists()
+    assert json.loads((tmp_path / BUILD_RECORD).read_text()) == {"settings": b, "complete": False}
+    with pytest.raises(FileExistsError, match="n: 3 there, 2 here"):  # the old set is not taken to be there
+        start_build(tmp_path, a, ("*.json",))
+    start_build(tmp_path, b, ("*.json",))  # the cut build goes on
+
+
+def test_a_set_of_another_kind_is_refused_even_with_overwrite_and_an_unrecorded_one_is_rebuilt(tmp_path):
     from albef.data.cli import write_shapes
 
     write_shapes(tmp_path, 4, image_size=16)
-    with pytest.raises(FileExistsError, match="kind: shapes there, emoji here"):  # refused before any fetch
-        data_main(["emoji", str(tmp_path)])
-    (tmp_path / BUILD_RECORD).unlink()  # a set built before sets recorded their settings
-    with pytest.raises(FileExistsError, match=f"no {BUILD_RECORD} there"):
-        data_main(["shapes", str(tmp_path), "--n", "4", "--image-size", "16"])
+    for extra in ([], ["--overwrite"]):  # refused before any fetch
+        with pytest.raises(FileExistsError, match="holds a shapes set; emoji data needs a folder of its own"):
+            data_main(["emoji", str(tmp_path), *extra])
+    (tmp_path / BUILD_RECORD).unlink()  # a set built before sets recorded their settings: built in place
+    assert data_main(["shapes", str(tmp_path), "--n", "3", "--image-size", "16"]) == 0
+    assert len(json.loads((tmp_path / "pretrain.json").read_text())) == 3
 
 
 def test_evaluate_refuses_one_file_for_metrics_and_answers_before_loading_a_model(tmp_path, capsys):

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from albef.data.synthetic import COLORS, render_shapes
-from albef.outputs import other_build, record_build
+from albef.outputs import finish_build, start_build
 
 #: what :func:`write_shapes` writes: annotation files and images
 SHAPES_FILES = (
@@ -31,7 +31,7 @@ SHAPES_FILES = (
 
 
 def shapes_settings(n: int, image_size: int = 64, seed: int = 0, corrupt: int = 0, test: int = 0) -> dict:
-    """What a generated shapes set is built from (recorded beside it: albef.outputs.record_build)."""
+    """What a generated shapes set is built from (recorded beside it: albef.outputs.start_build)."""
     return {"kind": "shapes", "n": n, "image_size": image_size, "seed": seed, "corrupt": corrupt, "test": test}
 
 
@@ -40,9 +40,21 @@ def _rephrase(caption: str) -> str:
     return f"the {shape} on the {place} is {color}"
 
 
-def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, corrupt: int = 0, test: int = 0) -> Path:
-    """Write ``n`` PNGs and the JSON files under ``out``; returns the pretraining JSON path."""
+def write_shapes(
+    out: str | Path,
+    n: int,
+    image_size: int = 64,
+    seed: int = 0,
+    corrupt: int = 0,
+    test: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``n`` PNGs and the JSON files under ``out``; returns the pretraining JSON path. A set
+    ``out`` holds that was built with other settings is refused unless ``overwrite``
+    (:func:`albef.outputs.start_build`)."""
     out = Path(out)
+    settings = shapes_settings(n, image_size, seed, corrupt, test)
+    start_build(out, settings, SHAPES_FILES, overwrite)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, captions = render_shapes(n, image_size, torch.Generator().manual_seed(seed))
     entries = []
@@ -81,7 +93,7 @@ def write_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, c
     )
     _write_reasoning(out, train, "train", seed)
     _write_reasoning(out, held, "test", seed + 1)
-    record_build(out, shapes_settings(n, image_size, seed, corrupt, test))
+    finish_build(out, settings)
     return path
 
 
@@ -222,13 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "refcoco":
         return _refcoco(args)
     if args.what == "emoji":
-        from albef.data.emoji import EMOJI_FILES, build_emoji, emoji_settings
+        from albef.data.emoji import build_emoji
 
-        for earlier in other_build(
-            args.dir, emoji_settings(args.seed, args.windows), EMOJI_FILES, "DIR", args.overwrite
-        ):
-            earlier.unlink()  # asked to (--overwrite): the images of every emoji are kept, they are the same
-        counts = build_emoji(args.dir, args.seed, args.windows)
+        counts = build_emoji(args.dir, args.seed, args.windows, overwrite=args.overwrite)
         print(f"wrote the emoji data to {args.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         return 0
     if args.what == "easyvqa":
@@ -237,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = build_easyvqa(args.dir)
         print(f"wrote easy-VQA to {args.dir}: {counts['train']} train and {counts['test']} test questions")
         return 0
-    settings = shapes_settings(args.n, args.image_size, args.seed, args.corrupt, args.test)
-    for earlier in other_build(args.dir, settings, SHAPES_FILES, "DIR", args.overwrite):
-        earlier.unlink()  # asked to (--overwrite): no file of the earlier set outlives it
-    path = write_shapes(args.dir, args.n, args.image_size, args.seed, args.corrupt, args.test)
+    path = write_shapes(args.dir, args.n, args.image_size, args.seed, args.corrupt, args.test, args.overwrite)
     print(f"wrote {args.n + args.corrupt} entries to {path}")
     return 0
 

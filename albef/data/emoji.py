@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from albef.checkpoints.files import atomic_write_bytes, atomic_write_text
-from albef.outputs import record_build
+from albef.outputs import finish_build, start_build
 
 PACKAGES = {"meta": "emoji-datasource", "google": "emoji-datasource-google", "twitter": "emoji-datasource-twitter"}
 VERSION = "16.0.0"
@@ -107,13 +107,19 @@ EMOJI_FILES = ("pretrain.json", "retrieval_*.json", "grounding_*.json", "splits.
 
 
 def emoji_settings(seed: int = 0, windows: int = 400) -> dict:
-    """What an emoji set is built from (recorded beside it: albef.outputs.record_build)."""
+    """What an emoji set is built from (recorded beside it: albef.outputs.start_build)."""
     return {"kind": "emoji", "seed": seed, "windows": windows}
 
 
-def build_emoji(out: str | Path, seed: int = 0, windows: int = 400, fetcher=fetch) -> dict[str, int]:
-    """Build the data set under ``out`` (idempotent); returns counts."""
+def build_emoji(
+    out: str | Path, seed: int = 0, windows: int = 400, fetcher=fetch, overwrite: bool = False
+) -> dict[str, int]:
+    """Build the data set under ``out`` (idempotent); returns counts. A set ``out`` holds that was
+    built with other settings is refused before anything is fetched, unless ``overwrite``
+    (:func:`albef.outputs.start_build`; the emoji images, the same for every setting, are kept)."""
     out = Path(out)
+    settings = emoji_settings(seed, windows)
+    start_build(out, settings, EMOJI_FILES, overwrite)
     tgz = fetcher(out / "cache")
     with tarfile.open(tgz["meta"]) as t:
         emoji = json.load(t.extractfile("package/emoji.json"))
@@ -175,7 +181,7 @@ def build_emoji(out: str | Path, seed: int = 0, windows: int = 400, fetcher=fetc
     n_windows = _grounding(out, tgz["google"], emoji, split_of, seed, windows)
     (out / "LICENSE.md").write_text(LICENSE)
     (out / "splits.json").write_text(json.dumps({k: sorted(e["unified"] for e in v) for k, v in by_split.items()}))
-    record_build(out, emoji_settings(seed, windows))
+    finish_build(out, settings)
     return {
         "concepts": len(concepts),
         "train": len(by_split["train"]),

@@ -97,7 +97,7 @@ def start_build(folder: str | Path, settings: dict, patterns: tuple[str, ...], o
             )
             raise FileExistsError(
                 f"{folder} holds a {there['kind']} set built with other settings ({diff}): give another folder, "
-                "or overwrite it (--overwrite)"
+                f"or replace that set (albef data {there['kind']} ... --overwrite; overwrite=True from Python)"
             )
         for earlier in earlier_outputs(folder, patterns, str(folder), overwrite=True):
             earlier.unlink()

@@ -2,6 +2,8 @@
 
 A scoring run can take hours; finding at its end that ``--out`` is a folder, or that it silently
 replaced last week's numbers, loses work either way. Commands call these before they load a model.
+Data builders record the settings they build a folder with, so that a second build with other
+settings cannot mix two sets in one folder (:func:`start_build`).
 
 Example:
     >>> from pathlib import Path
@@ -96,8 +98,8 @@ def start_build(folder: str | Path, settings: dict, patterns: tuple[str, ...], o
                 if there.get(k) != settings.get(k)
             )
             raise FileExistsError(
-                f"{folder} holds a {there['kind']} set built with other settings ({diff}): give another folder, "
-                f"or replace that set (albef data {there['kind']} ... --overwrite; overwrite=True from Python)"
+                f"{folder} holds a {there.get('kind')} set built with other settings ({diff}): give another folder, "
+                f"or replace that set (albef data {there.get('kind')} ... --overwrite; overwrite=True from Python)"
             )
         for earlier in earlier_outputs(folder, patterns, str(folder), overwrite=True):
             earlier.unlink()

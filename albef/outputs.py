@@ -24,7 +24,7 @@ from pathlib import Path
 
 from albef.checkpoints.files import atomic_write_text
 
-__all__ = ["BUILD_RECORD", "earlier_outputs", "finish_build", "new_output_file", "start_build"]
+__all__ = ["BUILD_RECORD", "check_build", "earlier_outputs", "finish_build", "new_output_file", "start_build"]
 
 #: the file in which a data builder records what it builds (:func:`start_build`)
 BUILD_RECORD = "build.json"
@@ -65,15 +65,41 @@ def earlier_outputs(folder: str | Path, patterns: tuple[str, ...], flag: str, ov
     return found
 
 
+def check_build(folder: str | Path, settings: dict, overwrite: bool = False) -> None:
+    """Refuse to build ``settings`` into ``folder`` where it holds data built with other settings
+    (``FileExistsError`` naming them), unless ``overwrite``; data of another kind is refused even
+    so. :func:`start_build` checks this too; a builder that downloads calls it first on its own, so
+    that a refusal comes before the download and the old set is cleared only after it."""
+    settings = json.loads(json.dumps(settings))  # as it will read back
+    there = _recorded(Path(folder))
+    if there is None or there == settings:
+        return
+    if there.get("kind") != settings.get("kind"):
+        raise FileExistsError(
+            f"{folder} holds {there.get('kind')} data; {settings.get('kind')} data needs a folder of its own"
+        )
+    if not overwrite:
+        diff = ", ".join(
+            f"{k}: {there.get(k)} there, {settings.get(k)} here"
+            for k in sorted({*there, *settings})
+            if there.get(k) != settings.get(k)
+        )
+        raise FileExistsError(
+            f"{folder} holds {there.get('kind')} data built with other settings ({diff}): give another folder, "
+            f"or replace it (albef data {there.get('kind')} ... --overwrite; overwrite=True from Python)"
+        )
+
+
 def start_build(folder: str | Path, settings: dict, patterns: tuple[str, ...], overwrite: bool = False) -> None:
-    """Before a data builder writes into ``folder``: a set there built with the same ``settings``
+    """Before a data builder writes into ``folder``: data there built with the same ``settings``
     is built again in place (the builders are deterministic, so a build that stopped halfway goes
-    on); one built with other settings is refused (``FileExistsError`` naming them) unless
-    ``overwrite``, and then its files (``patterns``, relative to ``folder``) are deleted first, so
-    that nothing of it outlives it; a set of another kind is refused even so. The settings are
-    recorded now (:data:`BUILD_RECORD`) and marked complete by :func:`finish_build`: a build cut
-    short leaves its own settings behind, never the set's it replaced. A folder built before sets
-    recorded their settings is built in place, as it always was.
+    on); data built with other settings is refused (:func:`check_build`) unless ``overwrite``, and
+    then its files (``patterns``, relative to ``folder``) are deleted first, so that nothing of it
+    outlives it; data of another kind is refused even so. The settings are recorded now
+    (:data:`BUILD_RECORD`): a build cut short leaves its own settings behind, never those of the
+    set it replaced. :func:`finish_build` marks the record complete (for a reader of the folder;
+    the check does not need it). A folder without a record is built in place, and with
+    ``overwrite`` its files of ``patterns`` are deleted first.
 
     >>> start_build("set", {"kind": "shapes", "n": 8}, ("*.json",))
     >>> _ = Path("set/pretrain.json").write_text("[]")
@@ -81,26 +107,12 @@ def start_build(folder: str | Path, settings: dict, patterns: tuple[str, ...], o
     >>> start_build("set", {"kind": "shapes", "n": 4}, ("*.json",))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    FileExistsError: set holds a shapes set built with other settings (n: 8 there, 4 here): give another ...
+    FileExistsError: set holds shapes data built with other settings (n: 8 there, 4 here): give another ...
     """
     folder = Path(folder)
-    settings = json.loads(json.dumps(settings))  # as it will read back
-    there = _recorded(folder)
-    if there is not None and there != settings:
-        if there.get("kind") != settings.get("kind"):
-            raise FileExistsError(
-                f"{folder} holds a {there.get('kind')} set; {settings.get('kind')} data needs a folder of its own"
-            )
-        if not overwrite:
-            diff = ", ".join(
-                f"{k}: {there.get(k)} there, {settings.get(k)} here"
-                for k in sorted({*there, *settings})
-                if there.get(k) != settings.get(k)
-            )
-            raise FileExistsError(
-                f"{folder} holds a {there.get('kind')} set built with other settings ({diff}): give another folder, "
-                f"or replace that set (albef data {there.get('kind')} ... --overwrite; overwrite=True from Python)"
-            )
+    settings = json.loads(json.dumps(settings))
+    check_build(folder, settings, overwrite)
+    if overwrite and _recorded(folder) != settings:
         for earlier in earlier_outputs(folder, patterns, str(folder), overwrite=True):
             earlier.unlink()
     _record(folder, settings, complete=False)
@@ -116,7 +128,8 @@ def _recorded(folder: Path) -> dict | None:
         record = json.loads((folder / BUILD_RECORD).read_text())
     except (OSError, ValueError):
         return None
-    return record.get("settings") if isinstance(record, dict) else None
+    settings = record.get("settings") if isinstance(record, dict) else None
+    return settings if isinstance(settings, dict) and "kind" in settings else None  # malformed: no record
 
 
 def _record(folder: Path, settings: dict, complete: bool) -> None:

@@ -126,6 +126,10 @@ def test_grounding_boxes_point_at_the_named_cell(tmp_path):
             assert unified in splits[split]
 
 
+def _down(cache: Path) -> dict[str, Path]:
+    raise OSError("npm pack: registry unreachable")
+
+
 def test_data_emoji_rebuilds_its_own_set_and_refuses_one_built_otherwise(tmp_path, monkeypatch):
     import albef.data.emoji as emoji
     from albef.data.cli import main as data_main
@@ -150,6 +154,12 @@ def test_data_emoji_rebuilds_its_own_set_and_refuses_one_built_otherwise(tmp_pat
         data_main(["emoji", str(tmp_path), "--seed", "4", "--windows", "10"])
     assert (tmp_path / "splits.json").read_text() == splits and len(fetched) == 2  # refused before any fetch
     (tmp_path / "grounding" / "train_9999.png").write_bytes(b"")  # a window the new set does not draw
+    with monkeypatch.context() as m:  # a download that fails leaves the set it would have replaced
+        m.setattr(emoji, "build_emoji", lambda out, seed, windows, overwrite: built_by(out, seed, windows, _down, True))
+        with pytest.raises(OSError, match="registry unreachable"):
+            data_main(["emoji", str(tmp_path), "--seed", "4", "--windows", "2", "--overwrite"])
+    assert (tmp_path / "splits.json").read_text() == splits
+    assert json.loads((tmp_path / "build.json").read_text())["complete"] is True
     assert data_main(["emoji", str(tmp_path), "--seed", "4", "--windows", "2", "--overwrite"]) == 0
     assert (tmp_path / "splits.json").read_text() != splits
     named = {

@@ -39,7 +39,7 @@ def test_data_shapes_rebuilds_its_own_set_and_replaces_another_only_when_told(tm
     first = (tmp_path / "pretrain.json").read_text()
     assert data_main(["shapes", str(tmp_path), "--n", "6", "--image-size", "16", "--test", "2"]) == 0  # the same set
     assert (tmp_path / "pretrain.json").read_text() == first
-    with pytest.raises(FileExistsError, match=r"shapes set built with other settings \(n: 6 there, 4 here, test: 2"):
+    with pytest.raises(FileExistsError, match=r"shapes data built with other settings \(n: 6 there, 4 here, test: 2"):
         data_main(["shapes", str(tmp_path), "--n", "4", "--image-size", "16"])
     assert (tmp_path / "pretrain.json").read_text() == first
     (tmp_path / "notes.txt").write_text("mine")
@@ -65,16 +65,20 @@ def test_a_replacement_cut_short_leaves_its_own_settings_behind(tmp_path):
     start_build(tmp_path, b, ("*.json",))  # the cut build goes on
 
 
-def test_a_set_of_another_kind_is_refused_even_with_overwrite_and_an_unrecorded_one_is_rebuilt(tmp_path):
+def test_another_kind_is_refused_even_with_overwrite_and_a_folder_without_a_record_is_built_in_place(tmp_path):
     from albef.data.cli import write_shapes
 
     write_shapes(tmp_path, 4, image_size=16)
     for extra in ([], ["--overwrite"]):  # refused before any fetch
-        with pytest.raises(FileExistsError, match="holds a shapes set; emoji data needs a folder of its own"):
+        with pytest.raises(FileExistsError, match="holds shapes data; emoji data needs a folder of its own"):
             data_main(["emoji", str(tmp_path), *extra])
-    (tmp_path / BUILD_RECORD).unlink()  # a set built before sets recorded their settings: built in place
+    (tmp_path / BUILD_RECORD).unlink()  # a folder without a record is built in place ...
     assert data_main(["shapes", str(tmp_path), "--n", "3", "--image-size", "16"]) == 0
     assert len(json.loads((tmp_path / "pretrain.json").read_text())) == 3
+    assert (tmp_path / "images" / "000003.png").exists()  # ... where its other files stay
+    (tmp_path / BUILD_RECORD).write_text('{"settings": [1]}')  # a malformed record is no record
+    assert data_main(["shapes", str(tmp_path), "--n", "2", "--image-size", "16", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000000.png", "000001.png"]  # ... or go
 
 
 def test_evaluate_refuses_one_file_for_metrics_and_answers_before_loading_a_model(tmp_path, capsys):

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--text", action="append", required=True)
         q.add_argument("--device")
     g.add_argument("--out", required=True, help="the overlay image (PNG; another format by its suffix, e.g. .jpg)")
-    g.add_argument("--overwrite", action="store_true", help="replace the PNG --out names if it exists")
+    g.add_argument("--overwrite", action="store_true", help="replace the image --out names if it exists")
     g.add_argument(
         "--layer",
         type=int,

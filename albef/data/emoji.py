@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from albef.checkpoints.files import atomic_write_bytes, atomic_write_text
-from albef.outputs import finish_build, start_build
+from albef.outputs import check_build, finish_build, start_build
 
 PACKAGES = {"meta": "emoji-datasource", "google": "emoji-datasource-google", "twitter": "emoji-datasource-twitter"}
 VERSION = "16.0.0"
@@ -119,8 +119,9 @@ def build_emoji(
     (:func:`albef.outputs.start_build`; the emoji images, the same for every setting, are kept)."""
     out = Path(out)
     settings = emoji_settings(seed, windows)
-    start_build(out, settings, EMOJI_FILES, overwrite)
+    check_build(out, settings, overwrite)  # before the download; the old set is cleared only once it is here
     tgz = fetcher(out / "cache")
+    start_build(out, settings, EMOJI_FILES, overwrite)
     with tarfile.open(tgz["meta"]) as t:
         emoji = json.load(t.extractfile("package/emoji.json"))
     emoji = [e for e in emoji if e.get("category") != "Component" and captions_of(e)]
@@ -222,8 +223,7 @@ def _grounding(
             step = CELL + 2 * PAD
             window = sheet.crop((x0 * step, y0 * step, (x0 + 3) * step, (y0 + 3) * step))
             rel = f"grounding/{split}_{k:04d}.png"
-            if not (out / rel).exists():
-                _save_png(window, out / rel)
+            _save_png(window, out / rel)  # always: which window a name holds depends on the settings
             cand = [[i * step + PAD, j * step + PAD, CELL, CELL] for j in range(3) for i in range(3)]
             box = [(tx - x0) * step + PAD, (ty - y0) * step + PAD, CELL, CELL]
             name = captions_of(cells[(tx, ty)])[0]
@@ -233,11 +233,3 @@ def _grounding(
         atomic_write_text(out / f"grounding_{split}.json", json.dumps(entries, indent=0))
         counts[f"grounding_{split}"] = len(entries)
     return counts
-
-
-def clean(out: str | Path) -> None:
-    """Remove everything but the npm cache (to rebuild with other settings)."""
-    out = Path(out)
-    for p in out.iterdir():
-        if p.name != "cache":
-            shutil.rmtree(p) if p.is_dir() else p.unlink()

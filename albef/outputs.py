@@ -110,7 +110,7 @@ def start_build(folder: str | Path, settings: dict, patterns: tuple[str, ...], o
     FileExistsError: set holds shapes data built with other settings (n: 8 there, 4 here): give another ...
     """
     folder = Path(folder)
-    settings = json.loads(json.dumps(settings))
+    settings = json.loads(json.dumps(settings))  # as it will read back
     check_build(folder, settings, overwrite)
     if overwrite and _recorded(folder) != settings:
         for earlier in earlier_outputs(folder, patterns, str(folder), overwrite=True):
